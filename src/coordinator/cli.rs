@@ -1,0 +1,480 @@
+//! `tp-coordinator`'s command line: subcommands that tokenize, plan, generate and measure
+//! perplexity on a cluster of workers.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile};
+use crate::coordinator::planner::{AttentionUnit, plan};
+use crate::coordinator::sampler::SamplingParams;
+use crate::coordinator::session::{GenerateRequest, Model, Session};
+use crate::model::chat::ChatMessage;
+use crate::worker::shard::shard_weight_bytes;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tp-coordinator",
+    version,
+    about = "Runs a GGUF language model split across tp-worker processes (tensor parallelism).",
+    long_about = "Runs a GGUF language model split across tp-worker processes (tensor parallelism).\n\n\
+        Every worker holds a slice of every layer; workers sum partial results with AllReduce.\n\
+        Start workers yourself and list them in a hosts.toml (--workers), or let the coordinator\n\
+        start N of them on this machine (--local N).\n\n\
+        Examples:\n  \
+        tp-coordinator generate --model SmolLM2.gguf --local 2 --prompt 'The capital of France is'\n  \
+        tp-coordinator generate --model m.gguf --workers configs/local-2.toml --chat --prompt 'Hi!'\n  \
+        tp-coordinator perplexity --model m.gguf --local 2 --file text.txt -c 128\n  \
+        tp-coordinator plan --model m.gguf --local 3"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level filter (error, warn, info, debug, trace), like RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Print the token ids of a text.
+    Tokenize(TokenizeArgs),
+    /// Compute perplexity over a text file as llama.cpp's llama-perplexity does.
+    Perplexity(PerplexityArgs),
+    /// Print how the model would be split across the workers, without loading weights.
+    Plan(PlanArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// The GGUF model file.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Start N workers on this machine.
+    #[arg(long, conflicts_with = "workers", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub local: Option<u32>,
+    /// Use running workers listed in a hosts.toml file.
+    #[arg(long)]
+    pub workers: Option<PathBuf>,
+    /// Compute threads per local worker (default: the machine's cores divided among the workers).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Seconds a worker waits for its peers in an AllReduce before failing the step.
+    #[arg(long, default_value_t = 10)]
+    pub collective_timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The prompt (or the user message with --chat).
+    #[arg(long, short = 'p')]
+    pub prompt: String,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    pub n_predict: usize,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat (otherwise the template's default, if any).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// 0 samples greedily.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// 1.0 disables the penalty.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this string appears (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Report the N most likely tokens and their log-probabilities at each step (JSON output).
+    #[arg(long, default_value_t = 0)]
+    pub logprobs: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenizeArgs {
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// The text to tokenize.
+    pub text: String,
+    /// Treat special-token text such as <|im_start|> as plain text.
+    #[arg(long)]
+    pub no_parse_special: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// The text file.
+    #[arg(long, short = 'f')]
+    pub file: PathBuf,
+    /// Tokens per chunk.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 512)]
+    pub context: usize,
+    /// Evaluate at most this many chunks.
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    #[arg(long, conflicts_with = "workers", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub local: Option<u32>,
+    #[arg(long)]
+    pub workers: Option<PathBuf>,
+    /// Context length to size the KV cache for.
+    #[arg(long, default_value_t = 4096)]
+    pub ctx_size: usize,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+}
+
+fn worker_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let path = me.with_file_name("tp-worker");
+    if !path.exists() {
+        bail!("tp-worker not found next to {} (build it with `cargo build --release`)", me.display());
+    }
+    Ok(path)
+}
+
+fn default_threads(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / workers).max(1)
+}
+
+async fn start_cluster(args: &ClusterArgs) -> anyhow::Result<Cluster> {
+    let limits = ClusterLimits {
+        collective_timeout: std::time::Duration::from_secs(args.collective_timeout.max(1)),
+        ..ClusterLimits::default()
+    };
+    match (&args.local, &args.workers) {
+        (Some(n), _) => {
+            let n = *n as usize;
+            let threads = args.threads.unwrap_or_else(|| default_threads(n));
+            Cluster::spawn_local(&worker_binary()?, &vec![1.0; n], threads, limits).await
+        }
+        (None, Some(path)) => {
+            let hosts = HostsFile::read(path)?;
+            Cluster::connect(&hosts.workers, limits).await
+        }
+        (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
+    }
+}
+
+/// Runs a command; the cluster it starts is shut down on success, error and Ctrl-C alike.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Tokenize(args) => tokenize(args),
+        Command::Plan(args) => plan_command(args).await,
+        Command::Generate(args) => {
+            let model = Model::open(&args.cluster.model)?;
+            let prompt = prompt_tokens(&model, &args)?;
+            let context = (prompt.len() + args.n_predict).min(model.config.context_length);
+            let mut session = start_session(&args.cluster, model, context).await?;
+            let result = tokio::select! {
+                r = generate(&mut session, prompt, &args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            };
+            session.cluster.shutdown().await;
+            result
+        }
+        Command::Perplexity(args) => {
+            let model = Model::open(&args.cluster.model)?;
+            let context = args.context;
+            let mut session = start_session(&args.cluster, model, context).await?;
+            let result = tokio::select! {
+                r = perplexity(&mut session, &args) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            };
+            session.cluster.shutdown().await;
+            result
+        }
+    }
+}
+
+async fn start_session(args: &ClusterArgs, model: Model, context: usize) -> anyhow::Result<Session> {
+    let cluster = start_cluster(args).await?;
+    let batch = context.clamp(1, 512);
+    tokio::select! {
+        session = Session::start(model, cluster, context, batch) => session,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+    }
+}
+
+fn prompt_tokens(model: &Model, args: &GenerateArgs) -> anyhow::Result<Vec<u32>> {
+    let text = if args.chat {
+        let template = model.chat_template.as_ref().context("the model has no chat template; drop --chat")?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+        }
+        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        template.render(&messages, true)?
+    } else {
+        args.prompt.clone()
+    };
+    let mut tokens = Vec::new();
+    if model.tokenizer.add_bos()
+        && let Some(bos) = model.tokenizer.bos_id()
+    {
+        tokens.push(bos);
+    }
+    tokens.extend(model.tokenizer.encode(&text, true)?);
+    Ok(tokens)
+}
+
+async fn generate(session: &mut Session, prompt: Vec<u32>, args: &GenerateArgs) -> anyhow::Result<()> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: args.repeat_last_n,
+        seed: args.seed,
+    };
+    let text_mode = args.format == Format::Text;
+    let mut stdout = std::io::stdout();
+    let mut print = |piece: &str| {
+        if text_mode {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    };
+    let result = session
+        .generate(GenerateRequest {
+            prompt_tokens: prompt,
+            max_tokens: args.n_predict,
+            params,
+            stop_strings: args.stop.clone(),
+            logprobs: args.logprobs,
+            on_text: Some(&mut print),
+        })
+        .await?;
+    if text_mode {
+        println!();
+        let t = &result.timings;
+        eprintln!(
+            "[{} workers] prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s | stop: {}",
+            session.cluster.rank_count(),
+            result.prompt_tokens.len(),
+            t.prompt_tokens_per_second,
+            result.tokens.len(),
+            t.generated_tokens_per_second,
+            result.stop
+        );
+    } else {
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    Ok(())
+}
+
+async fn perplexity(session: &mut Session, args: &PerplexityArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    // llama-perplexity drops one trailing newline.
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let mut tokens = Vec::new();
+    if session.model.tokenizer.add_bos()
+        && let Some(bos) = session.model.tokenizer.bos_id()
+    {
+        tokens.push(bos);
+    }
+    tokens.extend(session.model.tokenizer.encode(text, false)?);
+    let text_mode = args.format == Format::Text;
+    if text_mode {
+        eprintln!(
+            "perplexity: {} tokens, {} chunks of {}",
+            tokens.len(),
+            args.chunks.map_or(tokens.len() / args.context, |c| c.min(tokens.len() / args.context)),
+            args.context
+        );
+    }
+    let result = session
+        .perplexity(&tokens, args.context, args.chunks, |chunk, ppl| {
+            if text_mode {
+                eprint!("[{}]{ppl:.4},", chunk + 1);
+            }
+        })
+        .await?;
+    if text_mode {
+        eprintln!();
+        println!(
+            "Final estimate: PPL = {:.4} +/- {:.5} ({} chunks of {}, {} scored tokens, {:.1} s)",
+            result.ppl, result.ppl_stderr, result.chunks, result.context, result.scored_tokens, result.seconds
+        );
+    } else {
+        println!("{}", serde_json::to_string(&result)?);
+    }
+    Ok(())
+}
+
+fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
+    let file = crate::model::gguf::GgufFile::open(&args.model)?;
+    let tokenizer = crate::model::tokenizer::Tokenizer::from_gguf(&file)?;
+    let mut ids = Vec::new();
+    if tokenizer.add_bos()
+        && let Some(bos) = tokenizer.bos_id()
+    {
+        ids.push(bos);
+    }
+    ids.extend(tokenizer.encode(&args.text, !args.no_parse_special)?);
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string(&ids)?),
+        Format::Text => {
+            for id in ids {
+                println!("{id:>7} -> {:?}", tokenizer.token_text(id).unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
+    let file = crate::model::gguf::GgufFile::open(&args.model)?;
+    let config = crate::model::arch::ModelConfig::from_gguf(&file)?;
+    let (weights, addresses, transport): (Vec<f64>, Vec<String>, &str) = match (&args.local, &args.workers) {
+        (Some(n), _) => (vec![1.0; *n as usize], (0..*n).map(|i| format!("local worker {i}")).collect(), "shm"),
+        (None, Some(path)) => {
+            let hosts = HostsFile::read(path)?;
+            let same_host = hosts.workers.iter().all(|w| is_loopback(&w.address));
+            (
+                hosts.workers.iter().map(|w| w.weight).collect(),
+                hosts.workers.iter().map(|w| w.address.clone()).collect(),
+                if same_host { "shm" } else { "grpc (not yet supported)" },
+            )
+        }
+        (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
+    };
+    let p = plan(&config, &weights)?;
+    let context = args.ctx_size.min(config.context_length);
+    #[derive(serde::Serialize)]
+    struct RankRow {
+        rank: usize,
+        worker: String,
+        weight: f64,
+        q_heads: usize,
+        kv_heads: usize,
+        ffn_columns: usize,
+        vocab_rows: std::ops::Range<usize>,
+        weight_bytes: u64,
+        kv_cache_bytes: u64,
+        layers: Vec<crate::coordinator::planner::LayerShard>,
+    }
+    let rows: Vec<RankRow> = p
+        .ranks
+        .iter()
+        .map(|r| {
+            let kv_heads: usize = r.layers.iter().map(|l| l.kv_heads.len()).sum();
+            RankRow {
+                rank: r.rank_index,
+                worker: addresses[r.rank_index].clone(),
+                weight: weights[r.rank_index],
+                q_heads: r.layers.iter().map(|l| l.q_heads.len()).sum(),
+                kv_heads,
+                ffn_columns: r.layers.iter().map(|l| l.ffn_columns.len()).sum(),
+                vocab_rows: r.vocab_rows.clone(),
+                weight_bytes: shard_weight_bytes(&file, &config, r),
+                kv_cache_bytes: (kv_heads * config.head_dim * 2 * 2 * context) as u64,
+                layers: r.layers.clone(),
+            }
+        })
+        .collect();
+    let links: Vec<(usize, usize, &str)> =
+        (0..weights.len()).flat_map(|a| (a + 1..weights.len()).map(move |b| (a, b, transport))).collect();
+    if args.format == Format::Json {
+        let json = serde_json::json!({
+            "model": file.path.display().to_string(),
+            "architecture": config.architecture.name(),
+            "attention_unit": match p.attention_unit { AttentionUnit::KvGroup => "kv_group", AttentionUnit::QueryHead => "query_head" },
+            "ranks": rows,
+            "links": links.iter().map(|(a, b, t)| serde_json::json!({"a": a, "b": b, "transport": t})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} layers, d_model {}, {} heads / {} KV heads, FFN {}, vocab {}",
+        file.path.display(),
+        config.layer_count,
+        config.model_dim,
+        config.head_count,
+        config.kv_head_count,
+        config.ffn_dim,
+        config.vocab_size
+    );
+    println!(
+        "attention split by {}; FFN in blocks of {}; KV cache sized for {context} tokens (F16)\n",
+        match p.attention_unit {
+            AttentionUnit::KvGroup => "KV group",
+            AttentionUnit::QueryHead => "query head (KV heads replicated where shared)",
+        },
+        config.ffn_down_block.first().copied().unwrap_or(1)
+    );
+    println!(
+        "{:>4}  {:<22} {:>6} {:>14} {:>14} {:>16} {:>18} {:>11} {:>10}",
+        "rank", "worker", "weight", "q heads (all)", "kv heads (all)", "FFN cols (all)", "vocab rows", "weights", "KV cache"
+    );
+    for r in &rows {
+        println!(
+            "{:>4}  {:<22} {:>6.2} {:>14} {:>14} {:>16} {:>18} {:>8.1} MiB {:>6.1} MiB",
+            r.rank,
+            r.worker,
+            r.weight,
+            r.q_heads,
+            r.kv_heads,
+            r.ffn_columns,
+            format!("{}..{}", r.vocab_rows.start, r.vocab_rows.end),
+            r.weight_bytes as f64 / (1 << 20) as f64,
+            r.kv_cache_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    if links.is_empty() {
+        println!("\nlinks: none (one rank: no collectives)");
+    } else {
+        println!("\nlinks:");
+        for (a, b, t) in links {
+            println!("  rank {a} <-> rank {b}: {t}");
+        }
+    }
+    Ok(())
+}
+
+fn is_loopback(address: &str) -> bool {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host == "localhost" || host.starts_with("127.") || host == "[::1]"
+}
+

@@ -1,0 +1,332 @@
+//! Cluster membership: the workers of one model, spawned locally or listed in hosts.toml, and the
+//! control-plane calls that drive them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+use crate::coordinator::planner::{Plan, RankShard};
+use crate::model::gguf::GgufFile;
+use crate::proto;
+use crate::proto::worker_client::WorkerClient;
+use crate::transport::shm::ShmSegment;
+use crate::worker::{MAX_MESSAGE_BYTES, model_header_hash};
+
+/// Limits of a cluster, with defaults; all waits are bounded.
+#[derive(Clone, Debug)]
+pub struct ClusterLimits {
+    pub connect_timeout: Duration,
+    pub worker_start_timeout: Duration,
+    pub load_timeout: Duration,
+    pub step_timeout: Duration,
+    pub collective_timeout: Duration,
+}
+
+impl Default for ClusterLimits {
+    fn default() -> Self {
+        ClusterLimits {
+            connect_timeout: Duration::from_secs(5),
+            worker_start_timeout: Duration::from_secs(30),
+            load_timeout: Duration::from_secs(600),
+            step_timeout: Duration::from_secs(300),
+            collective_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostsFile {
+    #[serde(rename = "worker")]
+    pub workers: Vec<WorkerEntry>,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerEntry {
+    /// host:port of a running `tp-worker`.
+    pub address: String,
+    /// Share of the model relative to the other workers (like llama.cpp's --tensor-split).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Compute threads for this worker; 0 lets the worker decide.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl HostsFile {
+    pub fn read(path: &Path) -> anyhow::Result<HostsFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let hosts: HostsFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if hosts.workers.is_empty() {
+            bail!("{}: no [[worker]] entries", path.display());
+        }
+        Ok(hosts)
+    }
+}
+
+pub struct WorkerHandle {
+    pub address: String,
+    pub weight: f64,
+    pub threads: usize,
+    pub client: WorkerClient<Channel>,
+    pub hello: proto::HelloReply,
+}
+
+pub struct Cluster {
+    pub workers: Vec<WorkerHandle>,
+    children: Vec<Child>,
+    segment: Option<ShmSegment>,
+    next_step: u64,
+    pub limits: ClusterLimits,
+}
+
+/// What the cluster needs to load a model.
+pub struct LoadSpec<'a> {
+    pub file: &'a GgufFile,
+    pub plan: &'a Plan,
+    pub max_sequences: usize,
+    pub max_context: usize,
+    pub max_batch: usize,
+}
+
+async fn connect(address: &str, limits: &ClusterLimits) -> anyhow::Result<(WorkerClient<Channel>, proto::HelloReply)> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .with_context(|| format!("bad worker address '{address}'"))?
+        .connect_timeout(limits.connect_timeout)
+        .tcp_nodelay(true);
+    let channel = endpoint.connect().await.with_context(|| format!("cannot reach worker at {address}"))?;
+    let mut client = WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let hello = tokio::time::timeout(limits.connect_timeout, client.hello(proto::HelloRequest {}))
+        .await
+        .with_context(|| format!("worker at {address} did not answer Hello"))?
+        .with_context(|| format!("worker at {address} refused Hello"))?
+        .into_inner();
+    Ok((client, hello))
+}
+
+impl Cluster {
+    pub async fn connect(entries: &[WorkerEntry], limits: ClusterLimits) -> anyhow::Result<Cluster> {
+        let mut workers = Vec::new();
+        for entry in entries {
+            let (client, hello) = connect(&entry.address, &limits).await?;
+            workers.push(WorkerHandle {
+                address: entry.address.clone(),
+                weight: entry.weight,
+                threads: entry.threads,
+                client,
+                hello,
+            });
+        }
+        Ok(Cluster { workers, children: Vec::new(), segment: None, next_step: 1, limits })
+    }
+
+    /// Starts `count` workers on this host; they exit with this process (also when it is killed).
+    pub async fn spawn_local(
+        worker_binary: &Path,
+        weights: &[f64],
+        threads_per_worker: usize,
+        limits: ClusterLimits,
+    ) -> anyhow::Result<Cluster> {
+        let mut children = Vec::new();
+        let mut entries = Vec::new();
+        for (rank, &weight) in weights.iter().enumerate() {
+            let mut command = Command::new(worker_binary);
+            command
+                .args(["--listen", "127.0.0.1:0", "--threads", &threads_per_worker.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            // SAFETY: prctl is async-signal-safe; it makes the kernel signal the worker when this
+            // process dies, so no worker outlives a coordinator killed with SIGKILL.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+            let mut child = command
+                .spawn()
+                .with_context(|| format!("cannot start worker {}", worker_binary.display()))?;
+            let stdout = child.stdout.take().expect("piped");
+            let mut lines = BufReader::new(stdout).lines();
+            let line = tokio::time::timeout(limits.worker_start_timeout, lines.next_line())
+                .await
+                .with_context(|| format!("worker {rank} did not start within {:?}", limits.worker_start_timeout))??;
+            let Some(address) = line.as_deref().and_then(|l| l.strip_prefix("listening on ")) else {
+                bail!("worker {rank} exited before listening (got {line:?})");
+            };
+            entries.push(WorkerEntry { address: address.trim().to_string(), weight, threads: threads_per_worker });
+            children.push(child);
+        }
+        let mut cluster = Cluster::connect(&entries, limits).await?;
+        cluster.children = children;
+        Ok(cluster)
+    }
+
+    pub fn weights(&self) -> Vec<f64> {
+        self.workers.iter().map(|w| w.weight).collect()
+    }
+
+    pub fn rank_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Whether every worker runs on this host (same boot id and hostname): shared memory serves them all.
+    pub fn single_host(&self) -> bool {
+        let me = (crate::worker::hostname(), boot_id());
+        self.workers.iter().all(|w| (w.hello.hostname.clone(), w.hello.boot_id.clone()) == me)
+    }
+
+    pub async fn load(&mut self, spec: &LoadSpec<'_>) -> anyhow::Result<Vec<proto::LoadShardReply>> {
+        let rank_count = self.workers.len();
+        let model_dim = crate::model::arch::ModelConfig::from_gguf(spec.file)?.model_dim;
+        let shm_path = if rank_count > 1 {
+            if !self.single_host() {
+                bail!("workers run on different hosts; this version connects only workers of one host (shared memory)");
+            }
+            let path = std::env::temp_dir().join(format!("tp-shm-{}-{}", std::process::id(), unique_suffix()));
+            let path = if Path::new("/dev/shm").is_dir() {
+                PathBuf::from("/dev/shm").join(path.file_name().expect("has a name"))
+            } else {
+                path
+            };
+            self.segment = None;
+            let segment = ShmSegment::create(&path, rank_count, spec.max_batch * model_dim)?;
+            let p = segment.path().display().to_string();
+            self.segment = Some(segment);
+            p
+        } else {
+            String::new()
+        };
+        let header_hash = model_header_hash(spec.file);
+        let model_path = std::fs::canonicalize(&spec.file.path)?.display().to_string();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (rank, worker) in self.workers.iter().enumerate() {
+            let shard: &RankShard = &spec.plan.ranks[rank];
+            let request = proto::LoadShardRequest {
+                model_path: model_path.clone(),
+                model_size: spec.file.file_size,
+                model_header_hash: header_hash,
+                rank_index: rank as u32,
+                rank_count: rank_count as u32,
+                vocab_start: shard.vocab_rows.start as u32,
+                vocab_end: shard.vocab_rows.end as u32,
+                layers: shard
+                    .layers
+                    .iter()
+                    .map(|l| proto::LayerShard {
+                        q_start: l.q_heads.start as u32,
+                        q_end: l.q_heads.end as u32,
+                        kv_start: l.kv_heads.start as u32,
+                        kv_end: l.kv_heads.end as u32,
+                        ffn_start: l.ffn_columns.start as u32,
+                        ffn_end: l.ffn_columns.end as u32,
+                    })
+                    .collect(),
+                shm_path: shm_path.clone(),
+                max_sequences: spec.max_sequences as u32,
+                max_context: spec.max_context as u32,
+                max_batch: spec.max_batch as u32,
+                threads: worker.threads as u32,
+                collective_timeout_ms: self.limits.collective_timeout.as_millis() as u32,
+            };
+            let mut client = worker.client.clone();
+            let address = worker.address.clone();
+            let timeout = self.limits.load_timeout;
+            tasks.spawn(async move {
+                let reply = tokio::time::timeout(timeout, client.load_shard(request))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("worker {rank} ({address}) did not load within {timeout:?}"))?
+                    .map_err(|s| anyhow::anyhow!("worker {rank} ({address}) failed to load: {}", s.message()))?;
+                Ok::<_, anyhow::Error>((rank, reply.into_inner()))
+            });
+        }
+        collect_ranked(tasks, rank_count).await
+    }
+
+    /// One forward pass on every worker; replies in rank order.
+    pub async fn step(&mut self, mut request: proto::StepRequest) -> anyhow::Result<Vec<proto::StepReply>> {
+        request.step = self.next_step;
+        self.next_step += 1;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (rank, worker) in self.workers.iter().enumerate() {
+            let mut client = worker.client.clone();
+            let request = request.clone();
+            let address = worker.address.clone();
+            let timeout = self.limits.step_timeout;
+            tasks.spawn(async move {
+                let reply = tokio::time::timeout(timeout, client.step(request))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("worker {rank} ({address}) did not finish the step within {timeout:?}"))?
+                    .map_err(|s| anyhow::anyhow!("worker {rank} ({address}): {}", s.message()))?;
+                Ok::<_, anyhow::Error>((rank, reply.into_inner()))
+            });
+        }
+        collect_ranked(tasks, self.workers.len()).await
+    }
+
+    pub async fn clear_sequence(&mut self, sequence: u32) -> anyhow::Result<()> {
+        for worker in &mut self.workers {
+            worker.client.clear_sequence(proto::ClearSequenceRequest { sequence }).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops workers this coordinator started; workers it only connected to keep running.
+    pub async fn shutdown(mut self) {
+        if self.children.is_empty() {
+            return;
+        }
+        for worker in &mut self.workers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), worker.client.shutdown(proto::Empty {})).await;
+        }
+        for child in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(3), child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
+
+async fn collect_ranked<T: 'static>(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<(usize, T)>>,
+    count: usize,
+) -> anyhow::Result<Vec<T>> {
+    let mut results: Vec<Option<T>> = (0..count).map(|_| None).collect();
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined? {
+            Ok((rank, value)) => results[rank] = Some(value),
+            // Keep the first error: the others are often peers timing out on the failed rank.
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(results.into_iter().map(|r| r.expect("every rank answered")).collect())
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn unique_suffix() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    nanos as u64
+}

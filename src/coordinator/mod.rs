@@ -1,0 +1,8 @@
+//! The coordinator: owns the model's metadata, tokenizer and chat template, plans the
+//! partition, drives the workers step by step and samples from what they return.
+
+pub mod cli;
+pub mod cluster;
+pub mod planner;
+pub mod sampler;
+pub mod session;

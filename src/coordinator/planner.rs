@@ -1,0 +1,486 @@
+//! The split-state planner (DESIGN sections 2 and 3).
+//!
+//! Every op of the dense transformer graph gets a split state from small propagation rules;
+//! an op that needs whole values on a `Partial` input forces an AllReduce. The partition gives
+//! each rank its extents along every split axis, and `shard_program` turns both into the op list
+//! a worker executes.
+
+use std::ops::Range;
+
+use crate::model::arch::{ModelConfig, layer_tensor};
+
+pub const MAX_RANKS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("rank count {0} is outside 1..={MAX_RANKS}")]
+    RankCount(usize),
+    #[error("rank weight {0} is not a positive finite number")]
+    Weight(f64),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum SplitState {
+    Mirrored,
+    Split { axis: Axis, extents: Vec<Range<usize>> },
+    Partial,
+}
+
+/// The axes a tensor can be split along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Axis {
+    QueryHeads,
+    KvHeads,
+    FfnColumns,
+    Vocab,
+}
+
+/// One rank's share of one layer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LayerShard {
+    pub q_heads: Range<usize>,
+    pub kv_heads: Range<usize>,
+    pub ffn_columns: Range<usize>,
+}
+
+/// One rank's share of the model: what it loads and computes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RankShard {
+    pub rank_index: usize,
+    pub rank_count: usize,
+    pub vocab_rows: Range<usize>,
+    pub layers: Vec<LayerShard>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub ranks: Vec<RankShard>,
+    /// Attention splits by KV group, or by query head when ranks outnumber KV heads.
+    pub attention_unit: AttentionUnit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum AttentionUnit {
+    KvGroup,
+    QueryHead,
+}
+
+/// Splits `unit_count` units by weight. Remainders go to the largest fractional shares, ties broken
+/// in an order rotated by `rotation` so that they do not always land on the same rank.
+pub fn split_units(unit_count: usize, weights: &[f64], rotation: usize) -> Vec<Range<usize>> {
+    let n = weights.len();
+    let total: f64 = weights.iter().sum();
+    let ideal: Vec<f64> = weights.iter().map(|w| unit_count as f64 * w / total).collect();
+    let mut counts: Vec<usize> = ideal.iter().map(|x| x.floor() as usize).collect();
+    let assigned: usize = counts.iter().sum();
+    let mut order: Vec<usize> = (0..n).map(|i| (i + rotation) % n).collect();
+    order.sort_by(|&a, &b| {
+        let fa = ideal[a] - ideal[a].floor();
+        let fb = ideal[b] - ideal[b].floor();
+        // Equal weights give equal fractions; a stable sort keeps the rotated order for those.
+        fb.partial_cmp(&fa).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    for &rank in order.iter().take(unit_count.saturating_sub(assigned)) {
+        counts[rank] += 1;
+    }
+    let mut start = 0;
+    counts
+        .into_iter()
+        .map(|c| {
+            let r = start..start + c;
+            start += c;
+            r
+        })
+        .collect()
+}
+
+pub fn plan(config: &ModelConfig, weights: &[f64]) -> Result<Plan, PlanError> {
+    let rank_count = weights.len();
+    if rank_count == 0 || rank_count > MAX_RANKS {
+        return Err(PlanError::RankCount(rank_count));
+    }
+    if let Some(&w) = weights.iter().find(|w| !(w.is_finite() && **w > 0.0)) {
+        return Err(PlanError::Weight(w));
+    }
+    let group = config.group_size();
+    let attention_unit =
+        if rank_count <= config.kv_head_count { AttentionUnit::KvGroup } else { AttentionUnit::QueryHead };
+    let mut ranks: Vec<RankShard> = (0..rank_count)
+        .map(|rank_index| RankShard { rank_index, rank_count, vocab_rows: 0..0, layers: Vec::new() })
+        .collect();
+    for layer in 0..config.layer_count {
+        let heads: Vec<(Range<usize>, Range<usize>)> = match attention_unit {
+            AttentionUnit::KvGroup => split_units(config.kv_head_count, weights, layer)
+                .into_iter()
+                .map(|kv| (kv.start * group..kv.end * group, kv))
+                .collect(),
+            AttentionUnit::QueryHead => split_units(config.head_count, weights, layer)
+                .into_iter()
+                .map(|q| {
+                    let kv = if q.is_empty() { 0..0 } else { q.start / group..q.end.div_ceil(group) };
+                    (q, kv)
+                })
+                .collect(),
+        };
+        let block = config.ffn_down_block[layer];
+        if config.ffn_dim % block != 0 {
+            return Err(PlanError::Invalid(format!(
+                "layer {layer}: FFN size {} is not a multiple of its ffn_down block of {block}",
+                config.ffn_dim
+            )));
+        }
+        let ffn = split_units(config.ffn_dim / block, weights, layer);
+        for (rank, ((q_heads, kv_heads), ffn_units)) in heads.into_iter().zip(ffn).enumerate() {
+            ranks[rank].layers.push(LayerShard {
+                q_heads,
+                kv_heads,
+                ffn_columns: ffn_units.start * block..ffn_units.end * block,
+            });
+        }
+    }
+    for (rank, rows) in split_units(config.vocab_size, weights, config.layer_count).into_iter().enumerate() {
+        ranks[rank].vocab_rows = rows;
+    }
+    let plan = Plan { ranks, attention_unit };
+    check_plan(config, &plan).map_err(PlanError::Invalid)?;
+    Ok(plan)
+}
+
+fn check_cover(ranges: impl Iterator<Item = Range<usize>>, total: usize, granularity: usize) -> Result<(), String> {
+    let mut next = 0;
+    for r in ranges {
+        if r.start != next || r.end < r.start {
+            return Err(format!("extent {r:?} does not continue at {next}"));
+        }
+        if r.start % granularity != 0 || r.end % granularity != 0 {
+            return Err(format!("extent {r:?} is not a multiple of {granularity}"));
+        }
+        next = r.end;
+    }
+    if next != total {
+        return Err(format!("extents end at {next}, the axis has {total}"));
+    }
+    Ok(())
+}
+
+/// The invariants of DESIGN section 2, asserted by the planner and again by each worker.
+pub fn check_plan(config: &ModelConfig, plan: &Plan) -> Result<(), String> {
+    check_cover(plan.ranks.iter().map(|r| r.vocab_rows.clone()), config.vocab_size, 1)?;
+    for layer in 0..config.layer_count {
+        let shards: Vec<&LayerShard> = plan.ranks.iter().map(|r| &r.layers[layer]).collect();
+        check_cover(shards.iter().map(|s| s.q_heads.clone()), config.head_count, 1)
+            .map_err(|e| format!("layer {layer} query heads: {e}"))?;
+        check_cover(shards.iter().map(|s| s.ffn_columns.clone()), config.ffn_dim, config.ffn_down_block[layer])
+            .map_err(|e| format!("layer {layer} FFN columns: {e}"))?;
+        for shard in &shards {
+            check_layer_shard(config, layer, shard)?;
+        }
+    }
+    Ok(())
+}
+
+/// What a single worker can check of its own shard on receipt (the paired assertion).
+pub fn check_rank_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), String> {
+    if shard.rank_count == 0 || shard.rank_index >= shard.rank_count || shard.rank_count > MAX_RANKS {
+        return Err(format!("rank {} of {} is not a valid rank", shard.rank_index, shard.rank_count));
+    }
+    if shard.vocab_rows.start > shard.vocab_rows.end || shard.vocab_rows.end > config.vocab_size {
+        return Err(format!("vocab rows {:?} exceed the vocabulary of {}", shard.vocab_rows, config.vocab_size));
+    }
+    if shard.layers.len() != config.layer_count {
+        return Err(format!("shard has {} layers, the model {}", shard.layers.len(), config.layer_count));
+    }
+    for (layer, s) in shard.layers.iter().enumerate() {
+        check_layer_shard(config, layer, s)?;
+    }
+    Ok(())
+}
+
+fn check_layer_shard(config: &ModelConfig, layer: usize, s: &LayerShard) -> Result<(), String> {
+    let group = config.group_size();
+    let ok_q = s.q_heads.start <= s.q_heads.end && s.q_heads.end <= config.head_count;
+    let needed_kv = if s.q_heads.is_empty() { 0..0 } else { s.q_heads.start / group..s.q_heads.end.div_ceil(group) };
+    let ok_ffn = s.ffn_columns.start <= s.ffn_columns.end
+        && s.ffn_columns.end <= config.ffn_dim
+        && s.ffn_columns.start % config.ffn_down_block[layer] == 0
+        && s.ffn_columns.end % config.ffn_down_block[layer] == 0;
+    if !ok_q || s.kv_heads != needed_kv || !ok_ffn {
+        return Err(format!(
+            "layer {layer}: shard {s:?} is inconsistent with {} heads, {} KV heads, FFN {} in blocks of {}",
+            config.head_count, config.kv_head_count, config.ffn_dim, config.ffn_down_block[layer]
+        ));
+    }
+    Ok(())
+}
+
+/// Named activation buffers of the shard program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Buffer {
+    /// The residual stream, `model_dim` per position.
+    Residual,
+    Normed,
+    Q,
+    K,
+    V,
+    Attention,
+    /// A row-parallel output before its AllReduce.
+    Partial,
+    Gate,
+    Up,
+    Logits,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub enum Parallel {
+    /// Split on the output dimension: `Mirrored` input, `Split` output.
+    Column,
+    /// Split on the input dimension: `Split` input, `Partial` output.
+    Row,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub enum OpKind {
+    /// Vocab-parallel lookup of the rows this rank owns; zeros elsewhere.
+    Embed { tensor: String },
+    RmsNorm { tensor: String, input: Buffer, output: Buffer },
+    Linear { tensor: String, bias: Option<String>, parallel: Parallel, input: Buffer, output: Buffer },
+    Rope { layer: usize },
+    Attention { layer: usize },
+    SwiGlu,
+    /// Residual += Partial (now Mirrored).
+    AddResidual,
+    AllReduce { buffer: Buffer, index: usize },
+    /// This rank's slice of the output logits, returned to the coordinator for sampling.
+    EmitLogits,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Op {
+    pub kind: OpKind,
+    /// Split state of the op's output.
+    #[serde(skip)]
+    pub output_state: SplitState,
+}
+
+/// The op list of one rank. The graph and its split states are the same for every rank; only the
+/// extents differ, and with one rank every state is whole, so no collective is emitted.
+pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
+    let distributed = shard.rank_count > 1;
+    let mut ops = Vec::new();
+    let mut collectives = 0;
+    let split = |axis: Axis| {
+        if distributed { SplitState::Split { axis, extents: Vec::new() } } else { SplitState::Mirrored }
+    };
+    let partial = if distributed { SplitState::Partial } else { SplitState::Mirrored };
+    // Propagation rule: an op needing whole values on a Partial input forces an AllReduce.
+    let mut reduce = |ops: &mut Vec<Op>, buffer: Buffer| {
+        if ops.last().is_some_and(|op: &Op| op.output_state == SplitState::Partial) {
+            ops.push(Op { kind: OpKind::AllReduce { buffer, index: collectives }, output_state: SplitState::Mirrored });
+            collectives += 1;
+        }
+    };
+    ops.push(Op { kind: OpKind::Embed { tensor: "token_embd.weight".into() }, output_state: partial.clone() });
+    reduce(&mut ops, Buffer::Residual);
+    for layer in 0..config.layer_count {
+        let t = |n: &str| layer_tensor(layer, n);
+        let bias = |n: &str| config.qkv_bias.then(|| t(n));
+        ops.push(Op {
+            kind: OpKind::RmsNorm { tensor: t("attn_norm.weight"), input: Buffer::Residual, output: Buffer::Normed },
+            output_state: SplitState::Mirrored,
+        });
+        for (name, b, out, axis) in [
+            ("attn_q.weight", "attn_q.bias", Buffer::Q, Axis::QueryHeads),
+            ("attn_k.weight", "attn_k.bias", Buffer::K, Axis::KvHeads),
+            ("attn_v.weight", "attn_v.bias", Buffer::V, Axis::KvHeads),
+        ] {
+            ops.push(Op {
+                kind: OpKind::Linear {
+                    tensor: t(name),
+                    bias: bias(b),
+                    parallel: Parallel::Column,
+                    input: Buffer::Normed,
+                    output: out,
+                },
+                output_state: split(axis),
+            });
+        }
+        ops.push(Op { kind: OpKind::Rope { layer }, output_state: split(Axis::QueryHeads) });
+        ops.push(Op { kind: OpKind::Attention { layer }, output_state: split(Axis::QueryHeads) });
+        ops.push(Op {
+            kind: OpKind::Linear {
+                tensor: t("attn_output.weight"),
+                bias: None,
+                parallel: Parallel::Row,
+                input: Buffer::Attention,
+                output: Buffer::Partial,
+            },
+            output_state: partial.clone(),
+        });
+        reduce(&mut ops, Buffer::Partial);
+        ops.push(Op { kind: OpKind::AddResidual, output_state: SplitState::Mirrored });
+        ops.push(Op {
+            kind: OpKind::RmsNorm { tensor: t("ffn_norm.weight"), input: Buffer::Residual, output: Buffer::Normed },
+            output_state: SplitState::Mirrored,
+        });
+        for (name, out) in [("ffn_gate.weight", Buffer::Gate), ("ffn_up.weight", Buffer::Up)] {
+            ops.push(Op {
+                kind: OpKind::Linear {
+                    tensor: t(name),
+                    bias: None,
+                    parallel: Parallel::Column,
+                    input: Buffer::Normed,
+                    output: out,
+                },
+                output_state: split(Axis::FfnColumns),
+            });
+        }
+        ops.push(Op { kind: OpKind::SwiGlu, output_state: split(Axis::FfnColumns) });
+        ops.push(Op {
+            kind: OpKind::Linear {
+                tensor: t("ffn_down.weight"),
+                bias: None,
+                parallel: Parallel::Row,
+                input: Buffer::Gate,
+                output: Buffer::Partial,
+            },
+            output_state: partial.clone(),
+        });
+        reduce(&mut ops, Buffer::Partial);
+        ops.push(Op { kind: OpKind::AddResidual, output_state: SplitState::Mirrored });
+    }
+    ops.push(Op {
+        kind: OpKind::RmsNorm { tensor: "output_norm.weight".into(), input: Buffer::Residual, output: Buffer::Normed },
+        output_state: SplitState::Mirrored,
+    });
+    ops.push(Op {
+        kind: OpKind::Linear {
+            tensor: config.output_tensor().into(),
+            bias: None,
+            parallel: Parallel::Column,
+            input: Buffer::Normed,
+            output: Buffer::Logits,
+        },
+        output_state: split(Axis::Vocab),
+    });
+    // Sampling needs whole logits; the coordinator merges the vocab slices (DESIGN section 5).
+    ops.push(Op { kind: OpKind::EmitLogits, output_state: SplitState::Mirrored });
+    ops
+}
+
+/// Number of AllReduces one forward pass performs.
+pub fn collective_count(program: &[Op]) -> usize {
+    program.iter().filter(|op| matches!(op.kind, OpKind::AllReduce { .. })).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::arch::{Architecture, RopeStyle};
+
+    fn config(heads: usize, kv: usize, ffn: usize, block: usize, vocab: usize, layers: usize) -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            layer_count: layers,
+            model_dim: heads * 64,
+            head_count: heads,
+            kv_head_count: kv,
+            head_dim: 64,
+            ffn_dim: ffn,
+            vocab_size: vocab,
+            rms_norm_eps: 1e-5,
+            rope_base: 10000.0,
+            rope_dim: 64,
+            rope_style: RopeStyle::AdjacentPairs,
+            context_length: 128,
+            qkv_bias: false,
+            tied_output: true,
+            ffn_down_block: vec![block; layers],
+            attn_output_block: vec![32; layers],
+        }
+    }
+
+    /// A small xorshift generator: failures print the seed that replays them.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn invariants_hold_for_many_shapes_and_rank_counts() {
+        let seed = 0x7e57_5eed_u64;
+        let mut rng = Rng(seed);
+        for case in 0..2000 {
+            let kv = 1 + rng.below(8);
+            let heads = kv * (1 + rng.below(8));
+            let block = [1, 32, 256][rng.below(3)];
+            let ffn = block * (1 + rng.below(64));
+            let vocab = 1 + rng.below(100_000);
+            let layers = 1 + rng.below(6);
+            let ranks = 1 + rng.below(MAX_RANKS);
+            let weights: Vec<f64> = (0..ranks).map(|_| [1.0, 1.0, 2.0, 0.5, 3.0][rng.below(5)]).collect();
+            let cfg = config(heads, kv, ffn, block, vocab, layers);
+            let context = format!("seed {seed:#x} case {case}: {heads}h/{kv}kv ffn {ffn}/{block} x{ranks} {weights:?}");
+            let p = plan(&cfg, &weights).unwrap_or_else(|e| panic!("{context}: {e}"));
+            check_plan(&cfg, &p).unwrap_or_else(|e| panic!("{context}: {e}"));
+            for shard in &p.ranks {
+                check_rank_shard(&cfg, shard).unwrap_or_else(|e| panic!("{context}: {e}"));
+                let program = shard_program(&cfg, shard);
+                // Every Partial is consumed by exactly one AllReduce, and nothing else reduces.
+                for (i, op) in program.iter().enumerate() {
+                    if op.output_state == SplitState::Partial {
+                        assert!(
+                            matches!(program[i + 1].kind, OpKind::AllReduce { .. }),
+                            "{context}: Partial at op {i} not reduced"
+                        );
+                    }
+                    if matches!(op.kind, OpKind::AllReduce { .. }) {
+                        assert_eq!(program[i - 1].output_state, SplitState::Partial, "{context}");
+                    }
+                }
+                let expected = if ranks == 1 { 0 } else { 1 + 2 * layers };
+                assert_eq!(collective_count(&program), expected, "{context}");
+            }
+        }
+    }
+
+    #[test]
+    fn uneven_split_follows_weights_and_rotates_remainders() {
+        assert_eq!(split_units(19, &[1.0, 1.0], 0), vec![0..10, 10..19]);
+        assert_eq!(split_units(19, &[1.0, 1.0], 1), vec![0..9, 9..19]);
+        assert_eq!(split_units(3, &[2.0, 1.0], 0), vec![0..2, 2..3]);
+        assert_eq!(split_units(9, &[1.0, 1.0, 1.0, 1.0], 2), vec![0..2, 2..4, 4..7, 7..9]);
+        // SmolLM2's 3 KV heads over 2 ranks alternate 2/1 and 1/2 across layers.
+        let cfg = config(9, 3, 1536, 32, 49152, 4);
+        let p = plan(&cfg, &[1.0, 1.0]).unwrap();
+        let kv: Vec<usize> = p.ranks[0].layers.iter().map(|l| l.kv_heads.len()).collect();
+        assert_eq!(kv, vec![2, 1, 2, 1]);
+        // Qwen2.5-0.5B's FFN of 4864 with K-quant ffn_down is 19 blocks: 10 and 9.
+        let cfg = config(14, 2, 4864, 256, 151936, 1);
+        let p = plan(&cfg, &[1.0, 1.0]).unwrap();
+        assert_eq!(p.ranks[0].layers[0].ffn_columns, 0..2560);
+        assert_eq!(p.ranks[1].layers[0].ffn_columns, 2560..4864);
+        // Three ranks outnumber 2 KV heads: split by query head, KV heads replicated where shared.
+        let p = plan(&cfg, &[1.0, 1.0, 1.0]).unwrap();
+        assert_eq!(p.attention_unit, AttentionUnit::QueryHead);
+        assert_eq!(p.ranks[1].layers[0].kv_heads, 0..2);
+    }
+
+    #[test]
+    fn bad_rank_counts_and_weights_are_errors() {
+        let cfg = config(9, 3, 1536, 32, 49152, 2);
+        assert!(matches!(plan(&cfg, &[]), Err(PlanError::RankCount(0))));
+        assert!(matches!(plan(&cfg, &[1.0; 17]), Err(PlanError::RankCount(17))));
+        assert!(matches!(plan(&cfg, &[1.0, 0.0]), Err(PlanError::Weight(_))));
+        assert!(matches!(plan(&cfg, &[1.0, f64::NAN]), Err(PlanError::Weight(_))));
+    }
+}

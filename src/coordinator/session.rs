@@ -1,0 +1,363 @@
+//! A loaded model on a cluster: prompt processing, generation and perplexity, driven step by
+//! step from the coordinator. Workers return, per position, their slice's best candidates and
+//! log-sum-exp; merging those is exact for everything sampling needs.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use crate::coordinator::cluster::{Cluster, LoadSpec};
+use crate::coordinator::planner::{Plan, plan};
+use crate::coordinator::sampler::{Rng, SamplingParams, sample};
+use crate::model::arch::ModelConfig;
+use crate::model::chat::ChatTemplate;
+use crate::model::gguf::GgufFile;
+use crate::model::tokenizer::{TextStream, Tokenizer};
+use crate::proto;
+
+/// Candidates each worker sends per position unless sampling needs more.
+pub const DEFAULT_CANDIDATES: usize = 40;
+
+pub struct Model {
+    pub file: GgufFile,
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl Model {
+    pub fn open(path: &std::path::Path) -> anyhow::Result<Model> {
+        let file = GgufFile::open(path)?;
+        let config = ModelConfig::from_gguf(&file)?;
+        let tokenizer = Tokenizer::from_gguf(&file).with_context(|| format!("{}: tokenizer", path.display()))?;
+        if tokenizer.vocab_size() != config.vocab_size {
+            bail!(
+                "{}: tokenizer has {} tokens but the embedding has {} rows",
+                path.display(),
+                tokenizer.vocab_size(),
+                config.vocab_size
+            );
+        }
+        let chat_template = ChatTemplate::from_gguf(&file, &tokenizer)?;
+        Ok(Model { file, config, tokenizer, chat_template })
+    }
+}
+
+/// The merged distribution at one position.
+#[derive(Clone, Debug)]
+pub struct Distribution {
+    /// Best candidates over the whole vocabulary, best first (ties: lower id first).
+    pub candidates: Vec<(u32, f32)>,
+    /// log(sum(exp(logit))) over the whole vocabulary.
+    pub log_sum_exp: f32,
+    /// Whole logits, when asked for.
+    pub full: Option<Vec<f32>>,
+}
+
+impl Distribution {
+    pub fn logprob(&self, logit: f32) -> f32 {
+        logit - self.log_sum_exp
+    }
+}
+
+pub fn merge_rows(replies: &[proto::StepReply], row: usize, top: usize, vocab_size: usize, full: bool) -> Distribution {
+    let mut candidates: Vec<(u32, f32)> = Vec::new();
+    let mut max = f32::NEG_INFINITY;
+    for r in replies {
+        let out = &r.rows[row];
+        candidates.extend(out.ids.iter().copied().zip(out.logits.iter().copied()));
+        max = max.max(out.log_sum_exp);
+    }
+    let sum: f64 = replies.iter().map(|r| ((r.rows[row].log_sum_exp - max) as f64).exp()).sum();
+    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    candidates.truncate(top);
+    let full = if full {
+        let mut full = vec![f32::NEG_INFINITY; vocab_size];
+        let mut covered = 0;
+        for r in replies {
+            let slice = &r.rows[row].full;
+            let start = r.vocab_start as usize;
+            if start + slice.len() <= vocab_size {
+                full[start..start + slice.len()].copy_from_slice(slice);
+                covered += slice.len();
+            }
+        }
+        (covered == vocab_size).then_some(full)
+    } else {
+        None
+    };
+    Distribution { candidates, log_sum_exp: max + sum.ln() as f32, full }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Timings {
+    pub prompt_ms: f64,
+    pub prompt_tokens_per_second: f64,
+    pub generation_ms: f64,
+    pub generated_tokens_per_second: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Generation {
+    pub prompt_tokens: Vec<u32>,
+    /// Generated ids, ending with the end-of-generation token when one stopped generation.
+    pub tokens: Vec<u32>,
+    pub text: String,
+    /// "eos", "stop" (a stop string) or "limit".
+    pub stop: &'static str,
+    /// Per generated token, the best candidates and their log-probabilities.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<Vec<(u32, f32)>>,
+    pub timings: Timings,
+}
+
+pub struct GenerateRequest<'a> {
+    pub prompt_tokens: Vec<u32>,
+    pub max_tokens: usize,
+    pub params: SamplingParams,
+    pub stop_strings: Vec<String>,
+    /// Report this many top log-probabilities per generated token (0: none).
+    pub logprobs: usize,
+    pub on_text: Option<&'a mut dyn FnMut(&str)>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Perplexity {
+    pub context: usize,
+    pub chunks: usize,
+    pub scored_tokens: usize,
+    pub ppl: f64,
+    pub ppl_stderr: f64,
+    pub running_ppl: Vec<f64>,
+    pub seconds: f64,
+}
+
+pub struct Session {
+    pub model: Model,
+    pub cluster: Cluster,
+    pub plan: Plan,
+    pub max_batch: usize,
+    pub max_context: usize,
+}
+
+impl Session {
+    pub async fn start(model: Model, mut cluster: Cluster, max_context: usize, max_batch: usize) -> anyhow::Result<Session> {
+        let max_context = max_context.min(model.config.context_length);
+        let plan = plan(&model.config, &cluster.weights())?;
+        let spec = LoadSpec { file: &model.file, plan: &plan, max_sequences: 1, max_context, max_batch };
+        let replies = cluster.load(&spec).await?;
+        for (rank, reply) in replies.iter().enumerate() {
+            tracing::info!(
+                rank,
+                weight_mib = format!("{:.1}", reply.weight_bytes as f64 / (1 << 20) as f64),
+                kv_mib = format!("{:.1}", reply.kv_cache_bytes as f64 / (1 << 20) as f64),
+                seconds = format!("{:.2}", reply.load_seconds),
+                "shard loaded"
+            );
+        }
+        Ok(Session { model, cluster, plan, max_batch, max_context })
+    }
+
+    /// Runs `tokens` at positions `start..` of sequence 0 and returns the distributions at `rows`
+    /// (indices into `tokens`).
+    async fn forward(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        rows: &[usize],
+        top: usize,
+        full_logits: bool,
+        targets: &[u32],
+    ) -> anyhow::Result<Vec<(Distribution, Option<f32>)>> {
+        if start + tokens.len() > self.max_context {
+            bail!("{} tokens at position {start} exceed the context of {}", tokens.len(), self.max_context);
+        }
+        let mut results = Vec::with_capacity(rows.len());
+        for (chunk_index, chunk) in tokens.chunks(self.max_batch).enumerate() {
+            let offset = chunk_index * self.max_batch;
+            let wanted: Vec<usize> =
+                rows.iter().copied().filter(|&r| r >= offset && r < offset + chunk.len()).collect();
+            let request = proto::StepRequest {
+                step: 0,
+                tokens: chunk.to_vec(),
+                positions: (0..chunk.len()).map(|i| (start + offset + i) as u32).collect(),
+                sequences: vec![0; chunk.len()],
+                output_rows: wanted.iter().map(|&r| (r - offset) as u32).collect(),
+                top_k: top as u32,
+                full_logits,
+                targets: wanted.iter().filter_map(|&r| targets.get(rows.iter().position(|&x| x == r)?)).copied().collect(),
+            };
+            let replies = self.cluster.step(request).await?;
+            for (i, _) in wanted.iter().enumerate() {
+                let distribution = merge_rows(&replies, i, top, self.model.config.vocab_size, full_logits);
+                let target = replies.iter().find_map(|r| r.rows[i].target_logit);
+                results.push((distribution, target));
+            }
+        }
+        Ok(results)
+    }
+
+    /// Whole logits at the last of `tokens`, run from an empty cache.
+    pub async fn final_logits(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+        if tokens.is_empty() {
+            bail!("no tokens");
+        }
+        self.cluster.clear_sequence(0).await?;
+        let mut results = self.forward(tokens, 0, &[tokens.len() - 1], 1, true, &[]).await?;
+        results.pop().and_then(|(d, _)| d.full).context("workers returned no logits")
+    }
+
+    pub async fn generate(&mut self, mut request: GenerateRequest<'_>) -> anyhow::Result<Generation> {
+        request.params.validate().map_err(|e| anyhow::anyhow!(e))?;
+        let prompt = request.prompt_tokens.clone();
+        if prompt.is_empty() {
+            bail!("the prompt is empty");
+        }
+        if prompt.len() + request.max_tokens > self.max_context {
+            bail!(
+                "{} prompt tokens + {} to generate exceed the context of {}",
+                prompt.len(),
+                request.max_tokens,
+                self.max_context
+            );
+        }
+        let candidates = DEFAULT_CANDIDATES.max(request.params.top_k).max(request.logprobs).min(1000);
+        let full = request.params.needs_full_logits(candidates);
+        let mut rng = Rng::new(request.params.seed);
+        let mut stream = TextStream::new();
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        let mut top_logprobs = Vec::new();
+        let mut history = prompt.clone();
+        self.cluster.clear_sequence(0).await?;
+
+        let prompt_started = Instant::now();
+        let mut next = self.forward(&prompt, 0, &[prompt.len() - 1], candidates, full, &[]).await?;
+        let prompt_ms = prompt_started.elapsed().as_secs_f64() * 1e3;
+        let generation_started = Instant::now();
+        let mut stop = "limit";
+        while tokens.len() < request.max_tokens {
+            let (distribution, _) = next.pop().context("no logits returned")?;
+            let pool: Vec<(u32, f32)> = match &distribution.full {
+                Some(full) => full.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect(),
+                None => distribution.candidates.clone(),
+            };
+            let token = sample(&pool, &request.params, &history, &mut rng).context("no candidates to sample")?;
+            if request.logprobs > 0 {
+                top_logprobs.push(
+                    distribution
+                        .candidates
+                        .iter()
+                        .take(request.logprobs)
+                        .map(|&(id, l)| (id, distribution.logprob(l)))
+                        .collect(),
+                );
+            }
+            tokens.push(token);
+            history.push(token);
+            if self.model.tokenizer.is_end_of_generation(token) {
+                stop = "eos";
+                break;
+            }
+            let piece = stream.push(&self.model.tokenizer.token_bytes(token));
+            text.push_str(&piece);
+            if let Some(at) = request.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+                let before = text.len() - piece.len();
+                text.truncate(at);
+                if let Some(on_text) = request.on_text.as_mut()
+                    && at > before
+                {
+                    on_text(&text[before..]);
+                }
+                stop = "stop";
+                break;
+            }
+            if let Some(on_text) = request.on_text.as_mut() {
+                on_text(&piece);
+            }
+            if tokens.len() == request.max_tokens {
+                break;
+            }
+            let position = prompt.len() + tokens.len() - 1;
+            next = self.forward(&[token], position, &[0], candidates, full, &[]).await?;
+        }
+        if stop == "limit" {
+            let rest = stream.finish();
+            text.push_str(&rest);
+            if let Some(on_text) = request.on_text.as_mut() {
+                on_text(&rest);
+            }
+        }
+        let generation_ms = generation_started.elapsed().as_secs_f64() * 1e3;
+        let per_second = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
+        Ok(Generation {
+            prompt_tokens: prompt.clone(),
+            timings: Timings {
+                prompt_ms,
+                prompt_tokens_per_second: per_second(prompt.len(), prompt_ms),
+                generation_ms,
+                // The first token came from prompt processing; the rest from decode steps.
+                generated_tokens_per_second: per_second(tokens.len().saturating_sub(1), generation_ms),
+            },
+            tokens,
+            text,
+            stop,
+            top_logprobs,
+        })
+    }
+
+    /// Perplexity as llama.cpp's `llama-perplexity` computes it: non-overlapping chunks of
+    /// `context` tokens, each from an empty cache, scoring the second half of each chunk.
+    pub async fn perplexity(
+        &mut self,
+        tokens: &[u32],
+        context: usize,
+        max_chunks: Option<usize>,
+        mut on_chunk: impl FnMut(usize, f64),
+    ) -> anyhow::Result<Perplexity> {
+        if context < 4 || context > self.max_context {
+            bail!("context {context} must be within 4..={}", self.max_context);
+        }
+        let mut chunks = tokens.len() / context;
+        if chunks == 0 {
+            bail!("the text has {} tokens, fewer than one chunk of {context}", tokens.len());
+        }
+        if let Some(max) = max_chunks {
+            chunks = chunks.min(max);
+        }
+        let started = Instant::now();
+        let first = context / 2;
+        let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
+        let mut running = Vec::new();
+        for chunk in 0..chunks {
+            let window = &tokens[chunk * context..(chunk + 1) * context];
+            self.cluster.clear_sequence(0).await?;
+            let rows: Vec<usize> = (first..context - 1).collect();
+            let targets: Vec<u32> = rows.iter().map(|&j| window[j + 1]).collect();
+            let results = self.forward(window, 0, &rows, 0, false, &targets).await?;
+            for (distribution, target) in results {
+                let logit = target.context("no worker returned the target's logit")?;
+                let loss = -(distribution.logprob(logit) as f64);
+                nll += loss;
+                nll2 += loss * loss;
+                count += 1;
+            }
+            let ppl = (nll / count as f64).exp();
+            running.push(ppl);
+            on_chunk(chunk, ppl);
+        }
+        let mean = nll / count as f64;
+        let variance = (nll2 / count as f64 - mean * mean).max(0.0);
+        let stderr = (variance / (count as f64 - 1.0).max(1.0)).sqrt();
+        let ppl = mean.exp();
+        Ok(Perplexity {
+            context,
+            chunks,
+            scored_tokens: count,
+            ppl,
+            ppl_stderr: stderr * ppl,
+            running_ppl: running,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}

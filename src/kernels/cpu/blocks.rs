@@ -1,0 +1,324 @@
+//! ggml block layouts (ggml-common.h) and the quantization type table.
+//!
+//! Weight blocks use byte arrays for their fp16 fields so every weight block has alignment 1
+//! and can be viewed in place inside an arbitrary (e.g. mmapped) byte slice.
+
+use half::f16;
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+/// Elements per legacy block (Q4_0, Q4_1, Q5_0, Q8_0, Q8_1).
+pub const QK: usize = 32;
+
+/// Weight storage types supported by the CPU kernels (a subset of ggml_type).
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q8_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+}
+
+impl QuantType {
+    pub const ALL: [QuantType; 10] = [
+        QuantType::F32,
+        QuantType::F16,
+        QuantType::BF16,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q8_0,
+        QuantType::Q4_K,
+        QuantType::Q5_K,
+        QuantType::Q6_K,
+    ];
+
+    /// Maps a ggml_type id (as stored in GGUF) to a supported type.
+    pub fn from_ggml_id(id: u32) -> Option<QuantType> {
+        Some(match id {
+            0 => QuantType::F32,
+            1 => QuantType::F16,
+            2 => QuantType::Q4_0,
+            3 => QuantType::Q4_1,
+            6 => QuantType::Q5_0,
+            8 => QuantType::Q8_0,
+            12 => QuantType::Q4_K,
+            13 => QuantType::Q5_K,
+            14 => QuantType::Q6_K,
+            30 => QuantType::BF16,
+            _ => return None,
+        })
+    }
+
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            QuantType::F32 => 0,
+            QuantType::F16 => 1,
+            QuantType::Q4_0 => 2,
+            QuantType::Q4_1 => 3,
+            QuantType::Q5_0 => 6,
+            QuantType::Q8_0 => 8,
+            QuantType::Q4_K => 12,
+            QuantType::Q5_K => 13,
+            QuantType::Q6_K => 14,
+            QuantType::BF16 => 30,
+        }
+    }
+
+    /// Type name as in gguf-py / llama.cpp logs ("F32", "BF16", "Q4_0", "Q4_K", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::F32 => "F32",
+            QuantType::F16 => "F16",
+            QuantType::BF16 => "BF16",
+            QuantType::Q4_0 => "Q4_0",
+            QuantType::Q4_1 => "Q4_1",
+            QuantType::Q5_0 => "Q5_0",
+            QuantType::Q8_0 => "Q8_0",
+            QuantType::Q4_K => "Q4_K",
+            QuantType::Q5_K => "Q5_K",
+            QuantType::Q6_K => "Q6_K",
+        }
+    }
+
+    pub fn block_elements(self) -> usize {
+        match self {
+            QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0 => QK,
+            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => QK_K,
+        }
+    }
+
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantType::F32 => 4,
+            QuantType::F16 | QuantType::BF16 => 2,
+            QuantType::Q4_0 => size_of::<BlockQ4_0>(),
+            QuantType::Q4_1 => size_of::<BlockQ4_1>(),
+            QuantType::Q5_0 => size_of::<BlockQ5_0>(),
+            QuantType::Q8_0 => size_of::<BlockQ8_0>(),
+            QuantType::Q4_K => size_of::<BlockQ4K>(),
+            QuantType::Q5_K => size_of::<BlockQ5K>(),
+            QuantType::Q6_K => size_of::<BlockQ6K>(),
+        }
+    }
+
+    /// Bytes of one row of `elements` values; None if `elements` is not a whole number of
+    /// blocks or the size overflows.
+    pub fn row_bytes(self, elements: usize) -> Option<usize> {
+        let be = self.block_elements();
+        if elements % be != 0 {
+            return None;
+        }
+        (elements / be).checked_mul(self.block_bytes())
+    }
+
+    /// True for the block-quantized types (everything except F32/F16/BF16).
+    pub fn is_quantized(self) -> bool {
+        self.block_elements() > 1
+    }
+}
+
+impl std::fmt::Display for QuantType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Little-endian IEEE half stored as raw bytes (alignment 1).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct F16Bytes(pub [u8; 2]);
+
+impl F16Bytes {
+    #[inline(always)]
+    pub fn bits(self) -> u16 {
+        u16::from_le_bytes(self.0)
+    }
+    #[inline(always)]
+    pub fn to_f32(self) -> f32 {
+        f16::from_bits(self.bits()).to_f32()
+    }
+    /// Round-to-nearest-even conversion, like GGML_FP32_TO_FP16.
+    #[inline(always)]
+    pub fn from_f32(x: f32) -> Self {
+        F16Bytes(f16::from_f32(x).to_bits().to_le_bytes())
+    }
+}
+
+/// ggml block_q4_0: d, 32 x 4-bit (low nibbles = elements 0..16, high = 16..32), value = (q-8)*d.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockQ4_0 {
+    pub d: F16Bytes,
+    pub qs: [u8; QK / 2],
+}
+
+/// ggml block_q4_1: value = q*d + m.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockQ4_1 {
+    pub d: F16Bytes,
+    pub m: F16Bytes,
+    pub qs: [u8; QK / 2],
+}
+
+/// ggml block_q5_0: qh bit j is the 5th bit of element j; value = (q-16)*d.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockQ5_0 {
+    pub d: F16Bytes,
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+/// ggml block_q8_0 (weights and Q8_0 activations).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockQ8_0 {
+    pub d: F16Bytes,
+    pub qs: [i8; QK],
+}
+
+/// ggml block_q8_1: activations for Q4_1 weights; s = d * sum(qs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockQ8_1 {
+    pub d: F16Bytes,
+    pub s: F16Bytes,
+    pub qs: [i8; QK],
+}
+
+/// ggml block_q4_K: 8 sub-blocks of 32 with 6-bit scales and mins packed in 12 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ4K {
+    pub d: F16Bytes,
+    pub dmin: F16Bytes,
+    pub scales: [u8; 12],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// ggml block_q5_K: as Q4_K plus one high bit per element in qh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ5K {
+    pub d: F16Bytes,
+    pub dmin: F16Bytes,
+    pub scales: [u8; 12],
+    pub qh: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// ggml block_q6_K: 16 sub-blocks of 16 with signed 8-bit scales; value = d*sc*(q-32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ6K {
+    pub ql: [u8; QK_K / 2],
+    pub qh: [u8; QK_K / 4],
+    pub scales: [i8; QK_K / 16],
+    pub d: F16Bytes,
+}
+
+/// ggml block_q8_K: activations for K-quant weights. d is f32, bsums are sums of 16 quants.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+impl Default for BlockQ4K {
+    fn default() -> Self {
+        BlockQ4K { d: F16Bytes::default(), dmin: F16Bytes::default(), scales: [0; 12], qs: [0; QK_K / 2] }
+    }
+}
+impl Default for BlockQ5K {
+    fn default() -> Self {
+        BlockQ5K {
+            d: F16Bytes::default(),
+            dmin: F16Bytes::default(),
+            scales: [0; 12],
+            qh: [0; QK_K / 8],
+            qs: [0; QK_K / 2],
+        }
+    }
+}
+impl Default for BlockQ6K {
+    fn default() -> Self {
+        BlockQ6K { ql: [0; QK_K / 2], qh: [0; QK_K / 4], scales: [0; QK_K / 16], d: F16Bytes::default() }
+    }
+}
+impl Default for BlockQ8K {
+    fn default() -> Self {
+        BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] }
+    }
+}
+
+const _: () = assert!(size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(size_of::<BlockQ4_1>() == 20);
+const _: () = assert!(size_of::<BlockQ5_0>() == 22);
+const _: () = assert!(size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(size_of::<BlockQ8_1>() == 36);
+const _: () = assert!(size_of::<BlockQ4K>() == 144);
+const _: () = assert!(size_of::<BlockQ5K>() == 176);
+const _: () = assert!(size_of::<BlockQ6K>() == 210);
+const _: () = assert!(size_of::<BlockQ8K>() == 292);
+const _: () = assert!(align_of::<BlockQ4_0>() == 1);
+const _: () = assert!(align_of::<BlockQ4_1>() == 1);
+const _: () = assert!(align_of::<BlockQ5_0>() == 1);
+const _: () = assert!(align_of::<BlockQ8_0>() == 1);
+const _: () = assert!(align_of::<BlockQ8_1>() == 1);
+const _: () = assert!(align_of::<BlockQ4K>() == 1);
+const _: () = assert!(align_of::<BlockQ5K>() == 1);
+const _: () = assert!(align_of::<BlockQ6K>() == 1);
+
+/// Marker for plain-old-data block types made only of bytes (alignment 1, every bit pattern valid).
+///
+/// # Safety
+/// Implementors must be `repr(C)`, have alignment 1, no padding and accept any bit pattern.
+pub unsafe trait ByteBlock: Copy + 'static {}
+unsafe impl ByteBlock for BlockQ4_0 {}
+unsafe impl ByteBlock for BlockQ4_1 {}
+unsafe impl ByteBlock for BlockQ5_0 {}
+unsafe impl ByteBlock for BlockQ8_0 {}
+unsafe impl ByteBlock for BlockQ8_1 {}
+unsafe impl ByteBlock for BlockQ4K {}
+unsafe impl ByteBlock for BlockQ5K {}
+unsafe impl ByteBlock for BlockQ6K {}
+
+/// Views a byte slice as whole blocks. Panics if the length is not a multiple of the block size.
+#[inline]
+pub fn as_blocks<T: ByteBlock>(bytes: &[u8]) -> &[T] {
+    let sz = size_of::<T>();
+    assert!(bytes.len() % sz == 0, "byte length {} is not a multiple of block size {sz}", bytes.len());
+    // SAFETY: T has alignment 1, no padding, any bit pattern is valid, and the length fits.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / sz) }
+}
+
+/// Mutable byte view of blocks.
+#[inline]
+pub fn as_blocks_mut<T: ByteBlock>(bytes: &mut [u8]) -> &mut [T] {
+    let sz = size_of::<T>();
+    assert!(bytes.len() % sz == 0, "byte length {} is not a multiple of block size {sz}", bytes.len());
+    // SAFETY: as in `as_blocks`; the borrow is exclusive.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, bytes.len() / sz) }
+}
+
+/// Views blocks as their bytes.
+#[inline]
+pub fn blocks_as_bytes<T: ByteBlock>(blocks: &[T]) -> &[u8] {
+    // SAFETY: T has no padding, so all bytes are initialized.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks)) }
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("the CPU kernels assume a little-endian target (ggml files are little-endian)");

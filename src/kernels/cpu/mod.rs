@@ -1,0 +1,475 @@
+//! CPU matmul kernels for ggml weight formats.
+//!
+//! * `blocks`: ggml block layouts and [`QuantType`].
+//! * `reference`: scalar dequantize / quantize / dot products reproducing ggml's generic code.
+//! * `avx2` (x86_64): AVX2+FMA+F16C dot products with the same integer arithmetic.
+//!
+//! A kernel table is chosen once (first use) by runtime CPU detection; set
+//! `TP_CPU_KERNELS=scalar` to force the scalar reference kernels.
+//!
+//! Activations are prepared the way llama.cpp prepares `src1` for `ggml_mul_mat`: Q8_0 for
+//! Q4_0/Q5_0/Q8_0 weights, Q8_1 for Q4_1, Q8_K for the K-quants, f16/bf16 for F16/BF16 and
+//! plain f32 for F32.
+
+mod blocks;
+mod reference;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+pub use blocks::{
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, ByteBlock,
+    F16Bytes, QK, QK_K, QuantType, as_blocks, as_blocks_mut, blocks_as_bytes,
+};
+pub use reference::{
+    dequantize_row, get_scale_min_k4, nearest_int, quantize_row, quantize_row_q4_0, quantize_row_q4_1,
+    quantize_row_q4_k, quantize_row_q5_0, quantize_row_q5_k, quantize_row_q6_k, quantize_row_q8_0,
+    quantize_row_q8_1, quantize_row_q8_k,
+};
+
+// ---------------------------------------------------------------------------------------------
+// kernel table
+
+/// Dot-product kernels. Safety contract of every entry: operands have matching lengths
+/// (weights: `n` elements worth of bytes/blocks, activations: `n` elements) and the CPU
+/// supports the features the table was selected for.
+struct Kernels {
+    name: &'static str,
+    f32_dot: unsafe fn(&[f32], &[f32]) -> f32,
+    dot_f32: unsafe fn(&[u8], &[f32]) -> f32,
+    dot_f16: unsafe fn(&[u8], &[f16]) -> f32,
+    dot_bf16: unsafe fn(&[u8], &[bf16]) -> f32,
+    dot_q4_0: unsafe fn(&[BlockQ4_0], &[BlockQ8_0]) -> f32,
+    dot_q4_1: unsafe fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32,
+    dot_q5_0: unsafe fn(&[BlockQ5_0], &[BlockQ8_0]) -> f32,
+    dot_q8_0: unsafe fn(&[BlockQ8_0], &[BlockQ8_0]) -> f32,
+    dot_q4_k: unsafe fn(&[BlockQ4K], &[BlockQ8K]) -> f32,
+    dot_q5_k: unsafe fn(&[BlockQ5K], &[BlockQ8K]) -> f32,
+    dot_q6_k: unsafe fn(&[BlockQ6K], &[BlockQ8K]) -> f32,
+}
+
+fn scalar_f32_dot(a: &[f32], b: &[f32]) -> f32 {
+    reference::f32_dot_scalar(a, b)
+}
+
+static SCALAR: Kernels = Kernels {
+    name: "scalar",
+    f32_dot: scalar_f32_dot,
+    dot_f32: reference::vec_dot_f32,
+    dot_f16: reference::vec_dot_f16,
+    dot_bf16: reference::vec_dot_bf16,
+    dot_q4_0: reference::vec_dot_q4_0_q8_0,
+    dot_q4_1: reference::vec_dot_q4_1_q8_1,
+    dot_q5_0: reference::vec_dot_q5_0_q8_0,
+    dot_q8_0: reference::vec_dot_q8_0_q8_0,
+    dot_q4_k: reference::vec_dot_q4_k_q8_k,
+    dot_q5_k: reference::vec_dot_q5_k_q8_k,
+    dot_q6_k: reference::vec_dot_q6_k_q8_k,
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX2: Kernels = Kernels {
+    name: "avx2",
+    f32_dot: avx2::f32_dot,
+    dot_f32: avx2::dot_f32,
+    dot_f16: avx2::dot_f16,
+    dot_bf16: avx2::dot_bf16,
+    dot_q4_0: avx2::dot_q4_0_q8_0,
+    dot_q4_1: avx2::dot_q4_1_q8_1,
+    dot_q5_0: avx2::dot_q5_0_q8_0,
+    dot_q8_0: avx2::dot_q8_0_q8_0,
+    dot_q4_k: avx2::dot_q4_k_q8_k,
+    dot_q5_k: avx2::dot_q5_k_q8_k,
+    dot_q6_k: avx2::dot_q6_k_q8_k,
+};
+
+static KERNELS: OnceLock<&'static Kernels> = OnceLock::new();
+
+fn detect() -> &'static Kernels {
+    if std::env::var("TP_CPU_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
+        return &SCALAR;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+            return &AVX2;
+        }
+    }
+    &SCALAR
+}
+
+#[inline]
+fn kernels() -> &'static Kernels {
+    KERNELS.get_or_init(detect)
+}
+
+/// Name of the kernel set in use ("avx2" or "scalar"), for logs.
+pub fn kernel_name() -> &'static str {
+    kernels().name
+}
+
+/// Fast f32 dot product (attention scores etc.).
+pub fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "f32_dot length mismatch");
+    // SAFETY: equal lengths; the table matches this CPU.
+    unsafe { (kernels().f32_dot)(a, b) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// activations
+
+/// Activation vectors prepared for dot products with rows of a given weight type.
+/// Buffers are kept between calls and only grow.
+#[derive(Default)]
+pub struct PreparedActivations {
+    ty: Option<QuantType>,
+    len: usize,
+    count: usize,
+    f32s: Vec<f32>,
+    f16s: Vec<f16>,
+    bf16s: Vec<bf16>,
+    q8_0: Vec<BlockQ8_0>,
+    q8_1: Vec<BlockQ8_1>,
+    q8_k: Vec<BlockQ8K>,
+}
+
+/// Below this many input values, `prepare` stays on the calling thread.
+const PARALLEL_PREPARE_MIN: usize = 1 << 16;
+/// Below this many multiply-adds, `matmul` stays on the calling thread.
+const PARALLEL_MATMUL_MIN: usize = 1 << 16;
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
+/// Quantizes `count` rows of `len` values with `f`, in parallel when large.
+fn prepare_rows<T: Send>(x: &[f32], len: usize, dst: &mut [T], per_row: usize, f: impl Fn(&[f32], &mut [T]) + Sync) {
+    if x.len() >= PARALLEL_PREPARE_MIN && rayon::current_num_threads() > 1 {
+        x.par_chunks(len).zip(dst.par_chunks_mut(per_row)).for_each(|(xr, dr)| f(xr, dr));
+    } else {
+        for (xr, dr) in x.chunks(len).zip(dst.chunks_mut(per_row)) {
+            f(xr, dr);
+        }
+    }
+}
+
+impl PreparedActivations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Preallocates room for `count` vectors of `len` values for weight type `ty`.
+    pub fn with_capacity(ty: QuantType, len: usize, count: usize) -> Self {
+        let mut a = Self::new();
+        a.reserve(ty, len, count);
+        a
+    }
+
+    /// Grows the buffer used for `ty` to hold `count` vectors of `len` values.
+    pub fn reserve(&mut self, ty: QuantType, len: usize, count: usize) {
+        let n = len * count;
+        match ty {
+            QuantType::F32 => { grow(&mut self.f32s, n); }
+            QuantType::F16 => { grow(&mut self.f16s, n); }
+            QuantType::BF16 => { grow(&mut self.bf16s, n); }
+            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => { grow(&mut self.q8_0, n.div_ceil(QK)); }
+            QuantType::Q4_1 => { grow(&mut self.q8_1, n.div_ceil(QK)); }
+            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => { grow(&mut self.q8_k, n.div_ceil(QK_K)); }
+        }
+    }
+
+    /// Weight type these activations were last prepared for.
+    pub fn weight_type(&self) -> Option<QuantType> {
+        self.ty
+    }
+    /// Elements per vector.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Number of vectors.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0 || self.len == 0
+    }
+
+    /// Prepares `count` row-major vectors of `len` values from `x` for weights of type `ty`.
+    /// `len` must be a multiple of the weight block size (32 or 256 for quantized types).
+    pub fn prepare(&mut self, ty: QuantType, x: &[f32], len: usize, count: usize) {
+        assert_eq!(x.len(), len * count, "prepare: x has {} values, expected {len} x {count}", x.len());
+        assert!(
+            len % ty.block_elements() == 0,
+            "prepare: vector length {len} is not a multiple of the {ty} block size {}",
+            ty.block_elements()
+        );
+        self.ty = Some(ty);
+        self.len = len;
+        self.count = count;
+        if len == 0 || count == 0 {
+            return;
+        }
+        match ty {
+            QuantType::F32 => grow(&mut self.f32s, x.len()).copy_from_slice(x),
+            QuantType::F16 => {
+                for (d, s) in grow(&mut self.f16s, x.len()).iter_mut().zip(x) {
+                    *d = f16::from_f32(*s);
+                }
+            }
+            QuantType::BF16 => {
+                for (d, s) in grow(&mut self.bf16s, x.len()).iter_mut().zip(x) {
+                    *d = bf16::from_f32(*s);
+                }
+            }
+            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
+                let dst = grow(&mut self.q8_0, x.len() / QK);
+                prepare_rows(x, len, dst, len / QK, quantize_row_q8_0);
+            }
+            QuantType::Q4_1 => {
+                let dst = grow(&mut self.q8_1, x.len() / QK);
+                prepare_rows(x, len, dst, len / QK, quantize_row_q8_1);
+            }
+            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+                let dst = grow(&mut self.q8_k, x.len() / QK_K);
+                prepare_rows(x, len, dst, len / QK_K, quantize_row_q8_k);
+            }
+        }
+    }
+
+    /// Q8_0 blocks of vector `b` (valid after preparing for Q4_0/Q5_0/Q8_0).
+    pub fn q8_0(&self, b: usize) -> &[BlockQ8_0] {
+        let n = self.len / QK;
+        &self.q8_0[b * n..(b + 1) * n]
+    }
+    /// Q8_1 blocks of vector `b` (valid after preparing for Q4_1).
+    pub fn q8_1(&self, b: usize) -> &[BlockQ8_1] {
+        let n = self.len / QK;
+        &self.q8_1[b * n..(b + 1) * n]
+    }
+    /// Q8_K blocks of vector `b` (valid after preparing for a K-quant).
+    pub fn q8_k(&self, b: usize) -> &[BlockQ8K] {
+        let n = self.len / QK_K;
+        &self.q8_k[b * n..(b + 1) * n]
+    }
+
+    /// Dequantized copy of vector `b` (tests and debugging).
+    pub fn dequantize(&self, b: usize) -> Vec<f32> {
+        let ty = self.ty.expect("activations not prepared");
+        assert!(b < self.count);
+        let n = self.len;
+        let mut out = vec![0f32; n];
+        match ty {
+            QuantType::F32 => out.copy_from_slice(&self.f32s[b * n..(b + 1) * n]),
+            QuantType::F16 => out.iter_mut().zip(&self.f16s[b * n..]).for_each(|(o, v)| *o = v.to_f32()),
+            QuantType::BF16 => out.iter_mut().zip(&self.bf16s[b * n..]).for_each(|(o, v)| *o = v.to_f32()),
+            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
+                dequantize_row(QuantType::Q8_0, blocks_as_bytes(self.q8_0(b)), &mut out)
+            }
+            QuantType::Q4_1 => {
+                for (blk, o) in self.q8_1(b).iter().zip(out.chunks_exact_mut(QK)) {
+                    let d = blk.d.to_f32();
+                    for (v, q) in o.iter_mut().zip(blk.qs) {
+                        *v = q as f32 * d;
+                    }
+                }
+            }
+            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+                for (blk, o) in self.q8_k(b).iter().zip(out.chunks_exact_mut(QK_K)) {
+                    for (v, q) in o.iter_mut().zip(blk.qs) {
+                        *v = q as f32 * blk.d;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (distinct rows) of one output slice.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    #[inline(always)]
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Weight rows processed together so that each activation vector is streamed once per group
+/// while the group's rows stay in L1.
+const ROW_GROUP: usize = 4;
+
+/// Runs `dot(weight_row, b)` for rows in `r0..r1` and all `count` activations.
+#[inline(always)]
+fn run_rows<F: Fn(&[u8], usize) -> f32>(
+    dot: &F,
+    weight: &[u8],
+    rb: usize,
+    rows: usize,
+    count: usize,
+    r0: usize,
+    r1: usize,
+    out: OutPtr,
+) {
+    let mut g = r0;
+    while g < r1 {
+        let ge = (g + ROW_GROUP).min(r1);
+        for b in 0..count {
+            for r in g..ge {
+                // SAFETY: r < rows and the weight length was checked (rows * rb bytes).
+                let w = unsafe { weight.get_unchecked(r * rb..(r + 1) * rb) };
+                let v = dot(w, b);
+                // SAFETY: b < count, r < rows, y.len() == rows * count (checked); rows are
+                // partitioned between tasks so no element is written twice concurrently.
+                unsafe { *out.get().add(b * rows + r) = v };
+            }
+        }
+        g = ge;
+    }
+}
+
+fn drive<F: Fn(&[u8], usize) -> f32 + Sync>(
+    dot: F,
+    weight: &[u8],
+    rb: usize,
+    rows: usize,
+    cols: usize,
+    count: usize,
+    y: &mut [f32],
+    parallel: bool,
+) {
+    let out = OutPtr(y.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    if !parallel || threads <= 1 || rows * cols * count < PARALLEL_MATMUL_MIN || rows <= 16 {
+        run_rows(&dot, weight, rb, rows, count, 0, rows, out);
+        return;
+    }
+    let chunk = (rows / (threads * 8)).clamp(16, 64);
+    let tasks = rows.div_ceil(chunk);
+    (0..tasks).into_par_iter().for_each(|t| {
+        let r0 = t * chunk;
+        let r1 = (r0 + chunk).min(rows);
+        run_rows(&dot, weight, rb, rows, count, r0, r1, out);
+    });
+}
+
+fn matmul_with(
+    k: &'static Kernels,
+    ty: QuantType,
+    weight: &[u8],
+    rows: usize,
+    cols: usize,
+    act: &PreparedActivations,
+    y: &mut [f32],
+    parallel: bool,
+) {
+    assert_eq!(act.ty, Some(ty), "activations were prepared for {:?}, weights are {ty}", act.ty);
+    assert_eq!(act.len, cols, "activation length {} != weight columns {cols}", act.len);
+    let rb = ty.row_bytes(cols).unwrap_or_else(|| panic!("{cols} columns is not a whole number of {ty} blocks"));
+    let need = rows.checked_mul(rb).expect("weight size overflows");
+    assert!(weight.len() >= need, "weight has {} bytes, {rows} rows of {ty} x {cols} need {need}", weight.len());
+    let count = act.count;
+    assert_eq!(y.len(), rows * count, "output length {} != rows {rows} x count {count}", y.len());
+    if rows == 0 || count == 0 {
+        return;
+    }
+    let weight = &weight[..need];
+    let n = cols;
+    // SAFETY (all arms): every weight row has exactly `n` elements worth of bytes/blocks and
+    // every activation slice `n` elements; `k` matches this CPU.
+    match ty {
+        QuantType::F32 => {
+            let a = &act.f32s[..n * count];
+            drive(|w, b| unsafe { (k.dot_f32)(w, a.get_unchecked(b * n..(b + 1) * n)) }, weight, rb, rows, cols, count, y, parallel)
+        }
+        QuantType::F16 => {
+            let a = &act.f16s[..n * count];
+            drive(|w, b| unsafe { (k.dot_f16)(w, a.get_unchecked(b * n..(b + 1) * n)) }, weight, rb, rows, cols, count, y, parallel)
+        }
+        QuantType::BF16 => {
+            let a = &act.bf16s[..n * count];
+            drive(|w, b| unsafe { (k.dot_bf16)(w, a.get_unchecked(b * n..(b + 1) * n)) }, weight, rb, rows, cols, count, y, parallel)
+        }
+        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
+            let nb = n / QK;
+            let a = &act.q8_0[..nb * count];
+            match ty {
+                QuantType::Q4_0 => drive(
+                    |w, b| unsafe { (k.dot_q4_0)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
+                    weight, rb, rows, cols, count, y, parallel,
+                ),
+                QuantType::Q5_0 => drive(
+                    |w, b| unsafe { (k.dot_q5_0)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
+                    weight, rb, rows, cols, count, y, parallel,
+                ),
+                _ => drive(
+                    |w, b| unsafe { (k.dot_q8_0)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
+                    weight, rb, rows, cols, count, y, parallel,
+                ),
+            }
+        }
+        QuantType::Q4_1 => {
+            let nb = n / QK;
+            let a = &act.q8_1[..nb * count];
+            drive(
+                |w, b| unsafe { (k.dot_q4_1)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
+                weight, rb, rows, cols, count, y, parallel,
+            )
+        }
+        QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+            let nb = n / QK_K;
+            let a = &act.q8_k[..nb * count];
+            match ty {
+                QuantType::Q4_K => drive(
+                    |w, b| unsafe { (k.dot_q4_k)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
+                    weight, rb, rows, cols, count, y, parallel,
+                ),
+                QuantType::Q5_K => drive(
+                    |w, b| unsafe { (k.dot_q5_k)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
+                    weight, rb, rows, cols, count, y, parallel,
+                ),
+                _ => drive(
+                    |w, b| unsafe { (k.dot_q6_k)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
+                    weight, rb, rows, cols, count, y, parallel,
+                ),
+            }
+        }
+    }
+}
+
+/// `y[b * rows + r] = dot(weight row r, activation b)` for `r < rows`, `b < act.count()`.
+///
+/// `weight` holds `rows` rows of `ty.row_bytes(cols)` bytes (ggml layout, any alignment).
+/// Rows are split across the current rayon pool; within a task each weight row is read once
+/// per batch.
+pub fn matmul(ty: QuantType, weight: &[u8], rows: usize, cols: usize, act: &PreparedActivations, y: &mut [f32]) {
+    matmul_with(kernels(), ty, weight, rows, cols, act, y, true)
+}
+
+/// Single-threaded scalar reference of [`matmul`] (test oracle).
+pub fn matmul_reference(
+    ty: QuantType,
+    weight: &[u8],
+    rows: usize,
+    cols: usize,
+    act: &PreparedActivations,
+    y: &mut [f32],
+) {
+    matmul_with(&SCALAR, ty, weight, rows, cols, act, y, false)
+}

@@ -1,0 +1,575 @@
+//! Tests for the CPU kernels. Random data comes from a seeded xorshift generator; the seed is
+//! printed and can be overridden with `TP_TEST_SEED`.
+
+use half::{bf16, f16};
+
+use super::reference::{self, unpack_scales_mins_k4};
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(tag: u64) -> Rng {
+        let seed = std::env::var("TP_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_u64);
+        println!("rng seed {seed} (tag {tag}); override with TP_TEST_SEED");
+        Rng((seed ^ tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    /// Roughly normal (sum of 4 uniforms), occasionally scaled up as an outlier.
+    fn value(&mut self, scale: f32) -> f32 {
+        let v = (self.unit() + self.unit() + self.unit() + self.unit()) * 0.5;
+        if self.next_u64() % 64 == 0 { v * scale * 6.0 } else { v * scale }
+    }
+    fn bytes(&mut self, out: &mut [u8]) {
+        for b in out {
+            *b = self.next_u64() as u8;
+        }
+    }
+}
+
+fn f16b(v: f32) -> [u8; 2] {
+    f16::from_f32(v).to_bits().to_le_bytes()
+}
+
+/// Overwrites the fp16 scale fields of random-byte blocks with finite values.
+fn fix_scales(ty: QuantType, row: &mut [u8], rng: &mut Rng) {
+    let mut small = || f16b(rng.unit().abs() * 0.01 + 0.001);
+    match ty {
+        QuantType::Q4_0 => as_blocks_mut::<BlockQ4_0>(row).iter_mut().for_each(|b| b.d.0 = small()),
+        QuantType::Q4_1 => as_blocks_mut::<BlockQ4_1>(row).iter_mut().for_each(|b| {
+            b.d.0 = small();
+            b.m.0 = f16b(-0.1);
+        }),
+        QuantType::Q5_0 => as_blocks_mut::<BlockQ5_0>(row).iter_mut().for_each(|b| b.d.0 = small()),
+        QuantType::Q8_0 => as_blocks_mut::<BlockQ8_0>(row).iter_mut().for_each(|b| b.d.0 = small()),
+        QuantType::Q4_K => as_blocks_mut::<BlockQ4K>(row).iter_mut().for_each(|b| {
+            b.d.0 = small();
+            b.dmin.0 = small();
+        }),
+        QuantType::Q5_K => as_blocks_mut::<BlockQ5K>(row).iter_mut().for_each(|b| {
+            b.d.0 = small();
+            b.dmin.0 = small();
+        }),
+        QuantType::Q6_K => as_blocks_mut::<BlockQ6K>(row).iter_mut().for_each(|b| b.d.0 = small()),
+        QuantType::F32 | QuantType::F16 | QuantType::BF16 => unreachable!(),
+    }
+}
+
+/// `rows` weight rows of `cols` values: quantized from random floats, or (for quantized types
+/// with `random_bytes`) random block bytes with finite scales, covering every bit pattern.
+fn make_weights(ty: QuantType, rows: usize, cols: usize, rng: &mut Rng, random_bytes: bool) -> Vec<u8> {
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut w = vec![0u8; rows * rb];
+    let mut x = vec![0f32; cols];
+    for row in w.chunks_exact_mut(rb) {
+        if random_bytes && ty.is_quantized() {
+            rng.bytes(row);
+            fix_scales(ty, row, rng);
+        } else {
+            for v in x.iter_mut() {
+                *v = rng.value(0.05);
+            }
+            quantize_row(ty, &x, row);
+        }
+    }
+    w
+}
+
+/// Per-element additive offset `m` of a Q4_1 weight row (0 for other types).
+fn weight_mins(ty: QuantType, row: &[u8], cols: usize) -> Vec<f32> {
+    let mut m = vec![0f32; cols];
+    if ty == QuantType::Q4_1 {
+        for (b, o) in as_blocks::<BlockQ4_1>(row).iter().zip(m.chunks_exact_mut(QK)) {
+            o.fill(b.m.to_f32());
+        }
+    }
+    m
+}
+
+/// Bound on |x̂_i - x_i| for activation quantization of `x` for weight type `ty`.
+fn act_error_bound(ty: QuantType, x: &[f32]) -> Vec<f32> {
+    match ty {
+        QuantType::F32 => vec![0.0; x.len()],
+        // RNE to f16: relative 2^-11, plus half the smallest subnormal.
+        QuantType::F16 => x.iter().map(|v| v.abs() * 2f32.powi(-11) + 2f32.powi(-25)).collect(),
+        QuantType::BF16 => x.iter().map(|v| v.abs() * 2f32.powi(-8)).collect(),
+        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0 => {
+            // rounding (0.5 d) + f16 rounding of d seen through |q| <= 127 (127 * 2^-11 d).
+            let mut e = vec![0f32; x.len()];
+            for (xb, eb) in x.chunks(QK).zip(e.chunks_mut(QK)) {
+                let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                eb.fill(0.57 * d);
+            }
+            e
+        }
+        QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+            let mut e = vec![0f32; x.len()];
+            for (xb, eb) in x.chunks(QK_K).zip(e.chunks_mut(QK_K)) {
+                let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                eb.fill(0.51 * d);
+            }
+            e
+        }
+    }
+}
+
+fn random_acts(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.value(1.0)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. hand-built blocks
+
+fn deq(ty: QuantType, bytes: &[u8], n: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; n];
+    dequantize_row(ty, bytes, &mut out);
+    out
+}
+
+#[test]
+fn dequant_float_types() {
+    let mut b = Vec::new();
+    for v in [1.5f32, -2.0, 0.0, 3.25e-3] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(deq(QuantType::F32, &b, 4), vec![1.5, -2.0, 0.0, 3.25e-3]);
+    // f16: 0x3C00 = 1, 0xC000 = -2, 0x3800 = 0.5, 0x0001 = 2^-24
+    let b: Vec<u8> = [0x3C00u16, 0xC000, 0x3800, 0x0001].iter().flat_map(|h| h.to_le_bytes()).collect();
+    assert_eq!(deq(QuantType::F16, &b, 4), vec![1.0, -2.0, 0.5, 2f32.powi(-24)]);
+    // bf16: 0x3F80 = 1, 0xC040 = -3, 0x4049 = 3.140625
+    let b: Vec<u8> = [0x3F80u16, 0xC040, 0x4049].iter().flat_map(|h| h.to_le_bytes()).collect();
+    assert_eq!(deq(QuantType::BF16, &b, 3), vec![1.0, -3.0, 3.140625]);
+}
+
+#[test]
+fn dequant_q4_0_q4_1_q5_0_q8_0() {
+    // Q4_0: d = 0.5, byte j = j | (15-j) << 4 -> y[j] = (j-8)/2, y[j+16] = (7-j)/2
+    let mut b = vec![0u8; 18];
+    b[..2].copy_from_slice(&0x3800u16.to_le_bytes());
+    for j in 0..16 {
+        b[2 + j] = j as u8 | ((15 - j as u8) << 4);
+    }
+    let y = deq(QuantType::Q4_0, &b, 32);
+    assert_eq!((y[0], y[8], y[15], y[16], y[31]), (-4.0, 0.0, 3.5, 3.5, -4.0));
+    for j in 0..16 {
+        assert_eq!(y[j], (j as f32 - 8.0) * 0.5);
+        assert_eq!(y[j + 16], (7.0 - j as f32) * 0.5);
+    }
+
+    // Q4_1: d = 0.25, m = -1
+    let mut b = vec![0u8; 20];
+    b[..2].copy_from_slice(&0x3400u16.to_le_bytes());
+    b[2..4].copy_from_slice(&0xBC00u16.to_le_bytes());
+    for j in 0..16 {
+        b[4 + j] = j as u8 | ((15 - j as u8) << 4);
+    }
+    let y = deq(QuantType::Q4_1, &b, 32);
+    assert_eq!((y[0], y[15], y[16], y[31]), (-1.0, 2.75, 2.75, -1.0));
+
+    // Q5_0: d = 1, qh = 0x8000_0001 -> element 0 and element 31 get the 5th bit.
+    let mut b = vec![0u8; 22];
+    b[..2].copy_from_slice(&0x3C00u16.to_le_bytes());
+    b[2..6].copy_from_slice(&0x8000_0001u32.to_le_bytes());
+    for j in 0..16 {
+        b[6 + j] = j as u8 | ((15 - j as u8) << 4);
+    }
+    let y = deq(QuantType::Q5_0, &b, 32);
+    // y[0] = (0|16)-16 = 0; y[1] = 1-16 = -15; y[16] = 15-16 = -1; y[31] = (0|16)-16 = 0; y[30] = 1-16
+    assert_eq!((y[0], y[1], y[15], y[16], y[30], y[31]), (0.0, -15.0, -1.0, -1.0, -15.0, 0.0));
+
+    // Q8_0: d = 2, qs[j] = j - 16
+    let mut b = vec![0u8; 34];
+    b[..2].copy_from_slice(&0x4000u16.to_le_bytes());
+    for j in 0..32 {
+        b[2 + j] = (j as i8 - 16) as u8;
+    }
+    let y = deq(QuantType::Q8_0, &b, 32);
+    for j in 0..32 {
+        assert_eq!(y[j], (j as f32 - 16.0) * 2.0);
+    }
+}
+
+/// Packs 6-bit scales/mins as documented in ggml-common.h (independent of the encoder).
+fn pack_k4_by_hand(sc: [u8; 8], mn: [u8; 8]) -> [u8; 12] {
+    let mut s = [0u8; 12];
+    for k in 0..4 {
+        s[k] = sc[k] | ((sc[k + 4] >> 4) << 6);
+        s[k + 4] = mn[k] | ((mn[k + 4] >> 4) << 6);
+        s[k + 8] = (sc[k + 4] & 0xF) | ((mn[k + 4] & 0xF) << 4);
+    }
+    s
+}
+
+#[test]
+fn dequant_q4_k_q5_k() {
+    let sc = [1u8, 5, 9, 13, 33, 40, 50, 63];
+    let mn = [0u8, 2, 4, 6, 17, 20, 35, 62];
+    let packed = pack_k4_by_hand(sc, mn);
+    assert_eq!(unpack_scales_mins_k4(&packed), (sc, mn));
+    for j in 0..8 {
+        assert_eq!(get_scale_min_k4(j, &packed), (sc[j], mn[j]));
+    }
+    // Q4_K: d = 1, dmin = 0.5; qs[i] = i*7 mod 256
+    let mut b = vec![0u8; 144];
+    b[0..2].copy_from_slice(&0x3C00u16.to_le_bytes());
+    b[2..4].copy_from_slice(&0x3800u16.to_le_bytes());
+    b[4..16].copy_from_slice(&packed);
+    for i in 0..128 {
+        b[16 + i] = (i * 7) as u8;
+    }
+    let y = deq(QuantType::Q4_K, &b, 256);
+    // element 0: sub-block 0, low nibble of qs[0]=0 -> 1*1*0 - 0.5*0 = 0
+    // element 33: sub-block 1, high nibble of qs[1]=7 -> 0 -> 5*0 - 0.5*2 = -1
+    // element 255: sub-block 7, high nibble of qs[127] = 889 mod 256 = 121 = 0x79 -> 7: 63*7 - 0.5*62 = 410
+    assert_eq!((y[0], y[33], y[255]), (0.0, -1.0, 410.0));
+    for e in 0..256 {
+        let (c, t) = (e / 64, e % 64);
+        let byte = b[16 + 32 * c + t % 32];
+        let q = if t < 32 { byte & 0xF } else { byte >> 4 };
+        let j = e / 32;
+        assert_eq!(y[e], sc[j] as f32 * q as f32 - 0.5 * mn[j] as f32, "q4_K element {e}");
+    }
+
+    // Q5_K: same plus qh[l] = l*37 mod 256 (bit 2c for low half of chunk c, 2c+1 for high).
+    let mut b5 = vec![0u8; 176];
+    b5[0..16].copy_from_slice(&b[0..16]);
+    for l in 0..32 {
+        b5[16 + l] = (l * 37) as u8;
+    }
+    b5[48..176].copy_from_slice(&b[16..144]);
+    let y = deq(QuantType::Q5_K, &b5, 256);
+    // element 255: c = 3, high half, l = 31: qh[31] = 1147 mod 256 = 123 = 0b0111_1011, bit 7 = 0
+    //   -> q = 7 -> 410.  element 32+1=33: c=0 high, l=1: qh[1] = 37 = 0b100101, bit 1 = 0 -> -1.
+    // element 2: c=0 low, l=2: qh[2]=74=0b1001010 bit0 = 0; qs[2]=14 low nibble 14 -> 1*14 = 14
+    assert_eq!((y[2], y[33], y[255]), (14.0, -1.0, 410.0));
+    for e in 0..256 {
+        let (c, t) = (e / 64, e % 64);
+        let l = t % 32;
+        let byte = b5[48 + 32 * c + l];
+        let lo = if t < 32 { byte & 0xF } else { byte >> 4 };
+        let bit = 2 * c + (t / 32);
+        let q = lo as u32 + (((b5[16 + l] >> bit) & 1) as u32) * 16;
+        let j = e / 32;
+        assert_eq!(y[e], sc[j] as f32 * q as f32 - 0.5 * mn[j] as f32, "q5_K element {e}");
+    }
+}
+
+#[test]
+fn dequant_q6_k() {
+    // ql[i] = i*3, qh[i] = i*5 (mod 256), scales[i] = i - 8, d = 0.5
+    let mut b = vec![0u8; 210];
+    for i in 0..128 {
+        b[i] = (i * 3) as u8;
+    }
+    for i in 0..64 {
+        b[128 + i] = (i * 5) as u8;
+    }
+    for i in 0..16 {
+        b[192 + i] = (i as i8 - 8) as u8;
+    }
+    b[208..210].copy_from_slice(&0x3800u16.to_le_bytes());
+    let y = deq(QuantType::Q6_K, &b, 256);
+    // element 0: ql[0]=0 low=0, qh[0]=0 -> q=0-32=-32, scale[0]=-8: 0.5*-8*-32 = 128
+    // element 255: half 1, t=127 -> group 3, l=31: ql[64+32+31]=ql[127]=381 mod 256=125=0x7D high=7;
+    //   qh[32+31]=qh[63]=315 mod 256=59=0b00111011, bits 6-7 = 0 -> q = 7-32 = -25;
+    //   scale index 8+6+1 = 15 -> 7: 0.5*7*-25 = -87.5
+    assert_eq!((y[0], y[255]), (128.0, -87.5));
+    for e in 0..256 {
+        let (h, t) = (e / 128, e % 128);
+        let (g, l) = (t / 32, t % 32);
+        let qlb = b[64 * h + l + 32 * (g & 1)];
+        let lo = if g < 2 { qlb & 0xF } else { qlb >> 4 };
+        let hi = (b[128 + 32 * h + l] >> (2 * g)) & 3;
+        let q = (lo | (hi << 4)) as i32 - 32;
+        let s = b[192 + 8 * h + 2 * g + l / 16] as i8;
+        assert_eq!(y[e], 0.5 * s as f32 * q as f32, "q6_K element {e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers' exactness
+
+#[test]
+fn nearest_int_matches_ggml() {
+    for (v, e) in [(0.5f32, 0), (1.5, 2), (2.5, 2), (-0.5, 0), (-1.5, -2), (-2.5, -2), (126.7, 127), (-126.2, -126)] {
+        assert_eq!(nearest_int(v), e, "nearest_int({v})");
+    }
+}
+
+#[test]
+fn activation_quantizers() {
+    let mut rng = Rng::new(11);
+    let x = random_acts(&mut rng, 512);
+    let mut q0 = vec![BlockQ8_0::default(); 16];
+    quantize_row_q8_0(&x, &mut q0);
+    let mut q1 = vec![BlockQ8_1::default(); 16];
+    quantize_row_q8_1(&x, &mut q1);
+    for (b0, b1) in q0.iter().zip(&q1) {
+        assert_eq!(b0.qs, b1.qs);
+        assert_eq!(b0.d, b1.d);
+        let sum: i32 = b1.qs.iter().map(|&q| q as i32).sum();
+        let d = b1.d.to_f32();
+        assert!((b1.s.to_f32() - sum as f32 * d).abs() <= (sum as f32 * d).abs() * 2e-3 + 1e-6);
+        assert!(b0.qs.iter().any(|&q| q == 127 || q == -127));
+    }
+    let mut qk = vec![BlockQ8K::default(); 2];
+    quantize_row_q8_k(&x, &mut qk);
+    for (blk, xb) in qk.iter().zip(x.chunks(QK_K)) {
+        for j in 0..16 {
+            let s: i32 = blk.qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum();
+            assert_eq!(blk.bsums[j] as i32, s);
+        }
+        // the element of largest magnitude maps to -127 (ggml uses iscale = -127/max)
+        let imax = (0..QK_K).max_by(|&a, &b| xb[a].abs().total_cmp(&xb[b].abs())).unwrap();
+        assert_eq!(blk.qs[imax], -127);
+        assert!(blk.d * -127.0 * xb[imax] > 0.0);
+    }
+    // all-zero block
+    let mut z = [BlockQ8K::default()];
+    quantize_row_q8_k(&[0.0; 256], &mut z);
+    assert_eq!(z[0].d, 0.0);
+    assert!(z[0].qs.iter().all(|&q| q == 0));
+}
+
+#[test]
+fn weight_quantizers_roundtrip() {
+    let mut rng = Rng::new(12);
+    let n = 1024;
+    let x: Vec<f32> = (0..n).map(|_| rng.value(0.05)).collect();
+    let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+    // relative RMS error budgets: 4-bit ~ 1/(2*sqrt(3)*7.5) of range..., generous bounds.
+    for (ty, budget) in [
+        (QuantType::F32, 0.0),
+        (QuantType::F16, 1e-3),
+        (QuantType::BF16, 5e-3),
+        (QuantType::Q8_0, 0.01),
+        (QuantType::Q4_0, 0.15),
+        (QuantType::Q4_1, 0.12),
+        (QuantType::Q5_0, 0.08),
+        (QuantType::Q4_K, 0.12),
+        (QuantType::Q5_K, 0.06),
+        (QuantType::Q6_K, 0.03),
+    ] {
+        let mut bytes = vec![0u8; ty.row_bytes(n).unwrap()];
+        quantize_row(ty, &x, &mut bytes);
+        let y = deq(ty, &bytes, n);
+        let err = x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt() / norm;
+        println!("{ty}: relative rms error {err:.5}");
+        assert!(err <= budget, "{ty}: relative rms error {err} > {budget}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. fast vs reference, 3. reference vs unquantized f64
+
+fn check_type(ty: QuantType, random_bytes: bool, tag: u64) {
+    let mut rng = Rng::new(tag);
+    let be = ty.block_elements().max(QK);
+    // odd column counts for the float types exercise the SIMD tails
+    let cols = if ty.is_quantized() { 4 * be.max(256) } else { 1003 };
+    let rows = 67;
+    let w = make_weights(ty, rows, cols, &mut rng, random_bytes);
+    let rb = ty.row_bytes(cols).unwrap();
+    let wdeq: Vec<Vec<f32>> = w.chunks_exact(rb).map(|r| deq(ty, r, cols)).collect();
+    let mut act = PreparedActivations::new();
+    let mut worst_fast = 0f64;
+    let mut worst_ref = 0f64;
+    for count in [1usize, 3, 8] {
+        let x = random_acts(&mut rng, cols * count);
+        act.prepare(ty, &x, cols, count);
+        let mut y_fast = vec![0f32; rows * count];
+        let mut y_ref = vec![0f32; rows * count];
+        matmul(ty, &w, rows, cols, &act, &mut y_fast);
+        matmul_reference(ty, &w, rows, cols, &act, &mut y_ref);
+        for b in 0..count {
+            let xb = &x[b * cols..(b + 1) * cols];
+            let xq = act.dequantize(b);
+            let e = act_error_bound(ty, xb);
+            for r in 0..rows {
+                let wr = &wdeq[r];
+                let mins = weight_mins(ty, &w[r * rb..(r + 1) * rb], cols);
+                let (f, rf) = (y_fast[b * rows + r], y_ref[b * rows + r]);
+                // 2. fast vs reference
+                let mag_q: f64 = wr.iter().zip(&xq).map(|(a, c)| (*a as f64 * *c as f64).abs()).sum();
+                let d_fast = (f as f64 - rf as f64).abs();
+                assert!(
+                    d_fast <= 1e-5 * mag_q + 1e-30,
+                    "{ty} rb={random_bytes} count={count} b={b} r={r}: fast {f} vs ref {rf} (|w.x| {mag_q})"
+                );
+                worst_fast = worst_fast.max(d_fast / mag_q.max(1e-30));
+                // 3. reference vs exact dot with the unquantized activations
+                let exact: f64 = wr.iter().zip(xb).map(|(a, c)| *a as f64 * *c as f64).sum();
+                let mag: f64 = wr.iter().zip(xb).map(|(a, c)| (*a as f64 * *c as f64).abs()).sum();
+                let mut bound: f64 = wr
+                    .iter()
+                    .zip(&mins)
+                    .zip(&e)
+                    .map(|((wv, m), ev)| (wv.abs() as f64 + 2.0 * m.abs() as f64) * *ev as f64)
+                    .sum();
+                if ty == QuantType::Q4_1 {
+                    // m * s uses s = f16(d * sum q) instead of f16(d) * sum q.
+                    for (blk, m) in act.q8_1(b).iter().zip(mins.chunks(QK)) {
+                        let sq: i32 = blk.qs.iter().map(|&q| q as i32).sum();
+                        bound += m[0].abs() as f64 * blk.d.to_f32() as f64 * sq.abs() as f64 * 2f64.powi(-10) * 1.01;
+                    }
+                }
+                bound += 2e-6 * mag + 1e-30;
+                let err = (rf as f64 - exact).abs();
+                assert!(
+                    err <= bound,
+                    "{ty} rb={random_bytes} count={count} b={b} r={r}: ref {rf} vs exact {exact}, err {err} > bound {bound}"
+                );
+                let rel_budget = match ty {
+                    QuantType::F32 => 1e-6,
+                    QuantType::F16 => 1e-3,
+                    QuantType::BF16 => 8e-3,
+                    _ => 0.02,
+                };
+                assert!(
+                    err <= rel_budget * mag,
+                    "{ty} rb={random_bytes}: err {err} > {rel_budget} * sum|w x| = {}",
+                    rel_budget * mag
+                );
+                worst_ref = worst_ref.max(err / mag);
+            }
+        }
+    }
+    println!(
+        "{ty} (random bytes: {random_bytes}, kernels {}): worst |fast-ref|/sum|w x| = {worst_fast:.2e}, worst |ref-exact|/sum|w x| = {worst_ref:.2e}",
+        kernel_name()
+    );
+}
+
+#[test]
+fn matmul_all_types_quantized_from_floats() {
+    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+        check_type(ty, false, 100 + i as u64);
+    }
+}
+
+#[test]
+fn matmul_all_types_random_blocks() {
+    for (i, ty) in QuantType::ALL.into_iter().enumerate().filter(|(_, t)| t.is_quantized()) {
+        check_type(ty, true, 200 + i as u64);
+    }
+}
+
+#[test]
+fn f32_dot_matches_f64() {
+    let mut rng = Rng::new(13);
+    for n in [0usize, 1, 7, 8, 31, 32, 33, 100, 4096] {
+        let a = random_acts(&mut rng, n);
+        let b = random_acts(&mut rng, n);
+        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let mag: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+        for (name, v) in [("dispatch", f32_dot(&a, &b)), ("scalar", reference::f32_dot_scalar(&a, &b))] {
+            assert!((v as f64 - exact).abs() <= 1e-6 * mag + 1e-12, "{name} n={n}: {v} vs {exact}");
+        }
+    }
+}
+
+#[test]
+fn prepare_reuses_buffers() {
+    let mut rng = Rng::new(14);
+    let mut act = PreparedActivations::with_capacity(QuantType::Q4_K, 1024, 4);
+    let p0 = act.q8_k.as_ptr();
+    let x = random_acts(&mut rng, 1024 * 4);
+    act.prepare(QuantType::Q4_K, &x, 1024, 4);
+    assert_eq!(act.q8_k.as_ptr(), p0);
+    act.prepare(QuantType::Q6_K, &x[..512], 512, 1);
+    assert_eq!(act.q8_k.as_ptr(), p0);
+    assert_eq!((act.len(), act.count(), act.weight_type()), (512, 1, Some(QuantType::Q6_K)));
+    let mut act2 = PreparedActivations::new();
+    act2.prepare(QuantType::F16, &x, 1024, 4);
+    let p1 = act2.f16s.as_ptr();
+    act2.prepare(QuantType::F16, &x[..1024], 1024, 1);
+    assert_eq!(act2.f16s.as_ptr(), p1);
+    // large prepare goes through the parallel path; compare with a sequential quantization
+    let big = random_acts(&mut rng, 4096 * 20);
+    act.prepare(QuantType::Q8_0, &big, 4096, 20);
+    let mut seq = vec![BlockQ8_0::default(); big.len() / QK];
+    quantize_row_q8_0(&big, &mut seq);
+    assert_eq!(blocks_as_bytes(&act.q8_0[..seq.len()]), blocks_as_bytes(&seq));
+}
+
+#[test]
+fn matmul_large_parallel_matches_reference() {
+    // Enough rows for many rayon tasks, uneven final chunk.
+    let mut rng = Rng::new(15);
+    for ty in [QuantType::Q4_0, QuantType::Q6_K, QuantType::F16] {
+        let (rows, cols, count) = (1000, 512, 2);
+        let w = make_weights(ty, rows, cols, &mut rng, false);
+        let x = random_acts(&mut rng, cols * count);
+        let mut act = PreparedActivations::new();
+        act.prepare(ty, &x, cols, count);
+        let mut y = vec![f32::NAN; rows * count];
+        let mut yr = vec![f32::NAN; rows * count];
+        matmul(ty, &w, rows, cols, &act, &mut y);
+        matmul_reference(ty, &w, rows, cols, &act, &mut yr);
+        for (i, (a, b)) in y.iter().zip(&yr).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{ty} {i}: {a} vs {b}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. type table
+
+#[test]
+fn type_table() {
+    let expect = [
+        (QuantType::F32, 0, 1, 4, "F32"),
+        (QuantType::F16, 1, 1, 2, "F16"),
+        (QuantType::BF16, 30, 1, 2, "BF16"),
+        (QuantType::Q4_0, 2, 32, 18, "Q4_0"),
+        (QuantType::Q4_1, 3, 32, 20, "Q4_1"),
+        (QuantType::Q5_0, 6, 32, 22, "Q5_0"),
+        (QuantType::Q8_0, 8, 32, 34, "Q8_0"),
+        (QuantType::Q4_K, 12, 256, 144, "Q4_K"),
+        (QuantType::Q5_K, 13, 256, 176, "Q5_K"),
+        (QuantType::Q6_K, 14, 256, 210, "Q6_K"),
+    ];
+    for (ty, id, be, bb, name) in expect {
+        assert_eq!(QuantType::from_ggml_id(id), Some(ty));
+        assert_eq!(ty.ggml_id(), id);
+        assert_eq!(ty.block_elements(), be);
+        assert_eq!(ty.block_bytes(), bb);
+        assert_eq!(ty.name(), name);
+        assert_eq!(ty.row_bytes(0), Some(0));
+        assert_eq!(ty.row_bytes(be * 7), Some(bb * 7));
+        assert_eq!(ty.row_bytes(4096), Some(4096 / be * bb));
+        if be > 1 {
+            assert_eq!(ty.row_bytes(be + 1), None);
+            assert_eq!(ty.row_bytes(be / 2), None);
+        }
+        let huge = usize::MAX - usize::MAX % be;
+        let expect_huge = if bb > be { None } else { Some(huge / be * bb) };
+        assert_eq!(ty.row_bytes(huge), expect_huge, "{ty} overflow");
+    }
+    for id in [4u32, 5, 7, 9, 10, 11, 15, 16, 29, 31, 1000] {
+        assert_eq!(QuantType::from_ggml_id(id), None, "id {id}");
+    }
+    assert_eq!(QuantType::ALL.len(), 10);
+}
+
+#[test]
+fn float_activation_conversions_are_rne() {
+    let x = [1.0f32 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 1.0 + 2f32.powi(-8)];
+    let mut act = PreparedActivations::new();
+    act.prepare(QuantType::F16, &x, 3, 1);
+    assert_eq!(act.f16s[..3].iter().map(|v| v.to_f32()).collect::<Vec<_>>(), vec![1.0, 1.0 + 2f32.powi(-9), 1.0 + 2f32.powi(-8)]);
+    act.prepare(QuantType::BF16, &x, 3, 1);
+    assert_eq!(act.bf16s[0], bf16::from_f32(1.0));
+    assert_eq!(act.bf16s[2], bf16::from_bits(0x3F80)); // tie 1 + 2^-8 rounds to even (1.0)
+}

@@ -1,0 +1,22 @@
+//! tp: tensor-parallel inference of GGUF language models across worker processes.
+//!
+//! # Layout
+//! - [`model`]: the GGUF reader, architectures, tokenizer and chat template.
+//! - [`kernels`]: compute kernels; `kernels::cpu` holds a scalar reference for every quant type
+//!   and faster per-ISA versions chosen at start-up.
+//! - [`coordinator`]: the split-state planner, cluster membership, sampling, generation and the
+//!   `tp-coordinator` command line.
+//! - [`worker`]: shard loading, the shard-program executor and KV cache, the worker's gRPC service.
+//! - [`transport`]: the `Collective` trait and its shared-memory AllReduce.
+//! - [`proto`]: the control-plane messages generated from `proto/tp.proto`.
+
+pub mod coordinator;
+pub mod kernels;
+pub mod model;
+pub mod transport;
+pub mod worker;
+
+#[allow(clippy::all)]
+pub mod proto {
+    tonic::include_proto!("tp");
+}

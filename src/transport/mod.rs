@@ -1,0 +1,59 @@
+//! Collectives between the workers of one cluster (DESIGN section 4).
+//!
+//! `shm` serves ranks on one host. A single-rank cluster uses `Solo`, which never communicates.
+
+pub mod shm;
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("AllReduce {epoch}: rank(s) {missing:?} did not arrive within {timeout_ms} ms (dead or stuck peer)")]
+    Timeout { epoch: u64, missing: Vec<usize>, timeout_ms: u64 },
+    #[error("buffer of {got} floats exceeds the collective's capacity of {capacity}")]
+    TooLarge { got: usize, capacity: usize },
+    #[error("shared memory segment {path}: {source}")]
+    Segment { path: String, source: std::io::Error },
+    #[error("shared memory segment {path}: {what}")]
+    BadSegment { path: String, what: String },
+}
+
+pub trait Collective: Send {
+    fn rank_index(&self) -> usize;
+    fn rank_count(&self) -> usize;
+    /// Sums `buffer` across ranks; every rank ends with bit-identical values.
+    fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), TransportError>;
+    /// Tags the collectives of the next step, so that flags left by an aborted step cannot be
+    /// mistaken for this step's.
+    fn begin_step(&mut self, step: u64);
+}
+
+/// The collective of a one-rank cluster.
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank_index(&self) -> usize {
+        0
+    }
+    fn rank_count(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buffer: &mut [f32]) -> Result<(), TransportError> {
+        Ok(())
+    }
+    fn begin_step(&mut self, _step: u64) {}
+}
+
+/// Limits that bound every wait of a collective.
+#[derive(Clone, Copy, Debug)]
+pub struct CollectiveLimits {
+    pub timeout: Duration,
+    /// Spins before a waiting rank starts yielding its core.
+    pub spin_count: u32,
+}
+
+impl Default for CollectiveLimits {
+    fn default() -> Self {
+        CollectiveLimits { timeout: Duration::from_millis(5000), spin_count: 2000 }
+    }
+}

@@ -1,0 +1,246 @@
+//! Shared-memory AllReduce between worker processes on one host.
+//!
+//! Segment layout: a 4 KiB header (magic, rank count, slot size, then one sequence flag per rank
+//! on its own cache line), followed by two parities of per-rank slots. A rank copies its buffer
+//! into its slot of the current parity, publishes the epoch in its flag (release), waits until
+//! every flag has reached the epoch (acquire), then sums all slots in rank order, so every rank
+//! gets bit-identical results. Slots alternate parity by epoch: a rank can only write parity p
+//! again after every rank has published the next epoch, which each does only after it finished
+//! reading parity p.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use memmap2::MmapMut;
+
+use super::{Collective, CollectiveLimits, TransportError};
+
+const MAGIC: u64 = 0x7470_5f73_686d_0001; // "tp_shm" v1
+const HEADER_BYTES: usize = 4096;
+const FLAG_STRIDE_BYTES: usize = 64;
+/// Epochs of one step live in `step * STEP_EPOCHS ..`; more than any program's collective count.
+const STEP_EPOCHS: u64 = 1 << 16;
+
+fn segment_bytes(rank_count: usize, slot_floats: usize) -> usize {
+    HEADER_BYTES + 2 * rank_count * slot_floats * 4
+}
+
+/// The segment's owner: creates it and removes the file when dropped.
+pub struct ShmSegment {
+    path: PathBuf,
+}
+
+impl ShmSegment {
+    pub fn create(path: &Path, rank_count: usize, slot_floats: usize) -> Result<ShmSegment, TransportError> {
+        assert!(rank_count >= 1 && (rank_count + 1) * FLAG_STRIDE_BYTES <= HEADER_BYTES);
+        let err = |source| TransportError::Segment { path: path.display().to_string(), source };
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(err)?;
+        file.set_len(segment_bytes(rank_count, slot_floats) as u64).map_err(err)?;
+        // SAFETY: a fresh file only this process knows about yet.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
+        map[8..16].copy_from_slice(&(rank_count as u64).to_le_bytes());
+        map[16..24].copy_from_slice(&(slot_floats as u64).to_le_bytes());
+        map[0..8].copy_from_slice(&MAGIC.to_le_bytes());
+        map.flush().map_err(err)?;
+        Ok(ShmSegment { path: path.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ShmSegment {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+pub struct ShmCollective {
+    map: MmapMut,
+    rank_index: usize,
+    rank_count: usize,
+    slot_floats: usize,
+    epoch: u64,
+    limits: CollectiveLimits,
+}
+
+impl ShmCollective {
+    pub fn open(
+        path: &Path,
+        rank_index: usize,
+        rank_count: usize,
+        limits: CollectiveLimits,
+    ) -> Result<ShmCollective, TransportError> {
+        let name = path.display().to_string();
+        let err = |source| TransportError::Segment { path: name.clone(), source };
+        let bad = |what: String| TransportError::BadSegment { path: name.clone(), what };
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+        // SAFETY: the segment is shared on purpose; all cross-process access below goes through
+        // atomics (flags) or through slots that the protocol hands to exactly one writer at a time.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
+        if map.len() < HEADER_BYTES {
+            return Err(bad(format!("{} bytes is smaller than its header", map.len())));
+        }
+        let word = |i: usize| u64::from_le_bytes(map[i * 8..i * 8 + 8].try_into().unwrap());
+        if word(0) != MAGIC {
+            return Err(bad("not a tp segment (bad magic)".into()));
+        }
+        let (segment_ranks, slot_floats) = (word(1) as usize, word(2) as usize);
+        if segment_ranks != rank_count || rank_index >= rank_count {
+            return Err(bad(format!("made for {segment_ranks} ranks, opened as rank {rank_index} of {rank_count}")));
+        }
+        if map.len() != segment_bytes(rank_count, slot_floats) {
+            return Err(bad(format!("size {} does not match {rank_count} ranks of {slot_floats} floats", map.len())));
+        }
+        Ok(ShmCollective { map, rank_index, rank_count, slot_floats, epoch: 0, limits })
+    }
+
+    fn flag(&self, rank: usize) -> &AtomicU64 {
+        let offset = FLAG_STRIDE_BYTES * (1 + rank);
+        // SAFETY: in bounds (checked at open), 8-byte aligned (page-aligned map), and only ever
+        // accessed atomically by every process.
+        unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
+    }
+
+    fn slot_ptr(&self, parity: usize, rank: usize) -> *mut f32 {
+        let offset = HEADER_BYTES + (parity * self.rank_count + rank) * self.slot_floats * 4;
+        // SAFETY: in bounds by the size check at open.
+        unsafe { self.map.as_ptr().add(offset) as *mut f32 }
+    }
+
+    fn wait_for_all(&self, epoch: u64) -> Result<(), TransportError> {
+        let started = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if (0..self.rank_count).all(|r| self.flag(r).load(Ordering::Acquire) >= epoch) {
+                return Ok(());
+            }
+            spins = spins.wrapping_add(1);
+            if spins < self.limits.spin_count {
+                std::hint::spin_loop();
+                continue;
+            }
+            // On an oversubscribed host a peer may need this core to make progress.
+            std::thread::yield_now();
+            if spins % 64 == 0 && started.elapsed() > self.limits.timeout {
+                let missing = (0..self.rank_count).filter(|&r| self.flag(r).load(Ordering::Acquire) < epoch).collect();
+                return Err(TransportError::Timeout {
+                    epoch,
+                    missing,
+                    timeout_ms: self.limits.timeout.as_millis() as u64,
+                });
+            }
+        }
+    }
+}
+
+impl Collective for ShmCollective {
+    fn rank_index(&self) -> usize {
+        self.rank_index
+    }
+
+    fn rank_count(&self) -> usize {
+        self.rank_count
+    }
+
+    fn begin_step(&mut self, step: u64) {
+        self.epoch = step * STEP_EPOCHS;
+    }
+
+    fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), TransportError> {
+        if buffer.len() > self.slot_floats {
+            return Err(TransportError::TooLarge { got: buffer.len(), capacity: self.slot_floats });
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let parity = (epoch & 1) as usize;
+        // SAFETY: this rank is the only writer of its slot in this parity (see module docs).
+        unsafe {
+            std::ptr::copy_nonoverlapping(buffer.as_ptr(), self.slot_ptr(parity, self.rank_index), buffer.len());
+        }
+        self.flag(self.rank_index).store(epoch, Ordering::Release);
+        self.wait_for_all(epoch)?;
+        // SAFETY: every rank published this epoch after writing its slot (acquire above), and no
+        // rank writes this parity again before we publish the next epoch.
+        unsafe {
+            let first = std::slice::from_raw_parts(self.slot_ptr(parity, 0), buffer.len());
+            buffer.copy_from_slice(first);
+            for rank in 1..self.rank_count {
+                let slot = std::slice::from_raw_parts(self.slot_ptr(parity, rank), buffer.len());
+                for (target, source) in buffer.iter_mut().zip(slot) {
+                    *target += *source;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn segment_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("tp-shm-test-{tag}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn ranks_in_threads_agree_on_the_sum() {
+        for rank_count in [2usize, 3, 4] {
+            let path = segment_path(&format!("sum{rank_count}"));
+            let _ = std::fs::remove_file(&path);
+            let segment = ShmSegment::create(&path, rank_count, 1024).unwrap();
+            let handles: Vec<_> = (0..rank_count)
+                .map(|rank| {
+                    let path = segment.path().to_path_buf();
+                    std::thread::spawn(move || {
+                        let mut c = ShmCollective::open(&path, rank, rank_count, CollectiveLimits::default()).unwrap();
+                        let mut results = Vec::new();
+                        for step in 1..=3u64 {
+                            c.begin_step(step);
+                            for round in 0..50 {
+                                let len = 1 + (round * 37) % 1024;
+                                let mut buffer: Vec<f32> =
+                                    (0..len).map(|i| (rank * 1000 + i + round) as f32 * 0.5).collect();
+                                c.all_reduce_sum(&mut buffer).unwrap();
+                                results.push(buffer);
+                            }
+                        }
+                        results
+                    })
+                })
+                .collect();
+            let results: Vec<Vec<Vec<f32>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            for (k, buffer) in results[0].iter().enumerate() {
+                let round = k % 50;
+                for (i, &v) in buffer.iter().enumerate() {
+                    let expected: f32 = (0..rank_count).map(|r| (r * 1000 + i + round) as f32 * 0.5).sum();
+                    assert_eq!(v, expected);
+                }
+                for other in &results[1..] {
+                    assert_eq!(&other[k], buffer, "ranks disagree bitwise");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_peer_is_a_timeout_not_a_hang() {
+        let path = segment_path("timeout");
+        let _ = std::fs::remove_file(&path);
+        let _segment = ShmSegment::create(&path, 2, 16).unwrap();
+        let limits = CollectiveLimits { timeout: Duration::from_millis(200), spin_count: 100 };
+        let mut c = ShmCollective::open(&path, 0, 2, limits).unwrap();
+        c.begin_step(1);
+        let started = Instant::now();
+        let err = c.all_reduce_sum(&mut [1.0; 4]).unwrap_err();
+        assert!(matches!(err, TransportError::Timeout { ref missing, .. } if missing == &vec![1]), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(matches!(c.all_reduce_sum(&mut [0.0; 17]), Err(TransportError::TooLarge { .. })));
+        assert!(ShmCollective::open(&path, 0, 3, limits).is_err());
+    }
+}

@@ -1,0 +1,460 @@
+//! Runs a rank's shard program over a batch of positions.
+//!
+//! Buffers are sized at load from the configured maximum batch, and the program is resolved
+//! once into ops that hold their tensors directly, so a step does no lookups and no allocation
+//! beyond its reply.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
+use crate::kernels::cpu::{PreparedActivations, f32_dot, matmul};
+use crate::model::arch::{ModelConfig, RopeStyle};
+use crate::transport::{Collective, TransportError};
+use crate::worker::kv::KvCache;
+use crate::worker::shard::{LoadedShard, Weight};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+enum Exec {
+    Embed { weight: Arc<Weight> },
+    RmsNorm { weight: Vec<f32>, input: Buffer, output: Buffer },
+    Linear { weight: Arc<Weight>, bias: Option<Vec<f32>>, input: Buffer, output: Buffer },
+    Rope { q_heads: usize, kv_heads: usize },
+    Attention { layer: usize, q_start: usize, q_heads: usize, kv_start: usize, kv_heads: usize },
+    SwiGlu { width: usize },
+    AddResidual,
+    AllReduce { buffer: Buffer },
+    /// The vocab-parallel output head, applied only to the rows whose logits are wanted.
+    OutputHead { weight: Arc<Weight> },
+    EmitLogits,
+}
+
+/// What the coordinator asked for, per output row.
+pub struct OutputRequest {
+    pub rows: Vec<usize>,
+    pub top_k: usize,
+    pub full_logits: bool,
+    pub targets: Vec<u32>,
+}
+
+pub struct RowResult {
+    pub ids: Vec<u32>,
+    pub logits: Vec<f32>,
+    pub log_sum_exp: f32,
+    pub full: Vec<f32>,
+    pub target_logit: Option<f32>,
+}
+
+pub struct Executor {
+    config: ModelConfig,
+    vocab_start: usize,
+    vocab_rows: usize,
+    program: Vec<Exec>,
+    buffers: Vec<Vec<f32>>,
+    prepared: PreparedActivations,
+    kv: KvCache,
+    max_batch: usize,
+    rope_cache: Vec<(f32, f32)>,
+    /// Gathered final-norm rows whose logits are wanted.
+    logits_input: Vec<f32>,
+}
+
+fn slot(buffer: Buffer) -> usize {
+    buffer as usize
+}
+
+impl Executor {
+    pub fn new(
+        config: &ModelConfig,
+        shard: &RankShard,
+        mut loaded: LoadedShard,
+        max_batch: usize,
+        max_sequences: usize,
+        max_context: usize,
+    ) -> Result<Executor, StepError> {
+        let hd = config.head_dim;
+        let missing = |name: &str| StepError::Invalid(format!("shard lacks tensor '{name}'"));
+        let mut weights: std::collections::HashMap<String, Arc<Weight>> =
+            loaded.weights.drain().map(|(k, v)| (k, Arc::new(v))).collect();
+        let mut program = Vec::new();
+        let mut max_width = [0usize; 10];
+        max_width[slot(Buffer::Residual)] = config.model_dim;
+        max_width[slot(Buffer::Normed)] = config.model_dim;
+        max_width[slot(Buffer::Partial)] = config.model_dim;
+        for op in shard_program(config, shard) {
+            program.push(match op.kind {
+                OpKind::Embed { tensor } => {
+                    Exec::Embed { weight: weights.get(&tensor).cloned().ok_or_else(|| missing(&tensor))? }
+                }
+                OpKind::RmsNorm { tensor, input, output } => Exec::RmsNorm {
+                    weight: loaded.vectors.remove(&tensor).ok_or_else(|| missing(&tensor))?,
+                    input,
+                    output,
+                },
+                OpKind::Linear { tensor, output: Buffer::Logits, .. } => {
+                    Exec::OutputHead { weight: weights.get(&tensor).cloned().ok_or_else(|| missing(&tensor))? }
+                }
+                OpKind::Linear { tensor, bias, input, output, .. } => {
+                    let weight = weights.get(&tensor).cloned().ok_or_else(|| missing(&tensor))?;
+                    let bias = match bias {
+                        Some(b) => Some(loaded.vectors.remove(&b).ok_or_else(|| missing(&b))?),
+                        None => None,
+                    };
+                    max_width[slot(output)] = max_width[slot(output)].max(weight.rows);
+                    max_width[slot(input)] = max_width[slot(input)].max(weight.cols);
+                    Exec::Linear { weight, bias, input, output }
+                }
+                OpKind::Rope { layer } => {
+                    let s = &shard.layers[layer];
+                    Exec::Rope { q_heads: s.q_heads.len(), kv_heads: s.kv_heads.len() }
+                }
+                OpKind::Attention { layer } => {
+                    let s = &shard.layers[layer];
+                    max_width[slot(Buffer::Attention)] = max_width[slot(Buffer::Attention)].max(s.q_heads.len() * hd);
+                    Exec::Attention {
+                        layer,
+                        q_start: s.q_heads.start,
+                        q_heads: s.q_heads.len(),
+                        kv_start: s.kv_heads.start,
+                        kv_heads: s.kv_heads.len(),
+                    }
+                }
+                OpKind::SwiGlu => Exec::SwiGlu { width: 0 },
+                OpKind::AddResidual => Exec::AddResidual,
+                OpKind::AllReduce { buffer, .. } => Exec::AllReduce { buffer },
+                OpKind::EmitLogits => Exec::EmitLogits,
+            });
+        }
+        // SwiGlu's width is the FFN slice of the linear before it.
+        for i in 0..program.len() {
+            if let Exec::SwiGlu { .. } = program[i]
+                && let Exec::Linear { weight, .. } = &program[i - 1]
+            {
+                program[i] = Exec::SwiGlu { width: weight.rows };
+            }
+        }
+        weights.clear();
+        let buffers = max_width.iter().map(|&w| vec![0f32; w * max_batch]).collect();
+        let kv_heads: Vec<usize> = shard.layers.iter().map(|l| l.kv_heads.len()).collect();
+        let kv = KvCache::new(&kv_heads, hd, max_sequences, max_context);
+        Ok(Executor {
+            config: config.clone(),
+            vocab_start: shard.vocab_rows.start,
+            vocab_rows: shard.vocab_rows.len(),
+            program,
+            buffers,
+            prepared: PreparedActivations::new(),
+            kv,
+            max_batch,
+            rope_cache: Vec::new(),
+            logits_input: vec![0f32; config.model_dim * max_batch],
+        })
+    }
+
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.kv.bytes()
+    }
+
+    pub fn clear_sequence(&mut self, sequence: usize) {
+        self.kv.clear(sequence);
+    }
+
+    pub fn vocab_start(&self) -> usize {
+        self.vocab_start
+    }
+
+    pub fn step(
+        &mut self,
+        collective: &mut dyn Collective,
+        tokens: &[u32],
+        positions: &[u32],
+        sequences: &[u32],
+        output: &OutputRequest,
+    ) -> Result<Vec<RowResult>, StepError> {
+        let batch = tokens.len();
+        if batch == 0 || batch > self.max_batch || positions.len() != batch || sequences.len() != batch {
+            return Err(StepError::Invalid(format!(
+                "batch of {batch} tokens ({} positions, {} sequences) is empty or exceeds the maximum of {}",
+                positions.len(),
+                sequences.len(),
+                self.max_batch
+            )));
+        }
+        for (&p, &s) in positions.iter().zip(sequences) {
+            self.kv.check(s as usize, p as usize).map_err(StepError::Invalid)?;
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(StepError::Invalid(format!("token {t} is outside the vocabulary of {}", self.config.vocab_size)));
+        }
+        if let Some(&r) = output.rows.iter().find(|&&r| r >= batch) {
+            return Err(StepError::Invalid(format!("output row {r} is outside the batch of {batch}")));
+        }
+        self.compute_rope(positions);
+        let d = self.config.model_dim;
+        let program = std::mem::take(&mut self.program);
+        let result = (|| {
+            let mut results = Vec::new();
+            for op in &program {
+                match op {
+                    Exec::Embed { weight } => self.embed(weight, tokens),
+                    Exec::RmsNorm { weight, input, output } => self.rms_norm(weight, *input, *output, batch),
+                    Exec::Linear { weight, bias, input, output } => {
+                        self.linear(weight, bias.as_deref(), *input, *output, batch)
+                    }
+                    Exec::Rope { q_heads, kv_heads } => self.rope(*q_heads, *kv_heads, batch),
+                    &Exec::Attention { layer, q_start, q_heads, kv_start, kv_heads } => {
+                        self.attention(layer, q_start, q_heads, kv_start, kv_heads, positions, sequences)
+                    }
+                    Exec::SwiGlu { width } => {
+                        let n = width * batch;
+                        let (gate, up) = two_buffers(&mut self.buffers, slot(Buffer::Gate), slot(Buffer::Up));
+                        for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
+                            *g = *g / (1.0 + (-*g).exp()) * u;
+                        }
+                    }
+                    Exec::AddResidual => {
+                        let (res, partial) =
+                            two_buffers(&mut self.buffers, slot(Buffer::Residual), slot(Buffer::Partial));
+                        for (r, p) in res[..d * batch].iter_mut().zip(&partial[..d * batch]) {
+                            *r += p;
+                        }
+                    }
+                    Exec::AllReduce { buffer } => {
+                        collective.all_reduce_sum(&mut self.buffers[slot(*buffer)][..d * batch])?;
+                    }
+                    Exec::OutputHead { weight } => results = self.output_head(weight, output),
+                    Exec::EmitLogits => {}
+                }
+            }
+            Ok(results)
+        })();
+        self.program = program;
+        result
+    }
+
+    fn embed(&mut self, weight: &Weight, tokens: &[u32]) {
+        let d = self.config.model_dim;
+        let out = &mut self.buffers[slot(Buffer::Residual)];
+        for (b, &token) in tokens.iter().enumerate() {
+            let target = &mut out[b * d..(b + 1) * d];
+            let local = (token as usize).wrapping_sub(self.vocab_start);
+            if local < self.vocab_rows {
+                crate::kernels::cpu::dequantize_row(weight.ty, weight.row(local), target);
+            } else {
+                target.fill(0.0);
+            }
+        }
+    }
+
+    fn rms_norm(&mut self, weight: &[f32], input: Buffer, output: Buffer, batch: usize) {
+        let d = self.config.model_dim;
+        let eps = self.config.rms_norm_eps;
+        let (x, y) = two_buffers(&mut self.buffers, slot(input), slot(output));
+        for b in 0..batch {
+            let row = &x[b * d..(b + 1) * d];
+            let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for ((o, v), w) in y[b * d..(b + 1) * d].iter_mut().zip(row).zip(weight) {
+                *o = v * scale * w;
+            }
+        }
+    }
+
+    fn linear(&mut self, weight: &Weight, bias: Option<&[f32]>, input: Buffer, output: Buffer, batch: usize) {
+        let (rows, cols) = (weight.rows, weight.cols);
+        if rows == 0 {
+            return;
+        }
+        if cols == 0 {
+            self.buffers[slot(output)][..rows * batch].fill(0.0);
+            return;
+        }
+        self.prepared.prepare(weight.ty, &self.buffers[slot(input)][..cols * batch], cols, batch);
+        let y = &mut self.buffers[slot(output)][..rows * batch];
+        matmul(weight.ty, &weight.data, rows, cols, &self.prepared, y);
+        if let Some(bias) = bias {
+            for row in y.chunks_exact_mut(rows) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+    }
+
+    /// cos/sin per (position, pair), computed the way llama.cpp does: theta multiplied by
+    /// base^(-2/n_rot) pair after pair, in f32.
+    fn compute_rope(&mut self, positions: &[u32]) {
+        let pairs = self.config.rope_dim / 2;
+        let theta_scale = self.config.rope_base.powf(-2.0 / self.config.rope_dim as f32);
+        self.rope_cache.clear();
+        for &p in positions {
+            let mut theta = p as f32;
+            for _ in 0..pairs {
+                self.rope_cache.push((theta.cos(), theta.sin()));
+                theta *= theta_scale;
+            }
+        }
+    }
+
+    fn rope(&mut self, q_heads: usize, kv_heads: usize, batch: usize) {
+        let hd = self.config.head_dim;
+        let pairs = self.config.rope_dim / 2;
+        let style = self.config.rope_style;
+        for (buffer, heads) in [(Buffer::Q, q_heads), (Buffer::K, kv_heads)] {
+            let data = &mut self.buffers[slot(buffer)];
+            for b in 0..batch {
+                let rot = &self.rope_cache[b * pairs..(b + 1) * pairs];
+                for h in 0..heads {
+                    let head = &mut data[(b * heads + h) * hd..(b * heads + h + 1) * hd];
+                    for (i, &(cos, sin)) in rot.iter().enumerate() {
+                        let (a, c) = match style {
+                            RopeStyle::AdjacentPairs => (2 * i, 2 * i + 1),
+                            RopeStyle::Neox => (i, i + pairs),
+                        };
+                        let (x0, x1) = (head[a], head[c]);
+                        head[a] = x0 * cos - x1 * sin;
+                        head[c] = x0 * sin + x1 * cos;
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        layer: usize,
+        q_start: usize,
+        q_heads: usize,
+        kv_start: usize,
+        kv_heads: usize,
+        positions: &[u32],
+        sequences: &[u32],
+    ) {
+        let hd = self.config.head_dim;
+        let group = self.config.group_size();
+        let batch = positions.len();
+        if q_heads == 0 {
+            return;
+        }
+        {
+            let k = &self.buffers[slot(Buffer::K)];
+            let v = &self.buffers[slot(Buffer::V)];
+            for b in 0..batch {
+                let range = b * kv_heads * hd..(b + 1) * kv_heads * hd;
+                self.kv.write(layer, sequences[b] as usize, positions[b] as usize, &k[range.clone()], &v[range]);
+            }
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let kv = &self.kv;
+        let mut out = std::mem::take(&mut self.buffers[slot(Buffer::Attention)]);
+        let q = &self.buffers[slot(Buffer::Q)];
+        out[..batch * q_heads * hd].par_chunks_mut(hd).enumerate().for_each_init(
+            || (vec![0f32; hd], Vec::new(), vec![0f32; hd]),
+            |(key, scores, acc), (index, target)| {
+                let (b, h) = (index / q_heads, index % q_heads);
+                let kv_head = (q_start + h) / group - kv_start;
+                let query = &q[(b * q_heads + h) * hd..(b * q_heads + h + 1) * hd];
+                let (sequence, position) = (sequences[b] as usize, positions[b] as usize);
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for t in 0..=position {
+                    for (k, s) in key.iter_mut().zip(kv.key(layer, sequence, t, kv_head)) {
+                        *k = s.to_f32();
+                    }
+                    let s = f32_dot(query, key) * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                acc.fill(0.0);
+                for (t, &w) in scores.iter().enumerate() {
+                    for (a, v) in acc.iter_mut().zip(kv.value(layer, sequence, t, kv_head)) {
+                        *a += w * v.to_f32();
+                    }
+                }
+                for (o, a) in target.iter_mut().zip(acc.iter()) {
+                    *o = a / sum;
+                }
+            },
+        );
+        self.buffers[slot(Buffer::Attention)] = out;
+    }
+
+    fn output_head(&mut self, weight: &Weight, output: &OutputRequest) -> Vec<RowResult> {
+        let d = self.config.model_dim;
+        let n = output.rows.len();
+        // The final norm ran on every row; only the requested ones go through the output head.
+        let normed = &self.buffers[slot(Buffer::Normed)];
+        for (i, &r) in output.rows.iter().enumerate() {
+            self.logits_input[i * d..(i + 1) * d].copy_from_slice(&normed[r * d..(r + 1) * d]);
+        }
+        let rows = weight.rows;
+        let mut results = Vec::with_capacity(n);
+        let mut logits = vec![0f32; rows * n.min(self.max_batch)];
+        for (chunk_index, chunk) in output.rows.chunks(self.max_batch).enumerate() {
+            let count = chunk.len();
+            let first = chunk_index * self.max_batch;
+            if rows > 0 {
+                self.prepared.prepare(weight.ty, &self.logits_input[first * d..(first + count) * d], d, count);
+                matmul(weight.ty, &weight.data, rows, d, &self.prepared, &mut logits[..rows * count]);
+            }
+            for i in 0..count {
+                let row = &logits[i * rows..(i + 1) * rows];
+                let target = output.targets.get(first + i).copied();
+                results.push(summarize_row(row, self.vocab_start, output.top_k, output.full_logits, target));
+            }
+        }
+        results
+    }
+}
+
+fn summarize_row(row: &[f32], vocab_start: usize, top_k: usize, full: bool, target: Option<u32>) -> RowResult {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum_exp = if row.is_empty() {
+        f32::NEG_INFINITY
+    } else {
+        max + row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32
+    };
+    let k = top_k.min(row.len());
+    let mut order: Vec<u32> = (0..row.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    if k > 0 && k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_logit);
+    }
+    order.truncate(k);
+    order.sort_by(by_logit);
+    RowResult {
+        ids: order.iter().map(|&i| i + vocab_start as u32).collect(),
+        logits: order.iter().map(|&i| row[i as usize]).collect(),
+        log_sum_exp,
+        full: if full { row.to_vec() } else { Vec::new() },
+        target_logit: target
+            .and_then(|t| (t as usize).checked_sub(vocab_start))
+            .filter(|&t| t < row.len())
+            .map(|t| row[t]),
+    }
+}
+
+fn two_buffers(buffers: &mut [Vec<f32>], a: usize, b: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
+    assert_ne!(a, b);
+    if a < b {
+        let (x, y) = buffers.split_at_mut(b);
+        (&mut x[a], &mut y[0])
+    } else {
+        let (x, y) = buffers.split_at_mut(a);
+        (&mut y[0], &mut x[b])
+    }
+}

@@ -1,0 +1,268 @@
+//! The worker process: holds one shard of the model, runs its shard program on each step, and
+//! exchanges partial results with its peers. It never sees text, only token ids.
+
+pub mod executor;
+pub mod kv;
+pub mod shard;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::planner::{LayerShard, RankShard, check_rank_shard};
+use crate::model::arch::ModelConfig;
+use crate::model::gguf::GgufFile;
+use crate::proto;
+use crate::transport::shm::ShmCollective;
+use crate::transport::{Collective, CollectiveLimits, Solo};
+use executor::{Executor, OutputRequest};
+
+/// Limits a worker enforces on what a coordinator may ask.
+pub const MAX_BATCH_LIMIT: u32 = 4096;
+pub const MAX_SEQUENCES_LIMIT: u32 = 256;
+pub const MAX_TOP_K: u32 = 1000;
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+pub struct WorkerOptions {
+    pub listen: SocketAddr,
+    /// Compute threads; 0 means one per available core.
+    pub threads: usize,
+}
+
+struct Loaded {
+    executor: Executor,
+    collective: Box<dyn Collective>,
+    pool: rayon::ThreadPool,
+}
+
+pub struct WorkerService {
+    state: Arc<Mutex<Option<Loaded>>>,
+    threads: usize,
+    shutdown: tokio::sync::mpsc::Sender<()>,
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for &b in bytes {
+        hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// Identifies a model file cheaply: a hash of its header, metadata and tensor index.
+pub fn model_header_hash(file: &GgufFile) -> u64 {
+    fnv1a(file.header())
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn load(request: proto::LoadShardRequest, default_threads: usize) -> Result<(Loaded, proto::LoadShardReply), String> {
+    let started = Instant::now();
+    let file = GgufFile::open(&request.model_path).map_err(|e| e.to_string())?;
+    if file.file_size != request.model_size || model_header_hash(&file) != request.model_header_hash {
+        return Err(format!(
+            "{} is not the coordinator's model file (size or header hash differ)",
+            request.model_path
+        ));
+    }
+    let config = ModelConfig::from_gguf(&file).map_err(|e| e.to_string())?;
+    let shard = RankShard {
+        rank_index: request.rank_index as usize,
+        rank_count: request.rank_count as usize,
+        vocab_rows: request.vocab_start as usize..request.vocab_end as usize,
+        layers: request
+            .layers
+            .iter()
+            .map(|l| LayerShard {
+                q_heads: l.q_start as usize..l.q_end as usize,
+                kv_heads: l.kv_start as usize..l.kv_end as usize,
+                ffn_columns: l.ffn_start as usize..l.ffn_end as usize,
+            })
+            .collect(),
+    };
+    check_rank_shard(&config, &shard).map_err(|e| format!("shard rejected: {e}"))?;
+    let limit = |value: u32, max: u32, what: &str| {
+        if value == 0 || value > max { Err(format!("{what} {value} is outside 1..={max}")) } else { Ok(value as usize) }
+    };
+    let max_batch = limit(request.max_batch, MAX_BATCH_LIMIT, "max batch")?;
+    let max_sequences = limit(request.max_sequences, MAX_SEQUENCES_LIMIT, "max sequences")?;
+    let max_context = limit(request.max_context, config.context_length as u32, "max context")?;
+    let threads = if request.threads > 0 { request.threads as usize } else { default_threads };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("tp-compute-{i}"))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let loaded = pool.install(|| shard::load_shard(&file, &config, &shard)).map_err(|e| e.to_string())?;
+    let weight_bytes = loaded.weight_bytes;
+    let notes = loaded.notes.clone();
+    drop(file);
+    let executor = Executor::new(&config, &shard, loaded, max_batch, max_sequences, max_context)
+        .map_err(|e| e.to_string())?;
+    let collective: Box<dyn Collective> = if shard.rank_count == 1 {
+        Box::new(Solo)
+    } else {
+        let limits = CollectiveLimits {
+            timeout: Duration::from_millis(request.collective_timeout_ms.max(1) as u64),
+            ..CollectiveLimits::default()
+        };
+        Box::new(
+            ShmCollective::open(&PathBuf::from(&request.shm_path), shard.rank_index, shard.rank_count, limits)
+                .map_err(|e| e.to_string())?,
+        )
+    };
+    let reply = proto::LoadShardReply {
+        weight_bytes,
+        kv_cache_bytes: executor.kv_cache_bytes(),
+        load_seconds: started.elapsed().as_secs_f64(),
+        notes,
+    };
+    Ok((Loaded { executor, collective, pool }, reply))
+}
+
+#[tonic::async_trait]
+impl proto::worker_server::Worker for WorkerService {
+    async fn hello(&self, _: Request<proto::HelloRequest>) -> Result<Response<proto::HelloReply>, Status> {
+        Ok(Response::new(proto::HelloReply {
+            version: env!("CARGO_PKG_VERSION").into(),
+            hostname: hostname(),
+            boot_id: boot_id(),
+            pid: std::process::id(),
+            threads: self.threads as u32,
+        }))
+    }
+
+    async fn load_shard(
+        &self,
+        request: Request<proto::LoadShardRequest>,
+    ) -> Result<Response<proto::LoadShardReply>, Status> {
+        let request = request.into_inner();
+        let state = self.state.clone();
+        let threads = self.threads;
+        tokio::task::spawn_blocking(move || {
+            // Drop any previous shard first so two never coexist in memory.
+            *state.lock().unwrap() = None;
+            let (loaded, reply) = load(request, threads).map_err(Status::invalid_argument)?;
+            tracing::info!(
+                weight_mib = reply.weight_bytes as f64 / (1 << 20) as f64,
+                kv_mib = reply.kv_cache_bytes as f64 / (1 << 20) as f64,
+                seconds = reply.load_seconds,
+                "shard loaded"
+            );
+            for note in &reply.notes {
+                tracing::info!("{note}");
+            }
+            *state.lock().unwrap() = Some(loaded);
+            Ok(Response::new(reply))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    async fn step(&self, request: Request<proto::StepRequest>) -> Result<Response<proto::StepReply>, Status> {
+        let request = request.into_inner();
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut guard = state.lock().unwrap();
+            let Some(loaded) = guard.as_mut() else {
+                return Err(Status::failed_precondition("no shard loaded"));
+            };
+            if request.top_k > MAX_TOP_K {
+                return Err(Status::invalid_argument(format!("top_k {} exceeds {MAX_TOP_K}", request.top_k)));
+            }
+            let output = OutputRequest {
+                rows: request.output_rows.iter().map(|&r| r as usize).collect(),
+                top_k: request.top_k as usize,
+                full_logits: request.full_logits,
+                targets: request.targets.clone(),
+            };
+            let Loaded { executor, collective, pool } = loaded;
+            collective.begin_step(request.step);
+            let rows = pool
+                .install(|| {
+                    executor.step(collective.as_mut(), &request.tokens, &request.positions, &request.sequences, &output)
+                })
+                .map_err(|e| match e {
+                    executor::StepError::Transport(t) => Status::aborted(t.to_string()),
+                    executor::StepError::Invalid(m) => Status::invalid_argument(m),
+                })?;
+            Ok(Response::new(proto::StepReply {
+                rows: rows
+                    .into_iter()
+                    .map(|r| proto::RowOutput {
+                        ids: r.ids,
+                        logits: r.logits,
+                        log_sum_exp: r.log_sum_exp,
+                        full: r.full,
+                        target_logit: r.target_logit,
+                    })
+                    .collect(),
+                vocab_start: executor.vocab_start() as u32,
+                compute_seconds: started.elapsed().as_secs_f64(),
+            }))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    async fn clear_sequence(
+        &self,
+        request: Request<proto::ClearSequenceRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let sequence = request.into_inner().sequence as usize;
+        if let Some(loaded) = self.state.lock().unwrap().as_mut() {
+            loaded.executor.clear_sequence(sequence);
+        }
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn shutdown(&self, _: Request<proto::Empty>) -> Result<Response<proto::Empty>, Status> {
+        let _ = self.shutdown.try_send(());
+        Ok(Response::new(proto::Empty {}))
+    }
+}
+
+/// Serves until the shutdown future resolves or a coordinator asks it to exit. The bound
+/// address is reported through `on_bound` (a worker started with port 0 prints it).
+pub async fn run(
+    options: WorkerOptions,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(options.listen).await?;
+    let address = listener.local_addr()?;
+    let threads = if options.threads > 0 {
+        options.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
+    let service = WorkerService { state: Arc::new(Mutex::new(None)), threads, shutdown: shutdown_tx };
+    on_bound(address);
+    tracing::info!(%address, threads, "worker listening");
+    let server = proto::worker_server::WorkerServer::new(service)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(server)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = shutdown_rx.recv() => {}
+            }
+        })
+        .await?;
+    tracing::info!("worker stopped");
+    Ok(())
+}

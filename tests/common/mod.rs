@@ -1,0 +1,61 @@
+//! Shared helpers of the integration tests: model paths, golden data, local clusters.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tp::coordinator::cluster::{Cluster, ClusterLimits};
+use tp::coordinator::session::{Model, Session};
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+pub fn model_dir() -> PathBuf {
+    match std::env::var_os("TP_MODEL_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/tp/models"),
+    }
+}
+
+/// The model's path, or None (with a notice) when it is not fetched. Under CI a missing model
+/// is a failure: `scripts/fetch-models.sh` must have run.
+pub fn model(name: &str) -> Option<PathBuf> {
+    let path = model_dir().join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{} is missing; run scripts/fetch-models.sh", path.display());
+    }
+    eprintln!("skipping: {} is missing (run scripts/fetch-models.sh)", path.display());
+    None
+}
+
+pub fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden")
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+pub fn worker_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tp-worker"))
+}
+
+pub fn coordinator_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tp-coordinator"))
+}
+
+/// Threads per worker so that all workers together use the machine's cores.
+pub fn threads_for(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / workers).max(1)
+}
+
+pub async fn session(path: &Path, weights: &[f64], context: usize, batch: usize) -> Session {
+    let model = Model::open(path).unwrap();
+    let cluster = Cluster::spawn_local(&worker_binary(), weights, threads_for(weights.len()), ClusterLimits::default())
+        .await
+        .unwrap();
+    Session::start(model, cluster, context, batch).await.unwrap()
+}
