@@ -14,9 +14,26 @@ use half::{bf16, f16};
 
 use super::blocks::*;
 
+/// Scalar f16 -> f32 without touching vector registers (exact, including subnormals).
+/// Going through `vcvtph2ps` for one lane lets LLVM merge into an arbitrary register
+/// (`vpinsrw`), which created a false dependency on the loop accumulator.
 #[inline(always)]
-unsafe fn f16_to_f32(h: F16Bytes) -> f32 {
-    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.bits() as i32))) }
+pub(super) fn f16_to_f32(h: F16Bytes) -> f32 {
+    let h = h.bits() as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    if em >= 0x7c00 {
+        return f32::from_bits(sign | 0x7f80_0000 | ((em & 0x3ff) << 13));
+    }
+    // Rebias the exponent by multiplying with 2^112; subnormal halves become normal floats.
+    let v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
+    f32::from_bits(v.to_bits() | sign)
+}
+
+/// f16 broadcast to 8 f32 lanes (one `vpbroadcastw` + `vcvtph2ps`).
+#[inline(always)]
+unsafe fn f16_splat(h: F16Bytes) -> __m256 {
+    unsafe { _mm256_cvtph_ps(_mm_set1_epi16(h.bits() as i16)) }
 }
 
 #[inline(always)]
@@ -217,7 +234,7 @@ pub unsafe fn dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
         let off = _mm256_set1_epi8(8);
         for i in 0..x.len() {
             let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = _mm256_set1_ps(f16_to_f32(bx.d) * f16_to_f32(by.d));
+            let d = _mm256_mul_ps(f16_splat(bx.d), f16_splat(by.d));
             let qx = _mm256_sub_epi8(nibbles_32(bx.qs.as_ptr()), off);
             let qy = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
             acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qx, qy), acc);
@@ -235,7 +252,7 @@ pub unsafe fn dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
         for i in 0..x.len() {
             let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
             summs += f16_to_f32(bx.m) * f16_to_f32(by.s);
-            let d = _mm256_set1_ps(f16_to_f32(bx.d) * f16_to_f32(by.d));
+            let d = _mm256_mul_ps(f16_splat(bx.d), f16_splat(by.d));
             let qx = nibbles_32(bx.qs.as_ptr());
             let qy = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
             acc = _mm256_fmadd_ps(d, mul_sum_us8_pairs_float(qx, qy), acc);
@@ -252,7 +269,7 @@ pub unsafe fn dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
         let hi_clear = _mm256_set1_epi8(0xF0u8 as i8);
         for i in 0..x.len() {
             let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = _mm256_set1_ps(f16_to_f32(bx.d) * f16_to_f32(by.d));
+            let d = _mm256_mul_ps(f16_splat(bx.d), f16_splat(by.d));
             // (nibble | bit<<4) - 16 == nibble | (bit ? 0 : 0xF0) as i8
             let bxhi = _mm256_andnot_si256(bytes_from_bits_32(u32::from_le_bytes(bx.qh)), hi_clear);
             let qx = _mm256_or_si256(nibbles_32(bx.qs.as_ptr()), bxhi);
@@ -270,7 +287,7 @@ pub unsafe fn dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for i in 0..x.len() {
             let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = _mm256_set1_ps(f16_to_f32(bx.d) * f16_to_f32(by.d));
+            let d = _mm256_mul_ps(f16_splat(bx.d), f16_splat(by.d));
             let qx = _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i);
             let qy = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
             acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qx, qy), acc);

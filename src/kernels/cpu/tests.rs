@@ -573,3 +573,13 @@ fn float_activation_conversions_are_rne() {
     assert_eq!(act.bf16s[0], bf16::from_f32(1.0));
     assert_eq!(act.bf16s[2], bf16::from_bits(0x3F80)); // tie 1 + 2^-8 rounds to even (1.0)
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_scalar_f16_conversion_is_exact() {
+    for h in 0..=u16::MAX {
+        let a = super::avx2::f16_to_f32(F16Bytes(h.to_le_bytes()));
+        let b = f16::from_bits(h).to_f32();
+        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{h:#06x}: {a} vs {b}");
+    }
+}

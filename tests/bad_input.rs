@@ -1,0 +1,145 @@
+//! Malformed model files and arguments: each is a clear error and a non-zero exit, never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// A little GGUF writer for crafting broken files.
+struct Gguf {
+    bytes: Vec<u8>,
+}
+
+impl Gguf {
+    fn new(magic: &[u8; 4], version: u32, tensors: u64, metadata: u64) -> Gguf {
+        let mut bytes = magic.to_vec();
+        bytes.extend(version.to_le_bytes());
+        bytes.extend(tensors.to_le_bytes());
+        bytes.extend(metadata.to_le_bytes());
+        Gguf { bytes }
+    }
+    fn string(&mut self, s: &str) -> &mut Self {
+        self.bytes.extend((s.len() as u64).to_le_bytes());
+        self.bytes.extend(s.as_bytes());
+        self
+    }
+    fn kv_string(&mut self, key: &str, value: &str) -> &mut Self {
+        self.string(key);
+        self.bytes.extend(8u32.to_le_bytes());
+        self.string(value)
+    }
+    fn kv_u32(&mut self, key: &str, value: u32) -> &mut Self {
+        self.string(key);
+        self.bytes.extend(4u32.to_le_bytes());
+        self.bytes.extend(value.to_le_bytes());
+        self
+    }
+    fn tensor(&mut self, name: &str, dims: &[u64], type_id: u32, offset: u64) -> &mut Self {
+        self.string(name);
+        self.bytes.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            self.bytes.extend(d.to_le_bytes());
+        }
+        self.bytes.extend(type_id.to_le_bytes());
+        self.bytes.extend(offset.to_le_bytes());
+        self
+    }
+    fn pad(&mut self, bytes: usize) -> &mut Self {
+        while self.bytes.len() % 32 != 0 {
+            self.bytes.push(0);
+        }
+        self.bytes.extend(std::iter::repeat_n(0u8, bytes));
+        self
+    }
+    fn write(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, &self.bytes).unwrap();
+        path
+    }
+}
+
+fn expect_error(args: &[&str], file: &Path, needle: &str) {
+    let output = Command::new(coordinator_binary()).args(args).arg("--model").arg(file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} {} succeeded", file.display());
+    assert!(!stderr.contains("panicked"), "{args:?} {} panicked: {stderr}", file.display());
+    assert!(stderr.contains("error:"), "{args:?}: {stderr}");
+    assert!(stderr.contains(needle), "{args:?} {}: expected '{needle}' in: {stderr}", file.display());
+}
+
+#[test]
+fn malformed_model_files_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("tp-bad-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cases: Vec<(PathBuf, &str)> = Vec::new();
+
+    cases.push((Gguf::new(b"GGUX", 3, 0, 0).write(&dir, "magic.gguf"), "not a GGUF file"));
+    cases.push((Gguf::new(b"GGUF", 7, 0, 0).write(&dir, "version.gguf"), "unsupported GGUF version 7"));
+    cases.push((Gguf::new(b"GGUF", 3, 1 << 60, 0).write(&dir, "tensor-count.gguf"), "exceeds the limit"));
+    cases.push((Gguf::new(b"GGUF", 3, 0, 1 << 62).write(&dir, "metadata-count.gguf"), "exceeds the limit"));
+    let mut g = Gguf::new(b"GGUF", 3, 0, 1);
+    g.string("general.architecture").bytes.extend(8u32.to_le_bytes());
+    g.bytes.extend((1u64 << 40).to_le_bytes());
+    cases.push((g.write(&dir, "string-length.gguf"), "exceeds the limit"));
+    let mut g = Gguf::new(b"GGUF", 3, 0, 2);
+    g.kv_string("general.architecture", "llama");
+    cases.push((g.write(&dir, "truncated-metadata.gguf"), "truncated"));
+    let mut g = Gguf::new(b"GGUF", 3, 1, 1);
+    g.kv_string("general.architecture", "llama").tensor("token_embd.weight", &[64, 8], 0, 1 << 40).pad(64);
+    cases.push((g.write(&dir, "extent.gguf"), "truncated: data of tensor 'token_embd.weight'"));
+    let mut g = Gguf::new(b"GGUF", 3, 1, 1);
+    g.kv_string("general.architecture", "llama").tensor("token_embd.weight", &[64, 8], 99, 0).pad(4096);
+    cases.push((g.write(&dir, "quant-type.gguf"), "unsupported type id 99"));
+    let mut g = Gguf::new(b"GGUF", 3, 1, 1);
+    g.kv_string("general.architecture", "llama").tensor("token_embd.weight", &[u64::MAX / 2, 4], 0, 0).pad(64);
+    cases.push((g.write(&dir, "dims.gguf"), "absurd dimensions"));
+    let mut g = Gguf::new(b"GGUF", 3, 1, 2);
+    g.kv_string("general.architecture", "mamba").kv_u32("mamba.block_count", 2).tensor("a", &[8], 0, 0).pad(32);
+    cases.push((g.write(&dir, "arch.gguf"), "unsupported architecture 'mamba'"));
+    let mut g = Gguf::new(b"GGUF", 3, 1, 2);
+    g.kv_string("general.architecture", "llama").kv_u32("llama.block_count", 2).tensor("a", &[8], 0, 0).pad(32);
+    cases.push((g.write(&dir, "missing-key.gguf"), "missing metadata key 'llama.embedding_length'"));
+    if let Some(real) = model(SMOLLM2) {
+        // The real model cut inside its metadata, and cut inside its tensor data.
+        let bytes = std::fs::read(real).unwrap();
+        std::fs::write(dir.join("cut-header.gguf"), &bytes[..100_000]).unwrap();
+        cases.push((dir.join("cut-header.gguf"), "truncated"));
+        std::fs::write(dir.join("cut-data.gguf"), &bytes[..bytes.len() - 1000]).unwrap();
+        cases.push((dir.join("cut-data.gguf"), "truncated: data of tensor"));
+    }
+    cases.push((dir.join("does-not-exist.gguf"), "cannot open"));
+
+    for (path, needle) in &cases {
+        expect_error(&["plan", "--local", "2"], path, needle);
+        expect_error(&["generate", "--local", "1", "--prompt", "hi"], path, needle);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let run = |args: &[&str]| {
+        let output = Command::new(coordinator_binary()).args(args).output().unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).to_string())
+    };
+    let model = path.to_str().unwrap();
+    let (ok, err) = run(&["generate", "--model", model, "--prompt", "hi"]);
+    assert!(!ok && err.contains("--local N or --workers"), "{err}");
+    let (ok, err) = run(&["generate", "--model", model, "--local", "17", "--prompt", "hi"]);
+    assert!(!ok && err.contains("17"), "{err}");
+    let (ok, err) = run(&["generate", "--model", model, "--local", "1", "--prompt", "hi", "--top-p", "2"]);
+    assert!(!ok && err.contains("top-p"), "{err}");
+    let (ok, err) = run(&["generate", "--model", model, "--workers", "/nonexistent/hosts.toml", "--prompt", "hi"]);
+    assert!(!ok && err.contains("cannot read"), "{err}");
+    let hosts = std::env::temp_dir().join(format!("tp-bad-hosts-{}.toml", std::process::id()));
+    std::fs::write(&hosts, "[[worker]]\naddress = \"127.0.0.1:1\"\nweigth = 2.0\n").unwrap();
+    let (ok, err) = run(&["plan", "--model", model, "--workers", hosts.to_str().unwrap()]);
+    assert!(!ok && err.contains("line 3") && err.contains("weigth"), "{err}");
+    std::fs::remove_file(&hosts).ok();
+    for (ok, err) in [run(&["generate", "--model", model, "--local", "1", "--prompt", "hi"])] {
+        assert!(ok, "{err}");
+    }
+}
