@@ -24,7 +24,7 @@ async fn check_invariance(model_name: &str) {
         let mut session = session(&path, weights, 128, 64).await;
         for (i, prompt) in PROMPTS.iter().enumerate() {
             let tokens = session.model.tokenizer.encode(prompt, true).unwrap();
-            let logits = session.final_logits(&tokens).unwrap_or_else(|e| panic!("{weights:?}: {e:#}"));
+            let logits = session.final_logits(&tokens).await.unwrap_or_else(|e| panic!("{weights:?}: {e:#}"));
             assert_eq!(logits.len(), session.model.config.vocab_size);
             assert!(logits.iter().all(|v| v.is_finite()));
             if weights.len() == 1 {

@@ -144,7 +144,7 @@ impl Cluster {
         for (rank, &weight) in weights.iter().enumerate() {
             let mut command = Command::new(worker_binary);
             command
-                .args(["--listen", "127.0.0.1:0", "--threads", &threads_per_worker.to_string()])
+                .args(["--listen", "127.0.0.1:0", "--log", "warn", "--threads", &threads_per_worker.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

@@ -19,7 +19,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -58,7 +61,10 @@ impl std::fmt::Debug for ChatTemplate {
 const RAISED_PREFIX: &str = "raise_exception: ";
 
 fn raise_exception(message: String) -> Result<JinjaValue, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("{RAISED_PREFIX}{message}")))
+    Err(minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{RAISED_PREFIX}{message}"),
+    ))
 }
 
 /// `tojson` as transformers defines it: `json.dumps(x, ensure_ascii=False, indent=None,
@@ -86,7 +92,10 @@ fn tojson(value: &JinjaValue, kwargs: Kwargs) -> Result<JinjaValue, minijinja::E
     let (item_sep, key_sep) = match separators.as_deref() {
         Some([item, key]) => (item.clone(), key.clone()),
         Some(_) => {
-            return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair"));
+            return Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair",
+            ));
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
@@ -186,11 +195,18 @@ impl JsonStyle {
 
 impl ChatTemplate {
     /// The GGUF's `tokenizer.chat_template`, or `None` when it has none.
-    pub fn from_gguf(file: &GgufFile, tokenizer: &Tokenizer) -> Result<Option<ChatTemplate>, ChatError> {
+    pub fn from_gguf(
+        file: &GgufFile,
+        tokenizer: &Tokenizer,
+    ) -> Result<Option<ChatTemplate>, ChatError> {
         let Some(source) = file.get_str("tokenizer.chat_template")? else {
             return Ok(None);
         };
-        let text = |id: Option<u32>| id.and_then(|id| tokenizer.token_text(id)).unwrap_or("").to_string();
+        let text = |id: Option<u32>| {
+            id.and_then(|id| tokenizer.token_text(id))
+                .unwrap_or("")
+                .to_string()
+        };
         ChatTemplate::new(source, text(tokenizer.bos_id()), text(tokenizer.eos_id())).map(Some)
     }
 
@@ -215,7 +231,12 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(|e| ChatError::Compile(describe(&e)))?;
-        Ok(ChatTemplate { env, source, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        Ok(ChatTemplate {
+            env,
+            source,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
     }
 
     pub fn source(&self) -> &str {
@@ -224,11 +245,18 @@ impl ChatTemplate {
 
     /// Renders `messages`; with `add_generation_prompt` the prompt ends where the assistant's
     /// reply begins.
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatError> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
         if messages.is_empty() {
             return Err(ChatError::NoMessages);
         }
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| ChatError::Compile(describe(&e)))?;
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| ChatError::Compile(describe(&e)))?;
         let ctx = context! {
             messages => Serde(messages),
             add_generation_prompt => add_generation_prompt,
@@ -263,10 +291,14 @@ mod tests {
 
     /// Recovers the messages from a ChatML prompt rendered by llama.cpp.
     fn chatml_messages(prompt: &str) -> Vec<ChatMessage> {
-        let body = prompt.strip_suffix("<|im_start|>assistant\n").expect("ends with the generation prompt");
+        let body = prompt
+            .strip_suffix("<|im_start|>assistant\n")
+            .expect("ends with the generation prompt");
         body.split_terminator("<|im_end|>\n")
             .map(|turn| {
-                let turn = turn.strip_prefix("<|im_start|>").expect("turn starts with <|im_start|>");
+                let turn = turn
+                    .strip_prefix("<|im_start|>")
+                    .expect("turn starts with <|im_start|>");
                 let (role, content) = turn.split_once('\n').expect("role line");
                 ChatMessage::new(role, content)
             })
@@ -274,10 +306,14 @@ mod tests {
     }
 
     fn check_golden(model: &str, golden: &str, default_system: &str) {
-        let (Some(path), Some(golden)) = (model_path(model), golden_json(golden)) else { return };
+        let (Some(path), Some(golden)) = (model_path(model), golden_json(golden)) else {
+            return;
+        };
         let file = GgufFile::open(&path).unwrap();
         let tokenizer = Tokenizer::from_gguf(&file).unwrap();
-        let template = ChatTemplate::from_gguf(&file, &tokenizer).unwrap().expect("the model has a template");
+        let template = ChatTemplate::from_gguf(&file, &tokenizer)
+            .unwrap()
+            .expect("the model has a template");
         let mut checked = 0;
         for case in golden["cases"].as_array().unwrap() {
             if case["kind"] != "chat" {
@@ -289,7 +325,12 @@ mod tests {
             if messages[0].role == "system" && messages[0].content == default_system {
                 messages.remove(0);
             }
-            assert_eq!(template.render(&messages, true).unwrap(), prompt, "case {}", case["id"]);
+            assert_eq!(
+                template.render(&messages, true).unwrap(),
+                prompt,
+                "case {}",
+                case["id"]
+            );
             checked += 1;
         }
         assert_eq!(checked, 5);
@@ -297,12 +338,20 @@ mod tests {
 
     #[test]
     fn smollm2_golden_chats() {
-        check_golden(SMOLLM2, "generate.json", "You are a helpful AI assistant named SmolLM, trained by Hugging Face");
+        check_golden(
+            SMOLLM2,
+            "generate.json",
+            "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+        );
     }
 
     #[test]
     fn qwen_golden_chats() {
-        check_golden(QWEN, "qwen2.5-0.5b/generate.json", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.");
+        check_golden(
+            QWEN,
+            "qwen2.5-0.5b/generate.json",
+            "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+        );
     }
 
     #[test]
@@ -335,16 +384,30 @@ mod tests {
         )
         .unwrap();
         let out = template
-            .render(&[ChatMessage::new("user", " hi "), ChatMessage::new("assistant", "<ok>")], false)
+            .render(
+                &[
+                    ChatMessage::new("user", " hi "),
+                    ChatMessage::new("assistant", "<ok>"),
+                ],
+                false,
+            )
             .unwrap();
         assert_eq!(
             out,
             "<s>HI{\"content\": \" hi \", \"role\": \"user\"}<OK>{\"content\": \"<ok>\", \"role\": \"assistant\"}!\
              {\n  \"a\": \"é\\\"\",\n  \"b\": [\n    1,\n    2.5\n  ]\n}</s>"
         );
-        let err = template.render(&[ChatMessage::new("bad", "x")], true).unwrap_err();
-        assert!(matches!(&err, ChatError::Raised(m) if m == "no bad"), "{err}");
-        assert!(matches!(template.render(&[], true), Err(ChatError::NoMessages)));
+        let err = template
+            .render(&[ChatMessage::new("bad", "x")], true)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ChatError::Raised(m) if m == "no bad"),
+            "{err}"
+        );
+        assert!(matches!(
+            template.render(&[], true),
+            Err(ChatError::NoMessages)
+        ));
         let err = ChatTemplate::new("{% for %}", "", "").unwrap_err();
         assert!(err.to_string().contains("does not compile"), "{err}");
         let err = ChatTemplate::new("{{ messages[0].content | nosuchfilter }}", "", "")
@@ -361,6 +424,11 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(template.render(&[ChatMessage::new("user", "a")], true).unwrap(), "a\n");
+        assert_eq!(
+            template
+                .render(&[ChatMessage::new("user", "a")], true)
+                .unwrap(),
+            "a\n"
+        );
     }
 }

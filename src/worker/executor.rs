@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
@@ -358,8 +359,8 @@ impl Executor {
         let mut out = std::mem::take(&mut self.buffers[slot(Buffer::Attention)]);
         let q = &self.buffers[slot(Buffer::Q)];
         out[..batch * q_heads * hd].par_chunks_mut(hd).enumerate().for_each_init(
-            || (vec![0f32; hd], Vec::new(), vec![0f32; hd]),
-            |(key, scores, acc), (index, target)| {
+            || (vec![0f32; hd], Vec::new(), vec![0f32; hd], vec![0f32; hd]),
+            |(key, scores, acc, value), (index, target)| {
                 let (b, h) = (index / q_heads, index % q_heads);
                 let kv_head = (q_start + h) / group - kv_start;
                 let query = &q[(b * q_heads + h) * hd..(b * q_heads + h + 1) * hd];
@@ -367,9 +368,7 @@ impl Executor {
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
                 for t in 0..=position {
-                    for (k, s) in key.iter_mut().zip(kv.key(layer, sequence, t, kv_head)) {
-                        *k = s.to_f32();
-                    }
+                    kv.key(layer, sequence, t, kv_head).convert_to_f32_slice(key);
                     let s = f32_dot(query, key) * scale;
                     max = max.max(s);
                     scores.push(s);
@@ -381,8 +380,9 @@ impl Executor {
                 }
                 acc.fill(0.0);
                 for (t, &w) in scores.iter().enumerate() {
-                    for (a, v) in acc.iter_mut().zip(kv.value(layer, sequence, t, kv_head)) {
-                        *a += w * v.to_f32();
+                    kv.value(layer, sequence, t, kv_head).convert_to_f32_slice(value);
+                    for (a, v) in acc.iter_mut().zip(value.iter()) {
+                        *a += w * v;
                     }
                 }
                 for (o, a) in target.iter_mut().zip(acc.iter()) {

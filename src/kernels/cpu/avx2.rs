@@ -14,20 +14,25 @@ use half::{bf16, f16};
 
 use super::blocks::*;
 
-/// Scalar f16 -> f32 without touching vector registers (exact, including subnormals).
-/// Going through `vcvtph2ps` for one lane lets LLVM merge into an arbitrary register
-/// (`vpinsrw`), which created a false dependency on the loop accumulator.
+/// Scalar f16 -> f32 without `vcvtph2ps` (exact, including subnormals and inf/NaN).
+/// Converting one lane with `vcvtph2ps` let LLVM merge into an arbitrary register
+/// (`vpinsrw`), creating a false dependency on the loop accumulator. No float arithmetic on
+/// subnormal inputs either: small K-quant scales are often f16 subnormals and a denormal
+/// multiply costs a microcode assist.
 #[inline(always)]
 pub(super) fn f16_to_f32(h: F16Bytes) -> f32 {
     let h = h.bits() as u32;
     let sign = (h & 0x8000) << 16;
     let em = h & 0x7fff;
     if em >= 0x7c00 {
-        return f32::from_bits(sign | 0x7f80_0000 | ((em & 0x3ff) << 13));
+        f32::from_bits(sign | 0x7f80_0000 | ((em & 0x3ff) << 13))
+    } else if em >= 0x0400 {
+        // normal: rebias the exponent by 127 - 15
+        f32::from_bits(sign | ((em << 13) + (112 << 23)))
+    } else {
+        // zero or subnormal: m * 2^-24, exact
+        f32::from_bits(sign | (em as f32 * (1.0 / 16_777_216.0)).to_bits())
     }
-    // Rebias the exponent by multiplying with 2^112; subnormal halves become normal floats.
-    let v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
-    f32::from_bits(v.to_bits() | sign)
 }
 
 /// f16 broadcast to 8 f32 lanes (one `vpbroadcastw` + `vcvtph2ps`).
@@ -97,204 +102,235 @@ unsafe fn mul_sum_us8_pairs_float(ax: __m256i, sy: __m256i) -> __m256 {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Kernel bodies are generic over N, the number of activation vectors processed per pass over a
+// weight row (1 or 4; 2 for the float types). Each activation keeps its own accumulators with
+// the same operation order for every N, so batched results are bitwise identical to N = 1.
+
+// ---- float types
+
+/// Element formats of float rows, read from raw little-endian bytes (any alignment).
+trait Lanes {
+    const SIZE: usize;
+    unsafe fn load8(p: *const u8, i: usize) -> __m256;
+    unsafe fn get(p: *const u8, i: usize) -> f32;
+}
+struct LF32;
+struct LF16;
+struct LBF16;
+impl Lanes for LF32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8, i: usize) -> __m256 {
+        unsafe { _mm256_loadu_ps(p.add(4 * i) as *const f32) }
+    }
+    #[inline(always)]
+    unsafe fn get(p: *const u8, i: usize) -> f32 {
+        unsafe { f32::from_le_bytes((p.add(4 * i) as *const [u8; 4]).read()) }
+    }
+}
+impl Lanes for LF16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8, i: usize) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i)) }
+    }
+    #[inline(always)]
+    unsafe fn get(p: *const u8, i: usize) -> f32 {
+        unsafe { f16_to_f32(F16Bytes((p.add(2 * i) as *const [u8; 2]).read())) }
+    }
+}
+impl Lanes for LBF16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    unsafe fn load8(p: *const u8, i: usize) -> __m256 {
+        unsafe {
+            let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(2 * i) as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+        }
+    }
+    #[inline(always)]
+    unsafe fn get(p: *const u8, i: usize) -> f32 {
+        unsafe { bf16::from_bits(u16::from_le_bytes((p.add(2 * i) as *const [u8; 2]).read())).to_f32() }
+    }
+}
+
+/// Dot of `n` weights at `pw` with N activation vectors at `pa + v * stride` (bytes).
+#[inline(always)]
+unsafe fn float_body<W: Lanes, A: Lanes, const N: usize>(pw: *const u8, pa: *const u8, stride: usize, n: usize) -> [f32; N] {
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 4]; N];
+        let mut i = 0;
+        while i + 32 <= n {
+            for k in 0..4 {
+                let w = W::load8(pw, i + 8 * k);
+                for v in 0..N {
+                    acc[v][k] = _mm256_fmadd_ps(w, A::load8(pa.add(v * stride), i + 8 * k), acc[v][k]);
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let w = W::load8(pw, i);
+            for v in 0..N {
+                acc[v][0] = _mm256_fmadd_ps(w, A::load8(pa.add(v * stride), i), acc[v][0]);
+            }
+            i += 8;
+        }
+        let mut out = [0f32; N];
+        for v in 0..N {
+            let a = &acc[v];
+            let mut s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+            for j in i..n {
+                s += W::get(pw, j) * A::get(pa.add(v * stride), j);
+            }
+            out[v] = s;
+        }
+        out
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for k in 0..4 {
-                let x = _mm256_loadu_ps(pa.add(i + 8 * k));
-                let y = _mm256_loadu_ps(pb.add(i + 8 * k));
-                acc[k] = _mm256_fmadd_ps(x, y, acc[k]);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
-            i += 8;
-        }
-        let mut s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-        while i < n {
-            s += *pa.add(i) * *pb.add(i);
-            i += 1;
-        }
-        s
-    }
+    unsafe { float_body::<LF32, LF32, 1>(a.as_ptr() as *const u8, b.as_ptr() as *const u8, 0, a.len().min(b.len()))[0] }
 }
 
-/// F32 weights given as raw little-endian bytes (any alignment).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f32(w: &[u8], a: &[f32]) -> f32 {
-    debug_assert_eq!(w.len(), a.len() * 4);
-    let n = a.len();
-    let (pw, pa) = (w.as_ptr() as *const f32, a.as_ptr());
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for k in 0..4 {
-                let x = _mm256_loadu_ps(pw.add(i + 8 * k));
-                let y = _mm256_loadu_ps(pa.add(i + 8 * k));
-                acc[k] = _mm256_fmadd_ps(x, y, acc[k]);
+macro_rules! float_kernels {
+    ($one:ident, $four:ident, $lw:ty, $la:ty, $at:ty) => {
+        /// Weights as raw little-endian bytes (any alignment).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $one(w: &[u8], a: &[$at]) -> f32 {
+            debug_assert_eq!(w.len(), a.len() * <$lw>::SIZE);
+            unsafe { float_body::<$lw, $la, 1>(w.as_ptr(), a.as_ptr() as *const u8, 0, a.len())[0] }
+        }
+        /// Four activation vectors at `a`, `a + stride`, ... (elements).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $four(w: &[u8], a: *const $at, stride: usize, out: &mut [f32; 4]) {
+            let n = w.len() / <$lw>::SIZE;
+            let sb = stride * size_of::<$at>();
+            unsafe {
+                let lo = float_body::<$lw, $la, 2>(w.as_ptr(), a as *const u8, sb, n);
+                let hi = float_body::<$lw, $la, 2>(w.as_ptr(), (a as *const u8).add(2 * sb), sb, n);
+                *out = [lo[0], lo[1], hi[0], hi[1]];
             }
-            i += 32;
         }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pw.add(i)), _mm256_loadu_ps(pa.add(i)), acc[0]);
-            i += 8;
+    };
+}
+float_kernels!(dot_f32, dot4_f32, LF32, LF32, f32);
+float_kernels!(dot_f16, dot4_f16, LF16, LF16, f16);
+float_kernels!(dot_bf16, dot4_bf16, LBF16, LBF16, bf16);
+
+// ---- legacy 32-element blocks
+
+/// Shared loop of the 32-element block kernels. `prep(i)` decodes weight block `i` once
+/// (returning its broadcast scale and 32 signed or unsigned quants), `dot(wq, yblock)` gives
+/// the integer partial sums as floats, `dy(yblock)` the activation scale and `extra` updates a
+/// second accumulator whose 8 (identical) lanes are summed and scaled by 1/8 at the end (exact).
+/// Even and odd blocks go to separate accumulators to hide FMA latency.
+macro_rules! legacy_body {
+    ($n:expr, $x:expr, $y:expr, $stride:expr, |$i:ident| $prep:expr, |$wq:ident, $by:ident| $dot:expr, |$byd:ident| $dy:expr, |$bx2:ident, $by2:ident, $a:ident| $extra:expr) => {{
+        let x = $x;
+        let y = $y;
+        let stride = $stride;
+        // `acc` takes even blocks and `acc_b` odd ones (swapped every block, which is just
+        // register renaming), so consecutive FMAs are independent.
+        let mut acc = [_mm256_setzero_ps(); $n];
+        let mut acc_b = [_mm256_setzero_ps(); $n];
+        let mut acc_extra = [_mm256_setzero_ps(); $n];
+        for idx in 0..x.len() {
+            let $i = idx;
+            let (dx, $wq) = $prep;
+            for v in 0..$n {
+                let $by: &_ = &*y.add(v * stride + idx);
+                let d = _mm256_mul_ps(dx, { let $byd = $by; $dy });
+                let p = $dot;
+                acc[v] = _mm256_fmadd_ps(d, p, acc[v]);
+                #[allow(unused_variables)]
+                let ($bx2, $by2, $a) = (x.get_unchecked(idx), $by, acc_extra[v]);
+                acc_extra[v] = $extra;
+            }
+            std::mem::swap(&mut acc, &mut acc_b);
         }
-        let mut s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-        while i < n {
-            s += f32::from_le_bytes((pw.add(i) as *const [u8; 4]).read()) * *pa.add(i);
-            i += 1;
+        let mut out = [0f32; $n];
+        for v in 0..$n {
+            out[v] = hsum_ps(_mm256_add_ps(acc[v], acc_b[v])) + 0.125 * hsum_ps(acc_extra[v]);
         }
-        s
-    }
+        out
+    }};
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_f16(w: &[u8], a: &[f16]) -> f32 {
-    debug_assert_eq!(w.len(), a.len() * 2);
-    let n = a.len();
-    let (pw, pa) = (w.as_ptr(), a.as_ptr() as *const u8);
+#[inline(always)]
+unsafe fn q4_0_body<const N: usize>(x: &[BlockQ4_0], y: *const BlockQ8_0, stride: usize) -> [f32; N] {
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for k in 0..4 {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(pw.add(2 * (i + 8 * k)) as *const __m128i));
-                let y = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(2 * (i + 8 * k)) as *const __m128i));
-                acc[k] = _mm256_fmadd_ps(x, y, acc[k]);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(pw.add(2 * i) as *const __m128i));
-            let y = _mm256_cvtph_ps(_mm_loadu_si128(pa.add(2 * i) as *const __m128i));
-            acc[0] = _mm256_fmadd_ps(x, y, acc[0]);
-            i += 8;
-        }
-        let mut s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-        while i < n {
-            let wh = F16Bytes([*pw.add(2 * i), *pw.add(2 * i + 1)]);
-            s += f16_to_f32(wh) * a.get_unchecked(i).to_f32();
-            i += 1;
-        }
-        s
+        let off = _mm256_set1_epi8(8);
+        legacy_body!(
+            N, x, y, stride,
+            |i| {
+                let bx = x.get_unchecked(i);
+                (f16_splat(bx.d), _mm256_sub_epi8(nibbles_32(bx.qs.as_ptr()), off))
+            },
+            |qx, by| mul_sum_i8_pairs_float(qx, _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)),
+            |b| f16_splat(b.d),
+            |bx, by, a| a
+        )
     }
 }
 
 #[inline(always)]
-unsafe fn load_bf16x8(p: *const u8) -> __m256 {
+unsafe fn q4_1_body<const N: usize>(x: &[BlockQ4_1], y: *const BlockQ8_1, stride: usize) -> [f32; N] {
     unsafe {
-        let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+        // m * s is accumulated in all 8 lanes (identical); the final hsum is scaled by 1/8,
+        // which is exact. Keeping it vectorized avoids scalar f16 conversions in the loop.
+        legacy_body!(
+            N, x, y, stride,
+            |i| {
+                let bx = x.get_unchecked(i);
+                (f16_splat(bx.d), nibbles_32(bx.qs.as_ptr()))
+            },
+            |qx, by| mul_sum_us8_pairs_float(qx, _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)),
+            |b| f16_splat(b.d),
+            |bx, by, a| _mm256_fmadd_ps(f16_splat(bx.m), f16_splat(by.s), a)
+        )
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_bf16(w: &[u8], a: &[bf16]) -> f32 {
-    debug_assert_eq!(w.len(), a.len() * 2);
-    let n = a.len();
-    let (pw, pa) = (w.as_ptr(), a.as_ptr() as *const u8);
+#[inline(always)]
+unsafe fn q5_0_body<const N: usize>(x: &[BlockQ5_0], y: *const BlockQ8_0, stride: usize) -> [f32; N] {
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for k in 0..4 {
-                let x = load_bf16x8(pw.add(2 * (i + 8 * k)));
-                let y = load_bf16x8(pa.add(2 * (i + 8 * k)));
-                acc[k] = _mm256_fmadd_ps(x, y, acc[k]);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(load_bf16x8(pw.add(2 * i)), load_bf16x8(pa.add(2 * i)), acc[0]);
-            i += 8;
-        }
-        let mut s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-        while i < n {
-            let wv = bf16::from_bits(u16::from_le_bytes([*pw.add(2 * i), *pw.add(2 * i + 1)]));
-            s += wv.to_f32() * a.get_unchecked(i).to_f32();
-            i += 1;
-        }
-        s
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
-    debug_assert_eq!(x.len(), y.len());
-    unsafe {
-        let mut acc = _mm256_setzero_ps();
-        let off = _mm256_set1_epi8(8);
-        for i in 0..x.len() {
-            let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = _mm256_mul_ps(f16_splat(bx.d), f16_splat(by.d));
-            let qx = _mm256_sub_epi8(nibbles_32(bx.qs.as_ptr()), off);
-            let qy = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qx, qy), acc);
-        }
-        hsum_ps(acc)
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
-    debug_assert_eq!(x.len(), y.len());
-    unsafe {
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0.0f32;
-        for i in 0..x.len() {
-            let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            summs += f16_to_f32(bx.m) * f16_to_f32(by.s);
-            let d = _mm256_mul_ps(f16_splat(bx.d), f16_splat(by.d));
-            let qx = nibbles_32(bx.qs.as_ptr());
-            let qy = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(d, mul_sum_us8_pairs_float(qx, qy), acc);
-        }
-        hsum_ps(acc) + summs
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
-    debug_assert_eq!(x.len(), y.len());
-    unsafe {
-        let mut acc = _mm256_setzero_ps();
         let hi_clear = _mm256_set1_epi8(0xF0u8 as i8);
-        for i in 0..x.len() {
-            let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = _mm256_mul_ps(f16_splat(bx.d), f16_splat(by.d));
-            // (nibble | bit<<4) - 16 == nibble | (bit ? 0 : 0xF0) as i8
-            let bxhi = _mm256_andnot_si256(bytes_from_bits_32(u32::from_le_bytes(bx.qh)), hi_clear);
-            let qx = _mm256_or_si256(nibbles_32(bx.qs.as_ptr()), bxhi);
-            let qy = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qx, qy), acc);
-        }
-        hsum_ps(acc)
+        legacy_body!(
+            N, x, y, stride,
+            |i| {
+                let bx = x.get_unchecked(i);
+                // (nibble | bit << 4) - 16 == nibble | (bit ? 0 : 0xF0) as i8
+                let bxhi = _mm256_andnot_si256(bytes_from_bits_32(u32::from_le_bytes(bx.qh)), hi_clear);
+                (f16_splat(bx.d), _mm256_or_si256(nibbles_32(bx.qs.as_ptr()), bxhi))
+            },
+            |qx, by| mul_sum_i8_pairs_float(qx, _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)),
+            |b| f16_splat(b.d),
+            |bx, by, a| a
+        )
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
-    debug_assert_eq!(x.len(), y.len());
+#[inline(always)]
+unsafe fn q8_0_body<const N: usize>(x: &[BlockQ8_0], y: *const BlockQ8_0, stride: usize) -> [f32; N] {
     unsafe {
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..x.len() {
-            let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = _mm256_mul_ps(f16_splat(bx.d), f16_splat(by.d));
-            let qx = _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i);
-            let qy = _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i);
-            acc = _mm256_fmadd_ps(d, mul_sum_i8_pairs_float(qx, qy), acc);
-        }
-        hsum_ps(acc)
+        legacy_body!(
+            N, x, y, stride,
+            |i| {
+                let bx = x.get_unchecked(i);
+                (f16_splat(bx.d), _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i))
+            },
+            |qx, by| mul_sum_i8_pairs_float(qx, _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)),
+            |b| f16_splat(b.d),
+            |bx, by, a| a
+        )
     }
 }
+
+// ---- K-quants
 
 /// Q4_K/Q5_K 12-byte scale block -> (8 scales, 8 mins), same as `get_scale_min_k4`.
 #[inline(always)]
@@ -320,129 +356,192 @@ fn unpack_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
 
 /// sum_j mins[j] * (bsums[2j] + bsums[2j+1]) as 4 i32 lanes.
 #[inline(always)]
-unsafe fn mins_dot_bsums(mins: &[u8; 8], bsums: &[i16; 16]) -> __m128i {
+unsafe fn mins_dot_bsums(m16: __m128i, bsums: &[i16; 16]) -> __m128i {
     unsafe {
-        let m16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mins.as_ptr() as *const __m128i));
         let q8sums = _mm256_loadu_si256(bsums.as_ptr() as *const __m256i);
         let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256::<1>(q8sums));
         _mm_madd_epi16(m16, q8s)
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q4_k_q8_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    debug_assert_eq!(x.len(), y.len());
-    unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_m = _mm_setzero_ps();
-        for i in 0..x.len() {
-            let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = by.d * f16_to_f32(bx.d);
-            let dmin = -by.d * f16_to_f32(bx.dmin);
-            let (sc, mn) = unpack_k4(&bx.scales);
-            let prod = mins_dot_bsums(&mn, &by.bsums);
-            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-
-            let q4 = bx.qs.as_ptr();
-            let q8 = by.qs.as_ptr();
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..4 {
-                let q4bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
-                let q4l = _mm256_and_si256(q4bits, m4);
-                let q4h = _mm256_and_si256(_mm256_srli_epi16::<4>(q4bits), m4);
-                let q8l = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
-                let q8h = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-                let pl = _mm256_madd_epi16(_mm256_set1_epi16(*sc.get_unchecked(2 * j) as i16), _mm256_maddubs_epi16(q4l, q8l));
-                let ph = _mm256_madd_epi16(_mm256_set1_epi16(*sc.get_unchecked(2 * j + 1) as i16), _mm256_maddubs_epi16(q4h, q8h));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-            }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-        }
-        hsum_ps(acc) + hsum_ps128(acc_m)
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q5_k_q8_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    debug_assert_eq!(x.len(), y.len());
+/// Shared Q4_K / Q5_K body; `HIGH` selects Q5_K (fifth bit from `qh`).
+#[inline(always)]
+unsafe fn k4_body<const N: usize, const HIGH: bool>(
+    d16: F16Bytes,
+    dmin16: F16Bytes,
+    scales: &[u8; 12],
+    qs: *const u8,
+    qh: *const u8,
+    y: *const BlockQ8K,
+    stride: usize,
+    acc: &mut [__m256; N],
+    acc_m: &mut [__m128; N],
+) {
     unsafe {
         let m4 = _mm256_set1_epi8(0x0F);
         let m16 = _mm256_set1_epi8(0x10);
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_m = _mm_setzero_ps();
-        for i in 0..x.len() {
-            let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = by.d * f16_to_f32(bx.d);
-            let dmin = -by.d * f16_to_f32(bx.dmin);
-            let (sc, mn) = unpack_k4(&bx.scales);
-            let prod = mins_dot_bsums(&mn, &by.bsums);
-            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-
-            let q4 = bx.qs.as_ptr();
-            let q8 = by.qs.as_ptr();
-            let hbits = _mm256_loadu_si256(bx.qh.as_ptr() as *const __m256i);
-            let mut sumi = _mm256_setzero_si256();
-            for j in 0..4 {
+        let dx = f16_to_f32(d16);
+        let dminx = f16_to_f32(dmin16);
+        let (sc, mn) = unpack_k4(scales);
+        let mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+        for v in 0..N {
+            let by = &*y.add(v * stride);
+            let prod = mins_dot_bsums(mins16, &by.bsums);
+            acc_m[v] = _mm_fmadd_ps(_mm_set1_ps(-by.d * dminx), _mm_cvtepi32_ps(prod), acc_m[v]);
+        }
+        let hbits = if HIGH { _mm256_loadu_si256(qh as *const __m256i) } else { _mm256_setzero_si256() };
+        let mut sumi = [_mm256_setzero_si256(); N];
+        for j in 0..4 {
+            let q4bits = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+            let mut ql = _mm256_and_si256(q4bits, m4);
+            let mut qhi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4bits), m4);
+            if HIGH {
                 let ml = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
                 let mh = _mm256_set1_epi8((2u8 << (2 * j)) as i8);
-                let hl = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, ml), ml), m16);
-                let hh = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mh), mh), m16);
-                let q4bits = _mm256_loadu_si256(q4.add(32 * j) as *const __m256i);
-                let q5l = _mm256_or_si256(_mm256_and_si256(q4bits, m4), hl);
-                let q5h = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q4bits), m4), hh);
+                ql = _mm256_or_si256(ql, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, ml), ml), m16));
+                qhi = _mm256_or_si256(qhi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mh), mh), m16));
+            }
+            let sl = _mm256_set1_epi16(*sc.get_unchecked(2 * j) as i16);
+            let sh = _mm256_set1_epi16(*sc.get_unchecked(2 * j + 1) as i16);
+            for v in 0..N {
+                let q8 = (*y.add(v * stride)).qs.as_ptr();
                 let q8l = _mm256_loadu_si256(q8.add(64 * j) as *const __m256i);
                 let q8h = _mm256_loadu_si256(q8.add(64 * j + 32) as *const __m256i);
-                let pl = _mm256_madd_epi16(_mm256_set1_epi16(*sc.get_unchecked(2 * j) as i16), _mm256_maddubs_epi16(q5l, q8l));
-                let ph = _mm256_madd_epi16(_mm256_set1_epi16(*sc.get_unchecked(2 * j + 1) as i16), _mm256_maddubs_epi16(q5h, q8h));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+                let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(ql, q8l));
+                let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(qhi, q8h));
+                sumi[v] = _mm256_add_epi32(sumi[v], _mm256_add_epi32(pl, ph));
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
         }
-        hsum_ps(acc) + hsum_ps128(acc_m)
+        for v in 0..N {
+            let d = (*y.add(v * stride)).d * dx;
+            acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[v]), acc[v]);
+        }
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn dot_q6_k_q8_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-    debug_assert_eq!(x.len(), y.len());
+#[inline(always)]
+unsafe fn q4_k_body<const N: usize>(x: &[BlockQ4K], y: *const BlockQ8K, stride: usize) -> [f32; N] {
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut acc_m = [_mm_setzero_ps(); N];
+        for i in 0..x.len() {
+            let bx = x.get_unchecked(i);
+            k4_body::<N, false>(bx.d, bx.dmin, &bx.scales, bx.qs.as_ptr(), std::ptr::null(), y.add(i), stride, &mut acc, &mut acc_m);
+        }
+        let mut out = [0f32; N];
+        for v in 0..N {
+            out[v] = hsum_ps(acc[v]) + hsum_ps128(acc_m[v]);
+        }
+        out
+    }
+}
+
+#[inline(always)]
+unsafe fn q5_k_body<const N: usize>(x: &[BlockQ5K], y: *const BlockQ8K, stride: usize) -> [f32; N] {
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut acc_m = [_mm_setzero_ps(); N];
+        for i in 0..x.len() {
+            let bx = x.get_unchecked(i);
+            k4_body::<N, true>(bx.d, bx.dmin, &bx.scales, bx.qs.as_ptr(), bx.qh.as_ptr(), y.add(i), stride, &mut acc, &mut acc_m);
+        }
+        let mut out = [0f32; N];
+        for v in 0..N {
+            out[v] = hsum_ps(acc[v]) + hsum_ps128(acc_m[v]);
+        }
+        out
+    }
+}
+
+/// pshufb masks selecting scale bytes a (x8) and a+1 (x8) for a = 2i.
+static Q6K_SCALE_SHUF: [[u8; 16]; 8] = {
+    let mut m = [[0u8; 16]; 8];
+    let mut i = 0;
+    while i < 8 {
+        let mut j = 0;
+        while j < 16 {
+            m[i][j] = (2 * i + j / 8) as u8;
+            j += 1;
+        }
+        i += 1;
+    }
+    m
+};
+
+#[inline(always)]
+unsafe fn q6_k_body<const N: usize>(x: &[BlockQ6K], y: *const BlockQ8K, stride: usize) -> [f32; N] {
     unsafe {
         let m4 = _mm256_set1_epi8(0x0F);
         let m2 = _mm256_set1_epi8(0x03);
         let m32s = _mm256_set1_epi8(32);
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); N];
         for i in 0..x.len() {
-            let (bx, by) = (x.get_unchecked(i), y.get_unchecked(i));
-            let d = by.d * f16_to_f32(bx.d);
-            let sc = &bx.scales;
-            let mut sumi = _mm256_setzero_si256();
+            let bx = x.get_unchecked(i);
+            let dx = f16_to_f32(bx.d);
+            let sc16 = _mm_loadu_si128(bx.scales.as_ptr() as *const __m128i);
+            let mut sumi = [_mm256_setzero_si256(); N];
             for h in 0..2 {
                 let ql = bx.ql.as_ptr().add(64 * h);
-                let q8 = by.qs.as_ptr().add(128 * h);
                 let b1 = _mm256_loadu_si256(ql as *const __m256i);
                 let b2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
                 let bh = _mm256_loadu_si256(bx.qh.as_ptr().add(32 * h) as *const __m256i);
-                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2));
-                let h1 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(bh), m2));
-                let h2 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(bh), m2));
-                let h3 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(bh), m2));
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(b1, m4), h0),
-                    _mm256_or_si256(_mm256_and_si256(b2, m4), h1),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4), h2),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4), h3),
-                ];
-                for (k, &qk) in q.iter().enumerate() {
-                    let q8k = _mm256_loadu_si256(q8.add(32 * k) as *const __m256i);
-                    let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(qk, q8k), _mm256_maddubs_epi16(m32s, q8k));
-                    let s0 = *sc.get_unchecked(8 * h + 2 * k) as i16;
-                    let s1 = *sc.get_unchecked(8 * h + 2 * k + 1) as i16;
-                    let scv = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scv, p16));
+                for k in 0..4 {
+                    // element group k of this half: low/high nibble of b1/b2 plus 2 bits of bh
+                    let lo = match k {
+                        0 => _mm256_and_si256(b1, m4),
+                        1 => _mm256_and_si256(b2, m4),
+                        2 => _mm256_and_si256(_mm256_srli_epi16::<4>(b1), m4),
+                        _ => _mm256_and_si256(_mm256_srli_epi16::<4>(b2), m4),
+                    };
+                    let hi = match k {
+                        0 => _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2)),
+                        1 => _mm256_slli_epi16::<2>(_mm256_and_si256(bh, _mm256_slli_epi16::<2>(m2))),
+                        2 => _mm256_and_si256(bh, _mm256_slli_epi16::<4>(m2)),
+                        _ => _mm256_and_si256(_mm256_srli_epi16::<2>(bh), _mm256_slli_epi16::<4>(m2)),
+                    };
+                    let q = _mm256_or_si256(lo, hi);
+                    // lanes 0..8 = scales[a], lanes 8..16 = scales[a + 1], a = 8h + 2k
+                    let mask = _mm_loadu_si128(Q6K_SCALE_SHUF[4 * h + k].as_ptr() as *const __m128i);
+                    let scv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc16, mask));
+                    for v in 0..N {
+                        let q8 = (*y.add(v * stride + i)).qs.as_ptr().add(128 * h + 32 * k);
+                        let q8k = _mm256_loadu_si256(q8 as *const __m256i);
+                        let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q, q8k), _mm256_maddubs_epi16(m32s, q8k));
+                        sumi[v] = _mm256_add_epi32(sumi[v], _mm256_madd_epi16(scv, p16));
+                    }
                 }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            for v in 0..N {
+                let d = (*y.add(v * stride + i)).d * dx;
+                acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[v]), acc[v]);
+            }
         }
-        hsum_ps(acc)
+        let mut out = [0f32; N];
+        for v in 0..N {
+            out[v] = hsum_ps(acc[v]);
+        }
+        out
     }
 }
+
+macro_rules! quant_kernels {
+    ($one:ident, $four:ident, $body:ident, $wb:ty, $ab:ty) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $one(x: &[$wb], y: &[$ab]) -> f32 {
+            debug_assert_eq!(x.len(), y.len());
+            unsafe { $body::<1>(x, y.as_ptr(), 0)[0] }
+        }
+        /// Four activation vectors at `y`, `y + stride`, ... (blocks).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $four(x: &[$wb], y: *const $ab, stride: usize, out: &mut [f32; 4]) {
+            unsafe { *out = $body::<4>(x, y, stride) }
+        }
+    };
+}
+quant_kernels!(dot_q4_0_q8_0, dot4_q4_0_q8_0, q4_0_body, BlockQ4_0, BlockQ8_0);
+quant_kernels!(dot_q4_1_q8_1, dot4_q4_1_q8_1, q4_1_body, BlockQ4_1, BlockQ8_1);
+quant_kernels!(dot_q5_0_q8_0, dot4_q5_0_q8_0, q5_0_body, BlockQ5_0, BlockQ8_0);
+quant_kernels!(dot_q8_0_q8_0, dot4_q8_0_q8_0, q8_0_body, BlockQ8_0, BlockQ8_0);
+quant_kernels!(dot_q4_k_q8_k, dot4_q4_k_q8_k, q4_k_body, BlockQ4K, BlockQ8K);
+quant_kernels!(dot_q5_k_q8_k, dot4_q5_k_q8_k, q5_k_body, BlockQ5K, BlockQ8K);
+quant_kernels!(dot_q6_k_q8_k, dot4_q6_k_q8_k, q6_k_body, BlockQ6K, BlockQ8K);

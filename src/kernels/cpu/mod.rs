@@ -40,7 +40,9 @@ pub use reference::{
 
 /// Dot-product kernels. Safety contract of every entry: operands have matching lengths
 /// (weights: `n` elements worth of bytes/blocks, activations: `n` elements) and the CPU
-/// supports the features the table was selected for.
+/// supports the features the table was selected for. The `dot4_*` entries compute four dots
+/// of one weight row with the activation vectors at `a`, `a + stride`, `a + 2 * stride`,
+/// `a + 3 * stride` (stride in activation elements/blocks), bitwise equal to four single dots.
 struct Kernels {
     name: &'static str,
     f32_dot: unsafe fn(&[f32], &[f32]) -> f32,
@@ -54,11 +56,44 @@ struct Kernels {
     dot_q4_k: unsafe fn(&[BlockQ4K], &[BlockQ8K]) -> f32,
     dot_q5_k: unsafe fn(&[BlockQ5K], &[BlockQ8K]) -> f32,
     dot_q6_k: unsafe fn(&[BlockQ6K], &[BlockQ8K]) -> f32,
+    dot4_f32: unsafe fn(&[u8], *const f32, usize, &mut [f32; 4]),
+    dot4_f16: unsafe fn(&[u8], *const f16, usize, &mut [f32; 4]),
+    dot4_bf16: unsafe fn(&[u8], *const bf16, usize, &mut [f32; 4]),
+    dot4_q4_0: unsafe fn(&[BlockQ4_0], *const BlockQ8_0, usize, &mut [f32; 4]),
+    dot4_q4_1: unsafe fn(&[BlockQ4_1], *const BlockQ8_1, usize, &mut [f32; 4]),
+    dot4_q5_0: unsafe fn(&[BlockQ5_0], *const BlockQ8_0, usize, &mut [f32; 4]),
+    dot4_q8_0: unsafe fn(&[BlockQ8_0], *const BlockQ8_0, usize, &mut [f32; 4]),
+    dot4_q4_k: unsafe fn(&[BlockQ4K], *const BlockQ8K, usize, &mut [f32; 4]),
+    dot4_q5_k: unsafe fn(&[BlockQ5K], *const BlockQ8K, usize, &mut [f32; 4]),
+    dot4_q6_k: unsafe fn(&[BlockQ6K], *const BlockQ8K, usize, &mut [f32; 4]),
 }
 
 fn scalar_f32_dot(a: &[f32], b: &[f32]) -> f32 {
     reference::f32_dot_scalar(a, b)
 }
+
+/// Scalar 4-vector dot: four calls of the single-vector reference kernel.
+macro_rules! scalar4 {
+    ($name:ident, $one:path, $w:ty, $a:ty, $div:expr) => {
+        unsafe fn $name(w: &[$w], a: *const $a, stride: usize, out: &mut [f32; 4]) {
+            let n = w.len() / $div;
+            for (v, o) in out.iter_mut().enumerate() {
+                // SAFETY: the caller guarantees four vectors of `n` elements at this stride.
+                *o = $one(w, unsafe { std::slice::from_raw_parts(a.add(v * stride), n) });
+            }
+        }
+    };
+}
+scalar4!(scalar4_f32, reference::vec_dot_f32, u8, f32, 4);
+scalar4!(scalar4_f16, reference::vec_dot_f16, u8, f16, 2);
+scalar4!(scalar4_bf16, reference::vec_dot_bf16, u8, bf16, 2);
+scalar4!(scalar4_q4_0, reference::vec_dot_q4_0_q8_0, BlockQ4_0, BlockQ8_0, 1);
+scalar4!(scalar4_q4_1, reference::vec_dot_q4_1_q8_1, BlockQ4_1, BlockQ8_1, 1);
+scalar4!(scalar4_q5_0, reference::vec_dot_q5_0_q8_0, BlockQ5_0, BlockQ8_0, 1);
+scalar4!(scalar4_q8_0, reference::vec_dot_q8_0_q8_0, BlockQ8_0, BlockQ8_0, 1);
+scalar4!(scalar4_q4_k, reference::vec_dot_q4_k_q8_k, BlockQ4K, BlockQ8K, 1);
+scalar4!(scalar4_q5_k, reference::vec_dot_q5_k_q8_k, BlockQ5K, BlockQ8K, 1);
+scalar4!(scalar4_q6_k, reference::vec_dot_q6_k_q8_k, BlockQ6K, BlockQ8K, 1);
 
 static SCALAR: Kernels = Kernels {
     name: "scalar",
@@ -73,6 +108,16 @@ static SCALAR: Kernels = Kernels {
     dot_q4_k: reference::vec_dot_q4_k_q8_k,
     dot_q5_k: reference::vec_dot_q5_k_q8_k,
     dot_q6_k: reference::vec_dot_q6_k_q8_k,
+    dot4_f32: scalar4_f32,
+    dot4_f16: scalar4_f16,
+    dot4_bf16: scalar4_bf16,
+    dot4_q4_0: scalar4_q4_0,
+    dot4_q4_1: scalar4_q4_1,
+    dot4_q5_0: scalar4_q5_0,
+    dot4_q8_0: scalar4_q8_0,
+    dot4_q4_k: scalar4_q4_k,
+    dot4_q5_k: scalar4_q5_k,
+    dot4_q6_k: scalar4_q6_k,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -89,6 +134,16 @@ static AVX2: Kernels = Kernels {
     dot_q4_k: avx2::dot_q4_k_q8_k,
     dot_q5_k: avx2::dot_q5_k_q8_k,
     dot_q6_k: avx2::dot_q6_k_q8_k,
+    dot4_f32: avx2::dot4_f32,
+    dot4_f16: avx2::dot4_f16,
+    dot4_bf16: avx2::dot4_bf16,
+    dot4_q4_0: avx2::dot4_q4_0_q8_0,
+    dot4_q4_1: avx2::dot4_q4_1_q8_1,
+    dot4_q5_0: avx2::dot4_q5_0_q8_0,
+    dot4_q8_0: avx2::dot4_q8_0_q8_0,
+    dot4_q4_k: avx2::dot4_q4_k_q8_k,
+    dot4_q5_k: avx2::dot4_q5_k_q8_k,
+    dot4_q6_k: avx2::dot4_q6_k_q8_k,
 };
 
 static KERNELS: OnceLock<&'static Kernels> = OnceLock::new();
@@ -315,49 +370,56 @@ impl OutPtr {
 /// while the group's rows stay in L1.
 const ROW_GROUP: usize = 4;
 
-/// Runs `dot(weight_row, b)` for rows in `r0..r1` and all `count` activations.
+/// Computes rows `r0..r1` for all `count` activations: `dot1(row, b)` gives one result,
+/// `dot4(row, b, out)` the results for activations `b..b + 4`.
 #[inline(always)]
-fn run_rows<F: Fn(&[u8], usize) -> f32>(
-    dot: &F,
-    weight: &[u8],
-    rb: usize,
-    rows: usize,
-    count: usize,
-    r0: usize,
-    r1: usize,
-    out: OutPtr,
-) {
+#[allow(clippy::too_many_arguments)]
+fn run_rows<F1, F4>(dot1: &F1, dot4: &F4, weight: &[u8], rb: usize, rows: usize, count: usize, r0: usize, r1: usize, out: OutPtr)
+where
+    F1: Fn(&[u8], usize) -> f32,
+    F4: Fn(&[u8], usize, &mut [f32; 4]),
+{
     let mut g = r0;
     while g < r1 {
         let ge = (g + ROW_GROUP).min(r1);
-        for b in 0..count {
+        let mut b = 0;
+        while b + 4 <= count {
             for r in g..ge {
                 // SAFETY: r < rows and the weight length was checked (rows * rb bytes).
                 let w = unsafe { weight.get_unchecked(r * rb..(r + 1) * rb) };
-                let v = dot(w, b);
-                // SAFETY: b < count, r < rows, y.len() == rows * count (checked); rows are
-                // partitioned between tasks so no element is written twice concurrently.
-                unsafe { *out.get().add(b * rows + r) = v };
+                let mut o = [0f32; 4];
+                dot4(w, b, &mut o);
+                for (v, val) in o.into_iter().enumerate() {
+                    // SAFETY: b + v < count, r < rows, y.len() == rows * count (checked); rows
+                    // are partitioned between tasks so no element is written concurrently.
+                    unsafe { *out.get().add((b + v) * rows + r) = val };
+                }
             }
+            b += 4;
+        }
+        while b < count {
+            for r in g..ge {
+                // SAFETY: as above.
+                let w = unsafe { weight.get_unchecked(r * rb..(r + 1) * rb) };
+                let val = dot1(w, b);
+                unsafe { *out.get().add(b * rows + r) = val };
+            }
+            b += 1;
         }
         g = ge;
     }
 }
 
-fn drive<F: Fn(&[u8], usize) -> f32 + Sync>(
-    dot: F,
-    weight: &[u8],
-    rb: usize,
-    rows: usize,
-    cols: usize,
-    count: usize,
-    y: &mut [f32],
-    parallel: bool,
-) {
+#[allow(clippy::too_many_arguments)]
+fn drive<F1, F4>(dot1: F1, dot4: F4, weight: &[u8], rb: usize, rows: usize, cols: usize, count: usize, y: &mut [f32], parallel: bool)
+where
+    F1: Fn(&[u8], usize) -> f32 + Sync,
+    F4: Fn(&[u8], usize, &mut [f32; 4]) + Sync,
+{
     let out = OutPtr(y.as_mut_ptr());
     let threads = rayon::current_num_threads();
     if !parallel || threads <= 1 || rows * cols * count < PARALLEL_MATMUL_MIN || rows <= 16 {
-        run_rows(&dot, weight, rb, rows, count, 0, rows, out);
+        run_rows(&dot1, &dot4, weight, rb, rows, count, 0, rows, out);
         return;
     }
     let chunk = (rows / (threads * 8)).clamp(16, 64);
@@ -365,10 +427,31 @@ fn drive<F: Fn(&[u8], usize) -> f32 + Sync>(
     (0..tasks).into_par_iter().for_each(|t| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(rows);
-        run_rows(&dot, weight, rb, rows, count, r0, r1, out);
+        run_rows(&dot1, &dot4, weight, rb, rows, count, r0, r1, out);
     });
 }
 
+/// Dispatches one weight type: `$one`/`$four` are the table entries, `$act` the activation
+/// buffer, `$per` activation elements (or blocks) per vector, `$blocks` whether the weight row
+/// is viewed as blocks.
+macro_rules! dispatch {
+    ($k:expr, $one:ident, $four:ident, $act:expr, $per:expr, $blocks:tt, $weight:expr, $rb:expr, $rows:expr, $cols:expr, $count:expr, $y:expr, $par:expr) => {{
+        let k = $k;
+        let per = $per;
+        let a = &$act[..per * $count];
+        // SAFETY (both closures): every weight row holds exactly `cols` elements, every
+        // activation vector `per` elements/blocks, b + 3 < count for dot4; `k` matches this CPU.
+        drive(
+            |w, b| unsafe { (k.$one)(dispatch!(@w $blocks, w), a.get_unchecked(b * per..(b + 1) * per)) },
+            |w, b, o| unsafe { (k.$four)(dispatch!(@w $blocks, w), a.as_ptr().add(b * per), per, o) },
+            $weight, $rb, $rows, $cols, $count, $y, $par,
+        )
+    }};
+    (@w blocks, $w:expr) => { as_blocks($w) };
+    (@w bytes, $w:expr) => { $w };
+}
+
+#[allow(clippy::too_many_arguments)]
 fn matmul_with(
     k: &'static Kernels,
     ty: QuantType,
@@ -389,67 +472,19 @@ fn matmul_with(
     if rows == 0 || count == 0 {
         return;
     }
-    let weight = &weight[..need];
-    let n = cols;
-    // SAFETY (all arms): every weight row has exactly `n` elements worth of bytes/blocks and
-    // every activation slice `n` elements; `k` matches this CPU.
+    let w = &weight[..need];
+    let (n, par) = (cols, parallel);
     match ty {
-        QuantType::F32 => {
-            let a = &act.f32s[..n * count];
-            drive(|w, b| unsafe { (k.dot_f32)(w, a.get_unchecked(b * n..(b + 1) * n)) }, weight, rb, rows, cols, count, y, parallel)
-        }
-        QuantType::F16 => {
-            let a = &act.f16s[..n * count];
-            drive(|w, b| unsafe { (k.dot_f16)(w, a.get_unchecked(b * n..(b + 1) * n)) }, weight, rb, rows, cols, count, y, parallel)
-        }
-        QuantType::BF16 => {
-            let a = &act.bf16s[..n * count];
-            drive(|w, b| unsafe { (k.dot_bf16)(w, a.get_unchecked(b * n..(b + 1) * n)) }, weight, rb, rows, cols, count, y, parallel)
-        }
-        QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
-            let nb = n / QK;
-            let a = &act.q8_0[..nb * count];
-            match ty {
-                QuantType::Q4_0 => drive(
-                    |w, b| unsafe { (k.dot_q4_0)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
-                    weight, rb, rows, cols, count, y, parallel,
-                ),
-                QuantType::Q5_0 => drive(
-                    |w, b| unsafe { (k.dot_q5_0)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
-                    weight, rb, rows, cols, count, y, parallel,
-                ),
-                _ => drive(
-                    |w, b| unsafe { (k.dot_q8_0)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
-                    weight, rb, rows, cols, count, y, parallel,
-                ),
-            }
-        }
-        QuantType::Q4_1 => {
-            let nb = n / QK;
-            let a = &act.q8_1[..nb * count];
-            drive(
-                |w, b| unsafe { (k.dot_q4_1)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
-                weight, rb, rows, cols, count, y, parallel,
-            )
-        }
-        QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
-            let nb = n / QK_K;
-            let a = &act.q8_k[..nb * count];
-            match ty {
-                QuantType::Q4_K => drive(
-                    |w, b| unsafe { (k.dot_q4_k)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
-                    weight, rb, rows, cols, count, y, parallel,
-                ),
-                QuantType::Q5_K => drive(
-                    |w, b| unsafe { (k.dot_q5_k)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
-                    weight, rb, rows, cols, count, y, parallel,
-                ),
-                _ => drive(
-                    |w, b| unsafe { (k.dot_q6_k)(as_blocks(w), a.get_unchecked(b * nb..(b + 1) * nb)) },
-                    weight, rb, rows, cols, count, y, parallel,
-                ),
-            }
-        }
+        QuantType::F32 => dispatch!(k, dot_f32, dot4_f32, act.f32s, n, bytes, w, rb, rows, cols, count, y, par),
+        QuantType::F16 => dispatch!(k, dot_f16, dot4_f16, act.f16s, n, bytes, w, rb, rows, cols, count, y, par),
+        QuantType::BF16 => dispatch!(k, dot_bf16, dot4_bf16, act.bf16s, n, bytes, w, rb, rows, cols, count, y, par),
+        QuantType::Q4_0 => dispatch!(k, dot_q4_0, dot4_q4_0, act.q8_0, n / QK, blocks, w, rb, rows, cols, count, y, par),
+        QuantType::Q4_1 => dispatch!(k, dot_q4_1, dot4_q4_1, act.q8_1, n / QK, blocks, w, rb, rows, cols, count, y, par),
+        QuantType::Q5_0 => dispatch!(k, dot_q5_0, dot4_q5_0, act.q8_0, n / QK, blocks, w, rb, rows, cols, count, y, par),
+        QuantType::Q8_0 => dispatch!(k, dot_q8_0, dot4_q8_0, act.q8_0, n / QK, blocks, w, rb, rows, cols, count, y, par),
+        QuantType::Q4_K => dispatch!(k, dot_q4_k, dot4_q4_k, act.q8_k, n / QK_K, blocks, w, rb, rows, cols, count, y, par),
+        QuantType::Q5_K => dispatch!(k, dot_q5_k, dot4_q5_k, act.q8_k, n / QK_K, blocks, w, rb, rows, cols, count, y, par),
+        QuantType::Q6_K => dispatch!(k, dot_q6_k, dot4_q6_k, act.q8_k, n / QK_K, blocks, w, rb, rows, cols, count, y, par),
     }
 }
 

@@ -583,3 +583,32 @@ fn avx2_scalar_f16_conversion_is_exact() {
         assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{h:#06x}: {a} vs {b}");
     }
 }
+
+#[test]
+fn batched_matmul_is_bitwise_equal_to_single_vectors() {
+    let mut rng = Rng::new(16);
+    for ty in QuantType::ALL {
+        let cols = if ty.is_quantized() { 512 } else { 517 };
+        let (rows, count) = (41, 9);
+        let w = make_weights(ty, rows, cols, &mut rng, false);
+        let x = random_acts(&mut rng, cols * count);
+        let mut act = PreparedActivations::new();
+        act.prepare(ty, &x, cols, count);
+        let mut y = vec![0f32; rows * count];
+        matmul(ty, &w, rows, cols, &act, &mut y);
+        let mut yr = vec![0f32; rows * count];
+        matmul_reference(ty, &w, rows, cols, &act, &mut yr);
+        let mut one = PreparedActivations::new();
+        for b in 0..count {
+            one.prepare(ty, &x[b * cols..(b + 1) * cols], cols, 1);
+            let mut y1 = vec![0f32; rows];
+            matmul(ty, &w, rows, cols, &one, &mut y1);
+            let mut y1r = vec![0f32; rows];
+            matmul_reference(ty, &w, rows, cols, &one, &mut y1r);
+            for r in 0..rows {
+                assert_eq!(y[b * rows + r].to_bits(), y1[r].to_bits(), "{ty} fast b={b} r={r}");
+                assert_eq!(yr[b * rows + r].to_bits(), y1r[r].to_bits(), "{ty} reference b={b} r={r}");
+            }
+        }
+    }
+}
