@@ -8,6 +8,8 @@
 //! `mod.rs` before the kernel table is built) and equal-length operands (checked by callers;
 //! the loops use unchecked indexing).
 
+#![allow(clippy::needless_range_loop)] // index loops mirror ggml's C code
+
 use std::arch::x86_64::*;
 
 use half::{bf16, f16};
@@ -74,7 +76,12 @@ unsafe fn nibbles_32(p: *const u8) -> __m256i {
 #[inline(always)]
 unsafe fn bytes_from_bits_32(bits: u32) -> __m256i {
     unsafe {
-        let shuf = _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
+        let shuf = _mm256_setr_epi64x(
+            0,
+            0x0101010101010101,
+            0x0202020202020202,
+            0x0303030303030303,
+        );
         let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf);
         let bit_mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe_u64 as i64);
         let bytes = _mm256_or_si256(bytes, bit_mask);
@@ -151,13 +158,20 @@ impl Lanes for LBF16 {
     }
     #[inline(always)]
     unsafe fn get(p: *const u8, i: usize) -> f32 {
-        unsafe { bf16::from_bits(u16::from_le_bytes((p.add(2 * i) as *const [u8; 2]).read())).to_f32() }
+        unsafe {
+            bf16::from_bits(u16::from_le_bytes((p.add(2 * i) as *const [u8; 2]).read())).to_f32()
+        }
     }
 }
 
 /// Dot of `n` weights at `pw` with N activation vectors at `pa + v * stride` (bytes).
 #[inline(always)]
-unsafe fn float_body<W: Lanes, A: Lanes, const N: usize>(pw: *const u8, pa: *const u8, stride: usize, n: usize) -> [f32; N] {
+unsafe fn float_body<W: Lanes, A: Lanes, const N: usize>(
+    pw: *const u8,
+    pa: *const u8,
+    stride: usize,
+    n: usize,
+) -> [f32; N] {
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); 4]; N];
         let mut i = 0;
@@ -165,7 +179,8 @@ unsafe fn float_body<W: Lanes, A: Lanes, const N: usize>(pw: *const u8, pa: *con
             for k in 0..4 {
                 let w = W::load8(pw, i + 8 * k);
                 for v in 0..N {
-                    acc[v][k] = _mm256_fmadd_ps(w, A::load8(pa.add(v * stride), i + 8 * k), acc[v][k]);
+                    acc[v][k] =
+                        _mm256_fmadd_ps(w, A::load8(pa.add(v * stride), i + 8 * k), acc[v][k]);
                 }
             }
             i += 32;
@@ -180,7 +195,10 @@ unsafe fn float_body<W: Lanes, A: Lanes, const N: usize>(pw: *const u8, pa: *con
         let mut out = [0f32; N];
         for v in 0..N {
             let a = &acc[v];
-            let mut s = hsum_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+            let mut s = hsum_ps(_mm256_add_ps(
+                _mm256_add_ps(a[0], a[1]),
+                _mm256_add_ps(a[2], a[3]),
+            ));
             for j in i..n {
                 s += W::get(pw, j) * A::get(pa.add(v * stride), j);
             }
@@ -193,7 +211,14 @@ unsafe fn float_body<W: Lanes, A: Lanes, const N: usize>(pw: *const u8, pa: *con
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    unsafe { float_body::<LF32, LF32, 1>(a.as_ptr() as *const u8, b.as_ptr() as *const u8, 0, a.len().min(b.len()))[0] }
+    unsafe {
+        float_body::<LF32, LF32, 1>(
+            a.as_ptr() as *const u8,
+            b.as_ptr() as *const u8,
+            0,
+            a.len().min(b.len()),
+        )[0]
+    }
 }
 
 macro_rules! float_kernels {
@@ -243,7 +268,10 @@ macro_rules! legacy_body {
             let (dx, $wq) = $prep;
             for v in 0..$n {
                 let $by: &_ = &*y.add(v * stride + idx);
-                let d = _mm256_mul_ps(dx, { let $byd = $by; $dy });
+                let d = _mm256_mul_ps(dx, {
+                    let $byd = $by;
+                    $dy
+                });
                 let p = $dot;
                 acc[v] = _mm256_fmadd_ps(d, p, acc[v]);
                 #[allow(unused_variables)]
@@ -261,16 +289,29 @@ macro_rules! legacy_body {
 }
 
 #[inline(always)]
-unsafe fn q4_0_body<const N: usize>(x: &[BlockQ4_0], y: *const BlockQ8_0, stride: usize) -> [f32; N] {
+unsafe fn q4_0_body<const N: usize>(
+    x: &[BlockQ4_0],
+    y: *const BlockQ8_0,
+    stride: usize,
+) -> [f32; N] {
     unsafe {
         let off = _mm256_set1_epi8(8);
         legacy_body!(
-            N, x, y, stride,
+            N,
+            x,
+            y,
+            stride,
             |i| {
                 let bx = x.get_unchecked(i);
-                (f16_splat(bx.d), _mm256_sub_epi8(nibbles_32(bx.qs.as_ptr()), off))
+                (
+                    f16_splat(bx.d),
+                    _mm256_sub_epi8(nibbles_32(bx.qs.as_ptr()), off),
+                )
             },
-            |qx, by| mul_sum_i8_pairs_float(qx, _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)),
+            |qx, by| mul_sum_i8_pairs_float(
+                qx,
+                _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)
+            ),
             |b| f16_splat(b.d),
             |bx, by, a| a
         )
@@ -278,17 +319,27 @@ unsafe fn q4_0_body<const N: usize>(x: &[BlockQ4_0], y: *const BlockQ8_0, stride
 }
 
 #[inline(always)]
-unsafe fn q4_1_body<const N: usize>(x: &[BlockQ4_1], y: *const BlockQ8_1, stride: usize) -> [f32; N] {
+unsafe fn q4_1_body<const N: usize>(
+    x: &[BlockQ4_1],
+    y: *const BlockQ8_1,
+    stride: usize,
+) -> [f32; N] {
     unsafe {
         // m * s is accumulated in all 8 lanes (identical); the final hsum is scaled by 1/8,
         // which is exact. Keeping it vectorized avoids scalar f16 conversions in the loop.
         legacy_body!(
-            N, x, y, stride,
+            N,
+            x,
+            y,
+            stride,
             |i| {
                 let bx = x.get_unchecked(i);
                 (f16_splat(bx.d), nibbles_32(bx.qs.as_ptr()))
             },
-            |qx, by| mul_sum_us8_pairs_float(qx, _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)),
+            |qx, by| mul_sum_us8_pairs_float(
+                qx,
+                _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)
+            ),
             |b| f16_splat(b.d),
             |bx, by, a| _mm256_fmadd_ps(f16_splat(bx.m), f16_splat(by.s), a)
         )
@@ -296,18 +347,32 @@ unsafe fn q4_1_body<const N: usize>(x: &[BlockQ4_1], y: *const BlockQ8_1, stride
 }
 
 #[inline(always)]
-unsafe fn q5_0_body<const N: usize>(x: &[BlockQ5_0], y: *const BlockQ8_0, stride: usize) -> [f32; N] {
+unsafe fn q5_0_body<const N: usize>(
+    x: &[BlockQ5_0],
+    y: *const BlockQ8_0,
+    stride: usize,
+) -> [f32; N] {
     unsafe {
         let hi_clear = _mm256_set1_epi8(0xF0u8 as i8);
         legacy_body!(
-            N, x, y, stride,
+            N,
+            x,
+            y,
+            stride,
             |i| {
                 let bx = x.get_unchecked(i);
                 // (nibble | bit << 4) - 16 == nibble | (bit ? 0 : 0xF0) as i8
-                let bxhi = _mm256_andnot_si256(bytes_from_bits_32(u32::from_le_bytes(bx.qh)), hi_clear);
-                (f16_splat(bx.d), _mm256_or_si256(nibbles_32(bx.qs.as_ptr()), bxhi))
+                let bxhi =
+                    _mm256_andnot_si256(bytes_from_bits_32(u32::from_le_bytes(bx.qh)), hi_clear);
+                (
+                    f16_splat(bx.d),
+                    _mm256_or_si256(nibbles_32(bx.qs.as_ptr()), bxhi),
+                )
             },
-            |qx, by| mul_sum_i8_pairs_float(qx, _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)),
+            |qx, by| mul_sum_i8_pairs_float(
+                qx,
+                _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)
+            ),
             |b| f16_splat(b.d),
             |bx, by, a| a
         )
@@ -315,15 +380,28 @@ unsafe fn q5_0_body<const N: usize>(x: &[BlockQ5_0], y: *const BlockQ8_0, stride
 }
 
 #[inline(always)]
-unsafe fn q8_0_body<const N: usize>(x: &[BlockQ8_0], y: *const BlockQ8_0, stride: usize) -> [f32; N] {
+unsafe fn q8_0_body<const N: usize>(
+    x: &[BlockQ8_0],
+    y: *const BlockQ8_0,
+    stride: usize,
+) -> [f32; N] {
     unsafe {
         legacy_body!(
-            N, x, y, stride,
+            N,
+            x,
+            y,
+            stride,
             |i| {
                 let bx = x.get_unchecked(i);
-                (f16_splat(bx.d), _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i))
+                (
+                    f16_splat(bx.d),
+                    _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i),
+                )
             },
-            |qx, by| mul_sum_i8_pairs_float(qx, _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)),
+            |qx, by| mul_sum_i8_pairs_float(
+                qx,
+                _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)
+            ),
             |b| f16_splat(b.d),
             |bx, by, a| a
         )
@@ -359,13 +437,17 @@ fn unpack_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
 unsafe fn mins_dot_bsums(m16: __m128i, bsums: &[i16; 16]) -> __m128i {
     unsafe {
         let q8sums = _mm256_loadu_si256(bsums.as_ptr() as *const __m256i);
-        let q8s = _mm_hadd_epi16(_mm256_castsi256_si128(q8sums), _mm256_extracti128_si256::<1>(q8sums));
+        let q8s = _mm_hadd_epi16(
+            _mm256_castsi256_si128(q8sums),
+            _mm256_extracti128_si256::<1>(q8sums),
+        );
         _mm_madd_epi16(m16, q8s)
     }
 }
 
 /// Shared Q4_K / Q5_K body; `HIGH` selects Q5_K (fifth bit from `qh`).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn k4_body<const N: usize, const HIGH: bool>(
     d16: F16Bytes,
     dmin16: F16Bytes,
@@ -389,7 +471,11 @@ unsafe fn k4_body<const N: usize, const HIGH: bool>(
             let prod = mins_dot_bsums(mins16, &by.bsums);
             acc_m[v] = _mm_fmadd_ps(_mm_set1_ps(-by.d * dminx), _mm_cvtepi32_ps(prod), acc_m[v]);
         }
-        let hbits = if HIGH { _mm256_loadu_si256(qh as *const __m256i) } else { _mm256_setzero_si256() };
+        let hbits = if HIGH {
+            _mm256_loadu_si256(qh as *const __m256i)
+        } else {
+            _mm256_setzero_si256()
+        };
         let mut sumi = [_mm256_setzero_si256(); N];
         for j in 0..4 {
             let q4bits = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
@@ -398,8 +484,14 @@ unsafe fn k4_body<const N: usize, const HIGH: bool>(
             if HIGH {
                 let ml = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
                 let mh = _mm256_set1_epi8((2u8 << (2 * j)) as i8);
-                ql = _mm256_or_si256(ql, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, ml), ml), m16));
-                qhi = _mm256_or_si256(qhi, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mh), mh), m16));
+                ql = _mm256_or_si256(
+                    ql,
+                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, ml), ml), m16),
+                );
+                qhi = _mm256_or_si256(
+                    qhi,
+                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hbits, mh), mh), m16),
+                );
             }
             let sl = _mm256_set1_epi16(*sc.get_unchecked(2 * j) as i16);
             let sh = _mm256_set1_epi16(*sc.get_unchecked(2 * j + 1) as i16);
@@ -426,7 +518,17 @@ unsafe fn q4_k_body<const N: usize>(x: &[BlockQ4K], y: *const BlockQ8K, stride: 
         let mut acc_m = [_mm_setzero_ps(); N];
         for i in 0..x.len() {
             let bx = x.get_unchecked(i);
-            k4_body::<N, false>(bx.d, bx.dmin, &bx.scales, bx.qs.as_ptr(), std::ptr::null(), y.add(i), stride, &mut acc, &mut acc_m);
+            k4_body::<N, false>(
+                bx.d,
+                bx.dmin,
+                &bx.scales,
+                bx.qs.as_ptr(),
+                std::ptr::null(),
+                y.add(i),
+                stride,
+                &mut acc,
+                &mut acc_m,
+            );
         }
         let mut out = [0f32; N];
         for v in 0..N {
@@ -443,7 +545,17 @@ unsafe fn q5_k_body<const N: usize>(x: &[BlockQ5K], y: *const BlockQ8K, stride: 
         let mut acc_m = [_mm_setzero_ps(); N];
         for i in 0..x.len() {
             let bx = x.get_unchecked(i);
-            k4_body::<N, true>(bx.d, bx.dmin, &bx.scales, bx.qs.as_ptr(), bx.qh.as_ptr(), y.add(i), stride, &mut acc, &mut acc_m);
+            k4_body::<N, true>(
+                bx.d,
+                bx.dmin,
+                &bx.scales,
+                bx.qs.as_ptr(),
+                bx.qh.as_ptr(),
+                y.add(i),
+                stride,
+                &mut acc,
+                &mut acc_m,
+            );
         }
         let mut out = [0f32; N];
         for v in 0..N {
@@ -495,18 +607,26 @@ unsafe fn q6_k_body<const N: usize>(x: &[BlockQ6K], y: *const BlockQ8K, stride: 
                     };
                     let hi = match k {
                         0 => _mm256_slli_epi16::<4>(_mm256_and_si256(bh, m2)),
-                        1 => _mm256_slli_epi16::<2>(_mm256_and_si256(bh, _mm256_slli_epi16::<2>(m2))),
+                        1 => {
+                            _mm256_slli_epi16::<2>(_mm256_and_si256(bh, _mm256_slli_epi16::<2>(m2)))
+                        }
                         2 => _mm256_and_si256(bh, _mm256_slli_epi16::<4>(m2)),
-                        _ => _mm256_and_si256(_mm256_srli_epi16::<2>(bh), _mm256_slli_epi16::<4>(m2)),
+                        _ => {
+                            _mm256_and_si256(_mm256_srli_epi16::<2>(bh), _mm256_slli_epi16::<4>(m2))
+                        }
                     };
                     let q = _mm256_or_si256(lo, hi);
                     // lanes 0..8 = scales[a], lanes 8..16 = scales[a + 1], a = 8h + 2k
-                    let mask = _mm_loadu_si128(Q6K_SCALE_SHUF[4 * h + k].as_ptr() as *const __m128i);
+                    let mask =
+                        _mm_loadu_si128(Q6K_SCALE_SHUF[4 * h + k].as_ptr() as *const __m128i);
                     let scv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc16, mask));
                     for v in 0..N {
                         let q8 = (*y.add(v * stride + i)).qs.as_ptr().add(128 * h + 32 * k);
                         let q8k = _mm256_loadu_si256(q8 as *const __m256i);
-                        let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(q, q8k), _mm256_maddubs_epi16(m32s, q8k));
+                        let p16 = _mm256_sub_epi16(
+                            _mm256_maddubs_epi16(q, q8k),
+                            _mm256_maddubs_epi16(m32s, q8k),
+                        );
                         sumi[v] = _mm256_add_epi32(sumi[v], _mm256_madd_epi16(scv, p16));
                     }
                 }
@@ -538,10 +658,34 @@ macro_rules! quant_kernels {
         }
     };
 }
-quant_kernels!(dot_q4_0_q8_0, dot4_q4_0_q8_0, q4_0_body, BlockQ4_0, BlockQ8_0);
-quant_kernels!(dot_q4_1_q8_1, dot4_q4_1_q8_1, q4_1_body, BlockQ4_1, BlockQ8_1);
-quant_kernels!(dot_q5_0_q8_0, dot4_q5_0_q8_0, q5_0_body, BlockQ5_0, BlockQ8_0);
-quant_kernels!(dot_q8_0_q8_0, dot4_q8_0_q8_0, q8_0_body, BlockQ8_0, BlockQ8_0);
+quant_kernels!(
+    dot_q4_0_q8_0,
+    dot4_q4_0_q8_0,
+    q4_0_body,
+    BlockQ4_0,
+    BlockQ8_0
+);
+quant_kernels!(
+    dot_q4_1_q8_1,
+    dot4_q4_1_q8_1,
+    q4_1_body,
+    BlockQ4_1,
+    BlockQ8_1
+);
+quant_kernels!(
+    dot_q5_0_q8_0,
+    dot4_q5_0_q8_0,
+    q5_0_body,
+    BlockQ5_0,
+    BlockQ8_0
+);
+quant_kernels!(
+    dot_q8_0_q8_0,
+    dot4_q8_0_q8_0,
+    q8_0_body,
+    BlockQ8_0,
+    BlockQ8_0
+);
 quant_kernels!(dot_q4_k_q8_k, dot4_q4_k_q8_k, q4_k_body, BlockQ4K, BlockQ8K);
 quant_kernels!(dot_q5_k_q8_k, dot4_q5_k_q8_k, q5_k_body, BlockQ5K, BlockQ8K);
 quant_kernels!(dot_q6_k_q8_k, dot4_q6_k_q8_k, q6_k_body, BlockQ6K, BlockQ8K);

@@ -114,7 +114,7 @@ impl QuantType {
     /// blocks or the size overflows.
     pub fn row_bytes(self, elements: usize) -> Option<usize> {
         let be = self.block_elements();
-        if elements % be != 0 {
+        if !elements.is_multiple_of(be) {
             return None;
         }
         (elements / be).checked_mul(self.block_bytes())
@@ -238,7 +238,12 @@ pub struct BlockQ8K {
 
 impl Default for BlockQ4K {
     fn default() -> Self {
-        BlockQ4K { d: F16Bytes::default(), dmin: F16Bytes::default(), scales: [0; 12], qs: [0; QK_K / 2] }
+        BlockQ4K {
+            d: F16Bytes::default(),
+            dmin: F16Bytes::default(),
+            scales: [0; 12],
+            qs: [0; QK_K / 2],
+        }
     }
 }
 impl Default for BlockQ5K {
@@ -254,12 +259,21 @@ impl Default for BlockQ5K {
 }
 impl Default for BlockQ6K {
     fn default() -> Self {
-        BlockQ6K { ql: [0; QK_K / 2], qh: [0; QK_K / 4], scales: [0; QK_K / 16], d: F16Bytes::default() }
+        BlockQ6K {
+            ql: [0; QK_K / 2],
+            qh: [0; QK_K / 4],
+            scales: [0; QK_K / 16],
+            d: F16Bytes::default(),
+        }
     }
 }
 impl Default for BlockQ8K {
     fn default() -> Self {
-        BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] }
+        BlockQ8K {
+            d: 0.0,
+            qs: [0; QK_K],
+            bsums: [0; QK_K / 16],
+        }
     }
 }
 
@@ -299,7 +313,11 @@ unsafe impl ByteBlock for BlockQ6K {}
 #[inline]
 pub fn as_blocks<T: ByteBlock>(bytes: &[u8]) -> &[T] {
     let sz = size_of::<T>();
-    assert!(bytes.len() % sz == 0, "byte length {} is not a multiple of block size {sz}", bytes.len());
+    assert!(
+        bytes.len().is_multiple_of(sz),
+        "byte length {} is not a multiple of block size {sz}",
+        bytes.len()
+    );
     // SAFETY: T has alignment 1, no padding, any bit pattern is valid, and the length fits.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / sz) }
 }
@@ -308,7 +326,11 @@ pub fn as_blocks<T: ByteBlock>(bytes: &[u8]) -> &[T] {
 #[inline]
 pub fn as_blocks_mut<T: ByteBlock>(bytes: &mut [u8]) -> &mut [T] {
     let sz = size_of::<T>();
-    assert!(bytes.len() % sz == 0, "byte length {} is not a multiple of block size {sz}", bytes.len());
+    assert!(
+        bytes.len().is_multiple_of(sz),
+        "byte length {} is not a multiple of block size {sz}",
+        bytes.len()
+    );
     // SAFETY: as in `as_blocks`; the borrow is exclusive.
     unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, bytes.len() / sz) }
 }
@@ -317,7 +339,9 @@ pub fn as_blocks_mut<T: ByteBlock>(bytes: &mut [u8]) -> &mut [T] {
 #[inline]
 pub fn blocks_as_bytes<T: ByteBlock>(blocks: &[T]) -> &[u8] {
     // SAFETY: T has no padding, so all bytes are initialized.
-    unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks)) }
+    unsafe {
+        std::slice::from_raw_parts(blocks.as_ptr() as *const u8, std::mem::size_of_val(blocks))
+    }
 }
 
 #[cfg(target_endian = "big")]

@@ -26,13 +26,13 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 pub use blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, ByteBlock,
-    F16Bytes, QK, QK_K, QuantType, as_blocks, as_blocks_mut, blocks_as_bytes,
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K,
+    ByteBlock, F16Bytes, QK, QK_K, QuantType, as_blocks, as_blocks_mut, blocks_as_bytes,
 };
 pub use reference::{
-    dequantize_row, get_scale_min_k4, nearest_int, quantize_row, quantize_row_q4_0, quantize_row_q4_1,
-    quantize_row_q4_k, quantize_row_q5_0, quantize_row_q5_k, quantize_row_q6_k, quantize_row_q8_0,
-    quantize_row_q8_1, quantize_row_q8_k,
+    dequantize_row, get_scale_min_k4, nearest_int, quantize_row, quantize_row_q4_0,
+    quantize_row_q4_1, quantize_row_q4_k, quantize_row_q5_0, quantize_row_q5_k, quantize_row_q6_k,
+    quantize_row_q8_0, quantize_row_q8_1, quantize_row_q8_k,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -79,7 +79,9 @@ macro_rules! scalar4 {
             let n = w.len() / $div;
             for (v, o) in out.iter_mut().enumerate() {
                 // SAFETY: the caller guarantees four vectors of `n` elements at this stride.
-                *o = $one(w, unsafe { std::slice::from_raw_parts(a.add(v * stride), n) });
+                *o = $one(w, unsafe {
+                    std::slice::from_raw_parts(a.add(v * stride), n)
+                });
             }
         }
     };
@@ -87,13 +89,55 @@ macro_rules! scalar4 {
 scalar4!(scalar4_f32, reference::vec_dot_f32, u8, f32, 4);
 scalar4!(scalar4_f16, reference::vec_dot_f16, u8, f16, 2);
 scalar4!(scalar4_bf16, reference::vec_dot_bf16, u8, bf16, 2);
-scalar4!(scalar4_q4_0, reference::vec_dot_q4_0_q8_0, BlockQ4_0, BlockQ8_0, 1);
-scalar4!(scalar4_q4_1, reference::vec_dot_q4_1_q8_1, BlockQ4_1, BlockQ8_1, 1);
-scalar4!(scalar4_q5_0, reference::vec_dot_q5_0_q8_0, BlockQ5_0, BlockQ8_0, 1);
-scalar4!(scalar4_q8_0, reference::vec_dot_q8_0_q8_0, BlockQ8_0, BlockQ8_0, 1);
-scalar4!(scalar4_q4_k, reference::vec_dot_q4_k_q8_k, BlockQ4K, BlockQ8K, 1);
-scalar4!(scalar4_q5_k, reference::vec_dot_q5_k_q8_k, BlockQ5K, BlockQ8K, 1);
-scalar4!(scalar4_q6_k, reference::vec_dot_q6_k_q8_k, BlockQ6K, BlockQ8K, 1);
+scalar4!(
+    scalar4_q4_0,
+    reference::vec_dot_q4_0_q8_0,
+    BlockQ4_0,
+    BlockQ8_0,
+    1
+);
+scalar4!(
+    scalar4_q4_1,
+    reference::vec_dot_q4_1_q8_1,
+    BlockQ4_1,
+    BlockQ8_1,
+    1
+);
+scalar4!(
+    scalar4_q5_0,
+    reference::vec_dot_q5_0_q8_0,
+    BlockQ5_0,
+    BlockQ8_0,
+    1
+);
+scalar4!(
+    scalar4_q8_0,
+    reference::vec_dot_q8_0_q8_0,
+    BlockQ8_0,
+    BlockQ8_0,
+    1
+);
+scalar4!(
+    scalar4_q4_k,
+    reference::vec_dot_q4_k_q8_k,
+    BlockQ4K,
+    BlockQ8K,
+    1
+);
+scalar4!(
+    scalar4_q5_k,
+    reference::vec_dot_q5_k_q8_k,
+    BlockQ5K,
+    BlockQ8K,
+    1
+);
+scalar4!(
+    scalar4_q6_k,
+    reference::vec_dot_q6_k_q8_k,
+    BlockQ6K,
+    BlockQ8K,
+    1
+);
 
 static SCALAR: Kernels = Kernels {
     name: "scalar",
@@ -154,7 +198,10 @@ fn detect() -> &'static Kernels {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
             return &AVX2;
         }
     }
@@ -209,9 +256,17 @@ fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
 }
 
 /// Quantizes `count` rows of `len` values with `f`, in parallel when large.
-fn prepare_rows<T: Send>(x: &[f32], len: usize, dst: &mut [T], per_row: usize, f: impl Fn(&[f32], &mut [T]) + Sync) {
+fn prepare_rows<T: Send>(
+    x: &[f32],
+    len: usize,
+    dst: &mut [T],
+    per_row: usize,
+    f: impl Fn(&[f32], &mut [T]) + Sync,
+) {
     if x.len() >= PARALLEL_PREPARE_MIN && rayon::current_num_threads() > 1 {
-        x.par_chunks(len).zip(dst.par_chunks_mut(per_row)).for_each(|(xr, dr)| f(xr, dr));
+        x.par_chunks(len)
+            .zip(dst.par_chunks_mut(per_row))
+            .for_each(|(xr, dr)| f(xr, dr));
     } else {
         for (xr, dr) in x.chunks(len).zip(dst.chunks_mut(per_row)) {
             f(xr, dr);
@@ -235,12 +290,24 @@ impl PreparedActivations {
     pub fn reserve(&mut self, ty: QuantType, len: usize, count: usize) {
         let n = len * count;
         match ty {
-            QuantType::F32 => { grow(&mut self.f32s, n); }
-            QuantType::F16 => { grow(&mut self.f16s, n); }
-            QuantType::BF16 => { grow(&mut self.bf16s, n); }
-            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => { grow(&mut self.q8_0, n.div_ceil(QK)); }
-            QuantType::Q4_1 => { grow(&mut self.q8_1, n.div_ceil(QK)); }
-            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => { grow(&mut self.q8_k, n.div_ceil(QK_K)); }
+            QuantType::F32 => {
+                grow(&mut self.f32s, n);
+            }
+            QuantType::F16 => {
+                grow(&mut self.f16s, n);
+            }
+            QuantType::BF16 => {
+                grow(&mut self.bf16s, n);
+            }
+            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
+                grow(&mut self.q8_0, n.div_ceil(QK));
+            }
+            QuantType::Q4_1 => {
+                grow(&mut self.q8_1, n.div_ceil(QK));
+            }
+            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+                grow(&mut self.q8_k, n.div_ceil(QK_K));
+            }
         }
     }
 
@@ -263,9 +330,14 @@ impl PreparedActivations {
     /// Prepares `count` row-major vectors of `len` values from `x` for weights of type `ty`.
     /// `len` must be a multiple of the weight block size (32 or 256 for quantized types).
     pub fn prepare(&mut self, ty: QuantType, x: &[f32], len: usize, count: usize) {
-        assert_eq!(x.len(), len * count, "prepare: x has {} values, expected {len} x {count}", x.len());
+        assert_eq!(
+            x.len(),
+            len * count,
+            "prepare: x has {} values, expected {len} x {count}",
+            x.len()
+        );
         assert!(
-            len % ty.block_elements() == 0,
+            len.is_multiple_of(ty.block_elements()),
             "prepare: vector length {len} is not a multiple of the {ty} block size {}",
             ty.block_elements()
         );
@@ -326,8 +398,14 @@ impl PreparedActivations {
         let mut out = vec![0f32; n];
         match ty {
             QuantType::F32 => out.copy_from_slice(&self.f32s[b * n..(b + 1) * n]),
-            QuantType::F16 => out.iter_mut().zip(&self.f16s[b * n..]).for_each(|(o, v)| *o = v.to_f32()),
-            QuantType::BF16 => out.iter_mut().zip(&self.bf16s[b * n..]).for_each(|(o, v)| *o = v.to_f32()),
+            QuantType::F16 => out
+                .iter_mut()
+                .zip(&self.f16s[b * n..])
+                .for_each(|(o, v)| *o = v.to_f32()),
+            QuantType::BF16 => out
+                .iter_mut()
+                .zip(&self.bf16s[b * n..])
+                .for_each(|(o, v)| *o = v.to_f32()),
             QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
                 dequantize_row(QuantType::Q8_0, blocks_as_bytes(self.q8_0(b)), &mut out)
             }
@@ -374,8 +452,17 @@ const ROW_GROUP: usize = 4;
 /// `dot4(row, b, out)` the results for activations `b..b + 4`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn run_rows<F1, F4>(dot1: &F1, dot4: &F4, weight: &[u8], rb: usize, rows: usize, count: usize, r0: usize, r1: usize, out: OutPtr)
-where
+fn run_rows<F1, F4>(
+    dot1: &F1,
+    dot4: &F4,
+    weight: &[u8],
+    rb: usize,
+    rows: usize,
+    count: usize,
+    r0: usize,
+    r1: usize,
+    out: OutPtr,
+) where
     F1: Fn(&[u8], usize) -> f32,
     F4: Fn(&[u8], usize, &mut [f32; 4]),
 {
@@ -411,8 +498,17 @@ where
 }
 
 #[allow(clippy::too_many_arguments)]
-fn drive<F1, F4>(dot1: F1, dot4: F4, weight: &[u8], rb: usize, rows: usize, cols: usize, count: usize, y: &mut [f32], parallel: bool)
-where
+fn drive<F1, F4>(
+    dot1: F1,
+    dot4: F4,
+    weight: &[u8],
+    rb: usize,
+    rows: usize,
+    cols: usize,
+    count: usize,
+    y: &mut [f32],
+    parallel: bool,
+) where
     F1: Fn(&[u8], usize) -> f32 + Sync,
     F4: Fn(&[u8], usize, &mut [f32; 4]) + Sync,
 {
@@ -462,29 +558,153 @@ fn matmul_with(
     y: &mut [f32],
     parallel: bool,
 ) {
-    assert_eq!(act.ty, Some(ty), "activations were prepared for {:?}, weights are {ty}", act.ty);
-    assert_eq!(act.len, cols, "activation length {} != weight columns {cols}", act.len);
-    let rb = ty.row_bytes(cols).unwrap_or_else(|| panic!("{cols} columns is not a whole number of {ty} blocks"));
+    assert_eq!(
+        act.ty,
+        Some(ty),
+        "activations were prepared for {:?}, weights are {ty}",
+        act.ty
+    );
+    assert_eq!(
+        act.len, cols,
+        "activation length {} != weight columns {cols}",
+        act.len
+    );
+    let rb = ty
+        .row_bytes(cols)
+        .unwrap_or_else(|| panic!("{cols} columns is not a whole number of {ty} blocks"));
     let need = rows.checked_mul(rb).expect("weight size overflows");
-    assert!(weight.len() >= need, "weight has {} bytes, {rows} rows of {ty} x {cols} need {need}", weight.len());
+    assert!(
+        weight.len() >= need,
+        "weight has {} bytes, {rows} rows of {ty} x {cols} need {need}",
+        weight.len()
+    );
     let count = act.count;
-    assert_eq!(y.len(), rows * count, "output length {} != rows {rows} x count {count}", y.len());
+    assert_eq!(
+        y.len(),
+        rows * count,
+        "output length {} != rows {rows} x count {count}",
+        y.len()
+    );
     if rows == 0 || count == 0 {
         return;
     }
     let w = &weight[..need];
     let (n, par) = (cols, parallel);
     match ty {
-        QuantType::F32 => dispatch!(k, dot_f32, dot4_f32, act.f32s, n, bytes, w, rb, rows, cols, count, y, par),
-        QuantType::F16 => dispatch!(k, dot_f16, dot4_f16, act.f16s, n, bytes, w, rb, rows, cols, count, y, par),
-        QuantType::BF16 => dispatch!(k, dot_bf16, dot4_bf16, act.bf16s, n, bytes, w, rb, rows, cols, count, y, par),
-        QuantType::Q4_0 => dispatch!(k, dot_q4_0, dot4_q4_0, act.q8_0, n / QK, blocks, w, rb, rows, cols, count, y, par),
-        QuantType::Q4_1 => dispatch!(k, dot_q4_1, dot4_q4_1, act.q8_1, n / QK, blocks, w, rb, rows, cols, count, y, par),
-        QuantType::Q5_0 => dispatch!(k, dot_q5_0, dot4_q5_0, act.q8_0, n / QK, blocks, w, rb, rows, cols, count, y, par),
-        QuantType::Q8_0 => dispatch!(k, dot_q8_0, dot4_q8_0, act.q8_0, n / QK, blocks, w, rb, rows, cols, count, y, par),
-        QuantType::Q4_K => dispatch!(k, dot_q4_k, dot4_q4_k, act.q8_k, n / QK_K, blocks, w, rb, rows, cols, count, y, par),
-        QuantType::Q5_K => dispatch!(k, dot_q5_k, dot4_q5_k, act.q8_k, n / QK_K, blocks, w, rb, rows, cols, count, y, par),
-        QuantType::Q6_K => dispatch!(k, dot_q6_k, dot4_q6_k, act.q8_k, n / QK_K, blocks, w, rb, rows, cols, count, y, par),
+        QuantType::F32 => dispatch!(
+            k, dot_f32, dot4_f32, act.f32s, n, bytes, w, rb, rows, cols, count, y, par
+        ),
+        QuantType::F16 => dispatch!(
+            k, dot_f16, dot4_f16, act.f16s, n, bytes, w, rb, rows, cols, count, y, par
+        ),
+        QuantType::BF16 => dispatch!(
+            k, dot_bf16, dot4_bf16, act.bf16s, n, bytes, w, rb, rows, cols, count, y, par
+        ),
+        QuantType::Q4_0 => dispatch!(
+            k,
+            dot_q4_0,
+            dot4_q4_0,
+            act.q8_0,
+            n / QK,
+            blocks,
+            w,
+            rb,
+            rows,
+            cols,
+            count,
+            y,
+            par
+        ),
+        QuantType::Q4_1 => dispatch!(
+            k,
+            dot_q4_1,
+            dot4_q4_1,
+            act.q8_1,
+            n / QK,
+            blocks,
+            w,
+            rb,
+            rows,
+            cols,
+            count,
+            y,
+            par
+        ),
+        QuantType::Q5_0 => dispatch!(
+            k,
+            dot_q5_0,
+            dot4_q5_0,
+            act.q8_0,
+            n / QK,
+            blocks,
+            w,
+            rb,
+            rows,
+            cols,
+            count,
+            y,
+            par
+        ),
+        QuantType::Q8_0 => dispatch!(
+            k,
+            dot_q8_0,
+            dot4_q8_0,
+            act.q8_0,
+            n / QK,
+            blocks,
+            w,
+            rb,
+            rows,
+            cols,
+            count,
+            y,
+            par
+        ),
+        QuantType::Q4_K => dispatch!(
+            k,
+            dot_q4_k,
+            dot4_q4_k,
+            act.q8_k,
+            n / QK_K,
+            blocks,
+            w,
+            rb,
+            rows,
+            cols,
+            count,
+            y,
+            par
+        ),
+        QuantType::Q5_K => dispatch!(
+            k,
+            dot_q5_k,
+            dot4_q5_k,
+            act.q8_k,
+            n / QK_K,
+            blocks,
+            w,
+            rb,
+            rows,
+            cols,
+            count,
+            y,
+            par
+        ),
+        QuantType::Q6_K => dispatch!(
+            k,
+            dot_q6_k,
+            dot4_q6_k,
+            act.q8_k,
+            n / QK_K,
+            blocks,
+            w,
+            rb,
+            rows,
+            cols,
+            count,
+            y,
+            par
+        ),
     }
 }
 
@@ -493,7 +713,14 @@ fn matmul_with(
 /// `weight` holds `rows` rows of `ty.row_bytes(cols)` bytes (ggml layout, any alignment).
 /// Rows are split across the current rayon pool; within a task each weight row is read once
 /// per batch.
-pub fn matmul(ty: QuantType, weight: &[u8], rows: usize, cols: usize, act: &PreparedActivations, y: &mut [f32]) {
+pub fn matmul(
+    ty: QuantType,
+    weight: &[u8],
+    rows: usize,
+    cols: usize,
+    act: &PreparedActivations,
+    y: &mut [f32],
+) {
     matmul_with(kernels(), ty, weight, rows, cols, act, y, true)
 }
 

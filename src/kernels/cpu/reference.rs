@@ -4,6 +4,8 @@
 //! weight quantization (the `quantize_row_*_ref` encoders, no importance matrix) and the
 //! generic `ggml_vec_dot_*` dot products (integer sums per block, then float scaling).
 
+#![allow(clippy::needless_range_loop)] // index loops mirror ggml's C code
+
 use half::{bf16, f16};
 
 use super::blocks::*;
@@ -25,7 +27,10 @@ pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -52,7 +57,12 @@ fn bf16_at(bytes: &[u8], i: usize) -> f32 {
 }
 #[inline(always)]
 fn f32_at(bytes: &[u8], i: usize) -> f32 {
-    f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
+    f32::from_le_bytes([
+        bytes[4 * i],
+        bytes[4 * i + 1],
+        bytes[4 * i + 2],
+        bytes[4 * i + 3],
+    ])
 }
 
 /// Packs 6-bit scales/mins of 8 sub-blocks the way Q4_K/Q5_K store them.
@@ -80,8 +90,14 @@ fn pack_scales_mins_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
 /// Panics if `dst.len()` is not a whole number of blocks or `src` is too short.
 pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
     let n = dst.len();
-    let bytes = ty.row_bytes(n).unwrap_or_else(|| panic!("{n} elements is not a whole number of {ty} blocks"));
-    assert!(src.len() >= bytes, "source has {} bytes, {bytes} needed for {n} {ty} elements", src.len());
+    let bytes = ty
+        .row_bytes(n)
+        .unwrap_or_else(|| panic!("{n} elements is not a whole number of {ty} blocks"));
+    assert!(
+        src.len() >= bytes,
+        "source has {} bytes, {bytes} needed for {n} {ty} elements",
+        src.len()
+    );
     let src = &src[..bytes];
     match ty {
         QuantType::F32 => {
@@ -100,7 +116,10 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
             }
         }
         QuantType::Q4_0 => {
-            for (b, y) in as_blocks::<BlockQ4_0>(src).iter().zip(dst.chunks_exact_mut(QK)) {
+            for (b, y) in as_blocks::<BlockQ4_0>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK))
+            {
                 let d = b.d.to_f32();
                 for j in 0..QK / 2 {
                     y[j] = ((b.qs[j] & 0xF) as i32 - 8) as f32 * d;
@@ -109,7 +128,10 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
             }
         }
         QuantType::Q4_1 => {
-            for (b, y) in as_blocks::<BlockQ4_1>(src).iter().zip(dst.chunks_exact_mut(QK)) {
+            for (b, y) in as_blocks::<BlockQ4_1>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK))
+            {
                 let d = b.d.to_f32();
                 let m = b.m.to_f32();
                 for j in 0..QK / 2 {
@@ -119,7 +141,10 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
             }
         }
         QuantType::Q5_0 => {
-            for (b, y) in as_blocks::<BlockQ5_0>(src).iter().zip(dst.chunks_exact_mut(QK)) {
+            for (b, y) in as_blocks::<BlockQ5_0>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK))
+            {
                 let d = b.d.to_f32();
                 let qh = u32::from_le_bytes(b.qh);
                 for j in 0..QK / 2 {
@@ -131,7 +156,10 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
             }
         }
         QuantType::Q8_0 => {
-            for (b, y) in as_blocks::<BlockQ8_0>(src).iter().zip(dst.chunks_exact_mut(QK)) {
+            for (b, y) in as_blocks::<BlockQ8_0>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK))
+            {
                 let d = b.d.to_f32();
                 for j in 0..QK {
                     y[j] = b.qs[j] as f32 * d;
@@ -139,7 +167,10 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
             }
         }
         QuantType::Q4_K => {
-            for (b, y) in as_blocks::<BlockQ4K>(src).iter().zip(dst.chunks_exact_mut(QK_K)) {
+            for (b, y) in as_blocks::<BlockQ4K>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
                 let d = b.d.to_f32();
                 let min = b.dmin.to_f32();
                 for c in 0..4 {
@@ -157,7 +188,10 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
             }
         }
         QuantType::Q5_K => {
-            for (b, y) in as_blocks::<BlockQ5K>(src).iter().zip(dst.chunks_exact_mut(QK_K)) {
+            for (b, y) in as_blocks::<BlockQ5K>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
                 let d = b.d.to_f32();
                 let min = b.dmin.to_f32();
                 for c in 0..4 {
@@ -178,7 +212,10 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
             }
         }
         QuantType::Q6_K => {
-            for (b, y) in as_blocks::<BlockQ6K>(src).iter().zip(dst.chunks_exact_mut(QK_K)) {
+            for (b, y) in as_blocks::<BlockQ6K>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
                 let d = b.d.to_f32();
                 for h in 0..2 {
                     let ql = &b.ql[64 * h..64 * h + 64];
@@ -207,7 +244,13 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
 
 /// `quantize_row_q8_0_ref`: d = amax/127, q = roundf(x/d) (half away from zero).
 pub fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
-    assert_eq!(x.len(), y.len() * QK, "q8_0: {} values for {} blocks", x.len(), y.len());
+    assert_eq!(
+        x.len(),
+        y.len() * QK,
+        "q8_0: {} values for {} blocks",
+        x.len(),
+        y.len()
+    );
     for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -221,7 +264,13 @@ pub fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
 
 /// `quantize_row_q8_1_ref`: as Q8_0, plus s = f16(d * sum(q)).
 pub fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
-    assert_eq!(x.len(), y.len() * QK, "q8_1: {} values for {} blocks", x.len(), y.len());
+    assert_eq!(
+        x.len(),
+        y.len() * QK,
+        "q8_1: {} values for {} blocks",
+        x.len(),
+        y.len()
+    );
     for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -239,7 +288,13 @@ pub fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
 /// `quantize_row_q8_K_ref`: per 256 values, iscale = -127/max where max is the signed value of
 /// largest magnitude, q = min(127, nearest_int(iscale*x)), d = 1/iscale, bsums per 16.
 pub fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
-    assert_eq!(x.len(), y.len() * QK_K, "q8_K: {} values for {} blocks", x.len(), y.len());
+    assert_eq!(
+        x.len(),
+        y.len() * QK_K,
+        "q8_K: {} values for {} blocks",
+        x.len(),
+        y.len()
+    );
     for (xb, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
         let mut max = 0.0f32;
         let mut amax = 0.0f32;
@@ -261,7 +316,10 @@ pub fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
             *q = nearest_int(iscale * v).min(127) as i8;
         }
         for (j, s) in b.bsums.iter_mut().enumerate() {
-            *s = b.qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum::<i32>() as i16;
+            *s = b.qs[16 * j..16 * j + 16]
+                .iter()
+                .map(|&q| q as i32)
+                .sum::<i32>() as i16;
         }
         b.d = 1.0 / iscale;
     }
@@ -448,7 +506,17 @@ fn quantize_k4_common(
         for (w, v) in weights.iter_mut().zip(xs) {
             *w = av_x + v.abs();
         }
-        let (s, m) = make_qkx2_quants(nmax, xs, &weights, &mut l[32 * j..32 * j + 32], &mut laux, rmin, rdelta, nstep, false);
+        let (s, m) = make_qkx2_quants(
+            nmax,
+            xs,
+            &weights,
+            &mut l[32 * j..32 * j + 32],
+            &mut laux,
+            rmin,
+            rdelta,
+            nstep,
+            false,
+        );
         scales[j] = s;
         mins[j] = m;
         if s > max_scale {
@@ -458,7 +526,11 @@ fn quantize_k4_common(
             max_min = m;
         }
     }
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
@@ -587,7 +659,11 @@ pub fn quantize_row_q6_k(x: &[f32], y: &mut [BlockQ6K]) {
         let mut scales = [0f32; 16];
         let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
         for ib in 0..16 {
-            let s = make_qx_quants_rmse1(32, &xb[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+            let s = make_qx_quants_rmse1(
+                32,
+                &xb[16 * ib..16 * ib + 16],
+                &mut l[16 * ib..16 * ib + 16],
+            );
             scales[ib] = s;
             if s.abs() > max_abs_scale {
                 max_abs_scale = s.abs();
@@ -622,7 +698,8 @@ pub fn quantize_row_q6_k(x: &[f32], y: &mut [BlockQ6K]) {
                 let q4 = lh[i + 96] as u8;
                 b.ql[64 * h + i] = (q1 & 0xF) | ((q3 & 0xF) << 4);
                 b.ql[64 * h + i + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
-                b.qh[32 * h + i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+                b.qh[32 * h + i] =
+                    (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
             }
         }
     }
@@ -632,8 +709,14 @@ pub fn quantize_row_q6_k(x: &[f32], y: &mut [BlockQ6K]) {
 /// ggml's reference encoders (what `llama-quantize` does without an importance matrix).
 /// F16/BF16 round to nearest even.
 pub fn quantize_row(ty: QuantType, x: &[f32], dst: &mut [u8]) {
-    let bytes = ty.row_bytes(x.len()).unwrap_or_else(|| panic!("{} elements is not a whole number of {ty} blocks", x.len()));
-    assert_eq!(dst.len(), bytes, "destination must be exactly {bytes} bytes");
+    let bytes = ty
+        .row_bytes(x.len())
+        .unwrap_or_else(|| panic!("{} elements is not a whole number of {ty} blocks", x.len()));
+    assert_eq!(
+        dst.len(),
+        bytes,
+        "destination must be exactly {bytes} bytes"
+    );
     match ty {
         QuantType::F32 => {
             for (d, v) in dst.chunks_exact_mut(4).zip(x) {

@@ -1,6 +1,8 @@
 //! Tests for the CPU kernels. Random data comes from a seeded xorshift generator; the seed is
 //! printed and can be overridden with `TP_TEST_SEED`.
 
+#![allow(clippy::needless_range_loop)] // index loops mirror ggml's C code
+
 use half::{bf16, f16};
 
 use super::reference::{self, unpack_scales_mins_k4};
@@ -10,7 +12,10 @@ struct Rng(u64);
 
 impl Rng {
     fn new(tag: u64) -> Rng {
-        let seed = std::env::var("TP_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234_u64);
+        let seed = std::env::var("TP_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x5eed_1234_u64);
         println!("rng seed {seed} (tag {tag}); override with TP_TEST_SEED");
         Rng((seed ^ tag.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
     }
@@ -29,7 +34,11 @@ impl Rng {
     /// Roughly normal (sum of 4 uniforms), occasionally scaled up as an outlier.
     fn value(&mut self, scale: f32) -> f32 {
         let v = (self.unit() + self.unit() + self.unit() + self.unit()) * 0.5;
-        if self.next_u64() % 64 == 0 { v * scale * 6.0 } else { v * scale }
+        if self.next_u64().is_multiple_of(64) {
+            v * scale * 6.0
+        } else {
+            v * scale
+        }
     }
     fn bytes(&mut self, out: &mut [u8]) {
         for b in out {
@@ -46,13 +55,19 @@ fn f16b(v: f32) -> [u8; 2] {
 fn fix_scales(ty: QuantType, row: &mut [u8], rng: &mut Rng) {
     let mut small = || f16b(rng.unit().abs() * 0.01 + 0.001);
     match ty {
-        QuantType::Q4_0 => as_blocks_mut::<BlockQ4_0>(row).iter_mut().for_each(|b| b.d.0 = small()),
+        QuantType::Q4_0 => as_blocks_mut::<BlockQ4_0>(row)
+            .iter_mut()
+            .for_each(|b| b.d.0 = small()),
         QuantType::Q4_1 => as_blocks_mut::<BlockQ4_1>(row).iter_mut().for_each(|b| {
             b.d.0 = small();
             b.m.0 = f16b(-0.1);
         }),
-        QuantType::Q5_0 => as_blocks_mut::<BlockQ5_0>(row).iter_mut().for_each(|b| b.d.0 = small()),
-        QuantType::Q8_0 => as_blocks_mut::<BlockQ8_0>(row).iter_mut().for_each(|b| b.d.0 = small()),
+        QuantType::Q5_0 => as_blocks_mut::<BlockQ5_0>(row)
+            .iter_mut()
+            .for_each(|b| b.d.0 = small()),
+        QuantType::Q8_0 => as_blocks_mut::<BlockQ8_0>(row)
+            .iter_mut()
+            .for_each(|b| b.d.0 = small()),
         QuantType::Q4_K => as_blocks_mut::<BlockQ4K>(row).iter_mut().for_each(|b| {
             b.d.0 = small();
             b.dmin.0 = small();
@@ -61,14 +76,22 @@ fn fix_scales(ty: QuantType, row: &mut [u8], rng: &mut Rng) {
             b.d.0 = small();
             b.dmin.0 = small();
         }),
-        QuantType::Q6_K => as_blocks_mut::<BlockQ6K>(row).iter_mut().for_each(|b| b.d.0 = small()),
+        QuantType::Q6_K => as_blocks_mut::<BlockQ6K>(row)
+            .iter_mut()
+            .for_each(|b| b.d.0 = small()),
         QuantType::F32 | QuantType::F16 | QuantType::BF16 => unreachable!(),
     }
 }
 
 /// `rows` weight rows of `cols` values: quantized from random floats, or (for quantized types
 /// with `random_bytes`) random block bytes with finite scales, covering every bit pattern.
-fn make_weights(ty: QuantType, rows: usize, cols: usize, rng: &mut Rng, random_bytes: bool) -> Vec<u8> {
+fn make_weights(
+    ty: QuantType,
+    rows: usize,
+    cols: usize,
+    rng: &mut Rng,
+    random_bytes: bool,
+) -> Vec<u8> {
     let rb = ty.row_bytes(cols).unwrap();
     let mut w = vec![0u8; rows * rb];
     let mut x = vec![0f32; cols];
@@ -90,7 +113,10 @@ fn make_weights(ty: QuantType, rows: usize, cols: usize, rng: &mut Rng, random_b
 fn weight_mins(ty: QuantType, row: &[u8], cols: usize) -> Vec<f32> {
     let mut m = vec![0f32; cols];
     if ty == QuantType::Q4_1 {
-        for (b, o) in as_blocks::<BlockQ4_1>(row).iter().zip(m.chunks_exact_mut(QK)) {
+        for (b, o) in as_blocks::<BlockQ4_1>(row)
+            .iter()
+            .zip(m.chunks_exact_mut(QK))
+        {
             o.fill(b.m.to_f32());
         }
     }
@@ -102,7 +128,10 @@ fn act_error_bound(ty: QuantType, x: &[f32]) -> Vec<f32> {
     match ty {
         QuantType::F32 => vec![0.0; x.len()],
         // RNE to f16: relative 2^-11, plus half the smallest subnormal.
-        QuantType::F16 => x.iter().map(|v| v.abs() * 2f32.powi(-11) + 2f32.powi(-25)).collect(),
+        QuantType::F16 => x
+            .iter()
+            .map(|v| v.abs() * 2f32.powi(-11) + 2f32.powi(-25))
+            .collect(),
         QuantType::BF16 => x.iter().map(|v| v.abs() * 2f32.powi(-8)).collect(),
         QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0 => {
             // rounding (0.5 d) + f16 rounding of d seen through |q| <= 127 (127 * 2^-11 d).
@@ -145,10 +174,19 @@ fn dequant_float_types() {
     }
     assert_eq!(deq(QuantType::F32, &b, 4), vec![1.5, -2.0, 0.0, 3.25e-3]);
     // f16: 0x3C00 = 1, 0xC000 = -2, 0x3800 = 0.5, 0x0001 = 2^-24
-    let b: Vec<u8> = [0x3C00u16, 0xC000, 0x3800, 0x0001].iter().flat_map(|h| h.to_le_bytes()).collect();
-    assert_eq!(deq(QuantType::F16, &b, 4), vec![1.0, -2.0, 0.5, 2f32.powi(-24)]);
+    let b: Vec<u8> = [0x3C00u16, 0xC000, 0x3800, 0x0001]
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    assert_eq!(
+        deq(QuantType::F16, &b, 4),
+        vec![1.0, -2.0, 0.5, 2f32.powi(-24)]
+    );
     // bf16: 0x3F80 = 1, 0xC040 = -3, 0x4049 = 3.140625
-    let b: Vec<u8> = [0x3F80u16, 0xC040, 0x4049].iter().flat_map(|h| h.to_le_bytes()).collect();
+    let b: Vec<u8> = [0x3F80u16, 0xC040, 0x4049]
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
     assert_eq!(deq(QuantType::BF16, &b, 3), vec![1.0, -3.0, 3.140625]);
 }
 
@@ -161,7 +199,10 @@ fn dequant_q4_0_q4_1_q5_0_q8_0() {
         b[2 + j] = j as u8 | ((15 - j as u8) << 4);
     }
     let y = deq(QuantType::Q4_0, &b, 32);
-    assert_eq!((y[0], y[8], y[15], y[16], y[31]), (-4.0, 0.0, 3.5, 3.5, -4.0));
+    assert_eq!(
+        (y[0], y[8], y[15], y[16], y[31]),
+        (-4.0, 0.0, 3.5, 3.5, -4.0)
+    );
     for j in 0..16 {
         assert_eq!(y[j], (j as f32 - 8.0) * 0.5);
         assert_eq!(y[j + 16], (7.0 - j as f32) * 0.5);
@@ -186,7 +227,10 @@ fn dequant_q4_0_q4_1_q5_0_q8_0() {
     }
     let y = deq(QuantType::Q5_0, &b, 32);
     // y[0] = (0|16)-16 = 0; y[1] = 1-16 = -15; y[16] = 15-16 = -1; y[31] = (0|16)-16 = 0; y[30] = 1-16
-    assert_eq!((y[0], y[1], y[15], y[16], y[30], y[31]), (0.0, -15.0, -1.0, -1.0, -15.0, 0.0));
+    assert_eq!(
+        (y[0], y[1], y[15], y[16], y[30], y[31]),
+        (0.0, -15.0, -1.0, -1.0, -15.0, 0.0)
+    );
 
     // Q8_0: d = 2, qs[j] = j - 16
     let mut b = vec![0u8; 34];
@@ -238,7 +282,11 @@ fn dequant_q4_k_q5_k() {
         let byte = b[16 + 32 * c + t % 32];
         let q = if t < 32 { byte & 0xF } else { byte >> 4 };
         let j = e / 32;
-        assert_eq!(y[e], sc[j] as f32 * q as f32 - 0.5 * mn[j] as f32, "q4_K element {e}");
+        assert_eq!(
+            y[e],
+            sc[j] as f32 * q as f32 - 0.5 * mn[j] as f32,
+            "q4_K element {e}"
+        );
     }
 
     // Q5_K: same plus qh[l] = l*37 mod 256 (bit 2c for low half of chunk c, 2c+1 for high).
@@ -261,7 +309,11 @@ fn dequant_q4_k_q5_k() {
         let bit = 2 * c + (t / 32);
         let q = lo as u32 + (((b5[16 + l] >> bit) & 1) as u32) * 16;
         let j = e / 32;
-        assert_eq!(y[e], sc[j] as f32 * q as f32 - 0.5 * mn[j] as f32, "q5_K element {e}");
+        assert_eq!(
+            y[e],
+            sc[j] as f32 * q as f32 - 0.5 * mn[j] as f32,
+            "q5_K element {e}"
+        );
     }
 }
 
@@ -302,7 +354,16 @@ fn dequant_q6_k() {
 
 #[test]
 fn nearest_int_matches_ggml() {
-    for (v, e) in [(0.5f32, 0), (1.5, 2), (2.5, 2), (-0.5, 0), (-1.5, -2), (-2.5, -2), (126.7, 127), (-126.2, -126)] {
+    for (v, e) in [
+        (0.5f32, 0),
+        (1.5, 2),
+        (2.5, 2),
+        (-0.5, 0),
+        (-1.5, -2),
+        (-2.5, -2),
+        (126.7, 127),
+        (-126.2, -126),
+    ] {
         assert_eq!(nearest_int(v), e, "nearest_int({v})");
     }
 }
@@ -331,7 +392,9 @@ fn activation_quantizers() {
             assert_eq!(blk.bsums[j] as i32, s);
         }
         // the element of largest magnitude maps to -127 (ggml uses iscale = -127/max)
-        let imax = (0..QK_K).max_by(|&a, &b| xb[a].abs().total_cmp(&xb[b].abs())).unwrap();
+        let imax = (0..QK_K)
+            .max_by(|&a, &b| xb[a].abs().total_cmp(&xb[b].abs()))
+            .unwrap();
         assert_eq!(blk.qs[imax], -127);
         assert!(blk.d * -127.0 * xb[imax] > 0.0);
     }
@@ -364,7 +427,13 @@ fn weight_quantizers_roundtrip() {
         let mut bytes = vec![0u8; ty.row_bytes(n).unwrap()];
         quantize_row(ty, &x, &mut bytes);
         let y = deq(ty, &bytes, n);
-        let err = x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt() / norm;
+        let err = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            .sqrt()
+            / norm;
         println!("{ty}: relative rms error {err:.5}");
         assert!(err <= budget, "{ty}: relative rms error {err} > {budget}");
     }
@@ -377,7 +446,11 @@ fn check_type(ty: QuantType, random_bytes: bool, tag: u64) {
     let mut rng = Rng::new(tag);
     let be = ty.block_elements().max(QK);
     // odd column counts for the float types exercise the SIMD tails
-    let cols = if ty.is_quantized() { 4 * be.max(256) } else { 1003 };
+    let cols = if ty.is_quantized() {
+        4 * be.max(256)
+    } else {
+        1003
+    };
     let rows = 67;
     let w = make_weights(ty, rows, cols, &mut rng, random_bytes);
     let rb = ty.row_bytes(cols).unwrap();
@@ -401,7 +474,11 @@ fn check_type(ty: QuantType, random_bytes: bool, tag: u64) {
                 let mins = weight_mins(ty, &w[r * rb..(r + 1) * rb], cols);
                 let (f, rf) = (y_fast[b * rows + r], y_ref[b * rows + r]);
                 // 2. fast vs reference
-                let mag_q: f64 = wr.iter().zip(&xq).map(|(a, c)| (*a as f64 * *c as f64).abs()).sum();
+                let mag_q: f64 = wr
+                    .iter()
+                    .zip(&xq)
+                    .map(|(a, c)| (*a as f64 * *c as f64).abs())
+                    .sum();
                 let d_fast = (f as f64 - rf as f64).abs();
                 assert!(
                     d_fast <= 1e-5 * mag_q + 1e-30,
@@ -410,7 +487,11 @@ fn check_type(ty: QuantType, random_bytes: bool, tag: u64) {
                 worst_fast = worst_fast.max(d_fast / mag_q.max(1e-30));
                 // 3. reference vs exact dot with the unquantized activations
                 let exact: f64 = wr.iter().zip(xb).map(|(a, c)| *a as f64 * *c as f64).sum();
-                let mag: f64 = wr.iter().zip(xb).map(|(a, c)| (*a as f64 * *c as f64).abs()).sum();
+                let mag: f64 = wr
+                    .iter()
+                    .zip(xb)
+                    .map(|(a, c)| (*a as f64 * *c as f64).abs())
+                    .sum();
                 let mut bound: f64 = wr
                     .iter()
                     .zip(&mins)
@@ -421,7 +502,11 @@ fn check_type(ty: QuantType, random_bytes: bool, tag: u64) {
                     // m * s uses s = f16(d * sum q) instead of f16(d) * sum q.
                     for (blk, m) in act.q8_1(b).iter().zip(mins.chunks(QK)) {
                         let sq: i32 = blk.qs.iter().map(|&q| q as i32).sum();
-                        bound += m[0].abs() as f64 * blk.d.to_f32() as f64 * sq.abs() as f64 * 2f64.powi(-10) * 1.01;
+                        bound += m[0].abs() as f64
+                            * blk.d.to_f32() as f64
+                            * sq.abs() as f64
+                            * 2f64.powi(-10)
+                            * 1.01;
                     }
                 }
                 bound += 2e-6 * mag + 1e-30;
@@ -460,7 +545,11 @@ fn matmul_all_types_quantized_from_floats() {
 
 #[test]
 fn matmul_all_types_random_blocks() {
-    for (i, ty) in QuantType::ALL.into_iter().enumerate().filter(|(_, t)| t.is_quantized()) {
+    for (i, ty) in QuantType::ALL
+        .into_iter()
+        .enumerate()
+        .filter(|(_, t)| t.is_quantized())
+    {
         check_type(ty, true, 200 + i as u64);
     }
 }
@@ -472,9 +561,19 @@ fn f32_dot_matches_f64() {
         let a = random_acts(&mut rng, n);
         let b = random_acts(&mut rng, n);
         let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        let mag: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
-        for (name, v) in [("dispatch", f32_dot(&a, &b)), ("scalar", reference::f32_dot_scalar(&a, &b))] {
-            assert!((v as f64 - exact).abs() <= 1e-6 * mag + 1e-12, "{name} n={n}: {v} vs {exact}");
+        let mag: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (*x as f64 * *y as f64).abs())
+            .sum();
+        for (name, v) in [
+            ("dispatch", f32_dot(&a, &b)),
+            ("scalar", reference::f32_dot_scalar(&a, &b)),
+        ] {
+            assert!(
+                (v as f64 - exact).abs() <= 1e-6 * mag + 1e-12,
+                "{name} n={n}: {v} vs {exact}"
+            );
         }
     }
 }
@@ -489,7 +588,10 @@ fn prepare_reuses_buffers() {
     assert_eq!(act.q8_k.as_ptr(), p0);
     act.prepare(QuantType::Q6_K, &x[..512], 512, 1);
     assert_eq!(act.q8_k.as_ptr(), p0);
-    assert_eq!((act.len(), act.count(), act.weight_type()), (512, 1, Some(QuantType::Q6_K)));
+    assert_eq!(
+        (act.len(), act.count(), act.weight_type()),
+        (512, 1, Some(QuantType::Q6_K))
+    );
     let mut act2 = PreparedActivations::new();
     act2.prepare(QuantType::F16, &x, 1024, 4);
     let p1 = act2.f16s.as_ptr();
@@ -500,7 +602,10 @@ fn prepare_reuses_buffers() {
     act.prepare(QuantType::Q8_0, &big, 4096, 20);
     let mut seq = vec![BlockQ8_0::default(); big.len() / QK];
     quantize_row_q8_0(&big, &mut seq);
-    assert_eq!(blocks_as_bytes(&act.q8_0[..seq.len()]), blocks_as_bytes(&seq));
+    assert_eq!(
+        blocks_as_bytes(&act.q8_0[..seq.len()]),
+        blocks_as_bytes(&seq)
+    );
 }
 
 #[test]
@@ -518,7 +623,10 @@ fn matmul_large_parallel_matches_reference() {
         matmul(ty, &w, rows, cols, &act, &mut y);
         matmul_reference(ty, &w, rows, cols, &act, &mut yr);
         for (i, (a, b)) in y.iter().zip(&yr).enumerate() {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{ty} {i}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{ty} {i}: {a} vs {b}"
+            );
         }
     }
 }
@@ -565,10 +673,17 @@ fn type_table() {
 
 #[test]
 fn float_activation_conversions_are_rne() {
-    let x = [1.0f32 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 1.0 + 2f32.powi(-8)];
+    let x = [
+        1.0f32 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        1.0 + 2f32.powi(-8),
+    ];
     let mut act = PreparedActivations::new();
     act.prepare(QuantType::F16, &x, 3, 1);
-    assert_eq!(act.f16s[..3].iter().map(|v| v.to_f32()).collect::<Vec<_>>(), vec![1.0, 1.0 + 2f32.powi(-9), 1.0 + 2f32.powi(-8)]);
+    assert_eq!(
+        act.f16s[..3].iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+        vec![1.0, 1.0 + 2f32.powi(-9), 1.0 + 2f32.powi(-8)]
+    );
     act.prepare(QuantType::BF16, &x, 3, 1);
     assert_eq!(act.bf16s[0], bf16::from_f32(1.0));
     assert_eq!(act.bf16s[2], bf16::from_bits(0x3F80)); // tie 1 + 2^-8 rounds to even (1.0)
@@ -580,7 +695,10 @@ fn avx2_scalar_f16_conversion_is_exact() {
     for h in 0..=u16::MAX {
         let a = super::avx2::f16_to_f32(F16Bytes(h.to_le_bytes()));
         let b = f16::from_bits(h).to_f32();
-        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{h:#06x}: {a} vs {b}");
+        assert!(
+            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+            "{h:#06x}: {a} vs {b}"
+        );
     }
 }
 
@@ -606,8 +724,16 @@ fn batched_matmul_is_bitwise_equal_to_single_vectors() {
             let mut y1r = vec![0f32; rows];
             matmul_reference(ty, &w, rows, cols, &one, &mut y1r);
             for r in 0..rows {
-                assert_eq!(y[b * rows + r].to_bits(), y1[r].to_bits(), "{ty} fast b={b} r={r}");
-                assert_eq!(yr[b * rows + r].to_bits(), y1r[r].to_bits(), "{ty} reference b={b} r={r}");
+                assert_eq!(
+                    y[b * rows + r].to_bits(),
+                    y1[r].to_bits(),
+                    "{ty} fast b={b} r={r}"
+                );
+                assert_eq!(
+                    yr[b * rows + r].to_bits(),
+                    y1r[r].to_bits(),
+                    "{ty} reference b={b} r={r}"
+                );
             }
         }
     }
