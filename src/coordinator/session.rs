@@ -197,6 +197,12 @@ impl Session {
         Ok(results)
     }
 
+    /// The distributions at `rows` of `tokens` (run from an empty cache), with `top` candidates each.
+    pub async fn distributions(&mut self, tokens: &[u32], rows: &[usize], top: usize) -> anyhow::Result<Vec<Distribution>> {
+        self.cluster.clear_sequence(0).await?;
+        Ok(self.forward(tokens, 0, rows, top, false, &[]).await?.into_iter().map(|(d, _)| d).collect())
+    }
+
     /// Whole logits at the last of `tokens`, run from an empty cache.
     pub async fn final_logits(&mut self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
         if tokens.is_empty() {

@@ -254,10 +254,12 @@ pub fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
     for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        // As llama.cpp's x86 quantizer: 127/amax and ties to even (the `_ref` code uses 1/d and
+        // rounds ties away), so the activations match the golden runs bit for bit.
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         b.d = F16Bytes::from_f32(d);
         for (q, &v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
         }
     }
 }
@@ -274,11 +276,13 @@ pub fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
     for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        // As llama.cpp's x86 quantizer: 127/amax and ties to even (the `_ref` code uses 1/d and
+        // rounds ties away), so the activations match the golden runs bit for bit.
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         b.d = F16Bytes::from_f32(d);
         let mut sum = 0i32;
         for (q, &v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
+            *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
         b.s = F16Bytes::from_f32(sum as f32 * d);
