@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
@@ -363,7 +364,8 @@ impl Executor {
             |(key, scores, acc, value), (index, target)| {
                 let (b, h) = (index / q_heads, index % q_heads);
                 let kv_head = (q_start + h) / group - kv_start;
-                let query = &q[(b * q_heads + h) * hd..(b * q_heads + h + 1) * hd];
+                let query: Vec<f32> = q[(b * q_heads + h) * hd..(b * q_heads + h + 1) * hd].iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+                let query = &query[..];
                 let (sequence, position) = (sequences[b] as usize, positions[b] as usize);
                 scores.clear();
                 let mut max = f32::NEG_INFINITY;
