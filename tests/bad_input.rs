@@ -61,12 +61,29 @@ impl Gguf {
 }
 
 fn expect_error(args: &[&str], file: &Path, needle: &str) {
-    let output = Command::new(coordinator_binary()).args(args).arg("--model").arg(file).output().unwrap();
+    let output = Command::new(coordinator_binary())
+        .args(args)
+        .arg("--model")
+        .arg(file)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{args:?} {} succeeded", file.display());
-    assert!(!stderr.contains("panicked"), "{args:?} {} panicked: {stderr}", file.display());
+    assert!(
+        !output.status.success(),
+        "{args:?} {} succeeded",
+        file.display()
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "{args:?} {} panicked: {stderr}",
+        file.display()
+    );
     assert!(stderr.contains("error:"), "{args:?}: {stderr}");
-    assert!(stderr.contains(needle), "{args:?} {}: expected '{needle}' in: {stderr}", file.display());
+    assert!(
+        stderr.contains(needle),
+        "{args:?} {}: expected '{needle}' in: {stderr}",
+        file.display()
+    );
 }
 
 #[test]
@@ -75,32 +92,67 @@ fn malformed_model_files_are_clear_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut cases: Vec<(PathBuf, &str)> = Vec::new();
 
-    cases.push((Gguf::new(b"GGUX", 3, 0, 0).write(&dir, "magic.gguf"), "not a GGUF file"));
-    cases.push((Gguf::new(b"GGUF", 7, 0, 0).write(&dir, "version.gguf"), "unsupported GGUF version 7"));
-    cases.push((Gguf::new(b"GGUF", 3, 1 << 60, 0).write(&dir, "tensor-count.gguf"), "exceeds the limit"));
-    cases.push((Gguf::new(b"GGUF", 3, 0, 1 << 62).write(&dir, "metadata-count.gguf"), "exceeds the limit"));
+    cases.push((
+        Gguf::new(b"GGUX", 3, 0, 0).write(&dir, "magic.gguf"),
+        "not a GGUF file",
+    ));
+    cases.push((
+        Gguf::new(b"GGUF", 7, 0, 0).write(&dir, "version.gguf"),
+        "unsupported GGUF version 7",
+    ));
+    cases.push((
+        Gguf::new(b"GGUF", 3, 1 << 60, 0).write(&dir, "tensor-count.gguf"),
+        "exceeds the limit",
+    ));
+    cases.push((
+        Gguf::new(b"GGUF", 3, 0, 1 << 62).write(&dir, "metadata-count.gguf"),
+        "exceeds the limit",
+    ));
     let mut g = Gguf::new(b"GGUF", 3, 0, 1);
-    g.string("general.architecture").bytes.extend(8u32.to_le_bytes());
+    g.string("general.architecture")
+        .bytes
+        .extend(8u32.to_le_bytes());
     g.bytes.extend((1u64 << 40).to_le_bytes());
     cases.push((g.write(&dir, "string-length.gguf"), "exceeds the limit"));
     let mut g = Gguf::new(b"GGUF", 3, 0, 2);
     g.kv_string("general.architecture", "llama");
     cases.push((g.write(&dir, "truncated-metadata.gguf"), "truncated"));
     let mut g = Gguf::new(b"GGUF", 3, 1, 1);
-    g.kv_string("general.architecture", "llama").tensor("token_embd.weight", &[64, 8], 0, 1 << 40).pad(64);
-    cases.push((g.write(&dir, "extent.gguf"), "truncated: data of tensor 'token_embd.weight'"));
+    g.kv_string("general.architecture", "llama")
+        .tensor("token_embd.weight", &[64, 8], 0, 1 << 40)
+        .pad(64);
+    cases.push((
+        g.write(&dir, "extent.gguf"),
+        "truncated: data of tensor 'token_embd.weight'",
+    ));
     let mut g = Gguf::new(b"GGUF", 3, 1, 1);
-    g.kv_string("general.architecture", "llama").tensor("token_embd.weight", &[64, 8], 99, 0).pad(4096);
+    g.kv_string("general.architecture", "llama")
+        .tensor("token_embd.weight", &[64, 8], 99, 0)
+        .pad(4096);
     cases.push((g.write(&dir, "quant-type.gguf"), "unsupported type id 99"));
     let mut g = Gguf::new(b"GGUF", 3, 1, 1);
-    g.kv_string("general.architecture", "llama").tensor("token_embd.weight", &[u64::MAX / 2, 4], 0, 0).pad(64);
+    g.kv_string("general.architecture", "llama")
+        .tensor("token_embd.weight", &[u64::MAX / 2, 4], 0, 0)
+        .pad(64);
     cases.push((g.write(&dir, "dims.gguf"), "absurd dimensions"));
     let mut g = Gguf::new(b"GGUF", 3, 1, 2);
-    g.kv_string("general.architecture", "mamba").kv_u32("mamba.block_count", 2).tensor("a", &[8], 0, 0).pad(32);
-    cases.push((g.write(&dir, "arch.gguf"), "unsupported architecture 'mamba'"));
+    g.kv_string("general.architecture", "mamba")
+        .kv_u32("mamba.block_count", 2)
+        .tensor("a", &[8], 0, 0)
+        .pad(32);
+    cases.push((
+        g.write(&dir, "arch.gguf"),
+        "unsupported architecture 'mamba'",
+    ));
     let mut g = Gguf::new(b"GGUF", 3, 1, 2);
-    g.kv_string("general.architecture", "llama").kv_u32("llama.block_count", 2).tensor("a", &[8], 0, 0).pad(32);
-    cases.push((g.write(&dir, "missing-key.gguf"), "missing metadata key 'llama.embedding_length'"));
+    g.kv_string("general.architecture", "llama")
+        .kv_u32("llama.block_count", 2)
+        .tensor("a", &[8], 0, 0)
+        .pad(32);
+    cases.push((
+        g.write(&dir, "missing-key.gguf"),
+        "missing metadata key 'llama.embedding_length'",
+    ));
     if let Some(real) = model(SMOLLM2) {
         // The real model cut inside its metadata, and cut inside its tensor data.
         let bytes = std::fs::read(real).unwrap();
@@ -113,7 +165,11 @@ fn malformed_model_files_are_clear_errors() {
 
     for (path, needle) in &cases {
         expect_error(&["plan", "--local", "2"], path, needle);
-        expect_error(&["generate", "--local", "1", "--prompt", "hi"], path, needle);
+        expect_error(
+            &["generate", "--local", "1", "--prompt", "hi"],
+            path,
+            needle,
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -122,24 +178,57 @@ fn malformed_model_files_are_clear_errors() {
 fn bad_arguments_are_clear_errors() {
     let Some(path) = model(SMOLLM2) else { return };
     let run = |args: &[&str]| {
-        let output = Command::new(coordinator_binary()).args(args).output().unwrap();
-        (output.status.success(), String::from_utf8_lossy(&output.stderr).to_string())
+        let output = Command::new(coordinator_binary())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).to_string(),
+        )
     };
     let model = path.to_str().unwrap();
     let (ok, err) = run(&["generate", "--model", model, "--prompt", "hi"]);
     assert!(!ok && err.contains("--local N or --workers"), "{err}");
-    let (ok, err) = run(&["generate", "--model", model, "--local", "17", "--prompt", "hi"]);
+    let (ok, err) = run(&[
+        "generate", "--model", model, "--local", "17", "--prompt", "hi",
+    ]);
     assert!(!ok && err.contains("17"), "{err}");
-    let (ok, err) = run(&["generate", "--model", model, "--local", "1", "--prompt", "hi", "--top-p", "2"]);
+    let (ok, err) = run(&[
+        "generate", "--model", model, "--local", "1", "--prompt", "hi", "--top-p", "2",
+    ]);
     assert!(!ok && err.contains("top-p"), "{err}");
-    let (ok, err) = run(&["generate", "--model", model, "--workers", "/nonexistent/hosts.toml", "--prompt", "hi"]);
+    let (ok, err) = run(&[
+        "generate",
+        "--model",
+        model,
+        "--workers",
+        "/nonexistent/hosts.toml",
+        "--prompt",
+        "hi",
+    ]);
     assert!(!ok && err.contains("cannot read"), "{err}");
     let hosts = std::env::temp_dir().join(format!("tp-bad-hosts-{}.toml", std::process::id()));
-    std::fs::write(&hosts, "[[worker]]\naddress = \"127.0.0.1:1\"\nweigth = 2.0\n").unwrap();
-    let (ok, err) = run(&["plan", "--model", model, "--workers", hosts.to_str().unwrap()]);
-    assert!(!ok && err.contains("line 3") && err.contains("weigth"), "{err}");
+    std::fs::write(
+        &hosts,
+        "[[worker]]\naddress = \"127.0.0.1:1\"\nweigth = 2.0\n",
+    )
+    .unwrap();
+    let (ok, err) = run(&[
+        "plan",
+        "--model",
+        model,
+        "--workers",
+        hosts.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("line 3") && err.contains("weigth"),
+        "{err}"
+    );
     std::fs::remove_file(&hosts).ok();
-    for (ok, err) in [run(&["generate", "--model", model, "--local", "1", "--prompt", "hi"])] {
+    for (ok, err) in [run(&[
+        "generate", "--model", model, "--local", "1", "--prompt", "hi",
+    ])] {
         assert!(ok, "{err}");
     }
 }

@@ -19,10 +19,20 @@ struct CaseResult {
 
 /// Runs every golden generation case at each rank count and checks the rules. Returns a table.
 async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize]) -> String {
-    let Some(path) = model(model_name) else { return String::new() };
+    let Some(path) = model(model_name) else {
+        return String::new();
+    };
     let data = read_json(&golden_dir().join(golden));
     let cases = data["cases"].as_array().unwrap();
-    let mut table = format!("| case | {} |\n|---|{}\n", rank_counts.iter().map(|n| format!("TP={n}")).collect::<Vec<_>>().join(" | "), "---|".repeat(rank_counts.len()));
+    let mut table = format!(
+        "| case | {} |\n|---|{}\n",
+        rank_counts
+            .iter()
+            .map(|n| format!("TP={n}"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(rank_counts.len())
+    );
     let mut rows: Vec<Vec<CaseResult>> = Vec::new();
     let mut failures = Vec::new();
     for &ranks in rank_counts {
@@ -31,12 +41,20 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
         for case in cases {
             let id = case["id"].as_str().unwrap().to_string();
             let prompt = case["prompt"].as_str().unwrap();
-            let expected_prompt: Vec<u32> =
-                case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let expected_prompt: Vec<u32> = case["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             let prompt_ids = session.model.tokenizer.encode(prompt, true).unwrap();
             assert_eq!(prompt_ids, expected_prompt, "{id}: prompt tokens differ");
-            let golden_ids: Vec<u32> =
-                case["generated_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let golden_ids: Vec<u32> = case["generated_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             let golden_top: Vec<Vec<(u32, f32)>> = case["top_logprobs"]
                 .as_array()
                 .unwrap()
@@ -82,11 +100,20 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
                 let ours_of = |id: u32| our_step.iter().find(|p| p.0 == id).map(|p| p.1);
                 let top1 = ours_of(golden_step[0].0).expect("the agreed token is in our top list");
                 top1_deltas.push((top1 - golden_step[0].1).abs());
-                let shared: Vec<f32> =
-                    golden_step.iter().filter_map(|&(id, lp)| ours_of(id).map(|o| (o - lp).abs())).collect();
-                let shared_top5 = golden_step[..5].iter().filter(|p| our_step[..5].iter().any(|o| o.0 == p.0)).count();
+                let shared: Vec<f32> = golden_step
+                    .iter()
+                    .filter_map(|&(id, lp)| ours_of(id).map(|o| (o - lp).abs()))
+                    .collect();
+                let shared_top5 = golden_step[..5]
+                    .iter()
+                    .filter(|p| our_step[..5].iter().any(|o| o.0 == p.0))
+                    .count();
                 let mean = shared.iter().sum::<f32>() / shared.len().max(1) as f32;
-                if (top1 - golden_step[0].1).abs() > 0.25 || mean > 0.6 || shared.len() < 6 || shared_top5 < 3 {
+                if (top1 - golden_step[0].1).abs() > 0.25
+                    || mean > 0.6
+                    || shared.len() < 6
+                    || shared_top5 < 3
+                {
                     failures.push(format!(
                         "TP={ranks} {id} step {step}: top-1 delta {:.3}, mean delta {mean:.3}, shared {}/10, top-5 shared {shared_top5}\n  golden {:?}\n  ours   {:?}",
                         (top1 - golden_step[0].1).abs(),
@@ -97,14 +124,27 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
                 }
             }
             if agreed == golden_ids.len() && generation.tokens.len() != golden_ids.len() {
-                failures.push(format!("TP={ranks} {id}: generated {} tokens, golden {}", generation.tokens.len(), golden_ids.len()));
+                failures.push(format!(
+                    "TP={ranks} {id}: generated {} tokens, golden {}",
+                    generation.tokens.len(),
+                    golden_ids.len()
+                ));
             }
             if agreed == golden_ids.len() {
-                let golden_stop = if case["stop"] == "eos" { "eos" } else { "limit" };
+                let golden_stop = if case["stop"] == "eos" {
+                    "eos"
+                } else {
+                    "limit"
+                };
                 assert_eq!(generation.stop, golden_stop, "TP={ranks} {id}: stop kind");
             }
             let max_delta = top1_deltas.iter().copied().fold(0f32, f32::max);
-            results.push(CaseResult { id, agreed, golden_len: golden_ids.len(), verdict: format!("{verdict}, max top-1 Δ {max_delta:.3}") });
+            results.push(CaseResult {
+                id,
+                agreed,
+                golden_len: golden_ids.len(),
+                verdict: format!("{verdict}, max top-1 Δ {max_delta:.3}"),
+            });
         }
         session.cluster.shutdown().await;
         rows.push(results);
@@ -118,7 +158,11 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
         table.push('\n');
     }
     println!("{model_name}\n{table}");
-    assert!(failures.is_empty(), "{model_name}: disagreements with llama.cpp:\n{}\n{table}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{model_name}: disagreements with llama.cpp:\n{}\n{table}",
+        failures.join("\n")
+    );
     table
 }
 
@@ -132,21 +176,45 @@ async fn qwen_greedy_generation_matches_llama_cpp_at_tp_1_2_3() {
     check_generation(QWEN05, "qwen2.5-0.5b/generate.json", &[1, 2, 3]).await;
 }
 
-async fn check_perplexity(model_name: &str, golden: &str, ranks: usize, context: usize, max_chunks: Option<usize>) {
-    let Some(path) = model(model_name) else { return };
+async fn check_perplexity(
+    model_name: &str,
+    golden: &str,
+    ranks: usize,
+    context: usize,
+    max_chunks: Option<usize>,
+) {
+    let Some(path) = model(model_name) else {
+        return;
+    };
     let data = read_json(&golden_dir().join(golden));
-    let result = data["results"].as_array().unwrap().iter().find(|r| r["n_ctx"] == context).unwrap().clone();
+    let result = data["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["n_ctx"] == context)
+        .unwrap()
+        .clone();
     let text = std::fs::read_to_string(golden_dir().join("ppl_text.txt")).unwrap();
     let text = text.strip_suffix('\n').unwrap();
     let mut session = session(&path, &vec![1.0; ranks], context, context).await;
     let tokens = session.model.tokenizer.encode(text, false).unwrap();
-    assert_eq!(tokens.len() as u64, data["text_tokens"].as_u64().unwrap(), "token count of the text");
-    let ours = session.perplexity(&tokens, context, max_chunks, |_, _| {}).await.unwrap();
+    assert_eq!(
+        tokens.len() as u64,
+        data["text_tokens"].as_u64().unwrap(),
+        "token count of the text"
+    );
+    let ours = session
+        .perplexity(&tokens, context, max_chunks, |_, _| {})
+        .await
+        .unwrap();
     session.cluster.shutdown().await;
     let golden_ppl = match max_chunks {
         Some(n) => result["running_ppl"][n - 1].as_f64().unwrap(),
         None => {
-            assert_eq!(ours.scored_tokens as u64, result["scored_tokens"].as_u64().unwrap());
+            assert_eq!(
+                ours.scored_tokens as u64,
+                result["scored_tokens"].as_u64().unwrap()
+            );
             result["ppl"].as_f64().unwrap()
         }
     };
@@ -158,7 +226,11 @@ async fn check_perplexity(model_name: &str, golden: &str, ranks: usize, context:
         100.0 * (ours.ppl - golden_ppl) / golden_ppl,
         ours.seconds
     );
-    assert!(relative < 0.01, "perplexity {:.4} vs llama.cpp {golden_ppl:.4}", ours.ppl);
+    assert!(
+        relative < 0.01,
+        "perplexity {:.4} vs llama.cpp {golden_ppl:.4}",
+        ours.ppl
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +254,13 @@ async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> 
     let mut deltas = Vec::new();
     let mut mean_deltas = Vec::new();
     for case in data["cases"].as_array().unwrap() {
-        let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
         let prompt = ids(&case["prompt_ids"]);
         let generated = ids(&case["generated_ids"]);
         let mut tokens = prompt.clone();
@@ -194,7 +272,10 @@ async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> 
             let mut sum = 0.0;
             let mut shared = 0;
             for (i, pair) in golden_step.iter().enumerate() {
-                let (id, lp) = (pair[0].as_u64().unwrap() as u32, pair[1].as_f64().unwrap() as f32);
+                let (id, lp) = (
+                    pair[0].as_u64().unwrap() as u32,
+                    pair[1].as_f64().unwrap() as f32,
+                );
                 if let Some(&(_, logit)) = distribution.candidates.iter().find(|c| c.0 == id) {
                     let delta = (distribution.logprob(logit) - lp).abs();
                     if i == 0 {
@@ -226,11 +307,19 @@ async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teacher_forced_log_probabilities_match_llama_cpp() {
-    for (model_name, golden) in [(SMOLLM2, "generate.json"), (QWEN05, "qwen2.5-0.5b/generate.json")] {
+    for (model_name, golden) in [
+        (SMOLLM2, "generate.json"),
+        (QWEN05, "qwen2.5-0.5b/generate.json"),
+    ] {
         for ranks in [1, 2] {
-            let Some(deltas) = teacher_forced_deltas(model_name, golden, ranks).await else { continue };
+            let Some(deltas) = teacher_forced_deltas(model_name, golden, ranks).await else {
+                continue;
+            };
             let max = deltas.iter().copied().fold(0f32, f32::max);
-            assert!(max <= 0.25, "{model_name} TP={ranks}: top-1 log-probability off by {max}");
+            assert!(
+                max <= 0.25,
+                "{model_name} TP={ranks}: top-1 log-probability off by {max}"
+            );
         }
     }
 }

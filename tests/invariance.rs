@@ -6,7 +6,11 @@ mod common;
 use common::*;
 
 fn nmse(reference: &[f32], other: &[f32]) -> f64 {
-    let error: f64 = reference.iter().zip(other).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let error: f64 = reference
+        .iter()
+        .zip(other)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
     let power: f64 = reference.iter().map(|a| (*a as f64).powi(2)).sum();
     error / power
 }
@@ -17,14 +21,25 @@ const PROMPTS: [&str; 2] = [
 ];
 
 async fn check_invariance(model_name: &str) {
-    let Some(path) = model(model_name) else { return };
-    let splits: [&[f64]; 5] = [&[1.0], &[1.0, 1.0], &[1.0, 1.0, 1.0], &[1.0, 1.0, 1.0, 1.0], &[2.0, 1.0]];
+    let Some(path) = model(model_name) else {
+        return;
+    };
+    let splits: [&[f64]; 5] = [
+        &[1.0],
+        &[1.0, 1.0],
+        &[1.0, 1.0, 1.0],
+        &[1.0, 1.0, 1.0, 1.0],
+        &[2.0, 1.0],
+    ];
     let mut reference: Vec<Vec<f32>> = Vec::new();
     for weights in splits {
         let mut session = session(&path, weights, 128, 64).await;
         for (i, prompt) in PROMPTS.iter().enumerate() {
             let tokens = session.model.tokenizer.encode(prompt, true).unwrap();
-            let logits = session.final_logits(&tokens).await.unwrap_or_else(|e| panic!("{weights:?}: {e:#}"));
+            let logits = session
+                .final_logits(&tokens)
+                .await
+                .unwrap_or_else(|e| panic!("{weights:?}: {e:#}"));
             assert_eq!(logits.len(), session.model.config.vocab_size);
             assert!(logits.iter().all(|v| v.is_finite()));
             if weights.len() == 1 {
@@ -32,10 +47,19 @@ async fn check_invariance(model_name: &str) {
             } else {
                 let e = nmse(&reference[i], &logits);
                 println!("{model_name} weights {weights:?} prompt {i}: NMSE {e:.3e}");
-                assert!(e < 1e-4, "{model_name} weights {weights:?} prompt {i}: NMSE {e:.3e}");
+                assert!(
+                    e < 1e-4,
+                    "{model_name} weights {weights:?} prompt {i}: NMSE {e:.3e}"
+                );
                 // Not a vacuous comparison: the split changed the arithmetic at least somewhere,
                 // or is exactly equal, and either way the argmax agrees.
-                let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+                let argmax = |v: &[f32]| {
+                    v.iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .unwrap()
+                        .0
+                };
                 assert_eq!(argmax(&reference[i]), argmax(&logits));
             }
         }
@@ -60,11 +84,24 @@ fn the_same_command_twice_gives_the_same_tokens() {
         let output = std::process::Command::new(coordinator_binary())
             .args(["generate", "--model"])
             .arg(&path)
-            .args(["--local", "2", "--prompt", "Once upon a time", "-n", "24", "--temperature", "0.9"])
+            .args([
+                "--local",
+                "2",
+                "--prompt",
+                "Once upon a time",
+                "-n",
+                "24",
+                "--temperature",
+                "0.9",
+            ])
             .args(["--seed", "42", "--format", "json"])
             .output()
             .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         json["tokens"].clone()
     };

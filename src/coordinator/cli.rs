@@ -166,7 +166,10 @@ fn worker_binary() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let path = me.with_file_name("tp-worker");
     if !path.exists() {
-        bail!("tp-worker not found next to {} (build it with `cargo build --release`)", me.display());
+        bail!(
+            "tp-worker not found next to {} (build it with `cargo build --release`)",
+            me.display()
+        );
     }
     Ok(path)
 }
@@ -201,6 +204,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenize(args) => tokenize(args),
         Command::Plan(args) => plan_command(args).await,
         Command::Generate(args) => {
+            sampling_params(&args)
+                .validate()
+                .map_err(|e| anyhow::anyhow!(e))?;
             let model = Model::open(&args.cluster.model)?;
             let prompt = prompt_tokens(&model, &args)?;
             let context = (prompt.len() + args.n_predict).min(model.config.context_length);
@@ -226,7 +232,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn start_session(args: &ClusterArgs, model: Model, context: usize) -> anyhow::Result<Session> {
+async fn start_session(
+    args: &ClusterArgs,
+    model: Model,
+    context: usize,
+) -> anyhow::Result<Session> {
     let cluster = start_cluster(args).await?;
     let batch = context.clamp(1, 512);
     tokio::select! {
@@ -237,12 +247,21 @@ async fn start_session(args: &ClusterArgs, model: Model, context: usize) -> anyh
 
 fn prompt_tokens(model: &Model, args: &GenerateArgs) -> anyhow::Result<Vec<u32>> {
     let text = if args.chat {
-        let template = model.chat_template.as_ref().context("the model has no chat template; drop --chat")?;
+        let template = model
+            .chat_template
+            .as_ref()
+            .context("the model has no chat template; drop --chat")?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system.clone(),
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        });
         template.render(&messages, true)?
     } else {
         args.prompt.clone()
@@ -257,8 +276,8 @@ fn prompt_tokens(model: &Model, args: &GenerateArgs) -> anyhow::Result<Vec<u32>>
     Ok(tokens)
 }
 
-async fn generate(session: &mut Session, prompt: Vec<u32>, args: &GenerateArgs) -> anyhow::Result<()> {
-    let params = SamplingParams {
+fn sampling_params(args: &GenerateArgs) -> SamplingParams {
+    SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
@@ -266,7 +285,15 @@ async fn generate(session: &mut Session, prompt: Vec<u32>, args: &GenerateArgs) 
         repeat_penalty: args.repeat_penalty,
         repeat_last_n: args.repeat_last_n,
         seed: args.seed,
-    };
+    }
+}
+
+async fn generate(
+    session: &mut Session,
+    prompt: Vec<u32>,
+    args: &GenerateArgs,
+) -> anyhow::Result<()> {
+    let params = sampling_params(args);
     let text_mode = args.format == Format::Text;
     let mut stdout = std::io::stdout();
     let mut print = |piece: &str| {
@@ -285,6 +312,7 @@ async fn generate(session: &mut Session, prompt: Vec<u32>, args: &GenerateArgs) 
             on_text: Some(&mut print),
         })
         .await?;
+    let stats = session.cluster.stats().await?;
     if text_mode {
         println!();
         let t = &result.timings;
@@ -297,14 +325,37 @@ async fn generate(session: &mut Session, prompt: Vec<u32>, args: &GenerateArgs) 
             t.generated_tokens_per_second,
             result.stop
         );
+        for (rank, s) in stats.iter().enumerate() {
+            eprintln!(
+                "  worker {rank}: weights {:.1} MiB, KV cache {:.1} MiB, peak RSS {:.1} MiB",
+                s.weight_bytes as f64 / (1 << 20) as f64,
+                s.kv_cache_bytes as f64 / (1 << 20) as f64,
+                s.peak_rss_bytes as f64 / (1 << 20) as f64
+            );
+        }
     } else {
-        println!("{}", serde_json::to_string(&result)?);
+        let mut json = serde_json::to_value(&result)?;
+        json["workers"] = stats
+            .iter()
+            .enumerate()
+            .map(|(rank, s)| {
+                serde_json::json!({
+                    "rank": rank,
+                    "weight_bytes": s.weight_bytes,
+                    "kv_cache_bytes": s.kv_cache_bytes,
+                    "peak_rss_bytes": s.peak_rss_bytes,
+                    "rss_bytes": s.rss_bytes,
+                })
+            })
+            .collect();
+        println!("{json}");
     }
     Ok(())
 }
 
 async fn perplexity(session: &mut Session, args: &PerplexityArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
     // llama-perplexity drops one trailing newline.
     let text = text.strip_suffix('\n').unwrap_or(&text);
     let mut tokens = Vec::new();
@@ -319,7 +370,8 @@ async fn perplexity(session: &mut Session, args: &PerplexityArgs) -> anyhow::Res
         eprintln!(
             "perplexity: {} tokens, {} chunks of {}",
             tokens.len(),
-            args.chunks.map_or(tokens.len() / args.context, |c| c.min(tokens.len() / args.context)),
+            args.chunks.map_or(tokens.len() / args.context, |c| c
+                .min(tokens.len() / args.context)),
             args.context
         );
     }
@@ -334,7 +386,12 @@ async fn perplexity(session: &mut Session, args: &PerplexityArgs) -> anyhow::Res
         eprintln!();
         println!(
             "Final estimate: PPL = {:.4} +/- {:.5} ({} chunks of {}, {} scored tokens, {:.1} s)",
-            result.ppl, result.ppl_stderr, result.chunks, result.context, result.scored_tokens, result.seconds
+            result.ppl,
+            result.ppl_stderr,
+            result.chunks,
+            result.context,
+            result.scored_tokens,
+            result.seconds
         );
     } else {
         println!("{}", serde_json::to_string(&result)?);
@@ -366,19 +423,28 @@ fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
 async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     let file = crate::model::gguf::GgufFile::open(&args.model)?;
     let config = crate::model::arch::ModelConfig::from_gguf(&file)?;
-    let (weights, addresses, transport): (Vec<f64>, Vec<String>, &str) = match (&args.local, &args.workers) {
-        (Some(n), _) => (vec![1.0; *n as usize], (0..*n).map(|i| format!("local worker {i}")).collect(), "shm"),
-        (None, Some(path)) => {
-            let hosts = HostsFile::read(path)?;
-            let same_host = hosts.workers.iter().all(|w| is_loopback(&w.address));
-            (
-                hosts.workers.iter().map(|w| w.weight).collect(),
-                hosts.workers.iter().map(|w| w.address.clone()).collect(),
-                if same_host { "shm" } else { "grpc (not yet supported)" },
-            )
-        }
-        (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
-    };
+    let (weights, addresses, transport): (Vec<f64>, Vec<String>, &str) =
+        match (&args.local, &args.workers) {
+            (Some(n), _) => (
+                vec![1.0; *n as usize],
+                (0..*n).map(|i| format!("local worker {i}")).collect(),
+                "shm",
+            ),
+            (None, Some(path)) => {
+                let hosts = HostsFile::read(path)?;
+                let same_host = hosts.workers.iter().all(|w| is_loopback(&w.address));
+                (
+                    hosts.workers.iter().map(|w| w.weight).collect(),
+                    hosts.workers.iter().map(|w| w.address.clone()).collect(),
+                    if same_host {
+                        "shm"
+                    } else {
+                        "grpc (not yet supported)"
+                    },
+                )
+            }
+            (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
+        };
     let p = plan(&config, &weights)?;
     let context = args.ctx_size.min(config.context_length);
     #[derive(serde::Serialize)]
@@ -413,8 +479,9 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let links: Vec<(usize, usize, &str)> =
-        (0..weights.len()).flat_map(|a| (a + 1..weights.len()).map(move |b| (a, b, transport))).collect();
+    let links: Vec<(usize, usize, &str)> = (0..weights.len())
+        .flat_map(|a| (a + 1..weights.len()).map(move |b| (a, b, transport)))
+        .collect();
     if args.format == Format::Json {
         let json = serde_json::json!({
             "model": file.path.display().to_string(),
@@ -446,7 +513,15 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     );
     println!(
         "{:>4}  {:<22} {:>6} {:>14} {:>14} {:>16} {:>18} {:>11} {:>10}",
-        "rank", "worker", "weight", "q heads (all)", "kv heads (all)", "FFN cols (all)", "vocab rows", "weights", "KV cache"
+        "rank",
+        "worker",
+        "weight",
+        "q heads (all)",
+        "kv heads (all)",
+        "FFN cols (all)",
+        "vocab rows",
+        "weights",
+        "KV cache"
     );
     for r in &rows {
         println!(
@@ -477,4 +552,3 @@ fn is_loopback(address: &str) -> bool {
     let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
     host == "localhost" || host.starts_with("127.") || host == "[::1]"
 }
-

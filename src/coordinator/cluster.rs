@@ -65,8 +65,10 @@ fn one() -> f64 {
 
 impl HostsFile {
     pub fn read(path: &Path) -> anyhow::Result<HostsFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let hosts: HostsFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let hosts: HostsFile =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if hosts.workers.is_empty() {
             bail!("{}: no [[worker]] entries", path.display());
         }
@@ -99,12 +101,18 @@ pub struct LoadSpec<'a> {
     pub max_batch: usize,
 }
 
-async fn connect(address: &str, limits: &ClusterLimits) -> anyhow::Result<(WorkerClient<Channel>, proto::HelloReply)> {
+async fn connect(
+    address: &str,
+    limits: &ClusterLimits,
+) -> anyhow::Result<(WorkerClient<Channel>, proto::HelloReply)> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .with_context(|| format!("bad worker address '{address}'"))?
         .connect_timeout(limits.connect_timeout)
         .tcp_nodelay(true);
-    let channel = endpoint.connect().await.with_context(|| format!("cannot reach worker at {address}"))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach worker at {address}"))?;
     let mut client = WorkerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -117,7 +125,10 @@ async fn connect(address: &str, limits: &ClusterLimits) -> anyhow::Result<(Worke
 }
 
 impl Cluster {
-    pub async fn connect(entries: &[WorkerEntry], limits: ClusterLimits) -> anyhow::Result<Cluster> {
+    pub async fn connect(
+        entries: &[WorkerEntry],
+        limits: ClusterLimits,
+    ) -> anyhow::Result<Cluster> {
         let mut workers = Vec::new();
         for entry in entries {
             let (client, hello) = connect(&entry.address, &limits).await?;
@@ -129,7 +140,13 @@ impl Cluster {
                 hello,
             });
         }
-        Ok(Cluster { workers, children: Vec::new(), segment: None, next_step: 1, limits })
+        Ok(Cluster {
+            workers,
+            children: Vec::new(),
+            segment: None,
+            next_step: 1,
+            limits,
+        })
     }
 
     /// Starts `count` workers on this host; they exit with this process (also when it is killed).
@@ -144,7 +161,14 @@ impl Cluster {
         for (rank, &weight) in weights.iter().enumerate() {
             let mut command = Command::new(worker_binary);
             command
-                .args(["--listen", "127.0.0.1:0", "--log", "warn", "--threads", &threads_per_worker.to_string()])
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--log",
+                    "warn",
+                    "--threads",
+                    &threads_per_worker.to_string(),
+                ])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -164,11 +188,23 @@ impl Cluster {
             let mut lines = BufReader::new(stdout).lines();
             let line = tokio::time::timeout(limits.worker_start_timeout, lines.next_line())
                 .await
-                .with_context(|| format!("worker {rank} did not start within {:?}", limits.worker_start_timeout))??;
-            let Some(address) = line.as_deref().and_then(|l| l.strip_prefix("listening on ")) else {
+                .with_context(|| {
+                    format!(
+                        "worker {rank} did not start within {:?}",
+                        limits.worker_start_timeout
+                    )
+                })??;
+            let Some(address) = line
+                .as_deref()
+                .and_then(|l| l.strip_prefix("listening on "))
+            else {
                 bail!("worker {rank} exited before listening (got {line:?})");
             };
-            entries.push(WorkerEntry { address: address.trim().to_string(), weight, threads: threads_per_worker });
+            entries.push(WorkerEntry {
+                address: address.trim().to_string(),
+                weight,
+                threads: threads_per_worker,
+            });
             children.push(child);
         }
         let mut cluster = Cluster::connect(&entries, limits).await?;
@@ -187,24 +223,36 @@ impl Cluster {
     /// Whether every worker runs on this host (same boot id and hostname): shared memory serves them all.
     pub fn single_host(&self) -> bool {
         let me = (crate::worker::hostname(), boot_id());
-        self.workers.iter().all(|w| (w.hello.hostname.clone(), w.hello.boot_id.clone()) == me)
+        self.workers
+            .iter()
+            .all(|w| (w.hello.hostname.clone(), w.hello.boot_id.clone()) == me)
     }
 
-    pub async fn load(&mut self, spec: &LoadSpec<'_>) -> anyhow::Result<Vec<proto::LoadShardReply>> {
+    pub async fn load(
+        &mut self,
+        spec: &LoadSpec<'_>,
+    ) -> anyhow::Result<Vec<proto::LoadShardReply>> {
         let rank_count = self.workers.len();
         let model_dim = crate::model::arch::ModelConfig::from_gguf(spec.file)?.model_dim;
         let shm_path = if rank_count > 1 {
             if !self.single_host() {
-                bail!("workers run on different hosts; this version connects only workers of one host (shared memory)");
+                bail!(
+                    "workers run on different hosts; this version connects only workers of one host (shared memory)"
+                );
             }
-            let path = std::env::temp_dir().join(format!("tp-shm-{}-{}", std::process::id(), unique_suffix()));
+            let path = std::env::temp_dir().join(format!(
+                "tp-shm-{}-{}",
+                std::process::id(),
+                unique_suffix()
+            ));
             let path = if Path::new("/dev/shm").is_dir() {
                 PathBuf::from("/dev/shm").join(path.file_name().expect("has a name"))
             } else {
                 path
             };
             self.segment = None;
-            let segment = ShmSegment::create(&path, rank_count, spec.max_batch * model_dim)?;
+            // Row-parallel partials are reduced in f64: 8 bytes per value.
+            let segment = ShmSegment::create(&path, rank_count, spec.max_batch * model_dim * 8)?;
             let p = segment.path().display().to_string();
             self.segment = Some(segment);
             p
@@ -212,7 +260,9 @@ impl Cluster {
             String::new()
         };
         let header_hash = model_header_hash(spec.file);
-        let model_path = std::fs::canonicalize(&spec.file.path)?.display().to_string();
+        let model_path = std::fs::canonicalize(&spec.file.path)?
+            .display()
+            .to_string();
         let mut tasks = tokio::task::JoinSet::new();
         for (rank, worker) in self.workers.iter().enumerate() {
             let shard: &RankShard = &spec.plan.ranks[rank];
@@ -249,8 +299,12 @@ impl Cluster {
             tasks.spawn(async move {
                 let reply = tokio::time::timeout(timeout, client.load_shard(request))
                     .await
-                    .map_err(|_| anyhow::anyhow!("worker {rank} ({address}) did not load within {timeout:?}"))?
-                    .map_err(|s| anyhow::anyhow!("worker {rank} ({address}) failed to load: {}", s.message()))?;
+                    .map_err(|_| {
+                        anyhow::anyhow!("worker {rank} ({address}) did not load within {timeout:?}")
+                    })?
+                    .map_err(|s| {
+                        anyhow::anyhow!("worker {rank} ({address}) failed to load: {}", s.message())
+                    })?;
                 Ok::<_, anyhow::Error>((rank, reply.into_inner()))
             });
         }
@@ -258,7 +312,10 @@ impl Cluster {
     }
 
     /// One forward pass on every worker; replies in rank order.
-    pub async fn step(&mut self, mut request: proto::StepRequest) -> anyhow::Result<Vec<proto::StepReply>> {
+    pub async fn step(
+        &mut self,
+        mut request: proto::StepRequest,
+    ) -> anyhow::Result<Vec<proto::StepReply>> {
         request.step = self.next_step;
         self.next_step += 1;
         let mut tasks = tokio::task::JoinSet::new();
@@ -270,7 +327,11 @@ impl Cluster {
             tasks.spawn(async move {
                 let reply = tokio::time::timeout(timeout, client.step(request))
                     .await
-                    .map_err(|_| anyhow::anyhow!("worker {rank} ({address}) did not finish the step within {timeout:?}"))?
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "worker {rank} ({address}) did not finish the step within {timeout:?}"
+                        )
+                    })?
                     .map_err(|s| anyhow::anyhow!("worker {rank} ({address}): {}", s.message()))?;
                 Ok::<_, anyhow::Error>((rank, reply.into_inner()))
             });
@@ -280,9 +341,20 @@ impl Cluster {
 
     pub async fn clear_sequence(&mut self, sequence: u32) -> anyhow::Result<()> {
         for worker in &mut self.workers {
-            worker.client.clear_sequence(proto::ClearSequenceRequest { sequence }).await?;
+            worker
+                .client
+                .clear_sequence(proto::ClearSequenceRequest { sequence })
+                .await?;
         }
         Ok(())
+    }
+
+    pub async fn stats(&mut self) -> anyhow::Result<Vec<proto::StatsReply>> {
+        let mut replies = Vec::new();
+        for worker in &mut self.workers {
+            replies.push(worker.client.stats(proto::Empty {}).await?.into_inner());
+        }
+        Ok(replies)
     }
 
     /// Stops workers this coordinator started; workers it only connected to keep running.
@@ -291,10 +363,17 @@ impl Cluster {
             return;
         }
         for worker in &mut self.workers {
-            let _ = tokio::time::timeout(Duration::from_secs(2), worker.client.shutdown(proto::Empty {})).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                worker.client.shutdown(proto::Empty {}),
+            )
+            .await;
         }
         for child in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(3), child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(3), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = child.kill().await;
             }
         }
@@ -319,14 +398,21 @@ async fn collect_ranked<T: 'static>(
     if let Some(e) = first_error {
         return Err(e);
     }
-    Ok(results.into_iter().map(|r| r.expect("every rank answered")).collect())
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every rank answered"))
+        .collect())
 }
 
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn unique_suffix() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     nanos as u64
 }

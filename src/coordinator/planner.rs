@@ -24,7 +24,10 @@ pub enum PlanError {
 #[derive(Clone, Debug, PartialEq)]
 pub enum SplitState {
     Mirrored,
-    Split { axis: Axis, extents: Vec<Range<usize>> },
+    Split {
+        axis: Axis,
+        extents: Vec<Range<usize>>,
+    },
     Partial,
 }
 
@@ -72,7 +75,10 @@ pub enum AttentionUnit {
 pub fn split_units(unit_count: usize, weights: &[f64], rotation: usize) -> Vec<Range<usize>> {
     let n = weights.len();
     let total: f64 = weights.iter().sum();
-    let ideal: Vec<f64> = weights.iter().map(|w| unit_count as f64 * w / total).collect();
+    let ideal: Vec<f64> = weights
+        .iter()
+        .map(|w| unit_count as f64 * w / total)
+        .collect();
     let mut counts: Vec<usize> = ideal.iter().map(|x| x.floor() as usize).collect();
     let assigned: usize = counts.iter().sum();
     let mut order: Vec<usize> = (0..n).map(|i| (i + rotation) % n).collect();
@@ -105,10 +111,18 @@ pub fn plan(config: &ModelConfig, weights: &[f64]) -> Result<Plan, PlanError> {
         return Err(PlanError::Weight(w));
     }
     let group = config.group_size();
-    let attention_unit =
-        if rank_count <= config.kv_head_count { AttentionUnit::KvGroup } else { AttentionUnit::QueryHead };
+    let attention_unit = if rank_count <= config.kv_head_count {
+        AttentionUnit::KvGroup
+    } else {
+        AttentionUnit::QueryHead
+    };
     let mut ranks: Vec<RankShard> = (0..rank_count)
-        .map(|rank_index| RankShard { rank_index, rank_count, vocab_rows: 0..0, layers: Vec::new() })
+        .map(|rank_index| RankShard {
+            rank_index,
+            rank_count,
+            vocab_rows: 0..0,
+            layers: Vec::new(),
+        })
         .collect();
     for layer in 0..config.layer_count {
         let heads: Vec<(Range<usize>, Range<usize>)> = match attention_unit {
@@ -119,7 +133,11 @@ pub fn plan(config: &ModelConfig, weights: &[f64]) -> Result<Plan, PlanError> {
             AttentionUnit::QueryHead => split_units(config.head_count, weights, layer)
                 .into_iter()
                 .map(|q| {
-                    let kv = if q.is_empty() { 0..0 } else { q.start / group..q.end.div_ceil(group) };
+                    let kv = if q.is_empty() {
+                        0..0
+                    } else {
+                        q.start / group..q.end.div_ceil(group)
+                    };
                     (q, kv)
                 })
                 .collect(),
@@ -140,15 +158,25 @@ pub fn plan(config: &ModelConfig, weights: &[f64]) -> Result<Plan, PlanError> {
             });
         }
     }
-    for (rank, rows) in split_units(config.vocab_size, weights, config.layer_count).into_iter().enumerate() {
+    for (rank, rows) in split_units(config.vocab_size, weights, config.layer_count)
+        .into_iter()
+        .enumerate()
+    {
         ranks[rank].vocab_rows = rows;
     }
-    let plan = Plan { ranks, attention_unit };
+    let plan = Plan {
+        ranks,
+        attention_unit,
+    };
     check_plan(config, &plan).map_err(PlanError::Invalid)?;
     Ok(plan)
 }
 
-fn check_cover(ranges: impl Iterator<Item = Range<usize>>, total: usize, granularity: usize) -> Result<(), String> {
+fn check_cover(
+    ranges: impl Iterator<Item = Range<usize>>,
+    total: usize,
+    granularity: usize,
+) -> Result<(), String> {
     let mut next = 0;
     for r in ranges {
         if r.start != next || r.end < r.start {
@@ -167,13 +195,25 @@ fn check_cover(ranges: impl Iterator<Item = Range<usize>>, total: usize, granula
 
 /// The invariants of DESIGN section 2, asserted by the planner and again by each worker.
 pub fn check_plan(config: &ModelConfig, plan: &Plan) -> Result<(), String> {
-    check_cover(plan.ranks.iter().map(|r| r.vocab_rows.clone()), config.vocab_size, 1)?;
+    check_cover(
+        plan.ranks.iter().map(|r| r.vocab_rows.clone()),
+        config.vocab_size,
+        1,
+    )?;
     for layer in 0..config.layer_count {
         let shards: Vec<&LayerShard> = plan.ranks.iter().map(|r| &r.layers[layer]).collect();
-        check_cover(shards.iter().map(|s| s.q_heads.clone()), config.head_count, 1)
-            .map_err(|e| format!("layer {layer} query heads: {e}"))?;
-        check_cover(shards.iter().map(|s| s.ffn_columns.clone()), config.ffn_dim, config.ffn_down_block[layer])
-            .map_err(|e| format!("layer {layer} FFN columns: {e}"))?;
+        check_cover(
+            shards.iter().map(|s| s.q_heads.clone()),
+            config.head_count,
+            1,
+        )
+        .map_err(|e| format!("layer {layer} query heads: {e}"))?;
+        check_cover(
+            shards.iter().map(|s| s.ffn_columns.clone()),
+            config.ffn_dim,
+            config.ffn_down_block[layer],
+        )
+        .map_err(|e| format!("layer {layer} FFN columns: {e}"))?;
         for shard in &shards {
             check_layer_shard(config, layer, shard)?;
         }
@@ -183,14 +223,25 @@ pub fn check_plan(config: &ModelConfig, plan: &Plan) -> Result<(), String> {
 
 /// What a single worker can check of its own shard on receipt (the paired assertion).
 pub fn check_rank_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), String> {
-    if shard.rank_count == 0 || shard.rank_index >= shard.rank_count || shard.rank_count > MAX_RANKS {
-        return Err(format!("rank {} of {} is not a valid rank", shard.rank_index, shard.rank_count));
+    if shard.rank_count == 0 || shard.rank_index >= shard.rank_count || shard.rank_count > MAX_RANKS
+    {
+        return Err(format!(
+            "rank {} of {} is not a valid rank",
+            shard.rank_index, shard.rank_count
+        ));
     }
     if shard.vocab_rows.start > shard.vocab_rows.end || shard.vocab_rows.end > config.vocab_size {
-        return Err(format!("vocab rows {:?} exceed the vocabulary of {}", shard.vocab_rows, config.vocab_size));
+        return Err(format!(
+            "vocab rows {:?} exceed the vocabulary of {}",
+            shard.vocab_rows, config.vocab_size
+        ));
     }
     if shard.layers.len() != config.layer_count {
-        return Err(format!("shard has {} layers, the model {}", shard.layers.len(), config.layer_count));
+        return Err(format!(
+            "shard has {} layers, the model {}",
+            shard.layers.len(),
+            config.layer_count
+        ));
     }
     for (layer, s) in shard.layers.iter().enumerate() {
         check_layer_shard(config, layer, s)?;
@@ -201,12 +252,21 @@ pub fn check_rank_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), S
 fn check_layer_shard(config: &ModelConfig, layer: usize, s: &LayerShard) -> Result<(), String> {
     let group = config.group_size();
     let ok_q = s.q_heads.start <= s.q_heads.end && s.q_heads.end <= config.head_count;
-    let needed_kv = if s.q_heads.is_empty() { 0..0 } else { s.q_heads.start / group..s.q_heads.end.div_ceil(group) };
+    let needed_kv = if s.q_heads.is_empty() {
+        0..0
+    } else {
+        s.q_heads.start / group..s.q_heads.end.div_ceil(group)
+    };
     let ok_ffn = s.ffn_columns.start <= s.ffn_columns.end
         && s.ffn_columns.end <= config.ffn_dim
         && s.ffn_columns.start % config.ffn_down_block[layer] == 0
         && s.ffn_columns.end % config.ffn_down_block[layer] == 0;
-    if !ok_q || s.kv_heads != needed_kv || !ok_ffn {
+    let ok_kv = if s.q_heads.is_empty() {
+        s.kv_heads.is_empty()
+    } else {
+        s.kv_heads == needed_kv
+    };
+    if !ok_q || !ok_kv || !ok_ffn {
         return Err(format!(
             "layer {layer}: shard {s:?} is inconsistent with {} heads, {} KV heads, FFN {} in blocks of {}",
             config.head_count, config.kv_head_count, config.ffn_dim, config.ffn_down_block[layer]
@@ -243,15 +303,34 @@ pub enum Parallel {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum OpKind {
     /// Vocab-parallel lookup of the rows this rank owns; zeros elsewhere.
-    Embed { tensor: String },
-    RmsNorm { tensor: String, input: Buffer, output: Buffer },
-    Linear { tensor: String, bias: Option<String>, parallel: Parallel, input: Buffer, output: Buffer },
-    Rope { layer: usize },
-    Attention { layer: usize },
+    Embed {
+        tensor: String,
+    },
+    RmsNorm {
+        tensor: String,
+        input: Buffer,
+        output: Buffer,
+    },
+    Linear {
+        tensor: String,
+        bias: Option<String>,
+        parallel: Parallel,
+        input: Buffer,
+        output: Buffer,
+    },
+    Rope {
+        layer: usize,
+    },
+    Attention {
+        layer: usize,
+    },
     SwiGlu,
     /// Residual += Partial (now Mirrored).
     AddResidual,
-    AllReduce { buffer: Buffer, index: usize },
+    AllReduce {
+        buffer: Buffer,
+        index: usize,
+    },
     /// This rank's slice of the output logits, returned to the coordinator for sampling.
     EmitLogits,
 }
@@ -271,23 +350,52 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
     let mut ops = Vec::new();
     let mut collectives = 0;
     let split = |axis: Axis| {
-        if distributed { SplitState::Split { axis, extents: Vec::new() } } else { SplitState::Mirrored }
+        if distributed {
+            SplitState::Split {
+                axis,
+                extents: Vec::new(),
+            }
+        } else {
+            SplitState::Mirrored
+        }
     };
-    let partial = if distributed { SplitState::Partial } else { SplitState::Mirrored };
+    let partial = if distributed {
+        SplitState::Partial
+    } else {
+        SplitState::Mirrored
+    };
     // Propagation rule: an op needing whole values on a Partial input forces an AllReduce.
     let mut reduce = |ops: &mut Vec<Op>, buffer: Buffer| {
-        if ops.last().is_some_and(|op: &Op| op.output_state == SplitState::Partial) {
-            ops.push(Op { kind: OpKind::AllReduce { buffer, index: collectives }, output_state: SplitState::Mirrored });
+        if ops
+            .last()
+            .is_some_and(|op: &Op| op.output_state == SplitState::Partial)
+        {
+            ops.push(Op {
+                kind: OpKind::AllReduce {
+                    buffer,
+                    index: collectives,
+                },
+                output_state: SplitState::Mirrored,
+            });
             collectives += 1;
         }
     };
-    ops.push(Op { kind: OpKind::Embed { tensor: "token_embd.weight".into() }, output_state: partial.clone() });
+    ops.push(Op {
+        kind: OpKind::Embed {
+            tensor: "token_embd.weight".into(),
+        },
+        output_state: partial.clone(),
+    });
     reduce(&mut ops, Buffer::Residual);
     for layer in 0..config.layer_count {
         let t = |n: &str| layer_tensor(layer, n);
         let bias = |n: &str| config.qkv_bias.then(|| t(n));
         ops.push(Op {
-            kind: OpKind::RmsNorm { tensor: t("attn_norm.weight"), input: Buffer::Residual, output: Buffer::Normed },
+            kind: OpKind::RmsNorm {
+                tensor: t("attn_norm.weight"),
+                input: Buffer::Residual,
+                output: Buffer::Normed,
+            },
             output_state: SplitState::Mirrored,
         });
         for (name, b, out, axis) in [
@@ -306,8 +414,14 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
                 output_state: split(axis),
             });
         }
-        ops.push(Op { kind: OpKind::Rope { layer }, output_state: split(Axis::QueryHeads) });
-        ops.push(Op { kind: OpKind::Attention { layer }, output_state: split(Axis::QueryHeads) });
+        ops.push(Op {
+            kind: OpKind::Rope { layer },
+            output_state: split(Axis::QueryHeads),
+        });
+        ops.push(Op {
+            kind: OpKind::Attention { layer },
+            output_state: split(Axis::QueryHeads),
+        });
         ops.push(Op {
             kind: OpKind::Linear {
                 tensor: t("attn_output.weight"),
@@ -319,12 +433,22 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             output_state: partial.clone(),
         });
         reduce(&mut ops, Buffer::Partial);
-        ops.push(Op { kind: OpKind::AddResidual, output_state: SplitState::Mirrored });
         ops.push(Op {
-            kind: OpKind::RmsNorm { tensor: t("ffn_norm.weight"), input: Buffer::Residual, output: Buffer::Normed },
+            kind: OpKind::AddResidual,
             output_state: SplitState::Mirrored,
         });
-        for (name, out) in [("ffn_gate.weight", Buffer::Gate), ("ffn_up.weight", Buffer::Up)] {
+        ops.push(Op {
+            kind: OpKind::RmsNorm {
+                tensor: t("ffn_norm.weight"),
+                input: Buffer::Residual,
+                output: Buffer::Normed,
+            },
+            output_state: SplitState::Mirrored,
+        });
+        for (name, out) in [
+            ("ffn_gate.weight", Buffer::Gate),
+            ("ffn_up.weight", Buffer::Up),
+        ] {
             ops.push(Op {
                 kind: OpKind::Linear {
                     tensor: t(name),
@@ -336,7 +460,10 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
                 output_state: split(Axis::FfnColumns),
             });
         }
-        ops.push(Op { kind: OpKind::SwiGlu, output_state: split(Axis::FfnColumns) });
+        ops.push(Op {
+            kind: OpKind::SwiGlu,
+            output_state: split(Axis::FfnColumns),
+        });
         ops.push(Op {
             kind: OpKind::Linear {
                 tensor: t("ffn_down.weight"),
@@ -348,10 +475,17 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             output_state: partial.clone(),
         });
         reduce(&mut ops, Buffer::Partial);
-        ops.push(Op { kind: OpKind::AddResidual, output_state: SplitState::Mirrored });
+        ops.push(Op {
+            kind: OpKind::AddResidual,
+            output_state: SplitState::Mirrored,
+        });
     }
     ops.push(Op {
-        kind: OpKind::RmsNorm { tensor: "output_norm.weight".into(), input: Buffer::Residual, output: Buffer::Normed },
+        kind: OpKind::RmsNorm {
+            tensor: "output_norm.weight".into(),
+            input: Buffer::Residual,
+            output: Buffer::Normed,
+        },
         output_state: SplitState::Mirrored,
     });
     ops.push(Op {
@@ -365,13 +499,19 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
         output_state: split(Axis::Vocab),
     });
     // Sampling needs whole logits; the coordinator merges the vocab slices (DESIGN section 5).
-    ops.push(Op { kind: OpKind::EmitLogits, output_state: SplitState::Mirrored });
+    ops.push(Op {
+        kind: OpKind::EmitLogits,
+        output_state: SplitState::Mirrored,
+    });
     ops
 }
 
 /// Number of AllReduces one forward pass performs.
 pub fn collective_count(program: &[Op]) -> usize {
-    program.iter().filter(|op| matches!(op.kind, OpKind::AllReduce { .. })).count()
+    program
+        .iter()
+        .filter(|op| matches!(op.kind, OpKind::AllReduce { .. }))
+        .count()
 }
 
 #[cfg(test)]
@@ -379,7 +519,14 @@ mod tests {
     use super::*;
     use crate::model::arch::{Architecture, RopeStyle};
 
-    fn config(heads: usize, kv: usize, ffn: usize, block: usize, vocab: usize, layers: usize) -> ModelConfig {
+    fn config(
+        heads: usize,
+        kv: usize,
+        ffn: usize,
+        block: usize,
+        vocab: usize,
+        layers: usize,
+    ) -> ModelConfig {
         ModelConfig {
             architecture: Architecture::Llama,
             layer_count: layers,
@@ -427,9 +574,13 @@ mod tests {
             let vocab = 1 + rng.below(100_000);
             let layers = 1 + rng.below(6);
             let ranks = 1 + rng.below(MAX_RANKS);
-            let weights: Vec<f64> = (0..ranks).map(|_| [1.0, 1.0, 2.0, 0.5, 3.0][rng.below(5)]).collect();
+            let weights: Vec<f64> = (0..ranks)
+                .map(|_| [1.0, 1.0, 2.0, 0.5, 3.0][rng.below(5)])
+                .collect();
             let cfg = config(heads, kv, ffn, block, vocab, layers);
-            let context = format!("seed {seed:#x} case {case}: {heads}h/{kv}kv ffn {ffn}/{block} x{ranks} {weights:?}");
+            let context = format!(
+                "seed {seed:#x} case {case}: {heads}h/{kv}kv ffn {ffn}/{block} x{ranks} {weights:?}"
+            );
             let p = plan(&cfg, &weights).unwrap_or_else(|e| panic!("{context}: {e}"));
             check_plan(&cfg, &p).unwrap_or_else(|e| panic!("{context}: {e}"));
             for shard in &p.ranks {
@@ -444,7 +595,11 @@ mod tests {
                         );
                     }
                     if matches!(op.kind, OpKind::AllReduce { .. }) {
-                        assert_eq!(program[i - 1].output_state, SplitState::Partial, "{context}");
+                        assert_eq!(
+                            program[i - 1].output_state,
+                            SplitState::Partial,
+                            "{context}"
+                        );
                     }
                 }
                 let expected = if ranks == 1 { 0 } else { 1 + 2 * layers };
@@ -458,7 +613,10 @@ mod tests {
         assert_eq!(split_units(19, &[1.0, 1.0], 0), vec![0..10, 10..19]);
         assert_eq!(split_units(19, &[1.0, 1.0], 1), vec![0..9, 9..19]);
         assert_eq!(split_units(3, &[2.0, 1.0], 0), vec![0..2, 2..3]);
-        assert_eq!(split_units(9, &[1.0, 1.0, 1.0, 1.0], 2), vec![0..2, 2..4, 4..7, 7..9]);
+        assert_eq!(
+            split_units(9, &[1.0, 1.0, 1.0, 1.0], 2),
+            vec![0..2, 2..4, 4..7, 7..9]
+        );
         // SmolLM2's 3 KV heads over 2 ranks alternate 2/1 and 1/2 across layers.
         let cfg = config(9, 3, 1536, 32, 49152, 4);
         let p = plan(&cfg, &[1.0, 1.0]).unwrap();
@@ -479,8 +637,14 @@ mod tests {
     fn bad_rank_counts_and_weights_are_errors() {
         let cfg = config(9, 3, 1536, 32, 49152, 2);
         assert!(matches!(plan(&cfg, &[]), Err(PlanError::RankCount(0))));
-        assert!(matches!(plan(&cfg, &[1.0; 17]), Err(PlanError::RankCount(17))));
+        assert!(matches!(
+            plan(&cfg, &[1.0; 17]),
+            Err(PlanError::RankCount(17))
+        ));
         assert!(matches!(plan(&cfg, &[1.0, 0.0]), Err(PlanError::Weight(_))));
-        assert!(matches!(plan(&cfg, &[1.0, f64::NAN]), Err(PlanError::Weight(_))));
+        assert!(matches!(
+            plan(&cfg, &[1.0, f64::NAN]),
+            Err(PlanError::Weight(_))
+        ));
     }
 }

@@ -32,15 +32,30 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, ..Self::default() }
+        SamplingParams {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     pub fn validate(&self) -> Result<(), String> {
         let check = |ok: bool, what: &str| if ok { Ok(()) } else { Err(what.to_string()) };
-        check(self.temperature.is_finite() && self.temperature >= 0.0, "temperature must be a finite number >= 0")?;
-        check((0.0..=1.0).contains(&self.top_p), "top-p must be within 0..=1")?;
-        check((0.0..=1.0).contains(&self.min_p), "min-p must be within 0..=1")?;
-        check(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0, "repeat-penalty must be > 0")
+        check(
+            self.temperature.is_finite() && self.temperature >= 0.0,
+            "temperature must be a finite number >= 0",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.top_p),
+            "top-p must be within 0..=1",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.min_p),
+            "min-p must be within 0..=1",
+        )?;
+        check(
+            self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0,
+            "repeat-penalty must be > 0",
+        )
     }
 
     /// Whether the candidates from the workers' top-k lists are enough to sample exactly; if not,
@@ -75,13 +90,22 @@ impl Rng {
 }
 
 /// Picks a token from `candidates` (id, logit), which hold at least every token that can win.
-pub fn sample(candidates: &[(u32, f32)], params: &SamplingParams, recent: &[u32], rng: &mut Rng) -> Option<u32> {
+pub fn sample(
+    candidates: &[(u32, f32)],
+    params: &SamplingParams,
+    recent: &[u32],
+    rng: &mut Rng,
+) -> Option<u32> {
     let mut c: Vec<(u32, f32)> = candidates.to_vec();
     if params.repeat_penalty != 1.0 {
         let window = &recent[recent.len().saturating_sub(params.repeat_last_n)..];
         for (id, logit) in c.iter_mut() {
             if window.contains(id) {
-                *logit = if *logit > 0.0 { *logit / params.repeat_penalty } else { *logit * params.repeat_penalty };
+                *logit = if *logit > 0.0 {
+                    *logit / params.repeat_penalty
+                } else {
+                    *logit * params.repeat_penalty
+                };
             }
         }
     }
@@ -94,7 +118,10 @@ pub fn sample(candidates: &[(u32, f32)], params: &SamplingParams, recent: &[u32]
     }
     let probabilities = |c: &[(u32, f32)], temperature: f32| -> Vec<f64> {
         let max = c.first().map_or(0.0, |x| x.1) as f64;
-        let e: Vec<f64> = c.iter().map(|x| ((x.1 as f64 - max) / temperature as f64).exp()).collect();
+        let e: Vec<f64> = c
+            .iter()
+            .map(|x| ((x.1 as f64 - max) / temperature as f64).exp())
+            .collect();
         let sum: f64 = e.iter().sum();
         e.into_iter().map(|v| v / sum).collect()
     };
@@ -135,24 +162,48 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax_and_penalty_can_change_it() {
         let c = [(5, 2.0), (7, 1.9), (9, -1.0)];
-        assert_eq!(sample(&c, &SamplingParams::greedy(), &[], &mut Rng::new(0)), Some(5));
-        let penalized = SamplingParams { repeat_penalty: 1.5, ..SamplingParams::greedy() };
+        assert_eq!(
+            sample(&c, &SamplingParams::greedy(), &[], &mut Rng::new(0)),
+            Some(5)
+        );
+        let penalized = SamplingParams {
+            repeat_penalty: 1.5,
+            ..SamplingParams::greedy()
+        };
         assert_eq!(sample(&c, &penalized, &[5], &mut Rng::new(0)), Some(7));
     }
 
     #[test]
     fn seeded_sampling_is_repeatable_and_respects_filters() {
         let c: Vec<(u32, f32)> = (0..50).map(|i| (i, -(i as f32) * 0.1)).collect();
-        let params = SamplingParams { temperature: 1.0, top_k: 5, top_p: 1.0, min_p: 0.0, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 5,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..Default::default()
+        };
         let draw = |seed| {
             let mut rng = Rng::new(seed);
-            (0..200).map(|_| sample(&c, &params, &[], &mut rng).unwrap()).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| sample(&c, &params, &[], &mut rng).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert!(draw(7).iter().all(|&t| t < 5));
-        assert!(draw(7).iter().collect::<std::collections::HashSet<_>>().len() > 2);
+        assert!(
+            draw(7)
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 2
+        );
         // min-p 0.9 keeps only tokens within 10% of the best's probability.
-        let strict = SamplingParams { min_p: 0.95, top_k: 0, ..params };
+        let strict = SamplingParams {
+            min_p: 0.95,
+            top_k: 0,
+            ..params
+        };
         let mut rng = Rng::new(1);
         assert!((0..100).all(|_| sample(&c, &strict, &[], &mut rng) == Some(0)));
     }

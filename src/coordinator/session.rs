@@ -29,7 +29,8 @@ impl Model {
     pub fn open(path: &std::path::Path) -> anyhow::Result<Model> {
         let file = GgufFile::open(path)?;
         let config = ModelConfig::from_gguf(&file)?;
-        let tokenizer = Tokenizer::from_gguf(&file).with_context(|| format!("{}: tokenizer", path.display()))?;
+        let tokenizer = Tokenizer::from_gguf(&file)
+            .with_context(|| format!("{}: tokenizer", path.display()))?;
         if tokenizer.vocab_size() != config.vocab_size {
             bail!(
                 "{}: tokenizer has {} tokens but the embedding has {} rows",
@@ -39,7 +40,12 @@ impl Model {
             );
         }
         let chat_template = ChatTemplate::from_gguf(&file, &tokenizer)?;
-        Ok(Model { file, config, tokenizer, chat_template })
+        Ok(Model {
+            file,
+            config,
+            tokenizer,
+            chat_template,
+        })
     }
 }
 
@@ -60,7 +66,13 @@ impl Distribution {
     }
 }
 
-pub fn merge_rows(replies: &[proto::StepReply], row: usize, top: usize, vocab_size: usize, full: bool) -> Distribution {
+pub fn merge_rows(
+    replies: &[proto::StepReply],
+    row: usize,
+    top: usize,
+    vocab_size: usize,
+    full: bool,
+) -> Distribution {
     let mut candidates: Vec<(u32, f32)> = Vec::new();
     let mut max = f32::NEG_INFINITY;
     for r in replies {
@@ -68,7 +80,10 @@ pub fn merge_rows(replies: &[proto::StepReply], row: usize, top: usize, vocab_si
         candidates.extend(out.ids.iter().copied().zip(out.logits.iter().copied()));
         max = max.max(out.log_sum_exp);
     }
-    let sum: f64 = replies.iter().map(|r| ((r.rows[row].log_sum_exp - max) as f64).exp()).sum();
+    let sum: f64 = replies
+        .iter()
+        .map(|r| ((r.rows[row].log_sum_exp - max) as f64).exp())
+        .sum();
     candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     candidates.truncate(top);
     let full = if full {
@@ -86,7 +101,11 @@ pub fn merge_rows(replies: &[proto::StepReply], row: usize, top: usize, vocab_si
     } else {
         None
     };
-    Distribution { candidates, log_sum_exp: max + sum.ln() as f32, full }
+    Distribution {
+        candidates,
+        log_sum_exp: max + sum.ln() as f32,
+        full,
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -141,10 +160,21 @@ pub struct Session {
 }
 
 impl Session {
-    pub async fn start(model: Model, mut cluster: Cluster, max_context: usize, max_batch: usize) -> anyhow::Result<Session> {
+    pub async fn start(
+        model: Model,
+        mut cluster: Cluster,
+        max_context: usize,
+        max_batch: usize,
+    ) -> anyhow::Result<Session> {
         let max_context = max_context.min(model.config.context_length);
         let plan = plan(&model.config, &cluster.weights())?;
-        let spec = LoadSpec { file: &model.file, plan: &plan, max_sequences: 1, max_context, max_batch };
+        let spec = LoadSpec {
+            file: &model.file,
+            plan: &plan,
+            max_sequences: 1,
+            max_context,
+            max_batch,
+        };
         let replies = cluster.load(&spec).await?;
         for (rank, reply) in replies.iter().enumerate() {
             tracing::info!(
@@ -155,7 +185,13 @@ impl Session {
                 "shard loaded"
             );
         }
-        Ok(Session { model, cluster, plan, max_batch, max_context })
+        Ok(Session {
+            model,
+            cluster,
+            plan,
+            max_batch,
+            max_context,
+        })
     }
 
     /// Runs `tokens` at positions `start..` of sequence 0 and returns the distributions at `rows`
@@ -170,26 +206,40 @@ impl Session {
         targets: &[u32],
     ) -> anyhow::Result<Vec<(Distribution, Option<f32>)>> {
         if start + tokens.len() > self.max_context {
-            bail!("{} tokens at position {start} exceed the context of {}", tokens.len(), self.max_context);
+            bail!(
+                "{} tokens at position {start} exceed the context of {}",
+                tokens.len(),
+                self.max_context
+            );
         }
         let mut results = Vec::with_capacity(rows.len());
         for (chunk_index, chunk) in tokens.chunks(self.max_batch).enumerate() {
             let offset = chunk_index * self.max_batch;
-            let wanted: Vec<usize> =
-                rows.iter().copied().filter(|&r| r >= offset && r < offset + chunk.len()).collect();
+            let wanted: Vec<usize> = rows
+                .iter()
+                .copied()
+                .filter(|&r| r >= offset && r < offset + chunk.len())
+                .collect();
             let request = proto::StepRequest {
                 step: 0,
                 tokens: chunk.to_vec(),
-                positions: (0..chunk.len()).map(|i| (start + offset + i) as u32).collect(),
+                positions: (0..chunk.len())
+                    .map(|i| (start + offset + i) as u32)
+                    .collect(),
                 sequences: vec![0; chunk.len()],
                 output_rows: wanted.iter().map(|&r| (r - offset) as u32).collect(),
                 top_k: top as u32,
                 full_logits,
-                targets: wanted.iter().filter_map(|&r| targets.get(rows.iter().position(|&x| x == r)?)).copied().collect(),
+                targets: wanted
+                    .iter()
+                    .filter_map(|&r| targets.get(rows.iter().position(|&x| x == r)?))
+                    .copied()
+                    .collect(),
             };
             let replies = self.cluster.step(request).await?;
             for (i, _) in wanted.iter().enumerate() {
-                let distribution = merge_rows(&replies, i, top, self.model.config.vocab_size, full_logits);
+                let distribution =
+                    merge_rows(&replies, i, top, self.model.config.vocab_size, full_logits);
                 let target = replies.iter().find_map(|r| r.rows[i].target_logit);
                 results.push((distribution, target));
             }
@@ -198,9 +248,19 @@ impl Session {
     }
 
     /// The distributions at `rows` of `tokens` (run from an empty cache), with `top` candidates each.
-    pub async fn distributions(&mut self, tokens: &[u32], rows: &[usize], top: usize) -> anyhow::Result<Vec<Distribution>> {
+    pub async fn distributions(
+        &mut self,
+        tokens: &[u32],
+        rows: &[usize],
+        top: usize,
+    ) -> anyhow::Result<Vec<Distribution>> {
         self.cluster.clear_sequence(0).await?;
-        Ok(self.forward(tokens, 0, rows, top, false, &[]).await?.into_iter().map(|(d, _)| d).collect())
+        Ok(self
+            .forward(tokens, 0, rows, top, false, &[])
+            .await?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect())
     }
 
     /// Whole logits at the last of `tokens`, run from an empty cache.
@@ -209,11 +269,19 @@ impl Session {
             bail!("no tokens");
         }
         self.cluster.clear_sequence(0).await?;
-        let mut results = self.forward(tokens, 0, &[tokens.len() - 1], 1, true, &[]).await?;
-        results.pop().and_then(|(d, _)| d.full).context("workers returned no logits")
+        let mut results = self
+            .forward(tokens, 0, &[tokens.len() - 1], 1, true, &[])
+            .await?;
+        results
+            .pop()
+            .and_then(|(d, _)| d.full)
+            .context("workers returned no logits")
     }
 
-    pub async fn generate(&mut self, mut request: GenerateRequest<'_>) -> anyhow::Result<Generation> {
+    pub async fn generate(
+        &mut self,
+        mut request: GenerateRequest<'_>,
+    ) -> anyhow::Result<Generation> {
         request.params.validate().map_err(|e| anyhow::anyhow!(e))?;
         let prompt = request.prompt_tokens.clone();
         if prompt.is_empty() {
@@ -227,7 +295,10 @@ impl Session {
                 self.max_context
             );
         }
-        let candidates = DEFAULT_CANDIDATES.max(request.params.top_k).max(request.logprobs).min(1000);
+        let candidates = DEFAULT_CANDIDATES
+            .max(request.params.top_k)
+            .max(request.logprobs)
+            .min(1000);
         let full = request.params.needs_full_logits(candidates);
         let mut rng = Rng::new(request.params.seed);
         let mut stream = TextStream::new();
@@ -238,17 +309,24 @@ impl Session {
         self.cluster.clear_sequence(0).await?;
 
         let prompt_started = Instant::now();
-        let mut next = self.forward(&prompt, 0, &[prompt.len() - 1], candidates, full, &[]).await?;
+        let mut next = self
+            .forward(&prompt, 0, &[prompt.len() - 1], candidates, full, &[])
+            .await?;
         let prompt_ms = prompt_started.elapsed().as_secs_f64() * 1e3;
         let generation_started = Instant::now();
         let mut stop = "limit";
         while tokens.len() < request.max_tokens {
             let (distribution, _) = next.pop().context("no logits returned")?;
             let pool: Vec<(u32, f32)> = match &distribution.full {
-                Some(full) => full.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect(),
+                Some(full) => full
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, l))
+                    .collect(),
                 None => distribution.candidates.clone(),
             };
-            let token = sample(&pool, &request.params, &history, &mut rng).context("no candidates to sample")?;
+            let token = sample(&pool, &request.params, &history, &mut rng)
+                .context("no candidates to sample")?;
             if request.logprobs > 0 {
                 top_logprobs.push(
                     distribution
@@ -267,7 +345,12 @@ impl Session {
             }
             let piece = stream.push(&self.model.tokenizer.token_bytes(token));
             text.push_str(&piece);
-            if let Some(at) = request.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+            if let Some(at) = request
+                .stop_strings
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
                 let before = text.len() - piece.len();
                 text.truncate(at);
                 if let Some(on_text) = request.on_text.as_mut()
@@ -285,7 +368,9 @@ impl Session {
                 break;
             }
             let position = prompt.len() + tokens.len() - 1;
-            next = self.forward(&[token], position, &[0], candidates, full, &[]).await?;
+            next = self
+                .forward(&[token], position, &[0], candidates, full, &[])
+                .await?;
         }
         if stop == "limit" {
             let rest = stream.finish();
@@ -303,7 +388,10 @@ impl Session {
                 prompt_tokens_per_second: per_second(prompt.len(), prompt_ms),
                 generation_ms,
                 // The first token came from prompt processing; the rest from decode steps.
-                generated_tokens_per_second: per_second(tokens.len().saturating_sub(1), generation_ms),
+                generated_tokens_per_second: per_second(
+                    tokens.len().saturating_sub(1),
+                    generation_ms,
+                ),
             },
             tokens,
             text,
@@ -326,7 +414,10 @@ impl Session {
         }
         let mut chunks = tokens.len() / context;
         if chunks == 0 {
-            bail!("the text has {} tokens, fewer than one chunk of {context}", tokens.len());
+            bail!(
+                "the text has {} tokens, fewer than one chunk of {context}",
+                tokens.len()
+            );
         }
         if let Some(max) = max_chunks {
             chunks = chunks.min(max);

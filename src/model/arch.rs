@@ -69,19 +69,30 @@ pub fn layer_tensor(layer: usize, name: &str) -> String {
 impl ModelConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ArchError> {
         let path = file.path.display().to_string();
-        let invalid = |what: String| ArchError::Invalid { path: path.clone(), what };
+        let invalid = |what: String| ArchError::Invalid {
+            path: path.clone(),
+            what,
+        };
         let name = file.require_str("general.architecture")?;
         let architecture = match name {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
-            other => return Err(ArchError::Unsupported { path: path.clone(), name: other.into() }),
+            other => {
+                return Err(ArchError::Unsupported {
+                    path: path.clone(),
+                    name: other.into(),
+                });
+            }
         };
         let key = |suffix: &str| format!("{name}.{suffix}");
         // Hyper-parameters are bounded so a crafted file cannot ask for absurd buffers.
         let bounded = |suffix: &str, max: u64| -> Result<usize, ArchError> {
             let value = file.require_u64(&key(suffix))?;
             if value == 0 || value > max {
-                return Err(invalid(format!("{}: {value} is outside 1..={max}", key(suffix))));
+                return Err(invalid(format!(
+                    "{}: {value} is outside 1..={max}",
+                    key(suffix)
+                )));
             }
             Ok(value as usize)
         };
@@ -91,7 +102,12 @@ impl ModelConfig {
         let kv_head_count = match file.get_u64(&key("attention.head_count_kv"))? {
             None => head_count,
             Some(v) if v >= 1 && v as usize <= head_count => v as usize,
-            Some(v) => return Err(invalid(format!("{}: {v} is outside 1..={head_count}", key("attention.head_count_kv")))),
+            Some(v) => {
+                return Err(invalid(format!(
+                    "{}: {v} is outside 1..={head_count}",
+                    key("attention.head_count_kv")
+                )));
+            }
         };
         if head_count % kv_head_count != 0 {
             return Err(invalid(format!(
@@ -99,17 +115,28 @@ impl ModelConfig {
             )));
         }
         if model_dim % head_count != 0 {
-            return Err(invalid(format!("embedding length {model_dim} does not split into {head_count} heads")));
+            return Err(invalid(format!(
+                "embedding length {model_dim} does not split into {head_count} heads"
+            )));
         }
         let head_dim = model_dim / head_count;
         let ffn_dim = bounded("feed_forward_length", 1 << 20)?;
-        let rms_norm_eps = file.get_f64(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5) as f32;
+        let rms_norm_eps = file
+            .get_f64(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5) as f32;
         let rope_base = file.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32;
-        let rope_dim = file.get_u64(&key("rope.dimension_count"))?.map_or(head_dim, |v| v as usize);
+        let rope_dim = file
+            .get_u64(&key("rope.dimension_count"))?
+            .map_or(head_dim, |v| v as usize);
         if rope_dim == 0 || rope_dim > head_dim || rope_dim % 2 != 0 {
-            return Err(invalid(format!("rope dimension {rope_dim} is not an even number up to the head size {head_dim}")));
+            return Err(invalid(format!(
+                "rope dimension {rope_dim} is not an even number up to the head size {head_dim}"
+            )));
         }
-        let context_length = file.get_u64(&key("context_length"))?.unwrap_or(2048).clamp(1, 1 << 20) as usize;
+        let context_length = file
+            .get_u64(&key("context_length"))?
+            .unwrap_or(2048)
+            .clamp(1, 1 << 20) as usize;
         let (rope_style, qkv_bias) = match architecture {
             Architecture::Llama => (RopeStyle::AdjacentPairs, false),
             Architecture::Qwen2 => (RopeStyle::Neox, true),
@@ -147,22 +174,37 @@ impl ModelConfig {
             attn_output_block: Vec::new(),
         };
         for (name, dims) in config.expected_tensors() {
-            let info = file.tensor(&name).ok_or_else(|| invalid(format!("missing tensor '{name}'")))?;
+            let info = file
+                .tensor(&name)
+                .ok_or_else(|| invalid(format!("missing tensor '{name}'")))?;
             let mut actual = info.dims.clone();
             while actual.len() > dims.len() && actual.last() == Some(&1) {
                 actual.pop();
             }
             if actual != dims.iter().map(|&d| d as u64).collect::<Vec<_>>() {
-                return Err(invalid(format!("tensor '{name}' has shape {:?}, expected {dims:?}", info.dims)));
+                return Err(invalid(format!(
+                    "tensor '{name}' has shape {:?}, expected {dims:?}",
+                    info.dims
+                )));
             }
             if dims.len() == 1 && info.quant_type != QuantType::F32 {
-                return Err(invalid(format!("tensor '{name}' is {}, expected F32", info.quant_type.name())));
+                return Err(invalid(format!(
+                    "tensor '{name}' is {}, expected F32",
+                    info.quant_type.name()
+                )));
             }
         }
         for layer in 0..layer_count {
-            let block = |n: &str| file.tensor(&layer_tensor(layer, n)).map(|t| t.quant_type.block_elements());
-            config.ffn_down_block.push(block("ffn_down.weight").unwrap_or(1));
-            config.attn_output_block.push(block("attn_output.weight").unwrap_or(1));
+            let block = |n: &str| {
+                file.tensor(&layer_tensor(layer, n))
+                    .map(|t| t.quant_type.block_elements())
+            };
+            config
+                .ffn_down_block
+                .push(block("ffn_down.weight").unwrap_or(1));
+            config
+                .attn_output_block
+                .push(block("attn_output.weight").unwrap_or(1));
         }
         Ok(config)
     }
@@ -202,6 +244,10 @@ impl ModelConfig {
     }
 
     pub fn output_tensor(&self) -> &'static str {
-        if self.tied_output { "token_embd.weight" } else { "output.weight" }
+        if self.tied_output {
+            "token_embd.weight"
+        } else {
+            "output.weight"
+        }
     }
 }

@@ -24,21 +24,41 @@ const MAX_ARRAY_NESTING: u32 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     #[error("{path}: cannot open: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a GGUF file (magic {magic:?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, magic: [u8; 4] },
     #[error("{path}: unsupported GGUF version {version} (supported: 2 and 3)")]
     BadVersion { path: PathBuf, version: u32 },
-    #[error("{path}: truncated: {what} at byte {offset} needs {needed} bytes, file has {file_size}")]
-    Truncated { path: PathBuf, what: String, offset: u64, needed: u64, file_size: u64 },
+    #[error(
+        "{path}: truncated: {what} at byte {offset} needs {needed} bytes, file has {file_size}"
+    )]
+    Truncated {
+        path: PathBuf,
+        what: String,
+        offset: u64,
+        needed: u64,
+        file_size: u64,
+    },
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
     #[error("{path}: tensor '{name}' has unsupported type id {type_id}")]
-    UnknownType { path: PathBuf, name: String, type_id: u32 },
+    UnknownType {
+        path: PathBuf,
+        name: String,
+        type_id: u32,
+    },
     #[error("{path}: missing metadata key '{key}'")]
     MissingKey { path: PathBuf, key: String },
     #[error("{path}: metadata key '{key}' has type {found}, expected {expected}")]
-    WrongType { path: PathBuf, key: String, found: &'static str, expected: &'static str },
+    WrongType {
+        path: PathBuf,
+        key: String,
+        found: &'static str,
+        expected: &'static str,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -145,7 +165,10 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, needed: u64, what: &str) -> Result<&'a [u8], GgufError> {
         let file_size = self.bytes.len() as u64;
-        let end = self.position.checked_add(needed).filter(|&end| end <= file_size);
+        let end = self
+            .position
+            .checked_add(needed)
+            .filter(|&end| end <= file_size);
         let Some(end) = end else {
             return Err(GgufError::Truncated {
                 path: self.path.to_path_buf(),
@@ -161,7 +184,10 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], GgufError> {
-        Ok(self.take(N as u64, what)?.try_into().expect("take returns N bytes"))
+        Ok(self
+            .take(N as u64, what)?
+            .try_into()
+            .expect("take returns N bytes"))
     }
 
     fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
@@ -173,7 +199,10 @@ impl<'a> Reader<'a> {
     }
 
     fn invalid(&self, what: String) -> GgufError {
-        GgufError::Invalid { path: self.path.to_path_buf(), what }
+        GgufError::Invalid {
+            path: self.path.to_path_buf(),
+            what,
+        }
     }
 
     fn string(&mut self, what: &str) -> Result<String, GgufError> {
@@ -234,7 +263,9 @@ impl<'a> Reader<'a> {
             10 => Value::U64(self.u64(key)?),
             11 => Value::I64(i64::from_le_bytes(self.array(key)?)),
             12 => Value::F64(f64::from_le_bytes(self.array(key)?)),
-            other => return Err(self.invalid(format!("{key}: unknown metadata value type {other}"))),
+            other => {
+                return Err(self.invalid(format!("{key}: unknown metadata value type {other}")));
+            }
         })
     }
 }
@@ -242,7 +273,10 @@ impl<'a> Reader<'a> {
 impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let io_error = |source| GgufError::Io { path: path.clone(), source };
+        let io_error = |source| GgufError::Io {
+            path: path.clone(),
+            source,
+        };
         let file = File::open(&path).map_err(io_error)?;
         // SAFETY: the map is read-only; a file truncated underneath us is outside what tp defends against,
         // as with every mmap-based model loader.
@@ -252,14 +286,24 @@ impl GgufFile {
 
     fn parse(path: PathBuf, mmap: Mmap) -> Result<GgufFile, GgufError> {
         let file_size = mmap.len() as u64;
-        let mut reader = Reader { path: &path, bytes: &mmap, position: 0 };
+        let mut reader = Reader {
+            path: &path,
+            bytes: &mmap,
+            position: 0,
+        };
         let magic: [u8; 4] = reader.array("magic")?;
         if &magic != GGUF_MAGIC {
-            return Err(GgufError::BadMagic { path: path.clone(), magic });
+            return Err(GgufError::BadMagic {
+                path: path.clone(),
+                magic,
+            });
         }
         let version = reader.u32("version")?;
         if version != 2 && version != 3 {
-            return Err(GgufError::BadVersion { path: path.clone(), version });
+            return Err(GgufError::BadVersion {
+                path: path.clone(),
+                version,
+            });
         }
         let tensor_count = reader.u64("tensor count")?;
         let metadata_count = reader.u64("metadata count")?;
@@ -320,16 +364,24 @@ impl GgufFile {
             let type_id = reader.u32(&name)?;
             let relative_offset = reader.u64(&name)?;
             let Some(quant_type) = QuantType::from_ggml_id(type_id) else {
-                return Err(GgufError::UnknownType { path: path.clone(), name, type_id });
+                return Err(GgufError::UnknownType {
+                    path: path.clone(),
+                    name,
+                    type_id,
+                });
             };
             let elements = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .filter(|&e| e > 0 && e < 1 << 40);
             let Some(elements) = elements else {
-                return Err(reader.invalid(format!("tensor '{name}' has absurd dimensions {dims:?}")));
+                return Err(
+                    reader.invalid(format!("tensor '{name}' has absurd dimensions {dims:?}"))
+                );
             };
-            let row_bytes = usize::try_from(dims[0]).ok().and_then(|n| quant_type.row_bytes(n));
+            let row_bytes = usize::try_from(dims[0])
+                .ok()
+                .and_then(|n| quant_type.row_bytes(n));
             let Some(row_bytes) = row_bytes else {
                 return Err(reader.invalid(format!(
                     "tensor '{name}': row length {} is not a multiple of the {} block of {} elements",
@@ -344,7 +396,13 @@ impl GgufFile {
             if tensor_index.insert(name.clone(), index).is_some() {
                 return Err(reader.invalid(format!("duplicate tensor name '{name}'")));
             }
-            raw.push(RawTensor { name, dims, quant_type, relative_offset, size_bytes });
+            raw.push(RawTensor {
+                name,
+                dims,
+                quant_type,
+                relative_offset,
+                size_bytes,
+            });
         }
 
         let header_bytes = reader.position;
@@ -382,7 +440,16 @@ impl GgufFile {
             }
         }
 
-        Ok(GgufFile { path, version, metadata, tensors, tensor_index, header_bytes, file_size, mmap })
+        Ok(GgufFile {
+            path,
+            version,
+            metadata,
+            tensors,
+            tensor_index,
+            header_bytes,
+            file_size,
+            mmap,
+        })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
@@ -404,17 +471,28 @@ impl GgufFile {
     }
 
     pub fn require(&self, key: &str) -> Result<&Value, GgufError> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
+        self.get(key).ok_or_else(|| GgufError::MissingKey {
+            path: self.path.clone(),
+            key: key.into(),
+        })
     }
 
     fn wrong_type(&self, key: &str, found: &Value, expected: &'static str) -> GgufError {
-        GgufError::WrongType { path: self.path.clone(), key: key.into(), found: found.type_name(), expected }
+        GgufError::WrongType {
+            path: self.path.clone(),
+            key: key.into(),
+            found: found.type_name(),
+            expected,
+        }
     }
 
     pub fn get_u64(&self, key: &str) -> Result<Option<u64>, GgufError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| self.wrong_type(key, v, "integer")),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, v, "integer")),
         }
     }
 
@@ -426,7 +504,10 @@ impl GgufFile {
     pub fn get_f64(&self, key: &str) -> Result<Option<f64>, GgufError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.wrong_type(key, v, "number")),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, v, "number")),
         }
     }
 
@@ -447,7 +528,10 @@ impl GgufFile {
     }
 
     pub fn require_str(&self, key: &str) -> Result<&str, GgufError> {
-        self.get_str(key)?.ok_or_else(|| GgufError::MissingKey { path: self.path.clone(), key: key.into() })
+        self.get_str(key)?.ok_or_else(|| GgufError::MissingKey {
+            path: self.path.clone(),
+            key: key.into(),
+        })
     }
 
     pub fn require_array(&self, key: &str) -> Result<&[Value], GgufError> {
@@ -468,7 +552,10 @@ impl GgufFile {
     }
 
     pub fn invalid(&self, what: impl Into<String>) -> GgufError {
-        GgufError::Invalid { path: self.path.clone(), what: what.into() }
+        GgufError::Invalid {
+            path: self.path.clone(),
+            what: what.into(),
+        }
     }
 }
 
@@ -528,12 +615,19 @@ pub(crate) mod tests {
         let dir = std::env::temp_dir().join(format!("tp-gguf-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("ok.gguf");
-        write_test_gguf(&path, &[("a", vec![4, 2], (0..8).map(|i| i as f32).collect())]);
+        write_test_gguf(
+            &path,
+            &[("a", vec![4, 2], (0..8).map(|i| i as f32).collect())],
+        );
         let file = GgufFile::open(&path).unwrap();
         assert_eq!(file.require_str("general.architecture").unwrap(), "llama");
         assert_eq!(
             file.get("test.array"),
-            Some(&Value::Array(vec![Value::I32(1), Value::I32(-2), Value::I32(3)]))
+            Some(&Value::Array(vec![
+                Value::I32(1),
+                Value::I32(-2),
+                Value::I32(3)
+            ]))
         );
         let t = file.tensor("a").unwrap();
         assert_eq!((t.row_length(), t.row_count()), (4, 2));
@@ -545,7 +639,10 @@ pub(crate) mod tests {
         let cut = dir.join("cut.gguf");
         for length in 0..full.len() {
             std::fs::write(&cut, &full[..length]).unwrap();
-            assert!(GgufFile::open(&cut).is_err(), "truncated at {length} parsed");
+            assert!(
+                GgufFile::open(&cut).is_err(),
+                "truncated at {length} parsed"
+            );
         }
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -804,8 +804,14 @@ pub(crate) mod tests {
 
     /// Golden llama.cpp data, kept in the repository under `tests/data/golden`.
     pub(crate) fn golden_path(relative: &str) -> Option<PathBuf> {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden").join(relative);
-        assert!(path.exists(), "golden data {} is missing from the repository", path.display());
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/golden")
+            .join(relative);
+        assert!(
+            path.exists(),
+            "golden data {} is missing from the repository",
+            path.display()
+        );
         Some(path)
     }
 

@@ -8,12 +8,21 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("AllReduce {epoch}: rank(s) {missing:?} did not arrive within {timeout_ms} ms (dead or stuck peer)")]
-    Timeout { epoch: u64, missing: Vec<usize>, timeout_ms: u64 },
+    #[error(
+        "AllReduce {epoch}: rank(s) {missing:?} did not arrive within {timeout_ms} ms (dead or stuck peer)"
+    )]
+    Timeout {
+        epoch: u64,
+        missing: Vec<usize>,
+        timeout_ms: u64,
+    },
     #[error("buffer of {got} floats exceeds the collective's capacity of {capacity}")]
     TooLarge { got: usize, capacity: usize },
     #[error("shared memory segment {path}: {source}")]
-    Segment { path: String, source: std::io::Error },
+    Segment {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("shared memory segment {path}: {what}")]
     BadSegment { path: String, what: String },
 }
@@ -23,6 +32,9 @@ pub trait Collective: Send {
     fn rank_count(&self) -> usize;
     /// Sums `buffer` across ranks; every rank ends with bit-identical values.
     fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), TransportError>;
+    /// The same for f64 partial sums: row-parallel outputs are reduced in f64 so that the f32
+    /// result does not depend on how the row was split (DESIGN section 4).
+    fn all_reduce_sum_f64(&mut self, buffer: &mut [f64]) -> Result<(), TransportError>;
     /// Tags the collectives of the next step, so that flags left by an aborted step cannot be
     /// mistaken for this step's.
     fn begin_step(&mut self, step: u64);
@@ -41,6 +53,9 @@ impl Collective for Solo {
     fn all_reduce_sum(&mut self, _buffer: &mut [f32]) -> Result<(), TransportError> {
         Ok(())
     }
+    fn all_reduce_sum_f64(&mut self, _buffer: &mut [f64]) -> Result<(), TransportError> {
+        Ok(())
+    }
     fn begin_step(&mut self, _step: u64) {}
 }
 
@@ -54,6 +69,9 @@ pub struct CollectiveLimits {
 
 impl Default for CollectiveLimits {
     fn default() -> Self {
-        CollectiveLimits { timeout: Duration::from_millis(5000), spin_count: 2000 }
+        CollectiveLimits {
+            timeout: Duration::from_millis(5000),
+            spin_count: 2000,
+        }
     }
 }

@@ -23,9 +23,14 @@ const FLAG_STRIDE_BYTES: usize = 64;
 /// Epochs of one step live in `step * STEP_EPOCHS ..`; more than any program's collective count.
 const STEP_EPOCHS: u64 = 1 << 16;
 
-fn segment_bytes(rank_count: usize, slot_floats: usize) -> usize {
-    HEADER_BYTES + 2 * rank_count * slot_floats * 4
+fn segment_bytes(rank_count: usize, slot_bytes: usize) -> usize {
+    HEADER_BYTES + 2 * rank_count * slot_bytes
 }
+
+/// Element types the segment can sum.
+trait Summable: Copy + std::ops::AddAssign {}
+impl Summable for f32 {}
+impl Summable for f64 {}
 
 /// The segment's owner: creates it and removes the file when dropped.
 pub struct ShmSegment {
@@ -33,18 +38,35 @@ pub struct ShmSegment {
 }
 
 impl ShmSegment {
-    pub fn create(path: &Path, rank_count: usize, slot_floats: usize) -> Result<ShmSegment, TransportError> {
+    /// A segment whose slots hold `slot_bytes` each: the largest buffer one AllReduce sums.
+    pub fn create(
+        path: &Path,
+        rank_count: usize,
+        slot_bytes: usize,
+    ) -> Result<ShmSegment, TransportError> {
+        let slot_bytes = slot_bytes.div_ceil(64) * 64;
         assert!(rank_count >= 1 && (rank_count + 1) * FLAG_STRIDE_BYTES <= HEADER_BYTES);
-        let err = |source| TransportError::Segment { path: path.display().to_string(), source };
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(err)?;
-        file.set_len(segment_bytes(rank_count, slot_floats) as u64).map_err(err)?;
+        let err = |source| TransportError::Segment {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(err)?;
+        file.set_len(segment_bytes(rank_count, slot_bytes) as u64)
+            .map_err(err)?;
         // SAFETY: a fresh file only this process knows about yet.
         let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
         map[8..16].copy_from_slice(&(rank_count as u64).to_le_bytes());
-        map[16..24].copy_from_slice(&(slot_floats as u64).to_le_bytes());
+        map[16..24].copy_from_slice(&(slot_bytes as u64).to_le_bytes());
         map[0..8].copy_from_slice(&MAGIC.to_le_bytes());
         map.flush().map_err(err)?;
-        Ok(ShmSegment { path: path.to_path_buf() })
+        Ok(ShmSegment {
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -62,7 +84,7 @@ pub struct ShmCollective {
     map: MmapMut,
     rank_index: usize,
     rank_count: usize,
-    slot_floats: usize,
+    slot_bytes: usize,
     epoch: u64,
     limits: CollectiveLimits,
 }
@@ -75,27 +97,52 @@ impl ShmCollective {
         limits: CollectiveLimits,
     ) -> Result<ShmCollective, TransportError> {
         let name = path.display().to_string();
-        let err = |source| TransportError::Segment { path: name.clone(), source };
-        let bad = |what: String| TransportError::BadSegment { path: name.clone(), what };
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+        let err = |source| TransportError::Segment {
+            path: name.clone(),
+            source,
+        };
+        let bad = |what: String| TransportError::BadSegment {
+            path: name.clone(),
+            what,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
         // SAFETY: the segment is shared on purpose; all cross-process access below goes through
         // atomics (flags) or through slots that the protocol hands to exactly one writer at a time.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
         if map.len() < HEADER_BYTES {
-            return Err(bad(format!("{} bytes is smaller than its header", map.len())));
+            return Err(bad(format!(
+                "{} bytes is smaller than its header",
+                map.len()
+            )));
         }
         let word = |i: usize| u64::from_le_bytes(map[i * 8..i * 8 + 8].try_into().unwrap());
         if word(0) != MAGIC {
             return Err(bad("not a tp segment (bad magic)".into()));
         }
-        let (segment_ranks, slot_floats) = (word(1) as usize, word(2) as usize);
+        let (segment_ranks, slot_bytes) = (word(1) as usize, word(2) as usize);
         if segment_ranks != rank_count || rank_index >= rank_count {
-            return Err(bad(format!("made for {segment_ranks} ranks, opened as rank {rank_index} of {rank_count}")));
+            return Err(bad(format!(
+                "made for {segment_ranks} ranks, opened as rank {rank_index} of {rank_count}"
+            )));
         }
-        if map.len() != segment_bytes(rank_count, slot_floats) {
-            return Err(bad(format!("size {} does not match {rank_count} ranks of {slot_floats} floats", map.len())));
+        if slot_bytes % 64 != 0 || map.len() != segment_bytes(rank_count, slot_bytes) {
+            return Err(bad(format!(
+                "size {} does not match {rank_count} ranks of {slot_bytes} bytes",
+                map.len()
+            )));
         }
-        Ok(ShmCollective { map, rank_index, rank_count, slot_floats, epoch: 0, limits })
+        Ok(ShmCollective {
+            map,
+            rank_index,
+            rank_count,
+            slot_bytes,
+            epoch: 0,
+            limits,
+        })
     }
 
     fn flag(&self, rank: usize) -> &AtomicU64 {
@@ -105,10 +152,47 @@ impl ShmCollective {
         unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
     }
 
-    fn slot_ptr(&self, parity: usize, rank: usize) -> *mut f32 {
-        let offset = HEADER_BYTES + (parity * self.rank_count + rank) * self.slot_floats * 4;
-        // SAFETY: in bounds by the size check at open.
-        unsafe { self.map.as_ptr().add(offset) as *mut f32 }
+    fn slot_ptr<T>(&self, parity: usize, rank: usize) -> *mut T {
+        let offset = HEADER_BYTES + (parity * self.rank_count + rank) * self.slot_bytes;
+        // SAFETY: in bounds by the size check at open; slots are 64-byte aligned.
+        unsafe { self.map.as_ptr().add(offset) as *mut T }
+    }
+
+    fn all_reduce<T: Summable>(&mut self, buffer: &mut [T]) -> Result<(), TransportError> {
+        let capacity = self.slot_bytes / size_of::<T>();
+        if buffer.len() > capacity {
+            return Err(TransportError::TooLarge {
+                got: buffer.len(),
+                capacity,
+            });
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let parity = (epoch & 1) as usize;
+        // SAFETY: this rank is the only writer of its slot in this parity (see module docs).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                buffer.as_ptr(),
+                self.slot_ptr(parity, self.rank_index),
+                buffer.len(),
+            );
+        }
+        self.flag(self.rank_index).store(epoch, Ordering::Release);
+        self.wait_for_all(epoch)?;
+        // SAFETY: every rank published this epoch after writing its slot (acquire above), and no
+        // rank writes this parity again before we publish the next epoch.
+        unsafe {
+            let first = std::slice::from_raw_parts(self.slot_ptr::<T>(parity, 0), buffer.len());
+            buffer.copy_from_slice(first);
+            for rank in 1..self.rank_count {
+                let slot =
+                    std::slice::from_raw_parts(self.slot_ptr::<T>(parity, rank), buffer.len());
+                for (target, source) in buffer.iter_mut().zip(slot) {
+                    *target += *source;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn wait_for_all(&self, epoch: u64) -> Result<(), TransportError> {
@@ -126,7 +210,9 @@ impl ShmCollective {
             // On an oversubscribed host a peer may need this core to make progress.
             std::thread::yield_now();
             if spins % 64 == 0 && started.elapsed() > self.limits.timeout {
-                let missing = (0..self.rank_count).filter(|&r| self.flag(r).load(Ordering::Acquire) < epoch).collect();
+                let missing = (0..self.rank_count)
+                    .filter(|&r| self.flag(r).load(Ordering::Acquire) < epoch)
+                    .collect();
                 return Err(TransportError::Timeout {
                     epoch,
                     missing,
@@ -151,31 +237,11 @@ impl Collective for ShmCollective {
     }
 
     fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), TransportError> {
-        if buffer.len() > self.slot_floats {
-            return Err(TransportError::TooLarge { got: buffer.len(), capacity: self.slot_floats });
-        }
-        self.epoch += 1;
-        let epoch = self.epoch;
-        let parity = (epoch & 1) as usize;
-        // SAFETY: this rank is the only writer of its slot in this parity (see module docs).
-        unsafe {
-            std::ptr::copy_nonoverlapping(buffer.as_ptr(), self.slot_ptr(parity, self.rank_index), buffer.len());
-        }
-        self.flag(self.rank_index).store(epoch, Ordering::Release);
-        self.wait_for_all(epoch)?;
-        // SAFETY: every rank published this epoch after writing its slot (acquire above), and no
-        // rank writes this parity again before we publish the next epoch.
-        unsafe {
-            let first = std::slice::from_raw_parts(self.slot_ptr(parity, 0), buffer.len());
-            buffer.copy_from_slice(first);
-            for rank in 1..self.rank_count {
-                let slot = std::slice::from_raw_parts(self.slot_ptr(parity, rank), buffer.len());
-                for (target, source) in buffer.iter_mut().zip(slot) {
-                    *target += *source;
-                }
-            }
-        }
-        Ok(())
+        self.all_reduce(buffer)
+    }
+
+    fn all_reduce_sum_f64(&mut self, buffer: &mut [f64]) -> Result<(), TransportError> {
+        self.all_reduce(buffer)
     }
 }
 
@@ -193,32 +259,50 @@ mod tests {
         for rank_count in [2usize, 3, 4] {
             let path = segment_path(&format!("sum{rank_count}"));
             let _ = std::fs::remove_file(&path);
-            let segment = ShmSegment::create(&path, rank_count, 1024).unwrap();
+            let segment = ShmSegment::create(&path, rank_count, 1024 * 4).unwrap();
             let handles: Vec<_> = (0..rank_count)
                 .map(|rank| {
                     let path = segment.path().to_path_buf();
                     std::thread::spawn(move || {
-                        let mut c = ShmCollective::open(&path, rank, rank_count, CollectiveLimits::default()).unwrap();
+                        let mut c = ShmCollective::open(
+                            &path,
+                            rank,
+                            rank_count,
+                            CollectiveLimits::default(),
+                        )
+                        .unwrap();
                         let mut results = Vec::new();
                         for step in 1..=3u64 {
                             c.begin_step(step);
                             for round in 0..50 {
                                 let len = 1 + (round * 37) % 1024;
-                                let mut buffer: Vec<f32> =
-                                    (0..len).map(|i| (rank * 1000 + i + round) as f32 * 0.5).collect();
+                                let mut buffer: Vec<f32> = (0..len)
+                                    .map(|i| (rank * 1000 + i + round) as f32 * 0.5)
+                                    .collect();
                                 c.all_reduce_sum(&mut buffer).unwrap();
                                 results.push(buffer);
+                            }
+                            let mut wide: Vec<f64> =
+                                (0..512).map(|i| (rank + i) as f64 * 0.1).collect();
+                            c.all_reduce_sum_f64(&mut wide).unwrap();
+                            for (i, v) in wide.iter().enumerate() {
+                                let expected: f64 =
+                                    (0..rank_count).map(|r| (r + i) as f64 * 0.1).sum();
+                                assert!((v - expected).abs() < 1e-12);
                             }
                         }
                         results
                     })
                 })
                 .collect();
-            let results: Vec<Vec<Vec<f32>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let results: Vec<Vec<Vec<f32>>> =
+                handles.into_iter().map(|h| h.join().unwrap()).collect();
             for (k, buffer) in results[0].iter().enumerate() {
                 let round = k % 50;
                 for (i, &v) in buffer.iter().enumerate() {
-                    let expected: f32 = (0..rank_count).map(|r| (r * 1000 + i + round) as f32 * 0.5).sum();
+                    let expected: f32 = (0..rank_count)
+                        .map(|r| (r * 1000 + i + round) as f32 * 0.5)
+                        .sum();
                     assert_eq!(v, expected);
                 }
                 for other in &results[1..] {
@@ -232,15 +316,28 @@ mod tests {
     fn a_missing_peer_is_a_timeout_not_a_hang() {
         let path = segment_path("timeout");
         let _ = std::fs::remove_file(&path);
-        let _segment = ShmSegment::create(&path, 2, 16).unwrap();
-        let limits = CollectiveLimits { timeout: Duration::from_millis(200), spin_count: 100 };
+        let _segment = ShmSegment::create(&path, 2, 64).unwrap();
+        let limits = CollectiveLimits {
+            timeout: Duration::from_millis(200),
+            spin_count: 100,
+        };
         let mut c = ShmCollective::open(&path, 0, 2, limits).unwrap();
         c.begin_step(1);
         let started = Instant::now();
         let err = c.all_reduce_sum(&mut [1.0; 4]).unwrap_err();
-        assert!(matches!(err, TransportError::Timeout { ref missing, .. } if missing == &vec![1]), "{err}");
+        assert!(
+            matches!(err, TransportError::Timeout { ref missing, .. } if missing == &vec![1]),
+            "{err}"
+        );
         assert!(started.elapsed() < Duration::from_secs(2));
-        assert!(matches!(c.all_reduce_sum(&mut [0.0; 17]), Err(TransportError::TooLarge { .. })));
+        assert!(matches!(
+            c.all_reduce_sum(&mut [0.0; 17]),
+            Err(TransportError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            c.all_reduce_sum_f64(&mut [0.0; 9]),
+            Err(TransportError::TooLarge { .. })
+        ));
         assert!(ShmCollective::open(&path, 0, 3, limits).is_err());
     }
 }

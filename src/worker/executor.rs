@@ -11,7 +11,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
-use crate::kernels::cpu::{PreparedActivations, f32_dot, matmul};
+use crate::kernels::cpu::{PreparedActivations, f32_dot, matmul, matmul_f64};
 use crate::model::arch::{ModelConfig, RopeStyle};
 use crate::transport::{Collective, TransportError};
 use crate::worker::kv::KvCache;
@@ -26,16 +26,42 @@ pub enum StepError {
 }
 
 enum Exec {
-    Embed { weight: Arc<Weight> },
-    RmsNorm { weight: Vec<f32>, input: Buffer, output: Buffer },
-    Linear { weight: Arc<Weight>, bias: Option<Vec<f32>>, input: Buffer, output: Buffer },
-    Rope { q_heads: usize, kv_heads: usize },
-    Attention { layer: usize, q_start: usize, q_heads: usize, kv_start: usize, kv_heads: usize },
-    SwiGlu { width: usize },
+    Embed {
+        weight: Arc<Weight>,
+    },
+    RmsNorm {
+        weight: Vec<f32>,
+        input: Buffer,
+        output: Buffer,
+    },
+    Linear {
+        weight: Arc<Weight>,
+        bias: Option<Vec<f32>>,
+        input: Buffer,
+        output: Buffer,
+    },
+    Rope {
+        q_heads: usize,
+        kv_heads: usize,
+    },
+    Attention {
+        layer: usize,
+        q_start: usize,
+        q_heads: usize,
+        kv_start: usize,
+        kv_heads: usize,
+    },
+    SwiGlu {
+        width: usize,
+    },
     AddResidual,
-    AllReduce { buffer: Buffer },
+    AllReduce {
+        buffer: Buffer,
+    },
     /// The vocab-parallel output head, applied only to the rows whose logits are wanted.
-    OutputHead { weight: Arc<Weight> },
+    OutputHead {
+        weight: Arc<Weight>,
+    },
     EmitLogits,
 }
 
@@ -67,6 +93,9 @@ pub struct Executor {
     rope_cache: Vec<(f32, f32)>,
     /// Gathered final-norm rows whose logits are wanted.
     logits_input: Vec<f32>,
+    /// Row-parallel outputs, accumulated and reduced in f64 so that the f32 residual does not
+    /// depend on how the row was split across ranks.
+    partial: Vec<f64>,
 }
 
 fn slot(buffer: Buffer) -> usize {
@@ -84,43 +113,80 @@ impl Executor {
     ) -> Result<Executor, StepError> {
         let hd = config.head_dim;
         let missing = |name: &str| StepError::Invalid(format!("shard lacks tensor '{name}'"));
-        let mut weights: std::collections::HashMap<String, Arc<Weight>> =
-            loaded.weights.drain().map(|(k, v)| (k, Arc::new(v))).collect();
+        let mut weights: std::collections::HashMap<String, Arc<Weight>> = loaded
+            .weights
+            .drain()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect();
         let mut program = Vec::new();
         let mut max_width = [0usize; 10];
         max_width[slot(Buffer::Residual)] = config.model_dim;
         max_width[slot(Buffer::Normed)] = config.model_dim;
-        max_width[slot(Buffer::Partial)] = config.model_dim;
         for op in shard_program(config, shard) {
             program.push(match op.kind {
-                OpKind::Embed { tensor } => {
-                    Exec::Embed { weight: weights.get(&tensor).cloned().ok_or_else(|| missing(&tensor))? }
-                }
-                OpKind::RmsNorm { tensor, input, output } => Exec::RmsNorm {
-                    weight: loaded.vectors.remove(&tensor).ok_or_else(|| missing(&tensor))?,
+                OpKind::Embed { tensor } => Exec::Embed {
+                    weight: weights
+                        .get(&tensor)
+                        .cloned()
+                        .ok_or_else(|| missing(&tensor))?,
+                },
+                OpKind::RmsNorm {
+                    tensor,
+                    input,
+                    output,
+                } => Exec::RmsNorm {
+                    weight: loaded
+                        .vectors
+                        .remove(&tensor)
+                        .ok_or_else(|| missing(&tensor))?,
                     input,
                     output,
                 },
-                OpKind::Linear { tensor, output: Buffer::Logits, .. } => {
-                    Exec::OutputHead { weight: weights.get(&tensor).cloned().ok_or_else(|| missing(&tensor))? }
-                }
-                OpKind::Linear { tensor, bias, input, output, .. } => {
-                    let weight = weights.get(&tensor).cloned().ok_or_else(|| missing(&tensor))?;
+                OpKind::Linear {
+                    tensor,
+                    output: Buffer::Logits,
+                    ..
+                } => Exec::OutputHead {
+                    weight: weights
+                        .get(&tensor)
+                        .cloned()
+                        .ok_or_else(|| missing(&tensor))?,
+                },
+                OpKind::Linear {
+                    tensor,
+                    bias,
+                    input,
+                    output,
+                    ..
+                } => {
+                    let weight = weights
+                        .get(&tensor)
+                        .cloned()
+                        .ok_or_else(|| missing(&tensor))?;
                     let bias = match bias {
                         Some(b) => Some(loaded.vectors.remove(&b).ok_or_else(|| missing(&b))?),
                         None => None,
                     };
                     max_width[slot(output)] = max_width[slot(output)].max(weight.rows);
                     max_width[slot(input)] = max_width[slot(input)].max(weight.cols);
-                    Exec::Linear { weight, bias, input, output }
+                    Exec::Linear {
+                        weight,
+                        bias,
+                        input,
+                        output,
+                    }
                 }
                 OpKind::Rope { layer } => {
                     let s = &shard.layers[layer];
-                    Exec::Rope { q_heads: s.q_heads.len(), kv_heads: s.kv_heads.len() }
+                    Exec::Rope {
+                        q_heads: s.q_heads.len(),
+                        kv_heads: s.kv_heads.len(),
+                    }
                 }
                 OpKind::Attention { layer } => {
                     let s = &shard.layers[layer];
-                    max_width[slot(Buffer::Attention)] = max_width[slot(Buffer::Attention)].max(s.q_heads.len() * hd);
+                    max_width[slot(Buffer::Attention)] =
+                        max_width[slot(Buffer::Attention)].max(s.q_heads.len() * hd);
                     Exec::Attention {
                         layer,
                         q_start: s.q_heads.start,
@@ -144,7 +210,10 @@ impl Executor {
             }
         }
         weights.clear();
-        let buffers = max_width.iter().map(|&w| vec![0f32; w * max_batch]).collect();
+        let buffers = max_width
+            .iter()
+            .map(|&w| vec![0f32; w * max_batch])
+            .collect();
         let kv_heads: Vec<usize> = shard.layers.iter().map(|l| l.kv_heads.len()).collect();
         let kv = KvCache::new(&kv_heads, hd, max_sequences, max_context);
         Ok(Executor {
@@ -158,6 +227,7 @@ impl Executor {
             max_batch,
             rope_cache: Vec::new(),
             logits_input: vec![0f32; config.model_dim * max_batch],
+            partial: vec![0f64; config.model_dim * max_batch],
         })
     }
 
@@ -182,7 +252,11 @@ impl Executor {
         output: &OutputRequest,
     ) -> Result<Vec<RowResult>, StepError> {
         let batch = tokens.len();
-        if batch == 0 || batch > self.max_batch || positions.len() != batch || sequences.len() != batch {
+        if batch == 0
+            || batch > self.max_batch
+            || positions.len() != batch
+            || sequences.len() != batch
+        {
             return Err(StepError::Invalid(format!(
                 "batch of {batch} tokens ({} positions, {} sequences) is empty or exceeds the maximum of {}",
                 positions.len(),
@@ -191,13 +265,23 @@ impl Executor {
             )));
         }
         for (&p, &s) in positions.iter().zip(sequences) {
-            self.kv.check(s as usize, p as usize).map_err(StepError::Invalid)?;
+            self.kv
+                .check(s as usize, p as usize)
+                .map_err(StepError::Invalid)?;
         }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(StepError::Invalid(format!("token {t} is outside the vocabulary of {}", self.config.vocab_size)));
+        if let Some(&t) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
+            return Err(StepError::Invalid(format!(
+                "token {t} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
         }
         if let Some(&r) = output.rows.iter().find(|&&r| r >= batch) {
-            return Err(StepError::Invalid(format!("output row {r} is outside the batch of {batch}")));
+            return Err(StepError::Invalid(format!(
+                "output row {r} is outside the batch of {batch}"
+            )));
         }
         self.compute_rope(positions);
         let d = self.config.model_dim;
@@ -207,27 +291,48 @@ impl Executor {
             for op in &program {
                 match op {
                     Exec::Embed { weight } => self.embed(weight, tokens),
-                    Exec::RmsNorm { weight, input, output } => self.rms_norm(weight, *input, *output, batch),
-                    Exec::Linear { weight, bias, input, output } => {
-                        self.linear(weight, bias.as_deref(), *input, *output, batch)
-                    }
+                    Exec::RmsNorm {
+                        weight,
+                        input,
+                        output,
+                    } => self.rms_norm(weight, *input, *output, batch),
+                    Exec::Linear {
+                        weight,
+                        bias,
+                        input,
+                        output,
+                    } => self.linear(weight, bias.as_deref(), *input, *output, batch),
                     Exec::Rope { q_heads, kv_heads } => self.rope(*q_heads, *kv_heads, batch),
-                    &Exec::Attention { layer, q_start, q_heads, kv_start, kv_heads } => {
-                        self.attention(layer, q_start, q_heads, kv_start, kv_heads, positions, sequences)
-                    }
+                    &Exec::Attention {
+                        layer,
+                        q_start,
+                        q_heads,
+                        kv_start,
+                        kv_heads,
+                    } => self.attention(
+                        layer, q_start, q_heads, kv_start, kv_heads, positions, sequences,
+                    ),
                     Exec::SwiGlu { width } => {
                         let n = width * batch;
-                        let (gate, up) = two_buffers(&mut self.buffers, slot(Buffer::Gate), slot(Buffer::Up));
+                        let (gate, up) =
+                            two_buffers(&mut self.buffers, slot(Buffer::Gate), slot(Buffer::Up));
                         for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
                             *g = *g / (1.0 + (-*g).exp()) * u;
                         }
                     }
                     Exec::AddResidual => {
-                        let (res, partial) =
-                            two_buffers(&mut self.buffers, slot(Buffer::Residual), slot(Buffer::Partial));
-                        for (r, p) in res[..d * batch].iter_mut().zip(&partial[..d * batch]) {
-                            *r += p;
+                        let residual = &mut self.buffers[slot(Buffer::Residual)];
+                        for (r, p) in residual[..d * batch]
+                            .iter_mut()
+                            .zip(&self.partial[..d * batch])
+                        {
+                            *r = (*r as f64 + p) as f32;
                         }
+                    }
+                    Exec::AllReduce {
+                        buffer: Buffer::Partial,
+                    } => {
+                        collective.all_reduce_sum_f64(&mut self.partial[..d * batch])?;
                     }
                     Exec::AllReduce { buffer } => {
                         collective.all_reduce_sum(&mut self.buffers[slot(*buffer)][..d * batch])?;
@@ -270,16 +375,44 @@ impl Executor {
         }
     }
 
-    fn linear(&mut self, weight: &Weight, bias: Option<&[f32]>, input: Buffer, output: Buffer, batch: usize) {
+    fn linear(
+        &mut self,
+        weight: &Weight,
+        bias: Option<&[f32]>,
+        input: Buffer,
+        output: Buffer,
+        batch: usize,
+    ) {
         let (rows, cols) = (weight.rows, weight.cols);
         if rows == 0 {
             return;
         }
         if cols == 0 {
-            self.buffers[slot(output)][..rows * batch].fill(0.0);
+            // A rank without heads or columns in this layer contributes zeros.
+            if output == Buffer::Partial {
+                self.partial[..rows * batch].fill(0.0);
+            } else {
+                self.buffers[slot(output)][..rows * batch].fill(0.0);
+            }
             return;
         }
-        self.prepared.prepare(weight.ty, &self.buffers[slot(input)][..cols * batch], cols, batch);
+        self.prepared.prepare(
+            weight.ty,
+            &self.buffers[slot(input)][..cols * batch],
+            cols,
+            batch,
+        );
+        if output == Buffer::Partial {
+            matmul_f64(
+                weight.ty,
+                &weight.data,
+                rows,
+                cols,
+                &self.prepared,
+                &mut self.partial[..rows * batch],
+            );
+            return;
+        }
         let y = &mut self.buffers[slot(output)][..rows * batch];
         matmul(weight.ty, &weight.data, rows, cols, &self.prepared, y);
         if let Some(bias) = bias {
@@ -295,7 +428,10 @@ impl Executor {
     /// base^(-2/n_rot) pair after pair, in f32.
     fn compute_rope(&mut self, positions: &[u32]) {
         let pairs = self.config.rope_dim / 2;
-        let theta_scale = self.config.rope_base.powf(-2.0 / self.config.rope_dim as f32);
+        let theta_scale = self
+            .config
+            .rope_base
+            .powf(-2.0 / self.config.rope_dim as f32);
         self.rope_cache.clear();
         for &p in positions {
             let mut theta = p as f32;
@@ -352,46 +488,60 @@ impl Executor {
             let v = &self.buffers[slot(Buffer::V)];
             for b in 0..batch {
                 let range = b * kv_heads * hd..(b + 1) * kv_heads * hd;
-                self.kv.write(layer, sequences[b] as usize, positions[b] as usize, &k[range.clone()], &v[range]);
+                self.kv.write(
+                    layer,
+                    sequences[b] as usize,
+                    positions[b] as usize,
+                    &k[range.clone()],
+                    &v[range],
+                );
             }
         }
         let scale = 1.0 / (hd as f32).sqrt();
         let kv = &self.kv;
         let mut out = std::mem::take(&mut self.buffers[slot(Buffer::Attention)]);
         let q = &self.buffers[slot(Buffer::Q)];
-        out[..batch * q_heads * hd].par_chunks_mut(hd).enumerate().for_each_init(
-            || (vec![0f32; hd], Vec::new(), vec![0f32; hd], vec![0f32; hd]),
-            |(key, scores, acc, value), (index, target)| {
-                let (b, h) = (index / q_heads, index % q_heads);
-                let kv_head = (q_start + h) / group - kv_start;
-                let query: Vec<f32> = q[(b * q_heads + h) * hd..(b * q_heads + h + 1) * hd].iter().map(|&x| f16::from_f32(x).to_f32()).collect();
-                let query = &query[..];
-                let (sequence, position) = (sequences[b] as usize, positions[b] as usize);
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for t in 0..=position {
-                    kv.key(layer, sequence, t, kv_head).convert_to_f32_slice(key);
-                    let s = f32_dot(query, key) * scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                acc.fill(0.0);
-                for (t, &w) in scores.iter().enumerate() {
-                    kv.value(layer, sequence, t, kv_head).convert_to_f32_slice(value);
-                    for (a, v) in acc.iter_mut().zip(value.iter()) {
-                        *a += w * v;
+        out[..batch * q_heads * hd]
+            .par_chunks_mut(hd)
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; hd], Vec::new(), vec![0f32; hd], vec![0f32; hd]),
+                |(key, scores, acc, value), (index, target)| {
+                    let (b, h) = (index / q_heads, index % q_heads);
+                    let kv_head = (q_start + h) / group - kv_start;
+                    let query: Vec<f32> = q[(b * q_heads + h) * hd..(b * q_heads + h + 1) * hd]
+                        .iter()
+                        .map(|&x| f16::from_f32(x).to_f32())
+                        .collect();
+                    let query = &query[..];
+                    let (sequence, position) = (sequences[b] as usize, positions[b] as usize);
+                    scores.clear();
+                    let mut max = f32::NEG_INFINITY;
+                    for t in 0..=position {
+                        kv.key(layer, sequence, t, kv_head)
+                            .convert_to_f32_slice(key);
+                        let s = f32_dot(query, key) * scale;
+                        max = max.max(s);
+                        scores.push(s);
                     }
-                }
-                for (o, a) in target.iter_mut().zip(acc.iter()) {
-                    *o = a / sum;
-                }
-            },
-        );
+                    let mut sum = 0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    acc.fill(0.0);
+                    for (t, &w) in scores.iter().enumerate() {
+                        kv.value(layer, sequence, t, kv_head)
+                            .convert_to_f32_slice(value);
+                        for (a, v) in acc.iter_mut().zip(value.iter()) {
+                            *a += w * v;
+                        }
+                    }
+                    for (o, a) in target.iter_mut().zip(acc.iter()) {
+                        *o = a / sum;
+                    }
+                },
+            );
         self.buffers[slot(Buffer::Attention)] = out;
     }
 
@@ -410,25 +560,53 @@ impl Executor {
             let count = chunk.len();
             let first = chunk_index * self.max_batch;
             if rows > 0 {
-                self.prepared.prepare(weight.ty, &self.logits_input[first * d..(first + count) * d], d, count);
-                matmul(weight.ty, &weight.data, rows, d, &self.prepared, &mut logits[..rows * count]);
+                self.prepared.prepare(
+                    weight.ty,
+                    &self.logits_input[first * d..(first + count) * d],
+                    d,
+                    count,
+                );
+                matmul(
+                    weight.ty,
+                    &weight.data,
+                    rows,
+                    d,
+                    &self.prepared,
+                    &mut logits[..rows * count],
+                );
             }
             for i in 0..count {
                 let row = &logits[i * rows..(i + 1) * rows];
                 let target = output.targets.get(first + i).copied();
-                results.push(summarize_row(row, self.vocab_start, output.top_k, output.full_logits, target));
+                results.push(summarize_row(
+                    row,
+                    self.vocab_start,
+                    output.top_k,
+                    output.full_logits,
+                    target,
+                ));
             }
         }
         results
     }
 }
 
-fn summarize_row(row: &[f32], vocab_start: usize, top_k: usize, full: bool, target: Option<u32>) -> RowResult {
+fn summarize_row(
+    row: &[f32],
+    vocab_start: usize,
+    top_k: usize,
+    full: bool,
+    target: Option<u32>,
+) -> RowResult {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_sum_exp = if row.is_empty() {
         f32::NEG_INFINITY
     } else {
-        max + row.iter().map(|&v| ((v - max) as f64).exp()).sum::<f64>().ln() as f32
+        max + row
+            .iter()
+            .map(|&v| ((v - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32
     };
     let k = top_k.min(row.len());
     let mut order: Vec<u32> = (0..row.len() as u32).collect();

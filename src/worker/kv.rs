@@ -13,7 +13,12 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(heads: &[usize], head_dim: usize, max_sequences: usize, max_context: usize) -> KvCache {
+    pub fn new(
+        heads: &[usize],
+        head_dim: usize,
+        max_sequences: usize,
+        max_context: usize,
+    ) -> KvCache {
         let size = |h: usize| max_sequences * max_context * h * head_dim;
         KvCache {
             keys: heads.iter().map(|&h| vec![f16::ZERO; size(h)]).collect(),
@@ -26,15 +31,25 @@ impl KvCache {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.keys.iter().chain(&self.values).map(|v| v.len() as u64 * 2).sum()
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|v| v.len() as u64 * 2)
+            .sum()
     }
 
     pub fn check(&self, sequence: usize, position: usize) -> Result<(), String> {
         if sequence >= self.max_sequences {
-            return Err(format!("sequence {sequence} exceeds the {} sequence slots", self.max_sequences));
+            return Err(format!(
+                "sequence {sequence} exceeds the {} sequence slots",
+                self.max_sequences
+            ));
         }
         if position >= self.max_context {
-            return Err(format!("position {position} exceeds the context of {}", self.max_context));
+            return Err(format!(
+                "position {position} exceeds the context of {}",
+                self.max_context
+            ));
         }
         Ok(())
     }
@@ -47,13 +62,23 @@ impl KvCache {
         ((sequence * self.max_context + position) * self.heads[layer] + head) * self.head_dim
     }
 
-    pub fn write(&mut self, layer: usize, sequence: usize, position: usize, keys: &[f32], values: &[f32]) {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        sequence: usize,
+        position: usize,
+        keys: &[f32],
+        values: &[f32],
+    ) {
         let start = self.offset(layer, sequence, position, 0);
         let len = self.heads[layer] * self.head_dim;
         for (t, s) in self.keys[layer][start..start + len].iter_mut().zip(keys) {
             *t = f16::from_f32(*s);
         }
-        for (t, s) in self.values[layer][start..start + len].iter_mut().zip(values) {
+        for (t, s) in self.values[layer][start..start + len]
+            .iter_mut()
+            .zip(values)
+        {
             *t = f16::from_f32(*s);
         }
     }

@@ -37,6 +37,20 @@ struct Loaded {
     executor: Executor,
     collective: Box<dyn Collective>,
     pool: rayon::ThreadPool,
+    weight_bytes: u64,
+    steps: u64,
+    compute_seconds: f64,
+}
+
+/// A `VmHWM`/`VmRSS` style line of /proc/self/status, in bytes.
+fn proc_status_bytes(key: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 pub struct WorkerService {
@@ -59,17 +73,25 @@ pub fn model_header_hash(file: &GgufFile) -> u64 {
 }
 
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
-fn load(request: proto::LoadShardRequest, default_threads: usize) -> Result<(Loaded, proto::LoadShardReply), String> {
+fn load(
+    request: proto::LoadShardRequest,
+    default_threads: usize,
+) -> Result<(Loaded, proto::LoadShardReply), String> {
     let started = Instant::now();
     let file = GgufFile::open(&request.model_path).map_err(|e| e.to_string())?;
-    if file.file_size != request.model_size || model_header_hash(&file) != request.model_header_hash {
+    if file.file_size != request.model_size || model_header_hash(&file) != request.model_header_hash
+    {
         return Err(format!(
             "{} is not the coordinator's model file (size or header hash differ)",
             request.model_path
@@ -92,23 +114,44 @@ fn load(request: proto::LoadShardRequest, default_threads: usize) -> Result<(Loa
     };
     check_rank_shard(&config, &shard).map_err(|e| format!("shard rejected: {e}"))?;
     let limit = |value: u32, max: u32, what: &str| {
-        if value == 0 || value > max { Err(format!("{what} {value} is outside 1..={max}")) } else { Ok(value as usize) }
+        if value == 0 || value > max {
+            Err(format!("{what} {value} is outside 1..={max}"))
+        } else {
+            Ok(value as usize)
+        }
     };
     let max_batch = limit(request.max_batch, MAX_BATCH_LIMIT, "max batch")?;
     let max_sequences = limit(request.max_sequences, MAX_SEQUENCES_LIMIT, "max sequences")?;
-    let max_context = limit(request.max_context, config.context_length as u32, "max context")?;
-    let threads = if request.threads > 0 { request.threads as usize } else { default_threads };
+    let max_context = limit(
+        request.max_context,
+        config.context_length as u32,
+        "max context",
+    )?;
+    let threads = if request.threads > 0 {
+        request.threads as usize
+    } else {
+        default_threads
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .thread_name(|i| format!("tp-compute-{i}"))
         .build()
         .map_err(|e| e.to_string())?;
-    let loaded = pool.install(|| shard::load_shard(&file, &config, &shard)).map_err(|e| e.to_string())?;
+    let loaded = pool
+        .install(|| shard::load_shard(&file, &config, &shard))
+        .map_err(|e| e.to_string())?;
     let weight_bytes = loaded.weight_bytes;
     let notes = loaded.notes.clone();
     drop(file);
-    let executor = Executor::new(&config, &shard, loaded, max_batch, max_sequences, max_context)
-        .map_err(|e| e.to_string())?;
+    let executor = Executor::new(
+        &config,
+        &shard,
+        loaded,
+        max_batch,
+        max_sequences,
+        max_context,
+    )
+    .map_err(|e| e.to_string())?;
     let collective: Box<dyn Collective> = if shard.rank_count == 1 {
         Box::new(Solo)
     } else {
@@ -117,8 +160,13 @@ fn load(request: proto::LoadShardRequest, default_threads: usize) -> Result<(Loa
             ..CollectiveLimits::default()
         };
         Box::new(
-            ShmCollective::open(&PathBuf::from(&request.shm_path), shard.rank_index, shard.rank_count, limits)
-                .map_err(|e| e.to_string())?,
+            ShmCollective::open(
+                &PathBuf::from(&request.shm_path),
+                shard.rank_index,
+                shard.rank_count,
+                limits,
+            )
+            .map_err(|e| e.to_string())?,
         )
     };
     let reply = proto::LoadShardReply {
@@ -127,12 +175,25 @@ fn load(request: proto::LoadShardRequest, default_threads: usize) -> Result<(Loa
         load_seconds: started.elapsed().as_secs_f64(),
         notes,
     };
-    Ok((Loaded { executor, collective, pool }, reply))
+    Ok((
+        Loaded {
+            executor,
+            collective,
+            pool,
+            weight_bytes,
+            steps: 0,
+            compute_seconds: 0.0,
+        },
+        reply,
+    ))
 }
 
 #[tonic::async_trait]
 impl proto::worker_server::Worker for WorkerService {
-    async fn hello(&self, _: Request<proto::HelloRequest>) -> Result<Response<proto::HelloReply>, Status> {
+    async fn hello(
+        &self,
+        _: Request<proto::HelloRequest>,
+    ) -> Result<Response<proto::HelloReply>, Status> {
         Ok(Response::new(proto::HelloReply {
             version: env!("CARGO_PKG_VERSION").into(),
             hostname: hostname(),
@@ -169,7 +230,10 @@ impl proto::worker_server::Worker for WorkerService {
         .map_err(|e| Status::internal(e.to_string()))?
     }
 
-    async fn step(&self, request: Request<proto::StepRequest>) -> Result<Response<proto::StepReply>, Status> {
+    async fn step(
+        &self,
+        request: Request<proto::StepRequest>,
+    ) -> Result<Response<proto::StepReply>, Status> {
         let request = request.into_inner();
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
@@ -179,7 +243,10 @@ impl proto::worker_server::Worker for WorkerService {
                 return Err(Status::failed_precondition("no shard loaded"));
             };
             if request.top_k > MAX_TOP_K {
-                return Err(Status::invalid_argument(format!("top_k {} exceeds {MAX_TOP_K}", request.top_k)));
+                return Err(Status::invalid_argument(format!(
+                    "top_k {} exceeds {MAX_TOP_K}",
+                    request.top_k
+                )));
             }
             let output = OutputRequest {
                 rows: request.output_rows.iter().map(|&r| r as usize).collect(),
@@ -187,16 +254,31 @@ impl proto::worker_server::Worker for WorkerService {
                 full_logits: request.full_logits,
                 targets: request.targets.clone(),
             };
-            let Loaded { executor, collective, pool } = loaded;
+            let Loaded {
+                executor,
+                collective,
+                pool,
+                steps,
+                compute_seconds,
+                ..
+            } = loaded;
             collective.begin_step(request.step);
             let rows = pool
                 .install(|| {
-                    executor.step(collective.as_mut(), &request.tokens, &request.positions, &request.sequences, &output)
+                    executor.step(
+                        collective.as_mut(),
+                        &request.tokens,
+                        &request.positions,
+                        &request.sequences,
+                        &output,
+                    )
                 })
                 .map_err(|e| match e {
                     executor::StepError::Transport(t) => Status::aborted(t.to_string()),
                     executor::StepError::Invalid(m) => Status::invalid_argument(m),
                 })?;
+            *steps += 1;
+            *compute_seconds += started.elapsed().as_secs_f64();
             Ok(Response::new(proto::StepReply {
                 rows: rows
                     .into_iter()
@@ -227,6 +309,19 @@ impl proto::worker_server::Worker for WorkerService {
         Ok(Response::new(proto::Empty {}))
     }
 
+    async fn stats(&self, _: Request<proto::Empty>) -> Result<Response<proto::StatsReply>, Status> {
+        let guard = self.state.lock().unwrap();
+        let loaded = guard.as_ref();
+        Ok(Response::new(proto::StatsReply {
+            peak_rss_bytes: proc_status_bytes("VmHWM:"),
+            rss_bytes: proc_status_bytes("VmRSS:"),
+            weight_bytes: loaded.map_or(0, |l| l.weight_bytes),
+            kv_cache_bytes: loaded.map_or(0, |l| l.executor.kv_cache_bytes()),
+            steps: loaded.map_or(0, |l| l.steps),
+            compute_seconds: loaded.map_or(0.0, |l| l.compute_seconds),
+        }))
+    }
+
     async fn shutdown(&self, _: Request<proto::Empty>) -> Result<Response<proto::Empty>, Status> {
         let _ = self.shutdown.try_send(());
         Ok(Response::new(proto::Empty {}))
@@ -248,7 +343,11 @@ pub async fn run(
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
-    let service = WorkerService { state: Arc::new(Mutex::new(None)), threads, shutdown: shutdown_tx };
+    let service = WorkerService {
+        state: Arc::new(Mutex::new(None)),
+        threads,
+        shutdown: shutdown_tx,
+    };
     on_bound(address);
     tracing::info!(%address, threads, "worker listening");
     let server = proto::worker_server::WorkerServer::new(service)
@@ -256,12 +355,15 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .add_service(server)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = shutdown_rx.recv() => {}
-            }
-        })
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = shutdown_rx.recv() => {}
+                }
+            },
+        )
         .await?;
     tracing::info!("worker stopped");
     Ok(())

@@ -42,12 +42,18 @@ pub struct LoadedShard {
 
 fn f32_values(file: &GgufFile, info: &TensorInfo, range: Range<usize>) -> Vec<f32> {
     let bytes = file.tensor_bytes(info);
-    bytes[range.start * 4..range.end * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    bytes[range.start * 4..range.end * 4]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Rows `rows` of a matrix (column-parallel: split on the output dimension).
 fn slice_rows(file: &GgufFile, info: &TensorInfo, rows: Range<usize>) -> Weight {
-    let row_bytes = info.quant_type.row_bytes(info.row_length()).expect("checked at parse");
+    let row_bytes = info
+        .quant_type
+        .row_bytes(info.row_length())
+        .expect("checked at parse");
     let bytes = file.tensor_bytes(info);
     Weight {
         ty: info.quant_type,
@@ -59,7 +65,12 @@ fn slice_rows(file: &GgufFile, info: &TensorInfo, rows: Range<usize>) -> Weight 
 
 /// Columns `cols` of every row (row-parallel: split on the input dimension). A boundary inside a
 /// quantization block cannot be cut in place; such a tensor is dequantized to F32.
-fn slice_columns(file: &GgufFile, info: &TensorInfo, cols: Range<usize>, notes: &mut Vec<String>) -> Weight {
+fn slice_columns(
+    file: &GgufFile,
+    info: &TensorInfo,
+    cols: Range<usize>,
+    notes: &mut Vec<String>,
+) -> Weight {
     let ty = info.quant_type;
     let row_length = info.row_length();
     let row_bytes = ty.row_bytes(row_length).expect("checked at parse");
@@ -73,7 +84,12 @@ fn slice_columns(file: &GgufFile, info: &TensorInfo, cols: Range<usize>, notes: 
         for r in 0..rows {
             data.extend_from_slice(&bytes[r * row_bytes + start..r * row_bytes + end]);
         }
-        return Weight { ty, rows, cols: cols.len(), data };
+        return Weight {
+            ty,
+            rows,
+            cols: cols.len(),
+            data,
+        };
     }
     notes.push(format!(
         "{}: columns {cols:?} cut {} blocks of {block}; re-blocked to F32 for this shard",
@@ -88,7 +104,12 @@ fn slice_columns(file: &GgufFile, info: &TensorInfo, cols: Range<usize>, notes: 
             data.extend_from_slice(&v.to_le_bytes());
         }
     }
-    Weight { ty: QuantType::F32, rows, cols: cols.len(), data }
+    Weight {
+        ty: QuantType::F32,
+        rows,
+        cols: cols.len(),
+        data,
+    }
 }
 
 /// The output-dimension and input-dimension ranges a linear op of this rank covers.
@@ -102,7 +123,9 @@ pub fn linear_extent(config: &ModelConfig, shard: &RankShard, tensor: &str) -> R
         return shard.vocab_rows.clone();
     };
     let s = &shard.layers[layer];
-    let suffix = tensor.rsplit_once(&format!("blk.{layer}.")).map_or("", |(_, s)| s);
+    let suffix = tensor
+        .rsplit_once(&format!("blk.{layer}."))
+        .map_or("", |(_, s)| s);
     match suffix.split('.').next().unwrap_or("") {
         "attn_q" | "attn_output" => s.q_heads.start * hd..s.q_heads.end * hd,
         "attn_k" | "attn_v" => s.kv_heads.start * hd..s.kv_heads.end * hd,
@@ -111,10 +134,21 @@ pub fn linear_extent(config: &ModelConfig, shard: &RankShard, tensor: &str) -> R
     }
 }
 
-pub fn load_shard(file: &GgufFile, config: &ModelConfig, shard: &RankShard) -> Result<LoadedShard, ShardError> {
-    let tensor = |name: &str| file.tensor(name).ok_or_else(|| ShardError::Missing(name.to_string()));
-    let mut loaded =
-        LoadedShard { weights: HashMap::new(), vectors: HashMap::new(), weight_bytes: 0, notes: Vec::new() };
+pub fn load_shard(
+    file: &GgufFile,
+    config: &ModelConfig,
+    shard: &RankShard,
+) -> Result<LoadedShard, ShardError> {
+    let tensor = |name: &str| {
+        file.tensor(name)
+            .ok_or_else(|| ShardError::Missing(name.to_string()))
+    };
+    let mut loaded = LoadedShard {
+        weights: HashMap::new(),
+        vectors: HashMap::new(),
+        weight_bytes: 0,
+        notes: Vec::new(),
+    };
     let program = shard_program(config, shard);
     for op in &program {
         match &op.kind {
@@ -126,9 +160,16 @@ pub fn load_shard(file: &GgufFile, config: &ModelConfig, shard: &RankShard) -> R
             }
             OpKind::RmsNorm { tensor: name, .. } => {
                 let info = tensor(name)?;
-                loaded.vectors.insert(name.clone(), f32_values(file, info, 0..config.model_dim));
+                loaded
+                    .vectors
+                    .insert(name.clone(), f32_values(file, info, 0..config.model_dim));
             }
-            OpKind::Linear { tensor: name, bias, parallel, .. } => {
+            OpKind::Linear {
+                tensor: name,
+                bias,
+                parallel,
+                ..
+            } => {
                 if loaded.weights.contains_key(name) {
                     continue; // the tied output head reuses the embedding's vocab slice
                 }
@@ -144,14 +185,24 @@ pub fn load_shard(file: &GgufFile, config: &ModelConfig, shard: &RankShard) -> R
                     if info.quant_type != QuantType::F32 {
                         return Err(ShardError::Invalid(format!("bias '{bias}' is not F32")));
                     }
-                    loaded.vectors.insert(bias.clone(), f32_values(file, info, extent));
+                    loaded
+                        .vectors
+                        .insert(bias.clone(), f32_values(file, info, extent));
                 }
             }
             _ => {}
         }
     }
-    loaded.weight_bytes = loaded.weights.values().map(|w| w.data.len() as u64).sum::<u64>()
-        + loaded.vectors.values().map(|v| v.len() as u64 * 4).sum::<u64>();
+    loaded.weight_bytes = loaded
+        .weights
+        .values()
+        .map(|w| w.data.len() as u64)
+        .sum::<u64>()
+        + loaded
+            .vectors
+            .values()
+            .map(|v| v.len() as u64 * 4)
+            .sum::<u64>();
     Ok(loaded)
 }
 
@@ -162,7 +213,12 @@ pub fn shard_weight_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankSha
     for op in shard_program(config, shard) {
         let (name, extent, per_row) = match &op.kind {
             OpKind::Embed { tensor } => (tensor.clone(), shard.vocab_rows.clone(), true),
-            OpKind::Linear { tensor, parallel, bias, .. } => {
+            OpKind::Linear {
+                tensor,
+                parallel,
+                bias,
+                ..
+            } => {
                 let extent = linear_extent(config, shard, tensor);
                 if bias.is_some() {
                     total += extent.len() as u64 * 4;
@@ -178,7 +234,9 @@ pub fn shard_weight_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankSha
         if !seen.insert(name.clone()) {
             continue;
         }
-        let Some(info) = file.tensor(&name) else { continue };
+        let Some(info) = file.tensor(&name) else {
+            continue;
+        };
         let ty = info.quant_type;
         let row_bytes = ty.row_bytes(info.row_length()).unwrap_or(0) as u64;
         total += if per_row {

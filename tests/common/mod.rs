@@ -12,7 +12,9 @@ pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 pub fn model_dir() -> PathBuf {
     match std::env::var_os("TP_MODEL_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/tp/models"),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/tp/models")
+        }
     }
 }
 
@@ -26,7 +28,10 @@ pub fn model(name: &str) -> Option<PathBuf> {
     if std::env::var_os("CI").is_some() {
         panic!("{} is missing; run scripts/fetch-models.sh", path.display());
     }
-    eprintln!("skipping: {} is missing (run scripts/fetch-models.sh)", path.display());
+    eprintln!(
+        "skipping: {} is missing (run scripts/fetch-models.sh)",
+        path.display()
+    );
     None
 }
 
@@ -54,8 +59,15 @@ pub fn threads_for(workers: usize) -> usize {
 
 pub async fn session(path: &Path, weights: &[f64], context: usize, batch: usize) -> Session {
     let model = Model::open(path).unwrap();
-    let cluster = Cluster::spawn_local(&worker_binary(), weights, threads_for(weights.len()), ClusterLimits::default())
+    let cluster = Cluster::spawn_local(
+        &worker_binary(),
+        weights,
+        threads_for(weights.len()),
+        ClusterLimits::default(),
+    )
+    .await
+    .unwrap();
+    Session::start(model, cluster, context, batch)
         .await
-        .unwrap();
-    Session::start(model, cluster, context, batch).await.unwrap()
+        .unwrap()
 }

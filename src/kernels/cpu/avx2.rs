@@ -89,23 +89,69 @@ unsafe fn bytes_from_bits_32(bits: u32) -> __m256i {
     }
 }
 
-/// Signed i8 x i8 dot of 32 lanes, as 8 float partial sums.
+/// Signed i8 x i8 dot of 32 lanes, as 8 i32 partial sums.
 #[inline(always)]
-unsafe fn mul_sum_i8_pairs_float(x: __m256i, y: __m256i) -> __m256 {
+unsafe fn mul_sum_i8_pairs(x: __m256i, y: __m256i) -> __m256i {
     unsafe {
         let ax = _mm256_sign_epi8(x, x);
         let sy = _mm256_sign_epi8(y, x);
         let dot = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
+        _mm256_madd_epi16(dot, _mm256_set1_epi16(1))
     }
+}
+
+/// Unsigned (0..127) x signed i8 dot of 32 lanes, as 8 i32 partial sums.
+#[inline(always)]
+unsafe fn mul_sum_us8_pairs(ax: __m256i, sy: __m256i) -> __m256i {
+    unsafe {
+        let dot = _mm256_maddubs_epi16(ax, sy);
+        _mm256_madd_epi16(dot, _mm256_set1_epi16(1))
+    }
+}
+
+/// Signed i8 x i8 dot of 32 lanes, as 8 float partial sums.
+#[inline(always)]
+unsafe fn mul_sum_i8_pairs_float(x: __m256i, y: __m256i) -> __m256 {
+    unsafe { _mm256_cvtepi32_ps(mul_sum_i8_pairs(x, y)) }
 }
 
 /// Unsigned (0..127) x signed i8 dot of 32 lanes, as 8 float partial sums.
 #[inline(always)]
 unsafe fn mul_sum_us8_pairs_float(ax: __m256i, sy: __m256i) -> __m256 {
+    unsafe { _mm256_cvtepi32_ps(mul_sum_us8_pairs(ax, sy)) }
+}
+
+/// Sum of 4 i32 lanes (exact, wrapping).
+#[inline(always)]
+unsafe fn hsum_epi32_128(s: __m128i) -> i32 {
     unsafe {
-        let dot = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+        _mm_cvtsi128_si32(s)
+    }
+}
+
+/// Sum of 8 i32 lanes.
+#[inline(always)]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    unsafe {
+        hsum_epi32_128(_mm_add_epi32(
+            _mm256_castsi256_si128(v),
+            _mm256_extracti128_si256::<1>(v),
+        ))
+    }
+}
+
+/// Lane totals of four 8-lane i32 vectors: `[Σa, Σb, Σc, Σd]`.
+#[inline(always)]
+unsafe fn hsum4_epi32(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
+    unsafe {
+        // lo = [a01, a23, b01, b23], hi = [a45, a67, b45, b67] (likewise cd)
+        let ab = _mm256_hadd_epi32(a, b);
+        let cd = _mm256_hadd_epi32(c, d);
+        // lo = [a0123, b0123, c0123, d0123], hi = [a4567, ...]
+        let h = _mm256_hadd_epi32(ab, cd);
+        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
     }
 }
 
@@ -460,8 +506,6 @@ unsafe fn k4_body<const N: usize, const HIGH: bool>(
     acc_m: &mut [__m128; N],
 ) {
     unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m16 = _mm256_set1_epi8(0x10);
         let dx = f16_to_f32(d16);
         let dminx = f16_to_f32(dmin16);
         let (sc, mn) = unpack_k4(scales);
@@ -471,6 +515,27 @@ unsafe fn k4_body<const N: usize, const HIGH: bool>(
             let prod = mins_dot_bsums(mins16, &by.bsums);
             acc_m[v] = _mm_fmadd_ps(_mm_set1_ps(-by.d * dminx), _mm_cvtepi32_ps(prod), acc_m[v]);
         }
+        let sumi = k4_int::<N, HIGH>(&sc, qs, qh, y, stride);
+        for v in 0..N {
+            let d = (*y.add(v * stride)).d * dx;
+            acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[v]), acc[v]);
+        }
+    }
+}
+
+/// Integer part of a Q4_K/Q5_K super-block: per activation, 8 i32 lanes summing to
+/// Σ scale·q·q8 (`sc` are the unpacked 6-bit scales).
+#[inline(always)]
+unsafe fn k4_int<const N: usize, const HIGH: bool>(
+    sc: &[u8; 8],
+    qs: *const u8,
+    qh: *const u8,
+    y: *const BlockQ8K,
+    stride: usize,
+) -> [__m256i; N] {
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m16 = _mm256_set1_epi8(0x10);
         let hbits = if HIGH {
             _mm256_loadu_si256(qh as *const __m256i)
         } else {
@@ -504,10 +569,7 @@ unsafe fn k4_body<const N: usize, const HIGH: bool>(
                 sumi[v] = _mm256_add_epi32(sumi[v], _mm256_add_epi32(pl, ph));
             }
         }
-        for v in 0..N {
-            let d = (*y.add(v * stride)).d * dx;
-            acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[v]), acc[v]);
-        }
+        sumi
     }
 }
 
@@ -583,13 +645,37 @@ static Q6K_SCALE_SHUF: [[u8; 16]; 8] = {
 #[inline(always)]
 unsafe fn q6_k_body<const N: usize>(x: &[BlockQ6K], y: *const BlockQ8K, stride: usize) -> [f32; N] {
     unsafe {
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m2 = _mm256_set1_epi8(0x03);
-        let m32s = _mm256_set1_epi8(32);
         let mut acc = [_mm256_setzero_ps(); N];
         for i in 0..x.len() {
             let bx = x.get_unchecked(i);
             let dx = f16_to_f32(bx.d);
+            let sumi = q6_k_int::<N>(bx, y.add(i), stride);
+            for v in 0..N {
+                let d = (*y.add(v * stride + i)).d * dx;
+                acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[v]), acc[v]);
+            }
+        }
+        let mut out = [0f32; N];
+        for v in 0..N {
+            out[v] = hsum_ps(acc[v]);
+        }
+        out
+    }
+}
+
+/// Integer part of a Q6_K super-block: per activation (`y + v * stride`), 8 i32 lanes summing
+/// to Σ scale·q·q8.
+#[inline(always)]
+unsafe fn q6_k_int<const N: usize>(
+    bx: &BlockQ6K,
+    y: *const BlockQ8K,
+    stride: usize,
+) -> [__m256i; N] {
+    unsafe {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x03);
+        let m32s = _mm256_set1_epi8(32);
+        {
             let sc16 = _mm_loadu_si128(bx.scales.as_ptr() as *const __m128i);
             let mut sumi = [_mm256_setzero_si256(); N];
             for h in 0..2 {
@@ -621,7 +707,7 @@ unsafe fn q6_k_body<const N: usize>(x: &[BlockQ6K], y: *const BlockQ8K, stride: 
                         _mm_loadu_si128(Q6K_SCALE_SHUF[4 * h + k].as_ptr() as *const __m128i);
                     let scv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc16, mask));
                     for v in 0..N {
-                        let q8 = (*y.add(v * stride + i)).qs.as_ptr().add(128 * h + 32 * k);
+                        let q8 = (*y.add(v * stride)).qs.as_ptr().add(128 * h + 32 * k);
                         let q8k = _mm256_loadu_si256(q8 as *const __m256i);
                         let p16 = _mm256_sub_epi16(
                             _mm256_maddubs_epi16(q, q8k),
@@ -631,16 +717,8 @@ unsafe fn q6_k_body<const N: usize>(x: &[BlockQ6K], y: *const BlockQ8K, stride: 
                     }
                 }
             }
-            for v in 0..N {
-                let d = (*y.add(v * stride + i)).d * dx;
-                acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[v]), acc[v]);
-            }
+            sumi
         }
-        let mut out = [0f32; N];
-        for v in 0..N {
-            out[v] = hsum_ps(acc[v]);
-        }
-        out
     }
 }
 
@@ -689,3 +767,460 @@ quant_kernels!(
 quant_kernels!(dot_q4_k_q8_k, dot4_q4_k_q8_k, q4_k_body, BlockQ4K, BlockQ8K);
 quant_kernels!(dot_q5_k_q8_k, dot4_q5_k_q8_k, q5_k_body, BlockQ5K, BlockQ8K);
 quant_kernels!(dot_q6_k_q8_k, dot4_q6_k_q8_k, q6_k_body, BlockQ6K, BlockQ8K);
+
+// ---------------------------------------------------------------------------------------------
+// f64-accumulating kernels (`matmul_f64`). Per-block contributions and their summation order
+// are exactly those of `reference::dot64` (block i -> lane i % 4 of one __m256d; float
+// elements i -> lane i % 16 of four __m256d), with no FMA, so the results are bitwise equal.
+
+use super::reference::{combine4, combine16, contrib_k4, contrib_q4_1, contrib_scaled};
+
+/// A legacy 32-element weight block paired with its activation block type.
+trait Legacy64 {
+    type A;
+    /// Whether the block has an additive min (Q4_1: `+ m_w * s_a`).
+    const MIN: bool;
+    /// The 32 quants as bytes, in the form `isum8` expects.
+    unsafe fn quants(&self) -> __m256i;
+    /// 8 i32 lanes summing to the block's integer dot with `a`.
+    unsafe fn isum8(q: __m256i, a: &Self::A) -> __m256i;
+    fn d(&self) -> F16Bytes;
+    fn m(&self) -> F16Bytes {
+        F16Bytes::default()
+    }
+    fn ad(a: &Self::A) -> F16Bytes;
+    fn as_(_a: &Self::A) -> F16Bytes {
+        F16Bytes::default()
+    }
+}
+
+impl Legacy64 for BlockQ4_0 {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe { _mm256_sub_epi8(nibbles_32(self.qs.as_ptr()), _mm256_set1_epi8(8)) }
+    }
+    #[inline(always)]
+    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
+        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
+    }
+    #[inline(always)]
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    #[inline(always)]
+    fn ad(a: &BlockQ8_0) -> F16Bytes {
+        a.d
+    }
+}
+
+impl Legacy64 for BlockQ4_1 {
+    type A = BlockQ8_1;
+    const MIN: bool = true;
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe { nibbles_32(self.qs.as_ptr()) }
+    }
+    #[inline(always)]
+    unsafe fn isum8(q: __m256i, a: &BlockQ8_1) -> __m256i {
+        unsafe { mul_sum_us8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
+    }
+    #[inline(always)]
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    #[inline(always)]
+    fn m(&self) -> F16Bytes {
+        self.m
+    }
+    #[inline(always)]
+    fn ad(a: &BlockQ8_1) -> F16Bytes {
+        a.d
+    }
+    #[inline(always)]
+    fn as_(a: &BlockQ8_1) -> F16Bytes {
+        a.s
+    }
+}
+
+impl Legacy64 for BlockQ5_0 {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe {
+            // (nibble | bit << 4) - 16 == nibble | (bit ? 0 : 0xF0) as i8
+            let hi = _mm256_andnot_si256(
+                bytes_from_bits_32(u32::from_le_bytes(self.qh)),
+                _mm256_set1_epi8(0xF0u8 as i8),
+            );
+            _mm256_or_si256(nibbles_32(self.qs.as_ptr()), hi)
+        }
+    }
+    #[inline(always)]
+    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
+        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
+    }
+    #[inline(always)]
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    #[inline(always)]
+    fn ad(a: &BlockQ8_0) -> F16Bytes {
+        a.d
+    }
+}
+
+impl Legacy64 for BlockQ8_0 {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
+    }
+    #[inline(always)]
+    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
+        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
+    }
+    #[inline(always)]
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    #[inline(always)]
+    fn ad(a: &BlockQ8_0) -> F16Bytes {
+        a.d
+    }
+}
+
+/// Four f16 scales and four f16 mins -> (4 x f64 scales, 4 x f64 mins), exact.
+#[inline(always)]
+unsafe fn f16x8_to_pd(d: [F16Bytes; 4], m: [F16Bytes; 4]) -> (__m256d, __m256d) {
+    unsafe {
+        let h = _mm_setr_epi16(
+            d[0].bits() as i16,
+            d[1].bits() as i16,
+            d[2].bits() as i16,
+            d[3].bits() as i16,
+            m[0].bits() as i16,
+            m[1].bits() as i16,
+            m[2].bits() as i16,
+            m[3].bits() as i16,
+        );
+        let f = _mm256_cvtph_ps(h);
+        (
+            _mm256_cvtps_pd(_mm256_castps256_ps128(f)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f)),
+        )
+    }
+}
+
+#[inline(always)]
+unsafe fn legacy64_body<W: Legacy64, const N: usize>(
+    x: &[W],
+    y: *const W::A,
+    stride: usize,
+) -> [f64; N] {
+    unsafe {
+        let nb = x.len();
+        let mut acc = [_mm256_setzero_pd(); N];
+        let mut i = 0;
+        while i + 4 <= nb {
+            let b = [
+                x.get_unchecked(i),
+                x.get_unchecked(i + 1),
+                x.get_unchecked(i + 2),
+                x.get_unchecked(i + 3),
+            ];
+            let q = [b[0].quants(), b[1].quants(), b[2].quants(), b[3].quants()];
+            let (wd, wm) = f16x8_to_pd(
+                [b[0].d(), b[1].d(), b[2].d(), b[3].d()],
+                [b[0].m(), b[1].m(), b[2].m(), b[3].m()],
+            );
+            for v in 0..N {
+                let p = y.add(v * stride + i);
+                let a = [&*p, &*p.add(1), &*p.add(2), &*p.add(3)];
+                let isum = hsum4_epi32(
+                    W::isum8(q[0], a[0]),
+                    W::isum8(q[1], a[1]),
+                    W::isum8(q[2], a[2]),
+                    W::isum8(q[3], a[3]),
+                );
+                let (ad, as_) = f16x8_to_pd(
+                    [W::ad(a[0]), W::ad(a[1]), W::ad(a[2]), W::ad(a[3])],
+                    [W::as_(a[0]), W::as_(a[1]), W::as_(a[2]), W::as_(a[3])],
+                );
+                let mut c = _mm256_mul_pd(_mm256_mul_pd(wd, ad), _mm256_cvtepi32_pd(isum));
+                if W::MIN {
+                    c = _mm256_add_pd(c, _mm256_mul_pd(wm, as_));
+                }
+                acc[v] = _mm256_add_pd(acc[v], c);
+            }
+            i += 4;
+        }
+        let mut out = [0f64; N];
+        for v in 0..N {
+            let mut l = [0f64; 4];
+            _mm256_storeu_pd(l.as_mut_ptr(), acc[v]);
+            for j in i..nb {
+                let bx = x.get_unchecked(j);
+                let a = &*y.add(v * stride + j);
+                let isum = hsum_epi32(W::isum8(bx.quants(), a));
+                let (dw, da) = (f16_to_f32(bx.d()), f16_to_f32(W::ad(a)));
+                l[j % 4] += if W::MIN {
+                    contrib_q4_1(dw, da, isum, f16_to_f32(bx.m()), f16_to_f32(W::as_(a)))
+                } else {
+                    contrib_scaled(dw, da, isum)
+                };
+            }
+            out[v] = combine4(l);
+        }
+        out
+    }
+}
+
+/// Q4_K or Q5_K super-block fields.
+trait K4Block {
+    fn parts(&self) -> (F16Bytes, F16Bytes, &[u8; 12], *const u8, *const u8);
+}
+impl K4Block for BlockQ4K {
+    #[inline(always)]
+    fn parts(&self) -> (F16Bytes, F16Bytes, &[u8; 12], *const u8, *const u8) {
+        (
+            self.d,
+            self.dmin,
+            &self.scales,
+            self.qs.as_ptr(),
+            std::ptr::null(),
+        )
+    }
+}
+impl K4Block for BlockQ5K {
+    #[inline(always)]
+    fn parts(&self) -> (F16Bytes, F16Bytes, &[u8; 12], *const u8, *const u8) {
+        (
+            self.d,
+            self.dmin,
+            &self.scales,
+            self.qs.as_ptr(),
+            self.qh.as_ptr(),
+        )
+    }
+}
+
+#[inline(always)]
+unsafe fn k4_64_body<B: K4Block, const N: usize, const HIGH: bool>(
+    x: &[B],
+    y: *const BlockQ8K,
+    stride: usize,
+) -> [f64; N] {
+    unsafe {
+        let mut l = [[0f64; 4]; N];
+        for i in 0..x.len() {
+            let (d, dmin, scales, qs, qh) = x.get_unchecked(i).parts();
+            let (sc, mn) = unpack_k4(scales);
+            let mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+            let sumi = k4_int::<N, HIGH>(&sc, qs, qh, y.add(i), stride);
+            let (dw, dminw) = (f16_to_f32(d), f16_to_f32(dmin));
+            for v in 0..N {
+                let by = &*y.add(v * stride + i);
+                let summins = hsum_epi32_128(mins_dot_bsums(mins16, &by.bsums));
+                l[v][i % 4] += contrib_k4(dw, dminw, by.d, hsum_epi32(sumi[v]), summins);
+            }
+        }
+        l.map(combine4)
+    }
+}
+
+#[inline(always)]
+unsafe fn q6_k_64_body<const N: usize>(
+    x: &[BlockQ6K],
+    y: *const BlockQ8K,
+    stride: usize,
+) -> [f64; N] {
+    unsafe {
+        let mut l = [[0f64; 4]; N];
+        for i in 0..x.len() {
+            let bx = x.get_unchecked(i);
+            let sumi = q6_k_int::<N>(bx, y.add(i), stride);
+            let dw = f16_to_f32(bx.d);
+            for v in 0..N {
+                let by = &*y.add(v * stride + i);
+                l[v][i % 4] += contrib_scaled(dw, by.d, hsum_epi32(sumi[v]));
+            }
+        }
+        l.map(combine4)
+    }
+}
+
+#[inline(always)]
+unsafe fn q4_0_64_body<const N: usize>(x: &[BlockQ4_0], y: *const BlockQ8_0, s: usize) -> [f64; N] {
+    unsafe { legacy64_body::<BlockQ4_0, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn q4_1_64_body<const N: usize>(x: &[BlockQ4_1], y: *const BlockQ8_1, s: usize) -> [f64; N] {
+    unsafe { legacy64_body::<BlockQ4_1, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn q5_0_64_body<const N: usize>(x: &[BlockQ5_0], y: *const BlockQ8_0, s: usize) -> [f64; N] {
+    unsafe { legacy64_body::<BlockQ5_0, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn q8_0_64_body<const N: usize>(x: &[BlockQ8_0], y: *const BlockQ8_0, s: usize) -> [f64; N] {
+    unsafe { legacy64_body::<BlockQ8_0, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn q4_k_64_body<const N: usize>(x: &[BlockQ4K], y: *const BlockQ8K, s: usize) -> [f64; N] {
+    unsafe { k4_64_body::<BlockQ4K, N, false>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn q5_k_64_body<const N: usize>(x: &[BlockQ5K], y: *const BlockQ8K, s: usize) -> [f64; N] {
+    unsafe { k4_64_body::<BlockQ5K, N, true>(x, y, s) }
+}
+
+macro_rules! quant64_kernels {
+    ($one:ident, $four:ident, $body:ident, $wb:ty, $ab:ty) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $one(x: &[$wb], y: &[$ab]) -> f64 {
+            debug_assert_eq!(x.len(), y.len());
+            unsafe { $body::<1>(x, y.as_ptr(), 0)[0] }
+        }
+        /// Four activation vectors at `y`, `y + stride`, ... (blocks).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $four(x: &[$wb], y: *const $ab, stride: usize, out: &mut [f64; 4]) {
+            unsafe { *out = $body::<4>(x, y, stride) }
+        }
+    };
+}
+quant64_kernels!(
+    dot64_q4_0_q8_0,
+    dot64x4_q4_0_q8_0,
+    q4_0_64_body,
+    BlockQ4_0,
+    BlockQ8_0
+);
+quant64_kernels!(
+    dot64_q4_1_q8_1,
+    dot64x4_q4_1_q8_1,
+    q4_1_64_body,
+    BlockQ4_1,
+    BlockQ8_1
+);
+quant64_kernels!(
+    dot64_q5_0_q8_0,
+    dot64x4_q5_0_q8_0,
+    q5_0_64_body,
+    BlockQ5_0,
+    BlockQ8_0
+);
+quant64_kernels!(
+    dot64_q8_0_q8_0,
+    dot64x4_q8_0_q8_0,
+    q8_0_64_body,
+    BlockQ8_0,
+    BlockQ8_0
+);
+quant64_kernels!(
+    dot64_q4_k_q8_k,
+    dot64x4_q4_k_q8_k,
+    q4_k_64_body,
+    BlockQ4K,
+    BlockQ8K
+);
+quant64_kernels!(
+    dot64_q5_k_q8_k,
+    dot64x4_q5_k_q8_k,
+    q5_k_64_body,
+    BlockQ5K,
+    BlockQ8K
+);
+quant64_kernels!(
+    dot64_q6_k_q8_k,
+    dot64x4_q6_k_q8_k,
+    q6_k_64_body,
+    BlockQ6K,
+    BlockQ8K
+);
+
+/// f64 dot of `n` float weights at `pw` with N activation vectors at `pa + v * stride` (bytes):
+/// exact f64 products, element i added to lane i % 16 (four __m256d accumulators).
+#[inline(always)]
+unsafe fn float64_body<W: Lanes, A: Lanes, const N: usize>(
+    pw: *const u8,
+    pa: *const u8,
+    stride: usize,
+    n: usize,
+) -> [f64; N] {
+    unsafe {
+        // both operands f16 or bf16 (8 or 11 significant bits each)
+        let half = W::SIZE == 2 && A::SIZE == 2;
+        let mut acc = [[_mm256_setzero_pd(); 4]; N];
+        let mut i = 0;
+        while i + 16 <= n {
+            for k in 0..2 {
+                let w = W::load8(pw, i + 8 * k);
+                if half {
+                    // f16/bf16 products have at most 22 significant bits: exact in f32
+                    for v in 0..N {
+                        let p = _mm256_mul_ps(w, A::load8(pa.add(v * stride), i + 8 * k));
+                        let pl = _mm256_cvtps_pd(_mm256_castps256_ps128(p));
+                        let ph = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(p));
+                        acc[v][2 * k] = _mm256_add_pd(acc[v][2 * k], pl);
+                        acc[v][2 * k + 1] = _mm256_add_pd(acc[v][2 * k + 1], ph);
+                    }
+                    continue;
+                }
+                let wl = _mm256_cvtps_pd(_mm256_castps256_ps128(w));
+                let wh = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w));
+                for v in 0..N {
+                    let a = A::load8(pa.add(v * stride), i + 8 * k);
+                    let al = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
+                    let ah = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(a));
+                    acc[v][2 * k] = _mm256_add_pd(acc[v][2 * k], _mm256_mul_pd(wl, al));
+                    acc[v][2 * k + 1] = _mm256_add_pd(acc[v][2 * k + 1], _mm256_mul_pd(wh, ah));
+                }
+            }
+            i += 16;
+        }
+        let mut out = [0f64; N];
+        for v in 0..N {
+            let mut l = [0f64; 16];
+            for k in 0..4 {
+                _mm256_storeu_pd(l.as_mut_ptr().add(4 * k), acc[v][k]);
+            }
+            for j in i..n {
+                l[j % 16] += W::get(pw, j) as f64 * A::get(pa.add(v * stride), j) as f64;
+            }
+            out[v] = combine16(l);
+        }
+        out
+    }
+}
+
+macro_rules! float64_kernels {
+    ($one:ident, $four:ident, $lw:ty, $la:ty, $at:ty) => {
+        /// Weights as raw little-endian bytes (any alignment).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $one(w: &[u8], a: &[$at]) -> f64 {
+            debug_assert_eq!(w.len(), a.len() * <$lw>::SIZE);
+            unsafe {
+                float64_body::<$lw, $la, 1>(w.as_ptr(), a.as_ptr() as *const u8, 0, a.len())[0]
+            }
+        }
+        /// Four activation vectors at `a`, `a + stride`, ... (elements).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $four(w: &[u8], a: *const $at, stride: usize, out: &mut [f64; 4]) {
+            let n = w.len() / <$lw>::SIZE;
+            let sb = stride * size_of::<$at>();
+            unsafe {
+                let lo = float64_body::<$lw, $la, 2>(w.as_ptr(), a as *const u8, sb, n);
+                let hi =
+                    float64_body::<$lw, $la, 2>(w.as_ptr(), (a as *const u8).add(2 * sb), sb, n);
+                *out = [lo[0], lo[1], hi[0], hi[1]];
+            }
+        }
+    };
+}
+float64_kernels!(dot64_f32, dot64x4_f32, LF32, LF32, f32);
+float64_kernels!(dot64_f16, dot64x4_f16, LF16, LF16, f16);
+float64_kernels!(dot64_bf16, dot64x4_bf16, LBF16, LBF16, bf16);

@@ -30,7 +30,7 @@ pub use blocks::{
     ByteBlock, F16Bytes, QK, QK_K, QuantType, as_blocks, as_blocks_mut, blocks_as_bytes,
 };
 pub use reference::{
-    dequantize_row, get_scale_min_k4, nearest_int, quantize_row, quantize_row_q4_0,
+    ActRow, dequantize_row, get_scale_min_k4, nearest_int, quantize_row, quantize_row_q4_0,
     quantize_row_q4_1, quantize_row_q4_k, quantize_row_q5_0, quantize_row_q5_k, quantize_row_q6_k,
     quantize_row_q8_0, quantize_row_q8_1, quantize_row_q8_k,
 };
@@ -66,6 +66,33 @@ struct Kernels {
     dot4_q4_k: unsafe fn(&[BlockQ4K], *const BlockQ8K, usize, &mut [f32; 4]),
     dot4_q5_k: unsafe fn(&[BlockQ5K], *const BlockQ8K, usize, &mut [f32; 4]),
     dot4_q6_k: unsafe fn(&[BlockQ6K], *const BlockQ8K, usize, &mut [f32; 4]),
+    /// The f64-accumulating kernels of the same CPU feature level.
+    wide: &'static Kernels64,
+}
+
+/// Grouping-independent dot products for [`matmul_f64`], same contract as [`Kernels`]: the
+/// per-block contributions and their summation order are those of `reference::dot64`.
+struct Kernels64 {
+    dot_f32: unsafe fn(&[u8], &[f32]) -> f64,
+    dot_f16: unsafe fn(&[u8], &[f16]) -> f64,
+    dot_bf16: unsafe fn(&[u8], &[bf16]) -> f64,
+    dot_q4_0: unsafe fn(&[BlockQ4_0], &[BlockQ8_0]) -> f64,
+    dot_q4_1: unsafe fn(&[BlockQ4_1], &[BlockQ8_1]) -> f64,
+    dot_q5_0: unsafe fn(&[BlockQ5_0], &[BlockQ8_0]) -> f64,
+    dot_q8_0: unsafe fn(&[BlockQ8_0], &[BlockQ8_0]) -> f64,
+    dot_q4_k: unsafe fn(&[BlockQ4K], &[BlockQ8K]) -> f64,
+    dot_q5_k: unsafe fn(&[BlockQ5K], &[BlockQ8K]) -> f64,
+    dot_q6_k: unsafe fn(&[BlockQ6K], &[BlockQ8K]) -> f64,
+    dot4_f32: unsafe fn(&[u8], *const f32, usize, &mut [f64; 4]),
+    dot4_f16: unsafe fn(&[u8], *const f16, usize, &mut [f64; 4]),
+    dot4_bf16: unsafe fn(&[u8], *const bf16, usize, &mut [f64; 4]),
+    dot4_q4_0: unsafe fn(&[BlockQ4_0], *const BlockQ8_0, usize, &mut [f64; 4]),
+    dot4_q4_1: unsafe fn(&[BlockQ4_1], *const BlockQ8_1, usize, &mut [f64; 4]),
+    dot4_q5_0: unsafe fn(&[BlockQ5_0], *const BlockQ8_0, usize, &mut [f64; 4]),
+    dot4_q8_0: unsafe fn(&[BlockQ8_0], *const BlockQ8_0, usize, &mut [f64; 4]),
+    dot4_q4_k: unsafe fn(&[BlockQ4K], *const BlockQ8K, usize, &mut [f64; 4]),
+    dot4_q5_k: unsafe fn(&[BlockQ5K], *const BlockQ8K, usize, &mut [f64; 4]),
+    dot4_q6_k: unsafe fn(&[BlockQ6K], *const BlockQ8K, usize, &mut [f64; 4]),
 }
 
 fn scalar_f32_dot(a: &[f32], b: &[f32]) -> f32 {
@@ -75,7 +102,10 @@ fn scalar_f32_dot(a: &[f32], b: &[f32]) -> f32 {
 /// Scalar 4-vector dot: four calls of the single-vector reference kernel.
 macro_rules! scalar4 {
     ($name:ident, $one:path, $w:ty, $a:ty, $div:expr) => {
-        unsafe fn $name(w: &[$w], a: *const $a, stride: usize, out: &mut [f32; 4]) {
+        scalar4!($name, $one, $w, $a, $div, f32);
+    };
+    ($name:ident, $one:path, $w:ty, $a:ty, $div:expr, $out:ty) => {
+        unsafe fn $name(w: &[$w], a: *const $a, stride: usize, out: &mut [$out; 4]) {
             let n = w.len() / $div;
             for (v, o) in out.iter_mut().enumerate() {
                 // SAFETY: the caller guarantees four vectors of `n` elements at this stride.
@@ -139,6 +169,139 @@ scalar4!(
     1
 );
 
+/// Scalar f64 kernels: typed wrappers of `reference::dot64`.
+macro_rules! scalar64 {
+    ($one:ident, $four:ident, $ty:ident, $w:ty, $row:ident, $a:ty, $div:expr, $bytes:path) => {
+        fn $one(w: &[$w], a: &[$a]) -> f64 {
+            reference::dot64(QuantType::$ty, $bytes(w), ActRow::$row(a))
+        }
+        scalar4!($four, $one, $w, $a, $div, f64);
+    };
+}
+fn raw_bytes(w: &[u8]) -> &[u8] {
+    w
+}
+scalar64!(s64_f32, s64x4_f32, F32, u8, F32, f32, 4, raw_bytes);
+scalar64!(s64_f16, s64x4_f16, F16, u8, F16, f16, 2, raw_bytes);
+scalar64!(s64_bf16, s64x4_bf16, BF16, u8, BF16, bf16, 2, raw_bytes);
+scalar64!(
+    s64_q4_0,
+    s64x4_q4_0,
+    Q4_0,
+    BlockQ4_0,
+    Q8_0,
+    BlockQ8_0,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_q4_1,
+    s64x4_q4_1,
+    Q4_1,
+    BlockQ4_1,
+    Q8_1,
+    BlockQ8_1,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_q5_0,
+    s64x4_q5_0,
+    Q5_0,
+    BlockQ5_0,
+    Q8_0,
+    BlockQ8_0,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_q8_0,
+    s64x4_q8_0,
+    Q8_0,
+    BlockQ8_0,
+    Q8_0,
+    BlockQ8_0,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_q4_k,
+    s64x4_q4_k,
+    Q4_K,
+    BlockQ4K,
+    Q8K,
+    BlockQ8K,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_q5_k,
+    s64x4_q5_k,
+    Q5_K,
+    BlockQ5K,
+    Q8K,
+    BlockQ8K,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_q6_k,
+    s64x4_q6_k,
+    Q6_K,
+    BlockQ6K,
+    Q8K,
+    BlockQ8K,
+    1,
+    blocks_as_bytes
+);
+
+static SCALAR64: Kernels64 = Kernels64 {
+    dot_f32: s64_f32,
+    dot_f16: s64_f16,
+    dot_bf16: s64_bf16,
+    dot_q4_0: s64_q4_0,
+    dot_q4_1: s64_q4_1,
+    dot_q5_0: s64_q5_0,
+    dot_q8_0: s64_q8_0,
+    dot_q4_k: s64_q4_k,
+    dot_q5_k: s64_q5_k,
+    dot_q6_k: s64_q6_k,
+    dot4_f32: s64x4_f32,
+    dot4_f16: s64x4_f16,
+    dot4_bf16: s64x4_bf16,
+    dot4_q4_0: s64x4_q4_0,
+    dot4_q4_1: s64x4_q4_1,
+    dot4_q5_0: s64x4_q5_0,
+    dot4_q8_0: s64x4_q8_0,
+    dot4_q4_k: s64x4_q4_k,
+    dot4_q5_k: s64x4_q5_k,
+    dot4_q6_k: s64x4_q6_k,
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX2_64: Kernels64 = Kernels64 {
+    dot_f32: avx2::dot64_f32,
+    dot_f16: avx2::dot64_f16,
+    dot_bf16: avx2::dot64_bf16,
+    dot_q4_0: avx2::dot64_q4_0_q8_0,
+    dot_q4_1: avx2::dot64_q4_1_q8_1,
+    dot_q5_0: avx2::dot64_q5_0_q8_0,
+    dot_q8_0: avx2::dot64_q8_0_q8_0,
+    dot_q4_k: avx2::dot64_q4_k_q8_k,
+    dot_q5_k: avx2::dot64_q5_k_q8_k,
+    dot_q6_k: avx2::dot64_q6_k_q8_k,
+    dot4_f32: avx2::dot64x4_f32,
+    dot4_f16: avx2::dot64x4_f16,
+    dot4_bf16: avx2::dot64x4_bf16,
+    dot4_q4_0: avx2::dot64x4_q4_0_q8_0,
+    dot4_q4_1: avx2::dot64x4_q4_1_q8_1,
+    dot4_q5_0: avx2::dot64x4_q5_0_q8_0,
+    dot4_q8_0: avx2::dot64x4_q8_0_q8_0,
+    dot4_q4_k: avx2::dot64x4_q4_k_q8_k,
+    dot4_q5_k: avx2::dot64x4_q5_k_q8_k,
+    dot4_q6_k: avx2::dot64x4_q6_k_q8_k,
+};
+
 static SCALAR: Kernels = Kernels {
     name: "scalar",
     f32_dot: scalar_f32_dot,
@@ -162,6 +325,7 @@ static SCALAR: Kernels = Kernels {
     dot4_q4_k: scalar4_q4_k,
     dot4_q5_k: scalar4_q5_k,
     dot4_q6_k: scalar4_q6_k,
+    wide: &SCALAR64,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -188,6 +352,7 @@ static AVX2: Kernels = Kernels {
     dot4_q4_k: avx2::dot4_q4_k_q8_k,
     dot4_q5_k: avx2::dot4_q5_k_q8_k,
     dot4_q6_k: avx2::dot4_q6_k_q8_k,
+    wide: &AVX2_64,
 };
 
 static KERNELS: OnceLock<&'static Kernels> = OnceLock::new();
@@ -390,6 +555,21 @@ impl PreparedActivations {
         &self.q8_k[b * n..(b + 1) * n]
     }
 
+    /// Vector `b` in its prepared form.
+    pub fn row(&self, b: usize) -> ActRow<'_> {
+        let ty = self.ty.expect("activations not prepared");
+        assert!(b < self.count);
+        let n = self.len;
+        match ty {
+            QuantType::F32 => ActRow::F32(&self.f32s[b * n..(b + 1) * n]),
+            QuantType::F16 => ActRow::F16(&self.f16s[b * n..(b + 1) * n]),
+            QuantType::BF16 => ActRow::BF16(&self.bf16s[b * n..(b + 1) * n]),
+            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => ActRow::Q8_0(self.q8_0(b)),
+            QuantType::Q4_1 => ActRow::Q8_1(self.q8_1(b)),
+            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => ActRow::Q8K(self.q8_k(b)),
+        }
+    }
+
     /// Dequantized copy of vector `b` (tests and debugging).
     pub fn dequantize(&self, b: usize) -> Vec<f32> {
         let ty = self.ty.expect("activations not prepared");
@@ -432,14 +612,19 @@ impl PreparedActivations {
 // ---------------------------------------------------------------------------------------------
 // matmul
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+struct OutPtr<T>(*mut T);
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
 // SAFETY: tasks write disjoint elements (distinct rows) of one output slice.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
+unsafe impl<T: Send> Send for OutPtr<T> {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
+impl<T> OutPtr<T> {
     #[inline(always)]
-    fn get(self) -> *mut f32 {
+    fn get(self) -> *mut T {
         self.0
     }
 }
@@ -452,7 +637,7 @@ const ROW_GROUP: usize = 4;
 /// `dot4(row, b, out)` the results for activations `b..b + 4`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn run_rows<F1, F4>(
+fn run_rows<T, F1, F4>(
     dot1: &F1,
     dot4: &F4,
     weight: &[u8],
@@ -461,10 +646,11 @@ fn run_rows<F1, F4>(
     count: usize,
     r0: usize,
     r1: usize,
-    out: OutPtr,
+    out: OutPtr<T>,
 ) where
-    F1: Fn(&[u8], usize) -> f32,
-    F4: Fn(&[u8], usize, &mut [f32; 4]),
+    T: Copy + Default,
+    F1: Fn(&[u8], usize) -> T,
+    F4: Fn(&[u8], usize, &mut [T; 4]),
 {
     let mut g = r0;
     while g < r1 {
@@ -474,7 +660,7 @@ fn run_rows<F1, F4>(
             for r in g..ge {
                 // SAFETY: r < rows and the weight length was checked (rows * rb bytes).
                 let w = unsafe { weight.get_unchecked(r * rb..(r + 1) * rb) };
-                let mut o = [0f32; 4];
+                let mut o = [T::default(); 4];
                 dot4(w, b, &mut o);
                 for (v, val) in o.into_iter().enumerate() {
                     // SAFETY: b + v < count, r < rows, y.len() == rows * count (checked); rows
@@ -498,7 +684,7 @@ fn run_rows<F1, F4>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn drive<F1, F4>(
+fn drive<T, F1, F4>(
     dot1: F1,
     dot4: F4,
     weight: &[u8],
@@ -506,11 +692,12 @@ fn drive<F1, F4>(
     rows: usize,
     cols: usize,
     count: usize,
-    y: &mut [f32],
+    y: &mut [T],
     parallel: bool,
 ) where
-    F1: Fn(&[u8], usize) -> f32 + Sync,
-    F4: Fn(&[u8], usize, &mut [f32; 4]) + Sync,
+    T: Copy + Default + Send,
+    F1: Fn(&[u8], usize) -> T + Sync,
+    F4: Fn(&[u8], usize, &mut [T; 4]) + Sync,
 {
     let out = OutPtr(y.as_mut_ptr());
     let threads = rayon::current_num_threads();
@@ -547,17 +734,15 @@ macro_rules! dispatch {
     (@w bytes, $w:expr) => { $w };
 }
 
-#[allow(clippy::too_many_arguments)]
-fn matmul_with(
-    k: &'static Kernels,
+/// Validates a matmul call; returns the row size in bytes and the weight bytes used.
+fn check_matmul(
     ty: QuantType,
     weight: &[u8],
     rows: usize,
     cols: usize,
     act: &PreparedActivations,
-    y: &mut [f32],
-    parallel: bool,
-) {
+    y_len: usize,
+) -> (usize, usize) {
     assert_eq!(
         act.ty,
         Some(ty),
@@ -580,132 +765,175 @@ fn matmul_with(
     );
     let count = act.count;
     assert_eq!(
-        y.len(),
+        y_len,
         rows * count,
-        "output length {} != rows {rows} x count {count}",
-        y.len()
+        "output length {y_len} != rows {rows} x count {count}"
     );
-    if rows == 0 || count == 0 {
+    (rb, need)
+}
+
+/// Runs the kernels of table `$k` (a `Kernels` or `Kernels64`) for weight type `$ty`.
+macro_rules! dispatch_type {
+    ($k:expr, $ty:expr, $w:expr, $rb:expr, $rows:expr, $cols:expr, $act:expr, $y:expr, $par:expr) => {{
+        let (k, act, n, count) = ($k, $act, $cols, $act.count);
+        let (w, rb, rows, cols, y, par) = ($w, $rb, $rows, $cols, $y, $par);
+        match $ty {
+            QuantType::F32 => {
+                dispatch!(
+                    k, dot_f32, dot4_f32, act.f32s, n, bytes, w, rb, rows, cols, count, y, par
+                )
+            }
+            QuantType::F16 => {
+                dispatch!(
+                    k, dot_f16, dot4_f16, act.f16s, n, bytes, w, rb, rows, cols, count, y, par
+                )
+            }
+            QuantType::BF16 => dispatch!(
+                k, dot_bf16, dot4_bf16, act.bf16s, n, bytes, w, rb, rows, cols, count, y, par
+            ),
+            QuantType::Q4_0 => dispatch!(
+                k,
+                dot_q4_0,
+                dot4_q4_0,
+                act.q8_0,
+                n / QK,
+                blocks,
+                w,
+                rb,
+                rows,
+                cols,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q4_1 => dispatch!(
+                k,
+                dot_q4_1,
+                dot4_q4_1,
+                act.q8_1,
+                n / QK,
+                blocks,
+                w,
+                rb,
+                rows,
+                cols,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q5_0 => dispatch!(
+                k,
+                dot_q5_0,
+                dot4_q5_0,
+                act.q8_0,
+                n / QK,
+                blocks,
+                w,
+                rb,
+                rows,
+                cols,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q8_0 => dispatch!(
+                k,
+                dot_q8_0,
+                dot4_q8_0,
+                act.q8_0,
+                n / QK,
+                blocks,
+                w,
+                rb,
+                rows,
+                cols,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q4_K => dispatch!(
+                k,
+                dot_q4_k,
+                dot4_q4_k,
+                act.q8_k,
+                n / QK_K,
+                blocks,
+                w,
+                rb,
+                rows,
+                cols,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q5_K => dispatch!(
+                k,
+                dot_q5_k,
+                dot4_q5_k,
+                act.q8_k,
+                n / QK_K,
+                blocks,
+                w,
+                rb,
+                rows,
+                cols,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q6_K => dispatch!(
+                k,
+                dot_q6_k,
+                dot4_q6_k,
+                act.q8_k,
+                n / QK_K,
+                blocks,
+                w,
+                rb,
+                rows,
+                cols,
+                count,
+                y,
+                par
+            ),
+        }
+    }};
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_with(
+    k: &'static Kernels,
+    ty: QuantType,
+    weight: &[u8],
+    rows: usize,
+    cols: usize,
+    act: &PreparedActivations,
+    y: &mut [f32],
+    parallel: bool,
+) {
+    let (rb, need) = check_matmul(ty, weight, rows, cols, act, y.len());
+    if rows == 0 || act.count == 0 {
         return;
     }
-    let w = &weight[..need];
-    let (n, par) = (cols, parallel);
-    match ty {
-        QuantType::F32 => dispatch!(
-            k, dot_f32, dot4_f32, act.f32s, n, bytes, w, rb, rows, cols, count, y, par
-        ),
-        QuantType::F16 => dispatch!(
-            k, dot_f16, dot4_f16, act.f16s, n, bytes, w, rb, rows, cols, count, y, par
-        ),
-        QuantType::BF16 => dispatch!(
-            k, dot_bf16, dot4_bf16, act.bf16s, n, bytes, w, rb, rows, cols, count, y, par
-        ),
-        QuantType::Q4_0 => dispatch!(
-            k,
-            dot_q4_0,
-            dot4_q4_0,
-            act.q8_0,
-            n / QK,
-            blocks,
-            w,
-            rb,
-            rows,
-            cols,
-            count,
-            y,
-            par
-        ),
-        QuantType::Q4_1 => dispatch!(
-            k,
-            dot_q4_1,
-            dot4_q4_1,
-            act.q8_1,
-            n / QK,
-            blocks,
-            w,
-            rb,
-            rows,
-            cols,
-            count,
-            y,
-            par
-        ),
-        QuantType::Q5_0 => dispatch!(
-            k,
-            dot_q5_0,
-            dot4_q5_0,
-            act.q8_0,
-            n / QK,
-            blocks,
-            w,
-            rb,
-            rows,
-            cols,
-            count,
-            y,
-            par
-        ),
-        QuantType::Q8_0 => dispatch!(
-            k,
-            dot_q8_0,
-            dot4_q8_0,
-            act.q8_0,
-            n / QK,
-            blocks,
-            w,
-            rb,
-            rows,
-            cols,
-            count,
-            y,
-            par
-        ),
-        QuantType::Q4_K => dispatch!(
-            k,
-            dot_q4_k,
-            dot4_q4_k,
-            act.q8_k,
-            n / QK_K,
-            blocks,
-            w,
-            rb,
-            rows,
-            cols,
-            count,
-            y,
-            par
-        ),
-        QuantType::Q5_K => dispatch!(
-            k,
-            dot_q5_k,
-            dot4_q5_k,
-            act.q8_k,
-            n / QK_K,
-            blocks,
-            w,
-            rb,
-            rows,
-            cols,
-            count,
-            y,
-            par
-        ),
-        QuantType::Q6_K => dispatch!(
-            k,
-            dot_q6_k,
-            dot4_q6_k,
-            act.q8_k,
-            n / QK_K,
-            blocks,
-            w,
-            rb,
-            rows,
-            cols,
-            count,
-            y,
-            par
-        ),
+    dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, parallel)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_f64_with(
+    k: &'static Kernels64,
+    ty: QuantType,
+    weight: &[u8],
+    rows: usize,
+    cols: usize,
+    act: &PreparedActivations,
+    y: &mut [f64],
+    parallel: bool,
+) {
+    let (rb, need) = check_matmul(ty, weight, rows, cols, act, y.len());
+    if rows == 0 || act.count == 0 {
+        return;
     }
+    dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, parallel)
 }
 
 /// `y[b * rows + r] = dot(weight row r, activation b)` for `r < rows`, `b < act.count()`.
@@ -734,4 +962,39 @@ pub fn matmul_reference(
     y: &mut [f32],
 ) {
     matmul_with(&SCALAR, ty, weight, rows, cols, act, y, false)
+}
+
+/// Like [`matmul`], but each output is accumulated in f64 so that it does not depend on how the
+/// row is grouped: `y[b * rows + r]` is the f64 sum over the blocks of row `r` of each block's
+/// contribution, where a block is 32 elements for Q4_0/Q4_1/Q5_0/Q8_0, a 256-element
+/// super-block for the K-quants and one element for F32/F16/BF16. A contribution depends only
+/// on the block's own weights and activations: the exact integer block sum, then in f64
+/// `(d_w * d_a) * isum` (Q4_1: `+ m_w * s_a`; Q4_K/Q5_K: `- (dmin_w * d_a) * Σ min·bsum`), or
+/// the exact product `w * a` for the float types.
+///
+/// Splitting the columns at a block boundary, computing both parts with `matmul_f64` (each on
+/// its own column slice of the weights and its own prepared activations) and adding the two
+/// results therefore matches the full result up to f64 rounding (~1e-16 of Σ|contribution|),
+/// so rounding to f32 after an f64 AllReduce is independent of the tensor-parallel split.
+pub fn matmul_f64(
+    ty: QuantType,
+    weight: &[u8],
+    rows: usize,
+    cols: usize,
+    act: &PreparedActivations,
+    y: &mut [f64],
+) {
+    matmul_f64_with(kernels().wide, ty, weight, rows, cols, act, y, true)
+}
+
+/// Single-threaded scalar reference of [`matmul_f64`] (test oracle); bitwise equal to it.
+pub fn matmul_f64_reference(
+    ty: QuantType,
+    weight: &[u8],
+    rows: usize,
+    cols: usize,
+    act: &PreparedActivations,
+    y: &mut [f64],
+) {
+    matmul_f64_with(&SCALAR64, ty, weight, rows, cols, act, y, false)
 }

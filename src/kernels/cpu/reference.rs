@@ -977,3 +977,247 @@ pub fn f32_dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
+
+// ---------------------------------------------------------------------------------------------
+// f64-accumulating dot products (grouping-independent; see `matmul_f64`)
+//
+// Each block (32 elements for the legacy types, a 256-element super-block for the K-quants,
+// one element for the float types) contributes a value that depends only on that block's
+// weights and activations: exact integer sums, then a few f64 multiplies. Contributions are
+// summed in f64 in a fixed lane pattern that the AVX2 kernels reproduce bit for bit.
+
+/// Lanes of the canonical block accumulation: contribution `i` is added to lane `i % 4`, in
+/// order; the lanes are combined by [`combine4`].
+pub const LANES_Q: usize = 4;
+/// Lanes of the canonical element accumulation of the float types: element `i` is added to
+/// lane `i % 16`, in order; the lanes are combined by [`combine16`].
+pub const LANES_F: usize = 16;
+
+#[inline(always)]
+pub fn combine4(l: [f64; 4]) -> f64 {
+    (l[0] + l[1]) + (l[2] + l[3])
+}
+
+#[inline(always)]
+pub fn combine16(l: [f64; 16]) -> f64 {
+    let mut s = [0f64; 4];
+    for k in 0..4 {
+        s[k] = (l[k] + l[4 + k]) + (l[8 + k] + l[12 + k]);
+    }
+    combine4(s)
+}
+
+/// Legacy block (and Q6_K) contribution: `(d_w * d_a) * isum` in f64.
+#[inline(always)]
+pub fn contrib_scaled(dw: f32, da: f32, isum: i32) -> f64 {
+    (dw as f64 * da as f64) * isum as f64
+}
+
+/// Q4_1 block contribution: `(d_w * d_a) * isum + m_w * s_a` in f64.
+#[inline(always)]
+pub fn contrib_q4_1(dw: f32, da: f32, isum: i32, m: f32, s: f32) -> f64 {
+    contrib_scaled(dw, da, isum) + m as f64 * s as f64
+}
+
+/// Q4_K/Q5_K super-block contribution:
+/// `(d_w * d_a) * Σ scale·q·q8 - (dmin_w * d_a) * Σ min·bsum` in f64.
+#[inline(always)]
+pub fn contrib_k4(dw: f32, dmin: f32, da: f32, isum: i32, summins: i32) -> f64 {
+    (dw as f64 * da as f64) * isum as f64 - (dmin as f64 * da as f64) * summins as f64
+}
+
+fn isum_q4_0(bx: &BlockQ4_0, by: &BlockQ8_0) -> i32 {
+    let mut s = 0i32;
+    for j in 0..QK / 2 {
+        s += ((bx.qs[j] & 0xF) as i32 - 8) * by.qs[j] as i32;
+        s += ((bx.qs[j] >> 4) as i32 - 8) * by.qs[j + QK / 2] as i32;
+    }
+    s
+}
+
+fn isum_q4_1(bx: &BlockQ4_1, by: &BlockQ8_1) -> i32 {
+    let mut s = 0i32;
+    for j in 0..QK / 2 {
+        s += (bx.qs[j] & 0xF) as i32 * by.qs[j] as i32;
+        s += (bx.qs[j] >> 4) as i32 * by.qs[j + QK / 2] as i32;
+    }
+    s
+}
+
+fn isum_q5_0(bx: &BlockQ5_0, by: &BlockQ8_0) -> i32 {
+    let qh = u32::from_le_bytes(bx.qh);
+    let mut s = 0i32;
+    for j in 0..QK / 2 {
+        let h0 = (((qh >> j) & 1) << 4) as i32;
+        let h1 = (((qh >> (j + 16)) & 1) << 4) as i32;
+        s += (((bx.qs[j] & 0xF) as i32 | h0) - 16) * by.qs[j] as i32;
+        s += (((bx.qs[j] >> 4) as i32 | h1) - 16) * by.qs[j + QK / 2] as i32;
+    }
+    s
+}
+
+fn isum_q8_0(bx: &BlockQ8_0, by: &BlockQ8_0) -> i32 {
+    bx.qs
+        .iter()
+        .zip(&by.qs)
+        .map(|(&a, &b)| a as i32 * b as i32)
+        .sum()
+}
+
+/// (Σ scale·q·q8, Σ min·bsum) of a Q4_K/Q5_K super-block whose 256 levels are in `a`.
+fn isums_k4(a: &[i8; QK_K], scales12: &[u8; 12], by: &BlockQ8K) -> (i32, i32) {
+    let (scales, mins) = unpack_scales_mins_k4(scales12);
+    let mut aux32 = [0i32; 8];
+    k4_block_sums(a, &by.qs, &scales, &mut aux32);
+    let summins = (0..16)
+        .map(|j| by.bsums[j] as i32 * mins[j / 2] as i32)
+        .sum();
+    (aux32.iter().sum(), summins)
+}
+
+fn isums_q4_k(bx: &BlockQ4K, by: &BlockQ8K) -> (i32, i32) {
+    let mut a = [0i8; QK_K];
+    for c in 0..4 {
+        for l in 0..32 {
+            a[64 * c + l] = (bx.qs[32 * c + l] & 0xF) as i8;
+            a[64 * c + 32 + l] = (bx.qs[32 * c + l] >> 4) as i8;
+        }
+    }
+    isums_k4(&a, &bx.scales, by)
+}
+
+fn isums_q5_k(bx: &BlockQ5K, by: &BlockQ8K) -> (i32, i32) {
+    let mut a = [0i8; QK_K];
+    for c in 0..4 {
+        let (m1, m2) = (1u8 << (2 * c), 2u8 << (2 * c));
+        for l in 0..32 {
+            let h1 = if bx.qh[l] & m1 != 0 { 16 } else { 0 };
+            let h2 = if bx.qh[l] & m2 != 0 { 16 } else { 0 };
+            a[64 * c + l] = ((bx.qs[32 * c + l] & 0xF) + h1) as i8;
+            a[64 * c + 32 + l] = ((bx.qs[32 * c + l] >> 4) + h2) as i8;
+        }
+    }
+    isums_k4(&a, &bx.scales, by)
+}
+
+fn isum_q6_k(bx: &BlockQ6K, by: &BlockQ8K) -> i32 {
+    let mut s = 0i32;
+    for h in 0..2 {
+        let ql = &bx.ql[64 * h..64 * h + 64];
+        let qh = &bx.qh[32 * h..32 * h + 32];
+        for l in 0..32 {
+            let q = [
+                ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32,
+                ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32,
+                ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32,
+                ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32,
+            ];
+            for (g, qv) in q.into_iter().enumerate() {
+                let e = 128 * h + 32 * g + l;
+                s += bx.scales[e / 16] as i32 * qv * by.qs[e] as i32;
+            }
+        }
+    }
+    s
+}
+
+/// One prepared activation vector, in the form that matches its weight type.
+#[derive(Clone, Copy)]
+pub enum ActRow<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    Q8_0(&'a [BlockQ8_0]),
+    Q8_1(&'a [BlockQ8_1]),
+    Q8K(&'a [BlockQ8K]),
+}
+
+/// Calls `f(i, contribution)` for every block `i` of a weight row of type `ty` and a matching
+/// activation vector (elements are the blocks of the float types). Panics on a length or
+/// activation-form mismatch.
+pub fn for_each_contribution(ty: QuantType, w: &[u8], a: ActRow, mut f: impl FnMut(usize, f64)) {
+    macro_rules! blocks {
+        ($wb:ty, $y:expr, |$bx:ident, $by:ident| $c:expr) => {{
+            let x = as_blocks::<$wb>(w);
+            let y = $y;
+            assert_eq!(
+                x.len(),
+                y.len(),
+                "{ty}: weight and activation block counts differ"
+            );
+            for (i, ($bx, $by)) in x.iter().zip(y).enumerate() {
+                f(i, $c);
+            }
+        }};
+    }
+    match (ty, a) {
+        (QuantType::F32, ActRow::F32(a)) => {
+            assert_eq!(w.len(), a.len() * 4);
+            for (i, &v) in a.iter().enumerate() {
+                f(i, f32_at(w, i) as f64 * v as f64);
+            }
+        }
+        (QuantType::F16, ActRow::F16(a)) => {
+            assert_eq!(w.len(), a.len() * 2);
+            for (i, v) in a.iter().enumerate() {
+                f(i, f16_at(w, i) as f64 * v.to_f32() as f64);
+            }
+        }
+        (QuantType::BF16, ActRow::BF16(a)) => {
+            assert_eq!(w.len(), a.len() * 2);
+            for (i, v) in a.iter().enumerate() {
+                f(i, bf16_at(w, i) as f64 * v.to_f32() as f64);
+            }
+        }
+        (QuantType::Q4_0, ActRow::Q8_0(y)) => blocks!(BlockQ4_0, y, |bx, by| contrib_scaled(
+            bx.d.to_f32(),
+            by.d.to_f32(),
+            isum_q4_0(bx, by)
+        )),
+        (QuantType::Q4_1, ActRow::Q8_1(y)) => blocks!(BlockQ4_1, y, |bx, by| contrib_q4_1(
+            bx.d.to_f32(),
+            by.d.to_f32(),
+            isum_q4_1(bx, by),
+            bx.m.to_f32(),
+            by.s.to_f32()
+        )),
+        (QuantType::Q5_0, ActRow::Q8_0(y)) => blocks!(BlockQ5_0, y, |bx, by| contrib_scaled(
+            bx.d.to_f32(),
+            by.d.to_f32(),
+            isum_q5_0(bx, by)
+        )),
+        (QuantType::Q8_0, ActRow::Q8_0(y)) => blocks!(BlockQ8_0, y, |bx, by| contrib_scaled(
+            bx.d.to_f32(),
+            by.d.to_f32(),
+            isum_q8_0(bx, by)
+        )),
+        (QuantType::Q4_K, ActRow::Q8K(y)) => blocks!(BlockQ4K, y, |bx, by| {
+            let (isum, summins) = isums_q4_k(bx, by);
+            contrib_k4(bx.d.to_f32(), bx.dmin.to_f32(), by.d, isum, summins)
+        }),
+        (QuantType::Q5_K, ActRow::Q8K(y)) => blocks!(BlockQ5K, y, |bx, by| {
+            let (isum, summins) = isums_q5_k(bx, by);
+            contrib_k4(bx.d.to_f32(), bx.dmin.to_f32(), by.d, isum, summins)
+        }),
+        (QuantType::Q6_K, ActRow::Q8K(y)) => blocks!(BlockQ6K, y, |bx, by| contrib_scaled(
+            bx.d.to_f32(),
+            by.d,
+            isum_q6_k(bx, by)
+        )),
+        _ => panic!("{ty} weights with activations prepared for another type"),
+    }
+}
+
+/// Reference f64 dot of one weight row with one prepared activation vector: the
+/// contributions of [`for_each_contribution`] summed in the canonical lane order.
+pub fn dot64(ty: QuantType, w: &[u8], a: ActRow) -> f64 {
+    if ty.is_quantized() {
+        let mut l = [0f64; LANES_Q];
+        for_each_contribution(ty, w, a, |i, c| l[i % LANES_Q] += c);
+        combine4(l)
+    } else {
+        let mut l = [0f64; LANES_F];
+        for_each_contribution(ty, w, a, |i, c| l[i % LANES_F] += c);
+        combine16(l)
+    }
+}

@@ -738,3 +738,290 @@ fn batched_matmul_is_bitwise_equal_to_single_vectors() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. f64-accumulating matmul (grouping independence for tensor parallelism)
+
+/// Σ|contribution| of weight row `w` with activation vector `b` (the scale of f64 rounding).
+fn contribution_mag(ty: QuantType, w: &[u8], act: &PreparedActivations, b: usize) -> f64 {
+    let mut m = 0f64;
+    reference::for_each_contribution(ty, w, act.row(b), |_, c| m += c.abs());
+    m
+}
+
+/// Exact byte image of a prepared activation vector (for equality checks).
+fn act_image(row: ActRow) -> Vec<u8> {
+    match row {
+        ActRow::F32(a) => a.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        ActRow::F16(a) => a.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        ActRow::BF16(a) => a.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        ActRow::Q8_0(a) => blocks_as_bytes(a).to_vec(),
+        ActRow::Q8_1(a) => blocks_as_bytes(a).to_vec(),
+        ActRow::Q8K(a) => a
+            .iter()
+            .flat_map(|blk| {
+                let mut v = blk.d.to_bits().to_le_bytes().to_vec();
+                v.extend(blk.qs.iter().map(|&q| q as u8));
+                v.extend(blk.bsums.iter().flat_map(|s| s.to_le_bytes()));
+                v
+            })
+            .collect(),
+    }
+}
+
+/// Elements `lo..hi` (block-aligned) of a prepared activation vector.
+fn act_sub(row: ActRow<'_>, lo: usize, hi: usize) -> ActRow<'_> {
+    match row {
+        ActRow::F32(a) => ActRow::F32(&a[lo..hi]),
+        ActRow::F16(a) => ActRow::F16(&a[lo..hi]),
+        ActRow::BF16(a) => ActRow::BF16(&a[lo..hi]),
+        ActRow::Q8_0(a) => ActRow::Q8_0(&a[lo / QK..hi / QK]),
+        ActRow::Q8_1(a) => ActRow::Q8_1(&a[lo / QK..hi / QK]),
+        ActRow::Q8K(a) => ActRow::Q8K(&a[lo / QK_K..hi / QK_K]),
+    }
+}
+
+fn check_f64_type(ty: QuantType, random_bytes: bool, tag: u64) {
+    let mut rng = Rng::new(tag);
+    // block counts that are not multiples of 4 exercise the tails of the 4-block loops
+    let cols = match ty.block_elements() {
+        1 => 1003,
+        QK => 35 * QK,
+        _ => 5 * QK_K,
+    };
+    let rows = 67;
+    let w = make_weights(ty, rows, cols, &mut rng, random_bytes);
+    let rb = ty.row_bytes(cols).unwrap();
+    let wdeq: Vec<Vec<f32>> = w.chunks_exact(rb).map(|r| deq(ty, r, cols)).collect();
+    let mut act = PreparedActivations::new();
+    let (mut worst_ref, mut worst_f32, mut bitwise, mut total) = (0f64, 0f64, 0usize, 0usize);
+    for count in [1usize, 3, 8] {
+        let x = random_acts(&mut rng, cols * count);
+        act.prepare(ty, &x, cols, count);
+        let mut y = vec![f64::NAN; rows * count];
+        let mut yr = vec![f64::NAN; rows * count];
+        let mut y32 = vec![f32::NAN; rows * count];
+        matmul_f64(ty, &w, rows, cols, &act, &mut y);
+        matmul_f64_reference(ty, &w, rows, cols, &act, &mut yr);
+        matmul(ty, &w, rows, cols, &act, &mut y32);
+        for b in 0..count {
+            let xq = act.dequantize(b);
+            for r in 0..rows {
+                let i = b * rows + r;
+                let mag = contribution_mag(ty, &w[r * rb..(r + 1) * rb], &act, b);
+                let d = (y[i] - yr[i]).abs();
+                assert!(
+                    d <= 1e-12 * mag,
+                    "{ty} rb={random_bytes} count={count} b={b} r={r}: fast {} vs ref {} (Σ|c| {mag})",
+                    y[i],
+                    yr[i]
+                );
+                worst_ref = worst_ref.max(d / mag.max(1e-300));
+                bitwise += (y[i].to_bits() == yr[i].to_bits()) as usize;
+                total += 1;
+                // vs the f32 kernels: the budget of `check_type` (fast vs reference)
+                let mag_q: f64 = wdeq[r]
+                    .iter()
+                    .zip(&xq)
+                    .map(|(a, c)| (*a as f64 * *c as f64).abs())
+                    .sum();
+                let d32 = (y[i] - y32[i] as f64).abs();
+                assert!(
+                    d32 <= 1e-5 * mag_q + 1e-30,
+                    "{ty} rb={random_bytes} count={count} b={b} r={r}: f64 {} vs f32 {} (|w.x| {mag_q})",
+                    y[i],
+                    y32[i]
+                );
+                worst_f32 = worst_f32.max(d32 / mag_q.max(1e-30));
+            }
+        }
+    }
+    println!(
+        "{ty} (random bytes: {random_bytes}, kernels {}): f64 fast==ref bitwise {bitwise}/{total}, worst |fast-ref|/Σ|c| = {worst_ref:.2e}, worst |f64-f32|/Σ|w x| = {worst_f32:.2e}",
+        kernel_name()
+    );
+}
+
+#[test]
+fn matmul_f64_matches_reference_and_f32() {
+    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+        check_f64_type(ty, false, 300 + i as u64);
+        if ty.is_quantized() {
+            check_f64_type(ty, true, 320 + i as u64);
+        }
+    }
+}
+
+/// Splits the columns into `parts` at block boundaries, computes each part on its own column
+/// slice of the weights and its own prepared activations, and checks that the f64 sum of the
+/// parts equals the full `matmul_f64` (same f32 after rounding, within 1e-12 of Σ|c|).
+#[test]
+fn matmul_f64_is_independent_of_column_split() {
+    let mut rng = Rng::new(17);
+    for ty in QuantType::ALL {
+        // the split granularity is 32 elements for legacy and float types, 256 for K-quants
+        let unit = ty.block_elements().max(QK);
+        let nunits = if unit == QK_K { 14 } else { 100 };
+        let cols = nunits * unit;
+        let (rows, count) = (256, 4);
+        let w = make_weights(ty, rows, cols, &mut rng, false);
+        let rb = ty.row_bytes(cols).unwrap();
+        let x = random_acts(&mut rng, cols * count);
+        let mut full = PreparedActivations::new();
+        full.prepare(ty, &x, cols, count);
+        let mut y_full = vec![0f64; rows * count];
+        matmul_f64(ty, &w, rows, cols, &full, &mut y_full);
+        let mut y32_full = vec![0f32; rows * count];
+        matmul(ty, &w, rows, cols, &full, &mut y32_full);
+        let mags: Vec<f64> = (0..count)
+            .flat_map(|b| {
+                let (w, full) = (&w, &full);
+                (0..rows).map(move |r| contribution_mag(ty, &w[r * rb..(r + 1) * rb], full, b))
+            })
+            .collect();
+
+        // splits: 1/3 of the units (rounded), a 3-way uneven split, and one unit off each end
+        let third = (nunits as f64 / 3.0).round() as usize;
+        let splits: Vec<Vec<usize>> = vec![
+            vec![0, third, nunits],
+            vec![0, 1, nunits / 2 + 1, nunits],
+            vec![0, nunits - 1, nunits],
+        ];
+        for cuts in splits {
+            let mut y_sum = vec![0f64; rows * count];
+            let mut y32_sum = vec![0f32; rows * count];
+            for p in cuts.windows(2) {
+                let (lo, hi) = (p[0] * unit, p[1] * unit);
+                let pc = hi - lo;
+                let (blo, bhi) = (ty.row_bytes(lo).unwrap(), ty.row_bytes(hi).unwrap());
+                let wp: Vec<u8> = w
+                    .chunks_exact(rb)
+                    .flat_map(|row| row[blo..bhi].iter().copied())
+                    .collect();
+                let xp: Vec<f32> = x
+                    .chunks_exact(cols)
+                    .flat_map(|v| v[lo..hi].iter().copied())
+                    .collect();
+                let mut part = PreparedActivations::new();
+                part.prepare(ty, &xp, pc, count);
+                for b in 0..count {
+                    assert_eq!(
+                        act_image(part.row(b)),
+                        act_image(act_sub(full.row(b), lo, hi)),
+                        "{ty}: preparing columns {lo}..{hi} differs from the full vector's blocks"
+                    );
+                }
+                let mut yp = vec![0f64; rows * count];
+                matmul_f64(ty, &wp, rows, pc, &part, &mut yp);
+                let mut ypr = vec![0f64; rows * count];
+                matmul_f64_reference(ty, &wp, rows, pc, &part, &mut ypr);
+                assert_eq!(yp, ypr, "{ty}: part {lo}..{hi} fast vs reference");
+                let mut y32p = vec![0f32; rows * count];
+                matmul(ty, &wp, rows, pc, &part, &mut y32p);
+                for i in 0..rows * count {
+                    y_sum[i] += yp[i];
+                    y32_sum[i] += y32p[i];
+                }
+            }
+            let mut same = 0usize;
+            let mut same32 = 0usize;
+            let mut worst = 0f64;
+            for i in 0..rows * count {
+                let d = (y_sum[i] - y_full[i]).abs();
+                assert!(
+                    d <= 1e-12 * mags[i],
+                    "{ty} cuts {cuts:?} output {i}: split {} vs full {} (Σ|c| {})",
+                    y_sum[i],
+                    y_full[i],
+                    mags[i]
+                );
+                worst = worst.max(d / mags[i].max(1e-300));
+                same += ((y_sum[i] as f32).to_bits() == (y_full[i] as f32).to_bits()) as usize;
+                same32 += (y32_sum[i].to_bits() == y32_full[i].to_bits()) as usize;
+            }
+            let n = rows * count;
+            println!(
+                "{ty} cuts {cuts:?}: f64 split == full after f32 rounding {same}/{n}, worst |diff|/Σ|c| {worst:.1e} (f32 matmul: {same32}/{n} bitwise)"
+            );
+            assert!(
+                same * 1000 >= n * 999,
+                "{ty} cuts {cuts:?}: only {same}/{n} outputs round to the same f32"
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_f64_large_parallel_is_bitwise_reference() {
+    let mut rng = Rng::new(18);
+    for ty in [
+        QuantType::Q4_1,
+        QuantType::Q4_K,
+        QuantType::Q6_K,
+        QuantType::F16,
+    ] {
+        let (rows, cols, count) = (1000, 512, 2);
+        let w = make_weights(ty, rows, cols, &mut rng, false);
+        let x = random_acts(&mut rng, cols * count);
+        let mut act = PreparedActivations::new();
+        act.prepare(ty, &x, cols, count);
+        let mut y = vec![f64::NAN; rows * count];
+        let mut yr = vec![f64::NAN; rows * count];
+        matmul_f64(ty, &w, rows, cols, &act, &mut y);
+        matmul_f64_reference(ty, &w, rows, cols, &act, &mut yr);
+        for (i, (a, b)) in y.iter().zip(&yr).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{ty} {i}: {a} vs {b}");
+        }
+    }
+}
+
+/// Timing of `matmul` vs `matmul_f64` (run with `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_matmul_f64() {
+    let mut rng = Rng::new(19);
+    for (ty, rows, cols) in [
+        (QuantType::Q4_K, 4096, 4096),
+        (QuantType::Q4_1, 1536, 576),
+        (QuantType::Q4_1, 576, 1536),
+        (QuantType::Q4_0, 4096, 4096),
+        (QuantType::Q8_0, 4096, 4096),
+        (QuantType::Q6_K, 4096, 4096),
+        (QuantType::Q5_K, 4096, 4096),
+        (QuantType::F16, 1024, 4096),
+    ] {
+        let w = make_weights(ty, rows, cols, &mut rng, false);
+        for count in [1usize, 8] {
+            let x = random_acts(&mut rng, cols * count);
+            let mut act = PreparedActivations::new();
+            act.prepare(ty, &x, cols, count);
+            let mut y32 = vec![0f32; rows * count];
+            let mut y64 = vec![0f64; rows * count];
+            let iters = (2e9 / (rows * cols * count) as f64).clamp(20.0, 20000.0) as usize;
+            let time = |f: &mut dyn FnMut()| {
+                for _ in 0..iters / 10 + 1 {
+                    f();
+                }
+                let mut best = f64::MAX;
+                for _ in 0..5 {
+                    let t = std::time::Instant::now();
+                    for _ in 0..iters / 5 {
+                        f();
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / (iters / 5) as f64);
+                }
+                best
+            };
+            let t32 = time(&mut || matmul(ty, &w, rows, cols, &act, &mut y32));
+            let t64 = time(&mut || matmul_f64(ty, &w, rows, cols, &act, &mut y64));
+            println!(
+                "{ty} {rows}x{cols} count {count} ({} threads, {}): matmul {:.1} us, matmul_f64 {:.1} us, ratio {:.2}",
+                rayon::current_num_threads(),
+                kernel_name(),
+                t32 * 1e6,
+                t64 * 1e6,
+                t64 / t32
+            );
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! The command line end to end: local and listed workers, JSON output, tokenize, plan, perplexity.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+fn coordinator(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(coordinator_binary())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn generate_json_reports_tokens_text_and_timings() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let model = path.to_str().unwrap();
+    let (ok, out, err) = coordinator(&[
+        "generate",
+        "--model",
+        model,
+        "--local",
+        "2",
+        "--chat",
+        "--prompt",
+        "What is the capital of Japan?",
+        "--temperature",
+        "0",
+        "-n",
+        "32",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tokens = json["tokens"].as_array().unwrap();
+    // The golden chat case: greedy ends with <|im_end|> (id 2), included as llama.cpp reports it.
+    assert_eq!(json["stop"], "eos");
+    assert_eq!(tokens.last().unwrap(), 2);
+    assert!(json["text"].as_str().unwrap().contains("Tokyo"), "{out}");
+    assert!(json["prompt_tokens"].as_array().unwrap().len() > 10);
+    assert!(
+        json["timings"]["generated_tokens_per_second"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
+
+#[test]
+fn generate_text_streams_and_summarizes() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let (ok, out, err) = coordinator(&[
+        "generate",
+        "--model",
+        path.to_str().unwrap(),
+        "--local",
+        "3",
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "-n",
+        "8",
+        "--stop",
+        "United",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with(" Paris."), "{out}");
+    assert!(
+        !out.contains("United"),
+        "the stop string is not printed: {out}"
+    );
+    assert!(
+        err.contains("[3 workers]") && err.contains("tokens/s") && err.contains("stop: stop"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tokenize_prints_llama_cpp_ids() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let golden = read_json(&golden_dir().join("tokenize.json"));
+    for case in golden.as_array().unwrap().iter().take(12) {
+        let text = case["text"].as_str().unwrap();
+        let (ok, out, err) = coordinator(&[
+            "tokenize",
+            "--model",
+            path.to_str().unwrap(),
+            "--format",
+            "json",
+            "--",
+            text,
+        ]);
+        assert!(ok, "{err}");
+        let ids: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(ids, case["ids"], "{text:?}");
+    }
+}
+
+#[test]
+fn plan_shows_the_split_without_loading() {
+    let Some(path) = model(QWEN05) else { return };
+    let (ok, out, err) = coordinator(&[
+        "plan",
+        "--model",
+        path.to_str().unwrap(),
+        "--local",
+        "3",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ranks = json["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 3);
+    assert_eq!(json["attention_unit"], "query_head");
+    let heads: u64 = ranks.iter().map(|r| r["q_heads"].as_u64().unwrap()).sum();
+    assert_eq!(heads, 14 * 24);
+    let ffn: u64 = ranks
+        .iter()
+        .map(|r| r["ffn_columns"].as_u64().unwrap())
+        .sum();
+    assert_eq!(ffn, 4864 * 24);
+    let bytes: u64 = ranks
+        .iter()
+        .map(|r| r["weight_bytes"].as_u64().unwrap())
+        .sum();
+    // Every weight once, plus the replicated norms; within the file size.
+    assert!(bytes > 400 << 20 && bytes < 491_400_064, "{bytes}");
+    assert_eq!(json["links"].as_array().unwrap().len(), 3);
+    let (ok, out, _) = coordinator(&["plan", "--model", path.to_str().unwrap(), "--local", "2"]);
+    assert!(ok && out.contains("rank 0 <-> rank 1: shm"), "{out}");
+}
+
+struct Worker(Child, String);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_worker() -> Worker {
+    let mut child = Command::new(worker_binary())
+        .args(["--listen", "127.0.0.1:0", "--threads", "1", "--log", "warn"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_string();
+    Worker(child, address)
+}
+
+#[test]
+fn workers_listed_in_hosts_toml_serve_generation_and_perplexity() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let (a, b) = (start_worker(), start_worker());
+    let hosts = std::env::temp_dir().join(format!("tp-hosts-{}.toml", std::process::id()));
+    std::fs::write(
+        &hosts,
+        format!(
+            "[[worker]]\naddress = \"{}\"\nweight = 2.0\n\n[[worker]]\naddress = \"{}\"\n",
+            a.1, b.1
+        ),
+    )
+    .unwrap();
+    let model = path.to_str().unwrap();
+    let hosts_arg = hosts.to_str().unwrap();
+    let (ok, out, err) = coordinator(&[
+        "generate",
+        "--model",
+        model,
+        "--workers",
+        hosts_arg,
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "0",
+        "-n",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with(" Paris"), "{out}");
+    // The workers outlive a coordinator that did not start them, and serve the next one.
+    let text = golden_dir().join("ppl_text.txt");
+    let (ok, out, err) = coordinator(&[
+        "perplexity",
+        "--model",
+        model,
+        "--workers",
+        hosts_arg,
+        "--file",
+        text.to_str().unwrap(),
+        "-c",
+        "128",
+        "--chunks",
+        "3",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let golden = read_json(&golden_dir().join("ppl.json"));
+    let expected = golden["results"][0]["running_ppl"][2].as_f64().unwrap();
+    let ours = json["ppl"].as_f64().unwrap();
+    assert!(
+        (ours - expected).abs() / expected < 0.02,
+        "{ours} vs {expected}"
+    );
+    let (ok, out, _) = coordinator(&["plan", "--model", model, "--workers", hosts_arg]);
+    assert!(ok && out.contains("2.00"), "{out}");
+    std::fs::remove_file(&hosts).ok();
+}
