@@ -6,7 +6,10 @@
 //! every flag has reached the epoch (acquire), then sums all slots in rank order, so every rank
 //! gets bit-identical results. Slots alternate parity by epoch: a rank can only write parity p
 //! again after every rank has published the next epoch, which each does only after it finished
-//! reading parity p.
+//! reading parity p. Steps start their epochs at fresh bases, so two consecutive rounds can
+//! share a parity at a step boundary; each rank therefore also publishes how far it has read, and
+//! a writer checks that every rank has read the last round of the parity it is about to reuse
+//! (in the alternating case that check passes at once).
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -20,6 +23,8 @@ use super::{Collective, CollectiveLimits, TransportError};
 const MAGIC: u64 = 0x7470_5f73_686d_0001; // "tp_shm" v1
 const HEADER_BYTES: usize = 4096;
 const FLAG_STRIDE_BYTES: usize = 64;
+/// Where the "read up to epoch" flags start; the arrival flags precede them.
+const READ_FLAGS_OFFSET: usize = 2048;
 /// Epochs of one step live in `step * STEP_EPOCHS ..`; more than any program's collective count.
 const STEP_EPOCHS: u64 = 1 << 16;
 
@@ -45,7 +50,7 @@ impl ShmSegment {
         slot_bytes: usize,
     ) -> Result<ShmSegment, TransportError> {
         let slot_bytes = slot_bytes.div_ceil(64) * 64;
-        assert!(rank_count >= 1 && (rank_count + 1) * FLAG_STRIDE_BYTES <= HEADER_BYTES);
+        assert!(rank_count >= 1 && (rank_count + 1) * FLAG_STRIDE_BYTES <= READ_FLAGS_OFFSET);
         let err = |source| TransportError::Segment {
             path: path.display().to_string(),
             source,
@@ -86,6 +91,8 @@ pub struct ShmCollective {
     rank_count: usize,
     slot_bytes: usize,
     epoch: u64,
+    /// The last epoch this rank used each parity for.
+    last_epoch: [u64; 2],
     limits: CollectiveLimits,
 }
 
@@ -124,7 +131,10 @@ impl ShmCollective {
             return Err(bad("not a tp segment (bad magic)".into()));
         }
         let (segment_ranks, slot_bytes) = (word(1) as usize, word(2) as usize);
-        if segment_ranks != rank_count || rank_index >= rank_count {
+        if segment_ranks != rank_count
+            || rank_index >= rank_count
+            || READ_FLAGS_OFFSET + rank_count * FLAG_STRIDE_BYTES > HEADER_BYTES
+        {
             return Err(bad(format!(
                 "made for {segment_ranks} ranks, opened as rank {rank_index} of {rank_count}"
             )));
@@ -141,12 +151,22 @@ impl ShmCollective {
             rank_count,
             slot_bytes,
             epoch: 0,
+            last_epoch: [0; 2],
             limits,
         })
     }
 
+    /// The epoch up to which `rank` has published its slot.
     fn flag(&self, rank: usize) -> &AtomicU64 {
-        let offset = FLAG_STRIDE_BYTES * (1 + rank);
+        self.atomic(FLAG_STRIDE_BYTES * (1 + rank))
+    }
+
+    /// The epoch up to which `rank` has finished reading the others' slots.
+    fn read_flag(&self, rank: usize) -> &AtomicU64 {
+        self.atomic(READ_FLAGS_OFFSET + FLAG_STRIDE_BYTES * rank)
+    }
+
+    fn atomic(&self, offset: usize) -> &AtomicU64 {
         // SAFETY: in bounds (checked at open), 8-byte aligned (page-aligned map), and only ever
         // accessed atomically by every process.
         unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU64) }
@@ -169,7 +189,11 @@ impl ShmCollective {
         self.epoch += 1;
         let epoch = self.epoch;
         let parity = (epoch & 1) as usize;
-        // SAFETY: this rank is the only writer of its slot in this parity (see module docs).
+        if self.last_epoch[parity] > 0 {
+            self.wait_for_all(self.last_epoch[parity], Self::read_flag)?;
+        }
+        // SAFETY: this rank is the only writer of its slot, and every rank has finished reading
+        // what it last wrote there (checked just above).
         unsafe {
             std::ptr::copy_nonoverlapping(
                 buffer.as_ptr(),
@@ -178,7 +202,7 @@ impl ShmCollective {
             );
         }
         self.flag(self.rank_index).store(epoch, Ordering::Release);
-        self.wait_for_all(epoch)?;
+        self.wait_for_all(epoch, Self::flag)?;
         // SAFETY: every rank published this epoch after writing its slot (acquire above), and no
         // rank writes this parity again before we publish the next epoch.
         unsafe {
@@ -192,14 +216,21 @@ impl ShmCollective {
                 }
             }
         }
+        self.read_flag(self.rank_index)
+            .store(epoch, Ordering::Release);
+        self.last_epoch[parity] = epoch;
         Ok(())
     }
 
-    fn wait_for_all(&self, epoch: u64) -> Result<(), TransportError> {
+    fn wait_for_all(
+        &self,
+        epoch: u64,
+        flag: fn(&Self, usize) -> &AtomicU64,
+    ) -> Result<(), TransportError> {
         let started = Instant::now();
         let mut spins = 0u32;
         loop {
-            if (0..self.rank_count).all(|r| self.flag(r).load(Ordering::Acquire) >= epoch) {
+            if (0..self.rank_count).all(|r| flag(self, r).load(Ordering::Acquire) >= epoch) {
                 return Ok(());
             }
             spins = spins.wrapping_add(1);
