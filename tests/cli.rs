@@ -228,3 +228,80 @@ fn workers_listed_in_hosts_toml_serve_generation_and_perplexity() {
     assert!(ok && out.contains("2.00"), "{out}");
     std::fs::remove_file(&hosts).ok();
 }
+
+/// Children of a process, from every thread's `children` list.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children.extend(
+            list.split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
+    }
+    children
+}
+
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+fn local_workers_stop_when_the_coordinator(signal: i32) {
+    let Some(path) = model(SMOLLM2) else { return };
+    let mut child = Command::new(coordinator_binary())
+        .args([
+            "generate",
+            "--model",
+            path.to_str().unwrap(),
+            "--local",
+            "2",
+            "--prompt",
+            "Once upon a time",
+        ])
+        .args(["-n", "4000", "--temperature", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until text flows: the workers are loaded and generating.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    let workers = children_of(child.id());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while workers.iter().any(|&w| is_running(w)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for w in workers {
+        assert!(
+            !is_running(w),
+            "worker {w} outlived its coordinator (signal {signal})"
+        );
+    }
+}
+
+#[test]
+fn local_workers_stop_on_ctrl_c() {
+    local_workers_stop_when_the_coordinator(libc::SIGINT);
+}
+
+#[test]
+fn local_workers_stop_when_the_coordinator_is_killed() {
+    local_workers_stop_when_the_coordinator(libc::SIGKILL);
+}

@@ -3,6 +3,12 @@ use tp::coordinator::cli::{Cli, run};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // Die quietly on a closed pipe (`tp-coordinator ... | head`), as Unix tools do, instead of
+    // panicking in println!.
+    // SAFETY: resetting a signal disposition at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));

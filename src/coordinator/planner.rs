@@ -315,6 +315,9 @@ pub enum OpKind {
         tensor: String,
         bias: Option<String>,
         parallel: Parallel,
+        /// This rank's range of the split dimension: output rows (column-parallel) or input
+        /// columns (row-parallel).
+        extent: Range<usize>,
         input: Buffer,
         output: Buffer,
     },
@@ -398,16 +401,41 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             },
             output_state: SplitState::Mirrored,
         });
-        for (name, b, out, axis) in [
-            ("attn_q.weight", "attn_q.bias", Buffer::Q, Axis::QueryHeads),
-            ("attn_k.weight", "attn_k.bias", Buffer::K, Axis::KvHeads),
-            ("attn_v.weight", "attn_v.bias", Buffer::V, Axis::KvHeads),
+        let hd = config.head_dim;
+        let s = &shard.layers[layer];
+        let (q_dims, kv_dims) = (
+            s.q_heads.start * hd..s.q_heads.end * hd,
+            s.kv_heads.start * hd..s.kv_heads.end * hd,
+        );
+        for (name, b, out, axis, extent) in [
+            (
+                "attn_q.weight",
+                "attn_q.bias",
+                Buffer::Q,
+                Axis::QueryHeads,
+                q_dims.clone(),
+            ),
+            (
+                "attn_k.weight",
+                "attn_k.bias",
+                Buffer::K,
+                Axis::KvHeads,
+                kv_dims.clone(),
+            ),
+            (
+                "attn_v.weight",
+                "attn_v.bias",
+                Buffer::V,
+                Axis::KvHeads,
+                kv_dims,
+            ),
         ] {
             ops.push(Op {
                 kind: OpKind::Linear {
                     tensor: t(name),
                     bias: bias(b),
                     parallel: Parallel::Column,
+                    extent,
                     input: Buffer::Normed,
                     output: out,
                 },
@@ -427,6 +455,7 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
                 tensor: t("attn_output.weight"),
                 bias: None,
                 parallel: Parallel::Row,
+                extent: q_dims,
                 input: Buffer::Attention,
                 output: Buffer::Partial,
             },
@@ -454,6 +483,7 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
                     tensor: t(name),
                     bias: None,
                     parallel: Parallel::Column,
+                    extent: s.ffn_columns.clone(),
                     input: Buffer::Normed,
                     output: out,
                 },
@@ -469,6 +499,7 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
                 tensor: t("ffn_down.weight"),
                 bias: None,
                 parallel: Parallel::Row,
+                extent: s.ffn_columns.clone(),
                 input: Buffer::Gate,
                 output: Buffer::Partial,
             },
@@ -493,6 +524,7 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             tensor: config.output_tensor().into(),
             bias: None,
             parallel: Parallel::Column,
+            extent: shard.vocab_rows.clone(),
             input: Buffer::Normed,
             output: Buffer::Logits,
         },

@@ -112,28 +112,6 @@ fn slice_columns(
     }
 }
 
-/// The output-dimension and input-dimension ranges a linear op of this rank covers.
-pub fn linear_extent(config: &ModelConfig, shard: &RankShard, tensor: &str) -> Range<usize> {
-    let hd = config.head_dim;
-    let layer = tensor
-        .strip_prefix("blk.")
-        .and_then(|rest| rest.split('.').next())
-        .and_then(|n| n.parse::<usize>().ok());
-    let Some(layer) = layer else {
-        return shard.vocab_rows.clone();
-    };
-    let s = &shard.layers[layer];
-    let suffix = tensor
-        .rsplit_once(&format!("blk.{layer}."))
-        .map_or("", |(_, s)| s);
-    match suffix.split('.').next().unwrap_or("") {
-        "attn_q" | "attn_output" => s.q_heads.start * hd..s.q_heads.end * hd,
-        "attn_k" | "attn_v" => s.kv_heads.start * hd..s.kv_heads.end * hd,
-        "ffn_gate" | "ffn_up" | "ffn_down" => s.ffn_columns.clone(),
-        _ => 0..0,
-    }
-}
-
 pub fn load_shard(
     file: &GgufFile,
     config: &ModelConfig,
@@ -168,13 +146,13 @@ pub fn load_shard(
                 tensor: name,
                 bias,
                 parallel,
+                extent,
                 ..
             } => {
                 if loaded.weights.contains_key(name) {
                     continue; // the tied output head reuses the embedding's vocab slice
                 }
                 let info = tensor(name)?;
-                let extent = linear_extent(config, shard, name);
                 let weight = match parallel {
                     Parallel::Column => slice_rows(file, info, extent.clone()),
                     Parallel::Row => slice_columns(file, info, extent.clone(), &mut loaded.notes),
@@ -187,7 +165,7 @@ pub fn load_shard(
                     }
                     loaded
                         .vectors
-                        .insert(bias.clone(), f32_values(file, info, extent));
+                        .insert(bias.clone(), f32_values(file, info, extent.clone()));
                 }
             }
             _ => {}
@@ -217,9 +195,10 @@ pub fn shard_weight_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankSha
                 tensor,
                 parallel,
                 bias,
+                extent,
                 ..
             } => {
-                let extent = linear_extent(config, shard, tensor);
+                let extent = extent.clone();
                 if bias.is_some() {
                     total += extent.len() as u64 * 4;
                 }

@@ -1025,3 +1025,88 @@ fn bench_matmul_f64() {
         }
     }
 }
+
+/// Decode (count = 1) timing per 32-element block, single-threaded, plus `prepare` and the
+/// 2-thread pool on small shapes (run with `--ignored --nocapture bench_matmul_decode`).
+#[test]
+#[ignore]
+fn bench_matmul_decode() {
+    let mut rng = Rng::new(20);
+    let pool1 = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let pool2 = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let time = |iters: usize, f: &mut dyn FnMut()| {
+        for _ in 0..iters / 10 + 1 {
+            f();
+        }
+        let mut best = f64::MAX;
+        for _ in 0..7 {
+            let t = std::time::Instant::now();
+            for _ in 0..iters / 5 {
+                f();
+            }
+            best = best.min(t.elapsed().as_secs_f64() / (iters / 5) as f64);
+        }
+        best
+    };
+    let types = [
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q8_0,
+        QuantType::Q4_K,
+        QuantType::Q6_K,
+    ];
+    let shapes = [(1536usize, 576usize), (576, 1536), (49152, 576), (192, 576)];
+    for ty in types {
+        for (rows, cols) in shapes {
+            // K-quants need whole 256-element super-blocks
+            let cols = if cols % ty.block_elements() == 0 {
+                cols
+            } else {
+                512
+            };
+            let w = make_weights(ty, rows, cols, &mut rng, false);
+            let x = random_acts(&mut rng, cols);
+            let mut act = PreparedActivations::new();
+            act.prepare(ty, &x, cols, 1);
+            let mut y = vec![0f32; rows];
+            let iters = (3e8 / (rows * cols) as f64).clamp(10.0, 200000.0) as usize;
+            let blocks = (rows * cols / QK) as f64;
+            let t1 =
+                pool1.install(|| time(iters, &mut || matmul(ty, &w, rows, cols, &act, &mut y)));
+            let t2 =
+                pool2.install(|| time(iters, &mut || matmul(ty, &w, rows, cols, &act, &mut y)));
+            let mut act4 = PreparedActivations::new();
+            let x4 = random_acts(&mut rng, cols * 4);
+            act4.prepare(ty, &x4, cols, 4);
+            let mut y4 = vec![0f32; rows * 4];
+            let t4 = pool1.install(|| {
+                time(iters / 4 + 5, &mut || {
+                    matmul(ty, &w, rows, cols, &act4, &mut y4)
+                })
+            });
+            println!(
+                "{ty:>5} {rows:>5}x{cols:<5} ({}): count=1 1 thread {:6.2} ns/blk ({:7.1} us), 2 threads {:7.1} us; count=4 {:6.2} ns/blk/vec",
+                kernel_name(),
+                t1 * 1e9 / blocks,
+                t1 * 1e6,
+                t2 * 1e6,
+                t4 * 1e9 / blocks / 4.0
+            );
+        }
+    }
+    for ty in [QuantType::Q8_0, QuantType::Q4_1, QuantType::Q4_K] {
+        for len in [576usize, 1536] {
+            let x = random_acts(&mut rng, len);
+            let mut act = PreparedActivations::new();
+            let t = pool1.install(|| time(100000, &mut || act.prepare(ty, &x, len, 1)));
+            println!("prepare {ty} len {len}: {:.2} us", t * 1e6);
+        }
+    }
+}
