@@ -10,6 +10,21 @@ use tp::coordinator::session::GenerateRequest;
 
 const NEAR_TIE_NATS: f32 = 0.3;
 
+/// Appends a finding to `target/tmp/golden-report.md`, so that a passing run still leaves the
+/// agreement tables behind.
+fn report(text: &str) {
+    use std::io::Write;
+    println!("{text}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("golden-report.md");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(file, "{text}");
+    }
+}
+
 struct CaseResult {
     id: String,
     agreed: usize,
@@ -157,7 +172,9 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
         }
         table.push('\n');
     }
-    println!("{model_name}\n{table}");
+    report(&format!(
+        "### {model_name}: greedy generation vs llama.cpp (agreed/golden tokens)\n\n{table}"
+    ));
     assert!(
         failures.is_empty(),
         "{model_name}: disagreements with llama.cpp:\n{}\n{table}",
@@ -219,13 +236,13 @@ async fn check_perplexity(
         }
     };
     let relative = (ours.ppl - golden_ppl).abs() / golden_ppl;
-    println!(
+    report(&format!(
         "{model_name} c={context} TP={ranks} chunks={}: tp {:.4} vs llama.cpp {golden_ppl:.4} ({:+.3}%), {:.1} s",
         ours.chunks,
         ours.ppl,
         100.0 * (ours.ppl - golden_ppl) / golden_ppl,
         ours.seconds
-    );
+    ));
     assert!(
         relative < 0.01,
         "perplexity {:.4} vs llama.cpp {golden_ppl:.4}",
@@ -293,7 +310,7 @@ async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> 
     sorted.sort_by(f32::total_cmp);
     let mut sorted_mean = mean_deltas.clone();
     sorted_mean.sort_by(f32::total_cmp);
-    println!(
+    report(&format!(
         "{model_name} TP={ranks} teacher-forced over {} steps: top-1 |Δ| median {:.4} p95 {:.4} max {:.4}; top-10 mean |Δ| median {:.4} max {:.4}",
         sorted.len(),
         sorted[sorted.len() / 2],
@@ -301,7 +318,7 @@ async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> 
         sorted[sorted.len() - 1],
         sorted_mean[sorted_mean.len() / 2],
         sorted_mean[sorted_mean.len() - 1]
-    );
+    ));
     Some(deltas)
 }
 
