@@ -461,6 +461,25 @@ impl GgufFile {
         &self.mmap[info.offset as usize..(info.offset + info.size_bytes) as usize]
     }
 
+    /// Drops the mapped pages of a tensor whose bytes were copied out, so that loading a shard
+    /// does not keep the whole file resident (and the worker's peak RSS stays near its shard).
+    pub fn release(&self, info: &TensorInfo) {
+        let page = 4096u64;
+        let start = info.offset.div_ceil(page) * page;
+        let end = (info.offset + info.size_bytes) / page * page;
+        if end > start {
+            // SAFETY: the map is private and read-only; dropped pages of a file mapping are
+            // re-read from the file if touched again, so no data is lost.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start as usize,
+                    (end - start) as usize,
+                )
+            };
+        }
+    }
+
     /// Header, metadata and tensor index: hashed to check two paths hold the same model.
     pub fn header(&self) -> &[u8] {
         &self.mmap[..self.header_bytes as usize]

@@ -132,8 +132,12 @@ pub fn load_shard(
         match &op.kind {
             OpKind::Embed { tensor: name } => {
                 if !loaded.weights.contains_key(name) {
-                    let w = slice_rows(file, tensor(name)?, shard.vocab_rows.clone());
-                    loaded.weights.insert(name.clone(), w);
+                    let info = tensor(name)?;
+                    loaded.weights.insert(
+                        name.clone(),
+                        slice_rows(file, info, shard.vocab_rows.clone()),
+                    );
+                    file.release(info);
                 }
             }
             OpKind::RmsNorm { tensor: name, .. } => {
@@ -158,6 +162,7 @@ pub fn load_shard(
                     Parallel::Row => slice_columns(file, info, extent.clone(), &mut loaded.notes),
                 };
                 loaded.weights.insert(name.clone(), weight);
+                file.release(info);
                 if let Some(bias) = bias {
                     let info = tensor(bias)?;
                     if info.quant_type != QuantType::F32 {
