@@ -345,6 +345,8 @@ async fn generate(
                     "kv_cache_bytes": s.kv_cache_bytes,
                     "peak_rss_bytes": s.peak_rss_bytes,
                     "rss_bytes": s.rss_bytes,
+                    "steps": s.steps,
+                    "compute_seconds": s.compute_seconds,
                 })
             })
             .collect();
