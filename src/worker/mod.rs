@@ -355,8 +355,9 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .add_service(server)
+        // No Nagle: a reply's trailing frame would otherwise wait ~40 ms for a delayed ACK.
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async {
                 tokio::select! {
                     _ = shutdown => {}
