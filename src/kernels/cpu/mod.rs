@@ -4,8 +4,8 @@
 //! * `reference`: scalar dequantize / quantize / dot products reproducing ggml's generic code.
 //! * `avx2` (x86_64): AVX2+FMA+F16C dot products with the same integer arithmetic.
 //!
-//! A kernel table is chosen once (first use) by runtime CPU detection; set
-//! `TP_CPU_KERNELS=scalar` to force the scalar reference kernels.
+//! A kernel table is chosen once (first use) by runtime CPU detection; `use_scalar_kernels`,
+//! called before the first kernel runs, forces the scalar reference kernels.
 //!
 //! Activations are prepared the way llama.cpp prepares `src1` for `ggml_mul_mat`: Q8_0 for
 //! Q4_0/Q5_0/Q8_0 weights, Q8_1 for Q4_1, Q8_K for the K-quants, f16/bf16 for F16/BF16 and
@@ -357,10 +357,13 @@ static AVX2: Kernels = Kernels {
 
 static KERNELS: OnceLock<&'static Kernels> = OnceLock::new();
 
+/// Forces the scalar reference kernels, for debugging a suspected SIMD fault. Returns false if
+/// kernels were already chosen (the choice is made once per process).
+pub fn use_scalar_kernels() -> bool {
+    KERNELS.set(&SCALAR).is_ok()
+}
+
 fn detect() -> &'static Kernels {
-    if std::env::var("TP_CPU_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("scalar")) {
-        return &SCALAR;
-    }
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx2")
