@@ -222,7 +222,7 @@ impl Cluster {
 
     /// Whether every worker runs on this host (same boot id and hostname): shared memory serves them all.
     pub fn single_host(&self) -> bool {
-        let me = (crate::worker::hostname(), boot_id());
+        let me = (crate::worker::hostname(), crate::worker::boot_id());
         self.workers
             .iter()
             .all(|w| (w.hello.hostname.clone(), w.hello.boot_id.clone()) == me)
@@ -402,12 +402,6 @@ async fn collect_ranked<T: 'static>(
         .into_iter()
         .map(|r| r.expect("every rank answered"))
         .collect())
-}
-
-fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 fn unique_suffix() -> u64 {

@@ -72,7 +72,8 @@ pub fn model_header_hash(file: &GgufFile) -> u64 {
     fnv1a(file.header())
 }
 
-fn boot_id() -> String {
+/// Identifies this boot of this machine: with the hostname, tells whether two processes share a host.
+pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
