@@ -11,7 +11,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
-use crate::kernels::cpu::{PreparedActivations, f32_dot, matmul, matmul_f64};
+use crate::kernels::cpu::{PreparedActivations, QuantType, f32_dot, matmul, matmul_f64};
 use crate::model::arch::{ModelConfig, RopeStyle};
 use crate::transport::{Collective, TransportError};
 use crate::worker::kv::KvCache;
@@ -88,6 +88,9 @@ pub struct Executor {
     program: Vec<Exec>,
     buffers: Vec<Vec<f32>>,
     prepared: PreparedActivations,
+    /// What `prepared` holds: Q/K/V (and gate/up) read the same normed input with the same
+    /// weight type, so it is quantized once for all of them.
+    prepared_key: Option<(Buffer, QuantType, usize)>,
     kv: KvCache,
     max_batch: usize,
     rope_cache: Vec<(f32, f32)>,
@@ -223,6 +226,7 @@ impl Executor {
             program,
             buffers,
             prepared: PreparedActivations::new(),
+            prepared_key: None,
             kv,
             max_batch,
             rope_cache: Vec::new(),
@@ -288,7 +292,12 @@ impl Executor {
         let program = std::mem::take(&mut self.program);
         let result = (|| {
             let mut results = Vec::new();
+            self.prepared_key = None;
             for op in &program {
+                if !matches!(op, Exec::Linear { .. }) {
+                    // Any other op may rewrite the buffer the activations were prepared from.
+                    self.prepared_key = None;
+                }
                 match op {
                     Exec::Embed { weight } => self.embed(weight, tokens),
                     Exec::RmsNorm {
@@ -396,12 +405,16 @@ impl Executor {
             }
             return;
         }
-        self.prepared.prepare(
-            weight.ty,
-            &self.buffers[slot(input)][..cols * batch],
-            cols,
-            batch,
-        );
+        let key = (input, weight.ty, cols);
+        if self.prepared_key != Some(key) {
+            self.prepared.prepare(
+                weight.ty,
+                &self.buffers[slot(input)][..cols * batch],
+                cols,
+                batch,
+            );
+            self.prepared_key = Some(key);
+        }
         if output == Buffer::Partial {
             matmul_f64(
                 weight.ty,
