@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::coordinator::bench::BenchArgs;
 use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile};
 use crate::coordinator::planner::{AttentionUnit, plan};
 use crate::coordinator::sampler::SamplingParams;
@@ -27,7 +28,8 @@ use crate::worker::shard::shard_weight_bytes;
         tp-coordinator generate --model SmolLM2.gguf --local 2 --prompt 'The capital of France is'\n  \
         tp-coordinator generate --model m.gguf --workers configs/local-2.toml --chat --prompt 'Hi!'\n  \
         tp-coordinator perplexity --model m.gguf --local 2 --file text.txt -c 128\n  \
-        tp-coordinator plan --model m.gguf --local 3"
+        tp-coordinator plan --model m.gguf --local 3\n  \
+        tp-coordinator bench -m m.gguf -p 512 -n 128 --tp 1,2 -t 1,2 -r 5"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -47,6 +49,8 @@ pub enum Command {
     Perplexity(PerplexityArgs),
     /// Print how the model would be split across the workers, without loading weights.
     Plan(PlanArgs),
+    /// Measure prompt-processing and generation speed like llama.cpp's llama-bench.
+    Bench(BenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -179,7 +183,8 @@ fn default_threads(workers: usize) -> usize {
     (cores / workers).max(1)
 }
 
-async fn start_cluster(args: &ClusterArgs) -> anyhow::Result<Cluster> {
+/// Starts or connects to the workers that `args` names.
+pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
     let limits = ClusterLimits {
         collective_timeout: std::time::Duration::from_secs(args.collective_timeout.max(1)),
         ..ClusterLimits::default()
@@ -203,6 +208,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Tokenize(args) => tokenize(args),
         Command::Plan(args) => plan_command(args).await,
+        Command::Bench(args) => tokio::select! {
+            r = crate::coordinator::bench::bench(args) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        },
         Command::Generate(args) => {
             sampling_params(&args)
                 .validate()
@@ -237,7 +246,7 @@ async fn start_session(
     model: Model,
     context: usize,
 ) -> anyhow::Result<Session> {
-    let cluster = start_cluster(args).await?;
+    let cluster = start_cluster_with(args).await?;
     let batch = context.clamp(1, 512);
     tokio::select! {
         session = Session::start(model, cluster, context, batch) => session,

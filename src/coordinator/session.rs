@@ -247,6 +247,22 @@ impl Session {
         Ok(results)
     }
 
+    /// Empties the KV cache of sequence 0.
+    pub async fn clear(&mut self) -> anyhow::Result<()> {
+        self.cluster.clear_sequence(0).await
+    }
+
+    /// Runs `tokens` at positions `start..` of sequence 0, asking only for the last row's top
+    /// token (what a benchmark or a cache fill needs).
+    pub async fn process(&mut self, tokens: &[u32], start: usize) -> anyhow::Result<()> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        self.forward(tokens, start, &[tokens.len() - 1], 1, false, &[])
+            .await?;
+        Ok(())
+    }
+
     /// The distributions at `rows` of `tokens` (run from an empty cache), with `top` candidates each.
     pub async fn distributions(
         &mut self,

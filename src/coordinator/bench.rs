@@ -1,0 +1,272 @@
+//! `tp-coordinator bench`: prompt-processing and generation speed, measured the way llama.cpp's
+//! `llama-bench` measures it, so the two can be put side by side.
+//!
+//! For every TP size and thread count a fresh local cluster is started. Each test repetition
+//! clears the KV cache, fills `depth` tokens of context (not timed), then times either one batch
+//! of `n_prompt` tokens (pp) or `n_gen` single-token decode steps (tg). One untimed warm-up run
+//! precedes the repetitions of each test. Tokens are drawn at random from the vocabulary.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::bail;
+use clap::Args;
+use serde::Serialize;
+
+use crate::coordinator::cli::{ClusterArgs, Format, start_cluster_with};
+use crate::coordinator::sampler::Rng;
+use crate::coordinator::session::{Model, Session};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The GGUF model file.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    /// Prompt sizes to time as one batch (comma-separated; 0 skips the pp test).
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "512"
+    )]
+    pub n_prompt: Vec<usize>,
+    /// Generation lengths to time one token at a time (comma-separated; 0 skips the tg test).
+    #[arg(
+        short = 'n',
+        long = "n-gen",
+        value_delimiter = ',',
+        default_value = "128"
+    )]
+    pub n_gen: Vec<usize>,
+    /// Context depths: tokens already in the KV cache when the timed part starts.
+    #[arg(
+        short = 'd',
+        long = "n-depth",
+        value_delimiter = ',',
+        default_value = "0"
+    )]
+    pub depth: Vec<usize>,
+    /// Numbers of local workers (tensor-parallel sizes) to start, one cluster each.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub tp: Vec<u32>,
+    /// Compute threads per worker (comma-separated; default: the cores divided among the workers).
+    #[arg(short = 't', long, value_delimiter = ',')]
+    pub threads: Vec<usize>,
+    /// Timed repetitions of each test.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    pub repetitions: usize,
+    /// Largest batch sent to the workers at once.
+    #[arg(short = 'b', long, default_value_t = 512)]
+    pub batch: usize,
+    /// Seed for the random tokens.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// Seconds a worker waits for its peers in an AllReduce before failing the step.
+    #[arg(long, default_value_t = 10)]
+    pub collective_timeout: u64,
+}
+
+/// One row of results, with llama-bench's field names where it has them.
+#[derive(Serialize, Debug)]
+pub struct BenchResult {
+    pub model_filename: String,
+    pub model_size: u64,
+    pub tp: u32,
+    pub n_threads: usize,
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub n_depth: usize,
+    pub n_batch: usize,
+    pub test: String,
+    pub avg_ns: f64,
+    pub stddev_ns: f64,
+    pub avg_ts: f64,
+    pub stddev_ts: f64,
+    pub samples_ns: Vec<f64>,
+    pub samples_ts: Vec<f64>,
+}
+
+#[derive(Clone, Copy)]
+enum Test {
+    Prompt(usize),
+    Generate(usize),
+}
+
+impl Test {
+    fn tokens(self) -> usize {
+        match self {
+            Test::Prompt(n) | Test::Generate(n) => n,
+        }
+    }
+    fn name(self, depth: usize) -> String {
+        let base = match self {
+            Test::Prompt(n) => format!("pp{n}"),
+            Test::Generate(n) => format!("tg{n}"),
+        };
+        if depth > 0 {
+            format!("{base} @ d{depth}")
+        } else {
+            base
+        }
+    }
+}
+
+fn mean_sd(samples: &[f64]) -> (f64, f64) {
+    let n = samples.len() as f64;
+    let mean = samples.iter().sum::<f64>() / n;
+    if samples.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = samples.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.repetitions == 0 {
+        bail!("--repetitions must be at least 1");
+    }
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if let Some(&tp) = args.tp.iter().find(|&&tp| !(1..=16).contains(&tp)) {
+        bail!("--tp {tp}: between 1 and 16 workers");
+    }
+    if args.threads.contains(&0) {
+        bail!("--threads must be at least 1");
+    }
+    let mut tests: Vec<Test> = args
+        .n_prompt
+        .iter()
+        .filter(|&&n| n > 0)
+        .map(|&n| Test::Prompt(n))
+        .collect();
+    tests.extend(
+        args.n_gen
+            .iter()
+            .filter(|&&n| n > 0)
+            .map(|&n| Test::Generate(n)),
+    );
+    if tests.is_empty() {
+        bail!("nothing to measure: every -p and -n is 0");
+    }
+    let model_size = std::fs::metadata(&args.model)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.model.display()))?
+        .len();
+    let model_filename = args.model.display().to_string();
+    let longest = tests.iter().map(|t| t.tokens()).max().unwrap_or(0);
+    let deepest = args.depth.iter().copied().max().unwrap_or(0);
+    let context = deepest + longest;
+
+    let text = args.format == Format::Text;
+    if text {
+        println!(
+            "| model | size | TP | threads/worker | test | t/s |\n|---|---:|---:|---:|---:|---:|"
+        );
+    }
+    let mut results = Vec::new();
+    for &tp in &args.tp {
+        let thread_counts = if args.threads.is_empty() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            vec![(cores / tp as usize).max(1)]
+        } else {
+            args.threads.clone()
+        };
+        for &threads in &thread_counts {
+            let model = Model::open(&args.model)?;
+            if context > model.config.context_length {
+                bail!(
+                    "depth {deepest} + {longest} tokens exceed the model's context of {}",
+                    model.config.context_length
+                );
+            }
+            let vocab = model.config.vocab_size as u64;
+            let cluster_args = ClusterArgs {
+                model: args.model.clone(),
+                local: Some(tp),
+                workers: None,
+                threads: Some(threads),
+                collective_timeout: args.collective_timeout,
+            };
+            let cluster = start_cluster_with(&cluster_args).await?;
+            let mut session =
+                Session::start(model, cluster, context, args.batch.min(context)).await?;
+            let mut rng = Rng::new(args.seed);
+            let mut random = |n: usize| -> Vec<u32> {
+                (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect()
+            };
+            let outcome: anyhow::Result<()> = async {
+                for &depth in &args.depth {
+                    for &test in &tests {
+                        let mut samples_ns = Vec::with_capacity(args.repetitions);
+                        for rep in 0..=args.repetitions {
+                            session.clear().await?;
+                            if depth > 0 {
+                                session.process(&random(depth), 0).await?;
+                            }
+                            let started = Instant::now();
+                            match test {
+                                Test::Prompt(n) => session.process(&random(n), depth).await?,
+                                Test::Generate(n) => {
+                                    let tokens = random(n);
+                                    for (i, &token) in tokens.iter().enumerate() {
+                                        session.process(&[token], depth + i).await?;
+                                    }
+                                }
+                            }
+                            // Repetition 0 warms caches and page tables; it is not counted.
+                            if rep > 0 {
+                                samples_ns.push(started.elapsed().as_nanos() as f64);
+                            }
+                        }
+                        let samples_ts: Vec<f64> = samples_ns
+                            .iter()
+                            .map(|ns| test.tokens() as f64 * 1e9 / ns)
+                            .collect();
+                        let (avg_ns, stddev_ns) = mean_sd(&samples_ns);
+                        let (avg_ts, stddev_ts) = mean_sd(&samples_ts);
+                        let result = BenchResult {
+                            model_filename: model_filename.clone(),
+                            model_size,
+                            tp,
+                            n_threads: threads,
+                            n_prompt: if let Test::Prompt(n) = test { n } else { 0 },
+                            n_gen: if let Test::Generate(n) = test { n } else { 0 },
+                            n_depth: depth,
+                            n_batch: args.batch,
+                            test: test.name(depth),
+                            avg_ns,
+                            stddev_ns,
+                            avg_ts,
+                            stddev_ts,
+                            samples_ns,
+                            samples_ts,
+                        };
+                        if text {
+                            println!(
+                                "| {} | {:.1} MiB | {tp} | {threads} | {} | {:.2} ± {:.2} |",
+                                args.model.file_name().map_or(model_filename.clone(), |n| n
+                                    .to_string_lossy()
+                                    .into_owned()),
+                                model_size as f64 / (1 << 20) as f64,
+                                result.test,
+                                avg_ts,
+                                stddev_ts
+                            );
+                        }
+                        results.push(result);
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            session.cluster.shutdown().await;
+            outcome?;
+        }
+    }
+    if !text {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    Ok(())
+}
