@@ -13,17 +13,62 @@ struct Args {
     /// Address for the control plane. Loopback unless you mean to expose it.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Compute threads (0: one per available core).
+    /// Compute threads (0: one per CPU this process may use).
     #[arg(long, short = 't', default_value_t = 0)]
     threads: usize,
+    /// Run only on these CPUs (e.g. `0-7` or `0,2,4`) and pin compute thread i to the i-th.
+    /// Without it, threads are pinned only when the process was started on a restricted CPU set
+    /// (taskset, numactl, systemd CPUAffinity=).
+    #[arg(long, value_name = "LIST")]
+    cpus: Option<String>,
     /// Log level filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     log: String,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let cpus = match args.cpus.as_deref().map(tp::kernels::pool::parse_cpu_list) {
+        None => None,
+        Some(Ok(cpus)) => Some(cpus),
+        Some(Err(e)) => {
+            eprintln!("error: --cpus: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // Restrict the process before any other thread exists, so that all of them inherit it.
+    if let Some(cpus) = &cpus
+        && let Err(e) = tp::kernels::pool::set_affinity(cpus)
+    {
+        eprintln!("error: cannot run on CPUs {cpus:?}: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(args, cpus))
+}
+
+/// The CPUs to pin compute threads to: those given, or the process's CPU set when it is a
+/// strict subset of the machine's online CPUs.
+fn pin_set(cpus: Option<Vec<usize>>) -> Option<Vec<usize>> {
+    if cpus.is_some() {
+        return cpus;
+    }
+    let allowed = tp::kernels::pool::allowed_cpus();
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    (!allowed.is_empty() && (allowed.len() as i64) < online).then_some(allowed)
+}
+
+async fn serve(args: Args, cpus: Option<Vec<usize>>) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
     tracing_subscriber::fmt()
@@ -33,6 +78,7 @@ async fn main() -> std::process::ExitCode {
     let options = tp::worker::WorkerOptions {
         listen: args.listen,
         threads: args.threads,
+        pin: pin_set(cpus),
     };
     let on_bound = |address: SocketAddr| {
         let mut stdout = std::io::stdout();

@@ -158,6 +158,10 @@ impl Cluster {
     ) -> anyhow::Result<Cluster> {
         let mut children = Vec::new();
         let mut entries = Vec::new();
+        // Give each worker its own cores when they go round, so that pinned threads of
+        // different workers never share one; otherwise leave placement to the OS.
+        let cpus = crate::kernels::pool::allowed_cpus();
+        let disjoint = weights.len() * threads_per_worker <= cpus.len();
         for (rank, &weight) in weights.iter().enumerate() {
             let mut command = Command::new(worker_binary);
             command
@@ -173,6 +177,11 @@ impl Cluster {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
+            if disjoint {
+                let mine = &cpus[rank * threads_per_worker..(rank + 1) * threads_per_worker];
+                let list: Vec<String> = mine.iter().map(|c| c.to_string()).collect();
+                command.args(["--cpus", &list.join(",")]);
+            }
             // SAFETY: prctl is async-signal-safe; it makes the kernel signal the worker when this
             // process dies, so no worker outlives a coordinator killed with SIGKILL.
             unsafe {

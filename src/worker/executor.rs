@@ -6,16 +6,37 @@
 
 use std::sync::Arc;
 
+use std::cell::RefCell;
+
 use half::f16;
-use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
-use crate::kernels::cpu::{PreparedActivations, QuantType, f32_dot, matmul, matmul_f64};
+use crate::kernels::cpu::{PreparedActivations, QuantType, f16_axpy, f16_dot, matmul, matmul_f64};
+use crate::kernels::pool;
 use crate::model::arch::{ModelConfig, RopeStyle};
 use crate::transport::{Collective, TransportError};
 use crate::worker::kv::KvCache;
 use crate::worker::shard::{LoadedShard, Weight};
+
+thread_local! {
+    /// Per-thread attention scratch: the query in f16, the scores, the output accumulator.
+    static SCRATCH: RefCell<(Vec<f16>, Vec<f32>, Vec<f32>)> = const {
+        RefCell::new((Vec::new(), Vec::new(), Vec::new()))
+    };
+}
+
+/// The output of a parallel op; tasks write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: only used by tasks that write disjoint elements (see each use).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+impl SharedOut {
+    /// The element at `index` (a method, so closures capture the whole wrapper).
+    fn at(self, index: usize) -> *mut f32 {
+        self.0.wrapping_add(index)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
@@ -514,47 +535,40 @@ impl Executor {
         let kv = &self.kv;
         let mut out = std::mem::take(&mut self.buffers[slot(Buffer::Attention)]);
         let q = &self.buffers[slot(Buffer::Q)];
-        out[..batch * q_heads * hd]
-            .par_chunks_mut(hd)
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; hd], Vec::new(), vec![0f32; hd], vec![0f32; hd]),
-                |(key, scores, acc, value), (index, target)| {
-                    let (b, h) = (index / q_heads, index % q_heads);
-                    let kv_head = (q_start + h) / group - kv_start;
-                    let query: Vec<f32> = q[(b * q_heads + h) * hd..(b * q_heads + h + 1) * hd]
-                        .iter()
-                        .map(|&x| f16::from_f32(x).to_f32())
-                        .collect();
-                    let query = &query[..];
-                    let (sequence, position) = (sequences[b] as usize, positions[b] as usize);
-                    scores.clear();
-                    let mut max = f32::NEG_INFINITY;
-                    for t in 0..=position {
-                        kv.key(layer, sequence, t, kv_head)
-                            .convert_to_f32_slice(key);
-                        let s = f32_dot(query, key) * scale;
-                        max = max.max(s);
-                        scores.push(s);
-                    }
-                    let mut sum = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    acc.fill(0.0);
-                    for (t, &w) in scores.iter().enumerate() {
-                        kv.value(layer, sequence, t, kv_head)
-                            .convert_to_f32_slice(value);
-                        for (a, v) in acc.iter_mut().zip(value.iter()) {
-                            *a += w * v;
-                        }
-                    }
-                    for (o, a) in target.iter_mut().zip(acc.iter()) {
-                        *o = a / sum;
-                    }
-                },
-            );
+        let target = SharedOut(out.as_mut_ptr());
+        // One task per (row, query head); each writes its own head_dim slice of `out`.
+        pool::for_each(batch * q_heads, |index| {
+            let (b, h) = (index / q_heads, index % q_heads);
+            let kv_head = (q_start + h) / group - kv_start;
+            let (sequence, position) = (sequences[b] as usize, positions[b] as usize);
+            SCRATCH.with_borrow_mut(|(query, scores, acc)| {
+                query.clear();
+                query.extend(q[index * hd..(index + 1) * hd].iter().map(|&x| f16::from_f32(x)));
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for t in 0..=position {
+                    let s = f16_dot(query, kv.key(layer, sequence, t, kv_head)) * scale;
+                    max = max.max(s);
+                    scores.push(s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                acc.clear();
+                acc.resize(hd, 0.0);
+                for (t, &w) in scores.iter().enumerate() {
+                    f16_axpy(acc, w, kv.value(layer, sequence, t, kv_head));
+                }
+                // SAFETY: task `index` alone writes out[index * hd..(index + 1) * hd], which is
+                // within batch * q_heads * hd <= out.len().
+                let dst = unsafe { std::slice::from_raw_parts_mut(target.at(index * hd), hd) };
+                for (o, a) in dst.iter_mut().zip(acc.iter()) {
+                    *o = a / sum;
+                }
+            });
+        });
         self.buffers[slot(Buffer::Attention)] = out;
     }
 

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::planner::{LayerShard, RankShard, check_rank_shard};
+use crate::kernels::pool::ThreadPool;
 use crate::model::arch::ModelConfig;
 use crate::model::gguf::GgufFile;
 use crate::proto;
@@ -31,12 +32,14 @@ pub struct WorkerOptions {
     pub listen: SocketAddr,
     /// Compute threads; 0 means one per available core.
     pub threads: usize,
+    /// CPUs to pin compute thread i to (`pin[i % len]`); None leaves placement to the OS.
+    pub pin: Option<Vec<usize>>,
 }
 
 struct Loaded {
     executor: Executor,
     collective: Box<dyn Collective>,
-    pool: rayon::ThreadPool,
+    pool: ThreadPool,
     weight_bytes: u64,
     steps: u64,
     compute_seconds: f64,
@@ -56,6 +59,7 @@ fn proc_status_bytes(key: &str) -> u64 {
 pub struct WorkerService {
     state: Arc<Mutex<Option<Loaded>>>,
     threads: usize,
+    pin: Option<Vec<usize>>,
     shutdown: tokio::sync::mpsc::Sender<()>,
 }
 
@@ -88,6 +92,7 @@ pub fn hostname() -> String {
 fn load(
     request: proto::LoadShardRequest,
     default_threads: usize,
+    pin: Option<&[usize]>,
 ) -> Result<(Loaded, proto::LoadShardReply), String> {
     let started = Instant::now();
     let file = GgufFile::open(&request.model_path).map_err(|e| e.to_string())?;
@@ -133,11 +138,8 @@ fn load(
     } else {
         default_threads
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .thread_name(|i| format!("tp-compute-{i}"))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let pool = ThreadPool::new(threads, pin)
+        .map_err(|e| format!("cannot start {threads} compute threads: {e}"))?;
     let loaded = pool
         .install(|| shard::load_shard(&file, &config, &shard))
         .map_err(|e| e.to_string())?;
@@ -211,10 +213,11 @@ impl proto::worker_server::Worker for WorkerService {
         let request = request.into_inner();
         let state = self.state.clone();
         let threads = self.threads;
+        let pin = self.pin.clone();
         tokio::task::spawn_blocking(move || {
             // Drop any previous shard first so two never coexist in memory.
             *state.lock().unwrap() = None;
-            let (loaded, reply) = load(request, threads).map_err(Status::invalid_argument)?;
+            let (loaded, reply) = load(request, threads, pin.as_deref()).map_err(Status::invalid_argument)?;
             tracing::info!(
                 weight_mib = reply.weight_bytes as f64 / (1 << 20) as f64,
                 kv_mib = reply.kv_cache_bytes as f64 / (1 << 20) as f64,
@@ -343,10 +346,15 @@ pub async fn run(
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     };
+    match &options.pin {
+        Some(cpus) => tracing::info!(?cpus, "compute threads pinned"),
+        None => tracing::info!("compute threads not pinned (no CPU set given)"),
+    }
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
     let service = WorkerService {
         state: Arc::new(Mutex::new(None)),
         threads,
+        pin: options.pin,
         shutdown: shutdown_tx,
     };
     on_bound(address);

@@ -267,6 +267,25 @@ pub unsafe fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// `acc[i] += w * v[i]`, fused multiply-add per element (the scalar kernel rounds the same way).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[f16]) {
+    let n = acc.len().min(v.len());
+    unsafe {
+        let wv = _mm256_set1_ps(w);
+        let mut i = 0;
+        while i + 8 <= n {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(wv, x, a));
+            i += 8;
+        }
+        for j in i..n {
+            *acc.get_unchecked_mut(j) = w.mul_add(v.get_unchecked(j).to_f32(), *acc.get_unchecked(j));
+        }
+    }
+}
+
 macro_rules! float_kernels {
     ($one:ident, $four:ident, $lw:ty, $la:ty, $at:ty) => {
         /// Weights as raw little-endian bytes (any alignment).

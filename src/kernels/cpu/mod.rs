@@ -23,7 +23,7 @@ mod tests;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
+use crate::kernels::pool;
 
 pub use blocks::{
     BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K,
@@ -46,6 +46,7 @@ pub use reference::{
 struct Kernels {
     name: &'static str,
     f32_dot: unsafe fn(&[f32], &[f32]) -> f32,
+    axpy_f16: unsafe fn(&mut [f32], f32, &[f16]),
     dot_f32: unsafe fn(&[u8], &[f32]) -> f32,
     dot_f16: unsafe fn(&[u8], &[f16]) -> f32,
     dot_bf16: unsafe fn(&[u8], &[bf16]) -> f32,
@@ -305,6 +306,7 @@ static AVX2_64: Kernels64 = Kernels64 {
 static SCALAR: Kernels = Kernels {
     name: "scalar",
     f32_dot: scalar_f32_dot,
+    axpy_f16: reference::axpy_f16,
     dot_f32: reference::vec_dot_f32,
     dot_f16: reference::vec_dot_f16,
     dot_bf16: reference::vec_dot_bf16,
@@ -332,6 +334,7 @@ static SCALAR: Kernels = Kernels {
 static AVX2: Kernels = Kernels {
     name: "avx2",
     f32_dot: avx2::f32_dot,
+    axpy_f16: avx2::axpy_f16,
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
     dot_bf16: avx2::dot_bf16,
@@ -387,6 +390,24 @@ pub fn kernel_name() -> &'static str {
 }
 
 /// Fast f32 dot product (attention scores etc.).
+/// Dot product of two f16 vectors accumulated in f32: an attention score, with the query
+/// rounded to f16 as llama.cpp does before dotting it with the F16 KV cache.
+pub fn f16_dot(a: &[f16], b: &[f16]) -> f32 {
+    assert_eq!(a.len(), b.len(), "f16_dot length mismatch");
+    // SAFETY: f16 is two plain bytes; equal lengths; the table matches this CPU.
+    unsafe {
+        let bytes = std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len() * 2);
+        (kernels().dot_f16)(bytes, b)
+    }
+}
+
+/// `acc[i] += w * v[i]`: one attention weight times a value row of the F16 cache.
+pub fn f16_axpy(acc: &mut [f32], w: f32, v: &[f16]) {
+    assert_eq!(acc.len(), v.len(), "f16_axpy length mismatch");
+    // SAFETY: equal lengths; the table matches this CPU.
+    unsafe { (kernels().axpy_f16)(acc, w, v) }
+}
+
 pub fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "f32_dot length mismatch");
     // SAFETY: equal lengths; the table matches this CPU.
@@ -431,10 +452,13 @@ fn prepare_rows<T: Send>(
     per_row: usize,
     f: impl Fn(&[f32], &mut [T]) + Sync,
 ) {
-    if x.len() >= PARALLEL_PREPARE_MIN && rayon::current_num_threads() > 1 {
-        x.par_chunks(len)
-            .zip(dst.par_chunks_mut(per_row))
-            .for_each(|(xr, dr)| f(xr, dr));
+    if x.len() >= PARALLEL_PREPARE_MIN && pool::threads() > 1 {
+        let out = OutPtr(dst.as_mut_ptr());
+        pool::for_each(x.len() / len, |r| {
+            // SAFETY: each task writes its own row `r` of `dst` (count rows of per_row).
+            let dr = unsafe { std::slice::from_raw_parts_mut(out.get().add(r * per_row), per_row) };
+            f(&x[r * len..(r + 1) * len], dr)
+        });
     } else {
         for (xr, dr) in x.chunks(len).zip(dst.chunks_mut(per_row)) {
             f(xr, dr);
@@ -703,14 +727,14 @@ fn drive<T, F1, F4>(
     F4: Fn(&[u8], usize, &mut [T; 4]) + Sync,
 {
     let out = OutPtr(y.as_mut_ptr());
-    let threads = rayon::current_num_threads();
+    let threads = pool::threads();
     if !parallel || threads <= 1 || rows * cols * count < PARALLEL_MATMUL_MIN || rows <= 16 {
         run_rows(&dot1, &dot4, weight, rb, rows, count, 0, rows, out);
         return;
     }
     let chunk = (rows / (threads * 8)).clamp(16, 64);
     let tasks = rows.div_ceil(chunk);
-    (0..tasks).into_par_iter().for_each(|t| {
+    pool::for_each(tasks, |t| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(rows);
         run_rows(&dot1, &dot4, weight, rb, rows, count, r0, r1, out);
@@ -942,7 +966,7 @@ fn matmul_f64_with(
 /// `y[b * rows + r] = dot(weight row r, activation b)` for `r < rows`, `b < act.count()`.
 ///
 /// `weight` holds `rows` rows of `ty.row_bytes(cols)` bytes (ggml layout, any alignment).
-/// Rows are split across the current rayon pool; within a task each weight row is read once
+/// Rows are split across the calling thread's pool (`kernels::pool`); within a task each weight row is read once
 /// per batch.
 pub fn matmul(
     ty: QuantType,

@@ -960,6 +960,13 @@ pub fn vec_dot_q6_k_q8_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
 
 /// Scalar f32 dot with 8 independent accumulators (vectorizes without FMA contraction).
 #[inline(always)]
+/// `acc[i] += w * v[i]` with one rounding (fused multiply-add), as the vector kernels do.
+pub fn axpy_f16(acc: &mut [f32], w: f32, v: &[f16]) {
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a = w.mul_add(x.to_f32(), *a);
+    }
+}
+
 pub fn f32_dot_scalar(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let mut acc = [0f32; 8];
