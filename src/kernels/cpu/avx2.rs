@@ -109,18 +109,6 @@ unsafe fn mul_sum_us8_pairs(ax: __m256i, sy: __m256i) -> __m256i {
     }
 }
 
-/// Signed i8 x i8 dot of 32 lanes, as 8 float partial sums.
-#[inline(always)]
-unsafe fn mul_sum_i8_pairs_float(x: __m256i, y: __m256i) -> __m256 {
-    unsafe { _mm256_cvtepi32_ps(mul_sum_i8_pairs(x, y)) }
-}
-
-/// Unsigned (0..127) x signed i8 dot of 32 lanes, as 8 float partial sums.
-#[inline(always)]
-unsafe fn mul_sum_us8_pairs_float(ax: __m256i, sy: __m256i) -> __m256 {
-    unsafe { _mm256_cvtepi32_ps(mul_sum_us8_pairs(ax, sy)) }
-}
-
 /// Sum of 4 i32 lanes (exact, wrapping).
 #[inline(always)]
 unsafe fn hsum_epi32_128(s: __m128i) -> i32 {
@@ -313,165 +301,282 @@ float_kernels!(dot_bf16, dot4_bf16, LBF16, LBF16, bf16);
 
 // ---- legacy 32-element blocks
 
-/// Shared loop of the 32-element block kernels. `prep(i)` decodes weight block `i` once
-/// (returning its broadcast scale and 32 signed or unsigned quants), `dot(wq, yblock)` gives
-/// the integer partial sums as floats, `dy(yblock)` the activation scale and `extra` updates a
-/// second accumulator whose 8 (identical) lanes are summed and scaled by 1/8 at the end (exact).
-/// Even and odd blocks go to separate accumulators to hide FMA latency.
-macro_rules! legacy_body {
-    ($n:expr, $x:expr, $y:expr, $stride:expr, |$i:ident| $prep:expr, |$wq:ident, $by:ident| $dot:expr, |$byd:ident| $dy:expr, |$bx2:ident, $by2:ident, $a:ident| $extra:expr) => {{
-        let x = $x;
-        let y = $y;
-        let stride = $stride;
-        // `acc` takes even blocks and `acc_b` odd ones (swapped every block, which is just
-        // register renaming), so consecutive FMAs are independent.
-        let mut acc = [_mm256_setzero_ps(); $n];
-        let mut acc_b = [_mm256_setzero_ps(); $n];
-        let mut acc_extra = [_mm256_setzero_ps(); $n];
-        for idx in 0..x.len() {
-            let $i = idx;
-            let (dx, $wq) = $prep;
-            for v in 0..$n {
-                let $by: &_ = &*y.add(v * stride + idx);
-                let d = _mm256_mul_ps(dx, {
-                    let $byd = $by;
-                    $dy
-                });
-                let p = $dot;
-                acc[v] = _mm256_fmadd_ps(d, p, acc[v]);
-                #[allow(unused_variables)]
-                let ($bx2, $by2, $a) = (x.get_unchecked(idx), $by, acc_extra[v]);
-                acc_extra[v] = $extra;
-            }
-            std::mem::swap(&mut acc, &mut acc_b);
+/// Per-type parts of the f32 kernels for 32-element blocks. A kernel handles R weight rows
+/// and N activation vectors at once (R x N in {1 x 1, 4 x 1, 1 x 4}); activation-side work
+/// (`act`) is shared by the R rows and weight-side work (`weight`) by the N activations.
+/// Every (row, activation) pair runs the same float operations in the same order in every
+/// variant, so the variants are bitwise equal to one another. That order, and the i32 lanes,
+/// are those of llama.cpp's AVX2 `ggml_vec_dot_{q4_0_q8_0,q4_1_q8_1,q5_0_q8_0,q8_0_q8_0}`
+/// (one accumulator, `acc = fma(d_w * d_a, float(lanes), acc)`, Q4_1 `summs += m_w * s_a`,
+/// `hsum(acc) + summs`): with the same activations the results should equal llama.cpp's bit
+/// for bit (by construction; not tested against llama.cpp itself).
+trait LegacyF32 {
+    type A;
+    /// Q4_1: scale vectors hold (d, m) / (d, s) pairs, and `m_w * s_a` is added per block.
+    const MIN: bool;
+    /// Activation block: scale vector, quants, auxiliary value for `isum`.
+    unsafe fn act(a: *const Self::A) -> (__m256, __m256i, __m256i);
+    /// Weight block at `p`: scale vector, quants.
+    unsafe fn weight(p: *const u8) -> (__m256, __m256i);
+    /// 8 i32 lanes summing to the block's integer dot (exact).
+    unsafe fn isum(wq: __m256i, aq: __m256i, aux: __m256i) -> __m256i;
+}
+
+/// Activation quants and the i16 pair sums `k * (y[2j] + y[2j+1])` (for offset weights `q - k`).
+#[inline(always)]
+unsafe fn q8_act_offset(qs: *const i8, k: i8) -> (__m256i, __m256i) {
+    unsafe {
+        let y = _mm256_loadu_si256(qs as *const __m256i);
+        (y, _mm256_maddubs_epi16(_mm256_set1_epi8(k), y))
+    }
+}
+
+/// Σ (q - k) * y for unsigned q (0..=31) given `ky` from `q8_act_offset`: 8 i32 lanes.
+/// The i16 pair sums stay within ±2 * 31 * 128, and their difference within ±2 * 16 * 128.
+#[inline(always)]
+unsafe fn offset_isum(q: __m256i, y: __m256i, ky: __m256i) -> __m256i {
+    unsafe {
+        let d = _mm256_sub_epi16(_mm256_maddubs_epi16(q, y), ky);
+        _mm256_madd_epi16(d, _mm256_set1_epi16(1))
+    }
+}
+
+/// Broadcast of the (d, m) or (d, s) f16 pair at `p`: lanes [d, m, d, m, ...] as f32.
+#[inline(always)]
+unsafe fn f16_pair_splat(p: *const u8) -> __m256 {
+    unsafe {
+        let v = u32::from_le_bytes((p as *const [u8; 4]).read());
+        _mm256_cvtph_ps(_mm_set1_epi32(v as i32))
+    }
+}
+
+impl LegacyF32 for BlockQ4_0 {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn act(a: *const BlockQ8_0) -> (__m256, __m256i, __m256i) {
+        unsafe {
+            let (y, ky) = q8_act_offset((*a).qs.as_ptr(), 8);
+            (f16_splat((*a).d), y, ky)
         }
-        let mut out = [0f32; $n];
-        for v in 0..$n {
-            out[v] = hsum_ps(_mm256_add_ps(acc[v], acc_b[v])) + 0.125 * hsum_ps(acc_extra[v]);
+    }
+    #[inline(always)]
+    unsafe fn weight(p: *const u8) -> (__m256, __m256i) {
+        unsafe {
+            let b = &*(p as *const BlockQ4_0);
+            (f16_splat(b.d), nibbles_32(b.qs.as_ptr()))
+        }
+    }
+    #[inline(always)]
+    unsafe fn isum(wq: __m256i, aq: __m256i, aux: __m256i) -> __m256i {
+        unsafe { offset_isum(wq, aq, aux) }
+    }
+}
+
+impl LegacyF32 for BlockQ4_1 {
+    type A = BlockQ8_1;
+    const MIN: bool = true;
+    #[inline(always)]
+    unsafe fn act(a: *const BlockQ8_1) -> (__m256, __m256i, __m256i) {
+        unsafe {
+            let y = _mm256_loadu_si256((*a).qs.as_ptr() as *const __m256i);
+            (f16_pair_splat(a as *const u8), y, y)
+        }
+    }
+    #[inline(always)]
+    unsafe fn weight(p: *const u8) -> (__m256, __m256i) {
+        unsafe {
+            let b = &*(p as *const BlockQ4_1);
+            (f16_pair_splat(p), nibbles_32(b.qs.as_ptr()))
+        }
+    }
+    #[inline(always)]
+    unsafe fn isum(wq: __m256i, aq: __m256i, _aux: __m256i) -> __m256i {
+        unsafe { mul_sum_us8_pairs(wq, aq) }
+    }
+}
+
+impl LegacyF32 for BlockQ5_0 {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn act(a: *const BlockQ8_0) -> (__m256, __m256i, __m256i) {
+        unsafe {
+            let (y, ky) = q8_act_offset((*a).qs.as_ptr(), 16);
+            (f16_splat((*a).d), y, ky)
+        }
+    }
+    #[inline(always)]
+    unsafe fn weight(p: *const u8) -> (__m256, __m256i) {
+        unsafe {
+            let b = &*(p as *const BlockQ5_0);
+            // nibble | bit << 4, unsigned 0..=31
+            let hi = _mm256_and_si256(
+                bytes_from_bits_32(u32::from_le_bytes(b.qh)),
+                _mm256_set1_epi8(0x10),
+            );
+            (
+                f16_splat(b.d),
+                _mm256_or_si256(nibbles_32(b.qs.as_ptr()), hi),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn isum(wq: __m256i, aq: __m256i, aux: __m256i) -> __m256i {
+        unsafe { offset_isum(wq, aq, aux) }
+    }
+}
+
+impl LegacyF32 for BlockQ8_0 {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn act(a: *const BlockQ8_0) -> (__m256, __m256i, __m256i) {
+        unsafe {
+            let y = _mm256_loadu_si256((*a).qs.as_ptr() as *const __m256i);
+            (f16_splat((*a).d), y, y)
+        }
+    }
+    #[inline(always)]
+    unsafe fn weight(p: *const u8) -> (__m256, __m256i) {
+        unsafe {
+            let b = &*(p as *const BlockQ8_0);
+            (
+                f16_splat(b.d),
+                _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn isum(wq: __m256i, aq: __m256i, _aux: __m256i) -> __m256i {
+        unsafe { mul_sum_i8_pairs(wq, aq) }
+    }
+}
+
+/// Dots of weight rows `x + r * rb` (bytes, r < R, `nb` blocks each) with activation vectors
+/// `y + v * ystride` (blocks, v < N): `out[r][v]`. One accumulator per pair: per block
+/// `acc = fma(d_w * d_a, float(isum), acc)` (Q4_1 also `accm += m_w * s_a` in odd lanes),
+/// then `hsum(acc) (+ accm lane 1)`.
+#[inline(always)]
+unsafe fn legacy_kernel<W: LegacyF32, const R: usize, const N: usize>(
+    x: *const u8,
+    rb: usize,
+    nb: usize,
+    y: *const W::A,
+    ystride: usize,
+) -> [[f32; N]; R] {
+    unsafe {
+        let bsize = size_of::<W>();
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut accm = [[_mm256_setzero_ps(); N]; R];
+        let mut xp = x;
+        let mut yp = y;
+        // R > 1: the rows are read as R interleaved streams, which the hardware prefetchers
+        // follow poorly; prefetch the next R rows (contiguous, R * rb bytes) instead, R blocks'
+        // worth per block step: points 64 bytes apart over 192 bytes >= R * size cover every line.
+        let mut pf = x.wrapping_add(R * rb);
+        for _ in 0..nb {
+            if R > 1 {
+                _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(128) as *const i8);
+                pf = pf.wrapping_add(R * bsize);
+            }
+            // (a loop rather than `array::from_fn`, whose closure call is not inlined in
+            // unoptimized builds)
+            let mut a = [(
+                _mm256_setzero_ps(),
+                _mm256_setzero_si256(),
+                _mm256_setzero_si256(),
+            ); N];
+            for v in 0..N {
+                a[v] = W::act(yp.add(v * ystride));
+            }
+            for r in 0..R {
+                let (ws, wq) = W::weight(xp.add(r * rb));
+                for v in 0..N {
+                    let (asc, aq, aux) = a[v];
+                    let p = _mm256_cvtepi32_ps(W::isum(wq, aq, aux));
+                    let s = _mm256_mul_ps(ws, asc);
+                    if W::MIN {
+                        acc[r][v] = _mm256_fmadd_ps(_mm256_moveldup_ps(s), p, acc[r][v]);
+                        accm[r][v] = _mm256_add_ps(accm[r][v], s);
+                    } else {
+                        acc[r][v] = _mm256_fmadd_ps(s, p, acc[r][v]);
+                    }
+                }
+            }
+            xp = xp.add(bsize);
+            yp = yp.add(1);
+        }
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
+            for v in 0..N {
+                let mut s = hsum_ps(acc[r][v]);
+                if W::MIN {
+                    s += _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(accm[r][v])));
+                }
+                out[r][v] = s;
+            }
         }
         out
-    }};
-}
-
-#[inline(always)]
-unsafe fn q4_0_body<const N: usize>(
-    x: &[BlockQ4_0],
-    y: *const BlockQ8_0,
-    stride: usize,
-) -> [f32; N] {
-    unsafe {
-        let off = _mm256_set1_epi8(8);
-        legacy_body!(
-            N,
-            x,
-            y,
-            stride,
-            |i| {
-                let bx = x.get_unchecked(i);
-                (
-                    f16_splat(bx.d),
-                    _mm256_sub_epi8(nibbles_32(bx.qs.as_ptr()), off),
-                )
-            },
-            |qx, by| mul_sum_i8_pairs_float(
-                qx,
-                _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)
-            ),
-            |b| f16_splat(b.d),
-            |bx, by, a| a
-        )
     }
 }
 
-#[inline(always)]
-unsafe fn q4_1_body<const N: usize>(
-    x: &[BlockQ4_1],
-    y: *const BlockQ8_1,
-    stride: usize,
-) -> [f32; N] {
-    unsafe {
-        // m * s is accumulated in all 8 lanes (identical); the final hsum is scaled by 1/8,
-        // which is exact. Keeping it vectorized avoids scalar f16 conversions in the loop.
-        legacy_body!(
-            N,
-            x,
-            y,
-            stride,
-            |i| {
-                let bx = x.get_unchecked(i);
-                (f16_splat(bx.d), nibbles_32(bx.qs.as_ptr()))
-            },
-            |qx, by| mul_sum_us8_pairs_float(
-                qx,
-                _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)
-            ),
-            |b| f16_splat(b.d),
-            |bx, by, a| _mm256_fmadd_ps(f16_splat(bx.m), f16_splat(by.s), a)
-        )
-    }
+macro_rules! legacy_kernels {
+    ($one:ident, $four:ident, $rows4:ident, $wb:ty, $ab:ty) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $one(x: &[$wb], y: &[$ab]) -> f32 {
+            debug_assert_eq!(x.len(), y.len());
+            unsafe {
+                legacy_kernel::<$wb, 1, 1>(x.as_ptr() as *const u8, 0, x.len(), y.as_ptr(), 0)[0][0]
+            }
+        }
+        /// Four activation vectors at `y`, `y + stride`, ... (blocks).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $four(x: &[$wb], y: *const $ab, stride: usize, out: &mut [f32; 4]) {
+            unsafe {
+                *out = legacy_kernel::<$wb, 1, 4>(x.as_ptr() as *const u8, 0, x.len(), y, stride)[0]
+            }
+        }
+        /// Four weight rows at `w`, `w + rb`, ... (bytes) with one activation vector.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $rows4(w: *const u8, rb: usize, y: &[$ab], out: &mut [f32; 4]) {
+            unsafe {
+                let r = legacy_kernel::<$wb, 4, 1>(w, rb, y.len(), y.as_ptr(), 0);
+                *out = [r[0][0], r[1][0], r[2][0], r[3][0]];
+            }
+        }
+    };
 }
-
-#[inline(always)]
-unsafe fn q5_0_body<const N: usize>(
-    x: &[BlockQ5_0],
-    y: *const BlockQ8_0,
-    stride: usize,
-) -> [f32; N] {
-    unsafe {
-        let hi_clear = _mm256_set1_epi8(0xF0u8 as i8);
-        legacy_body!(
-            N,
-            x,
-            y,
-            stride,
-            |i| {
-                let bx = x.get_unchecked(i);
-                // (nibble | bit << 4) - 16 == nibble | (bit ? 0 : 0xF0) as i8
-                let bxhi =
-                    _mm256_andnot_si256(bytes_from_bits_32(u32::from_le_bytes(bx.qh)), hi_clear);
-                (
-                    f16_splat(bx.d),
-                    _mm256_or_si256(nibbles_32(bx.qs.as_ptr()), bxhi),
-                )
-            },
-            |qx, by| mul_sum_i8_pairs_float(
-                qx,
-                _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)
-            ),
-            |b| f16_splat(b.d),
-            |bx, by, a| a
-        )
-    }
-}
-
-#[inline(always)]
-unsafe fn q8_0_body<const N: usize>(
-    x: &[BlockQ8_0],
-    y: *const BlockQ8_0,
-    stride: usize,
-) -> [f32; N] {
-    unsafe {
-        legacy_body!(
-            N,
-            x,
-            y,
-            stride,
-            |i| {
-                let bx = x.get_unchecked(i);
-                (
-                    f16_splat(bx.d),
-                    _mm256_loadu_si256(bx.qs.as_ptr() as *const __m256i),
-                )
-            },
-            |qx, by| mul_sum_i8_pairs_float(
-                qx,
-                _mm256_loadu_si256(by.qs.as_ptr() as *const __m256i)
-            ),
-            |b| f16_splat(b.d),
-            |bx, by, a| a
-        )
-    }
-}
+legacy_kernels!(
+    dot_q4_0_q8_0,
+    dot4_q4_0_q8_0,
+    rows4_q4_0_q8_0,
+    BlockQ4_0,
+    BlockQ8_0
+);
+legacy_kernels!(
+    dot_q4_1_q8_1,
+    dot4_q4_1_q8_1,
+    rows4_q4_1_q8_1,
+    BlockQ4_1,
+    BlockQ8_1
+);
+legacy_kernels!(
+    dot_q5_0_q8_0,
+    dot4_q5_0_q8_0,
+    rows4_q5_0_q8_0,
+    BlockQ5_0,
+    BlockQ8_0
+);
+legacy_kernels!(
+    dot_q8_0_q8_0,
+    dot4_q8_0_q8_0,
+    rows4_q8_0_q8_0,
+    BlockQ8_0,
+    BlockQ8_0
+);
 
 // ---- K-quants
 
@@ -488,12 +593,9 @@ fn unpack_k4(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
     let sc_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
     let mn_lo = u1 & KMASK1;
     let mn_hi = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
-    let mut sc = [0u8; 8];
-    let mut mn = [0u8; 8];
-    sc[..4].copy_from_slice(&sc_lo.to_le_bytes());
-    sc[4..].copy_from_slice(&sc_hi.to_le_bytes());
-    mn[..4].copy_from_slice(&mn_lo.to_le_bytes());
-    mn[4..].copy_from_slice(&mn_hi.to_le_bytes());
+    // (u64 packing rather than `copy_from_slice`, which is a call in unoptimized builds)
+    let sc = (sc_lo as u64 | (sc_hi as u64) << 32).to_le_bytes();
+    let mn = (mn_lo as u64 | (mn_hi as u64) << 32).to_le_bytes();
     (sc, mn)
 }
 
@@ -684,6 +786,8 @@ unsafe fn q6_k_body<const N: usize>(x: &[BlockQ6K], y: *const BlockQ8K, stride: 
 
 /// Integer part of a Q6_K super-block: per activation (`y + v * stride`), 8 i32 lanes summing
 /// to Σ scale·q·q8.
+/// The lanes (not just their total) are those of llama.cpp's AVX2 `ggml_vec_dot_q6_K_q8_K`,
+/// so the f32 kernel rounds as it does; keep the per-group `- 32 * q8` form.
 #[inline(always)]
 unsafe fn q6_k_int<const N: usize>(
     bx: &BlockQ6K,
@@ -755,34 +859,6 @@ macro_rules! quant_kernels {
         }
     };
 }
-quant_kernels!(
-    dot_q4_0_q8_0,
-    dot4_q4_0_q8_0,
-    q4_0_body,
-    BlockQ4_0,
-    BlockQ8_0
-);
-quant_kernels!(
-    dot_q4_1_q8_1,
-    dot4_q4_1_q8_1,
-    q4_1_body,
-    BlockQ4_1,
-    BlockQ8_1
-);
-quant_kernels!(
-    dot_q5_0_q8_0,
-    dot4_q5_0_q8_0,
-    q5_0_body,
-    BlockQ5_0,
-    BlockQ8_0
-);
-quant_kernels!(
-    dot_q8_0_q8_0,
-    dot4_q8_0_q8_0,
-    q8_0_body,
-    BlockQ8_0,
-    BlockQ8_0
-);
 quant_kernels!(dot_q4_k_q8_k, dot4_q4_k_q8_k, q4_k_body, BlockQ4K, BlockQ8K);
 quant_kernels!(dot_q5_k_q8_k, dot4_q5_k_q8_k, q5_k_body, BlockQ5K, BlockQ8K);
 quant_kernels!(dot_q6_k_q8_k, dot4_q6_k_q8_k, q6_k_body, BlockQ6K, BlockQ8K);
@@ -1243,3 +1319,163 @@ macro_rules! float64_kernels {
 float64_kernels!(dot64_f32, dot64x4_f32, LF32, LF32, f32);
 float64_kernels!(dot64_f16, dot64x4_f16, LF16, LF16, f16);
 float64_kernels!(dot64_bf16, dot64x4_bf16, LBF16, LBF16, bf16);
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantizers, bitwise equal to `reference::quantize_row_q8_{0,1,k}` for finite
+// input: the same f32 scale arithmetic, `vcvtps2dq` rounding ties to even like
+// `round_ties_even` / `nearest_int`, exact integer sums.
+
+/// Horizontal max of 8 lanes.
+#[inline(always)]
+unsafe fn hmax_ps(v: __m256) -> f32 {
+    unsafe {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        _mm_cvtss_f32(m)
+    }
+}
+
+/// |v| of 8 lanes.
+#[inline(always)]
+unsafe fn abs_ps(v: __m256) -> __m256 {
+    unsafe { _mm256_andnot_ps(_mm256_set1_ps(-0.0), v) }
+}
+
+/// Rounds 4 x 8 floats (ties to even) to i32; returns them and the 32 values as i8 in order.
+#[inline(always)]
+unsafe fn round_pack_32(v: [__m256; 4], scale: __m256) -> ([__m256i; 4], __m256i) {
+    unsafe {
+        let q = v.map(|x| _mm256_cvtps_epi32(_mm256_mul_ps(x, scale)));
+        // packs interleave the 128-bit lanes; the permute restores element order
+        let a = _mm256_packs_epi32(q[0], q[1]);
+        let b = _mm256_packs_epi32(q[2], q[3]);
+        let p = _mm256_packs_epi16(a, b);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        (q, p)
+    }
+}
+
+/// Shared Q8_0 / Q8_1 quantizer; returns nothing, writes `d`, `qs` and (Q8_1) `s`.
+#[inline(always)]
+unsafe fn quantize_q8_legacy(x: *const f32, d: *mut F16Bytes, qs: *mut i8, s: *mut F16Bytes) {
+    unsafe {
+        let v = [
+            _mm256_loadu_ps(x),
+            _mm256_loadu_ps(x.add(8)),
+            _mm256_loadu_ps(x.add(16)),
+            _mm256_loadu_ps(x.add(24)),
+        ];
+        let m = _mm256_max_ps(
+            _mm256_max_ps(abs_ps(v[0]), abs_ps(v[1])),
+            _mm256_max_ps(abs_ps(v[2]), abs_ps(v[3])),
+        );
+        let amax = hmax_ps(m);
+        let dv = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        *d = F16Bytes::from_f32(dv);
+        let (q, p) = round_pack_32(v, _mm256_set1_ps(id));
+        _mm256_storeu_si256(qs as *mut __m256i, p);
+        if !s.is_null() {
+            let sum = hsum_epi32(_mm256_add_epi32(
+                _mm256_add_epi32(q[0], q[1]),
+                _mm256_add_epi32(q[2], q[3]),
+            ));
+            *s = F16Bytes::from_f32(sum as f32 * dv);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_q8_0(x: &[f32], y: &mut [BlockQ8_0]) {
+    assert_eq!(x.len(), y.len() * QK);
+    for (i, b) in y.iter_mut().enumerate() {
+        // SAFETY: block i has 32 values at x[32 i..].
+        unsafe {
+            quantize_q8_legacy(
+                x.as_ptr().add(i * QK),
+                &mut b.d,
+                b.qs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
+    assert_eq!(x.len(), y.len() * QK);
+    for (i, b) in y.iter_mut().enumerate() {
+        // SAFETY: as above.
+        unsafe {
+            quantize_q8_legacy(
+                x.as_ptr().add(i * QK),
+                &mut b.d,
+                b.qs.as_mut_ptr(),
+                &mut b.s,
+            )
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn quantize_row_q8_k(x: &[f32], y: &mut [BlockQ8K]) {
+    assert_eq!(x.len(), y.len() * QK_K);
+    for (bi, b) in y.iter_mut().enumerate() {
+        // SAFETY: block bi has 256 values at x[256 bi..].
+        unsafe {
+            let xb = x.as_ptr().add(bi * QK_K);
+            let mut m = _mm256_setzero_ps();
+            for k in 0..QK_K / 8 {
+                m = _mm256_max_ps(m, abs_ps(_mm256_loadu_ps(xb.add(8 * k))));
+            }
+            let amax = hmax_ps(m);
+            if amax == 0.0 {
+                b.d = 0.0;
+                b.qs = [0; QK_K];
+                b.bsums = [0; QK_K / 16];
+                continue;
+            }
+            // the first value of largest magnitude, with its sign
+            let am = _mm256_set1_ps(amax);
+            let mut max = 0.0f32;
+            for k in 0..QK_K / 8 {
+                let eq = _mm256_cmp_ps::<_CMP_EQ_OQ>(abs_ps(_mm256_loadu_ps(xb.add(8 * k))), am);
+                let mask = _mm256_movemask_ps(eq);
+                if mask != 0 {
+                    max = *xb.add(8 * k + mask.trailing_zeros() as usize);
+                    break;
+                }
+            }
+            let iscale = -127.0 / max;
+            let sv = _mm256_set1_ps(iscale);
+            let ones8 = _mm256_set1_epi8(1);
+            let ones16 = _mm256_set1_epi16(1);
+            // 8 chunks of 32; bsums of 4 chunks (8 sums) at a time
+            for h in 0..2 {
+                let mut s = [_mm256_setzero_si256(); 4];
+                for c in 0..4 {
+                    let k = 4 * h + c;
+                    let p0 = xb.add(32 * k);
+                    let v = [
+                        _mm256_loadu_ps(p0),
+                        _mm256_loadu_ps(p0.add(8)),
+                        _mm256_loadu_ps(p0.add(16)),
+                        _mm256_loadu_ps(p0.add(24)),
+                    ];
+                    let (_, p) = round_pack_32(v, sv);
+                    _mm256_storeu_si256(b.qs.as_mut_ptr().add(32 * k) as *mut __m256i, p);
+                    // 8 lanes: sums of 4 consecutive quants
+                    s[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, p), ones16);
+                }
+                // lo lanes [bs0, bs2, bs4, bs6], hi lanes [bs1, bs3, bs5, bs7] (of this half)
+                let t =
+                    _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+                let (lo, hi) = (_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+                let sums = _mm_packs_epi32(_mm_unpacklo_epi32(lo, hi), _mm_unpackhi_epi32(lo, hi));
+                _mm_storeu_si128(b.bsums.as_mut_ptr().add(8 * h) as *mut __m128i, sums);
+            }
+            b.d = 1.0 / iscale;
+        }
+    }
+}

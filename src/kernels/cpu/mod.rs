@@ -67,6 +67,14 @@ struct Kernels {
     dot4_q4_k: unsafe fn(&[BlockQ4K], *const BlockQ8K, usize, &mut [f32; 4]),
     dot4_q5_k: unsafe fn(&[BlockQ5K], *const BlockQ8K, usize, &mut [f32; 4]),
     dot4_q6_k: unsafe fn(&[BlockQ6K], *const BlockQ8K, usize, &mut [f32; 4]),
+    rows4_q4_0: Option<Rows4<BlockQ8_0, f32>>,
+    rows4_q4_1: Option<Rows4<BlockQ8_1, f32>>,
+    rows4_q5_0: Option<Rows4<BlockQ8_0, f32>>,
+    rows4_q8_0: Option<Rows4<BlockQ8_0, f32>>,
+    /// Activation quantizers, bitwise equal to the `reference` ones.
+    quantize_q8_0: unsafe fn(&[f32], &mut [BlockQ8_0]),
+    quantize_q8_1: unsafe fn(&[f32], &mut [BlockQ8_1]),
+    quantize_q8_k: unsafe fn(&[f32], &mut [BlockQ8K]),
     /// The f64-accumulating kernels of the same CPU feature level.
     wide: &'static Kernels64,
 }
@@ -94,7 +102,15 @@ struct Kernels64 {
     dot4_q4_k: unsafe fn(&[BlockQ4K], *const BlockQ8K, usize, &mut [f64; 4]),
     dot4_q5_k: unsafe fn(&[BlockQ5K], *const BlockQ8K, usize, &mut [f64; 4]),
     dot4_q6_k: unsafe fn(&[BlockQ6K], *const BlockQ8K, usize, &mut [f64; 4]),
+    rows4_q4_0: Option<Rows4<BlockQ8_0, f64>>,
+    rows4_q4_1: Option<Rows4<BlockQ8_1, f64>>,
+    rows4_q5_0: Option<Rows4<BlockQ8_0, f64>>,
+    rows4_q8_0: Option<Rows4<BlockQ8_0, f64>>,
 }
+
+/// Four weight rows at `w`, `w + rb`, ... (bytes, each a whole row) with one activation
+/// vector, bitwise equal to four single dots. Without one, `matmul` makes four single dots.
+type Rows4<A, T> = unsafe fn(*const u8, usize, &[A], &mut [T; 4]);
 
 fn scalar_f32_dot(a: &[f32], b: &[f32]) -> f32 {
     reference::f32_dot_scalar(a, b)
@@ -277,6 +293,10 @@ static SCALAR64: Kernels64 = Kernels64 {
     dot4_q4_k: s64x4_q4_k,
     dot4_q5_k: s64x4_q5_k,
     dot4_q6_k: s64x4_q6_k,
+    rows4_q4_0: None,
+    rows4_q4_1: None,
+    rows4_q5_0: None,
+    rows4_q8_0: None,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -301,6 +321,10 @@ static AVX2_64: Kernels64 = Kernels64 {
     dot4_q4_k: avx2::dot64x4_q4_k_q8_k,
     dot4_q5_k: avx2::dot64x4_q5_k_q8_k,
     dot4_q6_k: avx2::dot64x4_q6_k_q8_k,
+    rows4_q4_0: None,
+    rows4_q4_1: None,
+    rows4_q5_0: None,
+    rows4_q8_0: None,
 };
 
 static SCALAR: Kernels = Kernels {
@@ -327,6 +351,13 @@ static SCALAR: Kernels = Kernels {
     dot4_q4_k: scalar4_q4_k,
     dot4_q5_k: scalar4_q5_k,
     dot4_q6_k: scalar4_q6_k,
+    rows4_q4_0: None,
+    rows4_q4_1: None,
+    rows4_q5_0: None,
+    rows4_q8_0: None,
+    quantize_q8_0: quantize_row_q8_0,
+    quantize_q8_1: quantize_row_q8_1,
+    quantize_q8_k: quantize_row_q8_k,
     wide: &SCALAR64,
 };
 
@@ -355,6 +386,13 @@ static AVX2: Kernels = Kernels {
     dot4_q4_k: avx2::dot4_q4_k_q8_k,
     dot4_q5_k: avx2::dot4_q5_k_q8_k,
     dot4_q6_k: avx2::dot4_q6_k_q8_k,
+    rows4_q4_0: Some(avx2::rows4_q4_0_q8_0),
+    rows4_q4_1: Some(avx2::rows4_q4_1_q8_1),
+    rows4_q5_0: Some(avx2::rows4_q5_0_q8_0),
+    rows4_q8_0: Some(avx2::rows4_q8_0_q8_0),
+    quantize_q8_0: avx2::quantize_row_q8_0,
+    quantize_q8_1: avx2::quantize_row_q8_1,
+    quantize_q8_k: avx2::quantize_row_q8_k,
     wide: &AVX2_64,
 };
 
@@ -434,8 +472,17 @@ pub struct PreparedActivations {
 
 /// Below this many input values, `prepare` stays on the calling thread.
 const PARALLEL_PREPARE_MIN: usize = 1 << 16;
-/// Below this many multiply-adds, `matmul` stays on the calling thread.
+/// `matmul` work unit: multiply-adds, float weights counted 4x (one core needs about 3 us for
+/// 2^16 quantized multiply-adds). Below one unit a product stays on the calling thread, and
+/// tasks hold at least about one unit each: handing work to another pool thread costs a
+/// microsecond or so, and every extra task adds to that (`bench_pool_overhead`).
 const PARALLEL_MATMUL_MIN: usize = 1 << 16;
+
+/// Work of a product in the units of `PARALLEL_MATMUL_MIN`'s multiply-adds.
+fn matmul_work(ty: QuantType, rows: usize, cols: usize, count: usize) -> usize {
+    let macs = rows.saturating_mul(cols).saturating_mul(count);
+    macs.saturating_mul(if ty.is_quantized() { 1 } else { 4 })
+}
 
 fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
     if v.len() < n {
@@ -551,17 +598,22 @@ impl PreparedActivations {
                     *d = bf16::from_f32(*s);
                 }
             }
+            // SAFETY (quantizers): `prepare_rows` passes whole rows and their blocks; the table
+            // matches this CPU.
             QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
                 let dst = grow(&mut self.q8_0, x.len() / QK);
-                prepare_rows(x, len, dst, len / QK, quantize_row_q8_0);
+                let f = kernels().quantize_q8_0;
+                prepare_rows(x, len, dst, len / QK, |x, y| unsafe { f(x, y) });
             }
             QuantType::Q4_1 => {
                 let dst = grow(&mut self.q8_1, x.len() / QK);
-                prepare_rows(x, len, dst, len / QK, quantize_row_q8_1);
+                let f = kernels().quantize_q8_1;
+                prepare_rows(x, len, dst, len / QK, |x, y| unsafe { f(x, y) });
             }
             QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
                 let dst = grow(&mut self.q8_k, x.len() / QK_K);
-                prepare_rows(x, len, dst, len / QK_K, quantize_row_q8_k);
+                let f = kernels().quantize_q8_k;
+                prepare_rows(x, len, dst, len / QK_K, |x, y| unsafe { f(x, y) });
             }
         }
     }
@@ -661,12 +713,14 @@ impl<T> OutPtr<T> {
 const ROW_GROUP: usize = 4;
 
 /// Computes rows `r0..r1` for all `count` activations: `dot1(row, b)` gives one result,
-/// `dot4(row, b, out)` the results for activations `b..b + 4`.
+/// `dot4(row, b, out)` the results for activations `b..b + 4`, `rows4(four rows, b, out)` (if
+/// any) the results of four consecutive rows with activation `b`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn run_rows<T, F1, F4>(
+fn run_rows<T, F1, F4, FR>(
     dot1: &F1,
     dot4: &F4,
+    rows4: Option<&FR>,
     weight: &[u8],
     rb: usize,
     rows: usize,
@@ -678,6 +732,7 @@ fn run_rows<T, F1, F4>(
     T: Copy + Default,
     F1: Fn(&[u8], usize) -> T,
     F4: Fn(&[u8], usize, &mut [T; 4]),
+    FR: Fn(&[u8], usize, &mut [T; 4]),
 {
     let mut g = r0;
     while g < r1 {
@@ -698,7 +753,21 @@ fn run_rows<T, F1, F4>(
             b += 4;
         }
         while b < count {
-            for r in g..ge {
+            let mut r1 = g;
+            if let Some(f) = rows4
+                && ge - g == 4
+            {
+                // SAFETY: rows g..g + 4 exist (ge <= rows).
+                let w = unsafe { weight.get_unchecked(g * rb..ge * rb) };
+                let mut o = [T::default(); 4];
+                f(w, b, &mut o);
+                for (i, val) in o.into_iter().enumerate() {
+                    // SAFETY: as above.
+                    unsafe { *out.get().add(b * rows + g + i) = val };
+                }
+                r1 = ge;
+            }
+            for r in r1..ge {
                 // SAFETY: as above.
                 let w = unsafe { weight.get_unchecked(r * rb..(r + 1) * rb) };
                 let val = dot1(w, b);
@@ -711,33 +780,38 @@ fn run_rows<T, F1, F4>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn drive<T, F1, F4>(
+fn drive<T, F1, F4, FR>(
     dot1: F1,
     dot4: F4,
+    rows4: Option<FR>,
     weight: &[u8],
     rb: usize,
     rows: usize,
-    cols: usize,
     count: usize,
     y: &mut [T],
-    parallel: bool,
+    work: usize,
 ) where
     T: Copy + Default + Send,
     F1: Fn(&[u8], usize) -> T + Sync,
     F4: Fn(&[u8], usize, &mut [T; 4]) + Sync,
+    FR: Fn(&[u8], usize, &mut [T; 4]) + Sync,
 {
+    let rows4 = rows4.as_ref();
     let out = OutPtr(y.as_mut_ptr());
     let threads = pool::threads();
-    if !parallel || threads <= 1 || rows * cols * count < PARALLEL_MATMUL_MIN || rows <= 16 {
-        run_rows(&dot1, &dot4, weight, rb, rows, count, 0, rows, out);
+    if work < PARALLEL_MATMUL_MIN || threads <= 1 || rows <= 16 {
+        run_rows(&dot1, &dot4, rows4, weight, rb, rows, count, 0, rows, out);
         return;
     }
-    let chunk = (rows / (threads * 8)).clamp(16, 64);
+    // Between 1 and 8 tasks per thread, at least about one work unit and 16 rows each, whole
+    // row groups.
+    let tasks = (work / PARALLEL_MATMUL_MIN).clamp(threads, threads * 8);
+    let chunk = rows.div_ceil(tasks).next_multiple_of(ROW_GROUP).max(16);
     let tasks = rows.div_ceil(chunk);
     pool::for_each(tasks, |t| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(rows);
-        run_rows(&dot1, &dot4, weight, rb, rows, count, r0, r1, out);
+        run_rows(&dot1, &dot4, rows4, weight, rb, rows, count, r0, r1, out);
     });
 }
 
@@ -745,20 +819,34 @@ fn drive<T, F1, F4>(
 /// buffer, `$per` activation elements (or blocks) per vector, `$blocks` whether the weight row
 /// is viewed as blocks.
 macro_rules! dispatch {
-    ($k:expr, $one:ident, $four:ident, $act:expr, $per:expr, $blocks:tt, $weight:expr, $rb:expr, $rows:expr, $cols:expr, $count:expr, $y:expr, $par:expr) => {{
+    ($k:expr, $one:ident, $four:ident, $r4:tt, $act:expr, $per:expr, $blocks:tt, $weight:expr, $rb:expr, $rows:expr, $count:expr, $y:expr, $par:expr) => {{
         let k = $k;
         let per = $per;
+        let rb = $rb;
         let a = &$act[..per * $count];
-        // SAFETY (both closures): every weight row holds exactly `cols` elements, every
-        // activation vector `per` elements/blocks, b + 3 < count for dot4; `k` matches this CPU.
+        // SAFETY (all closures): every weight row holds exactly `cols` elements (`rb` bytes),
+        // rows4 gets four whole rows, every activation vector has `per` elements/blocks,
+        // b + 3 < count for dot4; `k` matches this CPU.
         drive(
             |w, b| unsafe { (k.$one)(dispatch!(@w $blocks, w), a.get_unchecked(b * per..(b + 1) * per)) },
             |w, b, o| unsafe { (k.$four)(dispatch!(@w $blocks, w), a.as_ptr().add(b * per), per, o) },
-            $weight, $rb, $rows, $cols, $count, $y, $par,
+            dispatch!(@r4 $r4, k, a, per, rb),
+            $weight, rb, $rows, $count, $y, $par,
         )
     }};
     (@w blocks, $w:expr) => { as_blocks($w) };
     (@w bytes, $w:expr) => { $w };
+    (@r4 none, $k:expr, $a:expr, $per:expr, $rb:expr) => {
+        None::<fn(&[u8], usize, &mut [_; 4])>
+    };
+    (@r4 ($f:ident), $k:expr, $a:expr, $per:expr, $rb:expr) => {
+        $k.$f.map(|f| {
+            move |w: &[u8], b: usize, o: &mut [_; 4]| unsafe {
+                debug_assert_eq!(w.len(), 4 * $rb);
+                f(w.as_ptr(), $rb, $a.get_unchecked(b * $per..(b + 1) * $per), o)
+            }
+        })
+    };
 }
 
 /// Validates a matmul call; returns the row size in bytes and the weight bytes used.
@@ -803,32 +891,32 @@ fn check_matmul(
 macro_rules! dispatch_type {
     ($k:expr, $ty:expr, $w:expr, $rb:expr, $rows:expr, $cols:expr, $act:expr, $y:expr, $par:expr) => {{
         let (k, act, n, count) = ($k, $act, $cols, $act.count);
-        let (w, rb, rows, cols, y, par) = ($w, $rb, $rows, $cols, $y, $par);
+        let (w, rb, rows, y, par) = ($w, $rb, $rows, $y, $par);
         match $ty {
             QuantType::F32 => {
                 dispatch!(
-                    k, dot_f32, dot4_f32, act.f32s, n, bytes, w, rb, rows, cols, count, y, par
+                    k, dot_f32, dot4_f32, none, act.f32s, n, bytes, w, rb, rows, count, y, par
                 )
             }
             QuantType::F16 => {
                 dispatch!(
-                    k, dot_f16, dot4_f16, act.f16s, n, bytes, w, rb, rows, cols, count, y, par
+                    k, dot_f16, dot4_f16, none, act.f16s, n, bytes, w, rb, rows, count, y, par
                 )
             }
             QuantType::BF16 => dispatch!(
-                k, dot_bf16, dot4_bf16, act.bf16s, n, bytes, w, rb, rows, cols, count, y, par
+                k, dot_bf16, dot4_bf16, none, act.bf16s, n, bytes, w, rb, rows, count, y, par
             ),
             QuantType::Q4_0 => dispatch!(
                 k,
                 dot_q4_0,
                 dot4_q4_0,
+                (rows4_q4_0),
                 act.q8_0,
                 n / QK,
                 blocks,
                 w,
                 rb,
                 rows,
-                cols,
                 count,
                 y,
                 par
@@ -837,13 +925,13 @@ macro_rules! dispatch_type {
                 k,
                 dot_q4_1,
                 dot4_q4_1,
+                (rows4_q4_1),
                 act.q8_1,
                 n / QK,
                 blocks,
                 w,
                 rb,
                 rows,
-                cols,
                 count,
                 y,
                 par
@@ -852,13 +940,13 @@ macro_rules! dispatch_type {
                 k,
                 dot_q5_0,
                 dot4_q5_0,
+                (rows4_q5_0),
                 act.q8_0,
                 n / QK,
                 blocks,
                 w,
                 rb,
                 rows,
-                cols,
                 count,
                 y,
                 par
@@ -867,13 +955,13 @@ macro_rules! dispatch_type {
                 k,
                 dot_q8_0,
                 dot4_q8_0,
+                (rows4_q8_0),
                 act.q8_0,
                 n / QK,
                 blocks,
                 w,
                 rb,
                 rows,
-                cols,
                 count,
                 y,
                 par
@@ -882,13 +970,13 @@ macro_rules! dispatch_type {
                 k,
                 dot_q4_k,
                 dot4_q4_k,
+                none,
                 act.q8_k,
                 n / QK_K,
                 blocks,
                 w,
                 rb,
                 rows,
-                cols,
                 count,
                 y,
                 par
@@ -897,13 +985,13 @@ macro_rules! dispatch_type {
                 k,
                 dot_q5_k,
                 dot4_q5_k,
+                none,
                 act.q8_k,
                 n / QK_K,
                 blocks,
                 w,
                 rb,
                 rows,
-                cols,
                 count,
                 y,
                 par
@@ -912,13 +1000,13 @@ macro_rules! dispatch_type {
                 k,
                 dot_q6_k,
                 dot4_q6_k,
+                none,
                 act.q8_k,
                 n / QK_K,
                 blocks,
                 w,
                 rb,
                 rows,
-                cols,
                 count,
                 y,
                 par
@@ -942,7 +1030,12 @@ fn matmul_with(
     if rows == 0 || act.count == 0 {
         return;
     }
-    dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, parallel)
+    let work = if parallel {
+        matmul_work(ty, rows, cols, act.count)
+    } else {
+        0
+    };
+    dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, work)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -960,7 +1053,12 @@ fn matmul_f64_with(
     if rows == 0 || act.count == 0 {
         return;
     }
-    dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, parallel)
+    let work = if parallel {
+        matmul_work(ty, rows, cols, act.count)
+    } else {
+        0
+    };
+    dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, work)
 }
 
 /// `y[b * rows + r] = dot(weight row r, activation b)` for `r < rows`, `b < act.count()`.

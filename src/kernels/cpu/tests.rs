@@ -599,7 +599,8 @@ fn prepare_reuses_buffers() {
     assert_eq!(act2.f16s.as_ptr(), p1);
     // large prepare goes through the parallel path; compare with a sequential quantization
     let big = random_acts(&mut rng, 4096 * 20);
-    act.prepare(QuantType::Q8_0, &big, 4096, 20);
+    let pool = crate::kernels::pool::ThreadPool::new(3, None).unwrap();
+    pool.install(|| act.prepare(QuantType::Q8_0, &big, 4096, 20));
     let mut seq = vec![BlockQ8_0::default(); big.len() / QK];
     quantize_row_q8_0(&big, &mut seq);
     assert_eq!(
@@ -610,7 +611,12 @@ fn prepare_reuses_buffers() {
 
 #[test]
 fn matmul_large_parallel_matches_reference() {
-    // Enough rows for many rayon tasks, uneven final chunk.
+    // Enough rows for many pool tasks, uneven final chunk.
+    let pool = crate::kernels::pool::ThreadPool::new(3, None).unwrap();
+    pool.install(matmul_large_parallel_matches_reference_in_pool);
+}
+
+fn matmul_large_parallel_matches_reference_in_pool() {
     let mut rng = Rng::new(15);
     for ty in [QuantType::Q4_0, QuantType::Q6_K, QuantType::F16] {
         let (rows, cols, count) = (1000, 512, 2);
@@ -699,6 +705,96 @@ fn avx2_scalar_f16_conversion_is_exact() {
             a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
             "{h:#06x}: {a} vs {b}"
         );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_activation_quantizers_match_reference() {
+    if !(is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c"))
+    {
+        return;
+    }
+    let mut rng = Rng::new(21);
+    let n = 8 * QK_K;
+    let mut x = random_acts(&mut rng, n);
+    // an all-zero block of each size, subnormal and huge values
+    x[..QK_K].fill(0.0);
+    x[QK_K..QK_K + 8].copy_from_slice(&[1e-40, -3e-41, 1e30, -1e30, 5.0, 0.0, -0.0, 2.5]);
+    // ties: multiples of amax / 127 / 2 (x * 127 / amax lands on .5 exactly when representable)
+    for (i, v) in x[2 * QK_K..3 * QK_K].iter_mut().enumerate() {
+        *v = ((i % 255) as f32 - 127.0) * 0.5;
+    }
+    // exact ties: amax = 127 gives scale 1 (Q8_0/Q8_1) and -1 (Q8_K)
+    for (j, v) in x[5 * QK_K..6 * QK_K].iter_mut().enumerate() {
+        *v = if j % 32 == 0 {
+            127.0
+        } else {
+            (j % 32) as f32 - 16.5
+        };
+    }
+    // largest magnitude with both signs: the first one sets the Q8_K sign
+    x[3 * QK_K + 5] = -9.0;
+    x[3 * QK_K + 77] = 9.0;
+    x[4 * QK_K + 3] = 9.0;
+    x[4 * QK_K + 200] = -9.0;
+    let nb = n / QK;
+    let (mut a0, mut r0) = (
+        vec![BlockQ8_0::default(); nb],
+        vec![BlockQ8_0::default(); nb],
+    );
+    let (mut a1, mut r1) = (
+        vec![BlockQ8_1::default(); nb],
+        vec![BlockQ8_1::default(); nb],
+    );
+    let nk = n / QK_K;
+    let (mut ak, mut rk) = (vec![BlockQ8K::default(); nk], vec![BlockQ8K::default(); nk]);
+    // SAFETY: AVX2/FMA/F16C checked above; lengths match.
+    unsafe {
+        super::avx2::quantize_row_q8_0(&x, &mut a0);
+        super::avx2::quantize_row_q8_1(&x, &mut a1);
+        super::avx2::quantize_row_q8_k(&x, &mut ak);
+    }
+    quantize_row_q8_0(&x, &mut r0);
+    quantize_row_q8_1(&x, &mut r1);
+    quantize_row_q8_k(&x, &mut rk);
+    assert_eq!(blocks_as_bytes(&a0), blocks_as_bytes(&r0));
+    assert_eq!(blocks_as_bytes(&a1), blocks_as_bytes(&r1));
+    for (i, (a, r)) in ak.iter().zip(&rk).enumerate() {
+        assert_eq!(a.d.to_bits(), r.d.to_bits(), "q8_K block {i} d");
+        assert_eq!(a.qs, r.qs, "q8_K block {i} qs");
+        assert_eq!(a.bsums, r.bsums, "q8_K block {i} bsums");
+    }
+}
+
+#[test]
+fn row_grouped_matmul_is_bitwise_equal_to_single_rows() {
+    // count = 1 uses four-row kernels for whole groups of four rows; compare with one row at a
+    // time (single-row kernels), including random block bytes.
+    let mut rng = Rng::new(22);
+    for ty in QuantType::ALL {
+        for random_bytes in [false, true] {
+            let cols = if ty.is_quantized() { 768 } else { 133 };
+            let rows = 11;
+            let w = make_weights(ty, rows, cols, &mut rng, random_bytes);
+            let rb = ty.row_bytes(cols).unwrap();
+            let x = random_acts(&mut rng, cols);
+            let mut act = PreparedActivations::new();
+            act.prepare(ty, &x, cols, 1);
+            let mut y = vec![0f32; rows];
+            matmul(ty, &w, rows, cols, &act, &mut y);
+            for r in 0..rows {
+                let mut y1 = [0f32];
+                matmul(ty, &w[r * rb..(r + 1) * rb], 1, cols, &act, &mut y1);
+                assert_eq!(
+                    y[r].to_bits(),
+                    y1[0].to_bits(),
+                    "{ty} rb={random_bytes} r={r}"
+                );
+            }
+        }
     }
 }
 
@@ -953,6 +1049,11 @@ fn matmul_f64_is_independent_of_column_split() {
 
 #[test]
 fn matmul_f64_large_parallel_is_bitwise_reference() {
+    let pool = crate::kernels::pool::ThreadPool::new(3, None).unwrap();
+    pool.install(matmul_f64_large_parallel_in_pool);
+}
+
+fn matmul_f64_large_parallel_in_pool() {
     let mut rng = Rng::new(18);
     for ty in [
         QuantType::Q4_1,
@@ -1016,7 +1117,7 @@ fn bench_matmul_f64() {
             let t64 = time(&mut || matmul_f64(ty, &w, rows, cols, &act, &mut y64));
             println!(
                 "{ty} {rows}x{cols} count {count} ({} threads, {}): matmul {:.1} us, matmul_f64 {:.1} us, ratio {:.2}",
-                rayon::current_num_threads(),
+                crate::kernels::pool::threads(),
                 kernel_name(),
                 t32 * 1e6,
                 t64 * 1e6,
@@ -1026,20 +1127,16 @@ fn bench_matmul_f64() {
     }
 }
 
-/// Decode (count = 1) timing per 32-element block, single-threaded, plus `prepare` and the
-/// 2-thread pool on small shapes (run with `--ignored --nocapture bench_matmul_decode`).
+/// Decode (count = 1) timing in ns per 32 weights (a legacy block; K-quants use 512 columns
+/// where 576 is not a whole number of super-blocks) in a 1-thread pool, the same call in a
+/// 2-thread pool, the 4-activation batch, and `prepare` for one vector
+/// (run with `--release -- --ignored --nocapture bench_matmul_decode`).
 #[test]
 #[ignore]
 fn bench_matmul_decode() {
     let mut rng = Rng::new(20);
-    let pool1 = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    let pool2 = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
+    let pool1 = crate::kernels::pool::ThreadPool::new(1, None).unwrap();
+    let pool2 = crate::kernels::pool::ThreadPool::new(2, None).unwrap();
     let time = |iters: usize, f: &mut dyn FnMut()| {
         for _ in 0..iters / 10 + 1 {
             f();
@@ -1062,9 +1159,24 @@ fn bench_matmul_decode() {
         QuantType::Q4_K,
         QuantType::Q6_K,
     ];
-    let shapes = [(1536usize, 576usize), (576, 1536), (49152, 576), (192, 576)];
+    let mut shapes = vec![
+        (1536usize, 576usize),
+        (576, 1536),
+        (49152, 576),
+        (576, 576),
+        (192, 576),
+    ];
+    // TP_BENCH_L1=1 adds an L1-resident shape (pure compute)
+    if std::env::var("TP_BENCH_L1").is_ok() {
+        shapes.push((32, 1024));
+    }
+    // e.g. TP_BENCH_TYPES=Q8_0,Q4_1 to time only some types
+    let only = std::env::var("TP_BENCH_TYPES").unwrap_or_default();
     for ty in types {
-        for (rows, cols) in shapes {
+        if !only.is_empty() && !only.split(',').any(|t| t == ty.name()) {
+            continue;
+        }
+        for &(rows, cols) in &shapes {
             // K-quants need whole 256-element super-blocks
             let cols = if cols % ty.block_elements() == 0 {
                 cols
@@ -1103,10 +1215,42 @@ fn bench_matmul_decode() {
     }
     for ty in [QuantType::Q8_0, QuantType::Q4_1, QuantType::Q4_K] {
         for len in [576usize, 1536] {
+            let len = if len % ty.block_elements() == 0 {
+                len
+            } else {
+                512
+            };
             let x = random_acts(&mut rng, len);
             let mut act = PreparedActivations::new();
             let t = pool1.install(|| time(100000, &mut || act.prepare(ty, &x, len, 1)));
             println!("prepare {ty} len {len}: {:.2} us", t * 1e6);
+        }
+    }
+}
+
+/// Cost of splitting a given amount of work into pool tasks on a 2-thread pool (the basis of
+/// `PARALLEL_MATMUL_MIN`).
+#[test]
+#[ignore]
+fn bench_pool_overhead() {
+    let pool2 = crate::kernels::pool::ThreadPool::new(2, None).unwrap();
+    for spin_ns in [0u64, 3000, 10000, 30000] {
+        for tasks in [1usize, 2, 4, 8, 16] {
+            let t = pool2.install(|| {
+                let n = (200_000_000 / (spin_ns + 2000)) as usize;
+                let t0 = std::time::Instant::now();
+                for _ in 0..n {
+                    crate::kernels::pool::for_each(tasks, |_| {
+                        let e = std::time::Instant::now();
+                        while (e.elapsed().as_nanos() as u64) < spin_ns / tasks as u64 {}
+                    });
+                }
+                t0.elapsed().as_secs_f64() / n as f64
+            });
+            println!(
+                "work {spin_ns} ns in {tasks} tasks: {:.2} us per call",
+                t * 1e6
+            );
         }
     }
 }
