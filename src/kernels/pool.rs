@@ -134,7 +134,9 @@ impl ThreadPool {
             tasks: AtomicUsize::new(0),
             job: std::cell::UnsafeCell::new(None),
             stop: AtomicBool::new(false),
-            sleeping: (0..helpers).map(|_| Padded(AtomicBool::new(false))).collect(),
+            sleeping: (0..helpers)
+                .map(|_| Padded(AtomicBool::new(false)))
+                .collect(),
             handles: std::sync::OnceLock::new(),
         });
         let cpu_of = |i: usize| pin.filter(|c| !c.is_empty()).map(|c| c[i % c.len()]);
@@ -209,7 +211,10 @@ impl ThreadPool {
         }
         shared.tasks.store(tasks, Ordering::Relaxed);
         shared.next.0.store(0, Ordering::Relaxed);
-        shared.pending.0.store(self.workers.len(), Ordering::Relaxed);
+        shared
+            .pending
+            .0
+            .store(self.workers.len(), Ordering::Relaxed);
         shared.generation.0.fetch_add(1, Ordering::SeqCst);
         if let Some(handles) = shared.handles.get() {
             for (flag, handle) in shared.sleeping.iter().zip(handles) {

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use half::f16;
 
 use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
-use crate::kernels::cpu::{PreparedActivations, QuantType, f16_axpy, f16_dot, matmul, matmul_f64};
+use crate::kernels::cpu::{PreparedActivations, QuantType, attend, matmul, matmul_f64};
 use crate::kernels::pool;
 use crate::model::arch::{ModelConfig, RopeStyle};
 use crate::transport::{Collective, TransportError};
@@ -19,10 +19,8 @@ use crate::worker::kv::KvCache;
 use crate::worker::shard::{LoadedShard, Weight};
 
 thread_local! {
-    /// Per-thread attention scratch: the query in f16, the scores, the output accumulator.
-    static SCRATCH: RefCell<(Vec<f16>, Vec<f32>, Vec<f32>)> = const {
-        RefCell::new((Vec::new(), Vec::new(), Vec::new()))
-    };
+    /// Per-thread attention scratch: the query in f16 and the scores.
+    static SCRATCH: RefCell<(Vec<f16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// The output of a parallel op; tasks write disjoint parts of it.
@@ -541,32 +539,27 @@ impl Executor {
             let (b, h) = (index / q_heads, index % q_heads);
             let kv_head = (q_start + h) / group - kv_start;
             let (sequence, position) = (sequences[b] as usize, positions[b] as usize);
-            SCRATCH.with_borrow_mut(|(query, scores, acc)| {
+            SCRATCH.with_borrow_mut(|(query, scores)| {
                 query.clear();
-                query.extend(q[index * hd..(index + 1) * hd].iter().map(|&x| f16::from_f32(x)));
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for t in 0..=position {
-                    let s = f16_dot(query, kv.key(layer, sequence, t, kv_head)) * scale;
-                    max = max.max(s);
-                    scores.push(s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                acc.clear();
-                acc.resize(hd, 0.0);
-                for (t, &w) in scores.iter().enumerate() {
-                    f16_axpy(acc, w, kv.value(layer, sequence, t, kv_head));
-                }
+                query.extend(
+                    q[index * hd..(index + 1) * hd]
+                        .iter()
+                        .map(|&x| f16::from_f32(x)),
+                );
+                let (keys, values, stride) = kv.head_rows(layer, sequence, kv_head, position + 1);
                 // SAFETY: task `index` alone writes out[index * hd..(index + 1) * hd], which is
                 // within batch * q_heads * hd <= out.len().
                 let dst = unsafe { std::slice::from_raw_parts_mut(target.at(index * hd), hd) };
-                for (o, a) in dst.iter_mut().zip(acc.iter()) {
-                    *o = a / sum;
-                }
+                attend(
+                    query,
+                    keys,
+                    values,
+                    stride,
+                    position + 1,
+                    scale,
+                    scores,
+                    dst,
+                );
             });
         });
         self.buffers[slot(Buffer::Attention)] = out;

@@ -83,6 +83,25 @@ impl KvCache {
         }
     }
 
+    /// Keys and values of `head` at positions `0..n` of a sequence, each position `stride`
+    /// elements after the previous one: `(keys, values, stride)`.
+    pub fn head_rows(
+        &self,
+        layer: usize,
+        sequence: usize,
+        head: usize,
+        n: usize,
+    ) -> (&[f16], &[f16], usize) {
+        let start = self.offset(layer, sequence, 0, head);
+        let stride = self.heads[layer] * self.head_dim;
+        let end = start + n.saturating_sub(1) * stride + self.head_dim;
+        (
+            &self.keys[layer][start..end],
+            &self.values[layer][start..end],
+            stride,
+        )
+    }
+
     pub fn key(&self, layer: usize, sequence: usize, position: usize, head: usize) -> &[f16] {
         let start = self.offset(layer, sequence, position, head);
         &self.keys[layer][start..start + self.head_dim]

@@ -217,7 +217,8 @@ impl proto::worker_server::Worker for WorkerService {
         tokio::task::spawn_blocking(move || {
             // Drop any previous shard first so two never coexist in memory.
             *state.lock().unwrap() = None;
-            let (loaded, reply) = load(request, threads, pin.as_deref()).map_err(Status::invalid_argument)?;
+            let (loaded, reply) =
+                load(request, threads, pin.as_deref()).map_err(Status::invalid_argument)?;
             tracing::info!(
                 weight_mib = reply.weight_bytes as f64 / (1 << 20) as f64,
                 kv_mib = reply.kv_cache_bytes as f64 / (1 << 20) as f64,

@@ -255,21 +255,138 @@ pub unsafe fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// `acc[i] += w * v[i]`, fused multiply-add per element (the scalar kernel rounds the same way).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn axpy_f16(acc: &mut [f32], w: f32, v: &[f16]) {
-    let n = acc.len().min(v.len());
+/// e^x for x <= 0 in 8 lanes (Cephes' expf scheme: x = n ln2 + r, a degree-6 polynomial in r,
+/// times 2^n); about 1 ulp. Inputs below -87 give e^-87 (~1.6e-38) instead of smaller values.
+#[inline(always)]
+unsafe fn exp_nonpositive_ps(x: __m256) -> __m256 {
     unsafe {
-        let wv = _mm256_set1_ps(w);
-        let mut i = 0;
-        while i + 8 <= n {
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().add(i) as *const __m128i));
-            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-            _mm256_storeu_ps(acc.as_mut_ptr().add(i), _mm256_fmadd_ps(wv, x, a));
-            i += 8;
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
-        for j in i..n {
-            *acc.get_unchecked_mut(j) = w.mul_add(v.get_unchecked(j).to_f32(), *acc.get_unchecked(j));
+        let e = _mm256_add_ps(
+            _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r),
+            _mm256_set1_ps(1.0),
+        );
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(e, _mm256_castsi256_ps(pow2))
+    }
+}
+
+/// Attention of one query row with head_dim = 8 * C, the query and the output accumulator in
+/// registers: scores, softmax (vector exp), then the weighted sum of values.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_body<const C: usize>(
+    q: &[f16],
+    k: *const f16,
+    v: *const f16,
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    unsafe {
+        let load = |p: *const f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        let mut qv = [_mm256_setzero_ps(); C];
+        for (c, lane) in qv.iter_mut().enumerate() {
+            *lane = load(q.as_ptr().add(8 * c));
+        }
+        let mut max = f32::NEG_INFINITY;
+        for t in 0..n {
+            let kp = k.add(t * stride);
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            while c + 2 <= C {
+                a0 = _mm256_fmadd_ps(qv[c], load(kp.add(8 * c)), a0);
+                a1 = _mm256_fmadd_ps(qv[c + 1], load(kp.add(8 * c + 8)), a1);
+                c += 2;
+            }
+            if c < C {
+                a0 = _mm256_fmadd_ps(qv[c], load(kp.add(8 * c)), a0);
+            }
+            let score = hsum_ps(_mm256_add_ps(a0, a1)) * scale;
+            *scores.get_unchecked_mut(t) = score;
+            max = max.max(score);
+        }
+        let maxv = _mm256_set1_ps(max);
+        let mut sumv = _mm256_setzero_ps();
+        let mut t = 0;
+        while t + 8 <= n {
+            let p = scores.as_mut_ptr().add(t);
+            let e = exp_nonpositive_ps(_mm256_sub_ps(_mm256_loadu_ps(p), maxv));
+            _mm256_storeu_ps(p, e);
+            sumv = _mm256_add_ps(sumv, e);
+            t += 8;
+        }
+        let mut sum = hsum_ps(sumv);
+        if t < n {
+            // The tail goes through the same vector exp, padded with the max (e^0 = 1, unused).
+            let mut tail = [max; 8];
+            tail[..n - t].copy_from_slice(&scores[t..n]);
+            let e = exp_nonpositive_ps(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), maxv));
+            _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            for (s, &x) in scores[t..n].iter_mut().zip(&tail) {
+                *s = x;
+                sum += x;
+            }
+        }
+        let mut acc = [_mm256_setzero_ps(); C];
+        for t in 0..n {
+            let p = _mm256_set1_ps(*scores.get_unchecked(t));
+            let vp = v.add(t * stride);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(p, load(vp.add(8 * c)), *a);
+            }
+        }
+        let sumv = _mm256_set1_ps(sum);
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), _mm256_div_ps(*a, sumv));
+        }
+    }
+}
+
+/// Attention of one query row (see `reference::attend`); head sizes without a register form
+/// use the scalar kernel.
+///
+/// # Safety
+/// As `reference::attend`, with `scores.len() >= n`, and the CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attend(
+    q: &[f16],
+    k: *const f16,
+    v: *const f16,
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    unsafe {
+        match q.len() {
+            32 => attend_body::<4>(q, k, v, stride, n, scale, scores, out),
+            64 => attend_body::<8>(q, k, v, stride, n, scale, scores, out),
+            80 => attend_body::<10>(q, k, v, stride, n, scale, scores, out),
+            96 => attend_body::<12>(q, k, v, stride, n, scale, scores, out),
+            128 => attend_body::<16>(q, k, v, stride, n, scale, scores, out),
+            _ => super::reference::attend(q, k, v, stride, n, scale, scores, out),
         }
     }
 }

@@ -22,8 +22,8 @@ mod tests;
 
 use std::sync::OnceLock;
 
-use half::{bf16, f16};
 use crate::kernels::pool;
+use half::{bf16, f16};
 
 pub use blocks::{
     BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K,
@@ -46,7 +46,8 @@ pub use reference::{
 struct Kernels {
     name: &'static str,
     f32_dot: unsafe fn(&[f32], &[f32]) -> f32,
-    axpy_f16: unsafe fn(&mut [f32], f32, &[f16]),
+    #[allow(clippy::type_complexity)]
+    attend: unsafe fn(&[f16], *const f16, *const f16, usize, usize, f32, &mut [f32], &mut [f32]),
     dot_f32: unsafe fn(&[u8], &[f32]) -> f32,
     dot_f16: unsafe fn(&[u8], &[f16]) -> f32,
     dot_bf16: unsafe fn(&[u8], &[bf16]) -> f32,
@@ -330,7 +331,7 @@ static AVX2_64: Kernels64 = Kernels64 {
 static SCALAR: Kernels = Kernels {
     name: "scalar",
     f32_dot: scalar_f32_dot,
-    axpy_f16: reference::axpy_f16,
+    attend: reference::attend,
     dot_f32: reference::vec_dot_f32,
     dot_f16: reference::vec_dot_f16,
     dot_bf16: reference::vec_dot_bf16,
@@ -365,7 +366,7 @@ static SCALAR: Kernels = Kernels {
 static AVX2: Kernels = Kernels {
     name: "avx2",
     f32_dot: avx2::f32_dot,
-    axpy_f16: avx2::axpy_f16,
+    attend: avx2::attend,
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
     dot_bf16: avx2::dot_bf16,
@@ -428,22 +429,47 @@ pub fn kernel_name() -> &'static str {
 }
 
 /// Fast f32 dot product (attention scores etc.).
-/// Dot product of two f16 vectors accumulated in f32: an attention score, with the query
-/// rounded to f16 as llama.cpp does before dotting it with the F16 KV cache.
-pub fn f16_dot(a: &[f16], b: &[f16]) -> f32 {
-    assert_eq!(a.len(), b.len(), "f16_dot length mismatch");
-    // SAFETY: f16 is two plain bytes; equal lengths; the table matches this CPU.
-    unsafe {
-        let bytes = std::slice::from_raw_parts(a.as_ptr() as *const u8, a.len() * 2);
-        (kernels().dot_f16)(bytes, b)
+/// Attention of one query row over positions `0..n` of one KV head of the F16 cache:
+/// softmax(q·k_t * scale) weighted sum of v_t, into `out`. `keys`/`values` start at position
+/// 0 and hold a row every `stride` elements; `scores` is scratch that grows to `n`. The query is
+/// f16 because llama.cpp rounds it so before dotting it with the cache.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    query: &[f16],
+    keys: &[f16],
+    values: &[f16],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = query.len();
+    assert!(
+        n >= 1 && out.len() == hd && stride >= hd,
+        "attend: bad shape"
+    );
+    let need = (n - 1) * stride + hd;
+    assert!(
+        keys.len() >= need && values.len() >= need,
+        "attend: cache rows out of bounds"
+    );
+    if scores.len() < n {
+        scores.resize(n, 0.0);
     }
-}
-
-/// `acc[i] += w * v[i]`: one attention weight times a value row of the F16 cache.
-pub fn f16_axpy(acc: &mut [f32], w: f32, v: &[f16]) {
-    assert_eq!(acc.len(), v.len(), "f16_axpy length mismatch");
-    // SAFETY: equal lengths; the table matches this CPU.
-    unsafe { (kernels().axpy_f16)(acc, w, v) }
+    // SAFETY: bounds checked above; the table matches this CPU.
+    unsafe {
+        (kernels().attend)(
+            query,
+            keys.as_ptr(),
+            values.as_ptr(),
+            stride,
+            n,
+            scale,
+            scores,
+            out,
+        )
+    }
 }
 
 pub fn f32_dot(a: &[f32], b: &[f32]) -> f32 {

@@ -960,6 +960,50 @@ pub fn vec_dot_q6_k_q8_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
 
 /// Scalar f32 dot with 8 independent accumulators (vectorizes without FMA contraction).
 #[inline(always)]
+/// One query row's attention over positions `0..n` of one KV head: `scores[t] = q·k_t *
+/// scale`, a softmax over them, `out = Σ_t p_t v_t`. Row `t` of the keys and values starts at
+/// `t * stride`; `scores` holds at least `n` values of scratch.
+///
+/// # Safety
+/// `k` and `v` are valid for `(n - 1) * stride + q.len()` elements, `out.len() == q.len()`.
+pub unsafe fn attend(
+    q: &[f16],
+    k: *const f16,
+    v: *const f16,
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (t, score) in scores[..n].iter_mut().enumerate() {
+        // SAFETY: within the bounds the caller guarantees.
+        let key = unsafe { std::slice::from_raw_parts(k.add(t * stride), hd) };
+        let mut dot = 0f32;
+        for (a, b) in q.iter().zip(key) {
+            dot = a.to_f32().mul_add(b.to_f32(), dot);
+        }
+        *score = dot * scale;
+        max = max.max(*score);
+    }
+    let mut sum = 0f32;
+    for score in &mut scores[..n] {
+        *score = (*score - max).exp();
+        sum += *score;
+    }
+    out.fill(0.0);
+    for (t, &p) in scores[..n].iter().enumerate() {
+        // SAFETY: as above.
+        let value = unsafe { std::slice::from_raw_parts(v.add(t * stride), hd) };
+        axpy_f16(out, p, value);
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
+}
+
 /// `acc[i] += w * v[i]` with one rounding (fused multiply-add), as the vector kernels do.
 pub fn axpy_f16(acc: &mut [f32], w: f32, v: &[f16]) {
     for (a, x) in acc.iter_mut().zip(v) {
