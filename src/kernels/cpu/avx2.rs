@@ -1290,6 +1290,98 @@ unsafe fn q5_k_64_body<const N: usize>(x: &[BlockQ5K], y: *const BlockQ8K, s: us
     unsafe { k4_64_body::<BlockQ5K, N, true>(x, y, s) }
 }
 
+/// `legacy64_body` for R weight rows (at `x + r * rb`, bytes) and one activation vector: the
+/// activation's loads and scale conversions are shared by the rows, and every row gets the
+/// same operations in the same order as `legacy64_body::<W, 1>`, so the results are bitwise
+/// equal to R single-row calls.
+#[inline(always)]
+unsafe fn legacy64_rows<W: Legacy64, const R: usize>(
+    x: *const u8,
+    rb: usize,
+    y: &[W::A],
+) -> [f64; R] {
+    unsafe {
+        let nb = y.len();
+        let row = |r: usize| x.add(r * rb) as *const W;
+        let mut acc = [_mm256_setzero_pd(); R];
+        // The R rows are R interleaved streams; prefetch the next R rows (contiguous) ahead.
+        let mut pf = x.wrapping_add(R * rb);
+        let step = 4 * R * size_of::<W>();
+        let mut i = 0;
+        while i + 4 <= nb {
+            let mut p = 0;
+            while p < step {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(p) as *const i8);
+                p += 64;
+            }
+            pf = pf.wrapping_add(step);
+            let a = [
+                y.get_unchecked(i),
+                y.get_unchecked(i + 1),
+                y.get_unchecked(i + 2),
+                y.get_unchecked(i + 3),
+            ];
+            let (ad, as_) = f16x8_to_pd(
+                [W::ad(a[0]), W::ad(a[1]), W::ad(a[2]), W::ad(a[3])],
+                [W::as_(a[0]), W::as_(a[1]), W::as_(a[2]), W::as_(a[3])],
+            );
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let w = row(r);
+                let b = [&*w.add(i), &*w.add(i + 1), &*w.add(i + 2), &*w.add(i + 3)];
+                let q = [b[0].quants(), b[1].quants(), b[2].quants(), b[3].quants()];
+                let (wd, wm) = f16x8_to_pd(
+                    [b[0].d(), b[1].d(), b[2].d(), b[3].d()],
+                    [b[0].m(), b[1].m(), b[2].m(), b[3].m()],
+                );
+                let isum = hsum4_epi32(
+                    W::isum8(q[0], a[0]),
+                    W::isum8(q[1], a[1]),
+                    W::isum8(q[2], a[2]),
+                    W::isum8(q[3], a[3]),
+                );
+                let mut c = _mm256_mul_pd(_mm256_mul_pd(wd, ad), _mm256_cvtepi32_pd(isum));
+                if W::MIN {
+                    c = _mm256_add_pd(c, _mm256_mul_pd(wm, as_));
+                }
+                *acc = _mm256_add_pd(*acc, c);
+            }
+            i += 4;
+        }
+        let mut out = [0f64; R];
+        for r in 0..R {
+            let mut l = [0f64; 4];
+            _mm256_storeu_pd(l.as_mut_ptr(), acc[r]);
+            for j in i..nb {
+                let bx = &*row(r).add(j);
+                let a = y.get_unchecked(j);
+                let isum = hsum_epi32(W::isum8(bx.quants(), a));
+                let (dw, da) = (f16_to_f32(bx.d()), f16_to_f32(W::ad(a)));
+                l[j % 4] += if W::MIN {
+                    contrib_q4_1(dw, da, isum, f16_to_f32(bx.m()), f16_to_f32(W::as_(a)))
+                } else {
+                    contrib_scaled(dw, da, isum)
+                };
+            }
+            out[r] = combine4(l);
+        }
+        out
+    }
+}
+
+macro_rules! rows64_kernel {
+    ($name:ident, $wb:ty, $ab:ty) => {
+        /// Four weight rows at `w`, `w + rb`, ... (bytes) with one activation vector.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub unsafe fn $name(w: *const u8, rb: usize, y: &[$ab], out: &mut [f64; 4]) {
+            unsafe { *out = legacy64_rows::<$wb, 4>(w, rb, y) }
+        }
+    };
+}
+rows64_kernel!(rows64_q4_0_q8_0, BlockQ4_0, BlockQ8_0);
+rows64_kernel!(rows64_q4_1_q8_1, BlockQ4_1, BlockQ8_1);
+rows64_kernel!(rows64_q5_0_q8_0, BlockQ5_0, BlockQ8_0);
+rows64_kernel!(rows64_q8_0_q8_0, BlockQ8_0, BlockQ8_0);
+
 macro_rules! quant64_kernels {
     ($one:ident, $four:ident, $body:ident, $wb:ty, $ab:ty) => {
         #[target_feature(enable = "avx2,fma,f16c")]

@@ -322,10 +322,10 @@ static AVX2_64: Kernels64 = Kernels64 {
     dot4_q4_k: avx2::dot64x4_q4_k_q8_k,
     dot4_q5_k: avx2::dot64x4_q5_k_q8_k,
     dot4_q6_k: avx2::dot64x4_q6_k_q8_k,
-    rows4_q4_0: None,
-    rows4_q4_1: None,
-    rows4_q5_0: None,
-    rows4_q8_0: None,
+    rows4_q4_0: Some(avx2::rows64_q4_0_q8_0),
+    rows4_q4_1: Some(avx2::rows64_q4_1_q8_1),
+    rows4_q5_0: Some(avx2::rows64_q5_0_q8_0),
+    rows4_q8_0: Some(avx2::rows64_q8_0_q8_0),
 };
 
 static SCALAR: Kernels = Kernels {

@@ -1056,7 +1056,10 @@ fn matmul_f64_large_parallel_is_bitwise_reference() {
 fn matmul_f64_large_parallel_in_pool() {
     let mut rng = Rng::new(18);
     for ty in [
+        QuantType::Q4_0,
         QuantType::Q4_1,
+        QuantType::Q5_0,
+        QuantType::Q8_0,
         QuantType::Q4_K,
         QuantType::Q6_K,
         QuantType::F16,
