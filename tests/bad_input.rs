@@ -226,9 +226,46 @@ fn bad_arguments_are_clear_errors() {
         "{err}"
     );
     std::fs::remove_file(&hosts).ok();
+    for (args, needle) in [
+        (&["bench", "-m", model, "--tp", "0"][..], "--tp 0"),
+        (&["bench", "-m", model, "-r", "0"][..], "--repetitions"),
+        (&["bench", "-m", model, "-t", "0"][..], "--threads"),
+        (
+            &["bench", "-m", model, "-p", "0", "-n", "0"][..],
+            "nothing to measure",
+        ),
+        (&["bench", "-m", "/nonexistent.gguf"][..], "cannot read"),
+        (
+            &["bench", "-m", model, "-p", "9000", "-n", "0"][..],
+            "context",
+        ),
+    ] {
+        let (ok, err) = run(args);
+        assert!(!ok && err.contains(needle), "{args:?}: {err}");
+    }
     for (ok, err) in [run(&[
         "generate", "--model", model, "--local", "1", "--prompt", "hi",
     ])] {
         assert!(ok, "{err}");
+    }
+}
+
+#[test]
+fn bad_worker_cpu_lists_are_clear_errors() {
+    for (list, needle) in [
+        ("abc", "not a CPU number"),
+        ("3-1", "bad CPU range"),
+        ("", "names no CPU"),
+        ("100000", "out of range"),
+    ] {
+        let output = Command::new(worker_binary())
+            .args(["--listen", "127.0.0.1:0", "--cpus", list])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && err.contains(needle),
+            "--cpus {list:?}: {err}"
+        );
     }
 }

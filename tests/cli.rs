@@ -56,6 +56,35 @@ fn generate_json_reports_tokens_text_and_timings() {
 }
 
 #[test]
+fn bench_reports_llama_bench_fields_per_tp_and_test() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let model = path.to_str().unwrap();
+    let (ok, out, err) = coordinator(&[
+        "bench", "-m", model, "-p", "16", "-n", "4", "-d", "0,8", "--tp", "1,2", "-t", "1", "-r",
+        "2", "--format", "json",
+    ]);
+    assert!(ok, "{err}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    // 2 TP sizes x 2 depths x (pp, tg)
+    assert_eq!(rows.len(), 8, "{out}");
+    for row in &rows {
+        let samples = row["samples_ts"].as_array().unwrap();
+        assert_eq!(samples.len(), 2);
+        assert!(row["avg_ts"].as_f64().unwrap() > 0.0);
+        assert_eq!(row["n_threads"], 1);
+        let (p, n) = (
+            row["n_prompt"].as_u64().unwrap(),
+            row["n_gen"].as_u64().unwrap(),
+        );
+        assert!((p, n) == (16, 0) || (p, n) == (0, 4), "{row}");
+    }
+    assert!(rows.iter().any(|r| r["tp"] == 2 && r["test"] == "tg4 @ d8"));
+    let (ok, out, err) = coordinator(&["bench", "-m", model, "-p", "8", "-n", "2", "-r", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("| pp8 |") && out.contains("| tg2 |"), "{out}");
+}
+
+#[test]
 fn generate_text_streams_and_summarizes() {
     let Some(path) = model(SMOLLM2) else { return };
     let (ok, out, err) = coordinator(&[
