@@ -230,11 +230,17 @@ impl ThreadPool {
         let guard = AbortOnPanic;
         run_tasks(shared, f);
         let started = Instant::now();
+        let mut spins = 0u32;
+        let mut yielding = false;
         while shared.pending.0.load(Ordering::Acquire) != 0 {
-            if started.elapsed() < JOIN_SPIN {
-                std::hint::spin_loop();
-            } else {
+            spins = spins.wrapping_add(1);
+            if !yielding && spins % 64 == 0 {
+                yielding = started.elapsed() >= JOIN_SPIN;
+            }
+            if yielding {
                 std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
             }
         }
         std::mem::forget(guard);

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use half::f16;
 
 use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
-use crate::kernels::cpu::{PreparedActivations, QuantType, attend, matmul, matmul_f64};
+use crate::kernels::cpu::{PreparedActivations, QuantType, attend, matmul, matmul_f64, sum_exp};
 use crate::kernels::pool;
 use crate::model::arch::{ModelConfig, RopeStyle};
 use crate::transport::{Collective, TransportError};
@@ -622,20 +622,9 @@ fn summarize_row(
     let log_sum_exp = if row.is_empty() {
         f32::NEG_INFINITY
     } else {
-        max + row
-            .iter()
-            .map(|&v| ((v - max) as f64).exp())
-            .sum::<f64>()
-            .ln() as f32
+        max + sum_exp(row, max).ln() as f32
     };
-    let k = top_k.min(row.len());
-    let mut order: Vec<u32> = (0..row.len() as u32).collect();
-    let by_logit = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-    if k > 0 && k < order.len() {
-        order.select_nth_unstable_by(k - 1, by_logit);
-    }
-    order.truncate(k);
-    order.sort_by(by_logit);
+    let order = top_k_indices(row, top_k);
     RowResult {
         ids: order.iter().map(|&i| i + vocab_start as u32).collect(),
         logits: order.iter().map(|&i| row[i as usize]).collect(),
@@ -648,6 +637,44 @@ fn summarize_row(
     }
 }
 
+/// A logit with its index, ordered from worse to better: lower logit first, and among equal
+/// logits the higher index first (so the lower index wins ties).
+#[derive(Clone, Copy, PartialEq)]
+struct Candidate(f32, u32);
+impl Eq for Candidate {}
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0).then(other.1.cmp(&self.1))
+    }
+}
+
+/// Indices of the `k` largest values of `row`, best first, ties to the lower index. One pass
+/// with a k-element heap: a 49,152-entry vocabulary slice needs no index array or sort.
+fn top_k_indices(row: &[f32], k: usize) -> Vec<u32> {
+    let k = k.min(row.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut heap = std::collections::BinaryHeap::with_capacity(k + 1);
+    for (i, &v) in row.iter().enumerate() {
+        let c = std::cmp::Reverse(Candidate(v, i as u32));
+        if heap.len() < k {
+            heap.push(c);
+        } else if heap.peek().is_some_and(|worst| c.0 > worst.0) {
+            heap.pop();
+            heap.push(c);
+        }
+    }
+    let mut best: Vec<Candidate> = heap.into_iter().map(|c| c.0).collect();
+    best.sort_by(|a, b| b.cmp(a));
+    best.into_iter().map(|c| c.1).collect()
+}
+
 fn two_buffers(buffers: &mut [Vec<f32>], a: usize, b: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
     assert_ne!(a, b);
     if a < b {
@@ -656,5 +683,31 @@ fn two_buffers(buffers: &mut [Vec<f32>], a: usize, b: usize) -> (&mut Vec<f32>, 
     } else {
         let (x, y) = buffers.split_at_mut(a);
         (&mut y[0], &mut x[b])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The heap selection against a full sort, with many ties and NaN-free random values.
+    #[test]
+    fn top_k_matches_a_full_sort() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for n in [1usize, 5, 40, 1000] {
+            let row: Vec<f32> = (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state % 50) as f32 * 0.25 - 6.0
+                })
+                .collect();
+            let mut all: Vec<u32> = (0..n as u32).collect();
+            all.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+            for k in [0usize, 1, 3, 40, n, n + 5] {
+                assert_eq!(top_k_indices(&row, k), all[..k.min(n)], "n {n} k {k}");
+            }
+        }
     }
 }

@@ -288,6 +288,30 @@ unsafe fn exp_nonpositive_ps(x: __m256) -> __m256 {
     }
 }
 
+/// Σ e^(x - max) over `row` (every x <= max), the exponentials in f32 8 lanes at a time, summed
+/// in f64: the log-sum-exp of a vocabulary slice.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn sum_exp(row: &[f32], max: f32) -> f64 {
+    unsafe {
+        let maxv = _mm256_set1_ps(max);
+        let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            let e = exp_nonpositive_ps(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), maxv));
+            lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+            hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(e)));
+        }
+        let mut lanes = [0f64; 4];
+        _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_add_pd(lo, hi));
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&x| (x - max).exp() as f64)
+            .sum();
+        (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
+    }
+}
+
 /// Attention of one query row with head_dim = 8 * C, the query and the output accumulator in
 /// registers: scores, softmax (vector exp), then the weighted sum of values.
 #[inline(always)]

@@ -46,6 +46,7 @@ pub use reference::{
 struct Kernels {
     name: &'static str,
     f32_dot: unsafe fn(&[f32], &[f32]) -> f32,
+    sum_exp: unsafe fn(&[f32], f32) -> f64,
     #[allow(clippy::type_complexity)]
     attend: unsafe fn(&[f16], *const f16, *const f16, usize, usize, f32, &mut [f32], &mut [f32]),
     dot_f32: unsafe fn(&[u8], &[f32]) -> f32,
@@ -112,6 +113,10 @@ struct Kernels64 {
 /// Four weight rows at `w`, `w + rb`, ... (bytes, each a whole row) with one activation
 /// vector, bitwise equal to four single dots. Without one, `matmul` makes four single dots.
 type Rows4<A, T> = unsafe fn(*const u8, usize, &[A], &mut [T; 4]);
+
+fn scalar_sum_exp(row: &[f32], max: f32) -> f64 {
+    reference::sum_exp(row, max)
+}
 
 fn scalar_f32_dot(a: &[f32], b: &[f32]) -> f32 {
     reference::f32_dot_scalar(a, b)
@@ -331,6 +336,7 @@ static AVX2_64: Kernels64 = Kernels64 {
 static SCALAR: Kernels = Kernels {
     name: "scalar",
     f32_dot: scalar_f32_dot,
+    sum_exp: scalar_sum_exp,
     attend: reference::attend,
     dot_f32: reference::vec_dot_f32,
     dot_f16: reference::vec_dot_f16,
@@ -366,6 +372,7 @@ static SCALAR: Kernels = Kernels {
 static AVX2: Kernels = Kernels {
     name: "avx2",
     f32_dot: avx2::f32_dot,
+    sum_exp: avx2::sum_exp,
     attend: avx2::attend,
     dot_f32: avx2::dot_f32,
     dot_f16: avx2::dot_f16,
@@ -429,6 +436,12 @@ pub fn kernel_name() -> &'static str {
 }
 
 /// Fast f32 dot product (attention scores etc.).
+/// Σ e^(x - max) over `row`, whose values are all at most `max` (a log-sum-exp's sum).
+pub fn sum_exp(row: &[f32], max: f32) -> f64 {
+    // SAFETY: the table matches this CPU.
+    unsafe { (kernels().sum_exp)(row, max) }
+}
+
 /// Attention of one query row over positions `0..n` of one KV head of the F16 cache:
 /// softmax(q·k_t * scale) weighted sum of v_t, into `out`. `keys`/`values` start at position
 /// 0 and hold a row every `stride` elements; `scores` is scratch that grows to `n`. The query is

@@ -960,6 +960,11 @@ pub fn vec_dot_q6_k_q8_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
 
 /// Scalar f32 dot with 8 independent accumulators (vectorizes without FMA contraction).
 #[inline(always)]
+/// Σ e^(x - max) over `row`, each exponential in f32, summed in f64.
+pub fn sum_exp(row: &[f32], max: f32) -> f64 {
+    row.iter().map(|&x| (x - max).exp() as f64).sum()
+}
+
 /// One query row's attention over positions `0..n` of one KV head: `scores[t] = q·k_t *
 /// scale`, a softmax over them, `out = Σ_t p_t v_t`. Row `t` of the keys and values starts at
 /// `t * stride`; `scores` holds at least `n` values of scratch.

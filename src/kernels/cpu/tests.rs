@@ -1317,3 +1317,18 @@ fn attend_matches_reference() {
         }
     }
 }
+
+#[test]
+fn sum_exp_matches_reference() {
+    let mut rng = Rng::new(32);
+    for n in [1usize, 7, 8, 9, 1000, 49152] {
+        let row: Vec<f32> = (0..n).map(|_| rng.value(8.0)).collect();
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (fast, slow) = (sum_exp(&row, max), reference::sum_exp(&row, max));
+        assert!(
+            (fast - slow).abs() <= 1e-6 * slow,
+            "n {n}: {fast} vs {slow}"
+        );
+        assert!(slow >= 1.0);
+    }
+}
