@@ -270,6 +270,7 @@ async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> 
     let mut session = session(&path, &vec![1.0; ranks], 512, 128).await;
     let mut deltas = Vec::new();
     let mut mean_deltas = Vec::new();
+    let mut worst = (0f32, String::new());
     for case in data["cases"].as_array().unwrap() {
         let ids = |v: &serde_json::Value| -> Vec<u32> {
             v.as_array()
@@ -297,6 +298,17 @@ async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> 
                     let delta = (distribution.logprob(logit) - lp).abs();
                     if i == 0 {
                         deltas.push(delta);
+                        if delta > worst.0 {
+                            let gap = golden_step[0][1].as_f64().unwrap()
+                                - golden_step[1][1].as_f64().unwrap();
+                            worst = (
+                                delta,
+                                format!(
+                                    "{} step {step} (golden top-1 logprob {lp:.3}, top-2 gap {gap:.3})",
+                                    case["id"].as_str().unwrap_or("?")
+                                ),
+                            );
+                        }
                     }
                     sum += delta;
                     shared += 1;
@@ -311,11 +323,12 @@ async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> 
     let mut sorted_mean = mean_deltas.clone();
     sorted_mean.sort_by(f32::total_cmp);
     report(&format!(
-        "{model_name} TP={ranks} teacher-forced over {} steps: top-1 |Δ| median {:.4} p95 {:.4} max {:.4}; top-10 mean |Δ| median {:.4} max {:.4}",
+        "{model_name} TP={ranks} teacher-forced over {} steps: top-1 |Δ| median {:.4} p95 {:.4} max {:.4} at {}; top-10 mean |Δ| median {:.4} max {:.4}",
         sorted.len(),
         sorted[sorted.len() / 2],
         sorted[sorted.len() * 95 / 100],
         sorted[sorted.len() - 1],
+        worst.1,
         sorted_mean[sorted_mean.len() / 2],
         sorted_mean[sorted_mean.len() - 1]
     ));

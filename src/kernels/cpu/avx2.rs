@@ -313,7 +313,9 @@ pub unsafe fn sum_exp(row: &[f32], max: f32) -> f64 {
 }
 
 /// Attention of one query row with head_dim = 8 * C, the query and the output accumulator in
-/// registers: scores, softmax (vector exp), then the weighted sum of values.
+/// registers: scores, softmax, then the weighted sum of values. The softmax uses libm's expf,
+/// as llama.cpp's attention does: an 8-lane exp differing by an ulp moved the golden
+/// comparison's worst step by 0.03 (model outputs are that sensitive at high-entropy steps).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_body<const C: usize>(
@@ -349,27 +351,11 @@ unsafe fn attend_body<const C: usize>(
             *scores.get_unchecked_mut(t) = score;
             max = max.max(score);
         }
-        let maxv = _mm256_set1_ps(max);
-        let mut sumv = _mm256_setzero_ps();
-        let mut t = 0;
-        while t + 8 <= n {
-            let p = scores.as_mut_ptr().add(t);
-            let e = exp_nonpositive_ps(_mm256_sub_ps(_mm256_loadu_ps(p), maxv));
-            _mm256_storeu_ps(p, e);
-            sumv = _mm256_add_ps(sumv, e);
-            t += 8;
-        }
-        let mut sum = hsum_ps(sumv);
-        if t < n {
-            // The tail goes through the same vector exp, padded with the max (e^0 = 1, unused).
-            let mut tail = [max; 8];
-            tail[..n - t].copy_from_slice(&scores[t..n]);
-            let e = exp_nonpositive_ps(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), maxv));
-            _mm256_storeu_ps(tail.as_mut_ptr(), e);
-            for (s, &x) in scores[t..n].iter_mut().zip(&tail) {
-                *s = x;
-                sum += x;
-            }
+        // libm's expf, as llama.cpp's attention uses, summed in order.
+        let mut sum = 0f32;
+        for score in scores[..n].iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
         }
         let mut acc = [_mm256_setzero_ps(); C];
         for t in 0..n {
