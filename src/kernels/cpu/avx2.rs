@@ -351,12 +351,7 @@ unsafe fn attend_body<const C: usize>(
             *scores.get_unchecked_mut(t) = score;
             max = max.max(score);
         }
-        // libm's expf, as llama.cpp's attention uses, summed in order.
-        let mut sum = 0f32;
-        for score in scores[..n].iter_mut() {
-            *score = (*score - max).exp();
-            sum += *score;
-        }
+        let sum = super::reference::softmax_weights(&mut scores[..n], max);
         let mut acc = [_mm256_setzero_ps(); C];
         for t in 0..n {
             let p = _mm256_set1_ps(*scores.get_unchecked(t));
@@ -1137,6 +1132,76 @@ unsafe fn f16x8_to_pd(d: [F16Bytes; 4], m: [F16Bytes; 4]) -> (__m256d, __m256d) 
     }
 }
 
+/// Weight side of a group of four blocks: their quants and (d, m) scales as f64.
+struct Weights64 {
+    q: [__m256i; 4],
+    d: __m256d,
+    m: __m256d,
+}
+
+#[inline(always)]
+unsafe fn legacy64_weights<W: Legacy64>(b: [&W; 4]) -> Weights64 {
+    unsafe {
+        let (d, m) = f16x8_to_pd(
+            [b[0].d(), b[1].d(), b[2].d(), b[3].d()],
+            [b[0].m(), b[1].m(), b[2].m(), b[3].m()],
+        );
+        Weights64 {
+            q: [b[0].quants(), b[1].quants(), b[2].quants(), b[3].quants()],
+            d,
+            m,
+        }
+    }
+}
+
+/// Activation side of a group of four blocks: (d, s) scales as f64.
+#[inline(always)]
+unsafe fn legacy64_act_scales<W: Legacy64>(a: [&W::A; 4]) -> (__m256d, __m256d) {
+    unsafe {
+        f16x8_to_pd(
+            [W::ad(a[0]), W::ad(a[1]), W::ad(a[2]), W::ad(a[3])],
+            [W::as_(a[0]), W::as_(a[1]), W::as_(a[2]), W::as_(a[3])],
+        )
+    }
+}
+
+/// The four blocks' contributions, one per f64 lane: `(d_w * d_a) * isum` (Q4_1: `+ m_w * s_a`).
+#[inline(always)]
+unsafe fn legacy64_group<W: Legacy64>(
+    w: &Weights64,
+    a: [&W::A; 4],
+    (ad, as_): (__m256d, __m256d),
+) -> __m256d {
+    unsafe {
+        let isum = hsum4_epi32(
+            W::isum8(w.q[0], a[0]),
+            W::isum8(w.q[1], a[1]),
+            W::isum8(w.q[2], a[2]),
+            W::isum8(w.q[3], a[3]),
+        );
+        let c = _mm256_mul_pd(_mm256_mul_pd(w.d, ad), _mm256_cvtepi32_pd(isum));
+        if W::MIN {
+            _mm256_add_pd(c, _mm256_mul_pd(w.m, as_))
+        } else {
+            c
+        }
+    }
+}
+
+/// One block's contribution (the tail after the groups of four), as `reference::dot64`.
+#[inline(always)]
+unsafe fn legacy64_block<W: Legacy64>(bx: &W, a: &W::A) -> f64 {
+    unsafe {
+        let isum = hsum_epi32(W::isum8(bx.quants(), a));
+        let (dw, da) = (f16_to_f32(bx.d()), f16_to_f32(W::ad(a)));
+        if W::MIN {
+            contrib_q4_1(dw, da, isum, f16_to_f32(bx.m()), f16_to_f32(W::as_(a)))
+        } else {
+            contrib_scaled(dw, da, isum)
+        }
+    }
+}
+
 #[inline(always)]
 unsafe fn legacy64_body<W: Legacy64, const N: usize>(
     x: &[W],
@@ -1154,29 +1219,14 @@ unsafe fn legacy64_body<W: Legacy64, const N: usize>(
                 x.get_unchecked(i + 2),
                 x.get_unchecked(i + 3),
             ];
-            let q = [b[0].quants(), b[1].quants(), b[2].quants(), b[3].quants()];
-            let (wd, wm) = f16x8_to_pd(
-                [b[0].d(), b[1].d(), b[2].d(), b[3].d()],
-                [b[0].m(), b[1].m(), b[2].m(), b[3].m()],
-            );
+            let w = legacy64_weights(b);
             for v in 0..N {
                 let p = y.add(v * stride + i);
                 let a = [&*p, &*p.add(1), &*p.add(2), &*p.add(3)];
-                let isum = hsum4_epi32(
-                    W::isum8(q[0], a[0]),
-                    W::isum8(q[1], a[1]),
-                    W::isum8(q[2], a[2]),
-                    W::isum8(q[3], a[3]),
+                acc[v] = _mm256_add_pd(
+                    acc[v],
+                    legacy64_group::<W>(&w, a, legacy64_act_scales::<W>(a)),
                 );
-                let (ad, as_) = f16x8_to_pd(
-                    [W::ad(a[0]), W::ad(a[1]), W::ad(a[2]), W::ad(a[3])],
-                    [W::as_(a[0]), W::as_(a[1]), W::as_(a[2]), W::as_(a[3])],
-                );
-                let mut c = _mm256_mul_pd(_mm256_mul_pd(wd, ad), _mm256_cvtepi32_pd(isum));
-                if W::MIN {
-                    c = _mm256_add_pd(c, _mm256_mul_pd(wm, as_));
-                }
-                acc[v] = _mm256_add_pd(acc[v], c);
             }
             i += 4;
         }
@@ -1185,15 +1235,7 @@ unsafe fn legacy64_body<W: Legacy64, const N: usize>(
             let mut l = [0f64; 4];
             _mm256_storeu_pd(l.as_mut_ptr(), acc[v]);
             for j in i..nb {
-                let bx = x.get_unchecked(j);
-                let a = &*y.add(v * stride + j);
-                let isum = hsum_epi32(W::isum8(bx.quants(), a));
-                let (dw, da) = (f16_to_f32(bx.d()), f16_to_f32(W::ad(a)));
-                l[j % 4] += if W::MIN {
-                    contrib_q4_1(dw, da, isum, f16_to_f32(bx.m()), f16_to_f32(W::as_(a)))
-                } else {
-                    contrib_scaled(dw, da, isum)
-                };
+                l[j % 4] += legacy64_block(x.get_unchecked(j), &*y.add(v * stride + j));
             }
             out[v] = combine4(l);
         }
@@ -1331,29 +1373,11 @@ unsafe fn legacy64_rows<W: Legacy64, const R: usize>(
                 y.get_unchecked(i + 2),
                 y.get_unchecked(i + 3),
             ];
-            let (ad, as_) = f16x8_to_pd(
-                [W::ad(a[0]), W::ad(a[1]), W::ad(a[2]), W::ad(a[3])],
-                [W::as_(a[0]), W::as_(a[1]), W::as_(a[2]), W::as_(a[3])],
-            );
+            let scales = legacy64_act_scales::<W>(a);
             for (r, acc) in acc.iter_mut().enumerate() {
                 let w = row(r);
                 let b = [&*w.add(i), &*w.add(i + 1), &*w.add(i + 2), &*w.add(i + 3)];
-                let q = [b[0].quants(), b[1].quants(), b[2].quants(), b[3].quants()];
-                let (wd, wm) = f16x8_to_pd(
-                    [b[0].d(), b[1].d(), b[2].d(), b[3].d()],
-                    [b[0].m(), b[1].m(), b[2].m(), b[3].m()],
-                );
-                let isum = hsum4_epi32(
-                    W::isum8(q[0], a[0]),
-                    W::isum8(q[1], a[1]),
-                    W::isum8(q[2], a[2]),
-                    W::isum8(q[3], a[3]),
-                );
-                let mut c = _mm256_mul_pd(_mm256_mul_pd(wd, ad), _mm256_cvtepi32_pd(isum));
-                if W::MIN {
-                    c = _mm256_add_pd(c, _mm256_mul_pd(wm, as_));
-                }
-                *acc = _mm256_add_pd(*acc, c);
+                *acc = _mm256_add_pd(*acc, legacy64_group::<W>(&legacy64_weights(b), a, scales));
             }
             i += 4;
         }
@@ -1362,15 +1386,7 @@ unsafe fn legacy64_rows<W: Legacy64, const R: usize>(
             let mut l = [0f64; 4];
             _mm256_storeu_pd(l.as_mut_ptr(), acc[r]);
             for j in i..nb {
-                let bx = &*row(r).add(j);
-                let a = y.get_unchecked(j);
-                let isum = hsum_epi32(W::isum8(bx.quants(), a));
-                let (dw, da) = (f16_to_f32(bx.d()), f16_to_f32(W::ad(a)));
-                l[j % 4] += if W::MIN {
-                    contrib_q4_1(dw, da, isum, f16_to_f32(bx.m()), f16_to_f32(W::as_(a)))
-                } else {
-                    contrib_scaled(dw, da, isum)
-                };
+                l[j % 4] += legacy64_block(&*row(r).add(j), y.get_unchecked(j));
             }
             out[r] = combine4(l);
         }

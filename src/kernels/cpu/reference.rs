@@ -965,6 +965,17 @@ pub fn sum_exp(row: &[f32], max: f32) -> f64 {
     row.iter().map(|&x| (x - max).exp() as f64).sum()
 }
 
+/// Turns attention scores into unnormalized weights `e^(s - max)` in place, with libm's expf
+/// as llama.cpp's attention uses, and returns their sum (in order).
+pub fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for score in scores {
+        *score = (*score - max).exp();
+        sum += *score;
+    }
+    sum
+}
+
 /// One query row's attention over positions `0..n` of one KV head: `scores[t] = q·k_t *
 /// scale`, a softmax over them, `out = Σ_t p_t v_t`. Row `t` of the keys and values starts at
 /// `t * stride`; `scores` holds at least `n` values of scratch.
@@ -993,11 +1004,7 @@ pub unsafe fn attend(
         *score = dot * scale;
         max = max.max(*score);
     }
-    let mut sum = 0f32;
-    for score in &mut scores[..n] {
-        *score = (*score - max).exp();
-        sum += *score;
-    }
+    let sum = softmax_weights(&mut scores[..n], max);
     out.fill(0.0);
     for (t, &p) in scores[..n].iter().enumerate() {
         // SAFETY: as above.
