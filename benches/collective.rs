@@ -60,8 +60,8 @@ struct Args {
     /// Buffer lengths in elements.
     #[arg(long, value_delimiter = ',', default_values_t = [576usize, 896, 4096, 16384, 1 << 20])]
     sizes: Vec<usize>,
-    /// Element types to sum.
-    #[arg(long, value_delimiter = ',', default_values = ["f32", "f64"])]
+    /// Element types to sum; f64-staged is the f64 sum through shared staging (`stage_f64`).
+    #[arg(long, value_delimiter = ',', default_values = ["f32", "f64", "f64-staged"])]
     types: Vec<ElementType>,
     /// Timed iterations per series (and memcpy size); default: what fits in --series-ms.
     #[arg(long)]
@@ -98,6 +98,8 @@ impl Args {
     fn limits(&self) -> CollectiveLimits {
         CollectiveLimits {
             spin_count: self.spin_count,
+            // Every size of an f64-staged series is staged, to show where staging pays.
+            staged_min_elements: 0,
             ..CollectiveLimits::default()
         }
     }
@@ -107,6 +109,7 @@ impl Args {
 enum ElementType {
     F32,
     F64,
+    F64Staged,
 }
 
 impl ElementType {
@@ -114,6 +117,7 @@ impl ElementType {
         match self {
             ElementType::F32 => f32::NAME,
             ElementType::F64 => f64::NAME,
+            ElementType::F64Staged => "f64-staged",
         }
     }
 
@@ -121,13 +125,14 @@ impl ElementType {
         match self {
             ElementType::F32 => f32::METHOD,
             ElementType::F64 => f64::METHOD,
+            ElementType::F64Staged => "stage_f64 + all_reduce_staged_f64",
         }
     }
 
     fn element_bytes(self) -> usize {
         match self {
             ElementType::F32 => size_of::<f32>(),
-            ElementType::F64 => size_of::<f64>(),
+            ElementType::F64 | ElementType::F64Staged => size_of::<f64>(),
         }
     }
 }
@@ -198,7 +203,10 @@ fn run_parent(args: &Args) -> Result<()> {
          count); begin_step every {COLLECTIVES_PER_STEP} collectives; buffers hold zeros, and \
          one round of exact integer sums checked on every rank ends each series. Each rank's \
          buffer starts {} bytes into a page; memcpy copies between page-aligned buffers; waits \
-         spin {} times, then yield. GB/s = bytes of one rank's buffer / median.",
+         spin {} times, then yield. GB/s = bytes of one rank's buffer / median. f64-staged: \
+         each rank writes its partials into its shm slot (the producer's own write, not timed) \
+         and the sum is left in the slots for the consumer to read in place; timed: the wait \
+         for the slot, both barriers and the reduction.",
         args.buffer_page_offset, args.spin_count
     );
 
@@ -376,14 +384,87 @@ impl Stepped {
     }
 
     fn reduce<T: Element>(&mut self, buffer: &mut [T]) -> Result<(), TransportError> {
+        self.next_call();
+        T::all_reduce(&mut *self.collective, buffer)
+    }
+}
+
+impl Stepped {
+    fn next_call(&mut self) {
         if self.calls_in_step == COLLECTIVES_PER_STEP {
             self.step += 1;
             self.collective.begin_step(self.step);
             self.calls_in_step = 0;
         }
         self.calls_in_step += 1;
-        T::all_reduce(&mut *self.collective, buffer)
     }
+
+    /// One staged sum of `input`, written into the stage untimed; the result goes to `output`
+    /// when given (untimed too). Returns the time spent in the collective.
+    fn reduce_staged(&mut self, input: &[f64], output: Option<&mut [f64]>) -> Result<Duration> {
+        self.next_call();
+        let len = input.len();
+        let started = Instant::now();
+        let stage = self
+            .collective
+            .stage_f64(len)?
+            .with_context(|| format!("{len} values were not staged"))?;
+        let waited = started.elapsed();
+        stage.copy_from_slice(input);
+        let mut copied = Duration::ZERO;
+        let started = Instant::now();
+        match output {
+            Some(output) => self
+                .collective
+                .all_reduce_staged_f64(len, &mut |offset, piece| {
+                    let copy = Instant::now();
+                    output[offset..offset + piece.len()].copy_from_slice(piece);
+                    copied += copy.elapsed();
+                })?,
+            None => self.collective.all_reduce_staged_f64(len, &mut |_, _| {})?,
+        }
+        Ok(waited + started.elapsed() - copied)
+    }
+}
+
+fn run_series_staged(
+    stepped: &mut Stepped,
+    elements: usize,
+    budget: Option<&Budget>,
+) -> Result<Samples> {
+    let mut input = vec![0f64; elements];
+    let warmup = warmup_iterations(elements * size_of::<f64>());
+    let mut spent = Duration::ZERO;
+    for _ in 0..warmup {
+        spent += stepped.reduce_staged(&input, None)?;
+    }
+    let per_call = spent / warmup as u32;
+    let mut count = [budget.map_or(0.0, |b| b.iterations(per_call) as f64)];
+    stepped.reduce(&mut count)?;
+    let iterations = count[0] as u64;
+    ensure!(iterations > 0, "rank 0 broadcast {} iterations", count[0]);
+    let mut samples_ns = Vec::with_capacity(iterations as usize);
+    for _ in 0..iterations {
+        samples_ns.push(stepped.reduce_staged(&input, None)?.as_nanos() as u64);
+    }
+    // The same exact-integer check as the one-shot series.
+    let rank_index = stepped.collective.rank_index();
+    let rank_count = stepped.collective.rank_count();
+    let pattern = |i: usize| (i % 7) as f64 + 1.0;
+    for (i, value) in input.iter_mut().enumerate() {
+        *value = (rank_index + 1) as f64 * pattern(i);
+    }
+    let mut output = vec![f64::NAN; elements];
+    stepped.reduce_staged(&input, Some(&mut output))?;
+    let rank_sum = (rank_count * (rank_count + 1) / 2) as f64;
+    for (i, &value) in output.iter().enumerate() {
+        ensure!(
+            value == rank_sum * pattern(i),
+            "rank {rank_index} of {rank_count}: staged element {i} of {elements} is {value}, expected {}",
+            rank_sum * pattern(i)
+        );
+    }
+    Ok(Samples::new(samples_ns))
 }
 
 /// One measured (rank count, element type, size), as seen by rank 0.
@@ -450,6 +531,7 @@ fn run_rank(
             let samples = match ty {
                 ElementType::F32 => run_series::<f32>(&mut stepped, elements, offset, budget)?,
                 ElementType::F64 => run_series::<f64>(&mut stepped, elements, offset, budget)?,
+                ElementType::F64Staged => run_series_staged(&mut stepped, elements, budget)?,
             };
             if rank_index == 0 {
                 all_series.push(Series {

@@ -25,6 +25,8 @@ pub enum TransportError {
     },
     #[error("shared memory segment {path}: {what}")]
     BadSegment { path: String, what: String },
+    #[error("collective used out of order: {0}")]
+    Protocol(String),
 }
 
 pub trait Collective: Send {
@@ -35,6 +37,27 @@ pub trait Collective: Send {
     /// The same for f64 partial sums: row-parallel outputs are reduced in f64 so that the f32
     /// result does not depend on how the row was split (DESIGN section 4).
     fn all_reduce_sum_f64(&mut self, buffer: &mut [f64]) -> Result<(), TransportError>;
+    /// Shared staging for a large f64 sum, or `None` when this transport sums `len` values
+    /// better through `all_reduce_sum_f64` (small buffers, one rank, no shared memory).
+    ///
+    /// The caller writes its partial sums into the returned area (instead of a buffer of its
+    /// own) and then calls `all_reduce_staged_f64` with the same `len`, which reads the sum in
+    /// place. This saves the copies in and out of shared memory that dominate large sums.
+    fn stage_f64(&mut self, _len: usize) -> Result<Option<&mut [f64]>, TransportError> {
+        Ok(None)
+    }
+    /// Sums the staged partials across ranks and hands the result to `read` as consecutive
+    /// pieces `(offset, values)` that together cover `0..len`, in order. The values are
+    /// bit-identical to what `all_reduce_sum_f64` gives for the same partials.
+    fn all_reduce_staged_f64(
+        &mut self,
+        _len: usize,
+        _read: &mut dyn FnMut(usize, &[f64]),
+    ) -> Result<(), TransportError> {
+        Err(TransportError::Protocol(
+            "all_reduce_staged_f64 without stage_f64".into(),
+        ))
+    }
     /// Tags the collectives of the next step, so that flags left by an aborted step cannot be
     /// mistaken for this step's.
     fn begin_step(&mut self, step: u64);
@@ -59,12 +82,18 @@ impl Collective for Solo {
     fn begin_step(&mut self, _step: u64) {}
 }
 
+/// Where staging starts to pay (`cargo bench --bench collective`, docs/PERFORMANCE.md).
+pub const STAGED_MIN_ELEMENTS: usize = 4096;
+
 /// Limits that bound every wait of a collective.
 #[derive(Clone, Copy, Debug)]
 pub struct CollectiveLimits {
     pub timeout: Duration,
     /// Spins before a waiting rank starts yielding its core.
     pub spin_count: u32,
+    /// The smallest f64 sum (elements) that goes through shared staging (`stage_f64`); smaller
+    /// ones use the one-shot sum, which has one barrier instead of two.
+    pub staged_min_elements: usize,
 }
 
 impl Default for CollectiveLimits {
@@ -75,6 +104,7 @@ impl Default for CollectiveLimits {
             // the waiter yields, which costs little when nobody else wants the core and lets a
             // peer sharing it run (each yield-free spin phase there costs its full length).
             spin_count: 200,
+            staged_min_elements: STAGED_MIN_ELEMENTS,
         }
     }
 }

@@ -118,6 +118,10 @@ pub struct Executor {
     /// Row-parallel outputs, accumulated and reduced in f64 so that the f32 residual does not
     /// depend on how the row was split across ranks.
     partial: Vec<f64>,
+    /// The last row-parallel linear wrote into the collective's staging (`linear_partial`).
+    staged: bool,
+    /// The staged AllReduce already added its sum to the residual stream.
+    residual_added: bool,
 }
 
 fn slot(buffer: Buffer) -> usize {
@@ -251,6 +255,8 @@ impl Executor {
             rope_cache: Vec::new(),
             logits_input: vec![0f32; config.model_dim * max_batch],
             partial: vec![0f64; config.model_dim * max_batch],
+            staged: false,
+            residual_added: false,
         })
     }
 
@@ -312,6 +318,8 @@ impl Executor {
         let result = (|| {
             let mut results = Vec::new();
             self.prepared_key = None;
+            self.staged = false;
+            self.residual_added = false;
             for op in &program {
                 if !matches!(op, Exec::Linear { .. }) {
                     // Any other op may rewrite the buffer the activations were prepared from.
@@ -324,6 +332,12 @@ impl Executor {
                         input,
                         output,
                     } => self.rms_norm(weight, *input, *output, batch),
+                    Exec::Linear {
+                        weight,
+                        input,
+                        output: Buffer::Partial,
+                        ..
+                    } => self.linear_partial(collective, weight, *input, batch)?,
                     Exec::Linear {
                         weight,
                         bias,
@@ -348,6 +362,7 @@ impl Executor {
                             *g = *g / (1.0 + (-*g).exp()) * u;
                         }
                     }
+                    Exec::AddResidual if self.residual_added => self.residual_added = false,
                     Exec::AddResidual => {
                         let residual = &mut self.buffers[slot(Buffer::Residual)];
                         for (r, p) in residual[..d * batch]
@@ -356,6 +371,20 @@ impl Executor {
                         {
                             *r = (*r as f64 + p) as f32;
                         }
+                    }
+                    Exec::AllReduce {
+                        buffer: Buffer::Partial,
+                    } if self.staged => {
+                        // The sum stays in shared memory; the residual add (the next op, by
+                        // the planner's construction) reads it there.
+                        self.staged = false;
+                        let residual = &mut self.buffers[slot(Buffer::Residual)];
+                        collective.all_reduce_staged_f64(d * batch, &mut |offset, piece| {
+                            for (r, p) in residual[offset..].iter_mut().zip(piece) {
+                                *r = (*r as f64 + p) as f32;
+                            }
+                        })?;
+                        self.residual_added = true;
                     }
                     Exec::AllReduce {
                         buffer: Buffer::Partial,
@@ -417,13 +446,24 @@ impl Executor {
         }
         if cols == 0 {
             // A rank without heads or columns in this layer contributes zeros.
-            if output == Buffer::Partial {
-                self.partial[..rows * batch].fill(0.0);
-            } else {
-                self.buffers[slot(output)][..rows * batch].fill(0.0);
-            }
+            self.buffers[slot(output)][..rows * batch].fill(0.0);
             return;
         }
+        self.prepare_input(weight, input, batch);
+        let y = &mut self.buffers[slot(output)][..rows * batch];
+        matmul(weight.ty, &weight.data, rows, cols, &self.prepared, y);
+        if let Some(bias) = bias {
+            for row in y.chunks_exact_mut(rows) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+    }
+
+    /// Quantizes the linear's input for its weight type, unless the last linear already did.
+    fn prepare_input(&mut self, weight: &Weight, input: Buffer, batch: usize) {
+        let cols = weight.cols;
         let key = (input, weight.ty, cols);
         if self.prepared_key != Some(key) {
             self.prepared.prepare(
@@ -434,26 +474,37 @@ impl Executor {
             );
             self.prepared_key = Some(key);
         }
-        if output == Buffer::Partial {
-            matmul_f64(
-                weight.ty,
-                &weight.data,
-                rows,
-                cols,
-                &self.prepared,
-                &mut self.partial[..rows * batch],
-            );
-            return;
+    }
+
+    /// A row-parallel linear, whose f64 partial sums go to the AllReduce that follows: into
+    /// the transport's shared staging when it offers it for this size (large batches), which
+    /// saves copying them in and out, else into `partial`.
+    fn linear_partial(
+        &mut self,
+        collective: &mut dyn Collective,
+        weight: &Weight,
+        input: Buffer,
+        batch: usize,
+    ) -> Result<(), TransportError> {
+        let (rows, cols) = (weight.rows, weight.cols);
+        let n = rows * batch;
+        if cols > 0 {
+            self.prepare_input(weight, input, batch);
         }
-        let y = &mut self.buffers[slot(output)][..rows * batch];
-        matmul(weight.ty, &weight.data, rows, cols, &self.prepared, y);
-        if let Some(bias) = bias {
-            for row in y.chunks_exact_mut(rows) {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    *v += b;
-                }
+        let out = match collective.stage_f64(n)? {
+            Some(stage) => {
+                self.staged = true;
+                stage
             }
+            None => &mut self.partial[..n],
+        };
+        if cols == 0 {
+            // A rank without heads or columns in this layer contributes zeros.
+            out.fill(0.0);
+        } else {
+            matmul_f64(weight.ty, &weight.data, rows, cols, &self.prepared, out);
         }
+        Ok(())
     }
 
     /// cos/sin per (position, pair), computed the way llama.cpp does: theta multiplied by
