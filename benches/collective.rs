@@ -60,8 +60,9 @@ struct Args {
     /// Buffer lengths in elements.
     #[arg(long, value_delimiter = ',', default_values_t = [576usize, 896, 4096, 16384, 1 << 20])]
     sizes: Vec<usize>,
-    /// Element types to sum; f64-staged is the f64 sum through shared staging (`stage_f64`).
-    #[arg(long, value_delimiter = ',', default_values = ["f32", "f64", "f64-staged"])]
+    /// Element types to sum; f32-staged and f64-staged sum through shared staging
+    /// (`stage_f32`, `stage_f64`).
+    #[arg(long, value_delimiter = ',', default_values = ["f32", "f64", "f32-staged", "f64-staged"])]
     types: Vec<ElementType>,
     /// Timed iterations per series (and memcpy size); default: what fits in --series-ms.
     #[arg(long)]
@@ -109,6 +110,7 @@ impl Args {
 enum ElementType {
     F32,
     F64,
+    F32Staged,
     F64Staged,
 }
 
@@ -117,6 +119,7 @@ impl ElementType {
         match self {
             ElementType::F32 => f32::NAME,
             ElementType::F64 => f64::NAME,
+            ElementType::F32Staged => "f32-staged",
             ElementType::F64Staged => "f64-staged",
         }
     }
@@ -125,13 +128,14 @@ impl ElementType {
         match self {
             ElementType::F32 => f32::METHOD,
             ElementType::F64 => f64::METHOD,
+            ElementType::F32Staged => "stage_f32 + all_reduce_staged_f32",
             ElementType::F64Staged => "stage_f64 + all_reduce_staged_f64",
         }
     }
 
     fn element_bytes(self) -> usize {
         match self {
-            ElementType::F32 => size_of::<f32>(),
+            ElementType::F32 | ElementType::F32Staged => size_of::<f32>(),
             ElementType::F64 | ElementType::F64Staged => size_of::<f64>(),
         }
     }
@@ -203,7 +207,7 @@ fn run_parent(args: &Args) -> Result<()> {
          count); begin_step every {COLLECTIVES_PER_STEP} collectives; buffers hold zeros, and \
          one round of exact integer sums checked on every rank ends each series. Each rank's \
          buffer starts {} bytes into a page; memcpy copies between page-aligned buffers; waits \
-         spin {} times, then yield. GB/s = bytes of one rank's buffer / median. f64-staged: \
+         spin {} times, then yield. GB/s = bytes of one rank's buffer / median. *-staged: \
          each rank writes its partials into its shm slot (the producer's own write, not timed) \
          and the sum is left in the slots for the consumer to read in place; timed: the wait \
          for the slot, both barriers and the reduction.",
@@ -334,6 +338,15 @@ trait Element: Copy + PartialEq + std::fmt::Display {
         collective: &mut dyn Collective,
         buffer: &mut [Self],
     ) -> Result<(), TransportError>;
+    fn stage(
+        collective: &mut dyn Collective,
+        len: usize,
+    ) -> Result<Option<&mut [Self]>, TransportError>;
+    fn all_reduce_staged(
+        collective: &mut dyn Collective,
+        len: usize,
+        read: &mut dyn FnMut(usize, &[Self]),
+    ) -> Result<(), TransportError>;
 }
 
 impl Element for f32 {
@@ -349,6 +362,19 @@ impl Element for f32 {
     ) -> Result<(), TransportError> {
         collective.all_reduce_sum(buffer)
     }
+    fn stage(
+        collective: &mut dyn Collective,
+        len: usize,
+    ) -> Result<Option<&mut [f32]>, TransportError> {
+        collective.stage_f32(len)
+    }
+    fn all_reduce_staged(
+        collective: &mut dyn Collective,
+        len: usize,
+        read: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), TransportError> {
+        collective.all_reduce_staged_f32(len, read)
+    }
 }
 
 impl Element for f64 {
@@ -363,6 +389,19 @@ impl Element for f64 {
         buffer: &mut [f64],
     ) -> Result<(), TransportError> {
         collective.all_reduce_sum_f64(buffer)
+    }
+    fn stage(
+        collective: &mut dyn Collective,
+        len: usize,
+    ) -> Result<Option<&mut [f64]>, TransportError> {
+        collective.stage_f64(len)
+    }
+    fn all_reduce_staged(
+        collective: &mut dyn Collective,
+        len: usize,
+        read: &mut dyn FnMut(usize, &[f64]),
+    ) -> Result<(), TransportError> {
+        collective.all_reduce_staged_f64(len, read)
     }
 }
 
@@ -401,39 +440,41 @@ impl Stepped {
 
     /// One staged sum of `input`, written into the stage untimed; the result goes to `output`
     /// when given (untimed too). Returns the time spent in the collective.
-    fn reduce_staged(&mut self, input: &[f64], output: Option<&mut [f64]>) -> Result<Duration> {
+    fn reduce_staged<T: Element>(
+        &mut self,
+        input: &[T],
+        output: Option<&mut [T]>,
+    ) -> Result<Duration> {
         self.next_call();
         let len = input.len();
         let started = Instant::now();
-        let stage = self
-            .collective
-            .stage_f64(len)?
+        let stage = T::stage(&mut *self.collective, len)?
             .with_context(|| format!("{len} values were not staged"))?;
         let waited = started.elapsed();
         stage.copy_from_slice(input);
         let mut copied = Duration::ZERO;
         let started = Instant::now();
         match output {
-            Some(output) => self
-                .collective
-                .all_reduce_staged_f64(len, &mut |offset, piece| {
+            Some(output) => {
+                T::all_reduce_staged(&mut *self.collective, len, &mut |offset, piece| {
                     let copy = Instant::now();
                     output[offset..offset + piece.len()].copy_from_slice(piece);
                     copied += copy.elapsed();
-                })?,
-            None => self.collective.all_reduce_staged_f64(len, &mut |_, _| {})?,
+                })?
+            }
+            None => T::all_reduce_staged(&mut *self.collective, len, &mut |_, _| {})?,
         }
         Ok(waited + started.elapsed() - copied)
     }
 }
 
-fn run_series_staged(
+fn run_series_staged<T: Element>(
     stepped: &mut Stepped,
     elements: usize,
     budget: Option<&Budget>,
 ) -> Result<Samples> {
-    let mut input = vec![0f64; elements];
-    let warmup = warmup_iterations(elements * size_of::<f64>());
+    let mut input = vec![T::ZERO; elements];
+    let warmup = warmup_iterations(elements * size_of::<T>());
     let mut spent = Duration::ZERO;
     for _ in 0..warmup {
         spent += stepped.reduce_staged(&input, None)?;
@@ -450,18 +491,19 @@ fn run_series_staged(
     // The same exact-integer check as the one-shot series.
     let rank_index = stepped.collective.rank_index();
     let rank_count = stepped.collective.rank_count();
-    let pattern = |i: usize| (i % 7) as f64 + 1.0;
+    let pattern = |i: usize| (i % 7) as u32 + 1;
     for (i, value) in input.iter_mut().enumerate() {
-        *value = (rank_index + 1) as f64 * pattern(i);
+        *value = T::from_u32((rank_index as u32 + 1) * pattern(i));
     }
-    let mut output = vec![f64::NAN; elements];
+    let mut output = vec![T::ZERO; elements];
     stepped.reduce_staged(&input, Some(&mut output))?;
-    let rank_sum = (rank_count * (rank_count + 1) / 2) as f64;
+    let rank_sum = (rank_count * (rank_count + 1) / 2) as u32;
     for (i, &value) in output.iter().enumerate() {
+        let expected = T::from_u32(rank_sum * pattern(i));
         ensure!(
-            value == rank_sum * pattern(i),
-            "rank {rank_index} of {rank_count}: staged element {i} of {elements} is {value}, expected {}",
-            rank_sum * pattern(i)
+            value == expected,
+            "rank {rank_index} of {rank_count}: staged {} element {i} of {elements} is {value}, expected {expected}",
+            T::NAME
         );
     }
     Ok(Samples::new(samples_ns))
@@ -531,7 +573,8 @@ fn run_rank(
             let samples = match ty {
                 ElementType::F32 => run_series::<f32>(&mut stepped, elements, offset, budget)?,
                 ElementType::F64 => run_series::<f64>(&mut stepped, elements, offset, budget)?,
-                ElementType::F64Staged => run_series_staged(&mut stepped, elements, budget)?,
+                ElementType::F32Staged => run_series_staged::<f32>(&mut stepped, elements, budget)?,
+                ElementType::F64Staged => run_series_staged::<f64>(&mut stepped, elements, budget)?,
             };
             if rank_index == 0 {
                 all_series.push(Series {

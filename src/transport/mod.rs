@@ -58,6 +58,19 @@ pub trait Collective: Send {
             "all_reduce_staged_f64 without stage_f64".into(),
         ))
     }
+    /// The same for f32 (the embedding's sum of a prompt batch).
+    fn stage_f32(&mut self, _len: usize) -> Result<Option<&mut [f32]>, TransportError> {
+        Ok(None)
+    }
+    fn all_reduce_staged_f32(
+        &mut self,
+        _len: usize,
+        _read: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), TransportError> {
+        Err(TransportError::Protocol(
+            "all_reduce_staged_f32 without stage_f32".into(),
+        ))
+    }
     /// Tags the collectives of the next step, so that flags left by an aborted step cannot be
     /// mistaken for this step's.
     fn begin_step(&mut self, step: u64);
@@ -91,7 +104,7 @@ pub struct CollectiveLimits {
     pub timeout: Duration,
     /// Spins before a waiting rank starts yielding its core.
     pub spin_count: u32,
-    /// The smallest f64 sum (elements) that goes through shared staging (`stage_f64`); smaller
+    /// The smallest sum (elements) that goes through shared staging (`stage_f64`); smaller
     /// ones use the one-shot sum, which has one barrier instead of two.
     pub staged_min_elements: usize,
 }

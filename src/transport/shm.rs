@@ -11,7 +11,7 @@
 //! a writer checks that every rank has read the last round of the parity it is about to reuse
 //! (in the alternating case that check passes at once).
 //!
-//! Large f64 sums can skip the copies: `stage_f64` hands the caller its slot to write partials
+//! Large sums can skip the copies: `stage_f64` / `stage_f32` hand the caller its slot to write partials
 //! into; after the arrival barrier each rank sums its 1/N portion of every slot (rank order,
 //! so the bits equal the one-shot sum) into that portion of its own slot, publishes a
 //! "reduced" flag, and after a second barrier reads the result where it lies: portion r in
@@ -35,8 +35,8 @@ const READ_FLAGS_OFFSET: usize = 2048;
 const REDUCED_FLAGS_OFFSET: usize = 3072;
 /// The header holds one flag line per rank in each of its 1 KiB flag areas.
 pub const RANK_COUNT_MAX: usize = (HEADER_BYTES - REDUCED_FLAGS_OFFSET) / FLAG_STRIDE_BYTES;
-/// Staged portions start on cache lines: a multiple of 8 f64.
-const PORTION_ALIGN: usize = FLAG_STRIDE_BYTES / size_of::<f64>();
+/// Staged portions start on cache lines.
+const PORTION_ALIGN_BYTES: usize = 64;
 /// Epochs of one step live in `step * STEP_EPOCHS ..`; more than any program's collective count.
 const STEP_EPOCHS: u64 = 1 << 16;
 
@@ -106,8 +106,8 @@ pub struct ShmCollective {
     /// The last epoch this rank used each parity for.
     last_epoch: [u64; 2],
     limits: CollectiveLimits,
-    /// The length of a staged sum handed out by `stage_f64` and not yet reduced.
-    staged: Option<usize>,
+    /// (length, element bytes) of a staged sum handed out by `stage` and not yet reduced.
+    staged: Option<(usize, usize)>,
 }
 
 impl ShmCollective {
@@ -207,7 +207,7 @@ impl ShmCollective {
         if len > capacity {
             return Err(TransportError::TooLarge { got: len, capacity });
         }
-        if let Some(pending) = self.staged {
+        if let Some((pending, _)) = self.staged {
             return Err(TransportError::Protocol(format!(
                 "a staged sum of {pending} values is still open"
             )));
@@ -221,9 +221,10 @@ impl ShmCollective {
         Ok((epoch, parity))
     }
 
-    /// Rank `rank`'s portion of a staged sum of `len` values: `start..end`.
-    fn portion(&self, len: usize, rank: usize) -> (usize, usize) {
-        let size = len.div_ceil(self.rank_count).div_ceil(PORTION_ALIGN) * PORTION_ALIGN;
+    /// Rank `rank`'s portion of a staged sum of `len` values of `element_bytes`: `start..end`.
+    fn portion(&self, len: usize, element_bytes: usize, rank: usize) -> (usize, usize) {
+        let align = PORTION_ALIGN_BYTES / element_bytes;
+        let size = len.div_ceil(self.rank_count).div_ceil(align) * align;
         let start = (rank * size).min(len);
         (start, (start + size).min(len))
     }
@@ -285,15 +286,15 @@ impl ShmCollective {
         Ok(())
     }
 
-    fn stage(&mut self, len: usize) -> Result<Option<&mut [f64]>, TransportError> {
+    fn stage<T: Summable>(&mut self, len: usize) -> Result<Option<&mut [T]>, TransportError> {
         if self.rank_count == 1
             || len < self.limits.staged_min_elements
-            || len * size_of::<f64>() > self.slot_bytes
+            || len * size_of::<T>() > self.slot_bytes
         {
             return Ok(None);
         }
-        let (_, parity) = self.open_round(len, size_of::<f64>())?;
-        self.staged = Some(len);
+        let (_, parity) = self.open_round(len, size_of::<T>())?;
+        self.staged = Some((len, size_of::<T>()));
         // SAFETY: this rank's slot of the round's parity, which every rank has finished reading
         // (open_round); only this rank writes it until it publishes its arrival.
         Ok(Some(unsafe {
@@ -301,16 +302,17 @@ impl ShmCollective {
         }))
     }
 
-    fn all_reduce_staged(
+    fn all_reduce_staged<T: Summable>(
         &mut self,
         len: usize,
-        read: &mut dyn FnMut(usize, &[f64]),
+        read: &mut dyn FnMut(usize, &[T]),
     ) -> Result<(), TransportError> {
         match self.staged.take() {
-            Some(staged) if staged == len => {}
+            Some(staged) if staged == (len, size_of::<T>()) => {}
             other => {
                 return Err(TransportError::Protocol(format!(
-                    "staged sum of {len} values, but {other:?} were staged"
+                    "staged sum of {len} values of {} bytes, but {other:?} were staged",
+                    size_of::<T>()
                 )));
             }
         }
@@ -320,20 +322,21 @@ impl ShmCollective {
         self.wait_for_all(epoch, Self::flag)?;
         // Sum this rank's portion of every slot in rank order into the same portion of its own
         // slot. Only this rank touches that portion of any slot until it publishes `reduced`.
-        let (start, end) = self.portion(len, self.rank_index);
-        const CHUNK: usize = 512;
-        let mut sum = [0f64; CHUNK];
+        let (start, end) = self.portion(len, size_of::<T>(), self.rank_index);
+        const CHUNK_BYTES: usize = 4096;
+        let chunk = CHUNK_BYTES / size_of::<T>();
+        let mut sum: Vec<T> = Vec::with_capacity(chunk);
         let mut at = start;
         while at < end {
-            let n = (end - at).min(CHUNK);
-            let sum = &mut sum[..n];
+            let n = (end - at).min(chunk);
             // SAFETY: every rank published this epoch after writing its slot (acquire above);
             // the ranges lie inside the slots (len fits, checked in stage).
             unsafe {
                 let slot = |rank: usize| {
-                    std::slice::from_raw_parts(self.slot_ptr::<f64>(parity, rank).add(at), n)
+                    std::slice::from_raw_parts(self.slot_ptr::<T>(parity, rank).add(at), n)
                 };
-                sum.copy_from_slice(slot(0));
+                sum.clear();
+                sum.extend_from_slice(slot(0));
                 for rank in 1..self.rank_count {
                     for (s, v) in sum.iter_mut().zip(slot(rank)) {
                         *s += *v;
@@ -341,7 +344,7 @@ impl ShmCollective {
                 }
                 std::ptr::copy_nonoverlapping(
                     sum.as_ptr(),
-                    self.slot_ptr::<f64>(parity, self.rank_index).add(at),
+                    self.slot_ptr::<T>(parity, self.rank_index).add(at),
                     n,
                 );
             }
@@ -351,13 +354,13 @@ impl ShmCollective {
             .store(epoch, Ordering::Release);
         self.wait_for_all(epoch, Self::reduced_flag)?;
         for rank in 0..self.rank_count {
-            let (start, end) = self.portion(len, rank);
+            let (start, end) = self.portion(len, size_of::<T>(), rank);
             if start < end {
                 // SAFETY: rank `rank` wrote its reduced portion before publishing `reduced`
                 // (acquire above), and nobody writes this parity before we publish `read`.
                 let values = unsafe {
                     std::slice::from_raw_parts(
-                        self.slot_ptr::<f64>(parity, rank).add(start),
+                        self.slot_ptr::<T>(parity, rank).add(start),
                         end - start,
                     )
                 };
@@ -423,6 +426,18 @@ impl Collective for ShmCollective {
 
     fn all_reduce_sum_f64(&mut self, buffer: &mut [f64]) -> Result<(), TransportError> {
         self.all_reduce(buffer)
+    }
+
+    fn stage_f32(&mut self, len: usize) -> Result<Option<&mut [f32]>, TransportError> {
+        self.stage(len)
+    }
+
+    fn all_reduce_staged_f32(
+        &mut self,
+        len: usize,
+        read: &mut dyn FnMut(usize, &[f32]),
+    ) -> Result<(), TransportError> {
+        self.all_reduce_staged(len, read)
     }
 
     fn stage_f64(&mut self, len: usize) -> Result<Option<&mut [f64]>, TransportError> {
@@ -560,9 +575,32 @@ mod tests {
                                     .zip(&one_shot)
                                     .all(|(a, b)| a.to_bits() == b.to_bits());
                                 assert!(same, "staged and one-shot sums differ ({len} values)");
-                                // A small f32 round in between shares the slots' parities.
-                                let mut small = [rank as f32; 3];
-                                c.all_reduce_sum(&mut small).unwrap();
+                                // f32 too; its rounds share the slots' parities with f64's.
+                                let narrow: Vec<f32> = one_shot
+                                    .iter()
+                                    .map(|&v| (v + partial(rank, round, 1)) as f32)
+                                    .collect();
+                                let mut staged32 = vec![f32::NAN; len];
+                                if let Some(stage) = c.stage_f32(len).unwrap() {
+                                    stage.copy_from_slice(&narrow);
+                                    c.all_reduce_staged_f32(len, &mut |offset, piece| {
+                                        staged32[offset..offset + piece.len()]
+                                            .copy_from_slice(piece);
+                                    })
+                                    .unwrap();
+                                } else {
+                                    staged32.copy_from_slice(&narrow);
+                                    c.all_reduce_sum(&mut staged32).unwrap();
+                                }
+                                let mut one_shot32 = narrow;
+                                c.all_reduce_sum(&mut one_shot32).unwrap();
+                                assert!(
+                                    staged32
+                                        .iter()
+                                        .zip(&one_shot32)
+                                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                    "staged and one-shot f32 sums differ ({len} values)"
+                                );
                                 results.push(staged);
                             }
                         }
@@ -598,6 +636,11 @@ mod tests {
         assert!(c.stage_f64(100_000).unwrap().is_some());
         let err = c.all_reduce_sum(&mut [0.0; 4]).unwrap_err();
         assert!(matches!(err, TransportError::Protocol(_)), "{err}");
+        let err = c
+            .all_reduce_staged_f32(100_000, &mut |_, _| {})
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Protocol(_)), "{err}");
+        assert!(c.stage_f64(100_000).unwrap().is_some());
         let err = c.all_reduce_staged_f64(99_999, &mut |_, _| {}).unwrap_err();
         assert!(matches!(err, TransportError::Protocol(_)), "{err}");
         assert!(

@@ -118,7 +118,8 @@ pub struct Executor {
     /// Row-parallel outputs, accumulated and reduced in f64 so that the f32 residual does not
     /// depend on how the row was split across ranks.
     partial: Vec<f64>,
-    /// The last row-parallel linear wrote into the collective's staging (`linear_partial`).
+    /// The last op that feeds an AllReduce (embedding, row-parallel linear) wrote into the
+    /// collective's staging: the planner puts the AllReduce right after it.
     staged: bool,
     /// The staged AllReduce already added its sum to the residual stream.
     residual_added: bool,
@@ -326,7 +327,7 @@ impl Executor {
                     self.prepared_key = None;
                 }
                 match op {
-                    Exec::Embed { weight } => self.embed(weight, tokens),
+                    Exec::Embed { weight } => self.embed(collective, weight, tokens)?,
                     Exec::RmsNorm {
                         weight,
                         input,
@@ -391,6 +392,13 @@ impl Executor {
                     } => {
                         collective.all_reduce_sum_f64(&mut self.partial[..d * batch])?;
                     }
+                    Exec::AllReduce { buffer } if self.staged => {
+                        self.staged = false;
+                        let target = &mut self.buffers[slot(*buffer)];
+                        collective.all_reduce_staged_f32(d * batch, &mut |offset, piece| {
+                            target[offset..offset + piece.len()].copy_from_slice(piece);
+                        })?;
+                    }
                     Exec::AllReduce { buffer } => {
                         collective.all_reduce_sum(&mut self.buffers[slot(*buffer)][..d * batch])?;
                     }
@@ -404,11 +412,25 @@ impl Executor {
         result
     }
 
-    fn embed(&mut self, weight: &Weight, tokens: &[u32]) {
+    /// The embedding rows of this rank's vocabulary slice (zeros elsewhere), into the
+    /// transport's staging when it offers it for this size, else into the residual stream;
+    /// the AllReduce that follows completes them.
+    fn embed(
+        &mut self,
+        collective: &mut dyn Collective,
+        weight: &Weight,
+        tokens: &[u32],
+    ) -> Result<(), TransportError> {
         let d = self.config.model_dim;
-        let out = &mut self.buffers[slot(Buffer::Residual)];
-        for (b, &token) in tokens.iter().enumerate() {
-            let target = &mut out[b * d..(b + 1) * d];
+        let n = d * tokens.len();
+        let out = match collective.stage_f32(n)? {
+            Some(stage) => {
+                self.staged = true;
+                stage
+            }
+            None => &mut self.buffers[slot(Buffer::Residual)][..n],
+        };
+        for (target, &token) in out.chunks_exact_mut(d).zip(tokens) {
             let local = (token as usize).wrapping_sub(self.vocab_start);
             if local < self.vocab_rows {
                 crate::kernels::cpu::dequantize_row(weight.ty, weight.row(local), target);
@@ -416,6 +438,7 @@ impl Executor {
                 target.fill(0.0);
             }
         }
+        Ok(())
     }
 
     fn rms_norm(&mut self, weight: &[f32], input: Buffer, output: Buffer, batch: usize) {
