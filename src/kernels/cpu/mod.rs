@@ -3,6 +3,8 @@
 //! * `blocks`: ggml block layouts and [`QuantType`].
 //! * `reference`: scalar dequantize / quantize / dot products reproducing ggml's generic code.
 //! * `avx2` (x86_64): AVX2+FMA+F16C dot products with the same integer arithmetic.
+//! * `neon` (aarch64): NEON integer block sums around the reference's float steps (bitwise
+//!   equal to the reference).
 //!
 //! A kernel table is chosen once (first use) by runtime CPU detection; `use_scalar_kernels`,
 //! called before the first kernel runs, forces the scalar reference kernels.
@@ -16,6 +18,8 @@ mod reference;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 #[cfg(test)]
 mod tests;
@@ -404,6 +408,46 @@ static AVX2: Kernels = Kernels {
     wide: &AVX2_64,
 };
 
+#[cfg(target_arch = "aarch64")]
+static NEON_64: Kernels64 = Kernels64 {
+    dot_q4_0: neon::dot64_q4_0_q8_0,
+    dot_q4_1: neon::dot64_q4_1_q8_1,
+    dot_q5_0: neon::dot64_q5_0_q8_0,
+    dot_q8_0: neon::dot64_q8_0_q8_0,
+    dot_q4_k: neon::dot64_q4_k_q8_k,
+    dot_q5_k: neon::dot64_q5_k_q8_k,
+    dot_q6_k: neon::dot64_q6_k_q8_k,
+    dot4_q4_0: neon::dot64x4_q4_0_q8_0,
+    dot4_q4_1: neon::dot64x4_q4_1_q8_1,
+    dot4_q5_0: neon::dot64x4_q5_0_q8_0,
+    dot4_q8_0: neon::dot64x4_q8_0_q8_0,
+    dot4_q4_k: neon::dot64x4_q4_k_q8_k,
+    dot4_q5_k: neon::dot64x4_q5_k_q8_k,
+    dot4_q6_k: neon::dot64x4_q6_k_q8_k,
+    ..SCALAR64
+};
+
+#[cfg(target_arch = "aarch64")]
+static NEON: Kernels = Kernels {
+    name: "neon",
+    dot_q4_0: neon::dot_q4_0_q8_0,
+    dot_q4_1: neon::dot_q4_1_q8_1,
+    dot_q5_0: neon::dot_q5_0_q8_0,
+    dot_q8_0: neon::dot_q8_0_q8_0,
+    dot_q4_k: neon::dot_q4_k_q8_k,
+    dot_q5_k: neon::dot_q5_k_q8_k,
+    dot_q6_k: neon::dot_q6_k_q8_k,
+    dot4_q4_0: neon::dot4_q4_0_q8_0,
+    dot4_q4_1: neon::dot4_q4_1_q8_1,
+    dot4_q5_0: neon::dot4_q5_0_q8_0,
+    dot4_q8_0: neon::dot4_q8_0_q8_0,
+    dot4_q4_k: neon::dot4_q4_k_q8_k,
+    dot4_q5_k: neon::dot4_q5_k_q8_k,
+    dot4_q6_k: neon::dot4_q6_k_q8_k,
+    wide: &NEON_64,
+    ..SCALAR
+};
+
 static KERNELS: OnceLock<&'static Kernels> = OnceLock::new();
 
 /// Forces the scalar reference kernels, for debugging a suspected SIMD fault. Returns false if
@@ -422,6 +466,12 @@ fn detect() -> &'static Kernels {
             return &AVX2;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return &NEON;
+        }
+    }
     &SCALAR
 }
 
@@ -430,7 +480,7 @@ fn kernels() -> &'static Kernels {
     KERNELS.get_or_init(detect)
 }
 
-/// Name of the kernel set in use ("avx2" or "scalar"), for logs.
+/// Name of the kernel set in use ("avx2", "neon" or "scalar"), for logs.
 pub fn kernel_name() -> &'static str {
     kernels().name
 }

@@ -1332,3 +1332,52 @@ fn sum_exp_matches_reference() {
         assert!(slow >= 1.0);
     }
 }
+
+/// The NEON kernels keep the reference's float steps around exact integer sums, so they must
+/// equal it bit for bit, f32 and f64 alike, on well-formed and on random blocks. On x86 hosts
+/// `scripts/test-aarch64.sh` runs this under qemu-aarch64.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_kernels_are_bitwise_equal_to_the_reference() {
+    assert_eq!(kernel_name(), "neon");
+    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+        if !ty.is_quantized() {
+            continue;
+        }
+        for random_bytes in [false, true] {
+            let mut rng = Rng::new(700 + 2 * i as u64 + random_bytes as u64);
+            let cols = 7 * ty.block_elements().max(QK);
+            let rows = 9;
+            let w = make_weights(ty, rows, cols, &mut rng, random_bytes);
+            let mut act = PreparedActivations::new();
+            for count in [1usize, 5] {
+                let x = random_acts(&mut rng, cols * count);
+                act.prepare(ty, &x, cols, count);
+                let mut fast = vec![f32::NAN; rows * count];
+                let mut slow = vec![f32::NAN; rows * count];
+                matmul(ty, &w, rows, cols, &act, &mut fast);
+                matmul_reference(ty, &w, rows, cols, &act, &mut slow);
+                let mut fast64 = vec![f64::NAN; rows * count];
+                let mut slow64 = vec![f64::NAN; rows * count];
+                matmul_f64(ty, &w, rows, cols, &act, &mut fast64);
+                matmul_f64_reference(ty, &w, rows, cols, &act, &mut slow64);
+                for k in 0..rows * count {
+                    assert_eq!(
+                        fast[k].to_bits(),
+                        slow[k].to_bits(),
+                        "{ty} random={random_bytes} count={count} #{k}: {} vs {}",
+                        fast[k],
+                        slow[k]
+                    );
+                    assert_eq!(
+                        fast64[k].to_bits(),
+                        slow64[k].to_bits(),
+                        "{ty} random={random_bytes} count={count} #{k} (f64): {} vs {}",
+                        fast64[k],
+                        slow64[k]
+                    );
+                }
+            }
+        }
+    }
+}
