@@ -66,6 +66,13 @@ pub struct BenchArgs {
     /// Seconds a worker waits for its peers in an AllReduce before failing the step.
     #[arg(long, default_value_t = 10)]
     pub collective_timeout: u64,
+    /// Data plane between the local workers: auto (shared memory), shm or grpc (loopback
+    /// streams, to measure the network transport's cost).
+    #[arg(long, value_enum)]
+    pub transport: Option<crate::coordinator::cluster::TransportChoice>,
+    /// Wire precision of the gRPC data plane (full, f32, bf16, f16, q8_0).
+    #[arg(long, default_value = "full", value_parser = |s: &str| s.parse::<crate::transport::grpc::SyncPrecision>())]
+    pub sync_precision: crate::transport::grpc::SyncPrecision,
 }
 
 /// One row of results, with llama-bench's field names where it has them.
@@ -188,6 +195,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 workers: None,
                 threads: Some(threads),
                 collective_timeout: args.collective_timeout,
+                transport: args.transport,
+                sync_precision: args.sync_precision,
             };
             let cluster = start_cluster_with(&cluster_args).await?;
             let mut session =

@@ -8,11 +8,12 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::coordinator::bench::BenchArgs;
-use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile};
+use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile, TransportChoice};
 use crate::coordinator::planner::{AttentionUnit, plan};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
 use crate::model::chat::ChatMessage;
+use crate::transport::grpc::SyncPrecision;
 use crate::worker::shard::shard_weight_bytes;
 
 #[derive(Parser, Debug)]
@@ -76,6 +77,18 @@ pub struct ClusterArgs {
     /// Seconds a worker waits for its peers in an AllReduce before failing the step.
     #[arg(long, default_value_t = 10)]
     pub collective_timeout: u64,
+    /// How workers exchange activations (overrides hosts.toml's `transport`): auto uses
+    /// shared memory when every worker shares this host and gRPC otherwise.
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportChoice>,
+    /// Wire precision of the gRPC data plane: full (each buffer's own type, exact), f32,
+    /// bf16, f16 or q8_0 (fewer bytes, small rounding error).
+    #[arg(long, default_value = "full", value_parser = parse_precision)]
+    pub sync_precision: SyncPrecision,
+}
+
+fn parse_precision(s: &str) -> Result<SyncPrecision, String> {
+    s.parse()
 }
 
 #[derive(Args, Debug)]
@@ -193,11 +206,18 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
         (Some(n), _) => {
             let n = *n as usize;
             let threads = args.threads.unwrap_or_else(|| default_threads(n));
-            Cluster::spawn_local(&worker_binary()?, &vec![1.0; n], threads, limits).await
+            let mut cluster =
+                Cluster::spawn_local(&worker_binary()?, &vec![1.0; n], threads, limits).await?;
+            cluster.transport = args.transport.unwrap_or_default();
+            cluster.sync_precision = args.sync_precision;
+            Ok(cluster)
         }
         (None, Some(path)) => {
             let hosts = HostsFile::read(path)?;
-            Cluster::connect(&hosts.workers, limits).await
+            let mut cluster = Cluster::connect(&hosts.workers, limits).await?;
+            cluster.transport = args.transport.unwrap_or(hosts.transport);
+            cluster.sync_precision = args.sync_precision;
+            Ok(cluster)
         }
         (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
     }
@@ -447,10 +467,11 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                 (
                     hosts.workers.iter().map(|w| w.weight).collect(),
                     hosts.workers.iter().map(|w| w.address.clone()).collect(),
-                    if same_host {
-                        "shm"
-                    } else {
-                        "grpc (not yet supported)"
+                    match hosts.transport {
+                        TransportChoice::Shm => "shm",
+                        TransportChoice::Grpc => "grpc",
+                        TransportChoice::Auto if same_host => "shm",
+                        TransportChoice::Auto => "grpc",
                     },
                 )
             }

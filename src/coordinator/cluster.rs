@@ -14,6 +14,7 @@ use crate::coordinator::planner::{Plan, RankShard};
 use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
+use crate::transport::grpc::{SECRET_BYTES, SyncPrecision};
 use crate::transport::shm::ShmSegment;
 use crate::worker::{MAX_MESSAGE_BYTES, model_header_hash};
 
@@ -42,8 +43,34 @@ impl Default for ClusterLimits {
 #[derive(Clone, Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostsFile {
+    /// How workers exchange activations: "auto" (shared memory when every worker shares this
+    /// host, gRPC otherwise), "shm" or "grpc".
+    #[serde(default)]
+    pub transport: TransportChoice,
     #[serde(rename = "worker")]
     pub workers: Vec<WorkerEntry>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// Shared memory when every worker runs on this host, else gRPC.
+    #[default]
+    Auto,
+    /// Shared memory (every worker on one host).
+    Shm,
+    /// gRPC streams between every pair of workers.
+    Grpc,
+}
+
+impl TransportChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportChoice::Auto => "auto",
+            TransportChoice::Shm => "shm",
+            TransportChoice::Grpc => "grpc",
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -57,6 +84,10 @@ pub struct WorkerEntry {
     /// Compute threads for this worker; 0 lets the worker decide.
     #[serde(default)]
     pub threads: usize,
+    /// Where the worker finds its copy of the model, when its path differs from the
+    /// coordinator's (it must be the same file: size and header hash are checked).
+    #[serde(default)]
+    pub model_path: Option<String>,
 }
 
 fn one() -> f64 {
@@ -80,6 +111,7 @@ pub struct WorkerHandle {
     pub address: String,
     pub weight: f64,
     pub threads: usize,
+    pub model_path: Option<String>,
     pub client: WorkerClient<Channel>,
     pub hello: proto::HelloReply,
 }
@@ -90,6 +122,13 @@ pub struct Cluster {
     segment: Option<ShmSegment>,
     next_step: u64,
     pub limits: ClusterLimits,
+    /// The data plane asked for, and the one the loaded model uses.
+    pub transport: TransportChoice,
+    pub sync_precision: SyncPrecision,
+    active_transport: Option<TransportChoice>,
+    /// Connection rounds of the gRPC data plane; a failed step asks for a new round.
+    generation: u64,
+    reconnect: bool,
 }
 
 /// What the cluster needs to load a model.
@@ -136,6 +175,7 @@ impl Cluster {
                 address: entry.address.clone(),
                 weight: entry.weight,
                 threads: entry.threads,
+                model_path: entry.model_path.clone(),
                 client,
                 hello,
             });
@@ -146,6 +186,11 @@ impl Cluster {
             segment: None,
             next_step: 1,
             limits,
+            transport: TransportChoice::Auto,
+            sync_precision: SyncPrecision::Full,
+            active_transport: None,
+            generation: 0,
+            reconnect: false,
         })
     }
 
@@ -213,6 +258,7 @@ impl Cluster {
                 address: address.trim().to_string(),
                 weight,
                 threads: threads_per_worker,
+                model_path: None,
             });
             children.push(child);
         }
@@ -243,12 +289,18 @@ impl Cluster {
     ) -> anyhow::Result<Vec<proto::LoadShardReply>> {
         let rank_count = self.workers.len();
         let model_dim = crate::model::arch::ModelConfig::from_gguf(spec.file)?.model_dim;
-        let shm_path = if rank_count > 1 {
-            if !self.single_host() {
-                bail!(
-                    "workers run on different hosts; this version connects only workers of one host (shared memory)"
-                );
-            }
+        let transport = match self.transport {
+            _ if rank_count == 1 => TransportChoice::Shm,
+            TransportChoice::Auto if self.single_host() => TransportChoice::Shm,
+            TransportChoice::Auto => TransportChoice::Grpc,
+            TransportChoice::Shm if !self.single_host() => bail!(
+                "transport shm needs every worker on this host, but they report other hosts \
+                 (boot id / hostname); use transport = \"grpc\" or \"auto\""
+            ),
+            chosen => chosen,
+        };
+        self.active_transport = None;
+        let shm_path = if rank_count > 1 && transport == TransportChoice::Shm {
             let path = std::env::temp_dir().join(format!(
                 "tp-shm-{}-{}",
                 std::process::id(),
@@ -268,6 +320,16 @@ impl Cluster {
         } else {
             String::new()
         };
+        let secret = if transport == TransportChoice::Grpc {
+            cluster_secret()?
+        } else {
+            Vec::new()
+        };
+        let peer_addresses: Vec<String> = if transport == TransportChoice::Grpc {
+            self.workers.iter().map(|w| w.address.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let header_hash = model_header_hash(spec.file);
         let model_path = std::fs::canonicalize(&spec.file.path)?
             .display()
@@ -276,7 +338,10 @@ impl Cluster {
         for (rank, worker) in self.workers.iter().enumerate() {
             let shard: &RankShard = &spec.plan.ranks[rank];
             let request = proto::LoadShardRequest {
-                model_path: model_path.clone(),
+                model_path: worker
+                    .model_path
+                    .clone()
+                    .unwrap_or_else(|| model_path.clone()),
                 model_size: spec.file.file_size,
                 model_header_hash: header_hash,
                 rank_index: rank as u32,
@@ -301,6 +366,12 @@ impl Cluster {
                 max_batch: spec.max_batch as u32,
                 threads: worker.threads as u32,
                 collective_timeout_ms: self.limits.collective_timeout.as_millis() as u32,
+                transport: transport.name().into(),
+                peer_addresses: peer_addresses.clone(),
+                cluster_secret: secret.clone(),
+                sync_precision: self.sync_precision.name().into(),
+                host_ranks: Vec::new(),
+                leader_ranks: Vec::new(),
             };
             let mut client = worker.client.clone();
             let address = worker.address.clone();
@@ -317,11 +388,77 @@ impl Cluster {
                 Ok::<_, anyhow::Error>((rank, reply.into_inner()))
             });
         }
-        collect_ranked(tasks, rank_count).await
+        let replies = collect_ranked(tasks, rank_count).await?;
+        if transport == TransportChoice::Grpc {
+            self.connect_peers().await?;
+        }
+        self.active_transport = Some(transport);
+        Ok(replies)
+    }
+
+    /// The data plane of the loaded model ("shm" or "grpc"), once loaded.
+    pub fn active_transport(&self) -> Option<TransportChoice> {
+        self.active_transport
+    }
+
+    /// Asks every worker to open a new round of data-plane links (gRPC).
+    async fn connect_peers(&mut self) -> anyhow::Result<()> {
+        self.generation += 1;
+        let generation = self.generation;
+        let timeout = self.limits.collective_timeout + self.limits.connect_timeout;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (rank, worker) in self.workers.iter().enumerate() {
+            let mut client = worker.client.clone();
+            let address = worker.address.clone();
+            tasks.spawn(async move {
+                tokio::time::timeout(
+                    timeout,
+                    client.connect_peers(proto::ConnectPeersRequest { generation }),
+                )
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "worker {rank} ({address}) did not connect to its peers within {timeout:?}"
+                    )
+                })?
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "worker {rank} ({address}) cannot reach its peers: {}",
+                        s.message()
+                    )
+                })?;
+                Ok::<_, anyhow::Error>((rank, ()))
+            });
+        }
+        collect_ranked(tasks, self.workers.len()).await?;
+        tracing::info!(
+            generation,
+            workers = self.workers.len(),
+            "gRPC data plane connected"
+        );
+        Ok(())
     }
 
     /// One forward pass on every worker; replies in rank order.
     pub async fn step(
+        &mut self,
+        request: proto::StepRequest,
+    ) -> anyhow::Result<Vec<proto::StepReply>> {
+        if self.reconnect {
+            self.connect_peers()
+                .await
+                .context("the data plane is down since the last failed step")?;
+            self.reconnect = false;
+        }
+        let result = self.step_once(request).await;
+        if result.is_err() && self.active_transport == Some(TransportChoice::Grpc) {
+            // Links may be broken or hold frames of the failed step: start a new round.
+            self.reconnect = true;
+        }
+        result
+    }
+
+    async fn step_once(
         &mut self,
         mut request: proto::StepRequest,
     ) -> anyhow::Result<Vec<proto::StepReply>> {
@@ -411,6 +548,16 @@ async fn collect_ranked<T: 'static>(
         .into_iter()
         .map(|r| r.expect("every rank answered"))
         .collect())
+}
+
+/// A fresh secret for a cluster's data plane, from the kernel's random source.
+fn cluster_secret() -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut secret = vec![0u8; SECRET_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut secret))
+        .context("cannot read /dev/urandom for the cluster secret")?;
+    Ok(secret)
 }
 
 fn unique_suffix() -> u64 {

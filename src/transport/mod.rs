@@ -1,7 +1,9 @@
 //! Collectives between the workers of one cluster (DESIGN section 4).
 //!
-//! `shm` serves ranks on one host. A single-rank cluster uses `Solo`, which never communicates.
+//! `shm` serves ranks on one host, `grpc` ranks on different hosts. A single-rank cluster uses
+//! `Solo`, which never communicates.
 
+pub mod grpc;
 pub mod shm;
 
 use std::time::Duration;
@@ -27,6 +29,8 @@ pub enum TransportError {
     BadSegment { path: String, what: String },
     #[error("collective used out of order: {0}")]
     Protocol(String),
+    #[error("data plane: {0}")]
+    Link(String),
 }
 
 pub trait Collective: Send {

@@ -18,6 +18,10 @@ use crate::kernels::pool::ThreadPool;
 use crate::model::arch::ModelConfig;
 use crate::model::gguf::GgufFile;
 use crate::proto;
+use crate::transport::grpc::{
+    BytesSent, DataPlaneService, GrpcCollective, GrpcSpec, MAX_FRAME_BYTES, Registry, SECRET_BYTES,
+    SyncPrecision, Unconnected,
+};
 use crate::transport::shm::ShmCollective;
 use crate::transport::{Collective, CollectiveLimits, Solo};
 use executor::{Executor, OutputRequest};
@@ -36,9 +40,21 @@ pub struct WorkerOptions {
     pub pin: Option<Vec<usize>>,
 }
 
+/// How this worker's collective reaches its peers over the network, kept for reconnecting.
+struct NetworkPlane {
+    addresses: Vec<String>,
+    secret: Vec<u8>,
+    precision: SyncPrecision,
+    limits: CollectiveLimits,
+}
+
 struct Loaded {
     executor: Executor,
     collective: Box<dyn Collective>,
+    rank_index: u32,
+    rank_count: u32,
+    /// Set for a gRPC data plane: the collective is (re)built by ConnectPeers.
+    network: Option<NetworkPlane>,
     pool: ThreadPool,
     weight_bytes: u64,
     steps: u64,
@@ -58,6 +74,8 @@ fn proc_status_bytes(key: &str) -> u64 {
 
 pub struct WorkerService {
     state: Arc<Mutex<Option<Loaded>>>,
+    registry: Arc<Registry>,
+    bytes_sent: Arc<Mutex<BytesSent>>,
     threads: usize,
     pin: Option<Vec<usize>>,
     shutdown: tokio::sync::mpsc::Sender<()>,
@@ -155,14 +173,14 @@ fn load(
         max_context,
     )
     .map_err(|e| e.to_string())?;
-    let collective: Box<dyn Collective> = if shard.rank_count == 1 {
-        Box::new(Solo)
-    } else {
-        let limits = CollectiveLimits {
-            timeout: Duration::from_millis(request.collective_timeout_ms.max(1) as u64),
-            ..CollectiveLimits::default()
-        };
-        Box::new(
+    let limits = CollectiveLimits {
+        timeout: Duration::from_millis(request.collective_timeout_ms.max(1) as u64),
+        ..CollectiveLimits::default()
+    };
+    let mut network = None;
+    let collective: Box<dyn Collective> = match request.transport.as_str() {
+        _ if shard.rank_count == 1 => Box::new(Solo),
+        "" | "shm" => Box::new(
             ShmCollective::open(
                 &PathBuf::from(&request.shm_path),
                 shard.rank_index,
@@ -170,7 +188,29 @@ fn load(
                 limits,
             )
             .map_err(|e| e.to_string())?,
-        )
+        ),
+        "grpc" => {
+            if request.peer_addresses.len() != shard.rank_count {
+                return Err(format!(
+                    "{} peer addresses for {} ranks",
+                    request.peer_addresses.len(),
+                    shard.rank_count
+                ));
+            }
+            if request.cluster_secret.len() != SECRET_BYTES {
+                return Err(format!("a cluster secret must be {SECRET_BYTES} bytes"));
+            }
+            network = Some(NetworkPlane {
+                addresses: request.peer_addresses.clone(),
+                secret: request.cluster_secret.clone(),
+                precision: request.sync_precision.parse()?,
+                limits,
+            });
+            Box::new(Unconnected(
+                "the gRPC data plane is not connected yet (ConnectPeers)".into(),
+            ))
+        }
+        other => return Err(format!("unknown transport '{other}'")),
     };
     let reply = proto::LoadShardReply {
         weight_bytes,
@@ -182,6 +222,9 @@ fn load(
         Loaded {
             executor,
             collective,
+            rank_index: request.rank_index,
+            rank_count: request.rank_count,
+            network,
             pool,
             weight_bytes,
             steps: 0,
@@ -214,6 +257,8 @@ impl proto::worker_server::Worker for WorkerService {
         let state = self.state.clone();
         let threads = self.threads;
         let pin = self.pin.clone();
+        // A new cluster: streams of the old one are refused from now on.
+        self.registry.clear();
         tokio::task::spawn_blocking(move || {
             // Drop any previous shard first so two never coexist in memory.
             *state.lock().unwrap() = None;
@@ -303,6 +348,55 @@ impl proto::worker_server::Worker for WorkerService {
         .map_err(|e| Status::internal(e.to_string()))?
     }
 
+    async fn connect_peers(
+        &self,
+        request: Request<proto::ConnectPeersRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let generation = request.into_inner().generation;
+        let state = self.state.clone();
+        let registry = self.registry.clone();
+        let counters = self.bytes_sent.clone();
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = state.lock().unwrap();
+            let Some(loaded) = guard.as_mut() else {
+                return Err(Status::failed_precondition("no shard loaded"));
+            };
+            let Some(network) = &loaded.network else {
+                return Ok(Response::new(proto::Empty {}));
+            };
+            // Drop the old links first: their streams end, and peers see a clean round.
+            loaded.collective = Box::new(Unconnected("reconnecting".into()));
+            let bytes_sent: BytesSent = {
+                let mut counters = counters.lock().unwrap();
+                if counters.len() != loaded.rank_count as usize {
+                    *counters = Arc::new(
+                        (0..loaded.rank_count)
+                            .map(|_| std::sync::atomic::AtomicU64::new(0))
+                            .collect(),
+                    );
+                }
+                counters.clone()
+            };
+            let spec = GrpcSpec {
+                members: (0..loaded.rank_count).collect(),
+                addresses: network.addresses.clone(),
+                rank: loaded.rank_index,
+                secret: network.secret.clone(),
+                generation,
+                precision: network.precision,
+                limits: network.limits,
+            };
+            let collective = GrpcCollective::connect(spec, &registry, runtime, bytes_sent)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            tracing::info!(generation, "data plane connected");
+            loaded.collective = Box::new(collective);
+            Ok(Response::new(proto::Empty {}))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
     async fn clear_sequence(
         &self,
         request: Request<proto::ClearSequenceRequest>,
@@ -324,6 +418,13 @@ impl proto::worker_server::Worker for WorkerService {
             kv_cache_bytes: loaded.map_or(0, |l| l.executor.kv_cache_bytes()),
             steps: loaded.map_or(0, |l| l.steps),
             compute_seconds: loaded.map_or(0.0, |l| l.compute_seconds),
+            data_plane_bytes_sent: self
+                .bytes_sent
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+                .collect(),
         }))
     }
 
@@ -352,8 +453,11 @@ pub async fn run(
         None => tracing::info!("compute threads not pinned (no CPU set given)"),
     }
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
+    let registry = Arc::new(Registry::default());
     let service = WorkerService {
         state: Arc::new(Mutex::new(None)),
+        registry: registry.clone(),
+        bytes_sent: Arc::new(Mutex::new(Arc::new(Vec::new()))),
         threads,
         pin: options.pin,
         shutdown: shutdown_tx,
@@ -363,8 +467,12 @@ pub async fn run(
     let server = proto::worker_server::WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let data_plane = proto::data_plane_server::DataPlaneServer::new(DataPlaneService { registry })
+        .max_decoding_message_size(MAX_FRAME_BYTES)
+        .max_encoding_message_size(MAX_FRAME_BYTES);
     tonic::transport::Server::builder()
         .add_service(server)
+        .add_service(data_plane)
         // No Nagle: a reply's trailing frame would otherwise wait ~40 ms for a delayed ACK.
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -1,0 +1,702 @@
+//! AllReduce between workers over the network: persistent gRPC streams (DESIGN section 4).
+//!
+//! Every pair of member ranks shares one bidirectional `DataPlane.Exchange` stream, opened by
+//! the lower rank. Its first frame names the opener, carries the cluster's secret and the
+//! connection round; the accepting worker checks all three against what its coordinator told it
+//! (`Registry`), so only the peers of the current cluster get in.
+//!
+//! The collective is synchronous, like the executor that calls it between ops: frames leave
+//! through a bounded tokio channel per peer (sends wait at most until the step's deadline) and
+//! arrive through a std channel per peer, fed by a task that reads the stream. Each AllReduce
+//! sends this rank's buffer to every peer in frames of at most `FRAME_VALUES` values and sums
+//! all contributions in rank order, so every rank ends with the same bits, and at `full`
+//! precision the same bits as the shared-memory transport. Frames carry the collective's epoch:
+//! leftovers of an aborted step are recognised and dropped, never summed.
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Collective, CollectiveLimits, TransportError};
+use crate::kernels::cpu::{BlockQ8_0, QK, blocks_as_bytes, quantize_row_q8_0};
+use crate::proto::{self, Encoding, Frame};
+
+/// Values per frame: 512 KiB of f64, so that large buffers stream in pieces.
+pub const FRAME_VALUES: usize = 64 * 1024;
+/// Largest data-plane message a worker accepts (a frame of FRAME_VALUES f64 plus headers).
+pub const MAX_FRAME_BYTES: usize = FRAME_VALUES * 8 + 4096;
+/// Frames queued per peer before a sender waits.
+const CHANNEL_FRAMES: usize = 64;
+/// Epochs of one step, as in the shared-memory transport.
+const STEP_EPOCHS: u64 = 1 << 16;
+/// Bytes of a cluster secret.
+pub const SECRET_BYTES: usize = 32;
+
+/// How values travel on the wire. `Full` keeps every buffer's own type (f64 partial sums as
+/// f64), so the network changes no bits; the others convert on send and decode to the buffer's
+/// type before the rank-order sum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncPrecision {
+    Full,
+    F32,
+    Bf16,
+    F16,
+    Q8_0,
+}
+
+impl SyncPrecision {
+    pub const NAMES: [&'static str; 5] = ["full", "f32", "bf16", "f16", "q8_0"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SyncPrecision::Full => "full",
+            SyncPrecision::F32 => "f32",
+            SyncPrecision::Bf16 => "bf16",
+            SyncPrecision::F16 => "f16",
+            SyncPrecision::Q8_0 => "q8_0",
+        }
+    }
+}
+
+impl std::str::FromStr for SyncPrecision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "full" | "" => SyncPrecision::Full,
+            "f32" => SyncPrecision::F32,
+            "bf16" => SyncPrecision::Bf16,
+            "f16" => SyncPrecision::F16,
+            "q8_0" => SyncPrecision::Q8_0,
+            other => {
+                return Err(format!(
+                    "unknown sync precision '{other}' (expected one of {})",
+                    Self::NAMES.join(", ")
+                ));
+            }
+        })
+    }
+}
+
+/// Element types the network collective sums.
+pub trait WireValue: Copy + Default + std::ops::AddAssign + std::ops::Add<Output = Self> {
+    const NATIVE: Encoding;
+    const BYTES: usize;
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(bytes: &[u8]) -> Self;
+}
+
+impl WireValue for f32 {
+    const NATIVE: Encoding = Encoding::F32;
+    const BYTES: usize = 4;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> f32 {
+        v
+    }
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn get(bytes: &[u8]) -> f32 {
+        f32::from_le_bytes(bytes.try_into().expect("4 bytes"))
+    }
+}
+
+impl WireValue for f64 {
+    const NATIVE: Encoding = Encoding::F64;
+    const BYTES: usize = 8;
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn from_f32(v: f32) -> f64 {
+        v as f64
+    }
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn get(bytes: &[u8]) -> f64 {
+        f64::from_le_bytes(bytes.try_into().expect("8 bytes"))
+    }
+}
+
+/// Encodes `values` for the wire.
+pub fn encode<T: WireValue>(values: &[T], precision: SyncPrecision) -> (Encoding, Vec<u8>) {
+    match precision {
+        SyncPrecision::Full => {
+            let mut out = Vec::with_capacity(values.len() * T::BYTES);
+            values.iter().for_each(|v| v.put(&mut out));
+            (T::NATIVE, out)
+        }
+        SyncPrecision::F32 => {
+            let mut out = Vec::with_capacity(values.len() * 4);
+            values.iter().for_each(|v| v.to_f32().put(&mut out));
+            (Encoding::F32, out)
+        }
+        SyncPrecision::Bf16 => (
+            Encoding::Bf16,
+            values
+                .iter()
+                .flat_map(|v| bf16::from_f32(v.to_f32()).to_le_bytes())
+                .collect(),
+        ),
+        SyncPrecision::F16 => (
+            Encoding::F16,
+            values
+                .iter()
+                .flat_map(|v| f16::from_f32(v.to_f32()).to_le_bytes())
+                .collect(),
+        ),
+        SyncPrecision::Q8_0 => {
+            let mut padded: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+            padded.resize(values.len().div_ceil(QK) * QK, 0.0);
+            let mut blocks = vec![BlockQ8_0::default(); padded.len() / QK];
+            quantize_row_q8_0(&padded, &mut blocks);
+            (Encoding::Q80, blocks_as_bytes(&blocks).to_vec())
+        }
+    }
+}
+
+/// Decodes a payload of `out.len()` values; a payload of the wrong size is an error (it comes
+/// from the network).
+pub fn decode<T: WireValue>(
+    encoding: Encoding,
+    payload: &[u8],
+    out: &mut [T],
+) -> Result<(), String> {
+    let n = out.len();
+    let expected = match encoding {
+        Encoding::F32 => n * 4,
+        Encoding::F64 => n * 8,
+        Encoding::Bf16 | Encoding::F16 => n * 2,
+        Encoding::Q80 => n.div_ceil(QK) * size_of::<BlockQ8_0>(),
+    };
+    if payload.len() != expected {
+        return Err(format!(
+            "{encoding:?} payload of {} bytes for {n} values (expected {expected})",
+            payload.len()
+        ));
+    }
+    match encoding {
+        Encoding::F32 => {
+            for (o, b) in out.iter_mut().zip(payload.chunks_exact(4)) {
+                *o = T::from_f32(f32::get(b));
+            }
+        }
+        Encoding::F64 => {
+            if T::NATIVE != Encoding::F64 {
+                return Err("f64 payload for an f32 buffer".into());
+            }
+            for (o, b) in out.iter_mut().zip(payload.chunks_exact(8)) {
+                *o = T::get(b);
+            }
+        }
+        Encoding::Bf16 => {
+            for (o, b) in out.iter_mut().zip(payload.chunks_exact(2)) {
+                *o = T::from_f32(bf16::from_le_bytes([b[0], b[1]]).to_f32());
+            }
+        }
+        Encoding::F16 => {
+            for (o, b) in out.iter_mut().zip(payload.chunks_exact(2)) {
+                *o = T::from_f32(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            }
+        }
+        Encoding::Q80 => {
+            let block_bytes = size_of::<BlockQ8_0>();
+            for (chunk, block) in out.chunks_mut(QK).zip(payload.chunks_exact(block_bytes)) {
+                let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+                for (o, &q) in chunk.iter_mut().zip(&block[2..]) {
+                    *o = T::from_f32(d * (q as i8) as f32);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One end of a peer stream, as the synchronous collective sees it.
+pub struct Link {
+    to: tokio::sync::mpsc::Sender<Frame>,
+    from: mpsc::Receiver<Result<Frame, String>>,
+}
+
+/// Forwards a stream's incoming frames to a std channel until the stream or the receiver ends.
+fn spawn_reader(mut inbound: Streaming<Frame>) -> mpsc::Receiver<Result<Frame, String>> {
+    let (tx, rx) = mpsc::channel();
+    tokio::spawn(async move {
+        loop {
+            let item = match inbound.message().await {
+                Ok(Some(frame)) => Ok(frame),
+                Ok(None) => Err("peer closed the stream".to_string()),
+                Err(status) => Err(format!("stream failed: {}", status.message())),
+            };
+            let end = item.is_err();
+            if tx.send(item).is_err() || end {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// What a worker's coordinator told it about its data-plane peers.
+#[derive(Clone)]
+struct Expected {
+    secret: Vec<u8>,
+    rank: u32,
+    /// Ranks allowed to open a stream to this worker.
+    accept_from: Vec<u32>,
+    generation: u64,
+}
+
+/// The accepting side's state, shared by the DataPlane service and the collective being built.
+#[derive(Default)]
+pub struct Registry {
+    state: Mutex<RegistryState>,
+    offered: Condvar,
+}
+
+#[derive(Default)]
+struct RegistryState {
+    expected: Option<Expected>,
+    /// Streams accepted for the current round, by opening rank.
+    links: HashMap<u32, Link>,
+}
+
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    // Length is public; compare every byte so timing does not reveal a prefix.
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Registry {
+    /// Starts a connection round: from now on only these peers, with this secret and round,
+    /// may open streams; links of earlier rounds are dropped.
+    fn expect(&self, expected: Expected) {
+        let mut state = self.state.lock().unwrap();
+        state.links.clear();
+        state.expected = Some(expected);
+    }
+
+    /// Forgets the cluster: every stream is refused until the next `expect`.
+    pub fn clear(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.links.clear();
+        state.expected = None;
+    }
+
+    /// Checks an opening frame; on success returns the rank it came from.
+    fn admit(&self, first: &Frame) -> Result<u32, String> {
+        let state = self.state.lock().unwrap();
+        let Some(expected) = &state.expected else {
+            return Err("this worker belongs to no cluster".into());
+        };
+        if !same_secret(&first.secret, &expected.secret) {
+            return Err("wrong cluster secret".into());
+        }
+        if !expected.accept_from.contains(&first.from_rank) {
+            return Err(format!(
+                "rank {} may not open a stream to rank {}",
+                first.from_rank, expected.rank
+            ));
+        }
+        if first.epoch != expected.generation {
+            return Err(format!(
+                "connection round {} is not the current round {}",
+                first.epoch, expected.generation
+            ));
+        }
+        Ok(first.from_rank)
+    }
+
+    fn offer(&self, rank: u32, generation: u64, link: Link) {
+        let mut state = self.state.lock().unwrap();
+        if state
+            .expected
+            .as_ref()
+            .is_some_and(|e| e.generation == generation)
+        {
+            state.links.insert(rank, link);
+            self.offered.notify_all();
+        }
+    }
+
+    /// Waits until `rank` has opened its stream for the current round.
+    fn take(&self, rank: u32, deadline: Instant) -> Result<Link, TransportError> {
+        let mut state = self.state.lock().unwrap();
+        loop {
+            if let Some(link) = state.links.remove(&rank) {
+                return Ok(link);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TransportError::Link(format!(
+                    "rank {rank} did not connect within the deadline"
+                )));
+            }
+            state = self.offered.wait_timeout(state, deadline - now).unwrap().0;
+        }
+    }
+}
+
+/// The worker-side `DataPlane` service: admits streams from the current cluster's peers.
+pub struct DataPlaneService {
+    pub registry: Arc<Registry>,
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl proto::data_plane_server::DataPlane for DataPlaneService {
+    type ExchangeStream = FrameStream;
+
+    async fn exchange(
+        &self,
+        request: Request<Streaming<Frame>>,
+    ) -> Result<Response<FrameStream>, Status> {
+        let remote = request
+            .remote_addr()
+            .map_or_else(|| "?".to_string(), |a| a.to_string());
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no opening frame within 10 s"))?
+            .map_err(|s| Status::invalid_argument(s.message().to_string()))?
+            .ok_or_else(|| Status::invalid_argument("stream closed before its opening frame"))?;
+        let rank = match self.registry.admit(&first) {
+            Ok(rank) => rank,
+            Err(why) => {
+                tracing::warn!(%remote, claimed_rank = first.from_rank, "data-plane stream refused: {why}");
+                return Err(Status::unauthenticated(why));
+            }
+        };
+        tracing::info!(%remote, rank, "data-plane stream accepted");
+        let (to, outbound) = tokio::sync::mpsc::channel(CHANNEL_FRAMES);
+        let from = spawn_reader(inbound);
+        self.registry.offer(rank, first.epoch, Link { to, from });
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(outbound).map(Ok),
+        )))
+    }
+}
+
+/// Opens this rank's stream to a higher rank.
+async fn open_link(
+    address: &str,
+    opening: Frame,
+    timeout: Duration,
+) -> Result<Link, TransportError> {
+    let fail = |what: String| TransportError::Link(format!("{address}: {what}"));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| fail(e.to_string()))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| fail(format!("cannot connect: {e}")))?;
+    let mut client = proto::data_plane_client::DataPlaneClient::new(channel)
+        .max_decoding_message_size(MAX_FRAME_BYTES)
+        .max_encoding_message_size(MAX_FRAME_BYTES);
+    let (to, outbound) = tokio::sync::mpsc::channel(CHANNEL_FRAMES);
+    to.send(opening).await.expect("receiver alive");
+    let response = tokio::time::timeout(timeout, client.exchange(ReceiverStream::new(outbound)))
+        .await
+        .map_err(|_| fail("no answer to the opening frame".into()))?
+        .map_err(|s| fail(format!("refused: {}", s.message())))?;
+    Ok(Link {
+        to,
+        from: spawn_reader(response.into_inner()),
+    })
+}
+
+/// Who takes part in a gRPC collective and how to reach them.
+pub struct GrpcSpec {
+    /// Global ranks of the members, ascending; this worker is one of them.
+    pub members: Vec<u32>,
+    /// Data-plane address of every global rank (only members' are used).
+    pub addresses: Vec<String>,
+    pub rank: u32,
+    pub secret: Vec<u8>,
+    pub generation: u64,
+    pub precision: SyncPrecision,
+    pub limits: CollectiveLimits,
+}
+
+/// Per-peer counters of bytes sent, shared with the worker's statistics.
+pub type BytesSent = Arc<Vec<AtomicU64>>;
+
+pub struct GrpcCollective {
+    /// Position of this worker among the members.
+    me: usize,
+    /// One link per member, None for this worker.
+    links: Vec<Option<Link>>,
+    /// Frames that arrived ahead of the collective waiting for them, per member.
+    early: Vec<VecDeque<Frame>>,
+    members: Vec<u32>,
+    epoch: u64,
+    precision: SyncPrecision,
+    limits: CollectiveLimits,
+    runtime: tokio::runtime::Handle,
+    bytes_sent: BytesSent,
+    /// Set when a link failed; every later collective fails at once until reconnected.
+    broken: Option<String>,
+}
+
+impl GrpcCollective {
+    /// Builds the collective from a synchronous context (a blocking thread of the worker's
+    /// runtime): tells `registry` whom to accept, opens streams to the higher members and waits
+    /// for the lower ones, all within `limits.timeout`.
+    pub fn connect(
+        spec: GrpcSpec,
+        registry: &Registry,
+        runtime: tokio::runtime::Handle,
+        bytes_sent: BytesSent,
+    ) -> Result<GrpcCollective, TransportError> {
+        let me = spec
+            .members
+            .iter()
+            .position(|&r| r == spec.rank)
+            .ok_or_else(|| TransportError::Link(format!("rank {} is no member", spec.rank)))?;
+        registry.expect(Expected {
+            secret: spec.secret.clone(),
+            rank: spec.rank,
+            accept_from: spec.members[..me].to_vec(),
+            generation: spec.generation,
+        });
+        let deadline = Instant::now() + spec.limits.timeout;
+        let mut links: Vec<Option<Link>> = (0..spec.members.len()).map(|_| None).collect();
+        // Open upwards first: the peers' registries were primed before this round started.
+        for (i, &peer) in spec.members.iter().enumerate().skip(me + 1) {
+            let address = spec
+                .addresses
+                .get(peer as usize)
+                .ok_or_else(|| TransportError::Link(format!("no address for rank {peer}")))?;
+            let opening = Frame {
+                from_rank: spec.rank,
+                secret: spec.secret.clone(),
+                epoch: spec.generation,
+                ..Frame::default()
+            };
+            let mut last = None;
+            // The peer may still be busy with its previous round; retry until the deadline.
+            while Instant::now() < deadline {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                match runtime.block_on(open_link(address, opening.clone(), remaining)) {
+                    Ok(link) => {
+                        links[i] = Some(link);
+                        break;
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+            if links[i].is_none() {
+                return Err(last.unwrap_or_else(|| {
+                    TransportError::Link(format!("rank {peer} ({address}): no time left"))
+                }));
+            }
+        }
+        for (i, &peer) in spec.members.iter().enumerate().take(me) {
+            links[i] = Some(registry.take(peer, deadline)?);
+        }
+        Ok(GrpcCollective {
+            me,
+            early: (0..spec.members.len()).map(|_| VecDeque::new()).collect(),
+            links,
+            members: spec.members,
+            epoch: 0,
+            precision: spec.precision,
+            limits: spec.limits,
+            runtime,
+            bytes_sent,
+            broken: None,
+        })
+    }
+
+    fn fail(&mut self, why: String) -> TransportError {
+        self.broken.get_or_insert(why.clone());
+        TransportError::Link(why)
+    }
+
+    /// The next frame of `epoch` from member `i`, dropping leftovers of earlier epochs.
+    fn next_frame(
+        &mut self,
+        i: usize,
+        epoch: u64,
+        deadline: Instant,
+    ) -> Result<Frame, TransportError> {
+        if let Some(position) = self.early[i].iter().position(|f| f.epoch == epoch) {
+            return Ok(self.early[i].remove(position).expect("found"));
+        }
+        self.early[i].retain(|f| f.epoch > epoch);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let link = self.links[i].as_ref().expect("a peer");
+            match link.from.recv_timeout(remaining) {
+                Ok(Ok(frame)) if frame.epoch == epoch => return Ok(frame),
+                Ok(Ok(frame)) if frame.epoch < epoch => continue,
+                Ok(Ok(frame)) => self.early[i].push_back(frame),
+                Ok(Err(why)) => {
+                    let peer = self.members[i];
+                    return Err(self.fail(format!("link to rank {peer}: {why}")));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(TransportError::Timeout {
+                        epoch,
+                        missing: vec![self.members[i] as usize],
+                        timeout_ms: self.limits.timeout.as_millis() as u64,
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let peer = self.members[i];
+                    return Err(self.fail(format!("link to rank {peer} closed")));
+                }
+            }
+        }
+    }
+
+    fn all_reduce<T: WireValue>(&mut self, buffer: &mut [T]) -> Result<(), TransportError> {
+        if let Some(why) = &self.broken {
+            return Err(TransportError::Link(format!(
+                "data plane down since an earlier failure ({why}); waiting for reconnection"
+            )));
+        }
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let deadline = Instant::now() + self.limits.timeout;
+        let len = buffer.len();
+        let members = self.members.len();
+        let me = self.me;
+        // This rank's contribution exactly as its peers will decode it.
+        let mut contributions: Vec<Vec<T>> =
+            (0..members).map(|_| vec![T::default(); len]).collect();
+        let mut frames = Vec::with_capacity(len.div_ceil(FRAME_VALUES));
+        for start in (0..len).step_by(FRAME_VALUES) {
+            let end = (start + FRAME_VALUES).min(len);
+            let (encoding, payload) = encode(&buffer[start..end], self.precision);
+            decode(encoding, &payload, &mut contributions[self.me][start..end])
+                .map_err(TransportError::Link)?;
+            frames.push(Frame {
+                epoch,
+                offset: start as u32,
+                count: (end - start) as u32,
+                encoding: encoding as i32,
+                payload,
+                ..Frame::default()
+            });
+        }
+        for i in (0..members).filter(|&i| i != me) {
+            for frame in &frames {
+                let link = self.links[i].as_ref().expect("a peer");
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let sent = self
+                    .runtime
+                    .block_on(tokio::time::timeout(remaining, link.to.send(frame.clone())));
+                match sent {
+                    Ok(Ok(())) => {
+                        self.bytes_sent[self.members[i] as usize]
+                            .fetch_add(frame.payload.len() as u64 + 32, Ordering::Relaxed);
+                    }
+                    Ok(Err(_)) => {
+                        let peer = self.members[i];
+                        return Err(self.fail(format!("link to rank {peer} closed")));
+                    }
+                    Err(_) => {
+                        return Err(TransportError::Timeout {
+                            epoch,
+                            missing: vec![self.members[i] as usize],
+                            timeout_ms: self.limits.timeout.as_millis() as u64,
+                        });
+                    }
+                }
+            }
+        }
+        for i in (0..members).filter(|&i| i != me) {
+            let mut received = 0;
+            while received < len {
+                let frame = self.next_frame(i, epoch, deadline)?;
+                let (offset, count) = (frame.offset as usize, frame.count as usize);
+                let encoding = Encoding::try_from(frame.encoding).ok();
+                let peer = self.members[i];
+                let Some(encoding) =
+                    encoding.filter(|_| offset == received && count > 0 && offset + count <= len)
+                else {
+                    return Err(self.fail(format!(
+                        "rank {peer} sent a malformed frame (values {offset}..{} of {len}, encoding {})",
+                        offset + count,
+                        frame.encoding
+                    )));
+                };
+                if let Err(why) = decode(
+                    encoding,
+                    &frame.payload,
+                    &mut contributions[i][offset..offset + count],
+                ) {
+                    return Err(self.fail(format!("rank {peer}: {why}")));
+                }
+                received += count;
+            }
+        }
+        // Rank order, like the shared-memory transport.
+        buffer.copy_from_slice(&contributions[0]);
+        for c in &contributions[1..] {
+            for (b, v) in buffer.iter_mut().zip(c) {
+                *b += *v;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collective for GrpcCollective {
+    fn rank_index(&self) -> usize {
+        self.me
+    }
+
+    fn rank_count(&self) -> usize {
+        self.members.len()
+    }
+
+    fn begin_step(&mut self, step: u64) {
+        self.epoch = step * STEP_EPOCHS;
+    }
+
+    fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), TransportError> {
+        self.all_reduce(buffer)
+    }
+
+    fn all_reduce_sum_f64(&mut self, buffer: &mut [f64]) -> Result<(), TransportError> {
+        self.all_reduce(buffer)
+    }
+}
+
+/// A collective whose data plane is not connected (yet): every call fails clearly.
+pub struct Unconnected(pub String);
+
+impl Collective for Unconnected {
+    fn rank_index(&self) -> usize {
+        0
+    }
+    fn rank_count(&self) -> usize {
+        0
+    }
+    fn begin_step(&mut self, _step: u64) {}
+    fn all_reduce_sum(&mut self, _buffer: &mut [f32]) -> Result<(), TransportError> {
+        Err(TransportError::Link(self.0.clone()))
+    }
+    fn all_reduce_sum_f64(&mut self, _buffer: &mut [f64]) -> Result<(), TransportError> {
+        Err(TransportError::Link(self.0.clone()))
+    }
+}
