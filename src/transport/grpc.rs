@@ -599,15 +599,19 @@ impl GrpcCollective {
         }
         for i in (0..members).filter(|&i| i != me) {
             for frame in &frames {
+                let payload_bytes = frame.payload.len();
                 let link = self.links[i].as_ref().expect("a peer");
                 let remaining = deadline.saturating_duration_since(Instant::now());
+                let to = link.to.clone();
+                let frame = frame.clone();
+                // The timer must be created inside the runtime, hence the async block.
                 let sent = self
                     .runtime
-                    .block_on(tokio::time::timeout(remaining, link.to.send(frame.clone())));
+                    .block_on(async move { tokio::time::timeout(remaining, to.send(frame)).await });
                 match sent {
                     Ok(Ok(())) => {
                         self.bytes_sent[self.members[i] as usize]
-                            .fetch_add(frame.payload.len() as u64 + 32, Ordering::Relaxed);
+                            .fetch_add(payload_bytes as u64 + 32, Ordering::Relaxed);
                     }
                     Ok(Err(_)) => {
                         let peer = self.members[i];
@@ -698,5 +702,232 @@ impl Collective for Unconnected {
     }
     fn all_reduce_sum_f64(&mut self, _buffer: &mut [f64]) -> Result<(), TransportError> {
         Err(TransportError::Link(self.0.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    /// Starts one DataPlane server per rank on loopback; returns the registries, the
+    /// addresses and the runtime that serves them.
+    fn servers(ranks: usize) -> (Vec<Arc<Registry>>, Vec<String>, tokio::runtime::Runtime) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut registries = Vec::new();
+        let mut addresses = Vec::new();
+        for _ in 0..ranks {
+            let registry = Arc::new(Registry::default());
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            let address: SocketAddr = listener.local_addr().unwrap();
+            let service = proto::data_plane_server::DataPlaneServer::new(DataPlaneService {
+                registry: registry.clone(),
+            })
+            .max_decoding_message_size(MAX_FRAME_BYTES);
+            runtime.spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+            );
+            registries.push(registry);
+            addresses.push(address.to_string());
+        }
+        (registries, addresses, runtime)
+    }
+
+    fn spec(rank: u32, ranks: u32, addresses: &[String], precision: SyncPrecision) -> GrpcSpec {
+        GrpcSpec {
+            members: (0..ranks).collect(),
+            addresses: addresses.to_vec(),
+            rank,
+            secret: vec![7; SECRET_BYTES],
+            generation: 1,
+            precision,
+            limits: CollectiveLimits {
+                timeout: Duration::from_secs(5),
+                ..CollectiveLimits::default()
+            },
+        }
+    }
+
+    fn partial(rank: usize, i: usize) -> f64 {
+        let x = (rank * 7919 + i * 31) as f64;
+        (x * 0.618_033_988_7).sin() * 10f64.powi((i % 9) as i32 - 4)
+    }
+
+    /// Every rank in a thread of its own, as workers would be.
+    fn run_ranks<R: Send + 'static>(
+        ranks: usize,
+        precision: SyncPrecision,
+        body: impl Fn(usize, &mut GrpcCollective) -> R + Send + Sync + Clone + 'static,
+    ) -> Vec<R> {
+        let (registries, addresses, runtime) = servers(ranks);
+        let handles: Vec<_> = (0..ranks)
+            .map(|rank| {
+                let registry = registries[rank].clone();
+                let addresses = addresses.clone();
+                let handle = runtime.handle().clone();
+                let body = body.clone();
+                std::thread::spawn(move || {
+                    let spec = spec(rank as u32, ranks as u32, &addresses, precision);
+                    let counters = Arc::new((0..ranks).map(|_| AtomicU64::new(0)).collect());
+                    let mut c = GrpcCollective::connect(spec, &registry, handle, counters).unwrap();
+                    body(rank, &mut c)
+                })
+            })
+            .collect();
+        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        runtime.shutdown_background();
+        results
+    }
+
+    #[test]
+    fn sums_are_rank_ordered_and_identical_on_every_rank() {
+        for ranks in [2usize, 3] {
+            let results = run_ranks(ranks, SyncPrecision::Full, |rank, c| {
+                let mut out = Vec::new();
+                for step in 1..=2u64 {
+                    c.begin_step(step);
+                    for len in [1usize, 576, FRAME_VALUES + 17] {
+                        let mut wide: Vec<f64> = (0..len).map(|i| partial(rank, i)).collect();
+                        c.all_reduce_sum_f64(&mut wide).unwrap();
+                        let mut narrow: Vec<f32> =
+                            (0..len).map(|i| partial(rank, i) as f32).collect();
+                        c.all_reduce_sum(&mut narrow).unwrap();
+                        out.push((wide, narrow));
+                    }
+                }
+                out
+            });
+            for (k, (wide, narrow)) in results[0].iter().enumerate() {
+                let len = wide.len();
+                for i in 0..len {
+                    let mut sum = partial(0, i);
+                    let mut sum32 = partial(0, i) as f32;
+                    for r in 1..ranks {
+                        sum += partial(r, i);
+                        sum32 += partial(r, i) as f32;
+                    }
+                    assert_eq!(wide[i].to_bits(), sum.to_bits(), "f64 #{k} value {i}");
+                    assert_eq!(narrow[i].to_bits(), sum32.to_bits(), "f32 #{k} value {i}");
+                }
+                for other in &results[1..] {
+                    assert!(
+                        other[k]
+                            .0
+                            .iter()
+                            .zip(wide)
+                            .all(|(a, b)| a.to_bits() == b.to_bits())
+                    );
+                    assert!(
+                        other[k]
+                            .1
+                            .iter()
+                            .zip(narrow)
+                            .all(|(a, b)| a.to_bits() == b.to_bits())
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lossy_precisions_stay_close_and_agree_across_ranks() {
+        for (precision, bound) in [
+            (SyncPrecision::F32, 1e-6),
+            (SyncPrecision::Bf16, 1e-2),
+            (SyncPrecision::F16, 2e-3),
+            (SyncPrecision::Q8_0, 2e-2),
+        ] {
+            let results = run_ranks(2, precision, |rank, c| {
+                c.begin_step(1);
+                let mut v: Vec<f64> = (0..1000).map(|i| partial(rank, i)).collect();
+                c.all_reduce_sum_f64(&mut v).unwrap();
+                v
+            });
+            assert_eq!(results[0], results[1], "{precision:?}: ranks disagree");
+            let exact: Vec<f64> = (0..1000).map(|i| partial(0, i) + partial(1, i)).collect();
+            let err: f64 = exact
+                .iter()
+                .zip(&results[0])
+                .map(|(a, b)| (a - b).powi(2))
+                .sum();
+            let power: f64 = exact.iter().map(|a| a * a).sum();
+            assert!(err / power < bound, "{precision:?}: NMSE {}", err / power);
+        }
+    }
+
+    #[test]
+    fn a_wrong_secret_or_rank_is_refused() {
+        let (registries, addresses, runtime) = servers(1);
+        registries[0].expect(Expected {
+            secret: vec![7; SECRET_BYTES],
+            rank: 1,
+            accept_from: vec![0],
+            generation: 3,
+        });
+        let opening = |rank: u32, secret: Vec<u8>, generation: u64| Frame {
+            from_rank: rank,
+            secret,
+            epoch: generation,
+            ..Frame::default()
+        };
+        let timeout = Duration::from_secs(5);
+        for (frame, why) in [
+            (opening(0, vec![8; SECRET_BYTES], 3), "wrong cluster secret"),
+            (opening(2, vec![7; SECRET_BYTES], 3), "may not open"),
+            (opening(0, vec![7; SECRET_BYTES], 2), "connection round"),
+        ] {
+            let err = runtime
+                .block_on(open_link(&addresses[0], frame, timeout))
+                .err()
+                .expect("refused");
+            assert!(err.to_string().contains(why), "{err}");
+        }
+        assert!(
+            runtime
+                .block_on(open_link(
+                    &addresses[0],
+                    opening(0, vec![7; SECRET_BYTES], 3),
+                    timeout
+                ))
+                .is_ok()
+        );
+        runtime.shutdown_background();
+    }
+
+    #[test]
+    fn a_silent_peer_is_a_timeout_and_a_malformed_payload_an_error() {
+        let results = run_ranks(2, SyncPrecision::Full, |rank, c| {
+            c.begin_step(1);
+            if rank == 0 {
+                c.limits.timeout = Duration::from_millis(300);
+                let started = Instant::now();
+                let err = c.all_reduce_sum(&mut [1.0; 8]).unwrap_err();
+                assert!(
+                    matches!(err, TransportError::Timeout { ref missing, .. } if missing == &vec![1]),
+                    "{err}"
+                );
+                assert!(started.elapsed() < Duration::from_secs(2));
+            }
+            // Both ranks meet again in the next step; the stale frame of step 1 is dropped.
+            std::thread::sleep(Duration::from_millis(500));
+            c.begin_step(2);
+            let mut v = [rank as f32 + 1.0; 4];
+            c.all_reduce_sum(&mut v).unwrap();
+            v
+        });
+        assert_eq!(results[0], [3.0; 4]);
+        assert_eq!(results[1], [3.0; 4]);
+        let mut out = [0f32; 4];
+        assert!(decode(Encoding::F32, &[0u8; 15], &mut out).is_err());
+        assert!(decode(Encoding::F64, &[0u8; 32], &mut out).is_err());
+        assert!(decode(Encoding::Q80, &[0u8; 33], &mut out).is_err());
     }
 }
