@@ -26,6 +26,9 @@ pub struct ClusterLimits {
     pub load_timeout: Duration,
     pub step_timeout: Duration,
     pub collective_timeout: Duration,
+    /// HTTP/2 ping interval on the control plane, and how long a ping may go unanswered.
+    pub keep_alive_interval: Duration,
+    pub keep_alive_timeout: Duration,
 }
 
 impl Default for ClusterLimits {
@@ -36,6 +39,8 @@ impl Default for ClusterLimits {
             load_timeout: Duration::from_secs(600),
             step_timeout: Duration::from_secs(300),
             collective_timeout: Duration::from_secs(10),
+            keep_alive_interval: Duration::from_secs(1),
+            keep_alive_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -147,7 +152,11 @@ async fn connect(
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .with_context(|| format!("bad worker address '{address}'"))?
         .connect_timeout(limits.connect_timeout)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // HTTP/2 pings while a call is in flight: a worker cut off from this coordinator fails
+        // its call within a few seconds instead of at the step deadline.
+        .http2_keep_alive_interval(limits.keep_alive_interval)
+        .keep_alive_timeout(limits.keep_alive_timeout);
     let channel = endpoint
         .connect()
         .await
@@ -275,12 +284,11 @@ impl Cluster {
         self.workers.len()
     }
 
-    /// Whether every worker runs on this host (same boot id and hostname): shared memory serves them all.
+    /// Whether every worker runs on this host (same boot id, hostname and network namespace
+    /// as this process): shared memory serves them all.
     pub fn single_host(&self) -> bool {
-        let me = (crate::worker::hostname(), crate::worker::boot_id());
-        self.workers
-            .iter()
-            .all(|w| (w.hello.hostname.clone(), w.hello.boot_id.clone()) == me)
+        let me = host_identity_here();
+        self.workers.iter().all(|w| host_identity(&w.hello) == me)
     }
 
     pub async fn load(
@@ -478,7 +486,7 @@ impl Cluster {
                             "worker {rank} ({address}) did not finish the step within {timeout:?}"
                         )
                     })?
-                    .map_err(|s| anyhow::anyhow!("worker {rank} ({address}): {}", s.message()))?;
+                    .map_err(|s| worker_failed(rank, &address, &s))?;
                 Ok::<_, anyhow::Error>((rank, reply.into_inner()))
             });
         }
@@ -526,28 +534,56 @@ impl Cluster {
     }
 }
 
+/// The results of one task per rank, in rank order. Returns at the first error: a rank that
+/// failed makes the whole call fail, and waiting for the others (which may be cut off from
+/// this coordinator) would only delay the error. The remaining tasks are aborted.
 async fn collect_ranked<T: 'static>(
     mut tasks: tokio::task::JoinSet<anyhow::Result<(usize, T)>>,
     count: usize,
 ) -> anyhow::Result<Vec<T>> {
     let mut results: Vec<Option<T>> = (0..count).map(|_| None).collect();
-    let mut first_error = None;
     while let Some(joined) = tasks.join_next().await {
-        match joined? {
-            Ok((rank, value)) => results[rank] = Some(value),
-            // Keep the first error: the others are often peers timing out on the failed rank.
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_error {
-        return Err(e);
+        let (rank, value) = joined??;
+        results[rank] = Some(value);
     }
     Ok(results
         .into_iter()
         .map(|r| r.expect("every rank answered"))
         .collect())
+}
+
+/// A failed call's error, saying plainly when the connection itself was lost.
+fn worker_failed(rank: usize, address: &str, status: &tonic::Status) -> anyhow::Error {
+    let lost = matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) && !status.message().contains("AllReduce");
+    if lost {
+        anyhow::anyhow!(
+            "lost contact with worker {rank} ({address}): {} (it stopped answering the control \
+             plane's pings, or its connection broke)",
+            status.message()
+        )
+    } else {
+        anyhow::anyhow!("worker {rank} ({address}): {}", status.message())
+    }
+}
+
+/// What tells hosts apart: boot id, hostname and network namespace.
+pub fn host_identity(hello: &proto::HelloReply) -> (String, String, String) {
+    (
+        hello.boot_id.clone(),
+        hello.hostname.clone(),
+        hello.network_namespace.clone(),
+    )
+}
+
+fn host_identity_here() -> (String, String, String) {
+    (
+        crate::worker::boot_id(),
+        crate::worker::hostname(),
+        crate::worker::network_namespace(),
+    )
 }
 
 /// A fresh secret for a cluster's data plane, from the kernel's random source.

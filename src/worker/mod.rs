@@ -101,6 +101,14 @@ pub fn boot_id() -> String {
         .unwrap_or_default()
 }
 
+/// The network namespace of this process ("net:[4026531840]"); processes in different
+/// namespaces are treated as different hosts, as containers usually are.
+pub fn network_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/net")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -246,6 +254,7 @@ impl proto::worker_server::Worker for WorkerService {
             boot_id: boot_id(),
             pid: std::process::id(),
             threads: self.threads as u32,
+            network_namespace: network_namespace(),
         }))
     }
 
