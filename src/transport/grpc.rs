@@ -36,6 +36,8 @@ pub const MAX_FRAME_BYTES: usize = FRAME_VALUES * 8 + 4096;
 const CHANNEL_FRAMES: usize = 64;
 /// Epochs of one step, as in the shared-memory transport.
 const STEP_EPOCHS: u64 = 1 << 16;
+/// How long a waiting rank polls its peers' channels before sleeping on them.
+const SPIN: Duration = Duration::from_micros(50);
 /// Bytes of a cluster secret.
 pub const SECRET_BYTES: usize = 32;
 
@@ -542,9 +544,26 @@ impl GrpcCollective {
         }
         self.early[i].retain(|f| f.epoch > epoch);
         loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
             let link = self.links[i].as_ref().expect("a peer");
-            match link.from.recv_timeout(remaining) {
+            // A peer's frame usually lands within tens of microseconds: poll a little before
+            // sleeping on the channel (a futex wake costs more than the wait itself).
+            let mut polled = None;
+            let spin_until = Instant::now() + SPIN;
+            while Instant::now() < spin_until {
+                match link.from.try_recv() {
+                    Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+                    other => {
+                        polled = Some(other.map_err(|_| mpsc::RecvTimeoutError::Disconnected));
+                        break;
+                    }
+                }
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let received = match polled {
+                Some(result) => result,
+                None => link.from.recv_timeout(remaining),
+            };
+            match received {
                 Ok(Ok(frame)) if frame.epoch == epoch => return Ok(frame),
                 Ok(Ok(frame)) if frame.epoch < epoch => continue,
                 Ok(Ok(frame)) => self.early[i].push_back(frame),
@@ -602,12 +621,19 @@ impl GrpcCollective {
                 let payload_bytes = frame.payload.len();
                 let link = self.links[i].as_ref().expect("a peer");
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                let to = link.to.clone();
-                let frame = frame.clone();
-                // The timer must be created inside the runtime, hence the async block.
-                let sent = self
-                    .runtime
-                    .block_on(async move { tokio::time::timeout(remaining, to.send(frame)).await });
+                let sent = match link.to.try_send(frame.clone()) {
+                    Ok(()) => Ok(Ok(())),
+                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Ok(Err(())),
+                    Err(tokio::sync::mpsc::error::TrySendError::Full(frame)) => {
+                        let to = link.to.clone();
+                        // The timer must be created inside the runtime: an async block.
+                        self.runtime.block_on(async move {
+                            tokio::time::timeout(remaining, to.send(frame))
+                                .await
+                                .map(|r| r.map_err(|_| ()))
+                        })
+                    }
+                };
                 match sent {
                     Ok(Ok(())) => {
                         self.bytes_sent[self.members[i] as usize]
