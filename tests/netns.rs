@@ -175,6 +175,16 @@ async fn remote_session(
     precision: SyncPrecision,
     limits: ClusterLimits,
 ) -> Session {
+    remote_session_over(path, addresses, precision, limits, TransportChoice::Grpc).await
+}
+
+async fn remote_session_over(
+    path: &std::path::Path,
+    addresses: &[String],
+    precision: SyncPrecision,
+    limits: ClusterLimits,
+    expected: TransportChoice,
+) -> Session {
     let mut cluster = Cluster::connect(&entries(addresses), limits).await.unwrap();
     cluster.sync_precision = precision;
     let session = Session::start(Model::open(path).unwrap(), cluster, 256, 64)
@@ -182,8 +192,8 @@ async fn remote_session(
         .unwrap();
     assert_eq!(
         session.cluster.active_transport(),
-        Some(TransportChoice::Grpc),
-        "workers in other namespaces must be reached over gRPC"
+        Some(expected),
+        "the transport chosen by topology"
     );
     session
 }
@@ -351,4 +361,46 @@ async fn a_link_taken_down_fails_the_step_then_the_cluster_recovers() {
         retry_started.elapsed()
     );
     assert_eq!(tokens, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_here_and_one_there_run_hierarchically() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let Some(mut net) = Net::new(3, 2) else {
+        return;
+    };
+    let addresses = vec![
+        net.start_worker(0, WORKER_PORT),
+        net.start_worker(0, WORKER_PORT + 1),
+        net.start_worker(1, WORKER_PORT),
+    ];
+    let mut local = session(&path, &[1.0, 1.0, 1.0], 256, 64).await;
+    let (expected, local_speed) = greedy(&mut local, 24).await.unwrap();
+    local.cluster.shutdown().await;
+
+    let mut remote = remote_session_over(
+        &path,
+        &addresses,
+        SyncPrecision::Full,
+        ClusterLimits::default(),
+        TransportChoice::Hierarchical,
+    )
+    .await;
+    assert_eq!(remote.cluster.hosts(), vec![vec![0, 1], vec![2]]);
+    let (tokens, speed) = greedy(&mut remote, 24).await.unwrap();
+    let sent = remote.cluster.stats().await.unwrap();
+    println!(
+        "hierarchical (2 + 1 workers): {speed:.1} generated tokens/s (3 workers on one host: \
+         {local_speed:.1}); data-plane bytes sent per worker and peer: {:?}",
+        sent.iter()
+            .map(|s| s.data_plane_bytes_sent.clone())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        tokens, expected,
+        "hierarchical sums keep rank order for 2 + 1 workers"
+    );
+    // Only the leaders (ranks 0 and 2) send over the network.
+    assert!(sent[1].data_plane_bytes_sent.iter().all(|&b| b == 0));
+    assert!(sent[0].data_plane_bytes_sent[2] > 0 && sent[2].data_plane_bytes_sent[0] > 0);
 }

@@ -470,8 +470,9 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                     match hosts.transport {
                         TransportChoice::Shm => "shm",
                         TransportChoice::Grpc => "grpc",
+                        TransportChoice::Hierarchical => "hierarchical",
                         TransportChoice::Auto if same_host => "shm",
-                        TransportChoice::Auto => "grpc",
+                        TransportChoice::Auto => "auto",
                     },
                 )
             }
@@ -511,8 +512,35 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    let links: Vec<(usize, usize, &str)> = (0..weights.len())
-        .flat_map(|a| (a + 1..weights.len()).map(move |b| (a, b, transport)))
+    // Per pair of ranks: how they exchange. Hosts are told apart by address here (the
+    // running cluster uses what workers report: boot id, hostname, network namespace).
+    let host_of = |rank: usize| {
+        let address = &addresses[rank];
+        address
+            .rsplit_once(':')
+            .map_or(address.as_str(), |(h, _)| h)
+            .to_string()
+    };
+    let ranks = weights.len();
+    let leader_of = |rank: usize| (0..ranks).find(|&r| host_of(r) == host_of(rank)).unwrap();
+    let hierarchical = transport == "hierarchical"
+        || (transport == "auto" && (0..ranks).any(|r| leader_of(r) != r));
+    let links: Vec<(usize, usize, String)> = (0..ranks)
+        .flat_map(|a| (a + 1..ranks).map(move |b| (a, b)))
+        .map(|(a, b)| {
+            let t = if transport != "auto" && transport != "hierarchical" {
+                transport.to_string()
+            } else if host_of(a) == host_of(b) {
+                "shm".to_string()
+            } else if !hierarchical {
+                "grpc".to_string()
+            } else if leader_of(a) == a && leader_of(b) == b {
+                "grpc (host leaders)".to_string()
+            } else {
+                format!("via leaders {} and {}", leader_of(a), leader_of(b))
+            };
+            (a, b, t)
+        })
         .collect();
     if args.format == Format::Json {
         let json = serde_json::json!({

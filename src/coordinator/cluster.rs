@@ -66,6 +66,8 @@ pub enum TransportChoice {
     Shm,
     /// gRPC streams between every pair of workers.
     Grpc,
+    /// Shared memory inside each host, gRPC between one leader per host.
+    Hierarchical,
 }
 
 impl TransportChoice {
@@ -74,6 +76,7 @@ impl TransportChoice {
             TransportChoice::Auto => "auto",
             TransportChoice::Shm => "shm",
             TransportChoice::Grpc => "grpc",
+            TransportChoice::Hierarchical => "hierarchical",
         }
     }
 }
@@ -291,16 +294,32 @@ impl Cluster {
         self.workers.iter().all(|w| host_identity(&w.hello) == me)
     }
 
+    /// Ranks grouped by host (boot id, hostname, network namespace), each group ascending,
+    /// groups in the order of their first rank.
+    pub fn hosts(&self) -> Vec<Vec<usize>> {
+        let mut groups: Vec<(HostIdentity, Vec<usize>)> = Vec::new();
+        for (rank, worker) in self.workers.iter().enumerate() {
+            let id = host_identity(&worker.hello);
+            match groups.iter_mut().find(|(g, _)| *g == id) {
+                Some((_, ranks)) => ranks.push(rank),
+                None => groups.push((id, vec![rank])),
+            }
+        }
+        groups.into_iter().map(|(_, ranks)| ranks).collect()
+    }
+
     pub async fn load(
         &mut self,
         spec: &LoadSpec<'_>,
     ) -> anyhow::Result<Vec<proto::LoadShardReply>> {
         let rank_count = self.workers.len();
         let model_dim = crate::model::arch::ModelConfig::from_gguf(spec.file)?.model_dim;
+        let hosts = self.hosts();
         let transport = match self.transport {
             _ if rank_count == 1 => TransportChoice::Shm,
             TransportChoice::Auto if self.single_host() => TransportChoice::Shm,
-            TransportChoice::Auto => TransportChoice::Grpc,
+            TransportChoice::Auto if hosts.iter().all(|h| h.len() == 1) => TransportChoice::Grpc,
+            TransportChoice::Auto => TransportChoice::Hierarchical,
             TransportChoice::Shm if !self.single_host() => bail!(
                 "transport shm needs every worker on this host, but they report other hosts \
                  (boot id / hostname); use transport = \"grpc\" or \"auto\""
@@ -328,16 +347,22 @@ impl Cluster {
         } else {
             String::new()
         };
-        let secret = if transport == TransportChoice::Grpc {
+        let networked = matches!(
+            transport,
+            TransportChoice::Grpc | TransportChoice::Hierarchical
+        );
+        let secret = if networked {
             cluster_secret()?
         } else {
             Vec::new()
         };
-        let peer_addresses: Vec<String> = if transport == TransportChoice::Grpc {
+        let peer_addresses: Vec<String> = if networked {
             self.workers.iter().map(|w| w.address.clone()).collect()
         } else {
             Vec::new()
         };
+        let leaders: Vec<u32> = hosts.iter().map(|h| h[0] as u32).collect();
+        let tag: String = secret.iter().take(6).map(|b| format!("{b:02x}")).collect();
         let header_hash = model_header_hash(spec.file);
         let model_path = std::fs::canonicalize(&spec.file.path)?
             .display()
@@ -345,6 +370,18 @@ impl Cluster {
         let mut tasks = tokio::task::JoinSet::new();
         for (rank, worker) in self.workers.iter().enumerate() {
             let shard: &RankShard = &spec.plan.ranks[rank];
+            let (host_ranks, shm_path) = if transport == TransportChoice::Hierarchical {
+                let host = hosts
+                    .iter()
+                    .find(|h| h.contains(&rank))
+                    .expect("every rank has a host");
+                (
+                    host.iter().map(|&r| r as u32).collect(),
+                    format!("/dev/shm/tp-{tag}-{}", host[0]),
+                )
+            } else {
+                (Vec::new(), shm_path.clone())
+            };
             let request = proto::LoadShardRequest {
                 model_path: worker
                     .model_path
@@ -368,7 +405,7 @@ impl Cluster {
                         ffn_end: l.ffn_columns.end as u32,
                     })
                     .collect(),
-                shm_path: shm_path.clone(),
+                shm_path,
                 max_sequences: spec.max_sequences as u32,
                 max_context: spec.max_context as u32,
                 max_batch: spec.max_batch as u32,
@@ -378,8 +415,12 @@ impl Cluster {
                 peer_addresses: peer_addresses.clone(),
                 cluster_secret: secret.clone(),
                 sync_precision: self.sync_precision.name().into(),
-                host_ranks: Vec::new(),
-                leader_ranks: Vec::new(),
+                leader_ranks: if transport == TransportChoice::Hierarchical {
+                    leaders.clone()
+                } else {
+                    Vec::new()
+                },
+                host_ranks,
             };
             let mut client = worker.client.clone();
             let address = worker.address.clone();
@@ -397,7 +438,7 @@ impl Cluster {
             });
         }
         let replies = collect_ranked(tasks, rank_count).await?;
-        if transport == TransportChoice::Grpc {
+        if networked {
             self.connect_peers().await?;
         }
         self.active_transport = Some(transport);
@@ -459,7 +500,11 @@ impl Cluster {
             self.reconnect = false;
         }
         let result = self.step_once(request).await;
-        if result.is_err() && self.active_transport == Some(TransportChoice::Grpc) {
+        let networked = matches!(
+            self.active_transport,
+            Some(TransportChoice::Grpc | TransportChoice::Hierarchical)
+        );
+        if result.is_err() && networked {
             // Links may be broken or hold frames of the failed step: start a new round.
             self.reconnect = true;
         }
@@ -570,7 +615,9 @@ fn worker_failed(rank: usize, address: &str, status: &tonic::Status) -> anyhow::
 }
 
 /// What tells hosts apart: boot id, hostname and network namespace.
-pub fn host_identity(hello: &proto::HelloReply) -> (String, String, String) {
+type HostIdentity = (String, String, String);
+
+pub fn host_identity(hello: &proto::HelloReply) -> HostIdentity {
     (
         hello.boot_id.clone(),
         hello.hostname.clone(),
@@ -578,7 +625,7 @@ pub fn host_identity(hello: &proto::HelloReply) -> (String, String, String) {
     )
 }
 
-fn host_identity_here() -> (String, String, String) {
+fn host_identity_here() -> HostIdentity {
     (
         crate::worker::boot_id(),
         crate::worker::hostname(),

@@ -4,6 +4,7 @@
 //! `Solo`, which never communicates.
 
 pub mod grpc;
+pub mod hierarchical;
 pub mod shm;
 
 use std::time::Duration;

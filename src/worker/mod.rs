@@ -22,7 +22,8 @@ use crate::transport::grpc::{
     BytesSent, DataPlaneService, GrpcCollective, GrpcSpec, MAX_FRAME_BYTES, Registry, SECRET_BYTES,
     SyncPrecision, Unconnected,
 };
-use crate::transport::shm::ShmCollective;
+use crate::transport::hierarchical::Hierarchical;
+use crate::transport::shm::{ShmCollective, ShmSegment};
 use crate::transport::{Collective, CollectiveLimits, Solo};
 use executor::{Executor, OutputRequest};
 
@@ -42,19 +43,66 @@ pub struct WorkerOptions {
 
 /// How this worker's collective reaches its peers over the network, kept for reconnecting.
 struct NetworkPlane {
+    /// Ranks that exchange over gRPC: all (flat) or each host's leader (hierarchical).
+    members: Vec<u32>,
     addresses: Vec<String>,
     secret: Vec<u8>,
     precision: SyncPrecision,
     limits: CollectiveLimits,
 }
 
+/// The data plane of a loaded shard.
+enum Plane {
+    /// One rank, or shared memory between every rank: built at load.
+    Fixed(Box<dyn Collective>),
+    /// gRPC between ranks, flat or between host leaders with shared memory inside each host;
+    /// the gRPC part is (re)built by ConnectPeers.
+    Network {
+        /// None on a hierarchical rank that is not its host's leader.
+        net: Option<NetworkPlane>,
+        local: Option<ShmCollective>,
+        /// The host's segment, owned (and removed on drop) by its leader.
+        _segment: Option<ShmSegment>,
+        grpc: Option<GrpcCollective>,
+    },
+}
+
+impl Plane {
+    fn with_collective<R>(
+        &mut self,
+        rank_index: usize,
+        rank_count: usize,
+        f: impl FnOnce(&mut dyn Collective) -> R,
+    ) -> R {
+        match self {
+            Plane::Fixed(collective) => f(collective.as_mut()),
+            Plane::Network {
+                net, local, grpc, ..
+            } => {
+                if net.is_some() && grpc.is_none() {
+                    return f(&mut Unconnected(
+                        "the gRPC data plane is not connected (ConnectPeers)".into(),
+                    ));
+                }
+                match local {
+                    Some(local) => f(&mut Hierarchical {
+                        local,
+                        leaders: grpc.as_mut(),
+                        rank_index,
+                        rank_count,
+                    }),
+                    None => f(grpc.as_mut().expect("checked above")),
+                }
+            }
+        }
+    }
+}
+
 struct Loaded {
     executor: Executor,
-    collective: Box<dyn Collective>,
+    plane: Plane,
     rank_index: u32,
     rank_count: u32,
-    /// Set for a gRPC data plane: the collective is (re)built by ConnectPeers.
-    network: Option<NetworkPlane>,
     pool: ThreadPool,
     weight_bytes: u64,
     steps: u64,
@@ -113,6 +161,50 @@ pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// The shared-memory collective of this rank's host in a hierarchical cluster. The host's
+/// leader creates the segment; the others open it once it is there (loads run in parallel).
+fn host_segment(
+    request: &proto::LoadShardRequest,
+    host_ranks: &[u32],
+    config: &ModelConfig,
+    max_batch: usize,
+    limits: CollectiveLimits,
+) -> Result<(Option<ShmCollective>, Option<ShmSegment>), String> {
+    let path = PathBuf::from(&request.shm_path);
+    if !request.shm_path.starts_with("/dev/shm/tp-") || request.shm_path.contains("..") {
+        return Err(format!(
+            "shared-memory path {} is not a tp segment in /dev/shm",
+            request.shm_path
+        ));
+    }
+    let index = host_ranks
+        .iter()
+        .position(|&r| r == request.rank_index)
+        .expect("checked by the caller");
+    let segment = if index == 0 {
+        Some(
+            ShmSegment::create(
+                &path,
+                host_ranks.len(),
+                max_batch * config.model_dim * size_of::<f64>(),
+            )
+            .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
+    let deadline = Instant::now() + limits.timeout;
+    loop {
+        match ShmCollective::open(&path, index, host_ranks.len(), limits) {
+            Ok(local) => return Ok((Some(local), segment)),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(format!("host segment of rank {}: {e}", host_ranks[0]));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
 }
 
 fn load(
@@ -185,10 +277,9 @@ fn load(
         timeout: Duration::from_millis(request.collective_timeout_ms.max(1) as u64),
         ..CollectiveLimits::default()
     };
-    let mut network = None;
-    let collective: Box<dyn Collective> = match request.transport.as_str() {
-        _ if shard.rank_count == 1 => Box::new(Solo),
-        "" | "shm" => Box::new(
+    let plane = match request.transport.as_str() {
+        _ if shard.rank_count == 1 => Plane::Fixed(Box::new(Solo)),
+        "" | "shm" => Plane::Fixed(Box::new(
             ShmCollective::open(
                 &PathBuf::from(&request.shm_path),
                 shard.rank_index,
@@ -196,8 +287,8 @@ fn load(
                 limits,
             )
             .map_err(|e| e.to_string())?,
-        ),
-        "grpc" => {
+        )),
+        transport @ ("grpc" | "hierarchical") => {
             if request.peer_addresses.len() != shard.rank_count {
                 return Err(format!(
                     "{} peer addresses for {} ranks",
@@ -208,15 +299,47 @@ fn load(
             if request.cluster_secret.len() != SECRET_BYTES {
                 return Err(format!("a cluster secret must be {SECRET_BYTES} bytes"));
             }
-            network = Some(NetworkPlane {
+            let rank = request.rank_index;
+            let (members, host_ranks) = if transport == "grpc" {
+                ((0..request.rank_count).collect(), vec![rank])
+            } else {
+                let ascending = |v: &[u32]| v.windows(2).all(|w| w[0] < w[1]);
+                let (hosts, leaders) = (&request.host_ranks, &request.leader_ranks);
+                if !hosts.contains(&rank)
+                    || !ascending(hosts)
+                    || !ascending(leaders)
+                    || !leaders.contains(&hosts[0])
+                    || leaders
+                        .iter()
+                        .chain(hosts)
+                        .any(|&r| r >= request.rank_count)
+                {
+                    return Err(format!(
+                        "bad hierarchical layout for rank {rank}: host ranks {hosts:?}, leaders {leaders:?}"
+                    ));
+                }
+                (leaders.clone(), hosts.clone())
+            };
+            let leader = host_ranks[0] == rank;
+            let precision = request.sync_precision.parse()?;
+            let net = leader.then(|| NetworkPlane {
+                members,
                 addresses: request.peer_addresses.clone(),
                 secret: request.cluster_secret.clone(),
-                precision: request.sync_precision.parse()?,
+                precision,
                 limits,
             });
-            Box::new(Unconnected(
-                "the gRPC data plane is not connected yet (ConnectPeers)".into(),
-            ))
+            let (local, segment) = if host_ranks.len() > 1 {
+                host_segment(&request, &host_ranks, &config, max_batch, limits)?
+            } else {
+                (None, None)
+            };
+            Plane::Network {
+                net,
+                local,
+                _segment: segment,
+                grpc: None,
+            }
         }
         other => return Err(format!("unknown transport '{other}'")),
     };
@@ -229,10 +352,9 @@ fn load(
     Ok((
         Loaded {
             executor,
-            collective,
+            plane,
             rank_index: request.rank_index,
             rank_count: request.rank_count,
-            network,
             pool,
             weight_bytes,
             steps: 0,
@@ -315,22 +437,26 @@ impl proto::worker_server::Worker for WorkerService {
             };
             let Loaded {
                 executor,
-                collective,
+                plane,
                 pool,
                 steps,
                 compute_seconds,
+                rank_index,
+                rank_count,
                 ..
             } = loaded;
-            collective.begin_step(request.step);
-            let rows = pool
-                .install(|| {
-                    executor.step(
-                        collective.as_mut(),
-                        &request.tokens,
-                        &request.positions,
-                        &request.sequences,
-                        &output,
-                    )
+            let rows = plane
+                .with_collective(*rank_index as usize, *rank_count as usize, |collective| {
+                    collective.begin_step(request.step);
+                    pool.install(|| {
+                        executor.step(
+                            collective,
+                            &request.tokens,
+                            &request.positions,
+                            &request.sequences,
+                            &output,
+                        )
+                    })
                 })
                 .map_err(|e| match e {
                     executor::StepError::Transport(t) => Status::aborted(t.to_string()),
@@ -371,11 +497,16 @@ impl proto::worker_server::Worker for WorkerService {
             let Some(loaded) = guard.as_mut() else {
                 return Err(Status::failed_precondition("no shard loaded"));
             };
-            let Some(network) = &loaded.network else {
+            let Plane::Network {
+                net: Some(network),
+                grpc,
+                ..
+            } = &mut loaded.plane
+            else {
                 return Ok(Response::new(proto::Empty {}));
             };
             // Drop the old links first: their streams end, and peers see a clean round.
-            loaded.collective = Box::new(Unconnected("reconnecting".into()));
+            *grpc = None;
             let bytes_sent: BytesSent = {
                 let mut counters = counters.lock().unwrap();
                 if counters.len() != loaded.rank_count as usize {
@@ -388,7 +519,7 @@ impl proto::worker_server::Worker for WorkerService {
                 counters.clone()
             };
             let spec = GrpcSpec {
-                members: (0..loaded.rank_count).collect(),
+                members: network.members.clone(),
                 addresses: network.addresses.clone(),
                 rank: loaded.rank_index,
                 secret: network.secret.clone(),
@@ -399,7 +530,7 @@ impl proto::worker_server::Worker for WorkerService {
             let collective = GrpcCollective::connect(spec, &registry, runtime, bytes_sent)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             tracing::info!(generation, "data plane connected");
-            loaded.collective = Box::new(collective);
+            *grpc = Some(collective);
             Ok(Response::new(proto::Empty {}))
         })
         .await
