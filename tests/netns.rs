@@ -200,6 +200,19 @@ async fn remote_session_over(
 
 const PROMPT: &str = "The quick brown fox jumps over the lazy dog because";
 
+/// Data-plane bytes rank 0 sends to rank 1 per generated token: two generations of
+/// different lengths, so the prompt's step cancels out.
+async fn bytes_per_token(session: &mut Session) -> f64 {
+    let mut sent = Vec::new();
+    for n in [8usize, 24] {
+        let before = session.cluster.stats().await.unwrap()[0].data_plane_bytes_sent[1];
+        greedy(session, n).await.unwrap();
+        let after = session.cluster.stats().await.unwrap()[0].data_plane_bytes_sent[1];
+        sent.push((after - before) as f64);
+    }
+    (sent[1] - sent[0]) / 16.0
+}
+
 async fn greedy(session: &mut Session, n: usize) -> anyhow::Result<(Vec<u32>, f64)> {
     let prompt_tokens = session.model.tokenizer.encode(PROMPT, true).unwrap();
     session.cluster.clear_sequence(0).await?;
@@ -260,13 +273,10 @@ async fn generation_across_namespaces_matches_one_host() {
         0.0,
         "full precision changes no bits"
     );
-    let sent = remote.cluster.stats().await.unwrap();
+    let per_token = bytes_per_token(&mut remote).await;
     println!(
         "2 namespaces, full wire: {speed:.1} generated tokens/s (one host, shm: {local_speed:.1}); \
-         data-plane bytes sent per worker and peer: {:?}",
-        sent.iter()
-            .map(|s| s.data_plane_bytes_sent.clone())
-            .collect::<Vec<_>>()
+         {per_token:.0} bytes per generated token on the link 0 -> 1"
     );
     drop(remote);
 
@@ -283,8 +293,10 @@ async fn generation_across_namespaces_matches_one_host() {
             let logits = lossy.final_logits(&prompt).await.unwrap();
             let e = nmse(&local_logits, &logits);
             let (_, speed) = greedy(&mut lossy, 24).await.unwrap();
+            let per_token = bytes_per_token(&mut lossy).await;
             println!(
-                "{name}, 2 namespaces, {} wire: final-logit NMSE vs one host {e:.2e}, {speed:.1} generated tokens/s",
+                "{name}, 2 namespaces, {} wire: final-logit NMSE vs one host {e:.2e}, {speed:.1} \
+                 generated tokens/s, {per_token:.0} bytes per generated token on the link 0 -> 1",
                 precision.name()
             );
             assert!(
@@ -403,4 +415,117 @@ async fn two_workers_here_and_one_there_run_hierarchically() {
     // Only the leaders (ranks 0 and 2) send over the network.
     assert!(sent[1].data_plane_bytes_sent.iter().all(|&b| b == 0));
     assert!(sent[0].data_plane_bytes_sent[2] > 0 && sent[2].data_plane_bytes_sent[0] > 0);
+}
+
+/// Forwards every connection to `listener` on to `target`, holding each chunk for `delay`
+/// in both directions: a one-way delay on the path, for kernels without netem.
+async fn delay_proxy(listener: tokio::net::TcpListener, target: String, delay: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let writer = tokio::spawn(async move {
+            while let Some((due, chunk)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buffer = vec![0u8; 64 * 1024];
+        while let Ok(n) = from.read(&mut buffer).await {
+            if n == 0
+                || tx
+                    .send((tokio::time::Instant::now() + delay, buffer[..n].to_vec()))
+                    .is_err()
+            {
+                break;
+            }
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+    while let Ok((inbound, _)) = listener.accept().await {
+        let target = target.clone();
+        tokio::spawn(async move {
+            let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            tokio::join!(
+                pipe(in_read, out_write, delay),
+                pipe(out_read, in_write, delay)
+            );
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_completes_with_1ms_link_delay() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let Some(mut net) = Net::new(4, 2) else {
+        return;
+    };
+    let direct: Vec<String> = (0..2).map(|h| net.start_worker(h, WORKER_PORT)).collect();
+    let mut speeds = Vec::new();
+    let mut session = remote_session(
+        &path,
+        &direct,
+        SyncPrecision::Full,
+        ClusterLimits::default(),
+    )
+    .await;
+    let (expected, speed) = greedy(&mut session, 32).await.unwrap();
+    speeds.push(("no delay", "full", speed));
+    drop(session);
+
+    // 1 ms each way on every worker's link: netem where the kernel has it, else a proxy in
+    // the root namespace that every connection to a worker goes through.
+    let netem = net.veths.iter().all(|veth| {
+        run(&[
+            "tc", "qdisc", "add", "dev", veth, "root", "netem", "delay", "1ms",
+        ])
+        .is_ok()
+    });
+    let addresses: Vec<String> = if netem {
+        direct.clone()
+    } else {
+        let mut proxied = Vec::new();
+        for target in &direct {
+            let listener = tokio::net::TcpListener::bind(format!("{}.1:0", net.subnet))
+                .await
+                .unwrap();
+            proxied.push(listener.local_addr().unwrap().to_string());
+            tokio::spawn(delay_proxy(
+                listener,
+                target.clone(),
+                Duration::from_millis(1),
+            ));
+        }
+        proxied
+    };
+    let method = if netem {
+        "netem delay 1ms"
+    } else {
+        "1 ms delay proxy (no netem in this kernel)"
+    };
+    for precision in [SyncPrecision::Full, SyncPrecision::Q8_0] {
+        let mut delayed =
+            remote_session(&path, &addresses, precision, ClusterLimits::default()).await;
+        let (tokens, speed) = greedy(&mut delayed, 32).await.unwrap();
+        if precision == SyncPrecision::Full {
+            assert_eq!(tokens, expected, "a slow link changes no tokens");
+        }
+        speeds.push(("1 ms each way", precision.name(), speed));
+    }
+    for (delay, wire, speed) in speeds {
+        println!("2 namespaces, {delay} ({method}), {wire} wire: {speed:.1} generated tokens/s");
+    }
 }
