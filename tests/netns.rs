@@ -119,11 +119,16 @@ impl Net {
 
     /// Starts a worker in namespace `host` on `port`; returns its address.
     fn start_worker(&mut self, host: usize, port: u16) -> String {
+        self.start_worker_with(host, port, &[])
+    }
+
+    fn start_worker_with(&mut self, host: usize, port: u16, extra: &[&str]) -> String {
         let address = format!("{}:{port}", self.host_ip(host));
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.namespaces[host]])
             .arg(worker_binary())
             .args(["--listen", &address, "--threads", "1", "--log", "warn"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -528,4 +533,62 @@ async fn generation_completes_with_1ms_link_delay() {
     for (delay, wire, speed) in speeds {
         println!("2 namespaces, {delay} ({method}), {wire} wire: {speed:.1} generated tokens/s");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_model_gets_its_shard_streamed_then_cached() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let Some(mut net) = Net::new(5, 2) else {
+        return;
+    };
+    let cache = std::env::temp_dir().join(format!("tp-netns-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let cache_arg = cache.display().to_string();
+
+    let mut local = session(&path, &[1.0, 1.0], 256, 64).await;
+    let (expected, _) = greedy(&mut local, 16).await.unwrap();
+    local.cluster.shutdown().await;
+
+    let file_size = std::fs::metadata(&path).unwrap().len();
+    let mut streamed = Vec::new();
+    for round in 0..2 {
+        // Host 1 has no copy of the model: its worker is told a path that does not exist.
+        let addresses = vec![
+            net.start_worker(0, WORKER_PORT + round),
+            net.start_worker_with(1, WORKER_PORT + round, &["--cache-dir", &cache_arg]),
+        ];
+        let mut entries = entries(&addresses);
+        entries[1].model_path = Some("/nonexistent/model.gguf".into());
+        let cluster = Cluster::connect(&entries, ClusterLimits::default())
+            .await
+            .unwrap();
+        let mut session = Session::start(Model::open(&path).unwrap(), cluster, 256, 64)
+            .await
+            .unwrap();
+        let sent = session.cluster.streamed_bytes().to_vec();
+        let (tokens, _) = greedy(&mut session, 16).await.unwrap();
+        assert_eq!(
+            tokens, expected,
+            "round {round}: a streamed shard gives the same tokens"
+        );
+        println!(
+            "round {round}: model bytes streamed per worker {sent:?} (file: {file_size} bytes)"
+        );
+        streamed.push(sent);
+        drop(session);
+        // Restart the workers: the second round starts from the cache alone.
+        for child in &mut net.workers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        net.workers.clear();
+    }
+    assert_eq!(streamed[0][0], 0, "host 0 has the file");
+    assert!(
+        streamed[0][1] > 0 && streamed[0][1] < file_size * 3 / 4,
+        "host 1 gets its shard's bytes only: {}",
+        streamed[0][1]
+    );
+    assert_eq!(streamed[1], vec![0, 0], "the restart loads from the cache");
+    std::fs::remove_dir_all(&cache).unwrap();
 }

@@ -21,6 +21,10 @@ struct Args {
     /// (taskset, numactl, systemd CPUAffinity=).
     #[arg(long, value_name = "LIST")]
     cpus: Option<String>,
+    /// Where to keep model bytes received from a coordinator when this host has no copy of the
+    /// model (default: ~/.cache/tp/received). A restart loads from here instead of the network.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<std::path::PathBuf>,
     /// Log level filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     log: String,
@@ -79,6 +83,7 @@ async fn serve(args: Args, cpus: Option<Vec<usize>>) -> std::process::ExitCode {
         listen: args.listen,
         threads: args.threads,
         pin: pin_set(cpus),
+        cache_dir: args.cache_dir.clone(),
     };
     let on_bound = |address: SocketAddr| {
         let mut stdout = std::io::stdout();

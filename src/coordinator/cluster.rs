@@ -1,6 +1,7 @@
 //! Cluster membership: the workers of one model, spawned locally or listed in hosts.toml, and the
 //! control-plane calls that drive them.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::proto;
 use crate::proto::worker_client::WorkerClient;
 use crate::transport::grpc::{SECRET_BYTES, SyncPrecision};
 use crate::transport::shm::ShmSegment;
+use crate::worker::shard::shard_byte_ranges;
 use crate::worker::{MAX_MESSAGE_BYTES, model_header_hash};
 
 /// Limits of a cluster, with defaults; all waits are bounded.
@@ -137,6 +139,7 @@ pub struct Cluster {
     /// Connection rounds of the gRPC data plane; a failed step asks for a new round.
     generation: u64,
     reconnect: bool,
+    streamed_bytes: Vec<u64>,
 }
 
 /// What the cluster needs to load a model.
@@ -203,6 +206,7 @@ impl Cluster {
             active_transport: None,
             generation: 0,
             reconnect: false,
+            streamed_bytes: Vec::new(),
         })
     }
 
@@ -367,6 +371,7 @@ impl Cluster {
         let model_path = std::fs::canonicalize(&spec.file.path)?
             .display()
             .to_string();
+        let worker_paths = self.prepare_models(spec, &model_path, header_hash).await?;
         let mut tasks = tokio::task::JoinSet::new();
         for (rank, worker) in self.workers.iter().enumerate() {
             let shard: &RankShard = &spec.plan.ranks[rank];
@@ -383,10 +388,7 @@ impl Cluster {
                 (Vec::new(), shm_path.clone())
             };
             let request = proto::LoadShardRequest {
-                model_path: worker
-                    .model_path
-                    .clone()
-                    .unwrap_or_else(|| model_path.clone()),
+                model_path: worker_paths[rank].clone(),
                 model_size: spec.file.file_size,
                 model_header_hash: header_hash,
                 rank_index: rank as u32,
@@ -443,6 +445,75 @@ impl Cluster {
         }
         self.active_transport = Some(transport);
         Ok(replies)
+    }
+
+    /// Asks every worker where its copy of the model is, and streams the byte ranges of its
+    /// shard to those that lack them (into their cache). Returns each worker's model path.
+    async fn prepare_models(
+        &mut self,
+        spec: &LoadSpec<'_>,
+        model_path: &str,
+        header_hash: u64,
+    ) -> anyhow::Result<Vec<String>> {
+        let config = crate::model::arch::ModelConfig::from_gguf(spec.file)?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (rank, worker) in self.workers.iter().enumerate() {
+            let ranges = shard_byte_ranges(spec.file, &config, &spec.plan.ranks[rank])?;
+            let request = proto::PrepareModelRequest {
+                model_path: worker
+                    .model_path
+                    .clone()
+                    .unwrap_or_else(|| model_path.to_string()),
+                model_size: spec.file.file_size,
+                model_header_hash: header_hash,
+                ranges: ranges
+                    .iter()
+                    .map(|r| proto::ByteRange {
+                        start: r.start,
+                        end: r.end,
+                    })
+                    .collect(),
+            };
+            let mut client = worker.client.clone();
+            let address = worker.address.clone();
+            let timeout = self.limits.load_timeout;
+            let source_path = spec.file.path.clone();
+            tasks.spawn(async move {
+                let fail = |what: String| anyhow::anyhow!("worker {rank} ({address}): {what}");
+                let reply = tokio::time::timeout(timeout, client.prepare_model(request))
+                    .await
+                    .map_err(|_| fail(format!("no answer to PrepareModel within {timeout:?}")))?
+                    .map_err(|s| fail(format!("cannot prepare the model: {}", s.message())))?
+                    .into_inner();
+                let missing: Vec<Range<u64>> =
+                    reply.missing.iter().map(|r| r.start..r.end).collect();
+                let total: u64 = missing.iter().map(|r| r.end - r.start).sum();
+                if total > 0 {
+                    tracing::info!(
+                        rank,
+                        %address,
+                        mib = total as f64 / (1 << 20) as f64,
+                        "worker has no copy of the model: streaming its shard"
+                    );
+                    let chunks = stream_ranges(source_path, missing, header_hash, rank, total);
+                    tokio::time::timeout(timeout, client.push_model(chunks))
+                        .await
+                        .map_err(|_| fail(format!("shard not sent within {timeout:?}")))?
+                        .map_err(|s| fail(format!("receiving its shard: {}", s.message())))?;
+                } else {
+                    tracing::info!(rank, %address, source = %reply.source, "worker has the model");
+                }
+                Ok::<_, anyhow::Error>((rank, (reply.path, total)))
+            });
+        }
+        let prepared = collect_ranked(tasks, self.workers.len()).await?;
+        self.streamed_bytes = prepared.iter().map(|(_, bytes)| *bytes).collect();
+        Ok(prepared.into_iter().map(|(path, _)| path).collect())
+    }
+
+    /// Model bytes streamed to each worker by the last load (0: it had them).
+    pub fn streamed_bytes(&self) -> &[u64] {
+        &self.streamed_bytes
     }
 
     /// The data plane of the loaded model ("shm" or "grpc"), once loaded.
@@ -595,6 +666,61 @@ async fn collect_ranked<T: 'static>(
         .into_iter()
         .map(|r| r.expect("every rank answered"))
         .collect())
+}
+
+/// Bytes of one streamed chunk of model data.
+const MODEL_CHUNK_BYTES: u64 = 1 << 20;
+
+/// The chunks of `ranges` of the model file, read on a blocking thread, with progress in the
+/// log every tenth of the way.
+fn stream_ranges(
+    path: PathBuf,
+    ranges: Vec<Range<u64>>,
+    header_hash: u64,
+    rank: usize,
+    total: u64,
+) -> tokio_stream::wrappers::ReceiverStream<proto::ModelChunk> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let Ok(file) = std::fs::File::open(&path) else {
+            tracing::error!(path = %path.display(), "cannot reopen the model to stream it");
+            return;
+        };
+        let (mut sent, mut reported) = (0u64, 0u64);
+        for range in ranges {
+            let mut offset = range.start;
+            while offset < range.end {
+                let n = (range.end - offset).min(MODEL_CHUNK_BYTES);
+                let mut data = vec![0u8; n as usize];
+                if let Err(e) = file.read_exact_at(&mut data, offset) {
+                    tracing::error!(path = %path.display(), "reading the model: {e}");
+                    return;
+                }
+                let chunk = proto::ModelChunk {
+                    model_header_hash: header_hash,
+                    offset,
+                    data,
+                };
+                if tx.blocking_send(chunk).is_err() {
+                    return;
+                }
+                offset += n;
+                sent += n;
+                if sent * 10 / total > reported {
+                    reported = sent * 10 / total;
+                    tracing::info!(
+                        rank,
+                        "streaming shard: {:.1} of {:.1} MiB ({}%)",
+                        sent as f64 / (1 << 20) as f64,
+                        total as f64 / (1 << 20) as f64,
+                        reported * 10
+                    );
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// A failed call's error, saying plainly when the connection itself was lost.

@@ -3,6 +3,7 @@
 
 pub mod executor;
 pub mod kv;
+pub mod model_cache;
 pub mod shard;
 
 use std::net::SocketAddr;
@@ -26,6 +27,7 @@ use crate::transport::hierarchical::Hierarchical;
 use crate::transport::shm::{ShmCollective, ShmSegment};
 use crate::transport::{Collective, CollectiveLimits, Solo};
 use executor::{Executor, OutputRequest};
+use model_cache::CacheFile;
 
 /// Limits a worker enforces on what a coordinator may ask.
 pub const MAX_BATCH_LIMIT: u32 = 4096;
@@ -39,7 +41,12 @@ pub struct WorkerOptions {
     pub threads: usize,
     /// CPUs to pin compute thread i to (`pin[i % len]`); None leaves placement to the OS.
     pub pin: Option<Vec<usize>>,
+    /// Where model bytes received from a coordinator are kept (None: the default).
+    pub cache_dir: Option<PathBuf>,
 }
+
+/// Most byte ranges one PrepareModel may list.
+const MAX_RANGES: usize = 4 << 20;
 
 /// How this worker's collective reaches its peers over the network, kept for reconnecting.
 struct NetworkPlane {
@@ -122,6 +129,9 @@ fn proc_status_bytes(key: &str) -> u64 {
 
 pub struct WorkerService {
     state: Arc<Mutex<Option<Loaded>>>,
+    cache_dir: PathBuf,
+    /// The cache file PrepareModel opened, which PushModel fills.
+    receiving: Arc<Mutex<Option<CacheFile>>>,
     registry: Arc<Registry>,
     bytes_sent: Arc<Mutex<BytesSent>>,
     threads: usize,
@@ -380,6 +390,115 @@ impl proto::worker_server::Worker for WorkerService {
         }))
     }
 
+    async fn prepare_model(
+        &self,
+        request: Request<proto::PrepareModelRequest>,
+    ) -> Result<Response<proto::PrepareModelReply>, Status> {
+        let request = request.into_inner();
+        let size = request.model_size;
+        if request.ranges.len() > MAX_RANGES {
+            return Err(Status::invalid_argument(format!(
+                "{} ranges exceed the limit of {MAX_RANGES}",
+                request.ranges.len()
+            )));
+        }
+        if let Some(bad) = request
+            .ranges
+            .iter()
+            .find(|r| r.start >= r.end || r.end > size)
+        {
+            return Err(Status::invalid_argument(format!(
+                "range {}..{} is empty or outside the {size}-byte file",
+                bad.start, bad.end
+            )));
+        }
+        let wanted = shard::merge_ranges(request.ranges.iter().map(|r| r.start..r.end).collect());
+        let cache_dir = self.cache_dir.clone();
+        let receiving = self.receiving.clone();
+        tokio::task::spawn_blocking(move || {
+            let local = !request.model_path.is_empty()
+                && GgufFile::open(&request.model_path).is_ok_and(|file| {
+                    file.file_size == size && model_header_hash(&file) == request.model_header_hash
+                });
+            if local {
+                return Ok(Response::new(proto::PrepareModelReply {
+                    path: request.model_path,
+                    source: "local copy".into(),
+                    missing: Vec::new(),
+                }));
+            }
+            let (cache, missing) =
+                CacheFile::open(&cache_dir, request.model_header_hash, size, &wanted).map_err(
+                    |e| Status::internal(format!("model cache in {}: {e}", cache_dir.display())),
+                )?;
+            let reply = proto::PrepareModelReply {
+                path: cache.path.display().to_string(),
+                source: if missing.is_empty() {
+                    "cache".into()
+                } else {
+                    "cache (incomplete)".into()
+                },
+                missing: missing
+                    .iter()
+                    .map(|r| proto::ByteRange {
+                        start: r.start,
+                        end: r.end,
+                    })
+                    .collect(),
+            };
+            tracing::info!(
+                path = %reply.path,
+                missing_mib = missing.iter().map(|r| r.end - r.start).sum::<u64>() as f64 / (1 << 20) as f64,
+                "no local copy of the model: using the cache"
+            );
+            *receiving.lock().unwrap() = Some(cache);
+            Ok(Response::new(reply))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    async fn push_model(
+        &self,
+        request: Request<tonic::Streaming<proto::ModelChunk>>,
+    ) -> Result<Response<proto::PushModelReply>, Status> {
+        let mut stream = request.into_inner();
+        let mut written = 0u64;
+        while let Some(chunk) = stream.message().await? {
+            let mut guard = self.receiving.lock().unwrap();
+            let cache = guard
+                .as_mut()
+                .ok_or_else(|| Status::failed_precondition("PushModel without PrepareModel"))?;
+            if chunk.model_header_hash != cache.header_hash {
+                return Err(Status::invalid_argument(
+                    "chunk of another model than the one prepared",
+                ));
+            }
+            cache
+                .write(chunk.offset, &chunk.data)
+                .map_err(Status::invalid_argument)?;
+            written += chunk.data.len() as u64;
+        }
+        let receiving = self.receiving.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Some(cache) = receiving.lock().unwrap().as_mut() {
+                cache
+                    .commit()
+                    .map_err(|e| Status::internal(e.to_string()))?;
+            }
+            Ok::<_, Status>(())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::info!(
+            mib = written as f64 / (1 << 20) as f64,
+            "model bytes received and cached"
+        );
+        Ok(Response::new(proto::PushModelReply {
+            bytes_written: written,
+        }))
+    }
+
     async fn load_shard(
         &self,
         request: Request<proto::LoadShardRequest>,
@@ -596,6 +715,11 @@ pub async fn run(
     let registry = Arc::new(Registry::default());
     let service = WorkerService {
         state: Arc::new(Mutex::new(None)),
+        cache_dir: options
+            .cache_dir
+            .clone()
+            .unwrap_or_else(model_cache::default_cache_dir),
+        receiving: Arc::new(Mutex::new(None)),
         registry: registry.clone(),
         bytes_sent: Arc::new(Mutex::new(Arc::new(Vec::new()))),
         threads,

@@ -189,6 +189,114 @@ pub fn load_shard(
     Ok(loaded)
 }
 
+/// The byte ranges of the model file that `load_shard` reads for `shard`, absolute, sorted and
+/// merged, the header (metadata and tensor index) first: what a worker without the file must
+/// receive. Mirrors `load_shard`'s reads; a test checks the two agree.
+pub fn shard_byte_ranges(
+    file: &GgufFile,
+    config: &ModelConfig,
+    shard: &RankShard,
+) -> Result<Vec<Range<u64>>, ShardError> {
+    let mut ranges: Vec<Range<u64>> = vec![0..file.header_bytes];
+    let tensor = |name: &str| {
+        file.tensor(name)
+            .ok_or_else(|| ShardError::Missing(name.to_string()))
+    };
+    let rows = |info: &TensorInfo, rows: Range<usize>, out: &mut Vec<Range<u64>>| {
+        let row_bytes = info.quant_type.row_bytes(info.row_length()).unwrap_or(0) as u64;
+        out.push(
+            info.offset + rows.start as u64 * row_bytes..info.offset + rows.end as u64 * row_bytes,
+        );
+    };
+    let mut seen = std::collections::HashSet::new();
+    for op in shard_program(config, shard) {
+        match &op.kind {
+            OpKind::Embed { tensor: name } => {
+                if seen.insert(name.clone()) {
+                    rows(tensor(name)?, shard.vocab_rows.clone(), &mut ranges);
+                }
+            }
+            OpKind::RmsNorm { tensor: name, .. } => {
+                let info = tensor(name)?;
+                ranges.push(info.offset..info.offset + config.model_dim as u64 * 4);
+            }
+            OpKind::Linear {
+                tensor: name,
+                bias,
+                parallel,
+                extent,
+                ..
+            } => {
+                if !seen.insert(name.clone()) {
+                    continue;
+                }
+                let info = tensor(name)?;
+                match parallel {
+                    Parallel::Column => rows(info, extent.clone(), &mut ranges),
+                    Parallel::Row => {
+                        let ty = info.quant_type;
+                        let block = ty.block_elements();
+                        let row_bytes = ty.row_bytes(info.row_length()).unwrap_or(0) as u64;
+                        let aligned = extent.start % block == 0 && extent.end % block == 0;
+                        let (start, end) = if aligned {
+                            (
+                                (extent.start / block * ty.block_bytes()) as u64,
+                                (extent.end / block * ty.block_bytes()) as u64,
+                            )
+                        } else {
+                            (0, row_bytes) // re-blocked: whole rows are dequantized
+                        };
+                        for r in 0..info.row_count() as u64 {
+                            let row = info.offset + r * row_bytes;
+                            ranges.push(row + start..row + end);
+                        }
+                    }
+                }
+                if let Some(bias) = bias {
+                    let info = tensor(bias)?;
+                    ranges.push(
+                        info.offset + extent.start as u64 * 4..info.offset + extent.end as u64 * 4,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(merge_ranges(ranges))
+}
+
+/// Sorts `ranges` and merges those that overlap or touch; drops empty ones.
+pub fn merge_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.retain(|r| r.start < r.end);
+    ranges.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+/// The parts of `wanted` not covered by `have` (both merged and sorted).
+pub fn missing_ranges(wanted: &[Range<u64>], have: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut missing = Vec::new();
+    for w in wanted {
+        let mut start = w.start;
+        for h in have.iter().filter(|h| h.end > w.start && h.start < w.end) {
+            if h.start > start {
+                missing.push(start..h.start);
+            }
+            start = start.max(h.end);
+        }
+        if start < w.end {
+            missing.push(start..w.end);
+        }
+    }
+    missing
+}
+
 /// Bytes of weights a rank would load, computed from tensor infos alone (for `plan`).
 pub fn shard_weight_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankShard) -> u64 {
     let mut total = 0u64;
@@ -232,4 +340,23 @@ pub fn shard_weight_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankSha
         };
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_arithmetic() {
+        assert_eq!(
+            merge_ranges(vec![5..7, 0..2, 2..3, 6..9, 4..4]),
+            vec![0..3, 5..9]
+        );
+        assert_eq!(
+            missing_ranges(&[0..10, 20..30], &[2..4, 8..25]),
+            vec![0..2, 4..8, 25..30]
+        );
+        assert_eq!(missing_ranges(&[0..10], &[0..10]), Vec::<Range<u64>>::new());
+        assert_eq!(missing_ranges(&[0..10], &[]), vec![0..10]);
+    }
 }
