@@ -25,7 +25,7 @@ use clap::Parser;
 use tp::proto;
 use tp::transport::grpc::{
     DataPlaneService, GrpcCollective, GrpcSpec, MAX_FRAME_BYTES, Registry, SECRET_BYTES,
-    SyncPrecision,
+    SyncPrecision, WINDOW_BYTES,
 };
 use tp::transport::{Collective, CollectiveLimits};
 
@@ -60,11 +60,14 @@ fn stats(mut ns: Vec<u64>) -> Stats {
     }
 }
 
-/// Round trips of `bytes` each way between two threads over TCP (no delay).
-fn tcp_ping_pong(host: &str, bytes: usize, iters: usize) -> Result<Stats> {
+/// Round trips of `bytes` each way between two threads over TCP (no delay), the two threads
+/// pinned to the CPUs given (the same one, or two).
+fn tcp_ping_pong(host: &str, bytes: usize, iters: usize, cpus: [usize; 2]) -> Result<Stats> {
     let listener = TcpListener::bind((host, 0))?;
     let address = listener.local_addr()?;
+    let allowed = tp::kernels::pool::allowed_cpus();
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        tp::kernels::pool::set_affinity(&[cpus[1]])?;
         let (mut stream, _) = listener.accept()?;
         stream.set_nodelay(true)?;
         let mut buffer = vec![0u8; bytes];
@@ -75,6 +78,7 @@ fn tcp_ping_pong(host: &str, bytes: usize, iters: usize) -> Result<Stats> {
             stream.write_all(&buffer)?;
         }
     });
+    tp::kernels::pool::set_affinity(&[cpus[0]])?;
     let mut stream = TcpStream::connect(address)?;
     stream.set_nodelay(true)?;
     let mut buffer = vec![1u8; bytes];
@@ -89,6 +93,7 @@ fn tcp_ping_pong(host: &str, bytes: usize, iters: usize) -> Result<Stats> {
     }
     drop(stream);
     echo.join().expect("echo thread").context("echo")?;
+    tp::kernels::pool::set_affinity(&allowed)?;
     Ok(stats(samples))
 }
 
@@ -114,6 +119,8 @@ fn start_rank(host: &str) -> Result<Rank> {
     .max_encoding_message_size(MAX_FRAME_BYTES);
     runtime.spawn(
         tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(WINDOW_BYTES))
+            .initial_connection_window_size(Some(2 * WINDOW_BYTES))
             .add_service(service)
             .serve_with_incoming(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -202,28 +209,35 @@ fn main() -> Result<()> {
     );
     println!(
         "# TCP round trip: the same bytes each way between two threads over one TCP connection \
-         (TCP_NODELAY), same address."
+         (TCP_NODELAY), same address; threads pinned to two different CPUs (as peers on two \
+         hosts run), and for reference to one CPU. AllReduce / TCP uses the former."
     );
     println!();
     println!(
-        "| ranks | f32 values | bytes | AllReduce median µs | p99 µs | TCP round trip median µs | p99 µs | AllReduce / TCP |"
+        "| ranks | f32 values | bytes | AllReduce median µs | p99 µs | TCP round trip median µs (2 CPUs) | p99 µs | TCP median µs (1 CPU) | AllReduce / TCP |"
     );
-    println!("|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    let cpus = tp::kernels::pool::allowed_cpus();
+    let (first, second) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
     let mut floors = Vec::new();
     for &size in &args.sizes {
-        floors.push(tcp_ping_pong(&args.host, size * 4, args.iters)?);
+        floors.push((
+            tcp_ping_pong(&args.host, size * 4, args.iters, [first, second])?,
+            tcp_ping_pong(&args.host, size * 4, args.iters, [first, first])?,
+        ));
     }
     for &ranks in &args.ranks {
         let series = measure_allreduce(&args, ranks)
             .with_context(|| format!("AllReduce between {ranks} ranks"))?;
-        for ((size, s), floor) in series.iter().zip(&floors) {
+        for ((size, s), (floor, same_cpu)) in series.iter().zip(&floors) {
             println!(
-                "| {ranks} | {size} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {ranks} | {size} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
                 size * 4,
                 s.median_us,
                 s.p99_us,
                 floor.median_us,
                 floor.p99_us,
+                same_cpu.median_us,
                 s.median_us / floor.median_us
             );
         }

@@ -225,8 +225,52 @@ fn bad_arguments_are_clear_errors() {
         !ok && err.contains("line 3") && err.contains("weigth"),
         "{err}"
     );
+    std::fs::write(
+        &hosts,
+        "transport = \"carrier-pigeon\"\n[[worker]]\naddress = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let (ok, err) = run(&[
+        "plan",
+        "--model",
+        model,
+        "--workers",
+        hosts.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("line 1") && err.contains("carrier-pigeon"),
+        "{err}"
+    );
     std::fs::remove_file(&hosts).ok();
     for (args, needle) in [
+        (
+            &[
+                "generate",
+                "-m",
+                model,
+                "--local",
+                "2",
+                "-p",
+                "hi",
+                "--sync-precision",
+                "f8",
+            ][..],
+            "unknown sync precision",
+        ),
+        (
+            &[
+                "generate",
+                "-m",
+                model,
+                "--local",
+                "2",
+                "-p",
+                "hi",
+                "--transport",
+                "udp",
+            ][..],
+            "udp",
+        ),
         (&["bench", "-m", model, "--tp", "0"][..], "--tp 0"),
         (&["bench", "-m", model, "-r", "0"][..], "--repetitions"),
         (&["bench", "-m", model, "-t", "0"][..], "--threads"),

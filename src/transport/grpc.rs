@@ -32,6 +32,10 @@ use crate::proto::{self, Encoding, Frame};
 pub const FRAME_VALUES: usize = 64 * 1024;
 /// Largest data-plane message a worker accepts (a frame of FRAME_VALUES f64 plus headers).
 pub const MAX_FRAME_BYTES: usize = FRAME_VALUES * 8 + 4096;
+/// HTTP/2 flow-control window of data-plane streams: several whole frames, so that a large
+/// buffer never waits for a window update (the default 64 KiB would stall every 16k-float
+/// exchange for a round trip). Servers carrying the data plane use it too.
+pub const WINDOW_BYTES: u32 = 4 << 20;
 /// Frames queued per peer before a sender waits.
 const CHANNEL_FRAMES: usize = 64;
 /// Epochs of one step, as in the shared-memory transport.
@@ -401,7 +405,9 @@ async fn open_link(
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5));
+        .keep_alive_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(Some(WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * WINDOW_BYTES));
     let channel = endpoint
         .connect()
         .await

@@ -21,7 +21,7 @@ use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::transport::grpc::{
     BytesSent, DataPlaneService, GrpcCollective, GrpcSpec, MAX_FRAME_BYTES, Registry, SECRET_BYTES,
-    SyncPrecision, Unconnected,
+    SyncPrecision, Unconnected, WINDOW_BYTES,
 };
 use crate::transport::hierarchical::Hierarchical;
 use crate::transport::shm::{ShmCollective, ShmSegment};
@@ -735,6 +735,8 @@ pub async fn run(
         .max_decoding_message_size(MAX_FRAME_BYTES)
         .max_encoding_message_size(MAX_FRAME_BYTES);
     tonic::transport::Server::builder()
+        .initial_stream_window_size(Some(WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * WINDOW_BYTES))
         .add_service(server)
         .add_service(data_plane)
         // No Nagle: a reply's trailing frame would otherwise wait ~40 ms for a delayed ACK.
