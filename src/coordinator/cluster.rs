@@ -775,3 +775,18 @@ fn unique_suffix() -> u64 {
         .map_or(0, |d| d.as_nanos());
     nanos as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_hosts_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hosts.example.toml");
+        let hosts = HostsFile::read(&path).unwrap();
+        assert_eq!(hosts.transport, TransportChoice::Auto);
+        assert_eq!(hosts.workers.len(), 3);
+        assert_eq!(hosts.workers[2].weight, 0.5);
+        assert!(hosts.workers[1].model_path.is_some());
+    }
+}
