@@ -1,7 +1,8 @@
 //! # grpc_collective: the network AllReduce next to a raw TCP round trip
 //!
-//! Measures `tp::transport::grpc` the way a worker drives it: each rank has its own tokio
-//! runtime serving `DataPlane`, and a plain thread calls the synchronous collective. Next to it,
+//! Measures `tp::transport::grpc` the way a worker drives it: each rank is a thread with its
+//! own data-plane socket that calls the synchronous collective (which drives its own
+//! connections). Next to it,
 //! a TCP ping-pong between two threads moves the same number of bytes each way over the same
 //! path (a round trip: the floor for any exchange of that size). The issue's target is an
 //! AllReduce median at most 2× that round trip.
@@ -22,11 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use tp::proto;
-use tp::transport::grpc::{
-    DataPlaneService, GrpcCollective, GrpcSpec, MAX_FRAME_BYTES, Registry, SECRET_BYTES,
-    SyncPrecision, WINDOW_BYTES,
-};
+use tp::transport::grpc::{GrpcCollective, GrpcSpec, Registry, SECRET_BYTES, SyncPrecision};
 use tp::transport::{Collective, CollectiveLimits};
 
 #[derive(Parser, Debug)]
@@ -97,51 +94,18 @@ fn tcp_ping_pong(host: &str, bytes: usize, iters: usize, cpus: [usize; 2]) -> Re
     Ok(stats(samples))
 }
 
-/// One rank: its own runtime and DataPlane server, and a thread that runs the collective.
-struct Rank {
-    runtime: tokio::runtime::Runtime,
-    registry: Arc<Registry>,
-    address: String,
-}
-
-fn start_rank(host: &str) -> Result<Rank> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let registry = Arc::new(Registry::default());
-    let listener = runtime.block_on(tokio::net::TcpListener::bind((host, 0)))?;
-    let address = listener.local_addr()?.to_string();
-    let service = proto::data_plane_server::DataPlaneServer::new(DataPlaneService {
-        registry: registry.clone(),
-    })
-    .max_decoding_message_size(MAX_FRAME_BYTES)
-    .max_encoding_message_size(MAX_FRAME_BYTES);
-    runtime.spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(Some(WINDOW_BYTES))
-            .initial_connection_window_size(Some(2 * WINDOW_BYTES))
-            .add_service(service)
-            .serve_with_incoming(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            ),
-    );
-    Ok(Rank {
-        runtime,
-        registry,
-        address,
-    })
-}
-
 fn measure_allreduce(args: &Args, ranks: usize) -> Result<Vec<(usize, Stats)>> {
-    let cluster: Vec<Rank> = (0..ranks)
-        .map(|_| start_rank(&args.host))
-        .collect::<Result<_>>()?;
-    let addresses: Vec<String> = cluster.iter().map(|r| r.address.clone()).collect();
-    let threads: Vec<_> = cluster
+    let listeners: Vec<std::net::TcpListener> = (0..ranks)
+        .map(|_| std::net::TcpListener::bind((args.host.as_str(), 0)))
+        .collect::<std::io::Result<_>>()?;
+    let addresses: Vec<String> = listeners
         .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<std::io::Result<_>>()?;
+    let threads: Vec<_> = listeners
+        .into_iter()
         .enumerate()
-        .map(|(rank, r)| {
+        .map(|(rank, listener)| {
             let spec = GrpcSpec {
                 members: (0..ranks as u32).collect(),
                 addresses: addresses.clone(),
@@ -154,13 +118,12 @@ fn measure_allreduce(args: &Args, ranks: usize) -> Result<Vec<(usize, Stats)>> {
                     ..CollectiveLimits::default()
                 },
             };
-            let registry = r.registry.clone();
-            let handle = r.runtime.handle().clone();
             let sizes = args.sizes.clone();
             let iters = args.iters;
             std::thread::spawn(move || -> Result<Vec<(usize, Stats)>> {
                 let counters = Arc::new((0..ranks).map(|_| AtomicU64::new(0)).collect());
-                let mut c = GrpcCollective::connect(spec, &registry, handle, counters)?;
+                let registry = Arc::new(Registry::default());
+                let mut c = GrpcCollective::connect(spec, registry, &listener, counters)?;
                 let mut out = Vec::new();
                 let mut step = 1;
                 for &size in &sizes {
@@ -190,9 +153,6 @@ fn measure_allreduce(args: &Args, ranks: usize) -> Result<Vec<(usize, Stats)>> {
             results = series;
         }
     }
-    for rank in cluster {
-        rank.runtime.shutdown_background();
-    }
     Ok(results)
 }
 
@@ -201,8 +161,8 @@ fn main() -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "# grpc_collective: tp::transport::grpc AllReduce (f32, full precision) on {}, {} timed \
-         calls per series after {} warm-up calls; rank 0's latencies. nproc {cores}: each rank \
-         has a runtime thread and a caller thread, so several ranks share the cores.",
+         calls per series after {} warm-up calls; rank 0's latencies. nproc {cores}: one thread \
+         per rank, so more ranks than cores share them.",
         args.host,
         args.iters,
         args.iters / 10

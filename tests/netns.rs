@@ -478,7 +478,14 @@ async fn generation_completes_with_1ms_link_delay() {
     let Some(mut net) = Net::new(4, 2) else {
         return;
     };
-    let direct: Vec<String> = (0..2).map(|h| net.start_worker(h, WORKER_PORT)).collect();
+    // Fixed, distinct data-plane ports, so that the proxies below can stand in for them.
+    let data_ports = [WORKER_PORT + 100, WORKER_PORT + 101];
+    let direct: Vec<String> = (0..2)
+        .map(|h| {
+            let port = data_ports[h].to_string();
+            net.start_worker_with(h, WORKER_PORT, &["--data-port", &port])
+        })
+        .collect();
     let mut speeds = Vec::new();
     let mut session = remote_session(
         &path,
@@ -502,17 +509,22 @@ async fn generation_completes_with_1ms_link_delay() {
     let addresses: Vec<String> = if netem {
         direct.clone()
     } else {
+        // The coordinator reaches worker h through a proxy on the bridge's address, and so
+        // do the peers' data planes: a worker's data-plane address is its control address's
+        // host with its data port, so each data port gets a proxy on that port as well.
         let mut proxied = Vec::new();
-        for target in &direct {
+        for (h, target) in direct.iter().enumerate() {
+            let delay = Duration::from_millis(1);
             let listener = tokio::net::TcpListener::bind(format!("{}.1:0", net.subnet))
                 .await
                 .unwrap();
             proxied.push(listener.local_addr().unwrap().to_string());
-            tokio::spawn(delay_proxy(
-                listener,
-                target.clone(),
-                Duration::from_millis(1),
-            ));
+            tokio::spawn(delay_proxy(listener, target.clone(), delay));
+            let data = tokio::net::TcpListener::bind(format!("{}.1:{}", net.subnet, data_ports[h]))
+                .await
+                .unwrap();
+            let data_target = format!("{}:{}", net.host_ip(h), data_ports[h]);
+            tokio::spawn(delay_proxy(data, data_target, delay));
         }
         proxied
     };

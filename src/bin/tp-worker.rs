@@ -25,6 +25,10 @@ struct Args {
     /// model (default: ~/.cache/tp/received). A restart loads from here instead of the network.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<std::path::PathBuf>,
+    /// Port of the data-plane socket, on the --listen address: other workers send activations
+    /// there (0: any free port; the coordinator learns it from the worker).
+    #[arg(long, default_value_t = 0)]
+    data_port: u16,
     /// Log level filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     log: String,
@@ -84,6 +88,7 @@ async fn serve(args: Args, cpus: Option<Vec<usize>>) -> std::process::ExitCode {
         threads: args.threads,
         pin: pin_set(cpus),
         cache_dir: args.cache_dir.clone(),
+        data_port: args.data_port,
     };
     let on_bound = |address: SocketAddr| {
         let mut stdout = std::io::stdout();

@@ -361,7 +361,16 @@ impl Cluster {
             Vec::new()
         };
         let peer_addresses: Vec<String> = if networked {
-            self.workers.iter().map(|w| w.address.clone()).collect()
+            self.workers
+                .iter()
+                .map(|w| {
+                    let host = w
+                        .address
+                        .rsplit_once(':')
+                        .map_or(w.address.as_str(), |(h, _)| h);
+                    format!("{host}:{}", w.hello.data_plane_port)
+                })
+                .collect()
         } else {
             Vec::new()
         };

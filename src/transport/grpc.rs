@@ -16,7 +16,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
@@ -40,8 +40,6 @@ pub const WINDOW_BYTES: u32 = 4 << 20;
 const CHANNEL_FRAMES: usize = 64;
 /// Epochs of one step, as in the shared-memory transport.
 const STEP_EPOCHS: u64 = 1 << 16;
-/// How long a waiting rank polls its peers' channels before sleeping on them.
-const SPIN: Duration = Duration::from_micros(50);
 /// Bytes of a cluster secret.
 pub const SECRET_BYTES: usize = 32;
 
@@ -231,26 +229,7 @@ pub fn decode<T: WireValue>(
 /// One end of a peer stream, as the synchronous collective sees it.
 pub struct Link {
     to: tokio::sync::mpsc::Sender<Frame>,
-    from: mpsc::Receiver<Result<Frame, String>>,
-}
-
-/// Forwards a stream's incoming frames to a std channel until the stream or the receiver ends.
-fn spawn_reader(mut inbound: Streaming<Frame>) -> mpsc::Receiver<Result<Frame, String>> {
-    let (tx, rx) = mpsc::channel();
-    tokio::spawn(async move {
-        loop {
-            let item = match inbound.message().await {
-                Ok(Some(frame)) => Ok(frame),
-                Ok(None) => Err("peer closed the stream".to_string()),
-                Err(status) => Err(format!("stream failed: {}", status.message())),
-            };
-            let end = item.is_err();
-            if tx.send(item).is_err() || end {
-                break;
-            }
-        }
-    });
-    rx
+    from: Streaming<Frame>,
 }
 
 /// What a worker's coordinator told it about its data-plane peers.
@@ -267,7 +246,6 @@ struct Expected {
 #[derive(Default)]
 pub struct Registry {
     state: Mutex<RegistryState>,
-    offered: Condvar,
 }
 
 #[derive(Default)]
@@ -330,25 +308,12 @@ impl Registry {
             .is_some_and(|e| e.generation == generation)
         {
             state.links.insert(rank, link);
-            self.offered.notify_all();
         }
     }
 
-    /// Waits until `rank` has opened its stream for the current round.
-    fn take(&self, rank: u32, deadline: Instant) -> Result<Link, TransportError> {
-        let mut state = self.state.lock().unwrap();
-        loop {
-            if let Some(link) = state.links.remove(&rank) {
-                return Ok(link);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(TransportError::Link(format!(
-                    "rank {rank} did not connect within the deadline"
-                )));
-            }
-            state = self.offered.wait_timeout(state, deadline - now).unwrap().0;
-        }
+    /// The stream `rank` opened for the current round, if it has.
+    fn take_offered(&self, rank: u32) -> Option<Link> {
+        self.state.lock().unwrap().links.remove(&rank)
     }
 }
 
@@ -385,27 +350,28 @@ impl proto::data_plane_server::DataPlane for DataPlaneService {
         };
         tracing::info!(%remote, rank, "data-plane stream accepted");
         let (to, outbound) = tokio::sync::mpsc::channel(CHANNEL_FRAMES);
-        let from = spawn_reader(inbound);
-        self.registry.offer(rank, first.epoch, Link { to, from });
+        self.registry
+            .offer(rank, first.epoch, Link { to, from: inbound });
         Ok(Response::new(Box::pin(
             ReceiverStream::new(outbound).map(Ok),
         )))
     }
 }
 
-/// Opens this rank's stream to a higher rank.
+/// Opens this rank's stream to a higher rank (on the collective's own runtime).
 async fn open_link(
     address: &str,
     opening: Frame,
     timeout: Duration,
 ) -> Result<Link, TransportError> {
     let fail = |what: String| TransportError::Link(format!("{address}: {what}"));
+    // No HTTP/2 pings: the collective's runtime runs only inside collectives, so an idle
+    // cluster could not answer them. Dead peers surface through the collectives' deadlines and
+    // the control plane's pings.
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .map_err(|e| fail(e.to_string()))?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
         .initial_stream_window_size(Some(WINDOW_BYTES))
         .initial_connection_window_size(Some(2 * WINDOW_BYTES));
     let channel = endpoint
@@ -423,7 +389,30 @@ async fn open_link(
         .map_err(|s| fail(format!("refused: {}", s.message())))?;
     Ok(Link {
         to,
-        from: spawn_reader(response.into_inner()),
+        from: response.into_inner(),
+    })
+}
+
+/// Serves `DataPlane` on `listener` from the current runtime.
+pub fn spawn_data_plane_server(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+) -> tokio::task::JoinHandle<()> {
+    let service = proto::data_plane_server::DataPlaneServer::new(DataPlaneService { registry })
+        .max_decoding_message_size(MAX_FRAME_BYTES)
+        .max_encoding_message_size(MAX_FRAME_BYTES);
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(WINDOW_BYTES))
+            .initial_connection_window_size(Some(2 * WINDOW_BYTES))
+            .add_service(service)
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
+            .await;
+        if let Err(e) = served {
+            tracing::warn!("data-plane server stopped: {e}");
+        }
     })
 }
 
@@ -443,31 +432,45 @@ pub struct GrpcSpec {
 /// Per-peer counters of bytes sent, shared with the worker's statistics.
 pub type BytesSent = Arc<Vec<AtomicU64>>;
 
-pub struct GrpcCollective {
-    /// Position of this worker among the members.
-    me: usize,
+/// The collective's network state, driven only by the thread calling the collective.
+struct Links {
     /// One link per member, None for this worker.
     links: Vec<Option<Link>>,
     /// Frames that arrived ahead of the collective waiting for them, per member.
     early: Vec<VecDeque<Frame>>,
+}
+
+pub struct GrpcCollective {
+    /// Position of this worker among the members.
+    me: usize,
+    net: Links,
     members: Vec<u32>,
     epoch: u64,
     precision: SyncPrecision,
     limits: CollectiveLimits,
-    runtime: tokio::runtime::Handle,
+    /// A current-thread runtime of this collective alone: it holds the data-plane server and
+    /// the connections, and runs only while a collective (or `connect`) drives it from the
+    /// calling thread, so frames go from the socket to the caller without a thread hand-off.
+    runtime: tokio::runtime::Runtime,
     bytes_sent: BytesSent,
     /// Set when a link failed; every later collective fails at once until reconnected.
     broken: Option<String>,
 }
 
+/// Why a collective failed: a timeout names the missing peer, anything else breaks the link.
+enum Failure {
+    Timeout(u32),
+    Broken(String),
+}
+
 impl GrpcCollective {
-    /// Builds the collective from a synchronous context (a blocking thread of the worker's
-    /// runtime): tells `registry` whom to accept, opens streams to the higher members and waits
-    /// for the lower ones, all within `limits.timeout`.
+    /// Builds the collective from a synchronous context: serves `DataPlane` on `listener`
+    /// (this worker's data-plane socket), tells `registry` whom to accept, opens streams to the
+    /// higher members and waits for the lower ones, all within `limits.timeout`.
     pub fn connect(
         spec: GrpcSpec,
-        registry: &Registry,
-        runtime: tokio::runtime::Handle,
+        registry: Arc<Registry>,
+        listener: &std::net::TcpListener,
         bytes_sent: BytesSent,
     ) -> Result<GrpcCollective, TransportError> {
         let me = spec
@@ -475,6 +478,13 @@ impl GrpcCollective {
             .iter()
             .position(|&r| r == spec.rank)
             .ok_or_else(|| TransportError::Link(format!("rank {} is no member", spec.rank)))?;
+        let io = |e: std::io::Error| TransportError::Link(format!("data-plane socket: {e}"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io)?;
+        let listener = listener.try_clone().map_err(io)?;
+        listener.set_nonblocking(true).map_err(io)?;
         registry.expect(Expected {
             secret: spec.secret.clone(),
             rank: spec.rank,
@@ -482,47 +492,66 @@ impl GrpcCollective {
             generation: spec.generation,
         });
         let deadline = Instant::now() + spec.limits.timeout;
-        let mut links: Vec<Option<Link>> = (0..spec.members.len()).map(|_| None).collect();
-        // Open upwards first: the peers' registries were primed before this round started.
-        for (i, &peer) in spec.members.iter().enumerate().skip(me + 1) {
-            let address = spec
-                .addresses
-                .get(peer as usize)
-                .ok_or_else(|| TransportError::Link(format!("no address for rank {peer}")))?;
-            let opening = Frame {
-                from_rank: spec.rank,
-                secret: spec.secret.clone(),
-                epoch: spec.generation,
-                ..Frame::default()
-            };
-            let mut last = None;
-            // The peer may still be busy with its previous round; retry until the deadline.
-            while Instant::now() < deadline {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                match runtime.block_on(open_link(address, opening.clone(), remaining)) {
-                    Ok(link) => {
+        let links = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(io)?;
+            spawn_data_plane_server(listener, registry.clone());
+            let mut links: Vec<Option<Link>> = (0..spec.members.len()).map(|_| None).collect();
+            // Open upwards; the peers' registries were primed before this round started.
+            for (i, &peer) in spec.members.iter().enumerate().skip(me + 1) {
+                let address = spec
+                    .addresses
+                    .get(peer as usize)
+                    .ok_or_else(|| TransportError::Link(format!("no address for rank {peer}")))?;
+                let opening = Frame {
+                    from_rank: spec.rank,
+                    secret: spec.secret.clone(),
+                    epoch: spec.generation,
+                    ..Frame::default()
+                };
+                let mut last = None;
+                // The peer may still be busy with its previous round; retry until the deadline.
+                while Instant::now() < deadline {
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    match open_link(address, opening.clone(), remaining).await {
+                        Ok(link) => {
+                            links[i] = Some(link);
+                            break;
+                        }
+                        Err(e) => {
+                            last = Some(e);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                if links[i].is_none() {
+                    return Err(last.unwrap_or_else(|| {
+                        TransportError::Link(format!("rank {peer} ({address}): no time left"))
+                    }));
+                }
+            }
+            // Lower members connect to us; the server above admits them while we wait here.
+            for (i, &peer) in spec.members.iter().enumerate().take(me) {
+                loop {
+                    if let Some(link) = registry.take_offered(peer) {
                         links[i] = Some(link);
                         break;
                     }
-                    Err(e) => {
-                        last = Some(e);
-                        std::thread::sleep(Duration::from_millis(50));
+                    if Instant::now() >= deadline {
+                        return Err(TransportError::Link(format!(
+                            "rank {peer} did not connect within the deadline"
+                        )));
                     }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
-            if links[i].is_none() {
-                return Err(last.unwrap_or_else(|| {
-                    TransportError::Link(format!("rank {peer} ({address}): no time left"))
-                }));
-            }
-        }
-        for (i, &peer) in spec.members.iter().enumerate().take(me) {
-            links[i] = Some(registry.take(peer, deadline)?);
-        }
+            Ok(links)
+        })?;
         Ok(GrpcCollective {
             me,
-            early: (0..spec.members.len()).map(|_| VecDeque::new()).collect(),
-            links,
+            net: Links {
+                early: (0..spec.members.len()).map(|_| VecDeque::new()).collect(),
+                links,
+            },
             members: spec.members,
             epoch: 0,
             precision: spec.precision,
@@ -533,61 +562,16 @@ impl GrpcCollective {
         })
     }
 
-    fn fail(&mut self, why: String) -> TransportError {
-        self.broken.get_or_insert(why.clone());
-        TransportError::Link(why)
-    }
-
-    /// The next frame of `epoch` from member `i`, dropping leftovers of earlier epochs.
-    fn next_frame(
-        &mut self,
-        i: usize,
-        epoch: u64,
-        deadline: Instant,
-    ) -> Result<Frame, TransportError> {
-        if let Some(position) = self.early[i].iter().position(|f| f.epoch == epoch) {
-            return Ok(self.early[i].remove(position).expect("found"));
-        }
-        self.early[i].retain(|f| f.epoch > epoch);
-        loop {
-            let link = self.links[i].as_ref().expect("a peer");
-            // A peer's frame usually lands within tens of microseconds: poll a little before
-            // sleeping on the channel (a futex wake costs more than the wait itself).
-            let mut polled = None;
-            let spin_until = Instant::now() + SPIN;
-            while Instant::now() < spin_until {
-                match link.from.try_recv() {
-                    Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-                    other => {
-                        polled = Some(other.map_err(|_| mpsc::RecvTimeoutError::Disconnected));
-                        break;
-                    }
-                }
-            }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let received = match polled {
-                Some(result) => result,
-                None => link.from.recv_timeout(remaining),
-            };
-            match received {
-                Ok(Ok(frame)) if frame.epoch == epoch => return Ok(frame),
-                Ok(Ok(frame)) if frame.epoch < epoch => continue,
-                Ok(Ok(frame)) => self.early[i].push_back(frame),
-                Ok(Err(why)) => {
-                    let peer = self.members[i];
-                    return Err(self.fail(format!("link to rank {peer}: {why}")));
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(TransportError::Timeout {
-                        epoch,
-                        missing: vec![self.members[i] as usize],
-                        timeout_ms: self.limits.timeout.as_millis() as u64,
-                    });
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    let peer = self.members[i];
-                    return Err(self.fail(format!("link to rank {peer} closed")));
-                }
+    fn fail(&mut self, failure: Failure, epoch: u64) -> TransportError {
+        match failure {
+            Failure::Timeout(peer) => TransportError::Timeout {
+                epoch,
+                missing: vec![peer as usize],
+                timeout_ms: self.limits.timeout.as_millis() as u64,
+            },
+            Failure::Broken(why) => {
+                self.broken.get_or_insert(why.clone());
+                TransportError::Link(why)
             }
         }
     }
@@ -600,7 +584,7 @@ impl GrpcCollective {
         }
         self.epoch += 1;
         let epoch = self.epoch;
-        let deadline = Instant::now() + self.limits.timeout;
+        let deadline = tokio::time::Instant::now() + self.limits.timeout;
         let len = buffer.len();
         let members = self.members.len();
         let me = self.me;
@@ -611,7 +595,7 @@ impl GrpcCollective {
         for start in (0..len).step_by(FRAME_VALUES) {
             let end = (start + FRAME_VALUES).min(len);
             let (encoding, payload) = encode(&buffer[start..end], self.precision);
-            decode(encoding, &payload, &mut contributions[self.me][start..end])
+            decode(encoding, &payload, &mut contributions[me][start..end])
                 .map_err(TransportError::Link)?;
             frames.push(Frame {
                 epoch,
@@ -622,68 +606,62 @@ impl GrpcCollective {
                 ..Frame::default()
             });
         }
-        for i in (0..members).filter(|&i| i != me) {
-            for frame in &frames {
-                let payload_bytes = frame.payload.len();
-                let link = self.links[i].as_ref().expect("a peer");
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                let sent = match link.to.try_send(frame.clone()) {
-                    Ok(()) => Ok(Ok(())),
-                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Ok(Err(())),
-                    Err(tokio::sync::mpsc::error::TrySendError::Full(frame)) => {
-                        let to = link.to.clone();
-                        // The timer must be created inside the runtime: an async block.
-                        self.runtime.block_on(async move {
-                            tokio::time::timeout(remaining, to.send(frame))
-                                .await
-                                .map(|r| r.map_err(|_| ()))
-                        })
-                    }
-                };
-                match sent {
-                    Ok(Ok(())) => {
-                        self.bytes_sent[self.members[i] as usize]
-                            .fetch_add(payload_bytes as u64 + 32, Ordering::Relaxed);
-                    }
-                    Ok(Err(_)) => {
-                        let peer = self.members[i];
-                        return Err(self.fail(format!("link to rank {peer} closed")));
-                    }
-                    Err(_) => {
-                        return Err(TransportError::Timeout {
-                            epoch,
-                            missing: vec![self.members[i] as usize],
-                            timeout_ms: self.limits.timeout.as_millis() as u64,
-                        });
+        let net = &mut self.net;
+        let peers = &self.members;
+        let bytes_sent = &self.bytes_sent;
+        let exchanged: Result<(), Failure> = self.runtime.block_on(async {
+            for i in (0..members).filter(|&i| i != me) {
+                let link = net.links[i].as_ref().expect("a peer");
+                for frame in &frames {
+                    let payload_bytes = frame.payload.len() as u64;
+                    match tokio::time::timeout_at(deadline, link.to.send(frame.clone())).await {
+                        Ok(Ok(())) => {
+                            bytes_sent[peers[i] as usize]
+                                .fetch_add(payload_bytes + 32, Ordering::Relaxed);
+                        }
+                        Ok(Err(_)) => {
+                            return Err(Failure::Broken(format!(
+                                "link to rank {} closed",
+                                peers[i]
+                            )));
+                        }
+                        Err(_) => return Err(Failure::Timeout(peers[i])),
                     }
                 }
             }
-        }
-        for i in (0..members).filter(|&i| i != me) {
-            let mut received = 0;
-            while received < len {
-                let frame = self.next_frame(i, epoch, deadline)?;
-                let (offset, count) = (frame.offset as usize, frame.count as usize);
-                let encoding = Encoding::try_from(frame.encoding).ok();
-                let peer = self.members[i];
-                let Some(encoding) =
-                    encoding.filter(|_| offset == received && count > 0 && offset + count <= len)
-                else {
-                    return Err(self.fail(format!(
-                        "rank {peer} sent a malformed frame (values {offset}..{} of {len}, encoding {})",
-                        offset + count,
-                        frame.encoding
-                    )));
-                };
-                if let Err(why) = decode(
-                    encoding,
-                    &frame.payload,
-                    &mut contributions[i][offset..offset + count],
-                ) {
-                    return Err(self.fail(format!("rank {peer}: {why}")));
+            // Only this thread runs the connections: let them take the frames and write them
+            // out before waiting (a peer's frames may already be here, and this collective
+            // could return before its own were sent).
+            flush(net).await;
+            for i in (0..members).filter(|&i| i != me) {
+                let peer = peers[i];
+                let mut received = 0;
+                while received < len {
+                    let frame = next_frame(net, i, peer, epoch, deadline).await?;
+                    let (offset, count) = (frame.offset as usize, frame.count as usize);
+                    let encoding = Encoding::try_from(frame.encoding)
+                        .ok()
+                        .filter(|_| offset == received && count > 0 && offset + count <= len);
+                    let Some(encoding) = encoding else {
+                        return Err(Failure::Broken(format!(
+                            "rank {peer} sent a malformed frame (values {offset}..{} of {len}, encoding {})",
+                            offset + count,
+                            frame.encoding
+                        )));
+                    };
+                    decode(
+                        encoding,
+                        &frame.payload,
+                        &mut contributions[i][offset..offset + count],
+                    )
+                    .map_err(|why| Failure::Broken(format!("rank {peer}: {why}")))?;
+                    received += count;
                 }
-                received += count;
             }
+            Ok(())
+        });
+        if let Err(failure) = exchanged {
+            return Err(self.fail(failure, epoch));
         }
         // Rank order, like the shared-memory transport.
         buffer.copy_from_slice(&contributions[0]);
@@ -693,6 +671,55 @@ impl GrpcCollective {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs the connection tasks until every outgoing frame has left its channel, then a little
+/// more so that they reach the socket.
+async fn flush(net: &Links) {
+    for _ in 0..1000 {
+        let drained = net
+            .links
+            .iter()
+            .flatten()
+            .all(|l| l.to.capacity() == l.to.max_capacity());
+        if drained {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..2 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The next frame of `epoch` from member `i`, dropping leftovers of earlier epochs.
+async fn next_frame(
+    net: &mut Links,
+    i: usize,
+    peer: u32,
+    epoch: u64,
+    deadline: tokio::time::Instant,
+) -> Result<Frame, Failure> {
+    if let Some(position) = net.early[i].iter().position(|f| f.epoch == epoch) {
+        return Ok(net.early[i].remove(position).expect("found"));
+    }
+    net.early[i].retain(|f| f.epoch > epoch);
+    let link = net.links[i].as_mut().expect("a peer");
+    loop {
+        match tokio::time::timeout_at(deadline, link.from.message()).await {
+            Ok(Ok(Some(frame))) if frame.epoch == epoch => return Ok(frame),
+            Ok(Ok(Some(frame))) if frame.epoch < epoch => continue,
+            Ok(Ok(Some(frame))) => net.early[i].push_back(frame),
+            Ok(Ok(None)) => return Err(Failure::Broken(format!("rank {peer} closed its stream"))),
+            Ok(Err(status)) => {
+                return Err(Failure::Broken(format!(
+                    "stream to rank {peer} failed: {}",
+                    status.message()
+                )));
+            }
+            Err(_) => return Err(Failure::Timeout(peer)),
+        }
     }
 }
 
@@ -740,37 +767,18 @@ impl Collective for Unconnected {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
 
-    /// Starts one DataPlane server per rank on loopback; returns the registries, the
-    /// addresses and the runtime that serves them.
-    fn servers(ranks: usize) -> (Vec<Arc<Registry>>, Vec<String>, tokio::runtime::Runtime) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let mut registries = Vec::new();
-        let mut addresses = Vec::new();
-        for _ in 0..ranks {
-            let registry = Arc::new(Registry::default());
-            let listener = runtime
-                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-                .unwrap();
-            let address: SocketAddr = listener.local_addr().unwrap();
-            let service = proto::data_plane_server::DataPlaneServer::new(DataPlaneService {
-                registry: registry.clone(),
-            })
-            .max_decoding_message_size(MAX_FRAME_BYTES);
-            runtime.spawn(
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-            );
-            registries.push(registry);
-            addresses.push(address.to_string());
-        }
-        (registries, addresses, runtime)
+    /// One data-plane socket and registry per rank, on loopback.
+    fn sockets(ranks: usize) -> (Vec<Arc<Registry>>, Vec<std::net::TcpListener>, Vec<String>) {
+        let listeners: Vec<_> = (0..ranks)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addresses = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let registries = (0..ranks).map(|_| Arc::new(Registry::default())).collect();
+        (registries, listeners, addresses)
     }
 
     fn spec(rank: u32, ranks: u32, addresses: &[String], precision: SyncPrecision) -> GrpcSpec {
@@ -799,24 +807,24 @@ mod tests {
         precision: SyncPrecision,
         body: impl Fn(usize, &mut GrpcCollective) -> R + Send + Sync + Clone + 'static,
     ) -> Vec<R> {
-        let (registries, addresses, runtime) = servers(ranks);
-        let handles: Vec<_> = (0..ranks)
-            .map(|rank| {
+        let (registries, listeners, addresses) = sockets(ranks);
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
                 let registry = registries[rank].clone();
                 let addresses = addresses.clone();
-                let handle = runtime.handle().clone();
                 let body = body.clone();
                 std::thread::spawn(move || {
                     let spec = spec(rank as u32, ranks as u32, &addresses, precision);
                     let counters = Arc::new((0..ranks).map(|_| AtomicU64::new(0)).collect());
-                    let mut c = GrpcCollective::connect(spec, &registry, handle, counters).unwrap();
+                    let mut c =
+                        GrpcCollective::connect(spec, registry, &listener, counters).unwrap();
                     body(rank, &mut c)
                 })
             })
             .collect();
-        let results = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        runtime.shutdown_background();
-        results
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     }
 
     #[test]
@@ -897,7 +905,20 @@ mod tests {
 
     #[test]
     fn a_wrong_secret_or_rank_is_refused() {
-        let (registries, addresses, runtime) = servers(1);
+        let (registries, listeners, addresses) = sockets(1);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = listeners.into_iter().next().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        runtime.block_on(async {
+            spawn_data_plane_server(
+                tokio::net::TcpListener::from_std(listener).unwrap(),
+                registries[0].clone(),
+            );
+        });
         registries[0].expect(Expected {
             secret: vec![7; SECRET_BYTES],
             rank: 1,

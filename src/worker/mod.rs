@@ -20,8 +20,7 @@ use crate::model::arch::ModelConfig;
 use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::transport::grpc::{
-    BytesSent, DataPlaneService, GrpcCollective, GrpcSpec, MAX_FRAME_BYTES, Registry, SECRET_BYTES,
-    SyncPrecision, Unconnected, WINDOW_BYTES,
+    BytesSent, GrpcCollective, GrpcSpec, Registry, SECRET_BYTES, SyncPrecision, Unconnected,
 };
 use crate::transport::hierarchical::Hierarchical;
 use crate::transport::shm::{ShmCollective, ShmSegment};
@@ -43,6 +42,8 @@ pub struct WorkerOptions {
     pub pin: Option<Vec<usize>>,
     /// Where model bytes received from a coordinator are kept (None: the default).
     pub cache_dir: Option<PathBuf>,
+    /// Port of the data-plane socket (on the control plane's address); 0 picks a free one.
+    pub data_port: u16,
 }
 
 /// Most byte ranges one PrepareModel may list.
@@ -129,6 +130,8 @@ fn proc_status_bytes(key: &str) -> u64 {
 
 pub struct WorkerService {
     state: Arc<Mutex<Option<Loaded>>>,
+    /// The data-plane socket; each gRPC collective serves it from its own runtime.
+    data_listener: Arc<std::net::TcpListener>,
     cache_dir: PathBuf,
     /// The cache file PrepareModel opened, which PushModel fills.
     receiving: Arc<Mutex<Option<CacheFile>>>,
@@ -387,6 +390,10 @@ impl proto::worker_server::Worker for WorkerService {
             pid: std::process::id(),
             threads: self.threads as u32,
             network_namespace: network_namespace(),
+            data_plane_port: self
+                .data_listener
+                .local_addr()
+                .map_or(0, |a| a.port() as u32),
         }))
     }
 
@@ -610,7 +617,7 @@ impl proto::worker_server::Worker for WorkerService {
         let state = self.state.clone();
         let registry = self.registry.clone();
         let counters = self.bytes_sent.clone();
-        let runtime = tokio::runtime::Handle::current();
+        let listener = self.data_listener.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = state.lock().unwrap();
             let Some(loaded) = guard.as_mut() else {
@@ -646,7 +653,7 @@ impl proto::worker_server::Worker for WorkerService {
                 precision: network.precision,
                 limits: network.limits,
             };
-            let collective = GrpcCollective::connect(spec, &registry, runtime, bytes_sent)
+            let collective = GrpcCollective::connect(spec, registry, &listener, bytes_sent)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             tracing::info!(generation, "data plane connected");
             *grpc = Some(collective);
@@ -713,8 +720,18 @@ pub async fn run(
     }
     let (shutdown_tx, mut shutdown_rx) = tokio::sync::mpsc::channel(1);
     let registry = Arc::new(Registry::default());
+    let data_listener =
+        std::net::TcpListener::bind((address.ip(), options.data_port)).map_err(|e| {
+            anyhow::anyhow!(
+                "data-plane socket {}:{}: {e}",
+                address.ip(),
+                options.data_port
+            )
+        })?;
+    tracing::info!(address = %data_listener.local_addr()?, "data plane listening");
     let service = WorkerService {
         state: Arc::new(Mutex::new(None)),
+        data_listener: Arc::new(data_listener),
         cache_dir: options
             .cache_dir
             .clone()
@@ -731,14 +748,8 @@ pub async fn run(
     let server = proto::worker_server::WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let data_plane = proto::data_plane_server::DataPlaneServer::new(DataPlaneService { registry })
-        .max_decoding_message_size(MAX_FRAME_BYTES)
-        .max_encoding_message_size(MAX_FRAME_BYTES);
     tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(WINDOW_BYTES))
-        .initial_connection_window_size(Some(2 * WINDOW_BYTES))
         .add_service(server)
-        .add_service(data_plane)
         // No Nagle: a reply's trailing frame would otherwise wait ~40 ms for a delayed ACK.
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
