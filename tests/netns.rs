@@ -604,3 +604,158 @@ async fn a_worker_without_the_model_gets_its_shard_streamed_then_cached() {
     assert_eq!(streamed[1], vec![0, 0], "the restart loads from the cache");
     std::fs::remove_dir_all(&cache).unwrap();
 }
+
+/// Moves the calling thread into network namespace `name` (made by `ip netns add`).
+fn enter_namespace(name: &str) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/var/run/netns/{name}")).unwrap();
+    // SAFETY: setns takes a namespace file descriptor we own; it changes only this thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {name}: {}", std::io::Error::last_os_error());
+}
+
+fn median_us(mut ns: Vec<u64>) -> (f64, f64) {
+    ns.sort_unstable();
+    let p99 = ns[(ns.len() * 99).div_ceil(100) - 1];
+    (ns[ns.len() / 2] as f64 / 1e3, p99 as f64 / 1e3)
+}
+
+/// The gRPC AllReduce between ranks in different namespaces (one thread per rank, each moved
+/// into its namespace), next to a TCP round trip of the same bytes between two namespaces.
+/// A benchmark, run on demand:
+/// `cargo test --release --test netns -- --ignored --nocapture latency_across_namespaces`
+#[test]
+#[ignore]
+fn grpc_allreduce_latency_across_namespaces() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    use tp::transport::Collective;
+    use tp::transport::CollectiveLimits;
+    use tp::transport::grpc::{GrpcCollective, GrpcSpec, Registry, SECRET_BYTES};
+    const SIZES: [usize; 4] = [576, 896, 4096, 16384];
+    const ITERS: usize = 2000;
+    println!(
+        "| ranks | f32 values | AllReduce median / p99 µs | TCP round trip median / p99 µs | ratio |"
+    );
+    println!("|--:|--:|--:|--:|--:|");
+    for ranks in [2usize, 3, 4] {
+        let Some(net) = Net::new(10 + ranks as u8, ranks) else {
+            return;
+        };
+        // TCP floor: a client in namespace 0, an echo server in namespace 1.
+        let mut floors = Vec::new();
+        for &size in &SIZES {
+            let (ns0, ns1, ip1) = (
+                net.namespaces[0].clone(),
+                net.namespaces[1].clone(),
+                net.host_ip(1),
+            );
+            let (tx, rx) = std::sync::mpsc::channel();
+            let echo = std::thread::spawn(move || {
+                enter_namespace(&ns1);
+                let listener = std::net::TcpListener::bind((ip1.as_str(), 0)).unwrap();
+                tx.send(listener.local_addr().unwrap()).unwrap();
+                let (mut s, _) = listener.accept().unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut buffer = vec![0u8; size * 4];
+                while s.read_exact(&mut buffer).is_ok() {
+                    s.write_all(&buffer).unwrap();
+                }
+            });
+            let address = rx.recv().unwrap();
+            let client = std::thread::spawn(move || {
+                enter_namespace(&ns0);
+                let mut s = std::net::TcpStream::connect(address).unwrap();
+                s.set_nodelay(true).unwrap();
+                let mut buffer = vec![1u8; size * 4];
+                let mut samples = Vec::new();
+                for i in 0..ITERS + ITERS / 10 {
+                    let started = Instant::now();
+                    s.write_all(&buffer).unwrap();
+                    s.read_exact(&mut buffer).unwrap();
+                    if i >= ITERS / 10 {
+                        samples.push(started.elapsed().as_nanos() as u64);
+                    }
+                }
+                median_us(samples)
+            });
+            floors.push(client.join().unwrap());
+            echo.join().unwrap();
+        }
+        // The collective: rank r in namespace r.
+        let (address_tx, address_rx) = std::sync::mpsc::channel();
+        let mut go = Vec::new();
+        let mut threads = Vec::new();
+        for rank in 0..ranks {
+            let (ns, ip) = (net.namespaces[rank].clone(), net.host_ip(rank));
+            let address_tx = address_tx.clone();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<Vec<String>>();
+            go.push(go_tx);
+            threads.push(std::thread::spawn(move || {
+                enter_namespace(&ns);
+                let listener = std::net::TcpListener::bind((ip.as_str(), 0)).unwrap();
+                address_tx
+                    .send((rank, listener.local_addr().unwrap().to_string()))
+                    .unwrap();
+                let addresses = go_rx.recv().unwrap();
+                let spec = GrpcSpec {
+                    members: (0..ranks as u32).collect(),
+                    addresses,
+                    rank: rank as u32,
+                    secret: vec![3; SECRET_BYTES],
+                    generation: 1,
+                    precision: SyncPrecision::Full,
+                    limits: CollectiveLimits {
+                        timeout: Duration::from_secs(10),
+                        ..CollectiveLimits::default()
+                    },
+                };
+                let counters = Arc::new((0..ranks).map(|_| AtomicU64::new(0)).collect());
+                let mut c = GrpcCollective::connect(
+                    spec,
+                    Arc::new(Registry::default()),
+                    &listener,
+                    counters,
+                )
+                .unwrap();
+                let mut out = Vec::new();
+                let mut step = 1;
+                for &size in &SIZES {
+                    let mut buffer = vec![0f32; size];
+                    let mut samples = Vec::new();
+                    for i in 0..ITERS + ITERS / 10 {
+                        if i % 1000 == 0 {
+                            c.begin_step(step);
+                            step += 1;
+                        }
+                        let started = Instant::now();
+                        c.all_reduce_sum(&mut buffer).unwrap();
+                        if i >= ITERS / 10 {
+                            samples.push(started.elapsed().as_nanos() as u64);
+                        }
+                    }
+                    out.push(median_us(samples));
+                }
+                out
+            }));
+        }
+        let mut addresses = vec![String::new(); ranks];
+        for _ in 0..ranks {
+            let (rank, address) = address_rx.recv().unwrap();
+            addresses[rank] = address;
+        }
+        for g in &go {
+            g.send(addresses.clone()).unwrap();
+        }
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for ((&size, (median, p99)), (floor, floor_p99)) in
+            SIZES.iter().zip(&results[0]).zip(&floors)
+        {
+            println!(
+                "| {ranks} | {size} | {median:.1} / {p99:.1} | {floor:.1} / {floor_p99:.1} | {:.2} |",
+                median / floor
+            );
+        }
+    }
+}
