@@ -533,7 +533,7 @@ async fn generation_completes_with_1ms_link_delay() {
     } else {
         "1 ms delay proxy (no netem in this kernel)"
     };
-    for precision in [SyncPrecision::Full, SyncPrecision::Q8_0] {
+    for precision in [SyncPrecision::Full, SyncPrecision::F32, SyncPrecision::Q8_0] {
         let mut delayed =
             remote_session(&path, &addresses, precision, ClusterLimits::default()).await;
         let (tokens, speed) = greedy(&mut delayed, 32).await.unwrap();
