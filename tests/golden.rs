@@ -90,6 +90,7 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
                     stop_strings: Vec::new(),
                     logprobs: 10,
                     on_text: None,
+                    cancelled: None,
                 })
                 .await
                 .unwrap();

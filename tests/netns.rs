@@ -229,6 +229,7 @@ async fn greedy(session: &mut Session, n: usize) -> anyhow::Result<(Vec<u32>, f6
             stop_strings: Vec::new(),
             logprobs: 0,
             on_text: None,
+            cancelled: None,
         })
         .await?;
     Ok((

@@ -52,6 +52,27 @@ pub enum Command {
     Plan(PlanArgs),
     /// Measure prompt-processing and generation speed like llama.cpp's llama-bench.
     Bench(BenchArgs),
+    /// Serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models,
+    /// /health); also what runs without a subcommand.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Context window per request (prompt + generated tokens), at most the model's.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub context: usize,
+    /// Requests that may wait for the sequence slot; beyond that the server answers 503.
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
+    /// The model id clients name (default: the model file's name without .gguf).
+    #[arg(long)]
+    pub model_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -223,9 +244,42 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
     }
 }
 
+/// `tp-coordinator --model M --workers hosts.toml` (options but no subcommand) serves, as
+/// `tp-coordinator serve ...` does: the arguments with `serve` inserted in that case.
+pub fn default_to_serve(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = args.into_iter().collect();
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    let asks_for_help = ["-h", "--help", "-V", "--version"].contains(&first);
+    if first.starts_with('-') && !asks_for_help {
+        args.insert(1, "serve".into());
+    }
+    args
+}
+
 /// Runs a command; the cluster it starts is shut down on success, error and Ctrl-C alike.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => {
+            let model = Model::open(&args.cluster.model)?;
+            let model_id = args.model_id.clone().unwrap_or_else(|| {
+                args.cluster
+                    .model
+                    .file_stem()
+                    .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+            });
+            let context = args.context.clamp(2, model.config.context_length);
+            let session = start_session(&args.cluster, model, context).await?;
+            let options = crate::coordinator::server::ServerOptions {
+                listen: args.listen,
+                model_id,
+                queue: args.queue,
+            };
+            let session = crate::coordinator::server::serve(session, options).await?;
+            session.cluster.shutdown().await;
+            Ok(())
+        }
         Command::Tokenize(args) => tokenize(args),
         Command::Plan(args) => plan_command(args).await,
         Command::Bench(args) => tokio::select! {
@@ -339,6 +393,7 @@ async fn generate(
             stop_strings: args.stop.clone(),
             logprobs: args.logprobs,
             on_text: Some(&mut print),
+            cancelled: None,
         })
         .await?;
     let stats = session.cluster.stats().await?;

@@ -6,4 +6,5 @@ pub mod cli;
 pub mod cluster;
 pub mod planner;
 pub mod sampler;
+pub mod server;
 pub mod session;

@@ -122,7 +122,7 @@ pub struct Generation {
     /// Generated ids, ending with the end-of-generation token when one stopped generation.
     pub tokens: Vec<u32>,
     pub text: String,
-    /// "eos", "stop" (a stop string) or "limit".
+    /// "eos", "stop" (a stop string), "limit" or "cancelled".
     pub stop: &'static str,
     /// Per generated token, the best candidates and their log-probabilities.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -137,7 +137,9 @@ pub struct GenerateRequest<'a> {
     pub stop_strings: Vec<String>,
     /// Report this many top log-probabilities per generated token (0: none).
     pub logprobs: usize,
-    pub on_text: Option<&'a mut dyn FnMut(&str)>,
+    pub on_text: Option<&'a mut (dyn FnMut(&str) + Send)>,
+    /// Checked before every step: true stops generation (a client that went away).
+    pub cancelled: Option<&'a (dyn Fn() -> bool + Send + Sync)>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -332,6 +334,10 @@ impl Session {
         let generation_started = Instant::now();
         let mut stop = "limit";
         while tokens.len() < request.max_tokens {
+            if request.cancelled.is_some_and(|cancelled| cancelled()) {
+                stop = "cancelled";
+                break;
+            }
             let (distribution, _) = next.pop().context("no logits returned")?;
             let pool: Vec<(u32, f32)> = match &distribution.full {
                 Some(full) => full

@@ -1,0 +1,300 @@
+//! The OpenAI-compatible server, driven over HTTP/1.1 from this test: completions, chat,
+//! streaming, stop strings, usage, and a table of malformed requests that must each get the
+//! right status and an OpenAI-style error body while the server keeps serving.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM: the server drains and stops its workers.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn start(model: &std::path::Path) -> Server {
+    let mut child = Command::new(coordinator_binary())
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--local",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["-c", "512", "--queue", "4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before serving"
+        );
+        if let Some(rest) = line.strip_prefix("serving on http://") {
+            let address = rest.split('/').next().unwrap().to_string();
+            // Keep draining stderr so that the server never blocks on it.
+            std::thread::spawn(move || {
+                let mut sink = String::new();
+                while stderr.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                    sink.clear();
+                }
+            });
+            return Server { child, address };
+        }
+    }
+}
+
+/// One request; returns the status and the body.
+fn http(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    )
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
+    let (status, text) = http(server, "POST", path, &body.to_string());
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The data lines of a server-sent event stream.
+fn events(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn completions_chat_streaming_and_errors() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let server = start(&path);
+
+    let (status, health) = http(&server, "GET", "/health", "");
+    assert_eq!(status, 200, "{health}");
+    let (status, models) = http(&server, "GET", "/v1/models", "");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(status, 200);
+    let id = models["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(id, "SmolLM2-135M-Instruct.Q4_1");
+
+    // Completion: greedy is repeatable, max_tokens bounds it, usage adds up.
+    let request = json!({"model": id, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0});
+    let (status, first) = post(&server, "/v1/completions", request.clone());
+    assert_eq!(status, 200, "{first}");
+    let (_, second) = post(&server, "/v1/completions", request.clone());
+    assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+    assert_eq!(first["object"], "text_completion");
+    let usage = &first["usage"];
+    assert_eq!(usage["completion_tokens"], 12);
+    assert_eq!(first["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + 12
+    );
+    let text = first["choices"][0]["text"].as_str().unwrap().to_string();
+    assert!(text.contains("Paris"), "{text}");
+
+    // A stop string ends the text before it.
+    let (_, stopped) = post(
+        &server,
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "stop": ["."]}),
+    );
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    let stopped_text = stopped["choices"][0]["text"].as_str().unwrap();
+    assert!(
+        !stopped_text.contains('.') && text.starts_with(stopped_text),
+        "{stopped_text}"
+    );
+
+    // Streaming gives the same text, then the finish reason, the usage and [DONE].
+    let mut streamed_request = request.clone();
+    streamed_request["stream"] = json!(true);
+    streamed_request["stream_options"] = json!({"include_usage": true});
+    let (status, body) = http(
+        &server,
+        "POST",
+        "/v1/completions",
+        &streamed_request.to_string(),
+    );
+    assert_eq!(status, 200);
+    let data = events(&body);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let joined: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0).and_then(|c| c["text"].as_str()))
+        .collect();
+    assert_eq!(joined, text);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 12);
+
+    // Chat, plain and streamed.
+    let chat = json!({"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 16, "temperature": 0});
+    let (status, reply) = post(&server, "/v1/chat/completions", chat.clone());
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["object"], "chat.completion");
+    assert_eq!(reply["choices"][0]["message"]["role"], "assistant");
+    let content = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!content.is_empty());
+    let mut streamed_chat = chat.clone();
+    streamed_chat["stream"] = json!(true);
+    let (_, body) = http(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        &streamed_chat.to_string(),
+    );
+    let data = events(&body);
+    let deltas: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(deltas, content);
+
+    // Malformed requests: status, an OpenAI error body, and the server keeps serving.
+    let cases: Vec<(&str, &str, u16)> = vec![
+        ("/v1/completions", "{not json", 400),
+        ("/v1/completions", "[1, 2]", 400),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "model": "gpt-4"}"#,
+            404,
+        ),
+        ("/v1/completions", r#"{"max_tokens": 4}"#, 400),
+        ("/v1/completions", r#"{"prompt": ""}"#, 400),
+        ("/v1/completions", r#"{"prompt": 42}"#, 400),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 0}"#,
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 100000}"#,
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": "8"}"#,
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "temperature": 5}"#,
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "temperature": "hot"}"#,
+            400,
+        ),
+        ("/v1/completions", r#"{"prompt": "x", "top_p": 2}"#, 400),
+        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#, 400),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}"#,
+            400,
+        ),
+        ("/v1/completions", r#"{"prompt": "x", "stop": [1]}"#, 400),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "stream": "yes"}"#,
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "stream_options": 3}"#,
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "presence_penalty": 0.5}"#,
+            400,
+        ),
+        ("/v1/chat/completions", r#"{"messages": []}"#, 400),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "wizard", "content": "x"}]}"#,
+            400,
+        ),
+        ("/v1/chat/completions", r#"{"messages": "hello"}"#, 400),
+        ("/v1/nothing", "{}", 404),
+    ];
+    for (path, body, expected) in &cases {
+        let (status, text) = http(&server, "POST", path, body);
+        assert_eq!(status, *expected, "{path} {body}: {text}");
+        let error: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{path} {body}: no error body: {text}"
+        );
+    }
+    let (status, again) = post(&server, "/v1/completions", request);
+    assert_eq!(status, 200);
+    assert_eq!(again["choices"][0]["text"], first["choices"][0]["text"]);
+}
