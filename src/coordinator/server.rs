@@ -478,7 +478,7 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
         }
         .into_response();
     }
-    if state.pending.fetch_add(1, Ordering::SeqCst) >= state.queue + 1 {
+    if state.pending.fetch_add(1, Ordering::SeqCst) > state.queue {
         state.pending.fetch_sub(1, Ordering::SeqCst);
         return ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
