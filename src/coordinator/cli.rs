@@ -30,7 +30,8 @@ use crate::worker::shard::shard_weight_bytes;
         tp-coordinator generate --model m.gguf --workers configs/local-2.toml --chat --prompt 'Hi!'\n  \
         tp-coordinator perplexity --model m.gguf --local 2 --file text.txt -c 128\n  \
         tp-coordinator plan --model m.gguf --local 3\n  \
-        tp-coordinator bench -m m.gguf -p 512 -n 128 --tp 1,2 -t 1,2 -r 5"
+        tp-coordinator bench -m m.gguf -p 512 -n 128 --tp 1,2 -t 1,2 -r 5\n  \
+        tp-coordinator --model m.gguf --workers hosts.toml   # serves the OpenAI API on 127.0.0.1:8080"
 )]
 pub struct Cli {
     #[command(subcommand)]
