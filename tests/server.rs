@@ -297,4 +297,30 @@ fn completions_chat_streaming_and_errors() {
     let (status, again) = post(&server, "/v1/completions", request);
     assert_eq!(status, 200);
     assert_eq!(again["choices"][0]["text"], first["choices"][0]["text"]);
+
+    // Metrics: what was served above, in Prometheus text format.
+    let (status, metrics) = http(&server, "GET", "/metrics", "");
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    // 5 completions (2 plain, stop, stream, again) and 2 chats succeeded; malformed ones
+    // were refused before counting, except the model and context checks after tokenizing.
+    assert_eq!(value("tp_requests_total{endpoint=\"completions\"}"), 5.0);
+    assert_eq!(
+        value("tp_requests_total{endpoint=\"chat_completions\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("tp_request_errors_total{class=\"4xx\"}"),
+        cases.len() as f64
+    );
+    assert_eq!(value("tp_queue_depth"), 0.0);
+    assert_eq!(value("tp_slots_busy"), 0.0);
+    assert!(value("tp_completion_tokens_total") >= 4.0 * 12.0);
+    assert_eq!(value("tp_time_to_first_token_seconds_count"), 7.0);
+    assert!(value("tp_inter_token_latency_seconds_count") >= 4.0 * 11.0);
 }

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API (`tp-coordinator serve`).
 //!
-//! v0.1 serves one sequence at a time: requests wait in a bounded queue for the cluster's one
+//! `/metrics` reports requests, errors, tokens, queue depth and latency histograms in
+//! Prometheus text format. v0.1 serves one sequence at a time: requests wait in a bounded queue for the cluster's one
 //! sequence slot (a full queue answers 503), and each runs to completion before the next.
 //! Continuous batching (several sequences per decode step) is not built yet.
 //!
@@ -10,7 +11,9 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -45,7 +48,59 @@ struct AppState {
     queue: usize,
     /// Requests waiting for or holding the sequence slot.
     pending: AtomicUsize,
+    metrics: Metrics,
 }
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; LATENCY_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&mut self.counts) {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
+    }
+}
+
+/// What `/metrics` reports (Prometheus text format).
+#[derive(Default)]
+struct Metrics {
+    completions: AtomicU64,
+    chat_completions: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+    cancelled: AtomicU64,
+    busy: AtomicUsize,
+    time_to_first_token: Mutex<Histogram>,
+    inter_token_latency: Mutex<Histogram>,
+}
+
+/// Error responses by status class; one server per process.
+static ERRORS_4XX: AtomicU64 = AtomicU64::new(0);
+static ERRORS_5XX: AtomicU64 = AtomicU64::new(0);
 
 /// An OpenAI-style error response.
 struct ApiError {
@@ -70,6 +125,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            ERRORS_5XX.fetch_add(1, Ordering::Relaxed);
+        } else {
+            ERRORS_4XX.fetch_add(1, Ordering::Relaxed);
+        }
         let body = json!({
             "error": {
                 "message": self.message,
@@ -89,6 +149,7 @@ pub async fn serve(session: Session, options: ServerOptions) -> anyhow::Result<S
         model_id: options.model_id,
         queue: options.queue,
         pending: AtomicUsize::new(0),
+        metrics: Metrics::default(),
     });
     let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -117,6 +178,7 @@ pub async fn serve(session: Session, options: ServerOptions) -> anyhow::Result<S
 fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -135,6 +197,65 @@ fn router(state: Arc<AppState>) -> Router {
 async fn health() -> impl IntoResponse {
     // The server listens only once every worker holds its shard.
     axum::Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    use std::fmt::Write;
+    let m = &state.metrics;
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP tp_requests_total Generation requests accepted, by endpoint.\n\
+         # TYPE tp_requests_total counter\n\
+         tp_requests_total{{endpoint=\"completions\"}} {}\n\
+         tp_requests_total{{endpoint=\"chat_completions\"}} {}\n\
+         # HELP tp_request_errors_total Error responses, by status class.\n\
+         # TYPE tp_request_errors_total counter\n\
+         tp_request_errors_total{{class=\"4xx\"}} {}\n\
+         tp_request_errors_total{{class=\"5xx\"}} {}\n\
+         # HELP tp_requests_cancelled_total Generations stopped because the client went away.\n\
+         # TYPE tp_requests_cancelled_total counter\n\
+         tp_requests_cancelled_total {}\n\
+         # HELP tp_prompt_tokens_total Prompt tokens processed.\n\
+         # TYPE tp_prompt_tokens_total counter\n\
+         tp_prompt_tokens_total {}\n\
+         # HELP tp_completion_tokens_total Tokens generated.\n\
+         # TYPE tp_completion_tokens_total counter\n\
+         tp_completion_tokens_total {}\n\
+         # HELP tp_queue_depth Requests waiting for or holding the sequence slot.\n\
+         # TYPE tp_queue_depth gauge\n\
+         tp_queue_depth {}\n\
+         # HELP tp_slots_busy Sequence slots generating (v0.1 has one).\n\
+         # TYPE tp_slots_busy gauge\n\
+         tp_slots_busy {}",
+        load(&m.completions),
+        load(&m.chat_completions),
+        ERRORS_4XX.load(Ordering::Relaxed),
+        ERRORS_5XX.load(Ordering::Relaxed),
+        load(&m.cancelled),
+        load(&m.prompt_tokens),
+        load(&m.completion_tokens),
+        state.pending.load(Ordering::Relaxed),
+        m.busy.load(Ordering::Relaxed),
+    );
+    m.time_to_first_token.lock().unwrap().render(
+        "tp_time_to_first_token_seconds",
+        "From accepting a request to its first generated text.",
+        &mut out,
+    );
+    m.inter_token_latency.lock().unwrap().render(
+        "tp_inter_token_latency_seconds",
+        "Between consecutive generated tokens of one request.",
+        &mut out,
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> impl IntoResponse {
@@ -493,6 +614,12 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
         .into_response();
     }
     let place = Place(state.clone());
+    let accepted = Instant::now();
+    match kind {
+        Kind::Completion => &state.metrics.completions,
+        Kind::Chat => &state.metrics.chat_completions,
+    }
+    .fetch_add(1, Ordering::Relaxed);
     let (id, object) = match kind {
         Kind::Completion => (request_id("cmpl"), "text_completion"),
         Kind::Chat => (request_id("chatcmpl"), "chat.completion"),
@@ -529,7 +656,24 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
         async move {
             let _place = place;
             let mut session = state.session.lock().await;
+            let metrics = &state.metrics;
+            metrics.busy.fetch_add(1, Ordering::Relaxed);
+            let mut last_token: Option<Instant> = None;
             let mut on_text = |piece: &str| {
+                let now = Instant::now();
+                match last_token {
+                    None => metrics
+                        .time_to_first_token
+                        .lock()
+                        .unwrap()
+                        .observe((now - accepted).as_secs_f64()),
+                    Some(last) => metrics
+                        .inter_token_latency
+                        .lock()
+                        .unwrap()
+                        .observe((now - last).as_secs_f64()),
+                }
+                last_token = Some(now);
                 if streaming && !piece.is_empty() {
                     let choice = if chat {
                         json!({"index": 0, "delta": {"content": piece}, "finish_reason": null})
@@ -541,7 +685,7 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
             };
             let closed = tx.clone();
             let cancelled = move || closed.is_closed();
-            session
+            let generation = session
                 .generate(GenerateRequest {
                     prompt_tokens,
                     max_tokens: common.max_tokens,
@@ -551,7 +695,20 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
                     on_text: Some(&mut on_text),
                     cancelled: Some(&cancelled),
                 })
-                .await
+                .await;
+            metrics.busy.fetch_sub(1, Ordering::Relaxed);
+            metrics
+                .prompt_tokens
+                .fetch_add(prompt_count as u64, Ordering::Relaxed);
+            if let Ok(generation) = &generation {
+                metrics
+                    .completion_tokens
+                    .fetch_add(generation.tokens.len() as u64, Ordering::Relaxed);
+                if generation.stop == "cancelled" {
+                    metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            generation
         }
     });
     let usage = move |generation: &Generation| {
