@@ -255,19 +255,55 @@ fn add_lanes(sums: &mut [f32; 8], d: f32, aux: &[i32; 8]) {
     }
 }
 
-pub unsafe fn dot_q4_k_q8_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+/// What the Q4_K/Q5_K kernels need of a super-block: its d, dmin and packed scales, and its
+/// 256 levels unpacked into `a`. The two types differ only in how the levels unpack.
+trait K4Block {
+    fn head(&self) -> (f32, f32, &[u8; 12]);
+    /// # Safety
+    /// NEON (every aarch64 target has it).
+    unsafe fn levels(&self, a: &mut [i8; QK_K]);
+}
+
+impl K4Block for BlockQ4K {
+    fn head(&self) -> (f32, f32, &[u8; 12]) {
+        (self.d.to_f32(), self.dmin.to_f32(), &self.scales)
+    }
+    unsafe fn levels(&self, a: &mut [i8; QK_K]) {
+        unsafe { levels_q4_k(self, a) }
+    }
+}
+
+impl K4Block for BlockQ5K {
+    fn head(&self) -> (f32, f32, &[u8; 12]) {
+        (self.d.to_f32(), self.dmin.to_f32(), &self.scales)
+    }
+    unsafe fn levels(&self, a: &mut [i8; QK_K]) {
+        unsafe { levels_q5_k(self, a) }
+    }
+}
+
+/// The eight lane sums and Σ min·bsum of one Q4_K/Q5_K super-block.
+#[inline(always)]
+fn k4_sums<B: K4Block>(bx: &B, by: &BlockQ8K, a: &mut [i8; QK_K]) -> ([i32; 8], i32) {
+    let (scales, mins) = unpack_scales_mins_k4(bx.head().2);
+    // SAFETY: NEON is part of every aarch64 target.
+    let aux = unsafe {
+        bx.levels(a);
+        lane_sums::<32>(a, &by.qs, |j| scales[j] as i16)
+    };
+    (aux, summins(&mins, by))
+}
+
+#[inline(always)]
+fn dot_k4<B: K4Block>(x: &[B], y: &[BlockQ8K]) -> f32 {
     let mut sums = [0f32; 8];
     let mut sumf = 0.0f32;
     let mut a = [0i8; QK_K];
     for (bx, by) in x.iter().zip(y) {
-        let (scales, mins) = unpack_scales_mins_k4(&bx.scales);
-        // SAFETY: NEON is part of every aarch64 target.
-        let aux = unsafe {
-            levels_q4_k(bx, &mut a);
-            lane_sums::<32>(&a, &by.qs, |j| scales[j] as i16)
-        };
-        add_lanes(&mut sums, bx.d.to_f32() * by.d, &aux);
-        sumf -= bx.dmin.to_f32() * by.d * summins(&mins, by) as f32;
+        let (d, dmin, _) = bx.head();
+        let (aux, mins) = k4_sums(bx, by, &mut a);
+        add_lanes(&mut sums, d * by.d, &aux);
+        sumf -= dmin * by.d * mins as f32;
     }
     for s in sums {
         sumf += s;
@@ -275,24 +311,21 @@ pub unsafe fn dot_q4_k_q8_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     sumf
 }
 
-pub unsafe fn dot_q5_k_q8_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    let mut sums = [0f32; 8];
-    let mut sumf = 0.0f32;
+/// The reference's f64 contribution of one Q4_K/Q5_K super-block.
+#[inline(always)]
+fn contrib_k4_block<B: K4Block>(bx: &B, by: &BlockQ8K) -> f64 {
     let mut a = [0i8; QK_K];
-    for (bx, by) in x.iter().zip(y) {
-        let (scales, mins) = unpack_scales_mins_k4(&bx.scales);
-        // SAFETY: as above.
-        let aux = unsafe {
-            levels_q5_k(bx, &mut a);
-            lane_sums::<32>(&a, &by.qs, |j| scales[j] as i16)
-        };
-        add_lanes(&mut sums, bx.d.to_f32() * by.d, &aux);
-        sumf -= bx.dmin.to_f32() * by.d * summins(&mins, by) as f32;
-    }
-    for s in sums {
-        sumf += s;
-    }
-    sumf
+    let (aux, mins) = k4_sums(bx, by, &mut a);
+    let (d, dmin, _) = bx.head();
+    contrib_k4(d, dmin, by.d, aux.iter().sum(), mins)
+}
+
+pub unsafe fn dot_q4_k_q8_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    dot_k4(x, y)
+}
+
+pub unsafe fn dot_q5_k_q8_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
+    dot_k4(x, y)
 }
 
 pub unsafe fn dot_q6_k_q8_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
@@ -348,36 +381,10 @@ dot64!(dot64_q8_0_q8_0, BlockQ8_0, BlockQ8_0, |bx, by| {
     contrib_scaled(bx.d.to_f32(), by.d.to_f32(), unsafe { isum_q8_0(bx, by) })
 });
 dot64!(dot64_q4_k_q8_k, BlockQ4K, BlockQ8K, |bx, by| {
-    let (scales, mins) = unpack_scales_mins_k4(&bx.scales);
-    let mut a = [0i8; QK_K];
-    let aux = unsafe {
-        levels_q4_k(bx, &mut a);
-        lane_sums::<32>(&a, &by.qs, |j| scales[j] as i16)
-    };
-    let isum = aux.iter().sum();
-    contrib_k4(
-        bx.d.to_f32(),
-        bx.dmin.to_f32(),
-        by.d,
-        isum,
-        summins(&mins, by),
-    )
+    contrib_k4_block(bx, by)
 });
 dot64!(dot64_q5_k_q8_k, BlockQ5K, BlockQ8K, |bx, by| {
-    let (scales, mins) = unpack_scales_mins_k4(&bx.scales);
-    let mut a = [0i8; QK_K];
-    let aux = unsafe {
-        levels_q5_k(bx, &mut a);
-        lane_sums::<32>(&a, &by.qs, |j| scales[j] as i16)
-    };
-    let isum = aux.iter().sum();
-    contrib_k4(
-        bx.d.to_f32(),
-        bx.dmin.to_f32(),
-        by.d,
-        isum,
-        summins(&mins, by),
-    )
+    contrib_k4_block(bx, by)
 });
 dot64!(dot64_q6_k_q8_k, BlockQ6K, BlockQ8K, |bx, by| {
     let mut a = [0i8; QK_K];
