@@ -5,16 +5,6 @@ mod common;
 
 use common::*;
 
-fn nmse(reference: &[f32], other: &[f32]) -> f64 {
-    let error: f64 = reference
-        .iter()
-        .zip(other)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    let power: f64 = reference.iter().map(|a| (*a as f64).powi(2)).sum();
-    error / power
-}
-
 const PROMPTS: [&str; 2] = [
     "The quick brown fox jumps over the lazy dog because",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",

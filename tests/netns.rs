@@ -238,15 +238,6 @@ async fn greedy(session: &mut Session, n: usize) -> anyhow::Result<(Vec<u32>, f6
     ))
 }
 
-fn nmse(reference: &[f32], other: &[f32]) -> f64 {
-    let error: f64 = reference
-        .iter()
-        .zip(other)
-        .map(|(a, b)| ((a - b) as f64).powi(2))
-        .sum();
-    error / reference.iter().map(|a| (*a as f64).powi(2)).sum::<f64>()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_across_namespaces_matches_one_host() {
     let Some(path) = model(SMOLLM2) else { return };

@@ -524,11 +524,8 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                     hosts.workers.iter().map(|w| w.weight).collect(),
                     hosts.workers.iter().map(|w| w.address.clone()).collect(),
                     match hosts.transport {
-                        TransportChoice::Shm => "shm",
-                        TransportChoice::Grpc => "grpc",
-                        TransportChoice::Hierarchical => "hierarchical",
                         TransportChoice::Auto if same_host => "shm",
-                        TransportChoice::Auto => "auto",
+                        chosen => chosen.name(),
                     },
                 )
             }

@@ -81,6 +81,11 @@ impl TransportChoice {
             TransportChoice::Hierarchical => "hierarchical",
         }
     }
+
+    /// Whether activations cross the network (a gRPC data plane to connect and keep up).
+    pub fn networked(self) -> bool {
+        matches!(self, TransportChoice::Grpc | TransportChoice::Hierarchical)
+    }
 }
 
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -351,10 +356,7 @@ impl Cluster {
         } else {
             String::new()
         };
-        let networked = matches!(
-            transport,
-            TransportChoice::Grpc | TransportChoice::Hierarchical
-        );
+        let networked = transport.networked();
         let secret = if networked {
             cluster_secret()?
         } else {
@@ -580,11 +582,11 @@ impl Cluster {
             self.reconnect = false;
         }
         let result = self.step_once(request).await;
-        let networked = matches!(
-            self.active_transport,
-            Some(TransportChoice::Grpc | TransportChoice::Hierarchical)
-        );
-        if result.is_err() && networked {
+        if result.is_err()
+            && self
+                .active_transport
+                .is_some_and(TransportChoice::networked)
+        {
             // Links may be broken or hold frames of the failed step: start a new round.
             self.reconnect = true;
         }

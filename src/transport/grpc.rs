@@ -591,7 +591,7 @@ impl GrpcCollective {
         // This rank's contribution exactly as its peers will decode it.
         let mut contributions: Vec<Vec<T>> =
             (0..members).map(|_| vec![T::default(); len]).collect();
-        let mut frames = Vec::with_capacity(len.div_ceil(FRAME_VALUES));
+        let mut frames: Vec<Frame> = Vec::with_capacity(len.div_ceil(FRAME_VALUES));
         for start in (0..len).step_by(FRAME_VALUES) {
             let end = (start + FRAME_VALUES).min(len);
             let (encoding, payload) = encode(&buffer[start..end], self.precision);
@@ -610,11 +610,18 @@ impl GrpcCollective {
         let peers = &self.members;
         let bytes_sent = &self.bytes_sent;
         let exchanged: Result<(), Failure> = self.runtime.block_on(async {
+            // Every peer but the last gets copies; the last one takes the frames themselves.
+            let last_peer = (0..members).rev().find(|&i| i != me);
             for i in (0..members).filter(|&i| i != me) {
                 let link = net.links[i].as_ref().expect("a peer");
-                for frame in &frames {
+                let outgoing = if Some(i) == last_peer {
+                    std::mem::take(&mut frames)
+                } else {
+                    frames.clone()
+                };
+                for frame in outgoing {
                     let payload_bytes = frame.payload.len() as u64;
-                    match tokio::time::timeout_at(deadline, link.to.send(frame.clone())).await {
+                    match tokio::time::timeout_at(deadline, link.to.send(frame)).await {
                         Ok(Ok(())) => {
                             bytes_sent[peers[i] as usize]
                                 .fetch_add(payload_bytes + 32, Ordering::Relaxed);

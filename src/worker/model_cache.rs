@@ -126,7 +126,7 @@ impl CacheFile {
     }
 }
 
-/// The default cache directory: `$XDG_CACHE_HOME/tp/models`, else `~/.cache/tp/models`.
+/// The default cache directory: `$XDG_CACHE_HOME/tp/received`, else `~/.cache/tp/received`.
 pub fn default_cache_dir() -> PathBuf {
     std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)

@@ -71,3 +71,14 @@ pub async fn session(path: &Path, weights: &[f64], context: usize, batch: usize)
         .await
         .unwrap()
 }
+
+/// Normalized mean squared error of `other` against `reference`.
+pub fn nmse(reference: &[f32], other: &[f32]) -> f64 {
+    let error: f64 = reference
+        .iter()
+        .zip(other)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let power: f64 = reference.iter().map(|a| (*a as f64).powi(2)).sum();
+    error / power
+}
