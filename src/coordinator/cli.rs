@@ -65,10 +65,21 @@ pub struct ServeArgs {
     /// Address to serve HTTP on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,
-    /// Context window per request (prompt + generated tokens), at most the model's.
+    /// Context window per request (prompt + generated tokens), at most the model's. Every
+    /// slot has its own, so the KV cache holds --parallel × --ctx-size positions.
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     pub context: usize,
-    /// Requests that may wait for the sequence slot; beyond that the server answers 503.
+    /// Sequence slots: requests generated together, one token each per forward pass.
+    #[arg(long, visible_alias = "np", default_value_t = 4)]
+    pub parallel: usize,
+    /// Most tokens in one forward pass (prompt tokens plus one per generating slot).
+    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    pub batch_size: usize,
+    /// Prompt tokens per forward pass while other requests are generating: smaller keeps
+    /// their tokens flowing while a long prompt is read, larger reads it sooner.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_chunk: usize,
+    /// Requests that may wait for a slot; beyond that the server answers 503.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
     /// The model id clients name (default: the model file's name without .gguf).
@@ -142,6 +153,13 @@ pub struct GenerateArgs {
     /// 1.0 disables the penalty.
     #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
+    /// Lowers a token's logit by this much per occurrence in the last --repeat-last-n tokens.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// Lowers a token's logit by this much if it occurs in the last --repeat-last-n tokens.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// How many recent tokens the penalties look at.
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
     #[arg(long, default_value_t = 0)]
@@ -270,14 +288,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .file_stem()
                     .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
             });
+            if args.parallel == 0 || args.parallel > 256 {
+                bail!("--parallel must be within 1..=256");
+            }
             let context = args.context.clamp(2, model.config.context_length);
-            let session = start_session(&args.cluster, model, context).await?;
+            let batch = args.batch_size.clamp(args.parallel, 4096);
             let options = crate::coordinator::server::ServerOptions {
                 listen: args.listen,
                 model_id,
                 queue: args.queue,
+                chunk: args.prompt_chunk.max(1),
             };
-            let session = crate::coordinator::server::serve(session, options).await?;
+            let load = async {
+                let cluster = start_cluster_with(&args.cluster).await?;
+                Session::start_with_sequences(model, cluster, context, batch, args.parallel).await
+            };
+            let session = crate::coordinator::server::serve(options, load).await?;
             session.cluster.shutdown().await;
             Ok(())
         }
@@ -367,6 +393,8 @@ fn sampling_params(args: &GenerateArgs) -> SamplingParams {
         top_p: args.top_p,
         min_p: args.min_p,
         repeat_penalty: args.repeat_penalty,
+        frequency_penalty: args.frequency_penalty,
+        presence_penalty: args.presence_penalty,
         repeat_last_n: args.repeat_last_n,
         seed: args.seed,
     }

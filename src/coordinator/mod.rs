@@ -4,7 +4,10 @@
 pub mod bench;
 pub mod cli;
 pub mod cluster;
+pub mod engine;
+pub mod metrics;
 pub mod planner;
 pub mod sampler;
+pub mod sequence;
 pub mod server;
 pub mod session;

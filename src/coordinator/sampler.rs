@@ -1,5 +1,6 @@
 //! Sampling from merged candidates (DESIGN section 5), in llama.cpp's order:
-//! repetition penalty, top-k, top-p, min-p, temperature, then a seeded draw.
+//! penalties (repetition, then frequency and presence), top-k, top-p, min-p, temperature, then
+//! a seeded draw.
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SamplingParams {
@@ -10,7 +11,13 @@ pub struct SamplingParams {
     pub top_p: f32,
     pub min_p: f32,
     pub repeat_penalty: f32,
-    /// How many recent tokens the repetition penalty looks at.
+    /// Subtracted from a token's logit once per occurrence in the recent window (OpenAI's
+    /// `frequency_penalty`, -2..=2).
+    pub frequency_penalty: f32,
+    /// Subtracted from a token's logit when it occurs at all in the recent window (OpenAI's
+    /// `presence_penalty`, -2..=2).
+    pub presence_penalty: f32,
+    /// How many recent tokens the penalties look at.
     pub repeat_last_n: usize,
     pub seed: u64,
 }
@@ -24,6 +31,8 @@ impl Default for SamplingParams {
             top_p: 0.95,
             min_p: 0.05,
             repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
             repeat_last_n: 64,
             seed: 0,
         }
@@ -55,13 +64,25 @@ impl SamplingParams {
         check(
             self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0,
             "repeat-penalty must be > 0",
+        )?;
+        check(
+            (-2.0..=2.0).contains(&self.frequency_penalty),
+            "frequency penalty must be within -2..=2",
+        )?;
+        check(
+            (-2.0..=2.0).contains(&self.presence_penalty),
+            "presence penalty must be within -2..=2",
         )
+    }
+
+    fn penalizes(&self) -> bool {
+        self.repeat_penalty != 1.0 || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
 
     /// Whether the candidates from the workers' top-k lists are enough to sample exactly; if not,
     /// the coordinator asks for whole logits.
     pub fn needs_full_logits(&self, candidates_per_rank: usize) -> bool {
-        if self.repeat_penalty != 1.0 {
+        if self.penalizes() {
             // A penalized candidate can drop below tokens that no worker sent.
             return true;
         }
@@ -97,16 +118,22 @@ pub fn sample(
     rng: &mut Rng,
 ) -> Option<u32> {
     let mut c: Vec<(u32, f32)> = candidates.to_vec();
-    if params.repeat_penalty != 1.0 {
+    if params.penalizes() {
         let window = &recent[recent.len().saturating_sub(params.repeat_last_n)..];
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &id in window {
+            *counts.entry(id).or_default() += 1;
+        }
         for (id, logit) in c.iter_mut() {
-            if window.contains(id) {
-                *logit = if *logit > 0.0 {
-                    *logit / params.repeat_penalty
-                } else {
-                    *logit * params.repeat_penalty
-                };
+            let Some(&count) = counts.get(id) else {
+                continue;
+            };
+            if *logit > 0.0 {
+                *logit /= params.repeat_penalty;
+            } else {
+                *logit *= params.repeat_penalty;
             }
+            *logit -= count as f32 * params.frequency_penalty + params.presence_penalty;
         }
     }
     c.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -171,6 +198,41 @@ mod tests {
             ..SamplingParams::greedy()
         };
         assert_eq!(sample(&c, &penalized, &[5], &mut Rng::new(0)), Some(7));
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_count_occurrences() {
+        let c = [(5, 2.0), (7, 1.75), (9, 1.5)];
+        let frequency = SamplingParams {
+            frequency_penalty: 0.2,
+            ..SamplingParams::greedy()
+        };
+        // One occurrence: 5 drops to 1.8 and still wins; two: 1.6 loses to 7.
+        assert_eq!(sample(&c, &frequency, &[5], &mut Rng::new(0)), Some(5));
+        assert_eq!(sample(&c, &frequency, &[5, 5], &mut Rng::new(0)), Some(7));
+        let presence = SamplingParams {
+            presence_penalty: 0.3,
+            ..SamplingParams::greedy()
+        };
+        // Presence does not grow with the count: 5 and 7 both fall by 0.3, 9 wins.
+        assert_eq!(
+            sample(&c, &presence, &[5, 5, 5, 7], &mut Rng::new(0)),
+            Some(9)
+        );
+        // Outside the window nothing is penalized.
+        let short = SamplingParams {
+            repeat_last_n: 1,
+            ..presence
+        };
+        assert_eq!(sample(&c, &short, &[5, 7, 9], &mut Rng::new(0)), Some(5));
+        assert!(
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..SamplingParams::greedy()
+            }
+            .validate()
+            .is_err()
+        );
     }
 
     #[test]

@@ -1,18 +1,19 @@
 //! The OpenAI-compatible HTTP API (`tp-coordinator serve`).
 //!
-//! `/metrics` reports requests, errors, tokens, queue depth and latency histograms in
-//! Prometheus text format. v0.1 serves one sequence at a time: requests wait in a bounded queue for the cluster's one
-//! sequence slot (a full queue answers 503), and each runs to completion before the next.
-//! Continuous batching (several sequences per decode step) is not built yet.
+//! The server listens at once and loads the model behind it: `/health` answers 503 until every
+//! worker holds its shard, and so do generation requests. Requests then go to the batching
+//! engine (`engine.rs`), which runs up to `--parallel` of them in each forward pass; beyond
+//! that they wait in a bounded queue (a full queue answers 503). `/metrics` reports requests,
+//! errors, tokens, queue depth and latency histograms in Prometheus text format.
 //!
 //! Request bodies are parsed by hand from JSON values, so that every malformed request gets an
 //! OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`) and a 4xx code.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -24,83 +25,46 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use crate::coordinator::engine::{self, EngineOptions, Job, JobEvent};
+use crate::coordinator::metrics::{ERRORS_4XX, ERRORS_5XX, Metrics};
 use crate::coordinator::sampler::SamplingParams;
-use crate::coordinator::session::{GenerateRequest, Generation, Session};
+use crate::coordinator::sequence::{Sampled, SequenceSpec, Stop};
+use crate::coordinator::session::{Model, Session};
 use crate::model::chat::ChatMessage;
 
 /// What a request may ask for at most.
 pub const MAX_STOP_STRINGS: usize = 4;
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 pub struct ServerOptions {
     pub listen: SocketAddr,
     /// The id `/v1/models` reports and requests must name (or leave out).
     pub model_id: String,
-    /// Requests allowed to wait for the sequence slot; more get 503.
+    /// Requests allowed to wait for a sequence slot; more get 503.
     pub queue: usize,
+    /// Prompt tokens per forward pass while other sequences generate.
+    pub chunk: usize,
+}
+
+/// What requests need once the model is loaded.
+struct Ready {
+    model: Arc<Model>,
+    max_context: usize,
+    slots: usize,
+    jobs: mpsc::UnboundedSender<Job>,
 }
 
 struct AppState {
-    session: tokio::sync::Mutex<Session>,
     model_id: String,
     queue: usize,
-    /// Requests waiting for or holding the sequence slot.
-    pending: AtomicUsize,
-    metrics: Metrics,
+    /// None while loading and after shutdown began.
+    ready: RwLock<Option<Ready>>,
+    metrics: Arc<Metrics>,
 }
-
-/// Upper bounds (seconds) of the latency histograms' buckets.
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; LATENCY_BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(&mut self.counts) {
-            if seconds <= *bound {
-                *count += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        use std::fmt::Write;
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", self.sum, self.count);
-    }
-}
-
-/// What `/metrics` reports (Prometheus text format).
-#[derive(Default)]
-struct Metrics {
-    completions: AtomicU64,
-    chat_completions: AtomicU64,
-    prompt_tokens: AtomicU64,
-    completion_tokens: AtomicU64,
-    cancelled: AtomicU64,
-    busy: AtomicUsize,
-    time_to_first_token: Mutex<Histogram>,
-    inter_token_latency: Mutex<Histogram>,
-}
-
-/// Error responses by status class; one server per process.
-static ERRORS_4XX: AtomicU64 = AtomicU64::new(0);
-static ERRORS_5XX: AtomicU64 = AtomicU64::new(0);
 
 /// An OpenAI-style error response.
 struct ApiError {
@@ -119,6 +83,16 @@ impl ApiError {
             kind: "invalid_request_error",
             param,
             code: None,
+        }
+    }
+
+    fn unavailable(message: impl Into<String>, code: &'static str) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            kind: "server_error",
+            param: None,
+            code: Some(code),
         }
     }
 }
@@ -142,14 +116,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Serves until Ctrl-C or SIGTERM; the session's cluster is shut down by the caller.
-pub async fn serve(session: Session, options: ServerOptions) -> anyhow::Result<Session> {
+/// Listens on `options.listen` at once, serves 503 while `load` runs, then serves the model
+/// until Ctrl-C or SIGTERM. Returns the session (its cluster is shut down by the caller), or
+/// the load's error.
+pub async fn serve(
+    options: ServerOptions,
+    load: impl Future<Output = anyhow::Result<Session>>,
+) -> anyhow::Result<Session> {
+    let metrics = Arc::new(Metrics::default());
     let state = Arc::new(AppState {
-        session: tokio::sync::Mutex::new(session),
         model_id: options.model_id,
         queue: options.queue,
-        pending: AtomicUsize::new(0),
-        metrics: Metrics::default(),
+        ready: RwLock::new(None),
+        metrics: metrics.clone(),
     });
     let app = router(state.clone());
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -157,22 +136,63 @@ pub async fn serve(session: Session, options: ServerOptions) -> anyhow::Result<S
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, "serving the OpenAI API");
-    eprintln!("serving on http://{address}/v1 (Ctrl-C stops)");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        })
-        .await?;
-    match Arc::try_unwrap(state) {
-        Ok(state) => Ok(state.session.into_inner()),
-        Err(_) => anyhow::bail!("requests still running at shutdown"),
-    }
+    eprintln!("serving on http://{address}/v1 (Ctrl-C stops; /health is ready once the model is loaded)");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        let mut stop_rx = stop_rx;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    let shutdown_signal = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    tokio::pin!(shutdown_signal);
+    let session = tokio::select! {
+        session = load => session,
+        _ = &mut shutdown_signal => Err(anyhow::anyhow!("interrupted while loading")),
+    };
+    let session = match session {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = server.await;
+            return Err(e);
+        }
+    };
+    let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+    *state.ready.write().unwrap() = Some(Ready {
+        model: session.model.clone(),
+        max_context: session.max_context,
+        slots: session.sequences,
+        jobs: jobs_tx,
+    });
+    eprintln!(
+        "ready: {} sequence slots of {} tokens",
+        session.sequences, session.max_context
+    );
+    let engine = tokio::spawn(engine::run(
+        session,
+        jobs_rx,
+        metrics,
+        EngineOptions {
+            chunk: options.chunk,
+        },
+    ));
+    shutdown_signal.await;
+    eprintln!("stopping: finishing the requests in flight");
+    // No new requests; the engine ends once the last job is done and its sender is gone.
+    let _ = stop_tx.send(true);
+    state.ready.write().unwrap().take();
+    server.await??;
+    Ok(engine.await?)
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -194,67 +214,25 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn health() -> impl IntoResponse {
-    // The server listens only once every worker holds its shard.
-    axum::Json(json!({"status": "ok"}))
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.read().unwrap().is_some() {
+        axum::Json(json!({"status": "ok"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading"})),
+        )
+            .into_response()
+    }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    use std::fmt::Write;
-    let m = &state.metrics;
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP tp_requests_total Generation requests accepted, by endpoint.\n\
-         # TYPE tp_requests_total counter\n\
-         tp_requests_total{{endpoint=\"completions\"}} {}\n\
-         tp_requests_total{{endpoint=\"chat_completions\"}} {}\n\
-         # HELP tp_request_errors_total Error responses, by status class.\n\
-         # TYPE tp_request_errors_total counter\n\
-         tp_request_errors_total{{class=\"4xx\"}} {}\n\
-         tp_request_errors_total{{class=\"5xx\"}} {}\n\
-         # HELP tp_requests_cancelled_total Generations stopped because the client went away.\n\
-         # TYPE tp_requests_cancelled_total counter\n\
-         tp_requests_cancelled_total {}\n\
-         # HELP tp_prompt_tokens_total Prompt tokens processed.\n\
-         # TYPE tp_prompt_tokens_total counter\n\
-         tp_prompt_tokens_total {}\n\
-         # HELP tp_completion_tokens_total Tokens generated.\n\
-         # TYPE tp_completion_tokens_total counter\n\
-         tp_completion_tokens_total {}\n\
-         # HELP tp_queue_depth Requests waiting for or holding the sequence slot.\n\
-         # TYPE tp_queue_depth gauge\n\
-         tp_queue_depth {}\n\
-         # HELP tp_slots_busy Sequence slots generating (v0.1 has one).\n\
-         # TYPE tp_slots_busy gauge\n\
-         tp_slots_busy {}",
-        load(&m.completions),
-        load(&m.chat_completions),
-        ERRORS_4XX.load(Ordering::Relaxed),
-        ERRORS_5XX.load(Ordering::Relaxed),
-        load(&m.cancelled),
-        load(&m.prompt_tokens),
-        load(&m.completion_tokens),
-        state.pending.load(Ordering::Relaxed),
-        m.busy.load(Ordering::Relaxed),
-    );
-    m.time_to_first_token.lock().unwrap().render(
-        "tp_time_to_first_token_seconds",
-        "From accepting a request to its first generated text.",
-        &mut out,
-    );
-    m.inter_token_latency.lock().unwrap().render(
-        "tp_inter_token_latency_seconds",
-        "Between consecutive generated tokens of one request.",
-        &mut out,
-    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        out,
+        state.metrics.render(),
     )
 }
 
@@ -285,6 +263,8 @@ struct Common {
     stop: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Some(n): report the chosen token's log-probability and n alternatives.
+    top_logprobs: Option<usize>,
 }
 
 fn number(body: &Value, key: &'static str) -> Result<Option<f64>, ApiError> {
@@ -322,7 +302,12 @@ fn boolean(body: &Value, key: &'static str) -> Result<bool, ApiError> {
     }
 }
 
-fn common(body: &Value, state: &AppState, max_context: usize) -> Result<Common, ApiError> {
+fn common(
+    body: &Value,
+    state: &AppState,
+    kind: &Kind,
+    max_context: usize,
+) -> Result<Common, ApiError> {
     if !body.is_object() {
         return Err(ApiError::invalid(
             "the request body must be a JSON object",
@@ -351,24 +336,35 @@ fn common(body: &Value, state: &AppState, max_context: usize) -> Result<Common, 
     {
         return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
     }
-    for key in ["presence_penalty", "frequency_penalty"] {
-        if number(body, key)?.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid(
-                format!("'{key}' is not supported yet (use repeat_penalty)"),
-                None,
-            ));
+    let top_logprobs = match kind {
+        // The completions API: `logprobs` is the number of alternatives (0 = the chosen token's).
+        Kind::Completion => match body.get("logprobs") {
+            None | Some(Value::Null) => None,
+            Some(_) => Some(integer(body, "logprobs")?.unwrap_or(0) as usize),
+        },
+        // The chat API: `logprobs` switches them on, `top_logprobs` asks for alternatives.
+        Kind::Chat => {
+            let top = integer(body, "top_logprobs")?;
+            match (boolean(body, "logprobs")?, top) {
+                (true, top) => Some(top.unwrap_or(0) as usize),
+                (false, Some(_)) => {
+                    return Err(ApiError::invalid(
+                        "'top_logprobs' needs 'logprobs': true",
+                        Some("top_logprobs"),
+                    ));
+                }
+                (false, None) => None,
+            }
         }
-    }
-    for key in ["logprobs", "top_logprobs"] {
-        if body
-            .get(key)
-            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
-        {
-            return Err(ApiError::invalid(
-                format!("'{key}' is not supported yet"),
-                None,
-            ));
-        }
+    };
+    if top_logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        return Err(ApiError::invalid(
+            format!("at most {MAX_TOP_LOGPROBS} log-probabilities per token"),
+            Some(match kind {
+                Kind::Completion => "logprobs",
+                Kind::Chat => "top_logprobs",
+            }),
+        ));
     }
     let max_tokens = integer(body, "max_tokens")?
         .or(integer(body, "max_completion_tokens")?)
@@ -386,6 +382,8 @@ fn common(body: &Value, state: &AppState, max_context: usize) -> Result<Common, 
         top_k: integer(body, "top_k")?.map_or(0, |v| v as usize),
         min_p: number(body, "min_p")?.map_or(0.0, |v| v as f32),
         repeat_penalty: number(body, "repeat_penalty")?.map_or(1.0, |v| v as f32),
+        frequency_penalty: number(body, "frequency_penalty")?.map_or(0.0, |v| v as f32),
+        presence_penalty: number(body, "presence_penalty")?.map_or(0.0, |v| v as f32),
         repeat_last_n: defaults.repeat_last_n,
         seed: integer(body, "seed")?.unwrap_or_else(|| now() ^ 0x5eed),
     };
@@ -434,6 +432,7 @@ fn common(body: &Value, state: &AppState, max_context: usize) -> Result<Common, 
         stop,
         stream,
         include_usage,
+        top_logprobs,
     })
 }
 
@@ -518,14 +517,14 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
             }
         }
     }
-    let rendered = {
-        let session = state.session.lock().await;
-        match &session.model.chat_template {
-            Some(template) => template.render(&messages, true),
-            None => {
-                return ApiError::invalid("this model has no chat template", Some("messages"))
-                    .into_response();
-            }
+    let Some(model) = ready_model(&state) else {
+        return not_ready().into_response();
+    };
+    let rendered = match &model.chat_template {
+        Some(template) => template.render(&messages, true),
+        None => {
+            return ApiError::invalid("this model has no chat template", Some("messages"))
+                .into_response();
         }
     };
     match rendered {
@@ -538,8 +537,19 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
     }
 }
 
+fn ready_model(state: &AppState) -> Option<Arc<Model>> {
+    state.ready.read().unwrap().as_ref().map(|r| r.model.clone())
+}
+
+fn not_ready() -> ApiError {
+    ApiError::unavailable(
+        "the model is still loading (or the server is stopping); see /health",
+        "model_not_ready",
+    )
+}
+
 /// Releases a queue place when dropped.
-struct Place(Arc<AppState>);
+struct Place(Arc<Metrics>);
 
 impl Drop for Place {
     fn drop(&mut self) {
@@ -547,10 +557,74 @@ impl Drop for Place {
     }
 }
 
-fn finish_reason(generation: &Generation) -> &'static str {
-    match generation.stop {
-        "limit" => "length",
-        _ => "stop",
+/// The text of a token as the logprobs fields show it, and its bytes.
+fn token_text(model: &Model, token: u32) -> (String, Vec<u8>) {
+    let bytes = model.tokenizer.token_bytes(token).to_vec();
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+/// Log-probabilities of generated tokens in the response's shape (chat or completions).
+struct Logprobs {
+    chat: bool,
+    /// Chat: `content` entries.
+    content: Vec<Value>,
+    /// Completions: parallel lists.
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top_logprobs: Vec<Value>,
+    text_offset: Vec<usize>,
+}
+
+impl Logprobs {
+    fn new(chat: bool) -> Logprobs {
+        Logprobs {
+            chat,
+            content: Vec::new(),
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            text_offset: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, model: &Model, sampled: &Sampled, text_offset: usize) {
+        let (text, bytes) = token_text(model, sampled.token);
+        if self.chat {
+            let top: Vec<Value> = sampled
+                .top
+                .iter()
+                .map(|&(id, lp)| {
+                    let (t, b) = token_text(model, id);
+                    json!({"token": t, "logprob": lp, "bytes": b})
+                })
+                .collect();
+            self.content.push(json!({
+                "token": text, "logprob": sampled.logprob, "bytes": bytes, "top_logprobs": top,
+            }));
+        } else {
+            let mut top = serde_json::Map::new();
+            for &(id, lp) in &sampled.top {
+                top.insert(token_text(model, id).0, json!(lp));
+            }
+            self.tokens.push(text);
+            self.token_logprobs.push(sampled.logprob);
+            self.top_logprobs.push(Value::Object(top));
+            self.text_offset.push(text_offset);
+        }
+    }
+
+    /// The `logprobs` value of a choice; `take` empties it (for streamed chunks).
+    fn take(&mut self) -> Value {
+        if self.chat {
+            json!({"content": std::mem::take(&mut self.content)})
+        } else {
+            json!({
+                "tokens": std::mem::take(&mut self.tokens),
+                "token_logprobs": std::mem::take(&mut self.token_logprobs),
+                "top_logprobs": std::mem::take(&mut self.top_logprobs),
+                "text_offset": std::mem::take(&mut self.text_offset),
+            })
+        }
     }
 }
 
@@ -558,33 +632,28 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
     if prompt.is_empty() {
         return ApiError::invalid("the prompt is empty", Some("prompt")).into_response();
     }
-    // Validation and tokenization need the model; a short lock.
-    let (common, prompt_tokens, max_context) = {
-        let session = state.session.lock().await;
-        let max_context = session.max_context;
-        let common = match common(&body, &state, max_context) {
-            Ok(c) => c,
-            Err(e) => return e.into_response(),
-        };
-        let tokenizer = &session.model.tokenizer;
-        let mut tokens = Vec::new();
-        if tokenizer.add_bos()
-            && let Some(bos) = tokenizer.bos_id()
-        {
-            tokens.push(bos);
-        }
-        match tokenizer.encode(&prompt, true) {
-            Ok(t) => tokens.extend(t),
-            Err(e) => {
-                return ApiError::invalid(
-                    format!("cannot tokenize the prompt: {e}"),
-                    Some("prompt"),
-                )
-                .into_response();
-            }
-        }
-        (common, tokens, max_context)
+    let (model, max_context, slots) = match state.ready.read().unwrap().as_ref() {
+        Some(r) => (r.model.clone(), r.max_context, r.slots),
+        None => return not_ready().into_response(),
     };
+    let common = match common(&body, &state, &kind, max_context) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let tokenizer = &model.tokenizer;
+    let mut prompt_tokens = Vec::new();
+    if tokenizer.add_bos()
+        && let Some(bos) = tokenizer.bos_id()
+    {
+        prompt_tokens.push(bos);
+    }
+    match tokenizer.encode(&prompt, true) {
+        Ok(t) => prompt_tokens.extend(t),
+        Err(e) => {
+            return ApiError::invalid(format!("cannot tokenize the prompt: {e}"), Some("prompt"))
+                .into_response();
+        }
+    }
     if prompt_tokens.len() + common.max_tokens > max_context {
         return ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -599,185 +668,206 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
         }
         .into_response();
     }
-    if state.pending.fetch_add(1, Ordering::SeqCst) > state.queue {
-        state.pending.fetch_sub(1, Ordering::SeqCst);
-        return ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: format!(
-                "the server is busy: {} requests are already waiting",
+    let metrics = state.metrics.clone();
+    if metrics.pending.fetch_add(1, Ordering::SeqCst) >= slots + state.queue {
+        metrics.pending.fetch_sub(1, Ordering::SeqCst);
+        return ApiError::unavailable(
+            format!(
+                "the server is busy: {slots} requests are running and {} waiting",
                 state.queue
             ),
-            kind: "server_error",
-            param: None,
-            code: Some("queue_full"),
-        }
+            "queue_full",
+        )
         .into_response();
     }
-    let place = Place(state.clone());
-    let accepted = Instant::now();
+    let place = Place(metrics.clone());
     match kind {
-        Kind::Completion => &state.metrics.completions,
-        Kind::Chat => &state.metrics.chat_completions,
+        Kind::Completion => &metrics.completions,
+        Kind::Chat => &metrics.chat_completions,
     }
     .fetch_add(1, Ordering::Relaxed);
-    let (id, object) = match kind {
-        Kind::Completion => (request_id("cmpl"), "text_completion"),
-        Kind::Chat => (request_id("chatcmpl"), "chat.completion"),
+    metrics
+        .prompt_tokens
+        .fetch_add(prompt_tokens.len() as u64, Ordering::Relaxed);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let job = Job {
+        prompt: prompt_tokens,
+        spec: SequenceSpec {
+            max_tokens: common.max_tokens,
+            params: common.params,
+            stop_strings: common.stop,
+            top_logprobs: common.top_logprobs.unwrap_or(0),
+        },
+        events: events_tx,
+        accepted: Instant::now(),
+    };
+    let sent = match state.ready.read().unwrap().as_ref() {
+        Some(r) => r.jobs.send(job).is_ok(),
+        None => false,
+    };
+    if !sent {
+        return not_ready().into_response();
+    }
+
+    let chat = matches!(kind, Kind::Chat);
+    let (id, object, chunk_object) = match kind {
+        Kind::Completion => (request_id("cmpl"), "text_completion", "text_completion"),
+        Kind::Chat => (
+            request_id("chatcmpl"),
+            "chat.completion",
+            "chat.completion.chunk",
+        ),
     };
     let created = now();
     let model_id = state.model_id.clone();
-    let prompt_count = prompt_tokens.len();
-    let chat = matches!(kind, Kind::Chat);
-    let chunk_object = if chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
+    let want_logprobs = common.top_logprobs.is_some();
+    let mut logprobs = Logprobs::new(chat);
+    let usage = |prompt_tokens: usize, completion_tokens: usize| {
+        json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        })
     };
-    // Server-sent events, serialized; the generation task sends one per piece of text.
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let event = {
-        let (id, model_id) = (id.clone(), model_id.clone());
-        move |choices: Value, usage: Option<Value>| {
-            let mut event = json!({
-                "id": id, "object": chunk_object, "created": created, "model": model_id,
-                "choices": choices,
-            });
-            if let Some(usage) = usage {
-                event["usage"] = usage;
-            }
-            event.to_string()
-        }
-    };
-    let streaming = common.stream;
-    let finished = tokio::spawn({
-        let state = state.clone();
-        let tx = tx.clone();
-        let event = event.clone();
-        async move {
-            let _place = place;
-            let mut session = state.session.lock().await;
-            let metrics = &state.metrics;
-            metrics.busy.fetch_add(1, Ordering::Relaxed);
-            let mut last_token: Option<Instant> = None;
-            let mut on_text = |piece: &str| {
-                let now = Instant::now();
-                match last_token {
-                    None => metrics
-                        .time_to_first_token
-                        .lock()
-                        .unwrap()
-                        .observe((now - accepted).as_secs_f64()),
-                    Some(last) => metrics
-                        .inter_token_latency
-                        .lock()
-                        .unwrap()
-                        .observe((now - last).as_secs_f64()),
+
+    if !common.stream {
+        let _place = place;
+        let mut text = String::new();
+        loop {
+            match events.recv().await {
+                Some(JobEvent::Token(sampled)) => {
+                    if want_logprobs && sampled.stop != Some(Stop::Eos) {
+                        logprobs.push(&model, &sampled, text.len());
+                    }
+                    text.push_str(&sampled.text);
                 }
-                last_token = Some(now);
-                if streaming && !piece.is_empty() {
-                    let choice = if chat {
-                        json!({"index": 0, "delta": {"content": piece}, "finish_reason": null})
-                    } else {
-                        json!({"index": 0, "text": piece, "logprobs": null, "finish_reason": null})
-                    };
-                    let _ = tx.send(event(json!([choice]), None));
-                }
-            };
-            let closed = tx.clone();
-            let cancelled = move || closed.is_closed();
-            let generation = session
-                .generate(GenerateRequest {
+                Some(JobEvent::Done {
+                    stop,
                     prompt_tokens,
-                    max_tokens: common.max_tokens,
-                    params: common.params,
-                    stop_strings: common.stop,
-                    logprobs: 0,
-                    on_text: Some(&mut on_text),
-                    cancelled: Some(&cancelled),
-                })
-                .await;
-            metrics.busy.fetch_sub(1, Ordering::Relaxed);
-            metrics
-                .prompt_tokens
-                .fetch_add(prompt_count as u64, Ordering::Relaxed);
-            if let Ok(generation) = &generation {
-                metrics
-                    .completion_tokens
-                    .fetch_add(generation.tokens.len() as u64, Ordering::Relaxed);
-                if generation.stop == "cancelled" {
-                    metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                    completion_tokens,
+                }) => {
+                    let logprobs = if want_logprobs {
+                        logprobs.take()
+                    } else {
+                        Value::Null
+                    };
+                    let choice = if chat {
+                        json!({
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "logprobs": logprobs,
+                            "finish_reason": stop.finish_reason(),
+                        })
+                    } else {
+                        json!({
+                            "index": 0, "text": text, "logprobs": logprobs,
+                            "finish_reason": stop.finish_reason(),
+                        })
+                    };
+                    return axum::Json(json!({
+                        "id": id, "object": object, "created": created, "model": model_id,
+                        "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
+                    }))
+                    .into_response();
                 }
+                Some(JobEvent::Failed(message)) => {
+                    return server_error(format!("generation failed: {message}"));
+                }
+                None => return server_error("generation ended without a result".into()),
             }
-            generation
         }
-    });
-    let usage = move |generation: &Generation| {
-        json!({
-            "prompt_tokens": prompt_count,
-            "completion_tokens": generation.tokens.len(),
-            "total_tokens": prompt_count + generation.tokens.len(),
-        })
-    };
-    if !streaming {
-        drop(tx);
-        let generation = match finished.await {
-            Ok(Ok(g)) => g,
-            Ok(Err(e)) => return server_error(format!("generation failed: {e:#}")),
-            Err(e) => return server_error(format!("generation failed: {e}")),
-        };
-        drop(rx);
-        let choice = if chat {
-            json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": generation.text},
-                "logprobs": null,
-                "finish_reason": finish_reason(&generation),
-            })
-        } else {
-            json!({
-                "index": 0, "text": generation.text, "logprobs": null,
-                "finish_reason": finish_reason(&generation),
-            })
-        };
-        return axum::Json(json!({
-            "id": id, "object": object, "created": created, "model": model_id,
-            "choices": [choice], "usage": usage(&generation),
-        }))
-        .into_response();
     }
-    // After the pieces: the finish reason, the usage when asked for, then [DONE].
+
+    // Server-sent events: a role delta (chat), the pieces, the finish reason, the usage when
+    // asked for, then [DONE]. A client that goes away closes `sse`, which drops `events` and
+    // so cancels the job.
     let include_usage = common.include_usage;
-    tokio::spawn(async move {
-        let tail = match finished.await {
-            Ok(Ok(generation)) => {
-                let choice = if chat {
-                    json!({"index": 0, "delta": {}, "finish_reason": finish_reason(&generation)})
-                } else {
-                    json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason(&generation)})
-                };
-                let mut tail = vec![event(json!([choice]), None)];
-                if include_usage {
-                    tail.push(event(json!([]), Some(usage(&generation))));
-                }
-                tail
-            }
-            Ok(Err(e)) => vec![json!({"error": {"message": format!("generation failed: {e:#}"), "type": "server_error"}}).to_string()],
-            Err(e) => vec![json!({"error": {"message": format!("generation failed: {e}"), "type": "server_error"}}).to_string()],
-        };
-        for data in tail {
-            let _ = tx.send(data);
-        }
-        let _ = tx.send("[DONE]".to_string());
-    });
-    let head = chat.then(|| {
-        json!({
+    let (sse, sse_rx) = mpsc::unbounded_channel::<String>();
+    let event = move |choice: Value, usage: Option<Value>| {
+        let mut event = json!({
             "id": id, "object": chunk_object, "created": created, "model": model_id,
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}],
-        })
-        .to_string()
+            "choices": if choice.is_null() { json!([]) } else { json!([choice]) },
+        });
+        if let Some(usage) = usage {
+            event["usage"] = usage;
+        }
+        event.to_string()
+    };
+    if chat {
+        let _ = sse.send(event(
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+            None,
+        ));
+    }
+    tokio::spawn(async move {
+        let _place = place;
+        let mut offset = 0;
+        loop {
+            let next = tokio::select! {
+                next = events.recv() => next,
+                _ = sse.closed() => return,
+            };
+            let data = match next {
+                Some(JobEvent::Token(sampled)) => {
+                    let with_logprobs = want_logprobs && sampled.stop != Some(Stop::Eos);
+                    if with_logprobs {
+                        logprobs.push(&model, &sampled, offset);
+                    }
+                    offset += sampled.text.len();
+                    if sampled.text.is_empty() && !with_logprobs {
+                        continue;
+                    }
+                    let lp = if with_logprobs {
+                        logprobs.take()
+                    } else {
+                        Value::Null
+                    };
+                    let choice = if chat {
+                        json!({"index": 0, "delta": {"content": sampled.text}, "logprobs": lp, "finish_reason": null})
+                    } else {
+                        json!({"index": 0, "text": sampled.text, "logprobs": lp, "finish_reason": null})
+                    };
+                    vec![event(choice, None)]
+                }
+                Some(JobEvent::Done {
+                    stop,
+                    prompt_tokens,
+                    completion_tokens,
+                }) => {
+                    let choice = if chat {
+                        json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": stop.finish_reason()})
+                    } else {
+                        json!({"index": 0, "text": "", "logprobs": null, "finish_reason": stop.finish_reason()})
+                    };
+                    let mut tail = vec![event(choice, None)];
+                    if include_usage {
+                        tail.push(event(
+                            Value::Null,
+                            Some(usage(prompt_tokens, completion_tokens)),
+                        ));
+                    }
+                    tail.push("[DONE]".into());
+                    tail
+                }
+                Some(JobEvent::Failed(message)) => vec![
+                    json!({"error": {"message": format!("generation failed: {message}"), "type": "server_error"}}).to_string(),
+                    "[DONE]".into(),
+                ],
+                None => vec![
+                    json!({"error": {"message": "generation ended without a result", "type": "server_error"}}).to_string(),
+                    "[DONE]".into(),
+                ],
+            };
+            let last = data.last().is_some_and(|d| d == "[DONE]");
+            for d in data {
+                let _ = sse.send(d);
+            }
+            if last {
+                return;
+            }
+        }
     });
-    let stream = tokio_stream::iter(head)
-        .chain(UnboundedReceiverStream::new(rx))
+    let stream = UnboundedReceiverStream::new(sse_rx)
         .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
     Sse::new(stream).into_response()
 }

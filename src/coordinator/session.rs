@@ -2,17 +2,19 @@
 //! step from the coordinator. Workers return, per position, their slice's best candidates and
 //! log-sum-exp; merging those is exact for everything sampling needs.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 
 use crate::coordinator::cluster::{Cluster, LoadSpec};
 use crate::coordinator::planner::{Plan, plan};
-use crate::coordinator::sampler::{Rng, SamplingParams, sample};
+use crate::coordinator::sampler::SamplingParams;
+use crate::coordinator::sequence::{Decoder, SequenceSpec, Stop};
 use crate::model::arch::ModelConfig;
 use crate::model::chat::ChatTemplate;
 use crate::model::gguf::GgufFile;
-use crate::model::tokenizer::{TextStream, Tokenizer};
+use crate::model::tokenizer::Tokenizer;
 use crate::proto;
 
 /// Candidates each worker sends per position unless sampling needs more.
@@ -154,26 +156,89 @@ pub struct Perplexity {
 }
 
 pub struct Session {
-    pub model: Model,
+    pub model: Arc<Model>,
     pub cluster: Cluster,
     pub plan: Plan,
     pub max_batch: usize,
+    /// Per sequence.
     pub max_context: usize,
+    /// KV-cache slots on every worker.
+    pub sequences: usize,
+}
+
+/// One forward pass over tokens of any sequences: `tokens[i]` at `positions[i]` of
+/// `sequences[i]`, with distributions wanted at `rows` (indices into `tokens`).
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub sequences: Vec<u32>,
+    pub rows: Vec<u32>,
+    /// Candidates per row each worker sends.
+    pub top: usize,
+    /// Whole logits rows as well.
+    pub full_logits: bool,
+}
+
+impl Batch {
+    pub fn push(&mut self, token: u32, position: usize, sequence: usize, row: bool) {
+        if row {
+            self.rows.push(self.tokens.len() as u32);
+        }
+        self.tokens.push(token);
+        self.positions.push(position as u32);
+        self.sequences.push(sequence as u32);
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// What one batched step returned.
+pub struct BatchOutput {
+    /// One per row of the batch, in its order.
+    pub distributions: Vec<Distribution>,
+    /// Per worker, in rank order: seconds computing the step, seconds inside AllReduce and
+    /// the number of AllReduces.
+    pub workers: Vec<WorkerStepTime>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerStepTime {
+    pub compute_seconds: f64,
+    pub collective_seconds: f64,
+    pub collectives: u32,
 }
 
 impl Session {
     pub async fn start(
         model: Model,
+        cluster: Cluster,
+        max_context: usize,
+        max_batch: usize,
+    ) -> anyhow::Result<Session> {
+        Session::start_with_sequences(model, cluster, max_context, max_batch, 1).await
+    }
+
+    /// Loads the model with `sequences` KV-cache slots of `max_context` positions each.
+    pub async fn start_with_sequences(
+        model: Model,
         mut cluster: Cluster,
         max_context: usize,
         max_batch: usize,
+        sequences: usize,
     ) -> anyhow::Result<Session> {
         let max_context = max_context.min(model.config.context_length);
         let plan = plan(&model.config, &cluster.weights())?;
         let spec = LoadSpec {
             file: &model.file,
             plan: &plan,
-            max_sequences: 1,
+            max_sequences: sequences.max(1),
             max_context,
             max_batch,
         };
@@ -188,11 +253,61 @@ impl Session {
             );
         }
         Ok(Session {
-            model,
+            model: Arc::new(model),
             cluster,
             plan,
             max_batch,
             max_context,
+            sequences: sequences.max(1),
+        })
+    }
+
+    /// Runs one batch mixing any sequences' tokens (continuous batching).
+    pub async fn step(&mut self, batch: &Batch) -> anyhow::Result<BatchOutput> {
+        if batch.is_empty() || batch.len() > self.max_batch {
+            bail!(
+                "a batch of {} tokens is empty or over the maximum of {}",
+                batch.len(),
+                self.max_batch
+            );
+        }
+        for (&p, &s) in batch.positions.iter().zip(&batch.sequences) {
+            if p as usize >= self.max_context || s as usize >= self.sequences {
+                bail!(
+                    "position {p} of sequence {s} is outside {} sequences of {} positions",
+                    self.sequences,
+                    self.max_context
+                );
+            }
+        }
+        let replies = self
+            .cluster
+            .step(proto::StepRequest {
+                step: 0,
+                tokens: batch.tokens.clone(),
+                positions: batch.positions.clone(),
+                sequences: batch.sequences.clone(),
+                output_rows: batch.rows.clone(),
+                top_k: batch.top as u32,
+                full_logits: batch.full_logits,
+                targets: Vec::new(),
+            })
+            .await?;
+        let vocab_size = self.model.config.vocab_size;
+        let distributions = (0..batch.rows.len())
+            .map(|i| merge_rows(&replies, i, batch.top, vocab_size, batch.full_logits))
+            .collect();
+        let workers = replies
+            .iter()
+            .map(|r| WorkerStepTime {
+                compute_seconds: r.compute_seconds,
+                collective_seconds: r.collective_seconds,
+                collectives: r.collectives,
+            })
+            .collect();
+        Ok(BatchOutput {
+            distributions,
+            workers,
         })
     }
 
@@ -300,7 +415,6 @@ impl Session {
         &mut self,
         mut request: GenerateRequest<'_>,
     ) -> anyhow::Result<Generation> {
-        request.params.validate().map_err(|e| anyhow::anyhow!(e))?;
         let prompt = request.prompt_tokens.clone();
         if prompt.is_empty() {
             bail!("the prompt is empty");
@@ -313,17 +427,18 @@ impl Session {
                 self.max_context
             );
         }
-        let candidates = DEFAULT_CANDIDATES
-            .max(request.params.top_k)
-            .max(request.logprobs)
-            .min(1000);
-        let full = request.params.needs_full_logits(candidates);
-        let mut rng = Rng::new(request.params.seed);
-        let mut stream = TextStream::new();
-        let mut text = String::new();
+        let mut decoder = Decoder::new(
+            SequenceSpec {
+                max_tokens: request.max_tokens,
+                params: request.params.clone(),
+                stop_strings: request.stop_strings.clone(),
+                top_logprobs: request.logprobs,
+            },
+            &prompt,
+        )?;
+        let (candidates, full) = (decoder.candidates(), decoder.needs_full_logits());
         let mut tokens = Vec::new();
         let mut top_logprobs = Vec::new();
-        let mut history = prompt.clone();
         self.cluster.clear_sequence(0).await?;
 
         let prompt_started = Instant::now();
@@ -332,75 +447,29 @@ impl Session {
             .await?;
         let prompt_ms = prompt_started.elapsed().as_secs_f64() * 1e3;
         let generation_started = Instant::now();
-        let mut stop = "limit";
-        while tokens.len() < request.max_tokens {
+        let stop = loop {
             if request.cancelled.is_some_and(|cancelled| cancelled()) {
-                stop = "cancelled";
-                break;
+                break Stop::Cancelled;
             }
             let (distribution, _) = next.pop().context("no logits returned")?;
-            let pool: Vec<(u32, f32)> = match &distribution.full {
-                Some(full) => full
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &l)| (i as u32, l))
-                    .collect(),
-                None => distribution.candidates.clone(),
-            };
-            let token = sample(&pool, &request.params, &history, &mut rng)
-                .context("no candidates to sample")?;
+            let sampled = decoder.next(&distribution, &self.model.tokenizer)?;
             if request.logprobs > 0 {
-                top_logprobs.push(
-                    distribution
-                        .candidates
-                        .iter()
-                        .take(request.logprobs)
-                        .map(|&(id, l)| (id, distribution.logprob(l)))
-                        .collect(),
-                );
+                top_logprobs.push(sampled.top);
             }
-            tokens.push(token);
-            history.push(token);
-            if self.model.tokenizer.is_end_of_generation(token) {
-                stop = "eos";
-                break;
-            }
-            let piece = stream.push(&self.model.tokenizer.token_bytes(token));
-            text.push_str(&piece);
-            if let Some(at) = request
-                .stop_strings
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
+            tokens.push(sampled.token);
+            if let Some(on_text) = request.on_text.as_mut()
+                && !sampled.text.is_empty()
             {
-                let before = text.len() - piece.len();
-                text.truncate(at);
-                if let Some(on_text) = request.on_text.as_mut()
-                    && at > before
-                {
-                    on_text(&text[before..]);
-                }
-                stop = "stop";
-                break;
+                on_text(&sampled.text);
             }
-            if let Some(on_text) = request.on_text.as_mut() {
-                on_text(&piece);
-            }
-            if tokens.len() == request.max_tokens {
-                break;
+            if let Some(stop) = sampled.stop {
+                break stop;
             }
             let position = prompt.len() + tokens.len() - 1;
             next = self
-                .forward(&[token], position, &[0], candidates, full, &[])
+                .forward(&[sampled.token], position, &[0], candidates, full, &[])
                 .await?;
-        }
-        if stop == "limit" {
-            let rest = stream.finish();
-            text.push_str(&rest);
-            if let Some(on_text) = request.on_text.as_mut() {
-                on_text(&rest);
-            }
-        }
+        };
         let generation_ms = generation_started.elapsed().as_secs_f64() * 1e3;
         let per_second = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
         Ok(Generation {
@@ -416,8 +485,8 @@ impl Session {
                 ),
             },
             tokens,
-            text,
-            stop,
+            text: decoder.text().to_string(),
+            stop: stop.name(),
             top_logprobs,
         })
     }

@@ -123,6 +123,9 @@ pub struct Executor {
     staged: bool,
     /// The staged AllReduce already added its sum to the residual stream.
     residual_added: bool,
+    /// Time inside AllReduce during the last step, and how many it ran.
+    collective_time: std::time::Duration,
+    collectives: u32,
 }
 
 fn slot(buffer: Buffer) -> usize {
@@ -258,6 +261,8 @@ impl Executor {
             partial: vec![0f64; config.model_dim * max_batch],
             staged: false,
             residual_added: false,
+            collective_time: std::time::Duration::ZERO,
+            collectives: 0,
         })
     }
 
@@ -267,6 +272,11 @@ impl Executor {
 
     pub fn clear_sequence(&mut self, sequence: usize) {
         self.kv.clear(sequence);
+    }
+
+    /// Seconds inside AllReduce during the last step, and how many AllReduces it ran.
+    pub fn collective_stats(&self) -> (f64, u32) {
+        (self.collective_time.as_secs_f64(), self.collectives)
     }
 
     pub fn vocab_start(&self) -> usize {
@@ -321,7 +331,11 @@ impl Executor {
             self.prepared_key = None;
             self.staged = false;
             self.residual_added = false;
+            self.collective_time = std::time::Duration::ZERO;
+            self.collectives = 0;
             for op in &program {
+                let reduce_started =
+                    matches!(op, Exec::AllReduce { .. }).then(std::time::Instant::now);
                 if !matches!(op, Exec::Linear { .. }) {
                     // Any other op may rewrite the buffer the activations were prepared from.
                     self.prepared_key = None;
@@ -404,6 +418,10 @@ impl Executor {
                     }
                     Exec::OutputHead { weight } => results = self.output_head(weight, output),
                     Exec::EmitLogits => {}
+                }
+                if let Some(started) = reduce_started {
+                    self.collective_time += started.elapsed();
+                    self.collectives += 1;
                 }
             }
             Ok(results)

@@ -603,6 +603,8 @@ impl proto::worker_server::Worker for WorkerService {
                     .collect(),
                 vocab_start: executor.vocab_start() as u32,
                 compute_seconds: started.elapsed().as_secs_f64(),
+                collective_seconds: executor.collective_stats().0,
+                collectives: executor.collective_stats().1,
             }))
         })
         .await
