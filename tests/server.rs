@@ -4,104 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-
+use common::server::*;
 use common::*;
 use serde_json::{Value, json};
-
-struct Server {
-    child: Child,
-    address: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGTERM: the server drains and stops its workers.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn start(model: &std::path::Path) -> Server {
-    let mut child = Command::new(coordinator_binary())
-        .args([
-            "--model",
-            model.to_str().unwrap(),
-            "--local",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["-c", "512", "--queue", "4"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "server exited before serving"
-        );
-        if let Some(rest) = line.strip_prefix("serving on http://") {
-            let address = rest.split('/').next().unwrap().to_string();
-            // Keep draining stderr so that the server never blocks on it.
-            std::thread::spawn(move || {
-                let mut sink = String::new();
-                while stderr.read_line(&mut sink).is_ok_and(|n| n > 0) {
-                    sink.clear();
-                }
-            });
-            return Server { child, address };
-        }
-    }
-}
-
-/// One request; returns the status and the body.
-fn http(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(&server.address).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    (
-        status,
-        if chunked {
-            dechunk(body)
-        } else {
-            body.to_string()
-        },
-    )
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").unwrap();
-        let size = usize::from_str_radix(size.trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-}
 
 fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
     let (status, text) = http(server, "POST", path, &body.to_string());
@@ -119,7 +24,7 @@ fn events(text: &str) -> Vec<String> {
 #[test]
 fn completions_chat_streaming_and_errors() {
     let Some(path) = model(SMOLLM2) else { return };
-    let server = start(&path);
+    let server = start(&path, &["-c", "512", "--queue", "4", "--parallel", "2"]);
 
     let (status, health) = http(&server, "GET", "/health", "");
     assert_eq!(status, 200, "{health}");
@@ -271,7 +176,17 @@ fn completions_chat_streaming_and_errors() {
         ),
         (
             "/v1/completions",
-            r#"{"prompt": "x", "presence_penalty": 0.5}"#,
+            r#"{"prompt": "x", "presence_penalty": 3}"#,
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "logprobs": 21}"#,
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#,
             400,
         ),
         ("/v1/chat/completions", r#"{"messages": []}"#, 400),
@@ -320,6 +235,13 @@ fn completions_chat_streaming_and_errors() {
     );
     assert_eq!(value("tp_queue_depth"), 0.0);
     assert_eq!(value("tp_slots_busy"), 0.0);
+    assert!(value("tp_slots_total") >= 1.0);
+    // Every pass was timed on both workers, and each of their AllReduces on shared memory.
+    let steps = value("tp_steps_total");
+    assert!(steps >= 4.0 * 12.0);
+    assert_eq!(value("tp_worker_step_seconds_count{rank=\"0\"}"), steps);
+    assert_eq!(value("tp_worker_step_seconds_count{rank=\"1\"}"), steps);
+    assert!(value("tp_allreduce_seconds_count{transport=\"shm\"}") >= 2.0 * steps);
     assert!(value("tp_completion_tokens_total") >= 4.0 * 12.0);
     assert_eq!(value("tp_time_to_first_token_seconds_count"), 7.0);
     assert!(value("tp_inter_token_latency_seconds_count") >= 4.0 * 11.0);

@@ -206,8 +206,9 @@ pub async fn run(
         }
         finished.sort_unstable();
         for &index in finished.iter().rev() {
-            free.push(active.swap_remove(index).sequence);
+            free.push(active.remove(index).sequence);
         }
+        metrics.busy.store(active.len(), Ordering::Relaxed);
     }
     metrics.busy.store(0, Ordering::Relaxed);
     session

@@ -211,10 +211,11 @@ mod tests {
         assert_eq!(sample(&c, &frequency, &[5], &mut Rng::new(0)), Some(5));
         assert_eq!(sample(&c, &frequency, &[5, 5], &mut Rng::new(0)), Some(7));
         let presence = SamplingParams {
-            presence_penalty: 0.3,
+            presence_penalty: 0.6,
             ..SamplingParams::greedy()
         };
-        // Presence does not grow with the count: 5 and 7 both fall by 0.3, 9 wins.
+        // Presence does not grow with the count: 5 (three times) falls to 1.4 and 7 to 1.15;
+        // 9 wins with 1.5.
         assert_eq!(
             sample(&c, &presence, &[5, 5, 5, 7], &mut Rng::new(0)),
             Some(9)

@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: model paths, golden data, local clusters.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 
 use tp::coordinator::cluster::{Cluster, ClusterLimits};

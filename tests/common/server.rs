@@ -1,0 +1,120 @@
+//! A `tp-coordinator` server run by a test, and plain HTTP/1.1 requests to it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+use super::coordinator_binary;
+
+pub struct Server {
+    pub child: Child,
+    pub address: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM: the server drains and stops its workers.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `tp-coordinator` serving `model` on two local workers with `args` added, and waits
+/// until it is ready.
+pub fn start(model: &std::path::Path, args: &[&str]) -> Server {
+    let mut child = Command::new(coordinator_binary())
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--local",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before serving"
+        );
+        if let Some(rest) = line.strip_prefix("serving on http://") {
+            let address = rest.split('/').next().unwrap().to_string();
+            // Keep draining stderr so that the server never blocks on it.
+            std::thread::spawn(move || {
+                let mut sink = String::new();
+                while stderr.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                    sink.clear();
+                }
+            });
+            let server = Server { child, address };
+            wait_until_ready(&server);
+            return server;
+        }
+    }
+}
+
+/// The server listens while it loads: /health is 503 `loading` until every shard is in place,
+/// and generation requests are refused with 503 meanwhile.
+pub fn wait_until_ready(server: &Server) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let (status, body) = http(server, "GET", "/health", "");
+        if status == 200 {
+            return;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("loading"), "{body}");
+        assert!(std::time::Instant::now() < deadline, "not ready after 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// One request; returns the status and the body.
+pub fn http(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(&server.address).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    )
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
