@@ -255,3 +255,85 @@ fn build_batch(active: &mut [Active], max_batch: usize, chunk: usize) -> (Batch,
     batch.full_logits = rows.iter().any(|a| a.decoder.needs_full_logits());
     (batch, owners)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::sampler::SamplingParams;
+
+    fn active(sequence: usize, prompt: usize, fed: usize, pending: Option<u32>) -> Active {
+        let (events, _) = mpsc::unbounded_channel();
+        let spec = SequenceSpec {
+            max_tokens: 8,
+            params: SamplingParams::greedy(),
+            stop_strings: Vec::new(),
+            top_logprobs: 0,
+        };
+        let prompt: Vec<u32> = (0..prompt as u32).collect();
+        let mut decoder = Decoder::new(spec.clone(), &prompt).unwrap();
+        if pending.is_some() {
+            // One token sampled already: its position is the prompt's length.
+            let d = crate::coordinator::session::Distribution {
+                candidates: vec![(7, 1.0)],
+                log_sum_exp: 1.0,
+                full: None,
+            };
+            if let Some(tokenizer) = crate::model::tokenizer::tests::smollm2() {
+                decoder.next(&d, tokenizer).unwrap();
+            }
+        }
+        Active {
+            job: Job {
+                prompt,
+                spec,
+                events,
+                accepted: Instant::now(),
+            },
+            sequence,
+            fed,
+            decoder,
+            pending,
+            last_token_at: None,
+        }
+    }
+
+    #[test]
+    fn generating_sequences_go_first_and_long_prompts_come_in_chunks() {
+        if crate::model::tokenizer::tests::smollm2().is_none() {
+            return;
+        }
+        // Two sequences generating, one with a 300-token prompt not yet read.
+        let mut list = vec![
+            active(3, 5, 5, Some(11)),
+            active(0, 300, 0, None),
+            active(1, 9, 9, Some(12)),
+        ];
+        let (batch, owners) = build_batch(&mut list, 512, 64);
+        // One token each for the generating ones, at their next positions, then 64 prompt
+        // tokens; no output row for the prompt until its last chunk.
+        assert_eq!(batch.len(), 2 + 64);
+        assert_eq!(&batch.tokens[..2], &[11, 12]);
+        assert_eq!(&batch.positions[..2], &[5, 9]);
+        assert_eq!(&batch.sequences[..2], &[3, 1]);
+        assert_eq!(batch.rows, vec![0, 1]);
+        assert_eq!(owners, vec![0, 2]);
+        assert_eq!(batch.positions[2..], (0..64).collect::<Vec<u32>>());
+        assert!(batch.sequences[2..].iter().all(|&s| s == 0));
+        assert_eq!(list[1].fed, 64);
+
+        // Alone, a prompt takes the whole batch; its last token is the output row.
+        let mut alone = vec![active(2, 300, 0, None)];
+        let (batch, owners) = build_batch(&mut alone, 512, 64);
+        assert_eq!(batch.len(), 300);
+        assert_eq!(batch.rows, vec![299]);
+        assert_eq!(owners, vec![0]);
+        assert_eq!(alone[0].fed, 300);
+
+        // The batch limit bounds prompt tokens even without generating sequences.
+        let mut two = vec![active(0, 300, 0, None), active(1, 300, 0, None)];
+        let (batch, owners) = build_batch(&mut two, 512, 64);
+        assert_eq!(batch.len(), 512);
+        assert_eq!((two[0].fed, two[1].fed), (300, 212));
+        assert_eq!(owners, vec![0]);
+    }
+}
