@@ -7,9 +7,11 @@
 //! - [`coordinator`]: the split-state planner, cluster membership, sampling, generation and the
 //!   `tp-coordinator` command line.
 //! - [`worker`]: shard loading, the shard-program executor and KV cache, the worker's gRPC service.
+//! - [`auth`]: the control plane's shared token and one-coordinator-at-a-time rule.
 //! - [`transport`]: the `Collective` trait and its shared-memory AllReduce.
 //! - [`proto`]: the control-plane messages generated from `proto/tp.proto`.
 
+pub mod auth;
 pub mod coordinator;
 pub mod kernels;
 pub mod model;

@@ -127,7 +127,15 @@ impl Net {
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.namespaces[host]])
             .arg(worker_binary())
-            .args(["--listen", &address, "--threads", "1", "--log", "warn"])
+            .args([
+                "--listen",
+                &address,
+                "--threads",
+                "1",
+                "--log",
+                "warn",
+                "--no-auth",
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

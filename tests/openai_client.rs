@@ -17,7 +17,9 @@ use common::*;
 fn python_path() -> PathBuf {
     match std::env::var_os("TP_PYTHONPATH") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/tp/python"),
+        None => {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/tp/python")
+        }
     }
 }
 
@@ -44,7 +46,11 @@ fn official_openai_client() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai/client.py");
     let output = Command::new("python3")
         .arg(&script)
-        .args(["test", "--base-url", &format!("http://{}/v1", server.address)])
+        .args([
+            "test",
+            "--base-url",
+            &format!("http://{}/v1", server.address),
+        ])
         .env("PYTHONPATH", python_path())
         .output()
         .unwrap();

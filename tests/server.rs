@@ -179,11 +179,7 @@ fn completions_chat_streaming_and_errors() {
             r#"{"prompt": "x", "presence_penalty": 3}"#,
             400,
         ),
-        (
-            "/v1/completions",
-            r#"{"prompt": "x", "logprobs": 21}"#,
-            400,
-        ),
+        ("/v1/completions", r#"{"prompt": "x", "logprobs": 21}"#, 400),
         (
             "/v1/chat/completions",
             r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#,

@@ -29,6 +29,14 @@ struct Args {
     /// there (0: any free port; the coordinator learns it from the worker).
     #[arg(long, default_value_t = 0)]
     data_port: u16,
+    /// File holding the cluster's shared token (first line; at least 16 characters). Every
+    /// control-plane request must carry it; give the coordinator the same file.
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<std::path::PathBuf>,
+    /// Accept control-plane requests without a token on a non-loopback address (only on a
+    /// network where everyone may drive this worker).
+    #[arg(long, conflicts_with = "auth_token_file")]
+    no_auth: bool,
     /// Log level filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     log: String,
@@ -36,6 +44,23 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let auth_token = match &args.auth_token_file {
+        Some(path) => match tp::auth::Token::read(path) {
+            Ok(token) => Some(token),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None if !args.listen.ip().is_loopback() && !args.no_auth => {
+            eprintln!(
+                "error: --listen {} is reachable from other hosts: give --auth-token-file FILE (the same file as the coordinator's), or --no-auth on a network you trust",
+                args.listen
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+        None => None,
+    };
     let cpus = match args.cpus.as_deref().map(tp::kernels::pool::parse_cpu_list) {
         None => None,
         Some(Ok(cpus)) => Some(cpus),
@@ -61,7 +86,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(args, cpus))
+    runtime.block_on(serve(args, cpus, auth_token))
 }
 
 /// The CPUs to pin compute threads to: those given, or the process's CPU set when it is a
@@ -76,19 +101,29 @@ fn pin_set(cpus: Option<Vec<usize>>) -> Option<Vec<usize>> {
     (!allowed.is_empty() && (allowed.len() as i64) < online).then_some(allowed)
 }
 
-async fn serve(args: Args, cpus: Option<Vec<usize>>) -> std::process::ExitCode {
+async fn serve(
+    args: Args,
+    cpus: Option<Vec<usize>>,
+    auth_token: Option<tp::auth::Token>,
+) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if auth_token.is_none() {
+        tracing::warn!(
+            "the control plane accepts requests without a token (give --auth-token-file)"
+        );
+    }
     let options = tp::worker::WorkerOptions {
         listen: args.listen,
         threads: args.threads,
         pin: pin_set(cpus),
         cache_dir: args.cache_dir.clone(),
         data_port: args.data_port,
+        auth_token,
     };
     let on_bound = |address: SocketAddr| {
         let mut stdout = std::io::stdout();

@@ -197,6 +197,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 collective_timeout: args.collective_timeout,
                 transport: args.transport,
                 sync_precision: args.sync_precision,
+                auth_token_file: None,
             };
             let cluster = start_cluster_with(&cluster_args).await?;
             let mut session =

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::auth::Token;
 use crate::coordinator::bench::BenchArgs;
 use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile, TransportChoice};
 use crate::coordinator::planner::{AttentionUnit, plan};
@@ -118,6 +119,11 @@ pub struct ClusterArgs {
     /// bf16, f16 or q8_0 (fewer bytes, small rounding error).
     #[arg(long, default_value = "full", value_parser = parse_precision)]
     pub sync_precision: SyncPrecision,
+    /// File holding the workers' shared token (the file each tp-worker got with
+    /// --auth-token-file); overrides auth_token_file in hosts.toml. --local workers get a fresh
+    /// token of their own.
+    #[arg(long, value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
 }
 
 fn parse_precision(s: &str) -> Result<SyncPrecision, String> {
@@ -254,6 +260,14 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
         }
         (None, Some(path)) => {
             let hosts = HostsFile::read(path)?;
+            let token_file = args
+                .auth_token_file
+                .as_ref()
+                .or(hosts.auth_token_file.as_ref());
+            let limits = ClusterLimits {
+                auth_token: token_file.map(|f| Token::read(f)).transpose()?,
+                ..limits
+            };
             let mut cluster = Cluster::connect(&hosts.workers, limits).await?;
             cluster.transport = args.transport.unwrap_or(hosts.transport);
             cluster.sync_precision = args.sync_precision;

@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+use crate::auth::{BUSY_WITH_ANOTHER, ClientAuth, OWNER_LEASE, Token};
 
 use crate::coordinator::planner::{Plan, RankShard};
 use crate::model::gguf::GgufFile;
@@ -31,6 +34,11 @@ pub struct ClusterLimits {
     /// HTTP/2 ping interval on the control plane, and how long a ping may go unanswered.
     pub keep_alive_interval: Duration,
     pub keep_alive_timeout: Duration,
+    /// How often an idle coordinator calls each worker, keeping its claim on them
+    /// (`auth::OWNER_LEASE`) and noticing a lost one between requests.
+    pub heartbeat_interval: Duration,
+    /// The control plane's shared token (`--auth-token-file`); None where workers accept anyone.
+    pub auth_token: Option<Token>,
 }
 
 impl Default for ClusterLimits {
@@ -43,6 +51,8 @@ impl Default for ClusterLimits {
             collective_timeout: Duration::from_secs(10),
             keep_alive_interval: Duration::from_secs(1),
             keep_alive_timeout: Duration::from_secs(2),
+            heartbeat_interval: Duration::from_secs(1),
+            auth_token: None,
         }
     }
 }
@@ -54,6 +64,10 @@ pub struct HostsFile {
     /// host, gRPC otherwise), "shm" or "grpc".
     #[serde(default)]
     pub transport: TransportChoice,
+    /// File holding the workers' shared token (relative paths are from this file's directory);
+    /// `--auth-token-file` overrides it.
+    #[serde(default)]
+    pub auth_token_file: Option<PathBuf>,
     #[serde(rename = "worker")]
     pub workers: Vec<WorkerEntry>,
 }
@@ -118,6 +132,13 @@ impl HostsFile {
         if hosts.workers.is_empty() {
             bail!("{}: no [[worker]] entries", path.display());
         }
+        let mut hosts = hosts;
+        if let Some(file) = &hosts.auth_token_file
+            && file.is_relative()
+        {
+            let base = path.parent().unwrap_or(Path::new("."));
+            hosts.auth_token_file = Some(base.join(file));
+        }
         Ok(hosts)
     }
 }
@@ -127,7 +148,7 @@ pub struct WorkerHandle {
     pub weight: f64,
     pub threads: usize,
     pub model_path: Option<String>,
-    pub client: WorkerClient<Channel>,
+    pub client: Client,
     pub hello: proto::HelloReply,
 }
 
@@ -145,6 +166,13 @@ pub struct Cluster {
     generation: u64,
     reconnect: bool,
     streamed_bytes: Vec<u64>,
+    heartbeat: tokio::task::AbortHandle,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
 }
 
 /// What the cluster needs to load a model.
@@ -156,10 +184,14 @@ pub struct LoadSpec<'a> {
     pub max_batch: usize,
 }
 
+/// A worker's control-plane client; every request carries the coordinator's credentials.
+pub type Client = WorkerClient<InterceptedService<Channel, ClientAuth>>;
+
 async fn connect(
     address: &str,
     limits: &ClusterLimits,
-) -> anyhow::Result<(WorkerClient<Channel>, proto::HelloReply)> {
+    auth: &ClientAuth,
+) -> anyhow::Result<(Client, proto::HelloReply)> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
         .with_context(|| format!("bad worker address '{address}'"))?
         .connect_timeout(limits.connect_timeout)
@@ -172,15 +204,37 @@ async fn connect(
         .connect()
         .await
         .with_context(|| format!("cannot reach worker at {address}"))?;
-    let mut client = WorkerClient::new(channel)
+    let mut client = WorkerClient::with_interceptor(channel, auth.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let hello = tokio::time::timeout(limits.connect_timeout, client.hello(proto::HelloRequest {}))
-        .await
-        .with_context(|| format!("worker at {address} did not answer Hello"))?
-        .with_context(|| format!("worker at {address} refused Hello"))?
-        .into_inner();
-    Ok((client, hello))
+    // A worker still claimed by a coordinator that stopped is free after its lease.
+    let deadline = tokio::time::Instant::now() + OWNER_LEASE + Duration::from_secs(2);
+    let mut told = false;
+    loop {
+        let hello =
+            tokio::time::timeout(limits.connect_timeout, client.hello(proto::HelloRequest {}))
+                .await
+                .with_context(|| format!("worker at {address} did not answer Hello"))?;
+        match hello {
+            Ok(hello) => return Ok((client, hello.into_inner())),
+            Err(status)
+                if status.code() == tonic::Code::FailedPrecondition
+                    && status.message().contains(BUSY_WITH_ANOTHER)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                if !told {
+                    tracing::warn!(%address, "{}; waiting", status.message());
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => bail!(
+                "worker at {address} refused this coordinator: {} (give the coordinator the workers' token with --auth-token-file or auth_token_file in hosts.toml)",
+                status.message()
+            ),
+            Err(status) => bail!("worker at {address} refused Hello: {}", status.message()),
+        }
+    }
 }
 
 impl Cluster {
@@ -188,9 +242,10 @@ impl Cluster {
         entries: &[WorkerEntry],
         limits: ClusterLimits,
     ) -> anyhow::Result<Cluster> {
-        let mut workers = Vec::new();
+        let auth = ClientAuth::new(limits.auth_token.as_ref())?;
+        let mut workers: Vec<WorkerHandle> = Vec::new();
         for entry in entries {
-            let (client, hello) = connect(&entry.address, &limits).await?;
+            let (client, hello) = connect(&entry.address, &limits, &auth).await?;
             workers.push(WorkerHandle {
                 address: entry.address.clone(),
                 weight: entry.weight,
@@ -200,6 +255,21 @@ impl Cluster {
                 hello,
             });
         }
+        // Calls each worker every heartbeat_interval, so that an idle coordinator keeps them.
+        let clients: Vec<Client> = workers.iter().map(|w| w.client.clone()).collect();
+        let interval = limits.heartbeat_interval;
+        let heartbeat = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                for client in &clients {
+                    let mut client = client.clone();
+                    let _ =
+                        tokio::time::timeout(interval, client.hello(proto::HelloRequest {})).await;
+                }
+            }
+        })
+        .abort_handle();
         Ok(Cluster {
             workers,
             children: Vec::new(),
@@ -212,6 +282,7 @@ impl Cluster {
             generation: 0,
             reconnect: false,
             streamed_bytes: Vec::new(),
+            heartbeat,
         })
     }
 
@@ -220,8 +291,13 @@ impl Cluster {
         worker_binary: &Path,
         weights: &[f64],
         threads_per_worker: usize,
-        limits: ClusterLimits,
+        mut limits: ClusterLimits,
     ) -> anyhow::Result<Cluster> {
+        // A token of their own, handed over in a file only this user can read.
+        let token = Token::generate()?;
+        let token_file = token.write_private(&std::env::temp_dir())?;
+        let _remove = RemoveOnDrop(token_file.parent().map(Path::to_path_buf));
+        limits.auth_token = Some(token);
         let mut children = Vec::new();
         let mut entries = Vec::new();
         // Give each worker its own cores when they go round, so that pinned threads of
@@ -239,6 +315,8 @@ impl Cluster {
                     "--threads",
                     &threads_per_worker.to_string(),
                 ])
+                .arg("--auth-token-file")
+                .arg(&token_file)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -768,6 +846,17 @@ fn host_identity_here() -> HostIdentity {
         crate::worker::hostname(),
         crate::worker::network_namespace(),
     )
+}
+
+/// Removes a directory when dropped.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// A fresh secret for a cluster's data plane, from the kernel's random source.

@@ -94,7 +94,9 @@ pub async fn run(
             let gone = a.job.events.is_closed();
             if gone {
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                metrics.completion_tokens.fetch_add(a.decoder.generated() as u64, Ordering::Relaxed);
+                metrics
+                    .completion_tokens
+                    .fetch_add(a.decoder.generated() as u64, Ordering::Relaxed);
                 free.push(a.sequence);
             }
             !gone
@@ -251,7 +253,11 @@ fn build_batch(active: &mut [Active], max_batch: usize, chunk: usize) -> (Batch,
         room -= n;
     }
     let rows: Vec<&Active> = owners.iter().map(|&i| &active[i]).collect();
-    batch.top = rows.iter().map(|a| a.decoder.candidates()).max().unwrap_or(1);
+    batch.top = rows
+        .iter()
+        .map(|a| a.decoder.candidates())
+        .max()
+        .unwrap_or(1);
     batch.full_logits = rows.iter().any(|a| a.decoder.needs_full_logits());
     (batch, owners)
 }

@@ -136,7 +136,9 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen))?;
     let address = listener.local_addr()?;
     tracing::info!(%address, "serving the OpenAI API");
-    eprintln!("serving on http://{address}/v1 (Ctrl-C stops; /health is ready once the model is loaded)");
+    eprintln!(
+        "serving on http://{address}/v1 (Ctrl-C stops; /health is ready once the model is loaded)"
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
         let mut stop_rx = stop_rx;
@@ -538,7 +540,12 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
 }
 
 fn ready_model(state: &AppState) -> Option<Arc<Model>> {
-    state.ready.read().unwrap().as_ref().map(|r| r.model.clone())
+    state
+        .ready
+        .read()
+        .unwrap()
+        .as_ref()
+        .map(|r| r.model.clone())
 }
 
 fn not_ready() -> ApiError {

@@ -44,6 +44,8 @@ pub struct WorkerOptions {
     pub cache_dir: Option<PathBuf>,
     /// Port of the data-plane socket (on the control plane's address); 0 picks a free one.
     pub data_port: u16,
+    /// The token every control-plane request must carry; None accepts any caller.
+    pub auth_token: Option<crate::auth::Token>,
 }
 
 /// Most byte ranges one PrepareModel may list.
@@ -750,6 +752,12 @@ pub async fn run(
     let server = proto::worker_server::WorkerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let gate = Arc::new(crate::auth::Gate::new(options.auth_token));
+    let server =
+        tonic::service::interceptor::InterceptedService::new(server, move |request: Request<()>| {
+            gate.check(&request)?;
+            Ok(request)
+        });
     tonic::transport::Server::builder()
         .add_service(server)
         // No Nagle: a reply's trailing frame would otherwise wait ~40 ms for a delayed ACK.

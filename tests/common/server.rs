@@ -74,7 +74,10 @@ pub fn wait_until_ready(server: &Server) {
         }
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("loading"), "{body}");
-        assert!(std::time::Instant::now() < deadline, "not ready after 300 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready after 300 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -117,4 +120,3 @@ fn dechunk(mut body: &str) -> String {
         body = &rest[size + 2..];
     }
 }
-
