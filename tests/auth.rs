@@ -59,7 +59,14 @@ fn generate(model: &Path, hosts: &Path, extra: &[&str]) -> Output {
         .arg(model)
         .arg("--workers")
         .arg(hosts)
-        .args(["-p", "The capital of France is", "-n", "6", "--temperature", "0"])
+        .args([
+            "-p",
+            "The capital of France is",
+            "-n",
+            "6",
+            "--temperature",
+            "0",
+        ])
         .args(extra)
         .output()
         .unwrap()
@@ -90,7 +97,11 @@ fn tokens_and_one_coordinator_at_a_time() {
         .output()
         .unwrap();
     assert!(!exposed.status.success());
-    assert!(text(&exposed).contains("--auth-token-file"), "{}", text(&exposed));
+    assert!(
+        text(&exposed).contains("--auth-token-file"),
+        "{}",
+        text(&exposed)
+    );
 
     let workers = [
         start_worker(&dir, "w0", &token),
@@ -114,13 +125,27 @@ fn tokens_and_one_coordinator_at_a_time() {
     // No token, then a wrong one: refused with a clear error, and the worker logs it.
     let missing = generate(&model, &bare, &[]);
     assert!(!missing.status.success());
-    assert!(text(&missing).contains("refused this coordinator"), "{}", text(&missing));
-    let bad = generate(&model, &bare, &["--auth-token-file", wrong.to_str().unwrap()]);
+    assert!(
+        text(&missing).contains("refused this coordinator"),
+        "{}",
+        text(&missing)
+    );
+    let bad = generate(
+        &model,
+        &bare,
+        &["--auth-token-file", wrong.to_str().unwrap()],
+    );
     assert!(!bad.status.success());
     assert!(text(&bad).contains("wrong token"), "{}", text(&bad));
     let log = std::fs::read_to_string(&workers[0].log).unwrap();
-    assert!(log.contains("refused a control-plane request with no token"), "{log}");
-    assert!(log.contains("refused a control-plane request with a wrong token"), "{log}");
+    assert!(
+        log.contains("refused a control-plane request with no token"),
+        "{log}"
+    );
+    assert!(
+        log.contains("refused a control-plane request with a wrong token"),
+        "{log}"
+    );
 
     // A serving coordinator keeps its workers: a second one is refused after waiting out
     // the lease it cannot get.
@@ -139,7 +164,10 @@ fn tokens_and_one_coordinator_at_a_time() {
     let mut line = String::new();
     while !line.starts_with("ready") {
         line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "the first coordinator exited");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the first coordinator exited"
+        );
     }
     std::thread::spawn(move || {
         let mut sink = String::new();
