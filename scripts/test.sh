@@ -6,5 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh all >/dev/null
 scripts/python-deps.sh
-cargo check --locked --benches --quiet
-exec cargo test --locked "$@"
+# NUMA placement (tp-worker --numa-node) builds where the system hwloc is installed; CI
+# installs it, so there a missing hwloc is an error rather than a quietly smaller test run.
+features=()
+if pkg-config --exists hwloc 2>/dev/null; then
+  features=(--features numa)
+elif [ -n "${CI:-}" ]; then
+  echo "test: hwloc is missing (Debian: libhwloc-dev libudev-dev pkg-config)" >&2
+  exit 1
+else
+  echo "test: hwloc not found: building without NUMA support (install libhwloc-dev libudev-dev pkg-config to test it)" >&2
+fi
+cargo check --locked --benches --quiet "${features[@]}"
+exec cargo test --locked "${features[@]}" "$@"

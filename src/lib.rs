@@ -8,13 +8,17 @@
 //!   `tp-coordinator` command line.
 //! - [`worker`]: shard loading, the shard-program executor and KV cache, the worker's gRPC service.
 //! - [`auth`]: the control plane's shared token and one-coordinator-at-a-time rule.
+//! - [`numa`]: NUMA nodes, binding and placement through hwloc (feature `numa`).
 //! - [`transport`]: the `Collective` trait and its shared-memory AllReduce.
 //! - [`proto`]: the control-plane messages generated from `proto/tp.proto`.
 
 pub mod auth;
 pub mod coordinator;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod kernels;
 pub mod model;
+pub mod numa;
 pub mod transport;
 pub mod worker;
 

@@ -6,51 +6,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::server::start_worker;
 use common::*;
-
-struct Worker {
-    child: Child,
-    address: String,
-    log: PathBuf,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_worker(dir: &Path, name: &str, token: &Path) -> Worker {
-    let log = dir.join(format!("{name}.log"));
-    let mut child = Command::new(worker_binary())
-        .args(["--listen", "127.0.0.1:0", "--threads", "1", "--log", "info"])
-        .arg("--auth-token-file")
-        .arg(token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("worker said {line:?}"))
-        .trim()
-        .to_string();
-    Worker {
-        child,
-        address,
-        log,
-    }
-}
 
 fn generate(model: &Path, hosts: &Path, extra: &[&str]) -> Output {
     Command::new(coordinator_binary())
@@ -104,8 +65,8 @@ fn tokens_and_one_coordinator_at_a_time() {
     );
 
     let workers = [
-        start_worker(&dir, "w0", &token),
-        start_worker(&dir, "w1", &token),
+        start_worker("127.0.0.1:0", &token, &dir.join("w0.log")),
+        start_worker("127.0.0.1:0", &token, &dir.join("w1.log")),
     ];
     let entries: String = workers
         .iter()

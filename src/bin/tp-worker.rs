@@ -13,7 +13,8 @@ struct Args {
     /// Address for the control plane. Loopback unless you mean to expose it.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// Compute threads (0: one per CPU this process may use).
+    /// Compute threads (0: one per physical core of --numa-node, else one per CPU this
+    /// process may use).
     #[arg(long, short = 't', default_value_t = 0)]
     threads: usize,
     /// Run only on these CPUs (e.g. `0-7` or `0,2,4`) and pin compute thread i to the i-th.
@@ -21,6 +22,16 @@ struct Args {
     /// (taskset, numactl, systemd CPUAffinity=).
     #[arg(long, value_name = "LIST")]
     cpus: Option<String>,
+    /// Bind this worker's threads and memory to NUMA node N (its weights and buffers are
+    /// allocated after binding, so their pages are local), with one compute thread per
+    /// physical core of the node unless --threads says otherwise. Needs a build with
+    /// `--features numa`.
+    #[arg(long, value_name = "N")]
+    numa_node: Option<usize>,
+    /// Read the machine's layout from this hwloc XML file (`lstopo file.xml`) instead of
+    /// discovering it; binding is then only pretended (for testing placement).
+    #[arg(long, value_name = "FILE", requires = "numa_node")]
+    topology_xml: Option<std::path::PathBuf>,
     /// Where to keep model bytes received from a coordinator when this host has no copy of the
     /// model (default: ~/.cache/tp/received). A restart loads from here instead of the network.
     #[arg(long, value_name = "DIR")]
@@ -69,6 +80,32 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Bind before any other thread exists and before anything is allocated, so that all
+    // threads inherit the binding and the weights land in the node's memory.
+    let mut node_cpus = None;
+    let mut threads = args.threads;
+    if let Some(index) = args.numa_node {
+        match tp::numa::bind(index, args.topology_xml.as_deref()) {
+            Ok(node) => {
+                eprintln!(
+                    "bound to NUMA node {index}: {} cores, CPUs {:?}, memory bound",
+                    node.cores, node.cpus
+                );
+                if threads == 0 {
+                    threads = node.cores.max(1);
+                }
+                // With a topology file the CPUs may not exist here: pin nothing.
+                if args.topology_xml.is_none() {
+                    node_cpus = Some(node.cpus);
+                }
+            }
+            Err(e) => {
+                eprintln!("error: --numa-node {index}: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let cpus = cpus.or(node_cpus);
     // Restrict the process before any other thread exists, so that all of them inherit it.
     if let Some(cpus) = &cpus
         && let Err(e) = tp::kernels::pool::set_affinity(cpus)
@@ -86,7 +123,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(args, cpus, auth_token))
+    runtime.block_on(serve(args, threads, cpus, auth_token))
 }
 
 /// The CPUs to pin compute threads to: those given, or the process's CPU set when it is a
@@ -103,6 +140,7 @@ fn pin_set(cpus: Option<Vec<usize>>) -> Option<Vec<usize>> {
 
 async fn serve(
     args: Args,
+    threads: usize,
     cpus: Option<Vec<usize>>,
     auth_token: Option<tp::auth::Token>,
 ) -> std::process::ExitCode {
@@ -119,7 +157,7 @@ async fn serve(
     }
     let options = tp::worker::WorkerOptions {
         listen: args.listen,
-        threads: args.threads,
+        threads,
         pin: pin_set(cpus),
         cache_dir: args.cache_dir.clone(),
         data_port: args.data_port,

@@ -127,12 +127,27 @@ impl HostsFile {
     pub fn read(path: &Path) -> anyhow::Result<HostsFile> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let hosts: HostsFile =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        HostsFile::parse(&text, path)
+    }
+
+    /// Parses the text of a hosts file; `path` names it in errors (which give the line and
+    /// column) and anchors a relative `auth_token_file`.
+    pub fn parse(text: &str, path: &Path) -> anyhow::Result<HostsFile> {
+        let mut hosts: HostsFile =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if hosts.workers.is_empty() {
             bail!("{}: no [[worker]] entries", path.display());
         }
-        let mut hosts = hosts;
+        for (i, worker) in hosts.workers.iter().enumerate() {
+            if !(worker.weight.is_finite() && worker.weight > 0.0) {
+                bail!(
+                    "{}: worker {i} ({}): weight must be a positive number, not {}",
+                    path.display(),
+                    worker.address,
+                    worker.weight
+                );
+            }
+        }
         if let Some(file) = &hosts.auth_token_file
             && file.is_relative()
         {
@@ -304,6 +319,7 @@ impl Cluster {
         // different workers never share one; otherwise leave placement to the OS.
         let cpus = crate::kernels::pool::allowed_cpus();
         let disjoint = weights.len() * threads_per_worker <= cpus.len();
+        let (placements, topology_xml) = numa_placements(weights.len());
         for (rank, &weight) in weights.iter().enumerate() {
             let mut command = Command::new(worker_binary);
             command
@@ -321,7 +337,24 @@ impl Cluster {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
-            if disjoint {
+            if let Some(placement) = placements.get(rank) {
+                command.args(["--numa-node", &placement.node.to_string()]);
+                let mine = &placement.cpus[..threads_per_worker.min(placement.cpus.len())];
+                let list: Vec<String> = mine.iter().map(|c| c.to_string()).collect();
+                match &topology_xml {
+                    Some(xml) => {
+                        command.arg("--topology-xml").arg(xml);
+                    }
+                    None => {
+                        command.args(["--cpus", &list.join(",")]);
+                    }
+                }
+                eprintln!(
+                    "worker {rank} -> NUMA node {} (CPUs {})",
+                    placement.node,
+                    list.join(",")
+                );
+            } else if disjoint {
                 let mine = &cpus[rank * threads_per_worker..(rank + 1) * threads_per_worker];
                 let list: Vec<String> = mine.iter().map(|c| c.to_string()).collect();
                 command.args(["--cpus", &list.join(",")]);
@@ -698,6 +731,31 @@ impl Cluster {
         collect_ranked(tasks, self.workers.len()).await
     }
 
+    /// Greets every worker again (a restarted one may have a new data-plane port), failing
+    /// fast with the first that does not answer.
+    pub async fn probe(&mut self) -> anyhow::Result<()> {
+        let timeout = self.limits.connect_timeout.min(Duration::from_secs(2));
+        for (rank, worker) in self.workers.iter_mut().enumerate() {
+            let hello = tokio::time::timeout(timeout, worker.client.hello(proto::HelloRequest {}))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "worker {rank} ({}) does not answer: the cluster is incomplete",
+                        worker.address
+                    )
+                })?
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "worker {rank} ({}) is unavailable: the cluster is incomplete ({})",
+                        worker.address,
+                        s.message()
+                    )
+                })?;
+            worker.hello = hello.into_inner();
+        }
+        Ok(())
+    }
+
     pub async fn clear_sequence(&mut self, sequence: u32) -> anyhow::Result<()> {
         for worker in &mut self.workers {
             worker
@@ -846,6 +904,23 @@ fn host_identity_here() -> HostIdentity {
         crate::worker::hostname(),
         crate::worker::network_namespace(),
     )
+}
+
+/// One NUMA node per `--local` worker when this host has several (`TP_TOPOLOGY_XML` names an
+/// hwloc XML file to use instead of this machine, for testing); empty otherwise.
+fn numa_placements(workers: usize) -> (Vec<crate::numa::Placement>, Option<PathBuf>) {
+    let xml = std::env::var_os("TP_TOPOLOGY_XML").map(PathBuf::from);
+    if !crate::numa::SUPPORTED {
+        return (Vec::new(), None);
+    }
+    match crate::numa::nodes(xml.as_deref()) {
+        Ok(nodes) if nodes.len() > 1 => (crate::numa::place_local(&nodes, workers), xml),
+        Ok(_) => (Vec::new(), None),
+        Err(e) => {
+            tracing::warn!("no NUMA placement: {e:#}");
+            (Vec::new(), None)
+        }
+    }
 }
 
 /// Removes a directory when dropped.

@@ -250,22 +250,22 @@ mod tests {
             ids[0]
         };
         let mut d = Decoder::new(spec(&["xyz"], 10), &[]).unwrap();
-        let a = d.next(&pick(id("a")), &tokenizer).unwrap();
+        let a = d.next(&pick(id("a")), tokenizer).unwrap();
         assert_eq!((a.text.as_str(), a.stop), ("a", None));
         assert!((a.logprob - (3.0 - 3.5)).abs() < 1e-6);
         assert_eq!(a.top.len(), 2);
         // "x" may start the stop string: held back, then released when "q" follows.
-        assert_eq!(d.next(&pick(id("x")), &tokenizer).unwrap().text, "");
-        assert_eq!(d.next(&pick(id("q")), &tokenizer).unwrap().text, "xq");
-        assert_eq!(d.next(&pick(id("x")), &tokenizer).unwrap().text, "");
-        assert_eq!(d.next(&pick(id("y")), &tokenizer).unwrap().text, "");
-        let last = d.next(&pick(id("z")), &tokenizer).unwrap();
+        assert_eq!(d.next(&pick(id("x")), tokenizer).unwrap().text, "");
+        assert_eq!(d.next(&pick(id("q")), tokenizer).unwrap().text, "xq");
+        assert_eq!(d.next(&pick(id("x")), tokenizer).unwrap().text, "");
+        assert_eq!(d.next(&pick(id("y")), tokenizer).unwrap().text, "");
+        let last = d.next(&pick(id("z")), tokenizer).unwrap();
         assert_eq!((last.text.as_str(), last.stop), ("", Some(Stop::Stop)));
         assert_eq!(d.text(), "axq");
 
         let mut d = Decoder::new(spec(&["xyz"], 2), &[]).unwrap();
-        d.next(&pick(id("b")), &tokenizer).unwrap();
-        let last = d.next(&pick(id("x")), &tokenizer).unwrap();
+        d.next(&pick(id("b")), tokenizer).unwrap();
+        let last = d.next(&pick(id("x")), tokenizer).unwrap();
         assert_eq!((last.text.as_str(), last.stop), ("x", Some(Stop::Limit)));
     }
 }

@@ -164,6 +164,9 @@ pub struct Session {
     pub max_context: usize,
     /// KV-cache slots on every worker.
     pub sequences: usize,
+    /// A step failed: before the next one, every worker must answer and the model is loaded
+    /// again (a restarted worker has no shard; the others' collectives were torn down).
+    broken: bool,
 }
 
 /// One forward pass over tokens of any sequences: `tokens[i]` at `positions[i]` of
@@ -259,7 +262,48 @@ impl Session {
             max_batch,
             max_context,
             sequences: sequences.max(1),
+            broken: false,
         })
+    }
+
+    /// After a failed step: fails fast while a worker is missing; once all answer, loads the
+    /// model on every worker again (the sequences of the failed step are gone).
+    async fn recover(&mut self) -> anyhow::Result<()> {
+        self.cluster.probe().await?;
+        let started = Instant::now();
+        tracing::warn!("every worker answers again: re-forming the cluster");
+        let spec = LoadSpec {
+            file: &self.model.file,
+            plan: &self.plan,
+            max_sequences: self.sequences,
+            max_context: self.max_context,
+            max_batch: self.max_batch,
+        };
+        self.cluster
+            .load(&spec)
+            .await
+            .context("re-forming the cluster")?;
+        self.broken = false;
+        tracing::warn!(
+            seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+            "cluster re-formed"
+        );
+        Ok(())
+    }
+
+    /// One call on the cluster's step, with recovery before it after a failure.
+    async fn cluster_step(
+        &mut self,
+        request: proto::StepRequest,
+    ) -> anyhow::Result<Vec<proto::StepReply>> {
+        if self.broken {
+            self.recover().await?;
+        }
+        let result = self.cluster.step(request).await;
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
     }
 
     /// Runs one batch mixing any sequences' tokens (continuous batching).
@@ -281,8 +325,7 @@ impl Session {
             }
         }
         let replies = self
-            .cluster
-            .step(proto::StepRequest {
+            .cluster_step(proto::StepRequest {
                 step: 0,
                 tokens: batch.tokens.clone(),
                 positions: batch.positions.clone(),
@@ -353,7 +396,7 @@ impl Session {
                     .copied()
                     .collect(),
             };
-            let replies = self.cluster.step(request).await?;
+            let replies = self.cluster_step(request).await?;
             for (i, _) in wanted.iter().enumerate() {
                 let distribution =
                     merge_rows(&replies, i, top, self.model.config.vocab_size, full_logits);

@@ -284,6 +284,29 @@ impl GgufFile {
         Self::parse(path, mmap)
     }
 
+    /// Parses a GGUF image held in memory (copied into an anonymous map); `name` stands for
+    /// its path in errors.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: &[u8]) -> Result<GgufFile, GgufError> {
+        let path = name.into();
+        let io_error = |source| GgufError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(io_error)?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        let map = map.make_read_only().map_err(io_error)?;
+        if bytes.is_empty() {
+            return Err(GgufError::Truncated {
+                path,
+                what: "magic".into(),
+                offset: 0,
+                needed: 4,
+                file_size: 0,
+            });
+        }
+        Self::parse(path, map)
+    }
+
     fn parse(path: PathBuf, mmap: Mmap) -> Result<GgufFile, GgufError> {
         let file_size = mmap.len() as u64;
         let mut reader = Reader {

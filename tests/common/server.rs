@@ -4,7 +4,55 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 
-use super::coordinator_binary;
+use super::{coordinator_binary, worker_binary};
+
+/// A `tp-worker` started by a test, killed when dropped; its log goes to a file.
+pub struct Worker {
+    pub child: Child,
+    pub address: String,
+    pub log: std::path::PathBuf,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a worker on `listen` (e.g. `127.0.0.1:0`) that needs the token in `token`, logging
+/// at info level to `log`.
+pub fn start_worker(listen: &str, token: &std::path::Path, log: &std::path::Path) -> Worker {
+    let mut child = Command::new(worker_binary())
+        .args(["--listen", listen, "--threads", "1", "--log", "info"])
+        .arg("--auth-token-file")
+        .arg(token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("worker said {line:?}"))
+        .trim()
+        .to_string();
+    Worker {
+        child,
+        address,
+        log: log.to_path_buf(),
+    }
+}
 
 pub struct Server {
     pub child: Child,
@@ -24,15 +72,16 @@ impl Drop for Server {
 /// Starts `tp-coordinator` serving `model` on two local workers with `args` added, and waits
 /// until it is ready.
 pub fn start(model: &std::path::Path, args: &[&str]) -> Server {
+    let mut all = vec!["--model", model.to_str().unwrap(), "--local", "2"];
+    all.extend_from_slice(args);
+    start_with(&all)
+}
+
+/// Starts `tp-coordinator` with exactly `args` (plus `--listen 127.0.0.1:0`) and waits until
+/// it is ready.
+pub fn start_with(args: &[&str]) -> Server {
     let mut child = Command::new(coordinator_binary())
-        .args([
-            "--model",
-            model.to_str().unwrap(),
-            "--local",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["--listen", "127.0.0.1:0"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
