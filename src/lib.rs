@@ -9,6 +9,7 @@
 //! - [`worker`]: shard loading, the shard-program executor and KV cache, the worker's gRPC service.
 //! - [`auth`]: the control plane's shared token and one-coordinator-at-a-time rule.
 //! - [`numa`]: NUMA nodes, binding and placement through hwloc (feature `numa`).
+//! - [`tls`]: mutual TLS on the control plane (rustls).
 //! - [`transport`]: the `Collective` trait and its shared-memory AllReduce.
 //! - [`proto`]: the control-plane messages generated from `proto/tp.proto`.
 
@@ -19,6 +20,7 @@ pub mod fuzzing;
 pub mod kernels;
 pub mod model;
 pub mod numa;
+pub mod tls;
 pub mod transport;
 pub mod worker;
 

@@ -44,6 +44,17 @@ struct Args {
     /// control-plane request must carry it; give the coordinator the same file.
     #[arg(long, value_name = "FILE")]
     auth_token_file: Option<std::path::PathBuf>,
+    /// This worker's TLS certificate (PEM, signed by --tls-ca, naming the host the coordinator
+    /// uses for it); with --tls-key and --tls-ca the control plane is mutual TLS.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signs the cluster's certificates: only a coordinator
+    /// presenting a certificate it signed is served.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
     /// Accept control-plane requests without a token on a non-loopback address (only on a
     /// network where everyone may drive this worker).
     #[arg(long, conflicts_with = "auth_token_file")]
@@ -55,6 +66,17 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let tls = match tp::tls::TlsFiles::from_paths(
+        args.tls_cert.as_ref(),
+        args.tls_key.as_ref(),
+        args.tls_ca.as_ref(),
+    ) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let auth_token = match &args.auth_token_file {
         Some(path) => match tp::auth::Token::read(path) {
             Ok(token) => Some(token),
@@ -123,7 +145,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(args, threads, cpus, auth_token))
+    runtime.block_on(serve(args, threads, cpus, auth_token, tls))
 }
 
 /// The CPUs to pin compute threads to: those given, or the process's CPU set when it is a
@@ -143,6 +165,7 @@ async fn serve(
     threads: usize,
     cpus: Option<Vec<usize>>,
     auth_token: Option<tp::auth::Token>,
+    tls: Option<tp::tls::TlsFiles>,
 ) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
@@ -162,6 +185,7 @@ async fn serve(
         cache_dir: args.cache_dir.clone(),
         data_port: args.data_port,
         auth_token,
+        tls,
     };
     let on_bound = |address: SocketAddr| {
         let mut stdout = std::io::stdout();

@@ -198,6 +198,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 transport: args.transport,
                 sync_precision: args.sync_precision,
                 auth_token_file: None,
+                tls_cert: None,
+                tls_key: None,
+                tls_ca: None,
             };
             let cluster = start_cluster_with(&cluster_args).await?;
             let mut session =

@@ -124,6 +124,16 @@ pub struct ClusterArgs {
     /// token of their own.
     #[arg(long, value_name = "FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// This coordinator's TLS certificate (PEM, signed by --tls-ca); with --tls-key and
+    /// --tls-ca, workers are reached over mutual TLS. Overrides tls_cert in hosts.toml.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate (PEM) that signs the workers' certificates.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 fn parse_precision(s: &str) -> Result<SyncPrecision, String> {
@@ -264,8 +274,14 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
                 .auth_token_file
                 .as_ref()
                 .or(hosts.auth_token_file.as_ref());
+            let tls = crate::tls::TlsFiles::from_paths(
+                args.tls_cert.as_ref().or(hosts.tls_cert.as_ref()),
+                args.tls_key.as_ref().or(hosts.tls_key.as_ref()),
+                args.tls_ca.as_ref().or(hosts.tls_ca.as_ref()),
+            )?;
             let limits = ClusterLimits {
                 auth_token: token_file.map(|f| Token::read(f)).transpose()?,
+                tls,
                 ..limits
             };
             let mut cluster = Cluster::connect(&hosts.workers, limits).await?;

@@ -39,6 +39,8 @@ pub struct ClusterLimits {
     pub heartbeat_interval: Duration,
     /// The control plane's shared token (`--auth-token-file`); None where workers accept anyone.
     pub auth_token: Option<Token>,
+    /// Mutual TLS to the workers (`--tls-cert`, `--tls-key`, `--tls-ca`).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 impl Default for ClusterLimits {
@@ -53,6 +55,7 @@ impl Default for ClusterLimits {
             keep_alive_timeout: Duration::from_secs(2),
             heartbeat_interval: Duration::from_secs(1),
             auth_token: None,
+            tls: None,
         }
     }
 }
@@ -68,6 +71,14 @@ pub struct HostsFile {
     /// `--auth-token-file` overrides it.
     #[serde(default)]
     pub auth_token_file: Option<PathBuf>,
+    /// Mutual TLS to the workers: this coordinator's certificate and key, and the CA that
+    /// signs every certificate of the cluster (PEM files; relative to this file's directory).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
     #[serde(rename = "worker")]
     pub workers: Vec<WorkerEntry>,
 }
@@ -148,11 +159,18 @@ impl HostsFile {
                 );
             }
         }
-        if let Some(file) = &hosts.auth_token_file
-            && file.is_relative()
-        {
-            let base = path.parent().unwrap_or(Path::new("."));
-            hosts.auth_token_file = Some(base.join(file));
+        let base = path.parent().unwrap_or(Path::new("."));
+        for file in [
+            &mut hosts.auth_token_file,
+            &mut hosts.tls_cert,
+            &mut hosts.tls_key,
+            &mut hosts.tls_ca,
+        ] {
+            if let Some(f) = file
+                && f.is_relative()
+            {
+                *f = base.join(&*f);
+            }
         }
         Ok(hosts)
     }
@@ -207,8 +225,19 @@ async fn connect(
     limits: &ClusterLimits,
     auth: &ClientAuth,
 ) -> anyhow::Result<(Client, proto::HelloReply)> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .with_context(|| format!("bad worker address '{address}'"))?
+    let scheme = if limits.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
+        .with_context(|| format!("bad worker address '{address}'"))?;
+    if let Some(tls) = &limits.tls {
+        endpoint = endpoint
+            .tls_config(tls.client(address))
+            .with_context(|| format!("TLS for worker {address}"))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(limits.connect_timeout)
         .tcp_nodelay(true)
         // HTTP/2 pings while a call is in flight: a worker cut off from this coordinator fails
@@ -247,7 +276,17 @@ async fn connect(
                 "worker at {address} refused this coordinator: {} (give the coordinator the workers' token with --auth-token-file or auth_token_file in hosts.toml)",
                 status.message()
             ),
-            Err(status) => bail!("worker at {address} refused Hello: {}", status.message()),
+            Err(status) => {
+                let hint = if limits.tls.is_some() {
+                    " (with TLS: does the worker's --tls-ca sign this coordinator's certificate?)"
+                } else {
+                    " (if the worker runs with --tls-cert, give the coordinator --tls-cert, --tls-key and --tls-ca too)"
+                };
+                bail!(
+                    "worker at {address} refused Hello: {}{hint}",
+                    status.message()
+                )
+            }
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct WorkerOptions {
     pub data_port: u16,
     /// The token every control-plane request must carry; None accepts any caller.
     pub auth_token: Option<crate::auth::Token>,
+    /// Mutual TLS on the control plane.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Most byte ranges one PrepareModel may list.
@@ -758,7 +760,13 @@ pub async fn run(
             gate.check(&request)?;
             Ok(request)
         });
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &options.tls {
+        builder = builder
+            .tls_config(tls.server())
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+    }
+    builder
         .add_service(server)
         // No Nagle: a reply's trailing frame would otherwise wait ~40 ms for a delayed ACK.
         .serve_with_incoming_shutdown(
