@@ -153,6 +153,10 @@ fn tokens_and_one_coordinator_at_a_time() {
     assert!(takeover.status.success(), "{}", text(&takeover));
     assert_eq!(String::from_utf8_lossy(&takeover.stdout), reference);
     assert!(started.elapsed() < Duration::from_secs(30));
+    eprintln!(
+        "a new coordinator took over and generated {:.2} s after the first was killed",
+        started.elapsed().as_secs_f64()
+    );
     // The second coordinator met worker 0 first (workers are greeted in order).
     let log = std::fs::read_to_string(&workers[0].log).unwrap();
     assert!(log.contains("refused a second coordinator"), "{log}");
