@@ -117,6 +117,7 @@ fn measure_allreduce(args: &Args, ranks: usize) -> Result<Vec<(usize, Stats)>> {
                     timeout: Duration::from_secs(10),
                     ..CollectiveLimits::default()
                 },
+                tls: None,
             };
             let sizes = args.sizes.clone();
             let iters = args.iters;

@@ -178,6 +178,8 @@ fn entries(addresses: &[String]) -> Vec<WorkerEntry> {
             weight: 1.0,
             threads: 1,
             model_path: None,
+            device: None,
+            numa_node: None,
         })
         .collect()
 }
@@ -710,6 +712,7 @@ fn grpc_allreduce_latency_across_namespaces() {
                         timeout: Duration::from_secs(10),
                         ..CollectiveLimits::default()
                     },
+                    tls: None,
                 };
                 let counters = Arc::new((0..ranks).map(|_| AtomicU64::new(0)).collect());
                 let mut c = GrpcCollective::connect(

@@ -123,3 +123,62 @@ fn local_workers_go_one_per_node_of_a_two_socket_topology() {
     assert!(err.contains("worker 0 -> NUMA node 0"), "{err}");
     assert!(err.contains("worker 1 -> NUMA node 1"), "{err}");
 }
+
+#[cfg(feature = "numa")]
+#[test]
+fn a_worker_on_another_node_than_hosts_toml_says_is_an_error() {
+    let Some(model) = model(SMOLLM2) else { return };
+    let dir = std::env::temp_dir().join(format!("tp-numa-hosts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "numa-test-token-0123456789\n").unwrap();
+    let mut child = Command::new(worker_binary())
+        .args([
+            "--numa-node",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ])
+        .arg("--auth-token-file")
+        .arg(&token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .strip_prefix("listening on ")
+        .unwrap()
+        .trim()
+        .to_string();
+    let hosts = dir.join("hosts.toml");
+    std::fs::write(
+        &hosts,
+        format!(
+            "auth_token_file = \"token\"\n[[worker]]\naddress = \"{address}\"\nnuma_node = 1\n"
+        ),
+    )
+    .unwrap();
+    let output = Command::new(coordinator_binary())
+        .args(["generate", "--model"])
+        .arg(&model)
+        .arg("--workers")
+        .arg(&hosts)
+        .args(["-p", "Hi", "-n", "1"])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        err.contains("is bound to NUMA node 0, but hosts.toml says numa_node = 1"),
+        "{err}"
+    );
+}

@@ -1,6 +1,7 @@
 //! Mutual TLS on the control plane between real processes: a worker with a certificate from
 //! the cluster's CA serves a coordinator with one too; a coordinator without TLS, or with a
-//! certificate from another CA, is refused. Certificates are made with the `openssl` command.
+//! certificate from another CA, is refused; two workers exchange activations over gRPC with
+//! TLS. Certificates are made with the `openssl` command.
 
 mod common;
 
@@ -105,37 +106,41 @@ fn mutual_tls_on_the_control_plane() {
     let token = dir.join("token");
     std::fs::write(&token, "tls-test-token-0123456789\n").unwrap();
 
-    let log = dir.join("worker.log");
-    let mut child = Command::new(worker_binary())
-        .args(["--listen", "127.0.0.1:0", "--threads", "1", "--log", "info"])
-        .arg("--auth-token-file")
-        .arg(&token)
-        .arg("--tls-cert")
-        .arg(dir.join("worker.crt"))
-        .arg("--tls-key")
-        .arg(dir.join("worker.key"))
-        .arg("--tls-ca")
-        .arg(dir.join("ca.crt"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
+    let start = |name: &str| -> Worker {
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(worker_binary())
+            .args(["--listen", "127.0.0.1:0", "--threads", "1", "--log", "info"])
+            .arg("--auth-token-file")
+            .arg(&token)
+            .arg("--tls-cert")
+            .arg(dir.join("worker.crt"))
+            .arg("--tls-key")
+            .arg(dir.join("worker.key"))
+            .arg("--tls-ca")
+            .arg(dir.join("ca.crt"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let address = line
-        .strip_prefix("listening on ")
-        .unwrap()
-        .trim()
-        .to_string();
-    let _worker = Worker {
-        child,
-        address: address.clone(),
-        log,
+        let address = line
+            .strip_prefix("listening on ")
+            .unwrap()
+            .trim()
+            .to_string();
+        Worker {
+            child,
+            address,
+            log,
+        }
     };
+    let workers = [start("w0"), start("w1")];
+    let address = workers[0].address.clone();
 
     let hosts = |name: &str, tls: Option<(&str, &str)>| {
         let mut text = String::from("auth_token_file = \"token\"\n");
@@ -183,6 +188,21 @@ fn mutual_tls_on_the_control_plane() {
         "a worker with a foreign certificate was trusted"
     );
     eprintln!("untrusted worker: {}", text(&distrust).trim());
+
+    // Two workers exchanging activations over gRPC: the data plane is mutual TLS too.
+    let both = dir.join("grpc.toml");
+    std::fs::write(
+        &both,
+        format!(
+            "auth_token_file = \"token\"\ntransport = \"grpc\"\ntls_cert = \"coordinator.crt\"\ntls_key = \"coordinator.key\"\ntls_ca = \"ca.crt\"\n[[worker]]\naddress = \"{}\"\nthreads = 1\n[[worker]]\naddress = \"{}\"\nthreads = 1\n",
+            workers[0].address, workers[1].address
+        ),
+    )
+    .unwrap();
+    let grpc = generate(&model, &both);
+    assert!(grpc.status.success(), "{}", text(&grpc));
+    let log = std::fs::read_to_string(&workers[1].log).unwrap();
+    assert!(log.contains("data plane connected"), "{log}");
 
     // Half a TLS configuration is an error that says what is missing.
     let half = Command::new(worker_binary())

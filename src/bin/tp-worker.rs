@@ -186,6 +186,7 @@ async fn serve(
         data_port: args.data_port,
         auth_token,
         tls,
+        numa_node: args.numa_node,
     };
     let on_bound = |address: SocketAddr| {
         let mut stdout = std::io::stdout();

@@ -79,7 +79,7 @@ pub struct HostsFile {
     pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
-    #[serde(rename = "worker")]
+    #[serde(rename = "worker", default)]
     pub workers: Vec<WorkerEntry>,
 }
 
@@ -128,6 +128,13 @@ pub struct WorkerEntry {
     /// coordinator's (it must be the same file: size and header hash are checked).
     #[serde(default)]
     pub model_path: Option<String>,
+    /// What the worker computes on: "cpu" (the default; GPU workers are not built yet).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// The NUMA node the worker was started on (`tp-worker --numa-node`); when given, the
+    /// coordinator checks that the worker reports the same.
+    #[serde(default)]
+    pub numa_node: Option<u32>,
 }
 
 fn one() -> f64 {
@@ -150,6 +157,14 @@ impl HostsFile {
             bail!("{}: no [[worker]] entries", path.display());
         }
         for (i, worker) in hosts.workers.iter().enumerate() {
+            match worker.device.as_deref() {
+                None | Some("cpu") => {}
+                Some(other) => bail!(
+                    "{}: worker {i} ({}): device \"{other}\" is not supported by this build (only \"cpu\")",
+                    path.display(),
+                    worker.address
+                ),
+            }
             if !(worker.weight.is_finite() && worker.weight > 0.0) {
                 bail!(
                     "{}: worker {i} ({}): weight must be a positive number, not {}",
@@ -300,6 +315,17 @@ impl Cluster {
         let mut workers: Vec<WorkerHandle> = Vec::new();
         for entry in entries {
             let (client, hello) = connect(&entry.address, &limits, &auth).await?;
+            if let Some(node) = entry.numa_node
+                && hello.numa_node != Some(node)
+            {
+                bail!(
+                    "worker at {} is bound to NUMA node {}, but hosts.toml says numa_node = {node}",
+                    entry.address,
+                    hello
+                        .numa_node
+                        .map_or_else(|| "none".to_string(), |n| n.to_string())
+                );
+            }
             workers.push(WorkerHandle {
                 address: entry.address.clone(),
                 weight: entry.weight,
@@ -430,6 +456,8 @@ impl Cluster {
                 weight,
                 threads: threads_per_worker,
                 model_path: None,
+                device: None,
+                numa_node: placements.get(rank).map(|p| p.node as u32),
             });
             children.push(child);
         }
@@ -1002,5 +1030,35 @@ mod tests {
         assert_eq!(hosts.workers.len(), 3);
         assert_eq!(hosts.workers[2].weight, 0.5);
         assert!(hosts.workers[1].model_path.is_some());
+        assert_eq!(hosts.workers[0].numa_node, Some(0));
+        assert_eq!(
+            hosts.auth_token_file.as_deref(),
+            Some(Path::new("/etc/tp/token"))
+        );
+    }
+
+    #[test]
+    fn bad_hosts_files_say_where_and_what() {
+        let path = Path::new("/etc/tp/hosts.toml");
+        let error = |text: &str| HostsFile::parse(text, path).unwrap_err().to_string();
+        let e = error("[[worker]]\naddress = \"a:1\"\nweight = \"heavy\"\n");
+        assert!(e.contains("line 3, column 10"), "{e}");
+        let e = error("[[worker]]\naddress = \"a:1\"\ndevice = \"cuda:0\"\n");
+        assert!(e.contains("device \"cuda:0\" is not supported"), "{e}");
+        let e = error("[[worker]]\naddress = \"a:1\"\nweight = -1.0\n");
+        assert!(e.contains("weight must be a positive number"), "{e}");
+        let e = error("[[worker]]\naddress = \"a:1\"\nnuma = 1\n");
+        assert!(e.contains("unknown field"), "{e}");
+        assert!(error("transport = \"auto\"\n").contains("no [[worker]] entries"));
+        // A relative token file is read from beside the hosts file.
+        let hosts = HostsFile::parse(
+            "auth_token_file = \"token\"\n[[worker]]\naddress = \"a:1\"\n",
+            path,
+        )
+        .unwrap();
+        assert_eq!(
+            hosts.auth_token_file.as_deref(),
+            Some(Path::new("/etc/tp/token"))
+        );
     }
 }

@@ -363,13 +363,21 @@ async fn open_link(
     address: &str,
     opening: Frame,
     timeout: Duration,
+    tls: Option<&crate::tls::TlsFiles>,
 ) -> Result<Link, TransportError> {
     let fail = |what: String| TransportError::Link(format!("{address}: {what}"));
     // No HTTP/2 pings: the collective's runtime runs only inside collectives, so an idle
     // cluster could not answer them. Dead peers surface through the collectives' deadlines and
     // the control plane's pings.
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| fail(e.to_string()))?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{address}"))
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client(address))
+            .map_err(|e| fail(format!("TLS: {e}")))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(WINDOW_BYTES))
@@ -397,12 +405,24 @@ async fn open_link(
 pub fn spawn_data_plane_server(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
+    tls: Option<&crate::tls::TlsFiles>,
 ) -> tokio::task::JoinHandle<()> {
+    let tls = tls.map(crate::tls::TlsFiles::server);
     let service = proto::data_plane_server::DataPlaneServer::new(DataPlaneService { registry })
         .max_decoding_message_size(MAX_FRAME_BYTES)
         .max_encoding_message_size(MAX_FRAME_BYTES);
     tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(builder) => builder,
+                Err(e) => {
+                    tracing::warn!("data-plane TLS: {e}");
+                    return;
+                }
+            };
+        }
+        let served = builder
             .initial_stream_window_size(Some(WINDOW_BYTES))
             .initial_connection_window_size(Some(2 * WINDOW_BYTES))
             .add_service(service)
@@ -427,6 +447,8 @@ pub struct GrpcSpec {
     pub generation: u64,
     pub precision: SyncPrecision,
     pub limits: CollectiveLimits,
+    /// Mutual TLS between workers (the worker's own certificate and the cluster's CA).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Per-peer counters of bytes sent, shared with the worker's statistics.
@@ -494,7 +516,7 @@ impl GrpcCollective {
         let deadline = Instant::now() + spec.limits.timeout;
         let links = runtime.block_on(async {
             let listener = tokio::net::TcpListener::from_std(listener).map_err(io)?;
-            spawn_data_plane_server(listener, registry.clone());
+            spawn_data_plane_server(listener, registry.clone(), spec.tls.as_ref());
             let mut links: Vec<Option<Link>> = (0..spec.members.len()).map(|_| None).collect();
             // Open upwards; the peers' registries were primed before this round started.
             for (i, &peer) in spec.members.iter().enumerate().skip(me + 1) {
@@ -512,7 +534,7 @@ impl GrpcCollective {
                 // The peer may still be busy with its previous round; retry until the deadline.
                 while Instant::now() < deadline {
                     let remaining = deadline.saturating_duration_since(Instant::now());
-                    match open_link(address, opening.clone(), remaining).await {
+                    match open_link(address, opening.clone(), remaining, spec.tls.as_ref()).await {
                         Ok(link) => {
                             links[i] = Some(link);
                             break;
@@ -800,6 +822,7 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 ..CollectiveLimits::default()
             },
+            tls: None,
         }
     }
 
@@ -924,6 +947,7 @@ mod tests {
             spawn_data_plane_server(
                 tokio::net::TcpListener::from_std(listener).unwrap(),
                 registries[0].clone(),
+                None,
             );
         });
         registries[0].expect(Expected {
@@ -945,7 +969,7 @@ mod tests {
             (opening(0, vec![7; SECRET_BYTES], 2), "connection round"),
         ] {
             let err = runtime
-                .block_on(open_link(&addresses[0], frame, timeout))
+                .block_on(open_link(&addresses[0], frame, timeout, None))
                 .err()
                 .expect("refused");
             assert!(err.to_string().contains(why), "{err}");
@@ -955,7 +979,8 @@ mod tests {
                 .block_on(open_link(
                     &addresses[0],
                     opening(0, vec![7; SECRET_BYTES], 3),
-                    timeout
+                    timeout,
+                    None
                 ))
                 .is_ok()
         );

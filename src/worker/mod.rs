@@ -48,6 +48,8 @@ pub struct WorkerOptions {
     pub auth_token: Option<crate::auth::Token>,
     /// Mutual TLS on the control plane.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// The NUMA node this worker is bound to, reported to the coordinator.
+    pub numa_node: Option<usize>,
 }
 
 /// Most byte ranges one PrepareModel may list.
@@ -144,6 +146,9 @@ pub struct WorkerService {
     threads: usize,
     pin: Option<Vec<usize>>,
     shutdown: tokio::sync::mpsc::Sender<()>,
+    /// TLS for the data plane as for the control plane.
+    tls: Option<crate::tls::TlsFiles>,
+    numa_node: Option<usize>,
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -398,6 +403,8 @@ impl proto::worker_server::Worker for WorkerService {
                 .data_listener
                 .local_addr()
                 .map_or(0, |a| a.port() as u32),
+            numa_node: self.numa_node.map(|n| n as u32),
+            device: "cpu".into(),
         }))
     }
 
@@ -624,6 +631,7 @@ impl proto::worker_server::Worker for WorkerService {
         let registry = self.registry.clone();
         let counters = self.bytes_sent.clone();
         let listener = self.data_listener.clone();
+        let tls = self.tls.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = state.lock().unwrap();
             let Some(loaded) = guard.as_mut() else {
@@ -658,6 +666,7 @@ impl proto::worker_server::Worker for WorkerService {
                 generation,
                 precision: network.precision,
                 limits: network.limits,
+                tls: tls.clone(),
             };
             let collective = GrpcCollective::connect(spec, registry, &listener, bytes_sent)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -748,6 +757,8 @@ pub async fn run(
         threads,
         pin: options.pin,
         shutdown: shutdown_tx,
+        tls: options.tls.clone(),
+        numa_node: options.numa_node,
     };
     on_bound(address);
     tracing::info!(%address, threads, "worker listening");
