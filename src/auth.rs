@@ -8,7 +8,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
@@ -17,7 +17,7 @@ use tonic::{Request, Status};
 pub const COORDINATOR_HEADER: &str = "tp-coordinator-id";
 
 /// How long a silent coordinator keeps its workers from others.
-pub const OWNER_LEASE: Duration = Duration::from_secs(5);
+pub use crate::limits::OWNER_LEASE;
 
 /// The shortest token accepted (a 32-character random string is what `generate` makes).
 pub const MIN_TOKEN_CHARS: usize = 16;
@@ -224,6 +224,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn metadata(bearer: Option<&str>, id: &str) -> MetadataMap {
         let mut m = MetadataMap::new();

@@ -10,6 +10,7 @@
 //! - [`auth`]: the control plane's shared token and one-coordinator-at-a-time rule.
 //! - [`numa`]: NUMA nodes, binding and placement through hwloc (feature `numa`).
 //! - [`tls`]: mutual TLS on the control plane (rustls).
+//! - [`limits`]: every limit's default and the bounds on untrusted input.
 //! - [`transport`]: the `Collective` trait and its shared-memory AllReduce.
 //! - [`proto`]: the control-plane messages generated from `proto/tp.proto`.
 
@@ -18,6 +19,7 @@ pub mod coordinator;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod kernels;
+pub mod limits;
 pub mod model;
 pub mod numa;
 pub mod tls;

@@ -68,20 +68,20 @@ pub struct ServeArgs {
     pub listen: std::net::SocketAddr,
     /// Context window per request (prompt + generated tokens), at most the model's. Every
     /// slot has its own, so the KV cache holds --parallel × --ctx-size positions.
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    #[arg(short = 'c', long = "ctx-size", default_value_t = crate::limits::CONTEXT)]
     pub context: usize,
     /// Sequence slots: requests generated together, one token each per forward pass.
-    #[arg(long, visible_alias = "np", default_value_t = 4)]
+    #[arg(long, visible_alias = "np", default_value_t = crate::limits::PARALLEL)]
     pub parallel: usize,
     /// Most tokens in one forward pass (prompt tokens plus one per generating slot).
-    #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
+    #[arg(short = 'b', long = "batch-size", default_value_t = crate::limits::BATCH)]
     pub batch_size: usize,
     /// Prompt tokens per forward pass while other requests are generating: smaller keeps
     /// their tokens flowing while a long prompt is read, larger reads it sooner.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = crate::limits::PROMPT_CHUNK)]
     pub prompt_chunk: usize,
     /// Requests that may wait for a slot; beyond that the server answers 503.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = crate::limits::QUEUE)]
     pub queue: usize,
     /// The model id clients name (default: the model file's name without .gguf).
     #[arg(long)]
@@ -109,7 +109,7 @@ pub struct ClusterArgs {
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
     /// Seconds a worker waits for its peers in an AllReduce before failing the step.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = crate::limits::COLLECTIVE_TIMEOUT.as_secs())]
     pub collective_timeout: u64,
     /// How workers exchange activations (overrides hosts.toml's `transport`): auto uses
     /// shared memory when every worker shares this host and gRPC otherwise.
@@ -318,8 +318,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .file_stem()
                     .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
             });
-            if args.parallel == 0 || args.parallel > 256 {
-                bail!("--parallel must be within 1..=256");
+            if args.parallel == 0 || args.parallel > crate::limits::MAX_PARALLEL {
+                bail!(
+                    "--parallel must be within 1..={}",
+                    crate::limits::MAX_PARALLEL
+                );
             }
             let context = args.context.clamp(2, model.config.context_length);
             let batch = args.batch_size.clamp(args.parallel, 4096);

@@ -45,15 +45,16 @@ pub struct ClusterLimits {
 
 impl Default for ClusterLimits {
     fn default() -> Self {
+        use crate::limits;
         ClusterLimits {
-            connect_timeout: Duration::from_secs(5),
-            worker_start_timeout: Duration::from_secs(30),
-            load_timeout: Duration::from_secs(600),
-            step_timeout: Duration::from_secs(300),
-            collective_timeout: Duration::from_secs(10),
-            keep_alive_interval: Duration::from_secs(1),
-            keep_alive_timeout: Duration::from_secs(2),
-            heartbeat_interval: Duration::from_secs(1),
+            connect_timeout: limits::CONNECT_TIMEOUT,
+            worker_start_timeout: limits::WORKER_START_TIMEOUT,
+            load_timeout: limits::LOAD_TIMEOUT,
+            step_timeout: limits::STEP_TIMEOUT,
+            collective_timeout: limits::COLLECTIVE_TIMEOUT,
+            keep_alive_interval: limits::KEEP_ALIVE_INTERVAL,
+            keep_alive_timeout: limits::KEEP_ALIVE_TIMEOUT,
+            heartbeat_interval: limits::HEARTBEAT_INTERVAL,
             auth_token: None,
             tls: None,
         }

@@ -37,8 +37,7 @@ use crate::coordinator::session::{Model, Session};
 use crate::model::chat::ChatMessage;
 
 /// What a request may ask for at most.
-pub const MAX_STOP_STRINGS: usize = 4;
-pub const MAX_TOP_LOGPROBS: usize = 20;
+pub use crate::limits::{MAX_STOP_STRINGS, MAX_TOP_LOGPROBS};
 
 pub struct ServerOptions {
     pub listen: SocketAddr,

@@ -29,13 +29,13 @@ use crate::kernels::cpu::{BlockQ8_0, QK, blocks_as_bytes, quantize_row_q8_0};
 use crate::proto::{self, Encoding, Frame};
 
 /// Values per frame: 512 KiB of f64, so that large buffers stream in pieces.
-pub const FRAME_VALUES: usize = 64 * 1024;
+pub use crate::limits::FRAME_VALUES;
 /// Largest data-plane message a worker accepts (a frame of FRAME_VALUES f64 plus headers).
-pub const MAX_FRAME_BYTES: usize = FRAME_VALUES * 8 + 4096;
+pub use crate::limits::MAX_FRAME_BYTES;
 /// HTTP/2 flow-control window of data-plane streams: several whole frames, so that a large
 /// buffer never waits for a window update (the default 64 KiB would stall every 16k-float
 /// exchange for a round trip). Servers carrying the data plane use it too.
-pub const WINDOW_BYTES: u32 = 4 << 20;
+pub use crate::limits::WINDOW_BYTES;
 /// Frames queued per peer before a sender waits.
 const CHANNEL_FRAMES: usize = 64;
 /// Epochs of one step, as in the shared-memory transport.

@@ -31,8 +31,7 @@ use model_cache::CacheFile;
 /// Limits a worker enforces on what a coordinator may ask.
 pub const MAX_BATCH_LIMIT: u32 = 4096;
 pub const MAX_SEQUENCES_LIMIT: u32 = 256;
-pub const MAX_TOP_K: u32 = 1000;
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+pub use crate::limits::{MAX_MESSAGE_BYTES, MAX_TOP_K};
 
 pub struct WorkerOptions {
     pub listen: SocketAddr,
