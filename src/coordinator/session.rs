@@ -231,22 +231,23 @@ impl Session {
     /// Loads the model with `sequences` KV-cache slots of `max_context` positions each.
     pub async fn start_with_sequences(
         model: Model,
-        mut cluster: Cluster,
+        cluster: Cluster,
         max_context: usize,
         max_batch: usize,
         sequences: usize,
     ) -> anyhow::Result<Session> {
         let max_context = max_context.min(model.config.context_length);
         let plan = plan(&model.config, &cluster.weights())?;
-        let spec = LoadSpec {
-            file: &model.file,
-            plan: &plan,
-            max_sequences: sequences.max(1),
-            max_context,
+        let mut session = Session {
+            model: Arc::new(model),
+            cluster,
+            plan,
             max_batch,
+            max_context,
+            sequences: sequences.max(1),
+            broken: false,
         };
-        let replies = cluster.load(&spec).await?;
-        for (rank, reply) in replies.iter().enumerate() {
+        for (rank, reply) in session.load().await?.iter().enumerate() {
             tracing::info!(
                 rank,
                 weight_mib = format!("{:.1}", reply.weight_bytes as f64 / (1 << 20) as f64),
@@ -255,15 +256,19 @@ impl Session {
                 "shard loaded"
             );
         }
-        Ok(Session {
-            model: Arc::new(model),
-            cluster,
-            plan,
-            max_batch,
-            max_context,
-            sequences: sequences.max(1),
-            broken: false,
-        })
+        Ok(session)
+    }
+
+    /// Loads this session's plan on every worker: at start, and again to re-form the cluster.
+    async fn load(&mut self) -> anyhow::Result<Vec<proto::LoadShardReply>> {
+        let spec = LoadSpec {
+            file: &self.model.file,
+            plan: &self.plan,
+            max_sequences: self.sequences,
+            max_context: self.max_context,
+            max_batch: self.max_batch,
+        };
+        self.cluster.load(&spec).await
     }
 
     /// After a failed step: fails fast while a worker is missing; once all answer, loads the
@@ -272,17 +277,7 @@ impl Session {
         self.cluster.probe().await?;
         let started = Instant::now();
         tracing::warn!("every worker answers again: re-forming the cluster");
-        let spec = LoadSpec {
-            file: &self.model.file,
-            plan: &self.plan,
-            max_sequences: self.sequences,
-            max_context: self.max_context,
-            max_batch: self.max_batch,
-        };
-        self.cluster
-            .load(&spec)
-            .await
-            .context("re-forming the cluster")?;
+        self.load().await.context("re-forming the cluster")?;
         self.broken = false;
         tracing::warn!(
             seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
