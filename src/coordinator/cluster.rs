@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 
 use crate::auth::{BUSY_WITH_ANOTHER, ClientAuth, OWNER_LEASE, Token};
 
-use crate::coordinator::planner::{Plan, RankShard};
+use crate::coordinator::planner::{MoeSplit, Plan, RankShard};
 use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
@@ -80,6 +80,10 @@ pub struct HostsFile {
     pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
+    /// How mixture-of-experts layers are divided: "tensor" (columns of every expert on every
+    /// worker) or "expert" (whole experts per worker); `--moe-split` overrides it.
+    #[serde(default)]
+    pub moe_split: MoeSplit,
     #[serde(rename = "worker", default)]
     pub workers: Vec<WorkerEntry>,
 }
@@ -210,6 +214,8 @@ pub struct Cluster {
     /// The data plane asked for, and the one the loaded model uses.
     pub transport: TransportChoice,
     pub sync_precision: SyncPrecision,
+    /// How mixture-of-experts layers are divided among the workers.
+    pub moe_split: MoeSplit,
     active_transport: Option<TransportChoice>,
     /// Connection rounds of the gRPC data plane; a failed step asks for a new round.
     generation: u64,
@@ -359,6 +365,7 @@ impl Cluster {
             limits,
             transport: TransportChoice::Auto,
             sync_precision: SyncPrecision::Full,
+            moe_split: MoeSplit::Tensor,
             active_transport: None,
             generation: 0,
             reconnect: false,
@@ -595,6 +602,10 @@ impl Cluster {
                         kv_end: l.kv_heads.end as u32,
                         ffn_start: l.ffn_columns.start as u32,
                         ffn_end: l.ffn_columns.end as u32,
+                        expert_start: l.experts.start as u32,
+                        expert_end: l.experts.end as u32,
+                        shared_start: l.shared_columns.start as u32,
+                        shared_end: l.shared_columns.end as u32,
                     })
                     .collect(),
                 shm_path,

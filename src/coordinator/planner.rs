@@ -45,7 +45,44 @@ pub enum Axis {
 pub struct LayerShard {
     pub q_heads: Range<usize>,
     pub kv_heads: Range<usize>,
+    /// Columns of the dense FFN, or of every expert this rank computes.
     pub ffn_columns: Range<usize>,
+    /// Routed experts this rank computes (`ffn_columns` of each); empty for a dense layer.
+    pub experts: Range<usize>,
+    /// Columns of the shared expert (qwen2moe); empty where there is none.
+    pub shared_columns: Range<usize>,
+}
+
+/// How a mixture-of-experts layer is divided among ranks.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum MoeSplit {
+    /// Every rank holds a slice of the columns of every expert, like a dense FFN: each token's
+    /// experts are computed by all ranks, so work and memory follow the weights exactly.
+    #[default]
+    Tensor,
+    /// Every rank holds whole experts (split by weight): no expert is cut, but a token's work
+    /// lands on the ranks that own its experts, which can leave others idle.
+    Expert,
+}
+
+impl MoeSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            MoeSplit::Tensor => "tensor",
+            MoeSplit::Expert => "expert",
+        }
+    }
 }
 
 /// One rank's share of the model: what it loads and computes.
@@ -103,6 +140,11 @@ pub fn split_units(unit_count: usize, weights: &[f64], rotation: usize) -> Vec<R
 }
 
 pub fn plan(config: &ModelConfig, weights: &[f64]) -> Result<Plan, PlanError> {
+    plan_with(config, weights, MoeSplit::Tensor)
+}
+
+/// The plan, with mixture-of-experts layers divided as `moe` says (dense models ignore it).
+pub fn plan_with(config: &ModelConfig, weights: &[f64], moe: MoeSplit) -> Result<Plan, PlanError> {
     let rank_count = weights.len();
     if rank_count == 0 || rank_count > MAX_RANKS {
         return Err(PlanError::RankCount(rank_count));
@@ -149,12 +191,70 @@ pub fn plan(config: &ModelConfig, weights: &[f64]) -> Result<Plan, PlanError> {
                 config.ffn_dim
             )));
         }
-        let ffn = split_units(config.ffn_dim / block, weights, layer);
-        for (rank, ((q_heads, kv_heads), ffn_units)) in heads.into_iter().zip(ffn).enumerate() {
+        let rank_count = weights.len();
+        let columns_in_blocks = |units: Vec<Range<usize>>| -> Vec<Range<usize>> {
+            units
+                .into_iter()
+                .map(|u| u.start * block..u.end * block)
+                .collect()
+        };
+        let (ffn, experts, shared): (Vec<Range<usize>>, Vec<Range<usize>>, Vec<Range<usize>>) =
+            match &config.moe {
+                None => (
+                    columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
+                    vec![0..0; rank_count],
+                    vec![0..0; rank_count],
+                ),
+                Some(m) => {
+                    let shared = match m.shared_ffn_dim {
+                        None => vec![0..0; rank_count],
+                        Some(width) => {
+                            let b = m.shared_down_block[layer];
+                            if width % b != 0 {
+                                return Err(PlanError::Invalid(format!(
+                                    "layer {layer}: shared expert width {width} is not a multiple of its ffn_down_shexp block of {b}"
+                                )));
+                            }
+                            split_units(width / b, weights, layer)
+                                .into_iter()
+                                .map(|u| u.start * b..u.end * b)
+                                .collect()
+                        }
+                    };
+                    match moe {
+                        MoeSplit::Tensor => (
+                            columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
+                            vec![0..m.expert_count; rank_count],
+                            shared,
+                        ),
+                        MoeSplit::Expert => {
+                            let owned = split_units(m.expert_count, weights, layer);
+                            let columns = owned
+                                .iter()
+                                .map(|e| {
+                                    if e.is_empty() {
+                                        0..0
+                                    } else {
+                                        0..config.ffn_dim
+                                    }
+                                })
+                                .collect();
+                            (columns, owned, shared)
+                        }
+                    }
+                }
+            };
+        for (rank, ((q_heads, kv_heads), ((ffn_columns, experts), shared_columns))) in heads
+            .into_iter()
+            .zip(ffn.into_iter().zip(experts).zip(shared))
+            .enumerate()
+        {
             ranks[rank].layers.push(LayerShard {
                 q_heads,
                 kv_heads,
-                ffn_columns: ffn_units.start * block..ffn_units.end * block,
+                ffn_columns,
+                experts,
+                shared_columns,
             });
         }
     }
@@ -208,15 +308,61 @@ pub fn check_plan(config: &ModelConfig, plan: &Plan) -> Result<(), String> {
             1,
         )
         .map_err(|e| format!("layer {layer} query heads: {e}"))?;
-        check_cover(
-            shards.iter().map(|s| s.ffn_columns.clone()),
-            config.ffn_dim,
-            config.ffn_down_block[layer],
-        )
-        .map_err(|e| format!("layer {layer} FFN columns: {e}"))?;
+        match &config.moe {
+            None => check_cover(
+                shards.iter().map(|s| s.ffn_columns.clone()),
+                config.ffn_dim,
+                config.ffn_down_block[layer],
+            )
+            .map_err(|e| format!("layer {layer} FFN columns: {e}"))?,
+            Some(m) => {
+                check_expert_cover(&shards, m.expert_count, config.ffn_dim)
+                    .map_err(|e| format!("layer {layer} experts: {e}"))?;
+                if let Some(width) = m.shared_ffn_dim {
+                    check_cover(
+                        shards.iter().map(|s| s.shared_columns.clone()),
+                        width,
+                        m.shared_down_block[layer],
+                    )
+                    .map_err(|e| format!("layer {layer} shared expert columns: {e}"))?;
+                }
+            }
+        }
         for shard in &shards {
             check_layer_shard(config, layer, shard)?;
         }
+    }
+    Ok(())
+}
+
+/// Every (expert, column) pair is computed by exactly one rank: each rank's experts x columns
+/// rectangle is disjoint from the others', and together they have the area of the whole.
+fn check_expert_cover(
+    shards: &[&LayerShard],
+    expert_count: usize,
+    width: usize,
+) -> Result<(), String> {
+    let area = |s: &LayerShard| s.experts.len() * s.ffn_columns.len();
+    let overlaps = |a: &Range<usize>, b: &Range<usize>| a.start < b.end && b.start < a.end;
+    for (i, a) in shards.iter().enumerate() {
+        for b in &shards[i + 1..] {
+            if area(a) > 0
+                && area(b) > 0
+                && overlaps(&a.experts, &b.experts)
+                && overlaps(&a.ffn_columns, &b.ffn_columns)
+            {
+                return Err(format!(
+                    "experts {:?} x columns {:?} overlap experts {:?} x columns {:?}",
+                    a.experts, a.ffn_columns, b.experts, b.ffn_columns
+                ));
+            }
+        }
+    }
+    let total: usize = shards.iter().map(|s| area(s)).sum();
+    if total != expert_count * width {
+        return Err(format!(
+            "ranks cover {total} expert columns of {expert_count} x {width}"
+        ));
     }
     Ok(())
 }
@@ -257,10 +403,23 @@ fn check_layer_shard(config: &ModelConfig, layer: usize, s: &LayerShard) -> Resu
     } else {
         s.q_heads.start / group..s.q_heads.end.div_ceil(group)
     };
-    let ok_ffn = s.ffn_columns.start <= s.ffn_columns.end
-        && s.ffn_columns.end <= config.ffn_dim
-        && s.ffn_columns.start % config.ffn_down_block[layer] == 0
-        && s.ffn_columns.end % config.ffn_down_block[layer] == 0;
+    let aligned = |r: &Range<usize>, total: usize, block: usize| {
+        r.start <= r.end && r.end <= total && r.start % block == 0 && r.end % block == 0
+    };
+    let ok_ffn = aligned(&s.ffn_columns, config.ffn_dim, config.ffn_down_block[layer])
+        && match &config.moe {
+            None => s.experts.is_empty() && s.shared_columns.is_empty(),
+            Some(m) => {
+                s.experts.start <= s.experts.end
+                    && s.experts.end <= m.expert_count
+                    && match m.shared_ffn_dim {
+                        None => s.shared_columns.is_empty(),
+                        Some(width) => {
+                            aligned(&s.shared_columns, width, m.shared_down_block[layer])
+                        }
+                    }
+            }
+        };
     let ok_kv = if s.q_heads.is_empty() {
         s.kv_heads.is_empty()
     } else {
@@ -321,6 +480,12 @@ pub enum OpKind {
         input: Buffer,
         output: Buffer,
     },
+    /// Per-head RMSNorm of this rank's queries and keys (QK-norm), before RoPE.
+    HeadNorm {
+        layer: usize,
+        q_tensor: String,
+        k_tensor: String,
+    },
     Rope {
         layer: usize,
     },
@@ -328,6 +493,12 @@ pub enum OpKind {
         layer: usize,
     },
     SwiGlu,
+    /// A mixture-of-experts FFN on `Normed`: the router on the whole (mirrored) input, then
+    /// this rank's part of every selected expert (and of the shared expert), the weighted
+    /// outputs summed into `Partial` before the layer's one AllReduce (DESIGN section 2).
+    Moe {
+        layer: usize,
+    },
     /// Residual += Partial (now Mirrored).
     AddResidual,
     AllReduce {
@@ -442,6 +613,16 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
                 output_state: split(axis),
             });
         }
+        if config.qk_norm {
+            ops.push(Op {
+                kind: OpKind::HeadNorm {
+                    layer,
+                    q_tensor: t("attn_q_norm.weight"),
+                    k_tensor: t("attn_k_norm.weight"),
+                },
+                output_state: split(Axis::QueryHeads),
+            });
+        }
         ops.push(Op {
             kind: OpKind::Rope { layer },
             output_state: split(Axis::QueryHeads),
@@ -474,6 +655,19 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             },
             output_state: SplitState::Mirrored,
         });
+        if config.moe.is_some() {
+            // The experts' weighted sum stays Partial: one AllReduce, as for a dense FFN.
+            ops.push(Op {
+                kind: OpKind::Moe { layer },
+                output_state: partial.clone(),
+            });
+            reduce(&mut ops, Buffer::Partial);
+            ops.push(Op {
+                kind: OpKind::AddResidual,
+                output_state: SplitState::Mirrored,
+            });
+            continue;
+        }
         for (name, out) in [
             ("ffn_gate.weight", Buffer::Gate),
             ("ffn_up.weight", Buffer::Up),

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 
 use crate::coordinator::cluster::{Cluster, LoadSpec};
-use crate::coordinator::planner::{Plan, plan};
+use crate::coordinator::planner::{Plan, plan_with};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::sequence::{Decoder, SequenceSpec, Stop};
 use crate::model::arch::ModelConfig;
@@ -167,6 +167,8 @@ pub struct Session {
     /// A step failed: before the next one, every worker must answer and the model is loaded
     /// again (a restarted worker has no shard; the others' collectives were torn down).
     broken: bool,
+    /// Per worker: bytes contributed to AllReduces since the session started.
+    pub collective_bytes: Vec<u64>,
 }
 
 /// One forward pass over tokens of any sequences: `tokens[i]` at `positions[i]` of
@@ -216,6 +218,7 @@ pub struct WorkerStepTime {
     pub compute_seconds: f64,
     pub collective_seconds: f64,
     pub collectives: u32,
+    pub collective_bytes: u64,
 }
 
 impl Session {
@@ -237,7 +240,7 @@ impl Session {
         sequences: usize,
     ) -> anyhow::Result<Session> {
         let max_context = max_context.min(model.config.context_length);
-        let plan = plan(&model.config, &cluster.weights())?;
+        let plan = plan_with(&model.config, &cluster.weights(), cluster.moe_split)?;
         let mut session = Session {
             model: Arc::new(model),
             cluster,
@@ -246,6 +249,7 @@ impl Session {
             max_context,
             sequences: sequences.max(1),
             broken: false,
+            collective_bytes: Vec::new(),
         };
         for (rank, reply) in session.load().await?.iter().enumerate() {
             tracing::info!(
@@ -295,8 +299,14 @@ impl Session {
             self.recover().await?;
         }
         let result = self.cluster.step(request).await;
-        if result.is_err() {
-            self.broken = true;
+        match &result {
+            Ok(replies) => {
+                self.collective_bytes.resize(replies.len(), 0);
+                for (total, reply) in self.collective_bytes.iter_mut().zip(replies) {
+                    *total += reply.collective_bytes;
+                }
+            }
+            Err(_) => self.broken = true,
         }
         result
     }
@@ -341,6 +351,7 @@ impl Session {
                 compute_seconds: r.compute_seconds,
                 collective_seconds: r.collective_seconds,
                 collectives: r.collectives,
+                collective_bytes: r.collective_bytes,
             })
             .collect();
         Ok(BatchOutput {

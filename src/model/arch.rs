@@ -8,6 +8,12 @@ use crate::model::gguf::{GgufError, GgufFile};
 pub enum Architecture {
     Llama,
     Qwen2,
+    /// Qwen1.5/Qwen2 mixture of experts: qwen2's attention, routed experts whose weights are
+    /// not renormalized, and a shared expert behind a sigmoid gate.
+    Qwen2Moe,
+    /// Qwen3 mixture of experts: QK-norm, no biases, routed experts renormalized over the
+    /// selected ones, no shared expert.
+    Qwen3Moe,
 }
 
 impl Architecture {
@@ -15,8 +21,26 @@ impl Architecture {
         match self {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen2Moe => "qwen2moe",
+            Architecture::Qwen3Moe => "qwen3moe",
         }
     }
+}
+
+/// The routed experts of a mixture-of-experts layer, as llama.cpp computes them for the
+/// architecture: softmax over every expert's router logit, the `expert_used` largest, their
+/// probabilities as weights (renormalized to sum to one where the architecture says so), each
+/// expert a SwiGLU FFN of `ModelConfig::ffn_dim` columns, and the weighted sum of their outputs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MoeConfig {
+    pub expert_count: usize,
+    pub expert_used: usize,
+    pub normalize_selected: bool,
+    /// Width of the shared expert that every token also goes through (qwen2moe), whose output
+    /// is scaled by `sigmoid(ffn_gate_inp_shexp · x)`.
+    pub shared_ffn_dim: Option<usize>,
+    /// Block size of each layer's `ffn_down_shexp`: the shared expert's split granularity.
+    pub shared_down_block: Vec<usize>,
 }
 
 /// How RoPE pairs dimensions, as llama.cpp applies it per architecture.
@@ -36,6 +60,7 @@ pub struct ModelConfig {
     pub head_count: usize,
     pub kv_head_count: usize,
     pub head_dim: usize,
+    /// The FFN's width: of the dense FFN, or of each routed expert in a mixture of experts.
     pub ffn_dim: usize,
     pub vocab_size: usize,
     pub rms_norm_eps: f32,
@@ -44,9 +69,14 @@ pub struct ModelConfig {
     pub rope_style: RopeStyle,
     pub context_length: usize,
     pub qkv_bias: bool,
+    /// Per-head RMSNorm of queries and keys (with learned weights) before RoPE.
+    pub qk_norm: bool,
+    /// Mixture-of-experts layers (every layer), or None for a dense FFN.
+    pub moe: Option<MoeConfig>,
     /// No `output.weight`: the token embedding doubles as the output head.
     pub tied_output: bool,
-    /// Block size (elements) of each layer's `ffn_down`: the FFN split granularity.
+    /// Block size (elements) of each layer's `ffn_down` (`ffn_down_exps` for experts): the FFN
+    /// split granularity.
     pub ffn_down_block: Vec<usize>,
     /// Block size of each layer's `attn_output` (row-parallel over heads).
     pub attn_output_block: Vec<usize>,
@@ -56,7 +86,9 @@ pub struct ModelConfig {
 pub enum ArchError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("{path}: unsupported architecture '{name}' (supported: llama, qwen2)")]
+    #[error(
+        "{path}: unsupported architecture '{name}' (supported: llama, qwen2, qwen2moe, qwen3moe)"
+    )]
     Unsupported { path: String, name: String },
     #[error("{path}: {what}")]
     Invalid { path: String, what: String },
@@ -77,6 +109,8 @@ impl ModelConfig {
         let architecture = match name {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
+            "qwen2moe" => Architecture::Qwen2Moe,
+            "qwen3moe" => Architecture::Qwen3Moe,
             other => {
                 return Err(ArchError::Unsupported {
                     path: path.clone(),
@@ -114,13 +148,66 @@ impl ModelConfig {
                 "{head_count} query heads are not a multiple of {kv_head_count} KV heads"
             )));
         }
-        if model_dim % head_count != 0 {
+        // The head size is the embedding split into heads unless the file states it (Qwen3
+        // models may have wider or narrower heads than that).
+        let head_dim = match file.get_u64(&key("attention.key_length"))? {
+            Some(k) if (1..=4096).contains(&k) => k as usize,
+            Some(k) => {
+                return Err(invalid(format!(
+                    "{}: {k} is outside 1..=4096",
+                    key("attention.key_length")
+                )));
+            }
+            None if model_dim % head_count != 0 => {
+                return Err(invalid(format!(
+                    "embedding length {model_dim} does not split into {head_count} heads"
+                )));
+            }
+            None => model_dim / head_count,
+        };
+        if let Some(v) = file.get_u64(&key("attention.value_length"))?
+            && v as usize != head_dim
+        {
             return Err(invalid(format!(
-                "embedding length {model_dim} does not split into {head_count} heads"
+                "value heads of {v} differ from key heads of {head_dim} (not supported)"
             )));
         }
-        let head_dim = model_dim / head_count;
-        let ffn_dim = bounded("feed_forward_length", 1 << 20)?;
+        let is_moe = matches!(
+            architecture,
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe
+        );
+        let moe = if is_moe {
+            let expert_count = bounded("expert_count", 4096)?;
+            let expert_used = bounded("expert_used_count", expert_count as u64)?;
+            let shared_ffn_dim = match architecture {
+                Architecture::Qwen2Moe => {
+                    match file.get_u64(&key("expert_shared_feed_forward_length"))? {
+                        Some(_) => Some(bounded("expert_shared_feed_forward_length", 1 << 20)?),
+                        // Older files state no width: the shared expert's tensors do.
+                        None => file
+                            .tensor(&layer_tensor(0, "ffn_gate_shexp.weight"))
+                            .and_then(|t| t.dims.get(1).map(|&d| d as usize)),
+                    }
+                }
+                _ => None,
+            };
+            Some(MoeConfig {
+                expert_count,
+                expert_used,
+                normalize_selected: architecture == Architecture::Qwen3Moe,
+                shared_ffn_dim,
+                shared_down_block: Vec::new(),
+            })
+        } else {
+            None
+        };
+        // llama.cpp sizes experts from expert_feed_forward_length; feed_forward_length, which
+        // MoE files also carry, describes something else there and is not used.
+        let ffn_dim = if is_moe {
+            bounded("expert_feed_forward_length", 1 << 20)?
+        } else {
+            bounded("feed_forward_length", 1 << 20)?
+        };
         let rms_norm_eps = file
             .get_f64(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5) as f32;
@@ -137,9 +224,10 @@ impl ModelConfig {
             .get_u64(&key("context_length"))?
             .unwrap_or(2048)
             .clamp(1, 1 << 20) as usize;
-        let (rope_style, qkv_bias) = match architecture {
-            Architecture::Llama => (RopeStyle::AdjacentPairs, false),
-            Architecture::Qwen2 => (RopeStyle::Neox, true),
+        let (rope_style, qkv_bias, qk_norm) = match architecture {
+            Architecture::Llama => (RopeStyle::AdjacentPairs, false, false),
+            Architecture::Qwen2 | Architecture::Qwen2Moe => (RopeStyle::Neox, true, false),
+            Architecture::Qwen3Moe => (RopeStyle::Neox, false, true),
         };
 
         let embedding = file
@@ -169,6 +257,8 @@ impl ModelConfig {
             rope_style,
             context_length,
             qkv_bias,
+            qk_norm,
+            moe,
             tied_output,
             ffn_down_block: Vec::new(),
             attn_output_block: Vec::new(),
@@ -199,9 +289,16 @@ impl ModelConfig {
                 file.tensor(&layer_tensor(layer, n))
                     .map(|t| t.quant_type.block_elements())
             };
-            config
-                .ffn_down_block
-                .push(block("ffn_down.weight").unwrap_or(1));
+            let down = if config.moe.is_some() {
+                "ffn_down_exps.weight"
+            } else {
+                "ffn_down.weight"
+            };
+            config.ffn_down_block.push(block(down).unwrap_or(1));
+            if let Some(moe) = &mut config.moe {
+                moe.shared_down_block
+                    .push(block("ffn_down_shexp.weight").unwrap_or(1));
+            }
             config
                 .attn_output_block
                 .push(block("attn_output.weight").unwrap_or(1));
@@ -226,11 +323,33 @@ impl ModelConfig {
                 out.push((t("attn_k.bias"), vec![kv]));
                 out.push((t("attn_v.bias"), vec![kv]));
             }
+            if self.qk_norm {
+                out.push((t("attn_q_norm.weight"), vec![self.head_dim]));
+                out.push((t("attn_k_norm.weight"), vec![self.head_dim]));
+            }
             out.push((t("attn_output.weight"), vec![q, d]));
             out.push((t("ffn_norm.weight"), vec![d]));
-            out.push((t("ffn_gate.weight"), vec![d, self.ffn_dim]));
-            out.push((t("ffn_up.weight"), vec![d, self.ffn_dim]));
-            out.push((t("ffn_down.weight"), vec![self.ffn_dim, d]));
+            let f = self.ffn_dim;
+            match &self.moe {
+                None => {
+                    out.push((t("ffn_gate.weight"), vec![d, f]));
+                    out.push((t("ffn_up.weight"), vec![d, f]));
+                    out.push((t("ffn_down.weight"), vec![f, d]));
+                }
+                Some(moe) => {
+                    let e = moe.expert_count;
+                    out.push((t("ffn_gate_inp.weight"), vec![d, e]));
+                    out.push((t("ffn_gate_exps.weight"), vec![d, f, e]));
+                    out.push((t("ffn_up_exps.weight"), vec![d, f, e]));
+                    out.push((t("ffn_down_exps.weight"), vec![f, d, e]));
+                    if let Some(s) = moe.shared_ffn_dim {
+                        out.push((t("ffn_gate_inp_shexp.weight"), vec![d]));
+                        out.push((t("ffn_gate_shexp.weight"), vec![d, s]));
+                        out.push((t("ffn_up_shexp.weight"), vec![d, s]));
+                        out.push((t("ffn_down_shexp.weight"), vec![s, d]));
+                    }
+                }
+            }
         }
         out.push(("output_norm.weight".to_string(), vec![d]));
         if !self.tied_output {

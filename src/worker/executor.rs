@@ -16,6 +16,7 @@ use crate::kernels::pool;
 use crate::model::arch::{ModelConfig, RopeStyle};
 use crate::transport::{Collective, TransportError};
 use crate::worker::kv::KvCache;
+use crate::worker::moe::{MoeLayer, MoeScratch, SharedExpert};
 use crate::worker::shard::{LoadedShard, Weight};
 
 thread_local! {
@@ -59,6 +60,12 @@ enum Exec {
         input: Buffer,
         output: Buffer,
     },
+    HeadNorm {
+        q_weight: Vec<f32>,
+        k_weight: Vec<f32>,
+        q_heads: usize,
+        kv_heads: usize,
+    },
     Rope {
         q_heads: usize,
         kv_heads: usize,
@@ -73,6 +80,7 @@ enum Exec {
     SwiGlu {
         width: usize,
     },
+    Moe(Box<MoeLayer>),
     AddResidual,
     AllReduce {
         buffer: Buffer,
@@ -126,6 +134,9 @@ pub struct Executor {
     /// Time inside AllReduce during the last step, and how many it ran.
     collective_time: std::time::Duration,
     collectives: u32,
+    /// Bytes this rank contributed to the last step's AllReduces.
+    collective_bytes: u64,
+    moe_scratch: MoeScratch,
 }
 
 fn slot(buffer: Buffer) -> usize {
@@ -206,6 +217,65 @@ impl Executor {
                         output,
                     }
                 }
+                OpKind::HeadNorm {
+                    layer,
+                    q_tensor,
+                    k_tensor,
+                } => {
+                    let s = &shard.layers[layer];
+                    let mut vector =
+                        |name: &str| loaded.vectors.remove(name).ok_or_else(|| missing(name));
+                    Exec::HeadNorm {
+                        q_weight: vector(&q_tensor)?,
+                        k_weight: vector(&k_tensor)?,
+                        q_heads: s.q_heads.len(),
+                        kv_heads: s.kv_heads.len(),
+                    }
+                }
+                OpKind::Moe { layer } => {
+                    let moe = config.moe.as_ref().ok_or_else(|| {
+                        StepError::Invalid("a mixture-of-experts op in a dense model".into())
+                    })?;
+                    let t = |n: &str| crate::model::arch::layer_tensor(layer, n);
+                    let weight =
+                        |name: String| weights.get(&name).cloned().ok_or_else(|| missing(&name));
+                    let s = &shard.layers[layer];
+                    let shared = match moe.shared_ffn_dim {
+                        None => None,
+                        Some(_) => Some(SharedExpert {
+                            gate_input: loaded
+                                .vectors
+                                .remove(&t("ffn_gate_inp_shexp.weight"))
+                                .ok_or_else(|| missing("ffn_gate_inp_shexp.weight"))?,
+                            gate: weight(t("ffn_gate_shexp.weight"))?,
+                            up: weight(t("ffn_up_shexp.weight"))?,
+                            down: weight(t("ffn_down_shexp.weight"))?,
+                        }),
+                    };
+                    let layer = MoeLayer {
+                        router: weight(t("ffn_gate_inp.weight"))?,
+                        gate: weight(t("ffn_gate_exps.weight"))?,
+                        up: weight(t("ffn_up_exps.weight"))?,
+                        down: weight(t("ffn_down_exps.weight"))?,
+                        experts: s.experts.clone(),
+                        width: s.ffn_columns.len(),
+                        expert_used: moe.expert_used,
+                        normalize_selected: moe.normalize_selected,
+                        shared,
+                    };
+                    let local = layer.experts.len();
+                    if layer.router.rows != moe.expert_count
+                        || layer.gate.rows != local * layer.width
+                        || layer.up.rows != layer.gate.rows
+                        || (layer.width > 0 && layer.down.rows != local * config.model_dim)
+                    {
+                        return Err(StepError::Invalid(format!(
+                            "layer {}: expert slices do not match the shard",
+                            s.experts.start
+                        )));
+                    }
+                    Exec::Moe(Box::new(layer))
+                }
                 OpKind::Rope { layer } => {
                     let s = &shard.layers[layer];
                     Exec::Rope {
@@ -263,6 +333,8 @@ impl Executor {
             residual_added: false,
             collective_time: std::time::Duration::ZERO,
             collectives: 0,
+            collective_bytes: 0,
+            moe_scratch: MoeScratch::default(),
         })
     }
 
@@ -274,9 +346,14 @@ impl Executor {
         self.kv.clear(sequence);
     }
 
-    /// Seconds inside AllReduce during the last step, and how many AllReduces it ran.
-    pub fn collective_stats(&self) -> (f64, u32) {
-        (self.collective_time.as_secs_f64(), self.collectives)
+    /// Seconds inside AllReduce during the last step, how many AllReduces it ran, and the
+    /// bytes this rank contributed to them.
+    pub fn collective_stats(&self) -> (f64, u32, u64) {
+        (
+            self.collective_time.as_secs_f64(),
+            self.collectives,
+            self.collective_bytes,
+        )
     }
 
     pub fn vocab_start(&self) -> usize {
@@ -333,6 +410,7 @@ impl Executor {
             self.residual_added = false;
             self.collective_time = std::time::Duration::ZERO;
             self.collectives = 0;
+            self.collective_bytes = 0;
             for op in &program {
                 let reduce_started =
                     matches!(op, Exec::AllReduce { .. }).then(std::time::Instant::now);
@@ -359,7 +437,34 @@ impl Executor {
                         input,
                         output,
                     } => self.linear(weight, bias.as_deref(), *input, *output, batch),
+                    Exec::HeadNorm {
+                        q_weight,
+                        k_weight,
+                        q_heads,
+                        kv_heads,
+                    } => {
+                        self.head_norm(Buffer::Q, q_weight, *q_heads, batch);
+                        self.head_norm(Buffer::K, k_weight, *kv_heads, batch);
+                    }
                     Exec::Rope { q_heads, kv_heads } => self.rope(*q_heads, *kv_heads, batch),
+                    Exec::Moe(layer) => {
+                        let n = d * batch;
+                        let out = match collective.stage_f64(n)? {
+                            Some(stage) => {
+                                self.staged = true;
+                                stage
+                            }
+                            None => &mut self.partial[..n],
+                        };
+                        out.fill(0.0);
+                        layer.forward(
+                            &self.buffers[slot(Buffer::Normed)][..n],
+                            batch,
+                            d,
+                            out,
+                            &mut self.moe_scratch,
+                        );
+                    }
                     &Exec::Attention {
                         layer,
                         q_start,
@@ -422,6 +527,15 @@ impl Executor {
                 if let Some(started) = reduce_started {
                     self.collective_time += started.elapsed();
                     self.collectives += 1;
+                    // The residual-sized sums are f64 (row-parallel partials), the embedding's
+                    // f32.
+                    let width = match op {
+                        Exec::AllReduce {
+                            buffer: Buffer::Partial,
+                        } => 8,
+                        _ => 4,
+                    };
+                    self.collective_bytes += (d * batch * width) as u64;
                 }
             }
             Ok(results)
@@ -562,6 +676,19 @@ impl Executor {
             for _ in 0..pairs {
                 self.rope_cache.push((theta.cos(), theta.sin()));
                 theta *= theta_scale;
+            }
+        }
+    }
+
+    /// RMSNorm of each head of `buffer` (QK-norm), with the same weights for every head.
+    fn head_norm(&mut self, buffer: Buffer, weight: &[f32], heads: usize, batch: usize) {
+        let hd = self.config.head_dim;
+        let eps = self.config.rms_norm_eps;
+        for head in self.buffers[slot(buffer)][..batch * heads * hd].chunks_exact_mut(hd) {
+            let mean = head.iter().map(|v| v * v).sum::<f32>() / hd as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for (v, w) in head.iter_mut().zip(weight) {
+                *v = *v * scale * w;
             }
         }
     }

@@ -4,6 +4,7 @@
 pub mod executor;
 pub mod kv;
 pub mod model_cache;
+pub mod moe;
 pub mod shard;
 
 use std::net::SocketAddr;
@@ -254,6 +255,8 @@ fn load(
                 q_heads: l.q_start as usize..l.q_end as usize,
                 kv_heads: l.kv_start as usize..l.kv_end as usize,
                 ffn_columns: l.ffn_start as usize..l.ffn_end as usize,
+                experts: l.expert_start as usize..l.expert_end as usize,
+                shared_columns: l.shared_start as usize..l.shared_end as usize,
             })
             .collect(),
     };
@@ -615,6 +618,7 @@ impl proto::worker_server::Worker for WorkerService {
                 compute_seconds: started.elapsed().as_secs_f64(),
                 collective_seconds: executor.collective_stats().0,
                 collectives: executor.collective_stats().1,
+                collective_bytes: executor.collective_stats().2,
             }))
         })
         .await

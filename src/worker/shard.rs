@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use crate::coordinator::planner::{OpKind, Parallel, RankShard, shard_program};
 use crate::kernels::cpu::{QuantType, dequantize_row};
-use crate::model::arch::ModelConfig;
+use crate::model::arch::{ModelConfig, layer_tensor};
 use crate::model::gguf::{GgufFile, TensorInfo};
 
 /// A matrix in ggml layout: `rows` rows of `cols` elements, each row `ty.row_bytes(cols)` bytes.
@@ -40,65 +40,212 @@ pub struct LoadedShard {
     pub notes: Vec<String>,
 }
 
-fn f32_values(file: &GgufFile, info: &TensorInfo, range: Range<usize>) -> Vec<f32> {
-    let bytes = file.tensor_bytes(info);
-    bytes[range.start * 4..range.end * 4]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+/// The part of one tensor a rank's program reads. The tensor is taken as a matrix in ggml
+/// layout: dimension 0 is a row, every higher dimension stacks rows (expert `e` of an
+/// `[cols, rows, experts]` tensor is rows `e * rows..(e + 1) * rows`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSlice {
+    pub name: String,
+    /// Row ranges, in order (None: every row).
+    pub rows: Option<Vec<Range<usize>>>,
+    /// Columns of each row (None: all): a cut inside a quantization block re-blocks the
+    /// slice to F32.
+    pub cols: Option<Range<usize>>,
+    /// An F32 vector (norm weight, bias), loaded as values rather than as a matrix.
+    pub vector: bool,
 }
 
-/// Rows `rows` of a matrix (column-parallel: split on the output dimension).
-fn slice_rows(file: &GgufFile, info: &TensorInfo, rows: Range<usize>) -> Weight {
-    let row_bytes = info
-        .quant_type
-        .row_bytes(info.row_length())
-        .expect("checked at parse");
-    let bytes = file.tensor_bytes(info);
-    Weight {
-        ty: info.quant_type,
-        rows: rows.len(),
-        cols: info.row_length(),
-        data: bytes[rows.start * row_bytes..rows.end * row_bytes].to_vec(),
+impl TensorSlice {
+    fn matrix(name: &str, rows: Option<Vec<Range<usize>>>, cols: Option<Range<usize>>) -> Self {
+        TensorSlice {
+            name: name.to_string(),
+            rows,
+            cols,
+            vector: false,
+        }
+    }
+    fn vector(name: &str, cols: Option<Range<usize>>) -> Self {
+        TensorSlice {
+            name: name.to_string(),
+            rows: None,
+            cols,
+            vector: true,
+        }
     }
 }
 
-/// Columns `cols` of every row (row-parallel: split on the input dimension). A boundary inside a
-/// quantization block cannot be cut in place; such a tensor is dequantized to F32.
-fn slice_columns(
+/// Every tensor slice `shard`'s program reads, each tensor once (the tied output head reuses
+/// the embedding's vocab slice). `load_shard`, `shard_byte_ranges` and `shard_weight_bytes`
+/// all work from this list, so what is loaded, shipped and reported cannot disagree.
+pub fn shard_tensors(config: &ModelConfig, shard: &RankShard) -> Vec<TensorSlice> {
+    let mut out: Vec<TensorSlice> = Vec::new();
+    for op in shard_program(config, shard) {
+        match &op.kind {
+            OpKind::Embed { tensor } => out.push(TensorSlice::matrix(
+                tensor,
+                Some(vec![shard.vocab_rows.clone()]),
+                None,
+            )),
+            OpKind::RmsNorm { tensor, .. } => out.push(TensorSlice::vector(tensor, None)),
+            OpKind::HeadNorm {
+                q_tensor, k_tensor, ..
+            } => {
+                out.push(TensorSlice::vector(q_tensor, None));
+                out.push(TensorSlice::vector(k_tensor, None));
+            }
+            OpKind::Linear {
+                tensor,
+                bias,
+                parallel,
+                extent,
+                ..
+            } => {
+                out.push(match parallel {
+                    Parallel::Column => {
+                        TensorSlice::matrix(tensor, Some(vec![extent.clone()]), None)
+                    }
+                    Parallel::Row => TensorSlice::matrix(tensor, None, Some(extent.clone())),
+                });
+                if let Some(bias) = bias {
+                    out.push(TensorSlice::vector(bias, Some(extent.clone())));
+                }
+            }
+            OpKind::Moe { layer } => out.extend(moe_tensors(config, shard, *layer)),
+            _ => {}
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|slice| seen.insert(slice.name.clone()));
+    out
+}
+
+/// The tensors of a mixture-of-experts layer: the whole router (every rank routes every
+/// token), the rank's columns of each of its experts' gate and up (column-parallel) and down
+/// (row-parallel), and its columns of the shared expert.
+fn moe_tensors(config: &ModelConfig, shard: &RankShard, layer: usize) -> Vec<TensorSlice> {
+    let t = |n: &str| layer_tensor(layer, n);
+    let s = &shard.layers[layer];
+    let (f, d) = (config.ffn_dim, config.model_dim);
+    let columns = s.ffn_columns.clone();
+    let expert_rows: Vec<Range<usize>> = if columns.is_empty() {
+        Vec::new()
+    } else {
+        s.experts
+            .clone()
+            .map(|e| e * f + columns.start..e * f + columns.end)
+            .collect()
+    };
+    let down_rows: Vec<Range<usize>> = if columns.is_empty() {
+        Vec::new()
+    } else {
+        s.experts.clone().map(|e| e * d..(e + 1) * d).collect()
+    };
+    let mut out = vec![
+        TensorSlice::matrix(&t("ffn_gate_inp.weight"), None, None),
+        TensorSlice::matrix(&t("ffn_gate_exps.weight"), Some(expert_rows.clone()), None),
+        TensorSlice::matrix(&t("ffn_up_exps.weight"), Some(expert_rows), None),
+        TensorSlice::matrix(
+            &t("ffn_down_exps.weight"),
+            Some(down_rows),
+            Some(columns.clone()),
+        ),
+    ];
+    if config
+        .moe
+        .as_ref()
+        .is_some_and(|m| m.shared_ffn_dim.is_some())
+    {
+        let shared = s.shared_columns.clone();
+        out.extend([
+            TensorSlice::vector(&t("ffn_gate_inp_shexp.weight"), None),
+            TensorSlice::matrix(
+                &t("ffn_gate_shexp.weight"),
+                Some(vec![shared.clone()]),
+                None,
+            ),
+            TensorSlice::matrix(&t("ffn_up_shexp.weight"), Some(vec![shared.clone()]), None),
+            TensorSlice::matrix(&t("ffn_down_shexp.weight"), None, Some(shared)),
+        ]);
+    }
+    out
+}
+
+/// A slice's rows and columns resolved against the tensor, checked to lie inside it.
+fn resolve(
+    info: &TensorInfo,
+    slice: &TensorSlice,
+) -> Result<(Vec<Range<usize>>, Range<usize>), ShardError> {
+    let rows = slice
+        .rows
+        .clone()
+        .unwrap_or_else(|| vec![0..info.row_count()]);
+    let cols = slice.cols.clone().unwrap_or(0..info.row_length());
+    if rows
+        .iter()
+        .any(|r| r.start > r.end || r.end > info.row_count())
+        || cols.start > cols.end
+        || cols.end > info.row_length()
+    {
+        return Err(ShardError::Invalid(format!(
+            "{}: rows {rows:?} / columns {cols:?} exceed its {} x {}",
+            info.name,
+            info.row_count(),
+            info.row_length()
+        )));
+    }
+    Ok((rows, cols))
+}
+
+/// Whether `cols` of a row of `info` can be cut out as whole quantization blocks.
+fn block_aligned(info: &TensorInfo, cols: &Range<usize>) -> bool {
+    let block = info.quant_type.block_elements();
+    cols.start % block == 0 && cols.end % block == 0
+}
+
+/// Copies `rows` x `cols` of a matrix out of the file. A column boundary inside a quantization
+/// block cannot be cut in place; such a slice is dequantized to F32.
+fn slice_matrix(
     file: &GgufFile,
     info: &TensorInfo,
+    rows: &[Range<usize>],
     cols: Range<usize>,
     notes: &mut Vec<String>,
 ) -> Weight {
     let ty = info.quant_type;
     let row_length = info.row_length();
     let row_bytes = ty.row_bytes(row_length).expect("checked at parse");
-    let rows = info.row_count();
     let bytes = file.tensor_bytes(info);
-    let block = ty.block_elements();
-    if cols.start % block == 0 && cols.end % block == 0 {
+    let row_count: usize = rows.iter().map(|r| r.len()).sum();
+    if block_aligned(info, &cols) {
+        let block = ty.block_elements();
         let start = cols.start / block * ty.block_bytes();
         let end = cols.end / block * ty.block_bytes();
-        let mut data = Vec::with_capacity(rows * (end - start));
-        for r in 0..rows {
-            data.extend_from_slice(&bytes[r * row_bytes + start..r * row_bytes + end]);
+        let mut data = Vec::with_capacity(row_count * (end - start));
+        for range in rows {
+            if start == 0 && end == row_bytes {
+                data.extend_from_slice(&bytes[range.start * row_bytes..range.end * row_bytes]);
+            } else {
+                for r in range.clone() {
+                    data.extend_from_slice(&bytes[r * row_bytes + start..r * row_bytes + end]);
+                }
+            }
         }
         return Weight {
             ty,
-            rows,
+            rows: row_count,
             cols: cols.len(),
             data,
         };
     }
     notes.push(format!(
-        "{}: columns {cols:?} cut {} blocks of {block}; re-blocked to F32 for this shard",
+        "{}: columns {cols:?} cut {} blocks of {}; re-blocked to F32 for this shard",
         info.name,
-        ty.name()
+        ty.name(),
+        ty.block_elements()
     ));
     let mut full = vec![0f32; row_length];
-    let mut data = Vec::with_capacity(rows * cols.len() * 4);
-    for r in 0..rows {
+    let mut data = Vec::with_capacity(row_count * cols.len() * 4);
+    for r in rows.iter().flat_map(|r| r.clone()) {
         dequantize_row(ty, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut full);
         for v in &full[cols.clone()] {
             data.extend_from_slice(&v.to_le_bytes());
@@ -106,7 +253,7 @@ fn slice_columns(
     }
     Weight {
         ty: QuantType::F32,
-        rows,
+        rows: row_count,
         cols: cols.len(),
         data,
     }
@@ -117,64 +264,34 @@ pub fn load_shard(
     config: &ModelConfig,
     shard: &RankShard,
 ) -> Result<LoadedShard, ShardError> {
-    let tensor = |name: &str| {
-        file.tensor(name)
-            .ok_or_else(|| ShardError::Missing(name.to_string()))
-    };
     let mut loaded = LoadedShard {
         weights: HashMap::new(),
         vectors: HashMap::new(),
         weight_bytes: 0,
         notes: Vec::new(),
     };
-    let program = shard_program(config, shard);
-    for op in &program {
-        match &op.kind {
-            OpKind::Embed { tensor: name } => {
-                if !loaded.weights.contains_key(name) {
-                    let info = tensor(name)?;
-                    loaded.weights.insert(
-                        name.clone(),
-                        slice_rows(file, info, shard.vocab_rows.clone()),
-                    );
-                    file.release(info);
-                }
+    for slice in shard_tensors(config, shard) {
+        let info = file
+            .tensor(&slice.name)
+            .ok_or_else(|| ShardError::Missing(slice.name.clone()))?;
+        let (rows, cols) = resolve(info, &slice)?;
+        if slice.vector {
+            if info.quant_type != QuantType::F32 || info.row_count() != 1 {
+                return Err(ShardError::Invalid(format!(
+                    "'{}' is not an F32 vector",
+                    slice.name
+                )));
             }
-            OpKind::RmsNorm { tensor: name, .. } => {
-                let info = tensor(name)?;
-                loaded
-                    .vectors
-                    .insert(name.clone(), f32_values(file, info, 0..config.model_dim));
-            }
-            OpKind::Linear {
-                tensor: name,
-                bias,
-                parallel,
-                extent,
-                ..
-            } => {
-                if loaded.weights.contains_key(name) {
-                    continue; // the tied output head reuses the embedding's vocab slice
-                }
-                let info = tensor(name)?;
-                let weight = match parallel {
-                    Parallel::Column => slice_rows(file, info, extent.clone()),
-                    Parallel::Row => slice_columns(file, info, extent.clone(), &mut loaded.notes),
-                };
-                loaded.weights.insert(name.clone(), weight);
-                file.release(info);
-                if let Some(bias) = bias {
-                    let info = tensor(bias)?;
-                    if info.quant_type != QuantType::F32 {
-                        return Err(ShardError::Invalid(format!("bias '{bias}' is not F32")));
-                    }
-                    loaded
-                        .vectors
-                        .insert(bias.clone(), f32_values(file, info, extent.clone()));
-                }
-            }
-            _ => {}
+            let values = file.tensor_bytes(info)[cols.start * 4..cols.end * 4]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            loaded.vectors.insert(slice.name, values);
+        } else {
+            let weight = slice_matrix(file, info, &rows, cols, &mut loaded.notes);
+            loaded.weights.insert(slice.name, weight);
         }
+        file.release(info);
     }
     loaded.weight_bytes = loaded
         .weights
@@ -191,75 +308,41 @@ pub fn load_shard(
 
 /// The byte ranges of the model file that `load_shard` reads for `shard`, absolute, sorted and
 /// merged, the header (metadata and tensor index) first: what a worker without the file must
-/// receive. Mirrors `load_shard`'s reads; a test checks the two agree.
+/// receive. A test checks that a file holding only these loads the same shard.
 pub fn shard_byte_ranges(
     file: &GgufFile,
     config: &ModelConfig,
     shard: &RankShard,
 ) -> Result<Vec<Range<u64>>, ShardError> {
     let mut ranges: Vec<Range<u64>> = vec![0..file.header_bytes];
-    let tensor = |name: &str| {
-        file.tensor(name)
-            .ok_or_else(|| ShardError::Missing(name.to_string()))
-    };
-    let rows = |info: &TensorInfo, rows: Range<usize>, out: &mut Vec<Range<u64>>| {
-        let row_bytes = info.quant_type.row_bytes(info.row_length()).unwrap_or(0) as u64;
-        out.push(
-            info.offset + rows.start as u64 * row_bytes..info.offset + rows.end as u64 * row_bytes,
-        );
-    };
-    let mut seen = std::collections::HashSet::new();
-    for op in shard_program(config, shard) {
-        match &op.kind {
-            OpKind::Embed { tensor: name } => {
-                if seen.insert(name.clone()) {
-                    rows(tensor(name)?, shard.vocab_rows.clone(), &mut ranges);
+    for slice in shard_tensors(config, shard) {
+        let info = file
+            .tensor(&slice.name)
+            .ok_or_else(|| ShardError::Missing(slice.name.clone()))?;
+        let (rows, cols) = resolve(info, &slice)?;
+        let ty = info.quant_type;
+        let row_bytes = ty.row_bytes(info.row_length()).unwrap_or(0) as u64;
+        let (start, end) = if block_aligned(info, &cols) {
+            let block = ty.block_elements();
+            (
+                (cols.start / block * ty.block_bytes()) as u64,
+                (cols.end / block * ty.block_bytes()) as u64,
+            )
+        } else {
+            (0, row_bytes) // re-blocked: whole rows are dequantized
+        };
+        for range in rows {
+            if start == 0 && end == row_bytes {
+                ranges.push(
+                    info.offset + range.start as u64 * row_bytes
+                        ..info.offset + range.end as u64 * row_bytes,
+                );
+            } else {
+                for r in range.start as u64..range.end as u64 {
+                    let row = info.offset + r * row_bytes;
+                    ranges.push(row + start..row + end);
                 }
             }
-            OpKind::RmsNorm { tensor: name, .. } => {
-                let info = tensor(name)?;
-                ranges.push(info.offset..info.offset + config.model_dim as u64 * 4);
-            }
-            OpKind::Linear {
-                tensor: name,
-                bias,
-                parallel,
-                extent,
-                ..
-            } => {
-                if !seen.insert(name.clone()) {
-                    continue;
-                }
-                let info = tensor(name)?;
-                match parallel {
-                    Parallel::Column => rows(info, extent.clone(), &mut ranges),
-                    Parallel::Row => {
-                        let ty = info.quant_type;
-                        let block = ty.block_elements();
-                        let row_bytes = ty.row_bytes(info.row_length()).unwrap_or(0) as u64;
-                        let aligned = extent.start % block == 0 && extent.end % block == 0;
-                        let (start, end) = if aligned {
-                            (
-                                (extent.start / block * ty.block_bytes()) as u64,
-                                (extent.end / block * ty.block_bytes()) as u64,
-                            )
-                        } else {
-                            (0, row_bytes) // re-blocked: whole rows are dequantized
-                        };
-                        for r in 0..info.row_count() as u64 {
-                            let row = info.offset + r * row_bytes;
-                            ranges.push(row + start..row + end);
-                        }
-                    }
-                }
-                if let Some(bias) = bias {
-                    let info = tensor(bias)?;
-                    ranges.push(
-                        info.offset + extent.start as u64 * 4..info.offset + extent.end as u64 * 4,
-                    );
-                }
-            }
-            _ => {}
         }
     }
     Ok(merge_ranges(ranges))
@@ -299,45 +382,42 @@ pub fn missing_ranges(wanted: &[Range<u64>], have: &[Range<u64>]) -> Vec<Range<u
 
 /// Bytes of weights a rank would load, computed from tensor infos alone (for `plan`).
 pub fn shard_weight_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankShard) -> u64 {
+    slice_bytes(file, config, shard, |_| true)
+}
+
+/// Bytes of the routed and shared experts' weights a rank would load (for `plan`).
+pub fn shard_expert_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankShard) -> u64 {
+    slice_bytes(file, config, shard, |name| {
+        name.contains("_exps.") || name.contains("_shexp.")
+    })
+}
+
+fn slice_bytes(
+    file: &GgufFile,
+    config: &ModelConfig,
+    shard: &RankShard,
+    wanted: impl Fn(&str) -> bool,
+) -> u64 {
     let mut total = 0u64;
-    let mut seen = std::collections::HashSet::new();
-    for op in shard_program(config, shard) {
-        let (name, extent, per_row) = match &op.kind {
-            OpKind::Embed { tensor } => (tensor.clone(), shard.vocab_rows.clone(), true),
-            OpKind::Linear {
-                tensor,
-                parallel,
-                bias,
-                extent,
-                ..
-            } => {
-                let extent = extent.clone();
-                if bias.is_some() {
-                    total += extent.len() as u64 * 4;
-                }
-                (tensor.clone(), extent, *parallel == Parallel::Column)
-            }
-            OpKind::RmsNorm { .. } => {
-                total += config.model_dim as u64 * 4;
-                continue;
-            }
-            _ => continue,
+    for slice in shard_tensors(config, shard) {
+        let Some(info) = file.tensor(&slice.name) else {
+            continue;
         };
-        if !seen.insert(name.clone()) {
+        if !wanted(&slice.name) {
             continue;
         }
-        let Some(info) = file.tensor(&name) else {
+        let Ok((rows, cols)) = resolve(info, &slice) else {
             continue;
         };
-        let ty = info.quant_type;
-        let row_bytes = ty.row_bytes(info.row_length()).unwrap_or(0) as u64;
-        total += if per_row {
-            extent.len() as u64 * row_bytes
+        let row_count: usize = rows.iter().map(|r| r.len()).sum();
+        let per_row = if block_aligned(info, &cols) {
+            info.quant_type
+                .row_bytes(cols.len())
+                .map_or(cols.len() as u64 * 4, |b| b as u64)
         } else {
-            let cols = extent.len();
-            let bytes = ty.row_bytes(cols).map_or(cols as u64 * 4, |b| b as u64);
-            bytes * info.row_count() as u64
+            cols.len() as u64 * 4
         };
+        total += row_count as u64 * per_row;
     }
     total
 }

@@ -1,0 +1,339 @@
+//! One rank's part of a mixture-of-experts FFN (DESIGN section 2).
+//!
+//! Every rank routes every token itself: the router reads the mirrored normed hidden state, so
+//! all ranks select the same experts with the same weights without exchanging anything. A rank
+//! then computes its part of each selected expert (its columns of every expert under a tensor
+//! split, its whole experts under an expert split), multiplies each expert's partial output by
+//! the token's routing weight and sums them into the layer's one `Partial` buffer. The
+//! AllReduce after the layer completes the sum, so a mixture-of-experts layer costs the same two
+//! AllReduces of `d_model` values as a dense one.
+//!
+//! A batch is grouped by expert: each expert's weights are read once for all the tokens routed
+//! to it, as one matrix product over those tokens.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::kernels::cpu::{PreparedActivations, f32_dot, matmul, matmul_f64};
+use crate::worker::shard::Weight;
+
+/// The expert that every token also goes through (qwen2moe), scaled by a sigmoid gate.
+pub struct SharedExpert {
+    /// `ffn_gate_inp_shexp`: the gate's weights over the whole normed input.
+    pub gate_input: Vec<f32>,
+    pub gate: Arc<Weight>,
+    pub up: Arc<Weight>,
+    pub down: Arc<Weight>,
+}
+
+pub struct MoeLayer {
+    /// `ffn_gate_inp`: one row of `d_model` per expert, whole on every rank.
+    pub router: Arc<Weight>,
+    /// This rank's rows of `ffn_gate_exps` / `ffn_up_exps`: `width` rows per owned expert.
+    pub gate: Arc<Weight>,
+    pub up: Arc<Weight>,
+    /// This rank's columns of `ffn_down_exps`: `d_model` rows of `width` per owned expert.
+    pub down: Arc<Weight>,
+    /// The experts this rank computes.
+    pub experts: Range<usize>,
+    /// Columns of each expert this rank holds.
+    pub width: usize,
+    pub expert_used: usize,
+    pub normalize_selected: bool,
+    pub shared: Option<SharedExpert>,
+}
+
+/// Buffers kept between steps; they only grow.
+#[derive(Default)]
+pub struct MoeScratch {
+    logits: Vec<f32>,
+    /// Per token, its selected experts and their weights.
+    selected: Vec<(usize, f32)>,
+    /// Tokens routed to the expert being computed, with their weights.
+    routed: Vec<(usize, f32)>,
+    input: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    output: Vec<f64>,
+    prepared: PreparedActivations,
+}
+
+fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+    &mut v[..n]
+}
+
+/// Rows `rows` of a weight's data.
+fn rows_of(weight: &Weight, rows: Range<usize>) -> &[u8] {
+    let row_bytes = weight.data.len() / weight.rows.max(1);
+    &weight.data[rows.start * row_bytes..rows.end * row_bytes]
+}
+
+/// The routing of one token as llama.cpp computes it: softmax over every expert's logit, the
+/// `used` most probable (ties to the lower index), each weighted by its probability,
+/// renormalized over the selected ones when `normalize` (the sum clamped away from zero as
+/// llama.cpp does). Writes `(expert, weight)` pairs, best first.
+pub fn route(logits: &[f32], used: usize, normalize: bool, out: &mut Vec<(usize, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
+    let sum: f64 = exps.iter().map(|&e| e as f64).sum();
+    let scale = (1.0 / sum) as f32;
+    let start = out.len();
+    for (expert, &e) in exps.iter().enumerate() {
+        let p = e * scale;
+        // Insertion into the best `used` so far: experts are few (tens to hundreds).
+        let chosen = &out[start..];
+        let position = chosen
+            .iter()
+            .position(|&(_, q)| p > q)
+            .unwrap_or(chosen.len());
+        if position < used {
+            if chosen.len() == used {
+                out.pop();
+            }
+            out.insert(start + position, (expert, p));
+        }
+    }
+    if normalize {
+        let total = out[start..]
+            .iter()
+            .map(|&(_, w)| w)
+            .sum::<f32>()
+            .max(6.103_515_6e-5);
+        for (_, w) in &mut out[start..] {
+            *w /= total;
+        }
+    }
+}
+
+fn swiglu(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+impl MoeLayer {
+    /// Adds this rank's part of the layer's output for `batch` rows of `normed` (`d` values
+    /// each) into `out` (f64, zeroed by the caller).
+    pub fn forward(
+        &self,
+        normed: &[f32],
+        batch: usize,
+        d: usize,
+        out: &mut [f64],
+        s: &mut MoeScratch,
+    ) {
+        if self.width > 0 && !self.experts.is_empty() {
+            self.routed_experts(normed, batch, d, out, s);
+        }
+        if let Some(shared) = &self.shared {
+            Self::shared_expert(shared, normed, batch, d, out, s);
+        }
+    }
+
+    fn routed_experts(
+        &self,
+        normed: &[f32],
+        batch: usize,
+        d: usize,
+        out: &mut [f64],
+        s: &mut MoeScratch,
+    ) {
+        let expert_count = self.router.rows;
+        s.prepared
+            .prepare(self.router.ty, &normed[..batch * d], d, batch);
+        let logits = grow(&mut s.logits, batch * expert_count);
+        matmul(
+            self.router.ty,
+            &self.router.data,
+            expert_count,
+            d,
+            &s.prepared,
+            logits,
+        );
+        s.selected.clear();
+        for row in logits.chunks_exact(expert_count) {
+            route(
+                row,
+                self.expert_used,
+                self.normalize_selected,
+                &mut s.selected,
+            );
+        }
+        let used = self.expert_used;
+        let width = self.width;
+        // Experts in ascending order, each over the tokens routed to it: a token's output sums
+        // its experts in the same order whatever else is in the batch.
+        for (local, expert) in self.experts.clone().enumerate() {
+            s.routed.clear();
+            for (b, choices) in s.selected.chunks_exact(used).enumerate() {
+                if let Some(&(_, w)) = choices.iter().find(|c| c.0 == expert) {
+                    s.routed.push((b, w));
+                }
+            }
+            let n = s.routed.len();
+            if n == 0 {
+                continue;
+            }
+            let input = grow(&mut s.input, n * d);
+            for (i, &(b, _)) in s.routed.iter().enumerate() {
+                input[i * d..(i + 1) * d].copy_from_slice(&normed[b * d..(b + 1) * d]);
+            }
+            let rows = local * width..(local + 1) * width;
+            s.prepared.prepare(self.gate.ty, &input[..n * d], d, n);
+            let gate = grow(&mut s.gate, n * width);
+            matmul(
+                self.gate.ty,
+                rows_of(&self.gate, rows.clone()),
+                width,
+                d,
+                &s.prepared,
+                gate,
+            );
+            if self.up.ty != self.gate.ty {
+                s.prepared.prepare(self.up.ty, &input[..n * d], d, n);
+            }
+            let up = grow(&mut s.up, n * width);
+            matmul(
+                self.up.ty,
+                rows_of(&self.up, rows),
+                width,
+                d,
+                &s.prepared,
+                up,
+            );
+            swiglu(gate, up);
+            s.prepared.prepare(self.down.ty, gate, width, n);
+            let output = grow(&mut s.output, n * d);
+            matmul_f64(
+                self.down.ty,
+                rows_of(&self.down, local * d..(local + 1) * d),
+                d,
+                width,
+                &s.prepared,
+                output,
+            );
+            for (i, &(b, w)) in s.routed.iter().enumerate() {
+                let w = w as f64;
+                for (o, y) in out[b * d..(b + 1) * d]
+                    .iter_mut()
+                    .zip(&output[i * d..(i + 1) * d])
+                {
+                    *o += w * y;
+                }
+            }
+        }
+    }
+
+    fn shared_expert(
+        shared: &SharedExpert,
+        normed: &[f32],
+        batch: usize,
+        d: usize,
+        out: &mut [f64],
+        s: &mut MoeScratch,
+    ) {
+        let width = shared.gate.rows;
+        if width == 0 {
+            return;
+        }
+        let input = &normed[..batch * d];
+        s.prepared.prepare(shared.gate.ty, input, d, batch);
+        let gate = grow(&mut s.gate, batch * width);
+        matmul(
+            shared.gate.ty,
+            &shared.gate.data,
+            width,
+            d,
+            &s.prepared,
+            gate,
+        );
+        if shared.up.ty != shared.gate.ty {
+            s.prepared.prepare(shared.up.ty, input, d, batch);
+        }
+        let up = grow(&mut s.up, batch * width);
+        matmul(shared.up.ty, &shared.up.data, width, d, &s.prepared, up);
+        swiglu(gate, up);
+        s.prepared.prepare(shared.down.ty, gate, width, batch);
+        let output = grow(&mut s.output, batch * d);
+        matmul_f64(
+            shared.down.ty,
+            &shared.down.data,
+            d,
+            width,
+            &s.prepared,
+            output,
+        );
+        for b in 0..batch {
+            let g = f32_dot(&shared.gate_input, &input[b * d..(b + 1) * d]);
+            let scale = 1.0 / (1.0 + (-g as f64).exp());
+            for (o, y) in out[b * d..(b + 1) * d]
+                .iter_mut()
+                .zip(&output[b * d..(b + 1) * d])
+            {
+                *o += scale * y;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Softmax, top-k and renormalization against a plain f64 computation of the same rule.
+    #[test]
+    fn routing_matches_softmax_top_k_renormalized() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % 10_000) as f32 / 1000.0 - 5.0
+        };
+        for &(experts, used) in &[(16usize, 4usize), (8, 2), (60, 4), (128, 8), (4, 4), (3, 1)] {
+            for normalize in [false, true] {
+                let logits: Vec<f32> = (0..experts).map(|_| next()).collect();
+                let mut got = Vec::new();
+                route(&logits, used, normalize, &mut got);
+                let max = logits
+                    .iter()
+                    .copied()
+                    .fold(f64::MIN, |m, l| m.max(l as f64));
+                let total: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+                let mut order: Vec<usize> = (0..experts).collect();
+                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+                let chosen = &order[..used];
+                let chosen_total: f64 = chosen
+                    .iter()
+                    .map(|&e| (logits[e] as f64 - max).exp() / total)
+                    .sum();
+                assert_eq!(got.len(), used);
+                for (&(expert, weight), &e) in got.iter().zip(chosen) {
+                    assert_eq!(expert, e, "{experts}/{used}");
+                    let p = (logits[e] as f64 - max).exp() / total;
+                    let expected = if normalize { p / chosen_total } else { p };
+                    assert!(
+                        (weight as f64 - expected).abs() < 1e-6,
+                        "{experts}/{used} expert {e}: {weight} vs {expected}"
+                    );
+                }
+                if normalize {
+                    let sum: f32 = got.iter().map(|c| c.1).sum();
+                    assert!((sum - 1.0).abs() < 1e-6);
+                }
+            }
+        }
+    }
+
+    /// Routing appends per token, so a batch's choices lie one after another.
+    #[test]
+    fn routing_appends() {
+        let mut out = Vec::new();
+        route(&[0.0, 1.0, 2.0], 1, true, &mut out);
+        route(&[2.0, 1.0, 0.0], 1, true, &mut out);
+        assert_eq!(out, vec![(2, 1.0), (0, 1.0)]);
+    }
+}
