@@ -768,6 +768,8 @@ mod tests {
             rope_style: RopeStyle::AdjacentPairs,
             context_length: 128,
             qkv_bias: false,
+            qk_norm: false,
+            moe: None,
             tied_output: true,
             ffn_down_block: vec![block; layers],
             attn_output_block: vec![32; layers],
@@ -803,11 +805,25 @@ mod tests {
             let weights: Vec<f64> = (0..ranks)
                 .map(|_| [1.0, 1.0, 2.0, 0.5, 3.0][rng.below(5)])
                 .collect();
-            let cfg = config(heads, kv, ffn, block, vocab, layers);
+            let mut cfg = config(heads, kv, ffn, block, vocab, layers);
+            // Half the cases are mixtures of experts, split either way, some with a shared
+            // expert.
+            let split = [MoeSplit::Tensor, MoeSplit::Expert][rng.below(2)];
+            if rng.below(2) == 1 {
+                let expert_count = 1 + rng.below(64);
+                cfg.moe = Some(crate::model::arch::MoeConfig {
+                    expert_count,
+                    expert_used: 1 + rng.below(expert_count),
+                    normalize_selected: true,
+                    shared_ffn_dim: (rng.below(2) == 1).then(|| block * (1 + rng.below(16))),
+                    shared_down_block: vec![block; layers],
+                });
+            }
             let context = format!(
-                "seed {seed:#x} case {case}: {heads}h/{kv}kv ffn {ffn}/{block} x{ranks} {weights:?}"
+                "seed {seed:#x} case {case}: {heads}h/{kv}kv ffn {ffn}/{block} x{ranks} {weights:?} moe {:?} {split:?}",
+                cfg.moe
             );
-            let p = plan(&cfg, &weights).unwrap_or_else(|e| panic!("{context}: {e}"));
+            let p = plan_with(&cfg, &weights, split).unwrap_or_else(|e| panic!("{context}: {e}"));
             check_plan(&cfg, &p).unwrap_or_else(|e| panic!("{context}: {e}"));
             for shard in &p.ranks {
                 check_rank_shard(&cfg, shard).unwrap_or_else(|e| panic!("{context}: {e}"));

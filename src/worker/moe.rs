@@ -56,6 +56,8 @@ pub struct MoeScratch {
     up: Vec<f32>,
     output: Vec<f64>,
     prepared: PreparedActivations,
+    /// Expert FFNs computed in the last forward: one per distinct expert of the batch.
+    pub expert_passes: usize,
 }
 
 fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
@@ -164,6 +166,7 @@ impl MoeLayer {
         }
         let used = self.expert_used;
         let width = self.width;
+        s.expert_passes = 0;
         // Experts in ascending order, each over the tokens routed to it: a token's output sums
         // its experts in the same order whatever else is in the batch.
         for (local, expert) in self.experts.clone().enumerate() {
@@ -177,6 +180,7 @@ impl MoeLayer {
             if n == 0 {
                 continue;
             }
+            s.expert_passes += 1;
             let input = grow(&mut s.input, n * d);
             for (i, &(b, _)) in s.routed.iter().enumerate() {
                 input[i * d..(i + 1) * d].copy_from_slice(&normed[b * d..(b + 1) * d]);
@@ -282,6 +286,235 @@ impl MoeLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::kernels::cpu::QuantType;
+
+    struct Rng(u64);
+    impl Rng {
+        fn value(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        }
+        fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| self.value() * scale).collect()
+        }
+    }
+
+    fn f32_weight(rows: usize, cols: usize, values: impl Iterator<Item = f32>) -> Arc<Weight> {
+        let data: Vec<u8> = values.flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(data.len(), rows * cols * 4);
+        Arc::new(Weight {
+            ty: QuantType::F32,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// A whole model layer's values: router [e][d], gate/up [e][f][d], down [e][d][f], and a
+    /// shared expert of width `s` (gate input [d], gate/up [s][d], down [d][s]).
+    struct Values {
+        d: usize,
+        f: usize,
+        e: usize,
+        s: usize,
+        router: Vec<f32>,
+        gate: Vec<f32>,
+        up: Vec<f32>,
+        down: Vec<f32>,
+        shared: [Vec<f32>; 4],
+    }
+
+    impl Values {
+        fn new(rng: &mut Rng, d: usize, f: usize, e: usize, s: usize) -> Values {
+            Values {
+                d,
+                f,
+                e,
+                s,
+                router: rng.values(e * d, 0.5),
+                gate: rng.values(e * f * d, 0.2),
+                up: rng.values(e * f * d, 0.2),
+                down: rng.values(e * d * f, 0.2),
+                shared: [
+                    rng.values(d, 0.2),
+                    rng.values(s * d, 0.2),
+                    rng.values(s * d, 0.2),
+                    rng.values(d * s, 0.2),
+                ],
+            }
+        }
+
+        /// The layer of a rank holding `experts` x `columns` and `shared` columns.
+        fn layer(
+            &self,
+            experts: Range<usize>,
+            columns: Range<usize>,
+            shared: Range<usize>,
+            used: usize,
+            normalize: bool,
+        ) -> MoeLayer {
+            let (d, f, s) = (self.d, self.f, self.s);
+            let mut gate = Vec::new();
+            let mut up = Vec::new();
+            let mut down = Vec::new();
+            for e in experts.clone() {
+                for c in columns.clone() {
+                    gate.extend_from_slice(&self.gate[(e * f + c) * d..(e * f + c + 1) * d]);
+                    up.extend_from_slice(&self.up[(e * f + c) * d..(e * f + c + 1) * d]);
+                }
+                for r in 0..d {
+                    for c in columns.clone() {
+                        down.push(self.down[(e * d + r) * f + c]);
+                    }
+                }
+            }
+            let mut shared_weights = [Vec::new(), Vec::new(), Vec::new()];
+            for r in shared.clone() {
+                shared_weights[0].extend_from_slice(&self.shared[1][r * d..(r + 1) * d]);
+                shared_weights[1].extend_from_slice(&self.shared[2][r * d..(r + 1) * d]);
+            }
+            for r in 0..d {
+                for c in shared.clone() {
+                    shared_weights[2].push(self.shared[3][r * s + c]);
+                }
+            }
+            let width = columns.len();
+            let local = experts.len();
+            MoeLayer {
+                router: f32_weight(self.e, d, self.router.iter().copied()),
+                gate: f32_weight(local * width, d, gate.into_iter()),
+                up: f32_weight(local * width, d, up.into_iter()),
+                down: f32_weight(local * d, width, down.into_iter()),
+                experts,
+                width,
+                expert_used: used,
+                normalize_selected: normalize,
+                shared: (s > 0).then(|| SharedExpert {
+                    gate_input: self.shared[0].clone(),
+                    gate: f32_weight(shared.len(), d, shared_weights[0].clone().into_iter()),
+                    up: f32_weight(shared.len(), d, shared_weights[1].clone().into_iter()),
+                    down: f32_weight(d, shared.len(), shared_weights[2].clone().into_iter()),
+                }),
+            }
+        }
+
+        /// The layer's output for one row, in f64 from the description (the oracle).
+        fn reference(&self, x: &[f32], used: usize, normalize: bool) -> Vec<f64> {
+            let (d, f, s) = (self.d, self.f, self.s);
+            let dot = |w: &[f32], v: &[f64]| -> f64 {
+                w.iter().zip(v).map(|(&a, &b)| a as f64 * b).sum()
+            };
+            let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let logits: Vec<f64> = (0..self.e)
+                .map(|e| dot(&self.router[e * d..(e + 1) * d], &x))
+                .collect();
+            let max = logits.iter().copied().fold(f64::MIN, f64::max);
+            let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+            let mut order: Vec<usize> = (0..self.e).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            let chosen = &order[..used];
+            let p = |e: usize| (logits[e] - max).exp() / total;
+            let norm: f64 = if normalize {
+                chosen.iter().map(|&e| p(e)).sum()
+            } else {
+                1.0
+            };
+            let silu = |g: f64| g / (1.0 + (-g).exp());
+            // One SwiGLU FFN: gate/up rows of `d`, down as [d][width], given as slices and a
+            // down stride.
+            let ffn = |gate: &[f32], up: &[f32], down: &[f32], width: usize| -> Vec<f64> {
+                let h: Vec<f64> = (0..width)
+                    .map(|c| {
+                        silu(dot(&gate[c * d..(c + 1) * d], &x)) * dot(&up[c * d..(c + 1) * d], &x)
+                    })
+                    .collect();
+                (0..d)
+                    .map(|r| (0..width).map(|c| down[r * width + c] as f64 * h[c]).sum())
+                    .collect()
+            };
+            let mut out = vec![0f64; d];
+            for &e in chosen {
+                let y = ffn(
+                    &self.gate[e * f * d..(e + 1) * f * d],
+                    &self.up[e * f * d..(e + 1) * f * d],
+                    &self.down[e * d * f..(e + 1) * d * f],
+                    f,
+                );
+                for (o, v) in out.iter_mut().zip(y) {
+                    *o += p(e) / norm * v;
+                }
+            }
+            if s > 0 {
+                let g = 1.0 / (1.0 + (-dot(&self.shared[0], &x)).exp());
+                let y = ffn(&self.shared[1], &self.shared[2], &self.shared[3], s);
+                for (o, v) in out.iter_mut().zip(y) {
+                    *o += g * v;
+                }
+            }
+            out
+        }
+    }
+
+    fn forward(layer: &MoeLayer, x: &[f32], batch: usize, d: usize) -> (Vec<f64>, usize) {
+        let mut out = vec![0f64; batch * d];
+        let mut scratch = MoeScratch::default();
+        layer.forward(x, batch, d, &mut out, &mut scratch);
+        (out, scratch.expert_passes)
+    }
+
+    /// A batch grouped by expert gives each row exactly what it gets alone, computes each
+    /// selected expert once, and agrees with an f64 evaluation of the definition; with and
+    /// without renormalization and a shared expert.
+    #[test]
+    fn grouped_batch_matches_rows_alone_and_the_definition() {
+        let mut rng = Rng(0x5eed_0f_e4e7);
+        let (d, f, e, used, batch) = (64, 32, 6, 2, 7);
+        for (normalize, s) in [(true, 0), (false, 16)] {
+            let values = Values::new(&mut rng, d, f, e, s);
+            let layer = values.layer(0..e, 0..f, 0..s, used, normalize);
+            let x = rng.values(batch * d, 1.0);
+            let (out, passes) = forward(&layer, &x, batch, d);
+            assert!(passes <= e && passes < batch * used, "{passes} expert passes");
+            for b in 0..batch {
+                let row = &x[b * d..(b + 1) * d];
+                let (alone, _) = forward(&layer, row, 1, d);
+                assert_eq!(alone, out[b * d..(b + 1) * d], "row {b} differs from the batch");
+                let reference = values.reference(row, used, normalize);
+                let error: f64 = reference.iter().zip(&alone).map(|(r, o)| (r - o).powi(2)).sum();
+                let power: f64 = reference.iter().map(|r| r * r).sum();
+                assert!(error / power < 1e-10, "row {b}: NMSE {:e}", error / power);
+            }
+        }
+    }
+
+    /// Ranks holding column slices of every expert, or whole experts, add up to one rank.
+    #[test]
+    fn column_and_expert_splits_add_up_to_the_whole() {
+        let mut rng = Rng(0xc0ffee);
+        let (d, f, e, s, used, batch) = (64, 32, 6, 16, 2, 5);
+        let values = Values::new(&mut rng, d, f, e, s);
+        let x = rng.values(batch * d, 1.0);
+        let (whole, _) = forward(&values.layer(0..e, 0..f, 0..s, used, true), &x, batch, d);
+        let splits: [Vec<(Range<usize>, Range<usize>, Range<usize>)>; 2] = [
+            vec![(0..e, 0..8, 0..5), (0..e, 8..20, 5..11), (0..e, 20..32, 11..16)],
+            vec![(0..2, 0..f, 0..8), (2..3, 0..f, 8..8), (3..6, 0..f, 8..16)],
+        ];
+        for split in splits {
+            let mut sum = vec![0f64; batch * d];
+            for (experts, columns, shared) in split.clone() {
+                let (part, _) = forward(&values.layer(experts, columns, shared, used, true), &x, batch, d);
+                for (t, p) in sum.iter_mut().zip(part) {
+                    *t += p;
+                }
+            }
+            for (a, b) in whole.iter().zip(&sum) {
+                assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{split:?}: {a} vs {b}");
+            }
+        }
+    }
 
     /// Softmax, top-k and renormalization against a plain f64 computation of the same rule.
     #[test]
