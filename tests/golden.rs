@@ -34,6 +34,18 @@ struct CaseResult {
 
 /// Runs every golden generation case at each rank count and checks the rules. Returns a table.
 async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize]) -> String {
+    check_generation_with(model_name, golden, rank_counts, MoeSplit::Tensor, 512).await
+}
+
+/// `check_generation` with mixture-of-experts layers split as `split` says, in a context of
+/// `context` tokens.
+async fn check_generation_with(
+    model_name: &str,
+    golden: &str,
+    rank_counts: &[usize],
+    split: MoeSplit,
+    context: usize,
+) -> String {
     let Some(path) = model(model_name) else {
         return String::new();
     };
@@ -51,7 +63,7 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
     let mut rows: Vec<Vec<CaseResult>> = Vec::new();
     let mut failures = Vec::new();
     for &ranks in rank_counts {
-        let mut session = session(&path, &vec![1.0; ranks], 512, 128).await;
+        let mut session = session_with(&path, &vec![1.0; ranks], context, 128, split).await;
         let mut results = Vec::new();
         for case in cases {
             let id = case["id"].as_str().unwrap().to_string();
@@ -174,7 +186,8 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
         table.push('\n');
     }
     report(&format!(
-        "### {model_name}: greedy generation vs llama.cpp (agreed/golden tokens)\n\n{table}"
+        "### {model_name} ({} split): greedy generation vs llama.cpp (agreed/golden tokens)\n\n{table}",
+        split.name()
     ));
     assert!(
         failures.is_empty(),
@@ -268,7 +281,8 @@ async fn qwen_perplexity_within_1_percent_of_llama_cpp_over_the_first_chunks() {
 async fn teacher_forced_deltas(model_name: &str, golden: &str, ranks: usize) -> Option<Vec<f32>> {
     let path = model(model_name)?;
     let data = read_json(&golden_dir().join(golden));
-    let mut session = session(&path, &vec![1.0; ranks], 512, 128).await;
+    // The MoE set has a 688-token prompt.
+    let mut session = session(&path, &vec![1.0; ranks], 1024, 128).await;
     let mut deltas = Vec::new();
     let mut mean_deltas = Vec::new();
     let mut worst = (0f32, String::new());
@@ -353,4 +367,64 @@ async fn teacher_forced_log_probabilities_match_llama_cpp() {
             );
         }
     }
+}
+
+// Mixture of experts: the synthetic qwen3moe model against llama.cpp's outputs on it
+// (tests/data/golden/moe-synthetic/README.md), by the same rules as the dense models.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_greedy_generation_matches_llama_cpp_at_tp_1_2_3_4() {
+    check_generation_with(
+        MOE,
+        "moe-synthetic/generate.json",
+        &[1, 2, 3, 4],
+        MoeSplit::Tensor,
+        1024,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_expert_parallel_generation_matches_llama_cpp_at_tp_2_3() {
+    check_generation_with(
+        MOE,
+        "moe-synthetic/generate.json",
+        &[2, 3],
+        MoeSplit::Expert,
+        1024,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_f16_experts_match_llama_cpp_at_tp_1_2() {
+    check_generation_with(
+        MOE_F16,
+        "moe-synthetic/generate_f16exp.json",
+        &[1, 2],
+        MoeSplit::Tensor,
+        1024,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_teacher_forced_log_probabilities_match_llama_cpp() {
+    for ranks in [1, 2, 3, 4] {
+        let Some(deltas) = teacher_forced_deltas(MOE, "moe-synthetic/generate.json", ranks).await
+        else {
+            return;
+        };
+        let max = deltas.iter().copied().fold(0f32, f32::max);
+        assert!(
+            max <= 0.25,
+            "MoE TP={ranks}: top-1 log-probability off by {max}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_perplexity_within_1_percent_of_llama_cpp() {
+    check_perplexity(MOE, "moe-synthetic/ppl.json", 1, 128, None).await;
+    check_perplexity(MOE, "moe-synthetic/ppl.json", 3, 512, None).await;
 }

@@ -11,9 +11,6 @@ const PROMPTS: [&str; 2] = [
 ];
 
 async fn check_invariance(model_name: &str) {
-    let Some(path) = model(model_name) else {
-        return;
-    };
     let splits: [&[f64]; 5] = [
         &[1.0],
         &[1.0, 1.0],
@@ -21,9 +18,18 @@ async fn check_invariance(model_name: &str) {
         &[1.0, 1.0, 1.0, 1.0],
         &[2.0, 1.0],
     ];
+    let runs: Vec<(&[f64], MoeSplit)> = splits.iter().map(|w| (*w, MoeSplit::Tensor)).collect();
+    check_invariance_of(model_name, &runs).await;
+}
+
+/// The first run must be one rank: every other run's logits are compared with its.
+async fn check_invariance_of(model_name: &str, runs: &[(&[f64], MoeSplit)]) {
+    let Some(path) = model(model_name) else {
+        return;
+    };
     let mut reference: Vec<Vec<f32>> = Vec::new();
-    for weights in splits {
-        let mut session = session(&path, weights, 128, 64).await;
+    for &(weights, split) in runs {
+        let mut session = session_with(&path, weights, 128, 64, split).await;
         for (i, prompt) in PROMPTS.iter().enumerate() {
             let tokens = session.model.tokenizer.encode(prompt, true).unwrap();
             let logits = session
@@ -36,10 +42,13 @@ async fn check_invariance(model_name: &str) {
                 reference.push(logits);
             } else {
                 let e = nmse(&reference[i], &logits);
-                println!("{model_name} weights {weights:?} prompt {i}: NMSE {e:.3e}");
+                println!(
+                    "{model_name} weights {weights:?} ({} split) prompt {i}: NMSE {e:.3e}",
+                    split.name()
+                );
                 assert!(
                     e < 1e-4,
-                    "{model_name} weights {weights:?} prompt {i}: NMSE {e:.3e}"
+                    "{model_name} weights {weights:?} ({split:?}) prompt {i}: NMSE {e:.3e}"
                 );
                 // The bound is 1e-4; f64 partial sums make the split exact in practice.
                 let argmax = |v: &[f32]| {
@@ -64,6 +73,29 @@ async fn smollm2_logits_are_invariant_to_the_split() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qwen_logits_are_invariant_to_the_split() {
     check_invariance(QWEN05).await;
+}
+
+/// Mixture of experts: experts split by columns (tensor) or whole (expert), even and uneven,
+/// against one rank.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moe_logits_are_invariant_to_the_split_and_to_expert_parallelism() {
+    let tensor = MoeSplit::Tensor;
+    let expert = MoeSplit::Expert;
+    check_invariance_of(
+        MOE,
+        &[
+            (&[1.0], tensor),
+            (&[1.0, 1.0], tensor),
+            (&[1.0, 1.0, 1.0], tensor),
+            (&[1.0, 1.0, 1.0, 1.0], tensor),
+            (&[3.0, 1.0], tensor),
+            (&[1.0, 1.0], expert),
+            (&[1.0, 1.0, 1.0], expert),
+            (&[1.0, 1.0, 1.0, 1.0], expert),
+            (&[3.0, 1.0], expert),
+        ],
+    )
+    .await;
 }
 
 #[test]

@@ -6,10 +6,14 @@ pub mod server;
 use std::path::{Path, PathBuf};
 
 use tp::coordinator::cluster::{Cluster, ClusterLimits};
+pub use tp::coordinator::planner::MoeSplit;
 use tp::coordinator::session::{Model, Session};
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+/// The synthetic qwen3moe model (tests/data/golden/moe-synthetic), Q8_0 and F16 experts.
+pub const MOE: &str = "moe-synthetic-q8_0.gguf";
+pub const MOE_F16: &str = "moe-synthetic-f16exp.gguf";
 
 pub fn model_dir() -> PathBuf {
     match std::env::var_os("TP_MODEL_DIR") {
@@ -60,8 +64,19 @@ pub fn threads_for(workers: usize) -> usize {
 }
 
 pub async fn session(path: &Path, weights: &[f64], context: usize, batch: usize) -> Session {
+    session_with(path, weights, context, batch, MoeSplit::Tensor).await
+}
+
+/// A session whose mixture-of-experts layers are split as `split` says.
+pub async fn session_with(
+    path: &Path,
+    weights: &[f64],
+    context: usize,
+    batch: usize,
+    split: MoeSplit,
+) -> Session {
     let model = Model::open(path).unwrap();
-    let cluster = Cluster::spawn_local(
+    let mut cluster = Cluster::spawn_local(
         &worker_binary(),
         weights,
         threads_for(weights.len()),
@@ -69,6 +84,7 @@ pub async fn session(path: &Path, weights: &[f64], context: usize, batch: usize)
     )
     .await
     .unwrap();
+    cluster.moe_split = split;
     Session::start(model, cluster, context, batch)
         .await
         .unwrap()
