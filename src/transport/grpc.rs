@@ -473,10 +473,20 @@ pub struct GrpcCollective {
     /// A current-thread runtime of this collective alone: it holds the data-plane server and
     /// the connections, and runs only while a collective (or `connect`) drives it from the
     /// calling thread, so frames go from the socket to the caller without a thread hand-off.
-    runtime: tokio::runtime::Runtime,
+    /// (Shut down in the background on drop: a worker drops its collective inside async
+    /// code, where a runtime may not block to stop.)
+    runtime: std::mem::ManuallyDrop<tokio::runtime::Runtime>,
     bytes_sent: BytesSent,
     /// Set when a link failed; every later collective fails at once until reconnected.
     broken: Option<String>,
+}
+
+impl Drop for GrpcCollective {
+    fn drop(&mut self) {
+        // SAFETY: the runtime is taken once, here, and the field is not used afterwards.
+        let runtime = unsafe { std::mem::ManuallyDrop::take(&mut self.runtime) };
+        runtime.shutdown_background();
+    }
 }
 
 /// Why a collective failed: a timeout names the missing peer, anything else breaks the link.
@@ -578,7 +588,7 @@ impl GrpcCollective {
             epoch: 0,
             precision: spec.precision,
             limits: spec.limits,
-            runtime,
+            runtime: std::mem::ManuallyDrop::new(runtime),
             bytes_sent,
             broken: None,
         })

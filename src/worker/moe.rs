@@ -477,13 +477,24 @@ mod tests {
             let layer = values.layer(0..e, 0..f, 0..s, used, normalize);
             let x = rng.values(batch * d, 1.0);
             let (out, passes) = forward(&layer, &x, batch, d);
-            assert!(passes <= e && passes < batch * used, "{passes} expert passes");
+            assert!(
+                passes <= e && passes < batch * used,
+                "{passes} expert passes"
+            );
             for b in 0..batch {
                 let row = &x[b * d..(b + 1) * d];
                 let (alone, _) = forward(&layer, row, 1, d);
-                assert_eq!(alone, out[b * d..(b + 1) * d], "row {b} differs from the batch");
+                assert_eq!(
+                    alone,
+                    out[b * d..(b + 1) * d],
+                    "row {b} differs from the batch"
+                );
                 let reference = values.reference(row, used, normalize);
-                let error: f64 = reference.iter().zip(&alone).map(|(r, o)| (r - o).powi(2)).sum();
+                let error: f64 = reference
+                    .iter()
+                    .zip(&alone)
+                    .map(|(r, o)| (r - o).powi(2))
+                    .sum();
                 let power: f64 = reference.iter().map(|r| r * r).sum();
                 assert!(error / power < 1e-10, "row {b}: NMSE {:e}", error / power);
             }
@@ -499,19 +510,31 @@ mod tests {
         let x = rng.values(batch * d, 1.0);
         let (whole, _) = forward(&values.layer(0..e, 0..f, 0..s, used, true), &x, batch, d);
         let splits: [Vec<(Range<usize>, Range<usize>, Range<usize>)>; 2] = [
-            vec![(0..e, 0..8, 0..5), (0..e, 8..20, 5..11), (0..e, 20..32, 11..16)],
+            vec![
+                (0..e, 0..8, 0..5),
+                (0..e, 8..20, 5..11),
+                (0..e, 20..32, 11..16),
+            ],
             vec![(0..2, 0..f, 0..8), (2..3, 0..f, 8..8), (3..6, 0..f, 8..16)],
         ];
         for split in splits {
             let mut sum = vec![0f64; batch * d];
             for (experts, columns, shared) in split.clone() {
-                let (part, _) = forward(&values.layer(experts, columns, shared, used, true), &x, batch, d);
+                let (part, _) = forward(
+                    &values.layer(experts, columns, shared, used, true),
+                    &x,
+                    batch,
+                    d,
+                );
                 for (t, p) in sum.iter_mut().zip(part) {
                     *t += p;
                 }
             }
             for (a, b) in whole.iter().zip(&sum) {
-                assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{split:?}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-12 * (1.0 + a.abs()),
+                    "{split:?}: {a} vs {b}"
+                );
             }
         }
     }
