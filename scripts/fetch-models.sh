@@ -63,16 +63,22 @@ fetch_moe() {
   script="$(cd "$(dirname "$0")/.." && pwd)/tests/data/golden/moe-synthetic/make_moe_gguf.py"
   "$(dirname "$0")/python-deps.sh"
   local pythonpath="${TP_PYTHONPATH:-$HOME/.cache/tp/python}"
-  local expert name
-  for expert in q8_0 f16; do
-    name="moe-synthetic-q8_0.gguf"
-    [ "$expert" = f16 ] && name="moe-synthetic-f16exp.gguf"
+  local variant name args
+  for variant in q8_0 f16 qwen2moe; do
+    case "$variant" in
+      q8_0) name="moe-synthetic-q8_0.gguf"; args=() ;;
+      f16) name="moe-synthetic-f16exp.gguf"; args=(--expert-type f16) ;;
+      qwen2moe) name="moe-synthetic-qwen2moe.gguf"; args=(--arch qwen2moe) ;;
+    esac
     [ -s "$model_dir/$name" ] && continue
     echo "fetch-models: writing the synthetic MoE model $name into $model_dir" >&2
-    # The script checks the sha256 of what it wrote against the published file.
+    # The script checks the sha256 of the published files itself.
     PYTHONPATH="$pythonpath" python3 "$script" --tokenizer-from "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" \
-      --expert-type "$expert" --out "$model_dir/$name.part" >/dev/null ||
+      "${args[@]}" --out "$model_dir/$name.part" 2>/dev/null ||
       { echo "fetch-models: writing $name failed" >&2; rm -f "$model_dir/$name.part"; exit 1; }
+    if [ "$variant" = qwen2moe ]; then
+      check_sha "$model_dir/$name.part" 132f7adf36814c8c72b45b67a96e5fe5e596db94dfd2cfaae94ad0ea9374a8e1
+    fi
     mv "$model_dir/$name.part" "$model_dir/$name"
   done
 }

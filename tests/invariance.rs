@@ -98,6 +98,25 @@ async fn moe_logits_are_invariant_to_the_split_and_to_expert_parallelism() {
     .await;
 }
 
+/// qwen2moe (biases, a shared expert behind a sigmoid gate, no renormalization): the shared
+/// expert splits by columns under both plans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen2moe_logits_are_invariant_to_the_split() {
+    let tensor = MoeSplit::Tensor;
+    let expert = MoeSplit::Expert;
+    check_invariance_of(
+        MOE_QWEN2,
+        &[
+            (&[1.0], tensor),
+            (&[1.0, 1.0], tensor),
+            (&[1.0, 1.0, 1.0], tensor),
+            (&[1.0, 2.0], expert),
+            (&[1.0, 1.0, 1.0], expert),
+        ],
+    )
+    .await;
+}
+
 #[test]
 fn the_same_command_twice_gives_the_same_tokens() {
     let Some(path) = model(SMOLLM2) else { return };

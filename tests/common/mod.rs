@@ -14,6 +14,8 @@ pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
 /// The synthetic qwen3moe model (tests/data/golden/moe-synthetic), Q8_0 and F16 experts.
 pub const MOE: &str = "moe-synthetic-q8_0.gguf";
 pub const MOE_F16: &str = "moe-synthetic-f16exp.gguf";
+/// The same weights in the qwen2moe layout, with Q/K/V biases and a shared expert.
+pub const MOE_QWEN2: &str = "moe-synthetic-qwen2moe.gguf";
 
 pub fn model_dir() -> PathBuf {
     match std::env::var_os("TP_MODEL_DIR") {
