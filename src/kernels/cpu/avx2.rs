@@ -1230,13 +1230,28 @@ unsafe fn legacy64_body<W: Legacy64, const N: usize>(
             }
             i += 4;
         }
+        if i < nb {
+            // The last 1-3 blocks as one group padded with zero blocks, whose contributions
+            // are exactly zero: each real block still lands in lane j % 4, added once, so the
+            // result equals the one-block-at-a-time tail bit for bit, at vector speed (rows
+            // of 64 or 96 values, e.g. a narrow expert slice, are all tail).
+            let zero_w: W = std::mem::zeroed();
+            let zero_a: W::A = std::mem::zeroed();
+            let pick_w = |j: usize| if j < nb { x.get_unchecked(j) } else { &zero_w };
+            let w = legacy64_weights([pick_w(i), pick_w(i + 1), pick_w(i + 2), pick_w(i + 3)]);
+            for v in 0..N {
+                let pick_a = |j: usize| if j < nb { &*y.add(v * stride + j) } else { &zero_a };
+                let a = [pick_a(i), pick_a(i + 1), pick_a(i + 2), pick_a(i + 3)];
+                acc[v] = _mm256_add_pd(
+                    acc[v],
+                    legacy64_group::<W>(&w, a, legacy64_act_scales::<W>(a)),
+                );
+            }
+        }
         let mut out = [0f64; N];
         for v in 0..N {
             let mut l = [0f64; 4];
             _mm256_storeu_pd(l.as_mut_ptr(), acc[v]);
-            for j in i..nb {
-                l[j % 4] += legacy64_block(x.get_unchecked(j), &*y.add(v * stride + j));
-            }
             out[v] = combine4(l);
         }
         out
