@@ -426,5 +426,7 @@ async fn moe_teacher_forced_log_probabilities_match_llama_cpp() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moe_perplexity_within_1_percent_of_llama_cpp() {
     check_perplexity(MOE, "moe-synthetic/ppl.json", 1, 128, None).await;
+    check_perplexity(MOE, "moe-synthetic/ppl.json", 2, 128, None).await;
     check_perplexity(MOE, "moe-synthetic/ppl.json", 3, 512, None).await;
+    check_perplexity(MOE, "moe-synthetic/ppl.json", 4, 512, None).await;
 }

@@ -5,19 +5,34 @@
 mod common;
 
 use common::*;
-use tp::coordinator::planner::plan;
+use tp::coordinator::planner::plan_with;
 use tp::model::arch::ModelConfig;
 use tp::model::gguf::GgufFile;
 use tp::worker::shard::{load_shard, shard_byte_ranges};
 
 #[test]
 fn a_shard_loads_from_its_byte_ranges_alone() {
-    let Some(path) = model(SMOLLM2) else { return };
+    check_ranges(SMOLLM2, MoeSplit::Tensor);
+}
+
+/// Expert slices: rows of every expert's gate and up, columns of every expert's down (tensor
+/// split), or whole experts (expert split); qwen2moe adds the shared expert and biases.
+#[test]
+fn moe_shards_load_from_their_byte_ranges_alone() {
+    for name in [MOE, MOE_QWEN2] {
+        for split in [MoeSplit::Tensor, MoeSplit::Expert] {
+            check_ranges(name, split);
+        }
+    }
+}
+
+fn check_ranges(name: &str, split: MoeSplit) {
+    let Some(path) = model(name) else { return };
     let file = GgufFile::open(&path).unwrap();
     let config = ModelConfig::from_gguf(&file).unwrap();
     let original = std::fs::read(&path).unwrap();
     // An uneven three-way split, so that row-parallel slices start inside rows.
-    let p = plan(&config, &[2.0, 1.0, 1.0]).unwrap();
+    let p = plan_with(&config, &[2.0, 1.0, 1.0], split).unwrap();
     for shard in &p.ranks {
         let ranges = shard_byte_ranges(&file, &config, shard).unwrap();
         let mut sparse = vec![0xABu8; original.len()];
@@ -28,7 +43,7 @@ fn a_shard_loads_from_its_byte_ranges_alone() {
             covered += r.end - r.start;
         }
         let copy = std::env::temp_dir().join(format!(
-            "tp-shard-ranges-{}-{}.gguf",
+            "tp-shard-ranges-{}-{name}-{split:?}-{}.gguf",
             std::process::id(),
             shard.rank_index
         ));
@@ -47,7 +62,7 @@ fn a_shard_loads_from_its_byte_ranges_alone() {
         }
         assert_eq!(a.vectors, b.vectors, "rank {}", shard.rank_index);
         println!(
-            "rank {}: {} ranges, {:.1} MiB of the {:.1} MiB file (weights {:.1} MiB)",
+            "{name} {split:?} rank {}: {} ranges, {:.1} MiB of the {:.1} MiB file (weights {:.1} MiB)",
             shard.rank_index,
             ranges.len(),
             covered as f64 / (1 << 20) as f64,
