@@ -6,7 +6,8 @@
 //!   and faster per-ISA versions chosen at start-up.
 //! - [`coordinator`]: the split-state planner, cluster membership, sampling, generation and the
 //!   `tp-coordinator` command line.
-//! - [`worker`]: shard loading, the shard-program executor and KV cache, the worker's gRPC service.
+//! - [`worker`]: shard loading, the shard-program executor, the mixture-of-experts layer and KV
+//!   cache, the worker's gRPC service.
 //! - [`auth`]: the control plane's shared token and one-coordinator-at-a-time rule.
 //! - [`numa`]: NUMA nodes, binding and placement through hwloc (feature `numa`).
 //! - [`tls`]: mutual TLS on the control plane (rustls).

@@ -153,6 +153,31 @@ fn malformed_model_files_are_clear_errors() {
         g.write(&dir, "missing-key.gguf"),
         "missing metadata key 'llama.embedding_length'",
     ));
+    let mut g = Gguf::new(b"GGUF", 3, 1, 6);
+    g.kv_string("general.architecture", "qwen3moe")
+        .kv_u32("qwen3moe.block_count", 2)
+        .kv_u32("qwen3moe.embedding_length", 64)
+        .kv_u32("qwen3moe.attention.head_count", 4)
+        .kv_u32("qwen3moe.expert_count", 16)
+        .kv_u32("qwen3moe.expert_used_count", 20)
+        .tensor("a", &[8], 0, 0)
+        .pad(32);
+    cases.push((
+        g.write(&dir, "moe-used.gguf"),
+        "qwen3moe.expert_used_count: 20 is outside 1..=16",
+    ));
+    let mut g = Gguf::new(b"GGUF", 3, 1, 5);
+    g.kv_string("general.architecture", "qwen3moe")
+        .kv_u32("qwen3moe.block_count", 2)
+        .kv_u32("qwen3moe.embedding_length", 64)
+        .kv_u32("qwen3moe.attention.head_count", 4)
+        .kv_u32("qwen3moe.expert_count", 16)
+        .tensor("a", &[8], 0, 0)
+        .pad(32);
+    cases.push((
+        g.write(&dir, "moe-missing.gguf"),
+        "missing metadata key 'qwen3moe.expert_used_count'",
+    ));
     if let Some(real) = model(SMOLLM2) {
         // The real model cut inside its metadata, and cut inside its tensor data.
         let bytes = std::fs::read(real).unwrap();
