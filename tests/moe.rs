@@ -107,6 +107,9 @@ async fn moe_bytes_on_the_wire_follow_the_dense_formula() {
     session.cluster.shutdown().await;
 }
 
+/// The best (id, log-probability) pairs at one position, best first.
+type Candidates = Vec<(u32, f64)>;
+
 /// Runs `tests/moe/reference.py` (float64, from the architecture's description) on `model`:
 /// per sequence, per position, the `top` best (id, log-probability) pairs. None (with a notice)
 /// where Python's gguf and numpy are missing outside CI.
@@ -114,7 +117,7 @@ fn reference_distributions(
     model: &std::path::Path,
     sequences: &[Vec<u32>],
     top: usize,
-) -> Option<Vec<Vec<Vec<(u32, f64)>>>> {
+) -> Option<Vec<Vec<Candidates>>> {
     use std::io::Write;
     let python_path = std::env::var_os("TP_PYTHONPATH").map_or_else(
         || std::path::PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/tp/python"),

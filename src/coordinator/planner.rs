@@ -198,52 +198,53 @@ pub fn plan_with(config: &ModelConfig, weights: &[f64], moe: MoeSplit) -> Result
                 .map(|u| u.start * block..u.end * block)
                 .collect()
         };
-        let (ffn, experts, shared): (Vec<Range<usize>>, Vec<Range<usize>>, Vec<Range<usize>>) =
-            match &config.moe {
-                None => (
-                    columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
-                    vec![0..0; rank_count],
-                    vec![0..0; rank_count],
-                ),
-                Some(m) => {
-                    let shared = match m.shared_ffn_dim {
-                        None => vec![0..0; rank_count],
-                        Some(width) => {
-                            let b = m.shared_down_block[layer];
-                            if width % b != 0 {
-                                return Err(PlanError::Invalid(format!(
-                                    "layer {layer}: shared expert width {width} is not a multiple of its ffn_down_shexp block of {b}"
-                                )));
-                            }
-                            split_units(width / b, weights, layer)
-                                .into_iter()
-                                .map(|u| u.start * b..u.end * b)
-                                .collect()
+        // Per rank: FFN (or expert) columns, routed experts, shared-expert columns.
+        type Extents = Vec<Range<usize>>;
+        let (ffn, experts, shared): (Extents, Extents, Extents) = match &config.moe {
+            None => (
+                columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
+                vec![0..0; rank_count],
+                vec![0..0; rank_count],
+            ),
+            Some(m) => {
+                let shared = match m.shared_ffn_dim {
+                    None => vec![0..0; rank_count],
+                    Some(width) => {
+                        let b = m.shared_down_block[layer];
+                        if width % b != 0 {
+                            return Err(PlanError::Invalid(format!(
+                                "layer {layer}: shared expert width {width} is not a multiple of its ffn_down_shexp block of {b}"
+                            )));
                         }
-                    };
-                    match moe {
-                        MoeSplit::Tensor => (
-                            columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
-                            vec![0..m.expert_count; rank_count],
-                            shared,
-                        ),
-                        MoeSplit::Expert => {
-                            let owned = split_units(m.expert_count, weights, layer);
-                            let columns = owned
-                                .iter()
-                                .map(|e| {
-                                    if e.is_empty() {
-                                        0..0
-                                    } else {
-                                        0..config.ffn_dim
-                                    }
-                                })
-                                .collect();
-                            (columns, owned, shared)
-                        }
+                        split_units(width / b, weights, layer)
+                            .into_iter()
+                            .map(|u| u.start * b..u.end * b)
+                            .collect()
+                    }
+                };
+                match moe {
+                    MoeSplit::Tensor => (
+                        columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
+                        vec![0..m.expert_count; rank_count],
+                        shared,
+                    ),
+                    MoeSplit::Expert => {
+                        let owned = split_units(m.expert_count, weights, layer);
+                        let columns = owned
+                            .iter()
+                            .map(|e| {
+                                if e.is_empty() {
+                                    0..0
+                                } else {
+                                    0..config.ffn_dim
+                                }
+                            })
+                            .collect();
+                        (columns, owned, shared)
                     }
                 }
-            };
+            }
+        };
         for (rank, ((q_heads, kv_heads), ((ffn_columns, experts), shared_columns))) in heads
             .into_iter()
             .zip(ffn.into_iter().zip(experts).zip(shared))
@@ -404,7 +405,10 @@ fn check_layer_shard(config: &ModelConfig, layer: usize, s: &LayerShard) -> Resu
         s.q_heads.start / group..s.q_heads.end.div_ceil(group)
     };
     let aligned = |r: &Range<usize>, total: usize, block: usize| {
-        r.start <= r.end && r.end <= total && r.start % block == 0 && r.end % block == 0
+        r.start <= r.end
+            && r.end <= total
+            && r.start.is_multiple_of(block)
+            && r.end.is_multiple_of(block)
     };
     let ok_ffn = aligned(&s.ffn_columns, config.ffn_dim, config.ffn_down_block[layer])
         && match &config.moe {

@@ -178,7 +178,7 @@ fn resolve(
     let rows = slice
         .rows
         .clone()
-        .unwrap_or_else(|| vec![0..info.row_count()]);
+        .unwrap_or_else(|| std::iter::once(0..info.row_count()).collect());
     let cols = slice.cols.clone().unwrap_or(0..info.row_length());
     if rows
         .iter()
@@ -199,7 +199,7 @@ fn resolve(
 /// Whether `cols` of a row of `info` can be cut out as whole quantization blocks.
 fn block_aligned(info: &TensorInfo, cols: &Range<usize>) -> bool {
     let block = info.quant_type.block_elements();
-    cols.start % block == 0 && cols.end % block == 0
+    cols.start.is_multiple_of(block) && cols.end.is_multiple_of(block)
 }
 
 /// Copies `rows` x `cols` of a matrix out of the file. A column boundary inside a quantization
@@ -314,7 +314,7 @@ pub fn shard_byte_ranges(
     config: &ModelConfig,
     shard: &RankShard,
 ) -> Result<Vec<Range<u64>>, ShardError> {
-    let mut ranges: Vec<Range<u64>> = vec![0..file.header_bytes];
+    let mut ranges: Vec<Range<u64>> = std::iter::once(0..file.header_bytes).collect();
     for slice in shard_tensors(config, shard) {
         let info = file
             .tensor(&slice.name)

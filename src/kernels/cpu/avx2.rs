@@ -1240,7 +1240,13 @@ unsafe fn legacy64_body<W: Legacy64, const N: usize>(
             let pick_w = |j: usize| if j < nb { x.get_unchecked(j) } else { &zero_w };
             let w = legacy64_weights([pick_w(i), pick_w(i + 1), pick_w(i + 2), pick_w(i + 3)]);
             for v in 0..N {
-                let pick_a = |j: usize| if j < nb { &*y.add(v * stride + j) } else { &zero_a };
+                let pick_a = |j: usize| {
+                    if j < nb {
+                        &*y.add(v * stride + j)
+                    } else {
+                        &zero_a
+                    }
+                };
                 let a = [pick_a(i), pick_a(i + 1), pick_a(i + 2), pick_a(i + 3)];
                 acc[v] = _mm256_add_pd(
                     acc[v],
