@@ -878,13 +878,20 @@ fn act_sub(row: ActRow<'_>, lo: usize, hi: usize) -> ActRow<'_> {
 }
 
 fn check_f64_type(ty: QuantType, random_bytes: bool, tag: u64) {
-    let mut rng = Rng::new(tag);
-    // block counts that are not multiples of 4 exercise the tails of the 4-block loops
-    let cols = match ty.block_elements() {
-        1 => 1003,
-        QK => 35 * QK,
-        _ => 5 * QK_K,
+    // block counts that are not multiples of 4 exercise the tails of the 4-block loops, and
+    // rows of 1 and 2 blocks (narrow expert slices) the packed groups
+    let sizes: &[usize] = match ty.block_elements() {
+        1 => &[1003],
+        QK => &[35 * QK, QK, 2 * QK, 3 * QK],
+        _ => &[5 * QK_K, QK_K, 2 * QK_K],
     };
+    for (i, &cols) in sizes.iter().enumerate() {
+        check_f64_shape(ty, random_bytes, tag + 1000 * i as u64, cols);
+    }
+}
+
+fn check_f64_shape(ty: QuantType, random_bytes: bool, tag: u64, cols: usize) {
+    let mut rng = Rng::new(tag);
     let rows = 67;
     let w = make_weights(ty, rows, cols, &mut rng, random_bytes);
     let rb = ty.row_bytes(cols).unwrap();
@@ -933,7 +940,7 @@ fn check_f64_type(ty: QuantType, random_bytes: bool, tag: u64) {
         }
     }
     println!(
-        "{ty} (random bytes: {random_bytes}, kernels {}): f64 fast==ref bitwise {bitwise}/{total}, worst |fast-ref|/Σ|c| = {worst_ref:.2e}, worst |f64-f32|/Σ|w x| = {worst_f32:.2e}",
+        "{ty} {cols} columns (random bytes: {random_bytes}, kernels {}): f64 fast==ref bitwise {bitwise}/{total}, worst |fast-ref|/Σ|c| = {worst_ref:.2e}, worst |f64-f32|/Σ|w x| = {worst_f32:.2e}",
         kernel_name()
     );
 }
