@@ -170,6 +170,46 @@ fn plan_shows_the_split_without_loading() {
     assert!(ok && out.contains("rank 0 <-> rank 1: shm"), "{out}");
 }
 
+/// A mixture-of-experts plan: every expert column lands on exactly one worker either way, so
+/// the experts' bytes add up to the file's expert tensors (3 per layer of 557,056 bytes); whole
+/// experts split 6/5/5 per layer, the extra one rotating across layers.
+#[test]
+fn plan_shows_experts_per_worker() {
+    let Some(path) = model(MOE) else { return };
+    for (split, experts_per_worker) in [("tensor", [64u64, 64, 64]), ("expert", [22, 21, 21])] {
+        let (ok, out, err) = coordinator(&[
+            "plan",
+            "--model",
+            path.to_str().unwrap(),
+            "--local",
+            "3",
+            "--moe-split",
+            split,
+            "--format",
+            "json",
+        ]);
+        assert!(ok, "{err}");
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json["moe_split"], split);
+        let ranks = json["ranks"].as_array().unwrap();
+        let experts: Vec<u64> = ranks
+            .iter()
+            .map(|r| r["experts"].as_u64().unwrap())
+            .collect();
+        assert_eq!(experts, experts_per_worker, "{split}");
+        let expert_bytes: u64 = ranks
+            .iter()
+            .map(|r| r["expert_bytes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(expert_bytes, 3 * 4 * 557_056, "{split}");
+    }
+    let (ok, out, _) = coordinator(&["plan", "--model", path.to_str().unwrap(), "--local", "2"]);
+    assert!(
+        ok && out.contains("16 experts of 128 columns per layer, 4 used per token"),
+        "{out}"
+    );
+}
+
 struct Worker(Child, String);
 
 impl Drop for Worker {
