@@ -101,6 +101,9 @@ pub struct BenchResult {
     pub samples_ts: Vec<f64>,
     /// Bytes the busiest worker contributed to AllReduces per token of the timed runs.
     pub allreduce_bytes_per_token: f64,
+    /// Over the timed steps: the busiest worker's work (outside AllReduce) over the workers'
+    /// mean, step by step; 1.0 is an even split.
+    pub work_imbalance: f64,
 }
 
 #[derive(Clone, Copy)]
@@ -177,7 +180,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let text = args.format == Format::Text;
     if text {
         println!(
-            "| model | size | TP | threads/worker | test | t/s | AllReduce bytes/token/worker |\n|---|---:|---:|---:|---:|---:|---:|"
+            "| model | size | TP | threads/worker | test | t/s | AllReduce bytes/token/worker | busiest/mean worker |\n|---|---:|---:|---:|---:|---:|---:|---:|"
         );
     }
     let mut results = Vec::new();
@@ -233,12 +236,14 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     for &test in &tests {
                         let mut samples_ns = Vec::with_capacity(args.repetitions);
                         let mut bytes = vec![0u64; tp as usize];
+                        let (mut busiest, mut mean) = (0f64, 0f64);
                         for rep in 0..=args.repetitions {
                             session.clear().await?;
                             if depth > 0 {
                                 session.process(&random(depth), 0).await?;
                             }
                             let bytes_before = session.collective_bytes.clone();
+                            let work_before = session.work_seconds;
                             let started = Instant::now();
                             match test {
                                 Test::Prompt(n) => session.process(&random(n), depth).await?,
@@ -252,6 +257,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             // Repetition 0 warms caches and page tables; it is not counted.
                             if rep > 0 {
                                 samples_ns.push(started.elapsed().as_nanos() as f64);
+                                busiest += session.work_seconds.busiest - work_before.busiest;
+                                mean += session.work_seconds.mean - work_before.mean;
                                 for (i, total) in bytes.iter_mut().enumerate() {
                                     *total += session.collective_bytes.get(i).copied().unwrap_or(0)
                                         - bytes_before.get(i).copied().unwrap_or(0);
@@ -284,6 +291,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             allreduce_bytes_per_token: bytes.iter().copied().max().unwrap_or(0)
                                 as f64
                                 / (test.tokens() * args.repetitions) as f64,
+                            work_imbalance: if mean > 0.0 { busiest / mean } else { 1.0 },
                         };
                         if text {
                             let name = args.model.file_name().map_or(model_filename.clone(), |n| {
@@ -295,12 +303,13 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                                 String::new()
                             };
                             println!(
-                                "| {name}{split} | {:.1} MiB | {tp} | {threads} | {} | {:.2} ± {:.2} | {:.0} |",
+                                "| {name}{split} | {:.1} MiB | {tp} | {threads} | {} | {:.2} ± {:.2} | {:.0} | {:.2} |",
                                 model_size as f64 / (1 << 20) as f64,
                                 result.test,
                                 avg_ts,
                                 stddev_ts,
-                                result.allreduce_bytes_per_token
+                                result.allreduce_bytes_per_token,
+                                result.work_imbalance
                             );
                         }
                         results.push(result);

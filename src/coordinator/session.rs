@@ -169,6 +169,15 @@ pub struct Session {
     broken: bool,
     /// Per worker: bytes contributed to AllReduces since the session started.
     pub collective_bytes: Vec<u64>,
+    /// Summed over steps: the busiest worker's work (compute outside AllReduce) and the
+    /// workers' mean. Their ratio says how unevenly the split spreads the work step by step.
+    pub work_seconds: WorkSeconds,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WorkSeconds {
+    pub busiest: f64,
+    pub mean: f64,
 }
 
 /// One forward pass over tokens of any sequences: `tokens[i]` at `positions[i]` of
@@ -250,6 +259,7 @@ impl Session {
             sequences: sequences.max(1),
             broken: false,
             collective_bytes: Vec::new(),
+            work_seconds: WorkSeconds::default(),
         };
         for (rank, reply) in session.load().await?.iter().enumerate() {
             tracing::info!(
@@ -304,6 +314,14 @@ impl Session {
                 self.collective_bytes.resize(replies.len(), 0);
                 for (total, reply) in self.collective_bytes.iter_mut().zip(replies) {
                     *total += reply.collective_bytes;
+                }
+                let work: Vec<f64> = replies
+                    .iter()
+                    .map(|r| (r.compute_seconds - r.collective_seconds).max(0.0))
+                    .collect();
+                if !work.is_empty() {
+                    self.work_seconds.busiest += work.iter().copied().fold(0.0, f64::max);
+                    self.work_seconds.mean += work.iter().sum::<f64>() / work.len() as f64;
                 }
             }
             Err(_) => self.broken = true,
