@@ -64,11 +64,12 @@ fetch_moe() {
   "$(dirname "$0")/python-deps.sh"
   local pythonpath="${TP_PYTHONPATH:-$HOME/.cache/tp/python}"
   local variant name args
-  for variant in q8_0 f16 qwen2moe; do
+  for variant in q8_0 f16 qwen2moe hd64; do
     case "$variant" in
       q8_0) name="moe-synthetic-q8_0.gguf"; args=() ;;
       f16) name="moe-synthetic-f16exp.gguf"; args=(--expert-type f16) ;;
       qwen2moe) name="moe-synthetic-qwen2moe.gguf"; args=(--arch qwen2moe) ;;
+      hd64) name="moe-synthetic-hd64.gguf"; args=(--head-dim 64) ;;
     esac
     [ -s "$model_dir/$name" ] && continue
     echo "fetch-models: writing the synthetic MoE model $name into $model_dir" >&2
@@ -76,9 +77,10 @@ fetch_moe() {
     PYTHONPATH="$pythonpath" python3 "$script" --tokenizer-from "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" \
       "${args[@]}" --out "$model_dir/$name.part" 2>/dev/null ||
       { echo "fetch-models: writing $name failed" >&2; rm -f "$model_dir/$name.part"; exit 1; }
-    if [ "$variant" = qwen2moe ]; then
-      check_sha "$model_dir/$name.part" 132f7adf36814c8c72b45b67a96e5fe5e596db94dfd2cfaae94ad0ea9374a8e1
-    fi
+    case "$variant" in # the unpublished variants, pinned here
+      qwen2moe) check_sha "$model_dir/$name.part" 132f7adf36814c8c72b45b67a96e5fe5e596db94dfd2cfaae94ad0ea9374a8e1 ;;
+      hd64) check_sha "$model_dir/$name.part" e83765c180663c17b60dd7d39b0952e1232777280af56ff024d75ea3352459b9 ;;
+    esac
     mv "$model_dir/$name.part" "$model_dir/$name"
   done
 }

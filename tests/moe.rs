@@ -203,13 +203,16 @@ fn golden_sequences() -> Vec<(String, Vec<u32>, usize)> {
         .collect()
 }
 
-/// qwen2moe has no llama.cpp golden data here, so its oracle is an independent float64
-/// evaluation (tests/moe/reference.py). That oracle is first checked on qwen3moe against
-/// llama.cpp's exact (F32) outputs; then tp's qwen2moe log-probabilities, teacher-forced at
-/// TP = 1 and 2, must agree with it within the golden README's rules.
+/// qwen2moe, and qwen3moe with query heads wider than d_model, have no llama.cpp golden data
+/// here, so their oracle is an independent float64 evaluation (tests/moe/reference.py). That
+/// oracle is first checked on qwen3moe against llama.cpp's exact (F32) outputs; then tp's
+/// log-probabilities, teacher-forced, must agree with it within the golden README's rules: at
+/// TP = 1 and 2 for qwen2moe, and at TP = 1 and 3 (query heads split, KV heads replicated)
+/// for the wide heads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qwen2moe_matches_a_float64_reference() {
-    let (Some(qwen3), Some(qwen2)) = (model(MOE), model(MOE_QWEN2)) else {
+async fn qwen2moe_and_wide_heads_match_a_float64_reference() {
+    let (Some(qwen3), Some(qwen2), Some(wide)) = (model(MOE), model(MOE_QWEN2), model(MOE_HD64))
+    else {
         return;
     };
     let cases = golden_sequences();
@@ -241,10 +244,25 @@ async fn qwen2moe_matches_a_float64_reference() {
     println!("oracle vs llama.cpp exact (qwen3moe): max |Δ top-1| {oracle_worst:.2e}");
     assert!(oracle_worst < 0.01, "the oracle is off by {oracle_worst}");
 
-    // 2. tp's qwen2moe against the oracle.
-    let reference = reference_distributions(&qwen2, &sequences, 10).unwrap();
-    for ranks in [1, 2] {
-        let mut session = session(&qwen2, &vec![1.0; ranks], 256, 128).await;
+    // 2. tp against the oracle.
+    for (path, rank_counts) in [(&qwen2, [1, 2]), (&wide, [1, 3])] {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let reference = reference_distributions(path, &sequences, 10).unwrap();
+        for ranks in rank_counts {
+            check_against_reference(path, &name, ranks, &cases, &reference).await;
+        }
+    }
+}
+
+async fn check_against_reference(
+    path: &std::path::Path,
+    name: &str,
+    ranks: usize,
+    cases: &[(String, Vec<u32>, usize)],
+    reference: &[Vec<Candidates>],
+) {
+    {
+        let mut session = session(path, &vec![1.0; ranks], 256, 128).await;
         let mut deltas = Vec::new();
         for (index, (id, tokens, first)) in cases.iter().enumerate() {
             let rows: Vec<usize> = (*first..tokens.len()).collect();
@@ -271,12 +289,12 @@ async fn qwen2moe_matches_a_float64_reference() {
         deltas.sort_by(f64::total_cmp);
         let (median, max) = (deltas[deltas.len() / 2], deltas[deltas.len() - 1]);
         println!(
-            "qwen2moe TP={ranks} vs float64 over {} steps: |Δ top-1| median {median:.4}, max {max:.4}",
+            "{name} TP={ranks} vs float64 over {} steps: |Δ top-1| median {median:.4}, max {max:.4}",
             deltas.len()
         );
         assert!(
             max <= 0.25 && median <= 0.05,
-            "TP={ranks}: median {median}, max {max}"
+            "{name} TP={ranks}: median {median}, max {max}"
         );
     }
 }

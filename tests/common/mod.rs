@@ -16,6 +16,8 @@ pub const MOE: &str = "moe-synthetic-q8_0.gguf";
 pub const MOE_F16: &str = "moe-synthetic-f16exp.gguf";
 /// The same weights in the qwen2moe layout, with Q/K/V biases and a shared expert.
 pub const MOE_QWEN2: &str = "moe-synthetic-qwen2moe.gguf";
+/// qwen3moe with heads of 64: queries 512 wide, twice d_model, as in real Qwen3-MoE models.
+pub const MOE_HD64: &str = "moe-synthetic-hd64.gguf";
 
 pub fn model_dir() -> PathBuf {
     match std::env::var_os("TP_MODEL_DIR") {
