@@ -1039,6 +1039,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/hosts.example.toml");
         let hosts = HostsFile::read(&path).unwrap();
         assert_eq!(hosts.transport, TransportChoice::Auto);
+        assert_eq!(hosts.moe_split, MoeSplit::Tensor);
         assert_eq!(hosts.workers.len(), 3);
         assert_eq!(hosts.workers[2].weight, 0.5);
         assert!(hosts.workers[1].model_path.is_some());
@@ -1062,6 +1063,17 @@ mod tests {
         let e = error("[[worker]]\naddress = \"a:1\"\nnuma = 1\n");
         assert!(e.contains("unknown field"), "{e}");
         assert!(error("transport = \"auto\"\n").contains("no [[worker]] entries"));
+        let e = error("moe_split = \"layer\"\n[[worker]]\naddress = \"a:1\"\n");
+        assert!(
+            e.contains("unknown variant `layer`, expected `tensor` or `expert`"),
+            "{e}"
+        );
+        let hosts = HostsFile::parse(
+            "moe_split = \"expert\"\n[[worker]]\naddress = \"a:1\"\n",
+            path,
+        )
+        .unwrap();
+        assert_eq!(hosts.moe_split, MoeSplit::Expert);
         // A relative token file is read from beside the hosts file.
         let hosts = HostsFile::parse(
             "auth_token_file = \"token\"\n[[worker]]\naddress = \"a:1\"\n",
