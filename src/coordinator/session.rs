@@ -315,14 +315,11 @@ impl Session {
                 for (total, reply) in self.collective_bytes.iter_mut().zip(replies) {
                     *total += reply.collective_bytes;
                 }
-                let work: Vec<f64> = replies
+                let work = replies
                     .iter()
-                    .map(|r| (r.compute_seconds - r.collective_seconds).max(0.0))
-                    .collect();
-                if !work.is_empty() {
-                    self.work_seconds.busiest += work.iter().copied().fold(0.0, f64::max);
-                    self.work_seconds.mean += work.iter().sum::<f64>() / work.len() as f64;
-                }
+                    .map(|r| (r.compute_seconds - r.collective_seconds).max(0.0));
+                self.work_seconds.busiest += work.clone().fold(0.0, f64::max);
+                self.work_seconds.mean += work.sum::<f64>() / replies.len().max(1) as f64;
             }
             Err(_) => self.broken = true,
         }

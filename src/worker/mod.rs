@@ -603,6 +603,7 @@ impl proto::worker_server::Worker for WorkerService {
                 })?;
             *steps += 1;
             *compute_seconds += started.elapsed().as_secs_f64();
+            let (collective_seconds, collectives, collective_bytes) = executor.collective_stats();
             Ok(Response::new(proto::StepReply {
                 rows: rows
                     .into_iter()
@@ -616,9 +617,9 @@ impl proto::worker_server::Worker for WorkerService {
                     .collect(),
                 vocab_start: executor.vocab_start() as u32,
                 compute_seconds: started.elapsed().as_secs_f64(),
-                collective_seconds: executor.collective_stats().0,
-                collectives: executor.collective_stats().1,
-                collective_bytes: executor.collective_stats().2,
+                collective_seconds,
+                collectives,
+                collective_bytes,
             }))
         })
         .await

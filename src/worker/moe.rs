@@ -14,7 +14,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::kernels::cpu::{PreparedActivations, f32_dot, matmul, matmul_f64};
+use crate::kernels::cpu::{PreparedActivations, QuantType, f32_dot, matmul, matmul_f64};
 use crate::worker::shard::Weight;
 
 /// The expert that every token also goes through (qwen2moe), scaled by a sigmoid gate.
@@ -49,15 +49,23 @@ pub struct MoeScratch {
     logits: Vec<f32>,
     /// Per token, its selected experts and their weights.
     selected: Vec<(usize, f32)>,
-    /// Tokens routed to the expert being computed, with their weights.
+    /// The (token, weight) pairs of every owned expert, expert after expert, tokens ascending
+    /// within each; `starts[local]..starts[local + 1]` are expert `local`'s.
     routed: Vec<(usize, f32)>,
+    starts: Vec<usize>,
+    cursor: Vec<usize>,
     input: Vec<f32>,
+    ffn: FfnScratch,
+    /// Expert FFNs computed in the last forward: one per distinct expert of the batch.
+    pub expert_passes: usize,
+}
+
+#[derive(Default)]
+struct FfnScratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     output: Vec<f64>,
     prepared: PreparedActivations,
-    /// Expert FFNs computed in the last forward: one per distinct expert of the batch.
-    pub expert_passes: usize,
 }
 
 fn grow<T: Clone + Default>(v: &mut Vec<T>, n: usize) -> &mut [T] {
@@ -76,14 +84,18 @@ fn rows_of(weight: &Weight, rows: Range<usize>) -> &[u8] {
 /// The routing of one token as llama.cpp computes it: softmax over every expert's logit, the
 /// `used` most probable (ties to the lower index), each weighted by its probability,
 /// renormalized over the selected ones when `normalize` (the sum clamped away from zero as
-/// llama.cpp does). Writes `(expert, weight)` pairs, best first.
-pub fn route(logits: &[f32], used: usize, normalize: bool, out: &mut Vec<(usize, f32)>) {
+/// llama.cpp does). Writes `(expert, weight)` pairs, best first; `logits` is overwritten
+/// with the unnormalized exponentials.
+pub fn route(logits: &mut [f32], used: usize, normalize: bool, out: &mut Vec<(usize, f32)>) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
-    let sum: f64 = exps.iter().map(|&e| e as f64).sum();
+    let mut sum = 0f64;
+    for l in logits.iter_mut() {
+        *l = (*l - max).exp();
+        sum += *l as f64;
+    }
     let scale = (1.0 / sum) as f32;
     let start = out.len();
-    for (expert, &e) in exps.iter().enumerate() {
+    for (expert, &e) in logits.iter().enumerate() {
         let p = e * scale;
         // Insertion into the best `used` so far: experts are few (tens to hundreds).
         let chosen = &out[start..];
@@ -110,10 +122,39 @@ pub fn route(logits: &[f32], used: usize, normalize: bool, out: &mut Vec<(usize,
     }
 }
 
-fn swiglu(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
+/// One SwiGLU FFN over `n` rows of `input` (`d` values each): `width` rows each of gate and
+/// up weights, `d` rows of `width` down weights. Leaves the f64 outputs in `s.output[..n * d]`.
+#[allow(clippy::too_many_arguments)]
+fn swiglu_ffn(
+    (gate_ty, gate_w): (QuantType, &[u8]),
+    (up_ty, up_w): (QuantType, &[u8]),
+    (down_ty, down_w): (QuantType, &[u8]),
+    input: &[f32],
+    n: usize,
+    d: usize,
+    width: usize,
+    s: &mut FfnScratch,
+) {
+    s.prepared.prepare(gate_ty, &input[..n * d], d, n);
+    let gate = grow(&mut s.gate, n * width);
+    matmul(gate_ty, gate_w, width, d, &s.prepared, gate);
+    if up_ty != gate_ty {
+        s.prepared.prepare(up_ty, &input[..n * d], d, n);
+    }
+    let up = grow(&mut s.up, n * width);
+    matmul(up_ty, up_w, width, d, &s.prepared, up);
+    for (g, u) in gate.iter_mut().zip(up.iter()) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
+    s.prepared.prepare(down_ty, gate, width, n);
+    matmul_f64(
+        down_ty,
+        down_w,
+        d,
+        width,
+        &s.prepared,
+        grow(&mut s.output, n * d),
+    );
 }
 
 impl MoeLayer {
@@ -127,11 +168,12 @@ impl MoeLayer {
         out: &mut [f64],
         s: &mut MoeScratch,
     ) {
+        s.expert_passes = 0;
         if self.width > 0 && !self.experts.is_empty() {
             self.routed_experts(normed, batch, d, out, s);
         }
         if let Some(shared) = &self.shared {
-            Self::shared_expert(shared, normed, batch, d, out, s);
+            Self::shared_expert(shared, normed, batch, d, out, &mut s.ffn);
         }
     }
 
@@ -144,7 +186,8 @@ impl MoeLayer {
         s: &mut MoeScratch,
     ) {
         let expert_count = self.router.rows;
-        s.prepared
+        s.ffn
+            .prepared
             .prepare(self.router.ty, &normed[..batch * d], d, batch);
         let logits = grow(&mut s.logits, batch * expert_count);
         matmul(
@@ -152,11 +195,11 @@ impl MoeLayer {
             &self.router.data,
             expert_count,
             d,
-            &s.prepared,
+            &s.ffn.prepared,
             logits,
         );
         s.selected.clear();
-        for row in logits.chunks_exact(expert_count) {
+        for row in logits.chunks_exact_mut(expert_count) {
             route(
                 row,
                 self.expert_used,
@@ -164,66 +207,65 @@ impl MoeLayer {
                 &mut s.selected,
             );
         }
-        let used = self.expert_used;
+        // Bucket the (token, weight) pairs by owned expert in one pass (a counting sort, tokens
+        // ascending within each expert).
+        let local_count = self.experts.len();
+        s.starts.clear();
+        s.starts.resize(local_count + 1, 0);
+        let owned = |e: usize| {
+            e.checked_sub(self.experts.start)
+                .filter(|&l| l < local_count)
+        };
+        for &(e, _) in &s.selected {
+            if let Some(l) = owned(e) {
+                s.starts[l + 1] += 1;
+            }
+        }
+        for l in 0..local_count {
+            s.starts[l + 1] += s.starts[l];
+        }
+        s.cursor.clone_from(&s.starts);
+        s.routed.clear();
+        s.routed.resize(s.starts[local_count], (0, 0.0));
+        for (i, &(e, w)) in s.selected.iter().enumerate() {
+            if let Some(l) = owned(e) {
+                s.routed[s.cursor[l]] = (i / self.expert_used, w);
+                s.cursor[l] += 1;
+            }
+        }
         let width = self.width;
-        s.expert_passes = 0;
         // Experts in ascending order, each over the tokens routed to it: a token's output sums
         // its experts in the same order whatever else is in the batch.
-        for (local, expert) in self.experts.clone().enumerate() {
-            s.routed.clear();
-            for (b, choices) in s.selected.chunks_exact(used).enumerate() {
-                if let Some(&(_, w)) = choices.iter().find(|c| c.0 == expert) {
-                    s.routed.push((b, w));
-                }
-            }
-            let n = s.routed.len();
+        for local in 0..local_count {
+            let routed = &s.routed[s.starts[local]..s.starts[local + 1]];
+            let n = routed.len();
             if n == 0 {
                 continue;
             }
             s.expert_passes += 1;
             let input = grow(&mut s.input, n * d);
-            for (i, &(b, _)) in s.routed.iter().enumerate() {
+            for (i, &(b, _)) in routed.iter().enumerate() {
                 input[i * d..(i + 1) * d].copy_from_slice(&normed[b * d..(b + 1) * d]);
             }
             let rows = local * width..(local + 1) * width;
-            s.prepared.prepare(self.gate.ty, &input[..n * d], d, n);
-            let gate = grow(&mut s.gate, n * width);
-            matmul(
-                self.gate.ty,
-                rows_of(&self.gate, rows.clone()),
-                width,
-                d,
-                &s.prepared,
-                gate,
-            );
-            if self.up.ty != self.gate.ty {
-                s.prepared.prepare(self.up.ty, &input[..n * d], d, n);
-            }
-            let up = grow(&mut s.up, n * width);
-            matmul(
-                self.up.ty,
-                rows_of(&self.up, rows),
-                width,
-                d,
-                &s.prepared,
-                up,
-            );
-            swiglu(gate, up);
-            s.prepared.prepare(self.down.ty, gate, width, n);
-            let output = grow(&mut s.output, n * d);
-            matmul_f64(
-                self.down.ty,
-                rows_of(&self.down, local * d..(local + 1) * d),
+            swiglu_ffn(
+                (self.gate.ty, rows_of(&self.gate, rows.clone())),
+                (self.up.ty, rows_of(&self.up, rows)),
+                (
+                    self.down.ty,
+                    rows_of(&self.down, local * d..(local + 1) * d),
+                ),
+                input,
+                n,
                 d,
                 width,
-                &s.prepared,
-                output,
+                &mut s.ffn,
             );
-            for (i, &(b, w)) in s.routed.iter().enumerate() {
+            for (i, &(b, w)) in routed.iter().enumerate() {
                 let w = w as f64;
                 for (o, y) in out[b * d..(b + 1) * d]
                     .iter_mut()
-                    .zip(&output[i * d..(i + 1) * d])
+                    .zip(&s.ffn.output[i * d..(i + 1) * d])
                 {
                     *o += w * y;
                 }
@@ -237,45 +279,29 @@ impl MoeLayer {
         batch: usize,
         d: usize,
         out: &mut [f64],
-        s: &mut MoeScratch,
+        s: &mut FfnScratch,
     ) {
         let width = shared.gate.rows;
         if width == 0 {
             return;
         }
         let input = &normed[..batch * d];
-        s.prepared.prepare(shared.gate.ty, input, d, batch);
-        let gate = grow(&mut s.gate, batch * width);
-        matmul(
-            shared.gate.ty,
-            &shared.gate.data,
-            width,
-            d,
-            &s.prepared,
-            gate,
-        );
-        if shared.up.ty != shared.gate.ty {
-            s.prepared.prepare(shared.up.ty, input, d, batch);
-        }
-        let up = grow(&mut s.up, batch * width);
-        matmul(shared.up.ty, &shared.up.data, width, d, &s.prepared, up);
-        swiglu(gate, up);
-        s.prepared.prepare(shared.down.ty, gate, width, batch);
-        let output = grow(&mut s.output, batch * d);
-        matmul_f64(
-            shared.down.ty,
-            &shared.down.data,
+        swiglu_ffn(
+            (shared.gate.ty, &shared.gate.data),
+            (shared.up.ty, &shared.up.data),
+            (shared.down.ty, &shared.down.data),
+            input,
+            batch,
             d,
             width,
-            &s.prepared,
-            output,
+            s,
         );
         for b in 0..batch {
             let g = f32_dot(&shared.gate_input, &input[b * d..(b + 1) * d]);
             let scale = 1.0 / (1.0 + (-g as f64).exp());
             for (o, y) in out[b * d..(b + 1) * d]
                 .iter_mut()
-                .zip(&output[b * d..(b + 1) * d])
+                .zip(&s.output[b * d..(b + 1) * d])
             {
                 *o += scale * y;
             }
@@ -286,8 +312,6 @@ impl MoeLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use crate::kernels::cpu::QuantType;
 
     struct Rng(u64);
     impl Rng {
@@ -555,7 +579,7 @@ mod tests {
             for normalize in [false, true] {
                 let logits: Vec<f32> = (0..experts).map(|_| next()).collect();
                 let mut got = Vec::new();
-                route(&logits, used, normalize, &mut got);
+                route(&mut logits.clone(), used, normalize, &mut got);
                 let max = logits
                     .iter()
                     .copied()
@@ -590,8 +614,8 @@ mod tests {
     #[test]
     fn routing_appends() {
         let mut out = Vec::new();
-        route(&[0.0, 1.0, 2.0], 1, true, &mut out);
-        route(&[2.0, 1.0, 0.0], 1, true, &mut out);
+        route(&mut [0.0, 1.0, 2.0], 1, true, &mut out);
+        route(&mut [2.0, 1.0, 0.0], 1, true, &mut out);
         assert_eq!(out, vec![(2, 1.0), (0, 1.0)]);
     }
 }
