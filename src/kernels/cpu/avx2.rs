@@ -990,7 +990,7 @@ quant_kernels!(dot_q6_k_q8_k, dot4_q6_k_q8_k, q6_k_body, BlockQ6K, BlockQ8K);
 // are exactly those of `reference::dot64` (block i -> lane i % 4 of one __m256d; float
 // elements i -> lane i % 16 of four __m256d), with no FMA, so the results are bitwise equal.
 
-use super::reference::{combine4, combine16, contrib_k4, contrib_q4_1, contrib_scaled};
+use super::reference::{combine4, combine16, contrib_k4, contrib_scaled};
 
 /// A legacy 32-element weight block paired with its activation block type.
 trait Legacy64 {
@@ -1184,20 +1184,6 @@ unsafe fn legacy64_group<W: Legacy64>(
             _mm256_add_pd(c, _mm256_mul_pd(w.m, as_))
         } else {
             c
-        }
-    }
-}
-
-/// One block's contribution (the tail after the groups of four), as `reference::dot64`.
-#[inline(always)]
-unsafe fn legacy64_block<W: Legacy64>(bx: &W, a: &W::A) -> f64 {
-    unsafe {
-        let isum = hsum_epi32(W::isum8(bx.quants(), a));
-        let (dw, da) = (f16_to_f32(bx.d()), f16_to_f32(W::ad(a)));
-        if W::MIN {
-            contrib_q4_1(dw, da, isum, f16_to_f32(bx.m()), f16_to_f32(W::as_(a)))
-        } else {
-            contrib_scaled(dw, da, isum)
         }
     }
 }
@@ -1402,13 +1388,23 @@ unsafe fn legacy64_rows<W: Legacy64, const R: usize>(
             }
             i += 4;
         }
+        if i < nb {
+            // The last 1-3 blocks as one zero-padded group, as in `legacy64_body`.
+            let zero_w: W = std::mem::zeroed();
+            let zero_a: W::A = std::mem::zeroed();
+            let pick_a = |j: usize| if j < nb { y.get_unchecked(j) } else { &zero_a };
+            let a = [pick_a(i), pick_a(i + 1), pick_a(i + 2), pick_a(i + 3)];
+            let scales = legacy64_act_scales::<W>(a);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let pick_w = |j: usize| if j < nb { &*row(r).add(j) } else { &zero_w };
+                let b = [pick_w(i), pick_w(i + 1), pick_w(i + 2), pick_w(i + 3)];
+                *acc = _mm256_add_pd(*acc, legacy64_group::<W>(&legacy64_weights(b), a, scales));
+            }
+        }
         let mut out = [0f64; R];
         for r in 0..R {
             let mut l = [0f64; 4];
             _mm256_storeu_pd(l.as_mut_ptr(), acc[r]);
-            for j in i..nb {
-                l[j % 4] += legacy64_block(&*row(r).add(j), y.get_unchecked(j));
-            }
             out[r] = combine4(l);
         }
         out
