@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use common::*;
@@ -220,20 +219,14 @@ impl Drop for Worker {
 }
 
 fn start_worker() -> Worker {
-    let mut child = Command::new(worker_binary())
-        .args(["--listen", "127.0.0.1:0", "--threads", "1", "--log", "warn"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap()
-        .to_string();
+    let (child, address) = common::server::spawn_listening(Command::new(worker_binary()).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--log",
+        "warn",
+    ]));
     Worker(child, address)
 }
 

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use common::*;
@@ -41,25 +40,19 @@ fn a_worker_bound_to_node_0_runs_and_allocates_there() {
         .expect("node 0 in sysfs")
         .trim()
         .to_string();
-    let mut child = Command::new(worker_binary())
-        .args([
-            "--numa-node",
-            "0",
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "warn",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.starts_with("listening on"), "{line:?}");
+    // Panics unless the worker says it listens.
+    let (mut child, _) = common::server::spawn_listening(
+        Command::new(worker_binary())
+            .args([
+                "--numa-node",
+                "0",
+                "--listen",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+            ])
+            .stderr(Stdio::piped()),
+    );
     let pid = child.id();
     let cpus = proc_field(pid, "Cpus_allowed_list:");
     let mems = proc_field(pid, "Mems_allowed_list:");
@@ -132,30 +125,20 @@ fn a_worker_on_another_node_than_hosts_toml_says_is_an_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let token = dir.join("token");
     std::fs::write(&token, "numa-test-token-0123456789\n").unwrap();
-    let mut child = Command::new(worker_binary())
-        .args([
-            "--numa-node",
-            "0",
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "warn",
-        ])
-        .arg("--auth-token-file")
-        .arg(&token)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .strip_prefix("listening on ")
-        .unwrap()
-        .trim()
-        .to_string();
+    let (mut child, address) = common::server::spawn_listening(
+        Command::new(worker_binary())
+            .args([
+                "--numa-node",
+                "0",
+                "--listen",
+                "127.0.0.1:0",
+                "--log",
+                "warn",
+            ])
+            .arg("--auth-token-file")
+            .arg(&token)
+            .stderr(Stdio::null()),
+    );
     let hosts = dir.join("hosts.toml");
     std::fs::write(
         &hosts,

@@ -108,31 +108,19 @@ fn mutual_tls_on_the_control_plane() {
 
     let start = |name: &str| -> Worker {
         let log = dir.join(format!("{name}.log"));
-        let mut child = Command::new(worker_binary())
-            .args(["--listen", "127.0.0.1:0", "--threads", "1", "--log", "info"])
-            .arg("--auth-token-file")
-            .arg(&token)
-            .arg("--tls-cert")
-            .arg(dir.join("worker.crt"))
-            .arg("--tls-key")
-            .arg(dir.join("worker.key"))
-            .arg("--tls-ca")
-            .arg(dir.join("ca.crt"))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let address = line
-            .strip_prefix("listening on ")
-            .unwrap()
-            .trim()
-            .to_string();
+        let (child, address) = common::server::spawn_listening(
+            Command::new(worker_binary())
+                .args(["--listen", "127.0.0.1:0", "--threads", "1", "--log", "info"])
+                .arg("--auth-token-file")
+                .arg(&token)
+                .arg("--tls-cert")
+                .arg(dir.join("worker.crt"))
+                .arg("--tls-key")
+                .arg(dir.join("worker.key"))
+                .arg("--tls-ca")
+                .arg(dir.join("ca.crt"))
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
         Worker {
             child,
             address,

@@ -20,22 +20,12 @@ impl Drop for Worker {
     }
 }
 
-/// Starts a worker on `listen` (e.g. `127.0.0.1:0`) that needs the token in `token`, logging
-/// at info level to `log`.
-pub fn start_worker(listen: &str, token: &std::path::Path, log: &std::path::Path) -> Worker {
-    let mut child = Command::new(worker_binary())
-        .args(["--listen", listen, "--threads", "1", "--log", "info"])
-        .arg("--auth-token-file")
-        .arg(token)
+/// Spawns a `tp-worker` command (its stdout piped here) and reads the address from the
+/// "listening on ADDRESS" line it prints once it listens.
+pub fn spawn_listening(command: &mut Command) -> (Child, String) {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap(),
-        )
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -47,6 +37,25 @@ pub fn start_worker(listen: &str, token: &std::path::Path, log: &std::path::Path
         .unwrap_or_else(|| panic!("worker said {line:?}"))
         .trim()
         .to_string();
+    (child, address)
+}
+
+/// Starts a worker on `listen` (e.g. `127.0.0.1:0`) that needs the token in `token`, logging
+/// at info level to `log`.
+pub fn start_worker(listen: &str, token: &std::path::Path, log: &std::path::Path) -> Worker {
+    let (child, address) = spawn_listening(
+        Command::new(worker_binary())
+            .args(["--listen", listen, "--threads", "1", "--log", "info"])
+            .arg("--auth-token-file")
+            .arg(token)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            ),
+    );
     Worker {
         child,
         address,
