@@ -678,7 +678,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     if args.format == Format::Json {
         let json = serde_json::json!({
             "model": file.path.display().to_string(),
-            "architecture": config.architecture.name(),
+            "architecture": config.architecture,
             "moe_split": config.moe.as_ref().map(|_| moe_split.name()),
             "attention_unit": match p.attention_unit { AttentionUnit::KvGroup => "kv_group", AttentionUnit::QueryHead => "query_head" },
             "ranks": rows,

@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use crate::model::arch::{ModelConfig, layer_tensor};
+use crate::model::arch::{Activation, FfnSpec, ModelConfig};
 
 pub const MAX_RANKS: usize = 16;
 
@@ -465,9 +465,10 @@ pub enum Parallel {
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum OpKind {
-    /// Vocab-parallel lookup of the rows this rank owns; zeros elsewhere.
+    /// Vocab-parallel lookup of the rows this rank owns, times `scale`; zeros elsewhere.
     Embed {
         tensor: String,
+        scale: Option<f32>,
     },
     RmsNorm {
         tensor: String,
@@ -490,21 +491,30 @@ pub enum OpKind {
         q_tensor: String,
         k_tensor: String,
     },
+    /// RoPE of this rank's queries and keys with the layer's table; `freq_factors` names the
+    /// vector of per-pair frequency divisors where the table has one.
     Rope {
         layer: usize,
+        freq_factors: Option<String>,
     },
     Attention {
         layer: usize,
     },
-    SwiGlu,
+    /// `Gate = act(Gate) * Up`.
+    Glu {
+        activation: Activation,
+    },
     /// A mixture-of-experts FFN on `Normed`: the router on the whole (mirrored) input, then
     /// this rank's part of every selected expert (and of the shared expert), the weighted
     /// outputs summed into `Partial` before the layer's one AllReduce (DESIGN section 2).
     Moe {
         layer: usize,
     },
-    /// Residual += Partial (now Mirrored).
-    AddResidual,
+    /// Residual += Partial (now Mirrored), RMS-normed first where `norm` names the weights
+    /// (gemma's post-attention and post-FFN norms).
+    AddResidual {
+        norm: Option<String>,
+    },
     AllReduce {
         buffer: Buffer,
         index: usize,
@@ -521,8 +531,9 @@ pub struct Op {
     pub output_state: SplitState,
 }
 
-/// The op list of one rank. The graph and its split states are the same for every rank; only the
-/// extents differ, and with one rank every state is whole, so no collective is emitted.
+/// The op list of one rank, from the model's layer descriptions. The graph and its split
+/// states are the same for every rank; only the extents differ, and with one rank every state
+/// is whole, so no collective is emitted.
 pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
     let distributed = shard.rank_count > 1;
     let mut ops = Vec::new();
@@ -558,181 +569,182 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             collectives += 1;
         }
     };
-    ops.push(Op {
-        kind: OpKind::Embed {
-            tensor: "token_embd.weight".into(),
+    let push = |ops: &mut Vec<Op>, kind: OpKind, output_state: SplitState| {
+        ops.push(Op { kind, output_state })
+    };
+    push(
+        &mut ops,
+        OpKind::Embed {
+            tensor: config.embedding.clone(),
+            scale: config.embedding_scale,
         },
-        output_state: partial.clone(),
-    });
+        partial.clone(),
+    );
     reduce(&mut ops, Buffer::Residual);
-    for layer in 0..config.layer_count {
-        let t = |n: &str| layer_tensor(layer, n);
-        let bias = |n: &str| config.qkv_bias.then(|| t(n));
-        ops.push(Op {
-            kind: OpKind::RmsNorm {
-                tensor: t("attn_norm.weight"),
+    for (layer, spec) in config.layers.iter().enumerate() {
+        let a = &spec.attention;
+        push(
+            &mut ops,
+            OpKind::RmsNorm {
+                tensor: a.norm.clone(),
                 input: Buffer::Residual,
                 output: Buffer::Normed,
             },
-            output_state: SplitState::Mirrored,
-        });
+            SplitState::Mirrored,
+        );
         let hd = config.head_dim;
         let s = &shard.layers[layer];
         let (q_dims, kv_dims) = (
             s.q_heads.start * hd..s.q_heads.end * hd,
             s.kv_heads.start * hd..s.kv_heads.end * hd,
         );
-        for (name, b, out, axis, extent) in [
-            (
-                "attn_q.weight",
-                "attn_q.bias",
-                Buffer::Q,
-                Axis::QueryHeads,
-                q_dims.clone(),
-            ),
-            (
-                "attn_k.weight",
-                "attn_k.bias",
-                Buffer::K,
-                Axis::KvHeads,
-                kv_dims.clone(),
-            ),
-            (
-                "attn_v.weight",
-                "attn_v.bias",
-                Buffer::V,
-                Axis::KvHeads,
-                kv_dims,
-            ),
+        for (linear, out, axis, extent) in [
+            (&a.q, Buffer::Q, Axis::QueryHeads, q_dims.clone()),
+            (&a.k, Buffer::K, Axis::KvHeads, kv_dims.clone()),
+            (&a.v, Buffer::V, Axis::KvHeads, kv_dims),
         ] {
-            ops.push(Op {
-                kind: OpKind::Linear {
-                    tensor: t(name),
-                    bias: bias(b),
+            push(
+                &mut ops,
+                OpKind::Linear {
+                    tensor: linear.weight.clone(),
+                    bias: linear.bias.clone(),
                     parallel: Parallel::Column,
                     extent,
                     input: Buffer::Normed,
                     output: out,
                 },
-                output_state: split(axis),
-            });
+                split(axis),
+            );
         }
-        if config.qk_norm {
-            ops.push(Op {
-                kind: OpKind::HeadNorm {
+        if let Some((q_norm, k_norm)) = &a.qk_norm {
+            push(
+                &mut ops,
+                OpKind::HeadNorm {
                     layer,
-                    q_tensor: t("attn_q_norm.weight"),
-                    k_tensor: t("attn_k_norm.weight"),
+                    q_tensor: q_norm.clone(),
+                    k_tensor: k_norm.clone(),
                 },
-                output_state: split(Axis::QueryHeads),
-            });
+                split(Axis::QueryHeads),
+            );
         }
-        ops.push(Op {
-            kind: OpKind::Rope { layer },
-            output_state: split(Axis::QueryHeads),
-        });
-        ops.push(Op {
-            kind: OpKind::Attention { layer },
-            output_state: split(Axis::QueryHeads),
-        });
-        ops.push(Op {
-            kind: OpKind::Linear {
-                tensor: t("attn_output.weight"),
+        push(
+            &mut ops,
+            OpKind::Rope {
+                layer,
+                freq_factors: config.ropes[a.rope].freq_factors.clone(),
+            },
+            split(Axis::QueryHeads),
+        );
+        push(
+            &mut ops,
+            OpKind::Attention { layer },
+            split(Axis::QueryHeads),
+        );
+        push(
+            &mut ops,
+            OpKind::Linear {
+                tensor: a.output.weight.clone(),
                 bias: None,
                 parallel: Parallel::Row,
                 extent: q_dims,
                 input: Buffer::Attention,
                 output: Buffer::Partial,
             },
-            output_state: partial.clone(),
-        });
+            partial.clone(),
+        );
         reduce(&mut ops, Buffer::Partial);
-        ops.push(Op {
-            kind: OpKind::AddResidual,
-            output_state: SplitState::Mirrored,
-        });
-        ops.push(Op {
-            kind: OpKind::RmsNorm {
-                tensor: t("ffn_norm.weight"),
+        push(
+            &mut ops,
+            OpKind::AddResidual {
+                norm: a.post_norm.clone(),
+            },
+            SplitState::Mirrored,
+        );
+        push(
+            &mut ops,
+            OpKind::RmsNorm {
+                tensor: spec.ffn_norm.clone(),
                 input: Buffer::Residual,
                 output: Buffer::Normed,
             },
-            output_state: SplitState::Mirrored,
-        });
-        if config.moe.is_some() {
+            SplitState::Mirrored,
+        );
+        match &spec.ffn {
             // The experts' weighted sum stays Partial: one AllReduce, as for a dense FFN.
-            ops.push(Op {
-                kind: OpKind::Moe { layer },
-                output_state: partial.clone(),
-            });
-            reduce(&mut ops, Buffer::Partial);
-            ops.push(Op {
-                kind: OpKind::AddResidual,
-                output_state: SplitState::Mirrored,
-            });
-            continue;
+            FfnSpec::Moe(_) => push(&mut ops, OpKind::Moe { layer }, partial.clone()),
+            FfnSpec::Gated {
+                activation,
+                gate,
+                up,
+                down,
+            } => {
+                for (tensor, out) in [(gate, Buffer::Gate), (up, Buffer::Up)] {
+                    push(
+                        &mut ops,
+                        OpKind::Linear {
+                            tensor: tensor.clone(),
+                            bias: None,
+                            parallel: Parallel::Column,
+                            extent: s.ffn_columns.clone(),
+                            input: Buffer::Normed,
+                            output: out,
+                        },
+                        split(Axis::FfnColumns),
+                    );
+                }
+                push(
+                    &mut ops,
+                    OpKind::Glu {
+                        activation: *activation,
+                    },
+                    split(Axis::FfnColumns),
+                );
+                push(
+                    &mut ops,
+                    OpKind::Linear {
+                        tensor: down.clone(),
+                        bias: None,
+                        parallel: Parallel::Row,
+                        extent: s.ffn_columns.clone(),
+                        input: Buffer::Gate,
+                        output: Buffer::Partial,
+                    },
+                    partial.clone(),
+                );
+            }
         }
-        for (name, out) in [
-            ("ffn_gate.weight", Buffer::Gate),
-            ("ffn_up.weight", Buffer::Up),
-        ] {
-            ops.push(Op {
-                kind: OpKind::Linear {
-                    tensor: t(name),
-                    bias: None,
-                    parallel: Parallel::Column,
-                    extent: s.ffn_columns.clone(),
-                    input: Buffer::Normed,
-                    output: out,
-                },
-                output_state: split(Axis::FfnColumns),
-            });
-        }
-        ops.push(Op {
-            kind: OpKind::SwiGlu,
-            output_state: split(Axis::FfnColumns),
-        });
-        ops.push(Op {
-            kind: OpKind::Linear {
-                tensor: t("ffn_down.weight"),
-                bias: None,
-                parallel: Parallel::Row,
-                extent: s.ffn_columns.clone(),
-                input: Buffer::Gate,
-                output: Buffer::Partial,
-            },
-            output_state: partial.clone(),
-        });
         reduce(&mut ops, Buffer::Partial);
-        ops.push(Op {
-            kind: OpKind::AddResidual,
-            output_state: SplitState::Mirrored,
-        });
+        push(
+            &mut ops,
+            OpKind::AddResidual {
+                norm: spec.ffn_post_norm.clone(),
+            },
+            SplitState::Mirrored,
+        );
     }
-    ops.push(Op {
-        kind: OpKind::RmsNorm {
-            tensor: "output_norm.weight".into(),
+    push(
+        &mut ops,
+        OpKind::RmsNorm {
+            tensor: config.output_norm.clone(),
             input: Buffer::Residual,
             output: Buffer::Normed,
         },
-        output_state: SplitState::Mirrored,
-    });
-    ops.push(Op {
-        kind: OpKind::Linear {
-            tensor: config.output_tensor().into(),
+        SplitState::Mirrored,
+    );
+    push(
+        &mut ops,
+        OpKind::Linear {
+            tensor: config.output.clone(),
             bias: None,
             parallel: Parallel::Column,
             extent: shard.vocab_rows.clone(),
             input: Buffer::Normed,
             output: Buffer::Logits,
         },
-        output_state: split(Axis::Vocab),
-    });
+        split(Axis::Vocab),
+    );
     // Sampling needs whole logits; the coordinator merges the vocab slices (DESIGN section 5).
-    ops.push(Op {
-        kind: OpKind::EmitLogits,
-        output_state: SplitState::Mirrored,
-    });
+    push(&mut ops, OpKind::EmitLogits, SplitState::Mirrored);
     ops
 }
 
@@ -747,7 +759,7 @@ pub fn collective_count(program: &[Op]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::arch::{Architecture, RopeStyle};
+    use crate::model::arch::{MoeConfig, test_config};
 
     fn config(
         heads: usize,
@@ -757,27 +769,22 @@ mod tests {
         vocab: usize,
         layers: usize,
     ) -> ModelConfig {
-        ModelConfig {
-            architecture: Architecture::Llama,
-            layer_count: layers,
-            model_dim: heads * 64,
-            head_count: heads,
-            kv_head_count: kv,
-            head_dim: 64,
-            ffn_dim: ffn,
-            vocab_size: vocab,
-            rms_norm_eps: 1e-5,
-            rope_base: 10000.0,
-            rope_dim: 64,
-            rope_style: RopeStyle::AdjacentPairs,
-            context_length: 128,
-            qkv_bias: false,
-            qk_norm: false,
-            moe: None,
-            tied_output: true,
-            ffn_down_block: vec![block; layers],
-            attn_output_block: vec![32; layers],
-        }
+        with_moe(heads, kv, ffn, block, vocab, layers, None)
+    }
+
+    fn with_moe(
+        heads: usize,
+        kv: usize,
+        ffn: usize,
+        block: usize,
+        vocab: usize,
+        layers: usize,
+        moe: Option<MoeConfig>,
+    ) -> ModelConfig {
+        let mut c = test_config(heads, kv, ffn, vocab, layers, moe);
+        c.ffn_down_block = vec![block; layers];
+        c.attn_output_block = vec![32; layers];
+        c
     }
 
     /// A small xorshift generator: failures print the seed that replays them.
@@ -809,20 +816,20 @@ mod tests {
             let weights: Vec<f64> = (0..ranks)
                 .map(|_| [1.0, 1.0, 2.0, 0.5, 3.0][rng.below(5)])
                 .collect();
-            let mut cfg = config(heads, kv, ffn, block, vocab, layers);
             // Half the cases are mixtures of experts, split either way, some with a shared
             // expert.
             let split = [MoeSplit::Tensor, MoeSplit::Expert][rng.below(2)];
-            if rng.below(2) == 1 {
+            let moe = (rng.below(2) == 1).then(|| {
                 let expert_count = 1 + rng.below(64);
-                cfg.moe = Some(crate::model::arch::MoeConfig {
+                MoeConfig {
                     expert_count,
                     expert_used: 1 + rng.below(expert_count),
                     normalize_selected: true,
                     shared_ffn_dim: (rng.below(2) == 1).then(|| block * (1 + rng.below(16))),
                     shared_down_block: vec![block; layers],
-                });
-            }
+                }
+            });
+            let cfg = with_moe(heads, kv, ffn, block, vocab, layers, moe);
             let context = format!(
                 "seed {seed:#x} case {case}: {heads}h/{kv}kv ffn {ffn}/{block} x{ranks} {weights:?} moe {:?} {split:?}",
                 cfg.moe

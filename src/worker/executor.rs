@@ -13,7 +13,7 @@ use half::f16;
 use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
 use crate::kernels::cpu::{PreparedActivations, QuantType, attend, matmul, matmul_f64, sum_exp};
 use crate::kernels::pool;
-use crate::model::arch::{ModelConfig, RopeStyle};
+use crate::model::arch::{Activation, FfnSpec, ModelConfig, RopeSpec, RopeStyle};
 use crate::transport::{Collective, TransportError};
 use crate::worker::kv::KvCache;
 use crate::worker::moe::{MoeLayer, MoeScratch, SharedExpert};
@@ -48,6 +48,7 @@ pub enum StepError {
 enum Exec {
     Embed {
         weight: Arc<Weight>,
+        scale: Option<f32>,
     },
     RmsNorm {
         weight: Vec<f32>,
@@ -67,29 +68,49 @@ enum Exec {
         kv_heads: usize,
     },
     Rope {
+        table: usize,
         q_heads: usize,
         kv_heads: usize,
     },
-    Attention {
-        layer: usize,
-        q_start: usize,
-        q_heads: usize,
-        kv_start: usize,
-        kv_heads: usize,
-    },
-    SwiGlu {
+    Attention(AttentionExec),
+    Glu {
         width: usize,
+        activation: Activation,
     },
     Moe(Box<MoeLayer>),
-    AddResidual,
+    /// Residual += the reduced partial sum, RMS-normed first with `norm` where given.
+    AddResidual {
+        norm: Option<Vec<f32>>,
+    },
+    /// `keep`: the sum must stay in `partial` for a normed residual add, rather than being
+    /// added to the residual stream straight from the transport's staging.
     AllReduce {
         buffer: Buffer,
+        keep: bool,
     },
     /// The vocab-parallel output head, applied only to the rows whose logits are wanted.
     OutputHead {
         weight: Arc<Weight>,
     },
     EmitLogits,
+}
+
+#[derive(Clone, Copy)]
+struct AttentionExec {
+    layer: usize,
+    q_start: usize,
+    q_heads: usize,
+    kv_start: usize,
+    kv_heads: usize,
+    window: Option<usize>,
+    scale: f32,
+}
+
+/// One RoPE table's parameters and this step's rotations, per (position, pair).
+struct RopeTable {
+    spec: RopeSpec,
+    factors: Option<Vec<f32>>,
+    rotations: Vec<(f32, f32)>,
 }
 
 /// What the coordinator asked for, per output row.
@@ -120,7 +141,7 @@ pub struct Executor {
     prepared_key: Option<(Buffer, QuantType, usize)>,
     kv: KvCache,
     max_batch: usize,
-    rope_cache: Vec<(f32, f32)>,
+    ropes: Vec<RopeTable>,
     /// Gathered final-norm rows whose logits are wanted.
     logits_input: Vec<f32>,
     /// Row-parallel outputs, accumulated and reduced in f64 so that the f32 residual does not
@@ -165,11 +186,12 @@ impl Executor {
         max_width[slot(Buffer::Normed)] = config.model_dim;
         for op in shard_program(config, shard) {
             program.push(match op.kind {
-                OpKind::Embed { tensor } => Exec::Embed {
+                OpKind::Embed { tensor, scale } => Exec::Embed {
                     weight: weights
                         .get(&tensor)
                         .cloned()
                         .ok_or_else(|| missing(&tensor))?,
+                    scale,
                 },
                 OpKind::RmsNorm {
                     tensor,
@@ -233,30 +255,33 @@ impl Executor {
                     }
                 }
                 OpKind::Moe { layer } => {
-                    let moe = config.moe.as_ref().ok_or_else(|| {
-                        StepError::Invalid("a mixture-of-experts op in a dense model".into())
-                    })?;
-                    let t = |n: &str| crate::model::arch::layer_tensor(layer, n);
+                    let (Some(moe), FfnSpec::Moe(tensors)) =
+                        (config.moe.as_ref(), &config.layers[layer].ffn)
+                    else {
+                        return Err(StepError::Invalid(
+                            "a mixture-of-experts op in a dense model".into(),
+                        ));
+                    };
                     let weight =
-                        |name: String| weights.get(&name).cloned().ok_or_else(|| missing(&name));
+                        |name: &String| weights.get(name).cloned().ok_or_else(|| missing(name));
                     let s = &shard.layers[layer];
-                    let shared = match moe.shared_ffn_dim {
+                    let shared = match &tensors.shared {
                         None => None,
-                        Some(_) => Some(SharedExpert {
+                        Some(t) => Some(SharedExpert {
                             gate_input: loaded
                                 .vectors
-                                .remove(&t("ffn_gate_inp_shexp.weight"))
-                                .ok_or_else(|| missing("ffn_gate_inp_shexp.weight"))?,
-                            gate: weight(t("ffn_gate_shexp.weight"))?,
-                            up: weight(t("ffn_up_shexp.weight"))?,
-                            down: weight(t("ffn_down_shexp.weight"))?,
+                                .remove(&t.gate_input)
+                                .ok_or_else(|| missing(&t.gate_input))?,
+                            gate: weight(&t.gate)?,
+                            up: weight(&t.up)?,
+                            down: weight(&t.down)?,
                         }),
                     };
                     let layer = MoeLayer {
-                        router: weight(t("ffn_gate_inp.weight"))?,
-                        gate: weight(t("ffn_gate_exps.weight"))?,
-                        up: weight(t("ffn_up_exps.weight"))?,
-                        down: weight(t("ffn_down_exps.weight"))?,
+                        router: weight(&tensors.router)?,
+                        gate: weight(&tensors.gate)?,
+                        up: weight(&tensors.up)?,
+                        down: weight(&tensors.down)?,
                         experts: s.experts.clone(),
                         width: s.ffn_columns.len(),
                         expert_used: moe.expert_used,
@@ -276,38 +301,88 @@ impl Executor {
                     }
                     Exec::Moe(Box::new(layer))
                 }
-                OpKind::Rope { layer } => {
+                OpKind::Rope { layer, .. } => {
                     let s = &shard.layers[layer];
                     Exec::Rope {
+                        table: config.layers[layer].attention.rope,
                         q_heads: s.q_heads.len(),
                         kv_heads: s.kv_heads.len(),
                     }
                 }
                 OpKind::Attention { layer } => {
                     let s = &shard.layers[layer];
+                    let spec = &config.layers[layer].attention;
                     max_width[slot(Buffer::Attention)] =
                         max_width[slot(Buffer::Attention)].max(s.q_heads.len() * hd);
-                    Exec::Attention {
+                    Exec::Attention(AttentionExec {
                         layer,
                         q_start: s.q_heads.start,
                         q_heads: s.q_heads.len(),
                         kv_start: s.kv_heads.start,
                         kv_heads: s.kv_heads.len(),
-                    }
+                        window: spec.window,
+                        scale: spec.scale,
+                    })
                 }
-                OpKind::SwiGlu => Exec::SwiGlu { width: 0 },
-                OpKind::AddResidual => Exec::AddResidual,
-                OpKind::AllReduce { buffer, .. } => Exec::AllReduce { buffer },
+                OpKind::Glu { activation } => Exec::Glu {
+                    width: 0,
+                    activation,
+                },
+                OpKind::AddResidual { norm } => Exec::AddResidual {
+                    norm: match norm {
+                        Some(n) => Some(loaded.vectors.remove(&n).ok_or_else(|| missing(&n))?),
+                        None => None,
+                    },
+                },
+                OpKind::AllReduce { buffer, .. } => Exec::AllReduce {
+                    buffer,
+                    keep: false,
+                },
                 OpKind::EmitLogits => Exec::EmitLogits,
             });
         }
-        // SwiGlu's width is the FFN slice of the linear before it.
+        // A GLU's width is the FFN slice of the linear before it; an AllReduce before a normed
+        // residual add keeps its sum.
         for i in 0..program.len() {
-            if let Exec::SwiGlu { .. } = program[i]
+            if let Exec::Glu { activation, .. } = program[i]
                 && let Exec::Linear { weight, .. } = &program[i - 1]
             {
-                program[i] = Exec::SwiGlu { width: weight.rows };
+                program[i] = Exec::Glu {
+                    width: weight.rows,
+                    activation,
+                };
             }
+            if let Exec::AllReduce { buffer, .. } = program[i]
+                && let Some(Exec::AddResidual { norm: Some(_) }) = program.get(i + 1)
+            {
+                program[i] = Exec::AllReduce { buffer, keep: true };
+            }
+        }
+        let mut ropes = Vec::with_capacity(config.ropes.len());
+        for spec in &config.ropes {
+            let factors = match &spec.freq_factors {
+                // Shared by every layer with this table: read, not taken.
+                Some(name) => {
+                    let f = loaded
+                        .vectors
+                        .get(name)
+                        .cloned()
+                        .ok_or_else(|| missing(name))?;
+                    if f.len() != spec.dim / 2 || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
+                        return Err(StepError::Invalid(format!(
+                            "'{name}' must hold {} positive frequency factors",
+                            spec.dim / 2
+                        )));
+                    }
+                    Some(f)
+                }
+                None => None,
+            };
+            ropes.push(RopeTable {
+                spec: spec.clone(),
+                factors,
+                rotations: Vec::new(),
+            });
         }
         weights.clear();
         let buffers = max_width
@@ -326,7 +401,7 @@ impl Executor {
             prepared_key: None,
             kv,
             max_batch,
-            rope_cache: Vec::new(),
+            ropes,
             logits_input: vec![0f32; config.model_dim * max_batch],
             partial: vec![0f64; config.model_dim * max_batch],
             staged: false,
@@ -419,7 +494,9 @@ impl Executor {
                     self.prepared_key = None;
                 }
                 match op {
-                    Exec::Embed { weight } => self.embed(collective, weight, tokens)?,
+                    Exec::Embed { weight, scale } => {
+                        self.embed(collective, weight, *scale, tokens)?
+                    }
                     Exec::RmsNorm {
                         weight,
                         input,
@@ -446,7 +523,11 @@ impl Executor {
                         self.head_norm(Buffer::Q, q_weight, *q_heads, batch);
                         self.head_norm(Buffer::K, k_weight, *kv_heads, batch);
                     }
-                    Exec::Rope { q_heads, kv_heads } => self.rope(*q_heads, *kv_heads, batch),
+                    &Exec::Rope {
+                        table,
+                        q_heads,
+                        kv_heads,
+                    } => self.rope(table, q_heads, kv_heads, batch),
                     Exec::Moe(layer) => {
                         let n = d * batch;
                         let out = match collective.stage_f64(n)? {
@@ -465,25 +546,31 @@ impl Executor {
                             &mut self.moe_scratch,
                         );
                     }
-                    &Exec::Attention {
-                        layer,
-                        q_start,
-                        q_heads,
-                        kv_start,
-                        kv_heads,
-                    } => self.attention(
-                        layer, q_start, q_heads, kv_start, kv_heads, positions, sequences,
-                    ),
-                    Exec::SwiGlu { width } => {
+                    Exec::Attention(a) => self.attention(a, positions, sequences),
+                    &Exec::Glu { width, activation } => {
                         let n = width * batch;
                         let (gate, up) =
                             two_buffers(&mut self.buffers, slot(Buffer::Gate), slot(Buffer::Up));
-                        for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
-                            *g = *g / (1.0 + (-*g).exp()) * u;
+                        match activation {
+                            Activation::Silu => {
+                                for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
+                                    *g = *g / (1.0 + (-*g).exp()) * u;
+                                }
+                            }
+                            Activation::GeluTanh => {
+                                for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
+                                    *g = gelu_tanh(*g) * u;
+                                }
+                            }
                         }
                     }
-                    Exec::AddResidual if self.residual_added => self.residual_added = false,
-                    Exec::AddResidual => {
+                    Exec::AddResidual { norm: Some(weight) } => {
+                        self.add_normed_residual(weight, batch);
+                    }
+                    Exec::AddResidual { norm: None } if self.residual_added => {
+                        self.residual_added = false
+                    }
+                    Exec::AddResidual { norm: None } => {
                         let residual = &mut self.buffers[slot(Buffer::Residual)];
                         for (r, p) in residual[..d * batch]
                             .iter_mut()
@@ -494,6 +581,18 @@ impl Executor {
                     }
                     Exec::AllReduce {
                         buffer: Buffer::Partial,
+                        keep: true,
+                    } if self.staged => {
+                        // The normed residual add (the next op) reads the sum from `partial`.
+                        self.staged = false;
+                        let partial = &mut self.partial;
+                        collective.all_reduce_staged_f64(d * batch, &mut |offset, piece| {
+                            partial[offset..offset + piece.len()].copy_from_slice(piece);
+                        })?;
+                    }
+                    Exec::AllReduce {
+                        buffer: Buffer::Partial,
+                        ..
                     } if self.staged => {
                         // The sum stays in shared memory; the residual add (the next op, by
                         // the planner's construction) reads it there.
@@ -508,17 +607,18 @@ impl Executor {
                     }
                     Exec::AllReduce {
                         buffer: Buffer::Partial,
+                        ..
                     } => {
                         collective.all_reduce_sum_f64(&mut self.partial[..d * batch])?;
                     }
-                    Exec::AllReduce { buffer } if self.staged => {
+                    Exec::AllReduce { buffer, .. } if self.staged => {
                         self.staged = false;
                         let target = &mut self.buffers[slot(*buffer)];
                         collective.all_reduce_staged_f32(d * batch, &mut |offset, piece| {
                             target[offset..offset + piece.len()].copy_from_slice(piece);
                         })?;
                     }
-                    Exec::AllReduce { buffer } => {
+                    Exec::AllReduce { buffer, .. } => {
                         collective.all_reduce_sum(&mut self.buffers[slot(*buffer)][..d * batch])?;
                     }
                     Exec::OutputHead { weight } => results = self.output_head(weight, output),
@@ -532,6 +632,7 @@ impl Executor {
                     let width = match op {
                         Exec::AllReduce {
                             buffer: Buffer::Partial,
+                            ..
                         } => 8,
                         _ => 4,
                     };
@@ -551,6 +652,7 @@ impl Executor {
         &mut self,
         collective: &mut dyn Collective,
         weight: &Weight,
+        scale: Option<f32>,
         tokens: &[u32],
     ) -> Result<(), TransportError> {
         let d = self.config.model_dim;
@@ -566,6 +668,9 @@ impl Executor {
             let local = (token as usize).wrapping_sub(self.vocab_start);
             if local < self.vocab_rows {
                 crate::kernels::cpu::dequantize_row(weight.ty, weight.row(local), target);
+                if let Some(scale) = scale {
+                    target.iter_mut().for_each(|v| *v *= scale);
+                }
             } else {
                 target.fill(0.0);
             }
@@ -662,20 +767,74 @@ impl Executor {
         Ok(())
     }
 
-    /// cos/sin per (position, pair), computed the way llama.cpp does: theta multiplied by
-    /// base^(-2/n_rot) pair after pair, in f32.
+    /// cos/sin per (position, pair) of every RoPE table, computed the way ggml does: theta
+    /// multiplied by base^(-2/n_rot) pair after pair, in f32, divided by the pair's frequency
+    /// factor, scaled and YaRN-blended where the table says so (`rope_yarn`).
     fn compute_rope(&mut self, positions: &[u32]) {
-        let pairs = self.config.rope_dim / 2;
-        let theta_scale = self
-            .config
-            .rope_base
-            .powf(-2.0 / self.config.rope_dim as f32);
-        self.rope_cache.clear();
-        for &p in positions {
-            let mut theta = p as f32;
-            for _ in 0..pairs {
-                self.rope_cache.push((theta.cos(), theta.sin()));
-                theta *= theta_scale;
+        for table in &mut self.ropes {
+            let spec = &table.spec;
+            let pairs = spec.dim / 2;
+            let theta_scale = spec.base.powf(-2.0 / spec.dim as f32);
+            table.rotations.clear();
+            let plain = table.factors.is_none() && spec.freq_scale == 1.0 && spec.yarn.is_none();
+            let corrections = spec.yarn.map(|y| {
+                yarn_corrections(
+                    spec.dim,
+                    y.original_context,
+                    spec.base,
+                    y.beta_fast,
+                    y.beta_slow,
+                )
+            });
+            for &p in positions {
+                let mut theta = p as f32;
+                for i in 0..pairs {
+                    if plain {
+                        table.rotations.push((theta.cos(), theta.sin()));
+                    } else {
+                        let factor = table.factors.as_ref().map_or(1.0, |f| f[i]);
+                        let extrapolated = theta / factor;
+                        let interpolated = spec.freq_scale * extrapolated;
+                        let (angle, magnitude) = match corrections {
+                            None => (interpolated, 1.0),
+                            Some((low, high)) => {
+                                let y = (i as f32 - low) / (high - low).max(0.001);
+                                let mix = 1.0 - y.clamp(0.0, 1.0);
+                                (
+                                    interpolated * (1.0 - mix) + extrapolated * mix,
+                                    1.0 + 0.1 * (1.0 / spec.freq_scale).ln(),
+                                )
+                            }
+                        };
+                        table
+                            .rotations
+                            .push((angle.cos() * magnitude, angle.sin() * magnitude));
+                    }
+                    theta *= theta_scale;
+                }
+            }
+        }
+    }
+
+    /// Residual += RMSNorm(partial) * weight: the reduced sum of a row-parallel op, rounded
+    /// to f32 as an unnormed add would, then normed.
+    fn add_normed_residual(&mut self, weight: &[f32], batch: usize) {
+        let d = self.config.model_dim;
+        let eps = self.config.rms_norm_eps;
+        let residual = &mut self.buffers[slot(Buffer::Residual)];
+        let mut row = vec![0f32; d];
+        for b in 0..batch {
+            for (x, p) in row.iter_mut().zip(&self.partial[b * d..(b + 1) * d]) {
+                *x = *p as f32;
+            }
+            let mean = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for ((r, x), w) in residual[b * d..(b + 1) * d]
+                .iter_mut()
+                .zip(&row)
+                .zip(weight)
+            {
+                *r += x * scale * w;
             }
         }
     }
@@ -693,14 +852,15 @@ impl Executor {
         }
     }
 
-    fn rope(&mut self, q_heads: usize, kv_heads: usize, batch: usize) {
+    fn rope(&mut self, table: usize, q_heads: usize, kv_heads: usize, batch: usize) {
         let hd = self.config.head_dim;
-        let pairs = self.config.rope_dim / 2;
-        let style = self.config.rope_style;
+        let table = &self.ropes[table];
+        let pairs = table.spec.dim / 2;
+        let style = table.spec.style;
         for (buffer, heads) in [(Buffer::Q, q_heads), (Buffer::K, kv_heads)] {
             let data = &mut self.buffers[slot(buffer)];
             for b in 0..batch {
-                let rot = &self.rope_cache[b * pairs..(b + 1) * pairs];
+                let rot = &table.rotations[b * pairs..(b + 1) * pairs];
                 for h in 0..heads {
                     let head = &mut data[(b * heads + h) * hd..(b * heads + h + 1) * hd];
                     for (i, &(cos, sin)) in rot.iter().enumerate() {
@@ -717,17 +877,16 @@ impl Executor {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &mut self,
-        layer: usize,
-        q_start: usize,
-        q_heads: usize,
-        kv_start: usize,
-        kv_heads: usize,
-        positions: &[u32],
-        sequences: &[u32],
-    ) {
+    fn attention(&mut self, a: &AttentionExec, positions: &[u32], sequences: &[u32]) {
+        let AttentionExec {
+            layer,
+            q_start,
+            q_heads,
+            kv_start,
+            kv_heads,
+            window,
+            scale,
+        } = *a;
         let hd = self.config.head_dim;
         let group = self.config.group_size();
         let batch = positions.len();
@@ -748,7 +907,6 @@ impl Executor {
                 );
             }
         }
-        let scale = 1.0 / (hd as f32).sqrt();
         let kv = &self.kv;
         let mut out = std::mem::take(&mut self.buffers[slot(Buffer::Attention)]);
         let q = &self.buffers[slot(Buffer::Q)];
@@ -766,6 +924,9 @@ impl Executor {
                         .map(|&x| f16::from_f32(x)),
                 );
                 let (keys, values, stride) = kv.head_rows(layer, sequence, kv_head, position + 1);
+                // A sliding window sees the last `window` positions, this one included.
+                let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
+                let (keys, values) = (&keys[first * stride..], &values[first * stride..]);
                 // SAFETY: task `index` alone writes out[index * hd..(index + 1) * hd], which is
                 // within batch * q_heads * hd <= out.len().
                 let dst = unsafe { std::slice::from_raw_parts_mut(target.at(index * hd), hd) };
@@ -774,7 +935,7 @@ impl Executor {
                     keys,
                     values,
                     stride,
-                    position + 1,
+                    position + 1 - first,
                     scale,
                     scores,
                     dst,
@@ -892,6 +1053,32 @@ fn top_k_indices(row: &[f32], k: usize) -> Vec<u32> {
     let mut best: Vec<Candidate> = heap.into_iter().map(|c| c.0).collect();
     best.sort_by(|a, b| b.cmp(a));
     best.into_iter().map(|c| c.1).collect()
+}
+
+/// YaRN's correction range in pairs (ggml_rope_yarn_corr_dims): the pairs whose wavelength
+/// fits the original context `beta_fast` times keep extrapolated frequencies, those fitting
+/// `beta_slow` times or fewer are interpolated, and the pairs between ramp.
+fn yarn_corrections(
+    dim: usize,
+    original_context: usize,
+    base: f32,
+    beta_fast: f32,
+    beta_slow: f32,
+) -> (f32, f32) {
+    let corr = |rotations: f32| {
+        dim as f32 * (original_context as f32 / (rotations * 2.0 * std::f32::consts::PI)).ln()
+            / (2.0 * base.ln())
+    };
+    (
+        corr(beta_fast).floor().max(0.0),
+        corr(beta_slow).ceil().min(dim as f32 - 1.0),
+    )
+}
+
+/// GELU in ggml's tanh form: 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }
 
 fn two_buffers(buffers: &mut [Vec<f32>], a: usize, b: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use crate::coordinator::planner::{OpKind, Parallel, RankShard, shard_program};
 use crate::kernels::cpu::{QuantType, dequantize_row};
-use crate::model::arch::{ModelConfig, layer_tensor};
+use crate::model::arch::{FfnSpec, ModelConfig, MoeTensors};
 use crate::model::gguf::{GgufFile, TensorInfo};
 
 /// A matrix in ggml layout: `rows` rows of `cols` elements, each row `ty.row_bytes(cols)` bytes.
@@ -81,12 +81,17 @@ pub fn shard_tensors(config: &ModelConfig, shard: &RankShard) -> Vec<TensorSlice
     let mut out: Vec<TensorSlice> = Vec::new();
     for op in shard_program(config, shard) {
         match &op.kind {
-            OpKind::Embed { tensor } => out.push(TensorSlice::matrix(
+            OpKind::Embed { tensor, .. } => out.push(TensorSlice::matrix(
                 tensor,
                 Some(vec![shard.vocab_rows.clone()]),
                 None,
             )),
-            OpKind::RmsNorm { tensor, .. } => out.push(TensorSlice::vector(tensor, None)),
+            OpKind::RmsNorm { tensor, .. }
+            | OpKind::AddResidual { norm: Some(tensor) }
+            | OpKind::Rope {
+                freq_factors: Some(tensor),
+                ..
+            } => out.push(TensorSlice::vector(tensor, None)),
             OpKind::HeadNorm {
                 q_tensor, k_tensor, ..
             } => {
@@ -110,7 +115,11 @@ pub fn shard_tensors(config: &ModelConfig, shard: &RankShard) -> Vec<TensorSlice
                     out.push(TensorSlice::vector(bias, Some(extent.clone())));
                 }
             }
-            OpKind::Moe { layer } => out.extend(moe_tensors(config, shard, *layer)),
+            OpKind::Moe { layer } => {
+                if let FfnSpec::Moe(tensors) = &config.layers[*layer].ffn {
+                    out.extend(moe_tensors(config, tensors, shard, *layer));
+                }
+            }
             _ => {}
         }
     }
@@ -122,8 +131,12 @@ pub fn shard_tensors(config: &ModelConfig, shard: &RankShard) -> Vec<TensorSlice
 /// The tensors of a mixture-of-experts layer: the whole router (every rank routes every
 /// token), the rank's columns of each of its experts' gate and up (column-parallel) and down
 /// (row-parallel), and its columns of the shared expert.
-fn moe_tensors(config: &ModelConfig, shard: &RankShard, layer: usize) -> Vec<TensorSlice> {
-    let t = |n: &str| layer_tensor(layer, n);
+fn moe_tensors(
+    config: &ModelConfig,
+    tensors: &MoeTensors,
+    shard: &RankShard,
+    layer: usize,
+) -> Vec<TensorSlice> {
     let s = &shard.layers[layer];
     let (f, d) = (config.ffn_dim, config.model_dim);
     let columns = s.ffn_columns.clone();
@@ -141,30 +154,18 @@ fn moe_tensors(config: &ModelConfig, shard: &RankShard, layer: usize) -> Vec<Ten
         s.experts.clone().map(|e| e * d..(e + 1) * d).collect()
     };
     let mut out = vec![
-        TensorSlice::matrix(&t("ffn_gate_inp.weight"), None, None),
-        TensorSlice::matrix(&t("ffn_gate_exps.weight"), Some(expert_rows.clone()), None),
-        TensorSlice::matrix(&t("ffn_up_exps.weight"), Some(expert_rows), None),
-        TensorSlice::matrix(
-            &t("ffn_down_exps.weight"),
-            Some(down_rows),
-            Some(columns.clone()),
-        ),
+        TensorSlice::matrix(&tensors.router, None, None),
+        TensorSlice::matrix(&tensors.gate, Some(expert_rows.clone()), None),
+        TensorSlice::matrix(&tensors.up, Some(expert_rows), None),
+        TensorSlice::matrix(&tensors.down, Some(down_rows), Some(columns.clone())),
     ];
-    if config
-        .moe
-        .as_ref()
-        .is_some_and(|m| m.shared_ffn_dim.is_some())
-    {
+    if let Some(shared_tensors) = &tensors.shared {
         let shared = s.shared_columns.clone();
         out.extend([
-            TensorSlice::vector(&t("ffn_gate_inp_shexp.weight"), None),
-            TensorSlice::matrix(
-                &t("ffn_gate_shexp.weight"),
-                Some(vec![shared.clone()]),
-                None,
-            ),
-            TensorSlice::matrix(&t("ffn_up_shexp.weight"), Some(vec![shared.clone()]), None),
-            TensorSlice::matrix(&t("ffn_down_shexp.weight"), None, Some(shared)),
+            TensorSlice::vector(&shared_tensors.gate_input, None),
+            TensorSlice::matrix(&shared_tensors.gate, Some(vec![shared.clone()]), None),
+            TensorSlice::matrix(&shared_tensors.up, Some(vec![shared.clone()]), None),
+            TensorSlice::matrix(&shared_tensors.down, None, Some(shared)),
         ]);
     }
     out
@@ -387,8 +388,17 @@ pub fn shard_weight_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankSha
 
 /// Bytes of the routed and shared experts' weights a rank would load (for `plan`).
 pub fn shard_expert_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankShard) -> u64 {
+    let mut experts = std::collections::HashSet::new();
+    for layer in &config.layers {
+        if let FfnSpec::Moe(m) = &layer.ffn {
+            experts.extend([&m.gate, &m.up, &m.down]);
+            if let Some(s) = &m.shared {
+                experts.extend([&s.gate_input, &s.gate, &s.up, &s.down]);
+            }
+        }
+    }
     slice_bytes(file, config, shard, |name| {
-        name.contains("_exps.") || name.contains("_shexp.")
+        experts.contains(&name.to_string())
     })
 }
 

@@ -1,0 +1,191 @@
+//! The pieces the architecture files build layers from (llama.cpp's `build_attn`,
+//! `build_ffn`, `build_moe_ffn`), naming tensors by the GGUF convention.
+
+use super::{
+    Activation, ArchError, AttentionSpec, Common, FfnSpec, LayerSpec, LinearSpec, Metadata,
+    ModelConfig, MoeConfig, MoeTensors, RopeSpec, SharedExpertTensors, Tensors,
+};
+
+/// What differs between the families' attention blocks.
+pub struct AttentionOptions {
+    /// Biases on Q, K and V.
+    pub qkv_bias: bool,
+    pub qk_norm: bool,
+    pub rope: usize,
+    pub window: Option<usize>,
+    pub scale: f32,
+    /// The name of the norm applied to the attention output before the residual add.
+    pub post_norm: Option<&'static str>,
+}
+
+impl AttentionOptions {
+    /// Plain attention: no biases, no QK-norm, the first RoPE table, global, 1/√head_dim.
+    pub fn plain(c: &Common) -> AttentionOptions {
+        AttentionOptions {
+            qkv_bias: false,
+            qk_norm: false,
+            rope: 0,
+            window: None,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            post_norm: None,
+        }
+    }
+}
+
+pub fn attention(t: &mut Tensors, c: &Common, layer: usize, o: &AttentionOptions) -> AttentionSpec {
+    let d = c.model_dim;
+    let q = c.head_count * c.head_dim;
+    let kv = c.kv_head_count * c.head_dim;
+    let mut linear = |name: &str, rows: usize, bias: bool| LinearSpec {
+        weight: t.layer(layer, name, &[d, rows]),
+        bias: bias.then(|| t.layer_bias(layer, name, rows)),
+    };
+    let q_proj = linear("attn_q", q, o.qkv_bias);
+    let k_proj = linear("attn_k", kv, o.qkv_bias);
+    let v_proj = linear("attn_v", kv, o.qkv_bias);
+    AttentionSpec {
+        norm: t.layer(layer, "attn_norm", &[d]),
+        q: q_proj,
+        k: k_proj,
+        v: v_proj,
+        output: LinearSpec {
+            weight: t.layer(layer, "attn_output", &[q, d]),
+            bias: None,
+        },
+        qk_norm: o.qk_norm.then(|| {
+            (
+                t.layer(layer, "attn_q_norm", &[c.head_dim]),
+                t.layer(layer, "attn_k_norm", &[c.head_dim]),
+            )
+        }),
+        rope: o.rope,
+        window: o.window,
+        scale: o.scale,
+        post_norm: o.post_norm.map(|n| t.layer(layer, n, &[d])),
+    }
+}
+
+/// A gated FFN of `width` columns.
+pub fn gated_ffn(
+    t: &mut Tensors,
+    c: &Common,
+    layer: usize,
+    activation: Activation,
+    width: usize,
+) -> FfnSpec {
+    let d = c.model_dim;
+    FfnSpec::Gated {
+        activation,
+        gate: t.layer(layer, "ffn_gate", &[d, width]),
+        up: t.layer(layer, "ffn_up", &[d, width]),
+        down: t.layer(layer, "ffn_down", &[width, d]),
+    }
+}
+
+/// Routed experts of `width` columns, and the shared expert where `moe` has one.
+pub fn moe_ffn(
+    t: &mut Tensors,
+    c: &Common,
+    layer: usize,
+    moe: &MoeConfig,
+    width: usize,
+) -> FfnSpec {
+    let (d, e) = (c.model_dim, moe.expert_count);
+    FfnSpec::Moe(MoeTensors {
+        router: t.layer(layer, "ffn_gate_inp", &[d, e]),
+        gate: t.layer(layer, "ffn_gate_exps", &[d, width, e]),
+        up: t.layer(layer, "ffn_up_exps", &[d, width, e]),
+        down: t.layer(layer, "ffn_down_exps", &[width, d, e]),
+        shared: moe.shared_ffn_dim.map(|s| SharedExpertTensors {
+            gate_input: t.layer(layer, "ffn_gate_inp_shexp", &[d]),
+            gate: t.layer(layer, "ffn_gate_shexp", &[d, s]),
+            up: t.layer(layer, "ffn_up_shexp", &[d, s]),
+            down: t.layer(layer, "ffn_down_shexp", &[s, d]),
+        }),
+    })
+}
+
+/// The routed experts' hyper-parameters: `expert_count`, `expert_used_count`.
+pub fn moe_config(
+    meta: &Metadata,
+    normalize_selected: bool,
+    shared_ffn_dim: Option<usize>,
+) -> Result<MoeConfig, ArchError> {
+    let expert_count = meta.count("expert_count", 4096)?;
+    let expert_used = meta.count("expert_used_count", expert_count as u64)?;
+    Ok(MoeConfig {
+        expert_count,
+        expert_used,
+        normalize_selected,
+        shared_ffn_dim,
+        shared_down_block: Vec::new(),
+    })
+}
+
+/// A pre-norm layer: the attention, then the FFN, each with its norm.
+pub fn layer(
+    t: &mut Tensors,
+    c: &Common,
+    layer: usize,
+    attention: AttentionSpec,
+    ffn: FfnSpec,
+) -> LayerSpec {
+    LayerSpec {
+        attention,
+        ffn_norm: t.layer(layer, "ffn_norm", &[c.model_dim]),
+        ffn,
+        ffn_post_norm: None,
+    }
+}
+
+/// The parts around the layers: the embedding, the final norm and the output head (the
+/// embedding where the file ties them).
+pub struct Model {
+    pub layers: Vec<LayerSpec>,
+    pub ropes: Vec<RopeSpec>,
+    pub ffn_dim: usize,
+    pub moe: Option<MoeConfig>,
+    pub embedding_scale: Option<f32>,
+}
+
+pub fn finish(meta: &Metadata, c: &Common, t: Tensors, m: Model) -> ModelConfig {
+    finish_named(meta.arch, c, t, m)
+}
+
+pub fn finish_named(arch: &'static str, c: &Common, mut t: Tensors, m: Model) -> ModelConfig {
+    let (d, vocab) = (c.model_dim, c.vocab_size);
+    let embedding = t.add("token_embd.weight".into(), &[d, vocab]);
+    let output_norm = t.add("output_norm.weight".into(), &[d]);
+    let output = if c.tied_output {
+        embedding.clone()
+    } else {
+        t.add("output.weight".into(), &[d, vocab])
+    };
+    for rope in &m.ropes {
+        if let Some(f) = &rope.freq_factors {
+            t.add(f.clone(), &[rope.dim / 2]);
+        }
+    }
+    ModelConfig {
+        architecture: arch,
+        layer_count: c.layer_count,
+        model_dim: d,
+        head_count: c.head_count,
+        kv_head_count: c.kv_head_count,
+        head_dim: c.head_dim,
+        ffn_dim: m.ffn_dim,
+        vocab_size: vocab,
+        rms_norm_eps: c.rms_norm_eps,
+        context_length: c.context_length,
+        moe: m.moe,
+        embedding,
+        embedding_scale: m.embedding_scale,
+        layers: m.layers,
+        ropes: m.ropes,
+        output_norm,
+        output,
+        tensors: t.list,
+        ffn_down_block: Vec::new(),
+        attn_output_block: Vec::new(),
+    }
+}

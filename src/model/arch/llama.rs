@@ -1,0 +1,45 @@
+//! `llama`: Llama 1–3.x, Mistral, and Mixtral (llama with routed experts). llama.cpp's
+//! `src/models/llama.cpp`. Adjacent-pair RoPE (the converter permuted Q and K), with llama3
+//! frequency factors (`rope_freqs.weight`), linear or YaRN scaling where the file asks.
+
+use super::blocks::{self, AttentionOptions};
+use super::{Activation, ArchError, Common, Metadata, ModelConfig, RopeStyle, Tensors};
+
+pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
+    let c = Common::read(meta, 1e-5)?;
+    let ffn_dim = meta.count("feed_forward_length", 1 << 20)?;
+    // Mixtral is llama with experts: softmax routing, the selected weights renormalized.
+    let moe = match meta.optional_count("expert_count", 4096)? {
+        Some(_) => Some(blocks::moe_config(meta, true, None)?),
+        None => None,
+    };
+    let mut options = AttentionOptions::plain(&c);
+    options.qkv_bias = meta.has_tensor("blk.0.attn_q.bias");
+    if let Some(scale) = meta.optional_f32("attention.scale")? {
+        options.scale = scale;
+    }
+    let mut t = Tensors::default();
+    let layers = (0..c.layer_count)
+        .map(|layer| {
+            let attention = blocks::attention(&mut t, &c, layer, &options);
+            let ffn = match &moe {
+                Some(m) => blocks::moe_ffn(&mut t, &c, layer, m, ffn_dim),
+                None => blocks::gated_ffn(&mut t, &c, layer, Activation::Silu, ffn_dim),
+            };
+            blocks::layer(&mut t, &c, layer, attention, ffn)
+        })
+        .collect();
+    let ropes = vec![c.rope(meta, RopeStyle::AdjacentPairs)?];
+    Ok(blocks::finish(
+        meta,
+        &c,
+        t,
+        blocks::Model {
+            layers,
+            ropes,
+            ffn_dim,
+            moe,
+            embedding_scale: None,
+        },
+    ))
+}

@@ -1,0 +1,54 @@
+//! `qwen3` (dense) and `qwen3moe`. llama.cpp's `src/models/qwen3.cpp` and `qwen3moe.cpp`:
+//! per-head RMSNorm of queries and keys before NEOX RoPE, no biases, the head size from
+//! `attention.key_length`; the mixture renormalizes the selected experts' weights.
+
+use super::blocks::{self, AttentionOptions};
+use super::{Activation, ArchError, Common, Metadata, ModelConfig, RopeStyle, Tensors};
+
+pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
+    build(meta, false)
+}
+
+pub fn describe_moe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
+    build(meta, true)
+}
+
+fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
+    let c = Common::read(meta, 1e-5)?;
+    let (ffn_dim, moe) = if is_moe {
+        (
+            meta.count("expert_feed_forward_length", 1 << 20)?,
+            Some(blocks::moe_config(meta, true, None)?),
+        )
+    } else {
+        (meta.count("feed_forward_length", 1 << 20)?, None)
+    };
+    let options = AttentionOptions {
+        qk_norm: true,
+        ..AttentionOptions::plain(&c)
+    };
+    let mut t = Tensors::default();
+    let layers = (0..c.layer_count)
+        .map(|layer| {
+            let attention = blocks::attention(&mut t, &c, layer, &options);
+            let ffn = match &moe {
+                Some(m) => blocks::moe_ffn(&mut t, &c, layer, m, ffn_dim),
+                None => blocks::gated_ffn(&mut t, &c, layer, Activation::Silu, ffn_dim),
+            };
+            blocks::layer(&mut t, &c, layer, attention, ffn)
+        })
+        .collect();
+    let ropes = vec![c.rope(meta, RopeStyle::Neox)?];
+    Ok(blocks::finish(
+        meta,
+        &c,
+        t,
+        blocks::Model {
+            layers,
+            ropes,
+            ffn_dim,
+            moe,
+            embedding_scale: None,
+        },
+    ))
+}
