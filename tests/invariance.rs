@@ -117,6 +117,87 @@ async fn qwen2moe_logits_are_invariant_to_the_split() {
     .await;
 }
 
+/// The new families must be exact: N ranks give one rank's logits bit for bit (f64 partial
+/// sums), including query-head splits with fewer KV heads than ranks.
+async fn check_exact(model_name: &str, runs: &[(&[f64], MoeSplit)]) {
+    let Some(path) = model(model_name) else {
+        return;
+    };
+    let mut reference: Vec<Vec<f32>> = Vec::new();
+    for &(weights, split) in runs {
+        let mut session = session_with(&path, weights, 128, 64, split).await;
+        for (i, prompt) in PROMPTS.iter().enumerate() {
+            let tokens = session.model.tokenizer.encode(prompt, true).unwrap();
+            let logits = session
+                .final_logits(&tokens)
+                .await
+                .unwrap_or_else(|e| panic!("{weights:?}: {e:#}"));
+            assert!(logits.iter().all(|v| v.is_finite()));
+            if weights.len() == 1 {
+                reference.push(logits);
+                continue;
+            }
+            let e = nmse(&reference[i], &logits);
+            println!(
+                "{model_name} weights {weights:?} ({} split) prompt {i}: NMSE {e:.3e}",
+                split.name()
+            );
+            let differing = reference[i]
+                .iter()
+                .zip(&logits)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differing, 0,
+                "{model_name} weights {weights:?} ({split:?}) prompt {i}: {differing} logits differ from one rank's (NMSE {e:.3e})"
+            );
+        }
+        session.cluster.shutdown().await;
+    }
+}
+
+const DENSE_RUNS: [(&[f64], MoeSplit); 5] = [
+    (&[1.0], MoeSplit::Tensor),
+    (&[1.0, 1.0], MoeSplit::Tensor),
+    (&[1.0, 1.0, 1.0], MoeSplit::Tensor),
+    (&[1.0, 1.0, 1.0, 1.0], MoeSplit::Tensor),
+    (&[2.0, 1.0], MoeSplit::Tensor),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen3_dense_is_bit_identical_across_splits() {
+    check_exact(QWEN3_SYNTH, &DENSE_RUNS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_rope_scalings_are_bit_identical_across_splits() {
+    for name in [LLAMA3_SYNTH, LLAMA_LINEAR_SYNTH, LLAMA_YARN_SYNTH] {
+        check_exact(name, &DENSE_RUNS[..3]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixtral_is_bit_identical_across_both_moe_splits() {
+    check_exact(
+        MIXTRAL_SYNTH,
+        &[
+            (&[1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0, 1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0], MoeSplit::Expert),
+            (&[1.0, 1.0, 1.0], MoeSplit::Expert),
+        ],
+    )
+    .await;
+}
+
+/// Gemma 3: one KV head, so every split above one rank is by query head with the KV head
+/// replicated; sliding-window and global layers, post-norms after each AllReduce.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_is_bit_identical_across_query_head_splits() {
+    check_exact(GEMMA3, &DENSE_RUNS).await;
+}
+
 #[test]
 fn the_same_command_twice_gives_the_same_tokens() {
     let Some(path) = model(SMOLLM2) else { return };

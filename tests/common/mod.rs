@@ -18,6 +18,14 @@ pub const MOE_F16: &str = "moe-synthetic-f16exp.gguf";
 pub const MOE_QWEN2: &str = "moe-synthetic-qwen2moe.gguf";
 /// qwen3moe with heads of 64: queries 512 wide, twice d_model, as in real Qwen3-MoE models.
 pub const MOE_HD64: &str = "moe-synthetic-hd64.gguf";
+/// Gemma 3 270M Q4_K_M: gemma3, SentencePiece vocabulary, 4 query heads and 1 KV head.
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+/// Synthetic dense models (tests/data/golden/dense-synthetic), one per family or RoPE scaling.
+pub const QWEN3_SYNTH: &str = "dense-synthetic-qwen3.gguf";
+pub const LLAMA3_SYNTH: &str = "dense-synthetic-llama3.gguf";
+pub const LLAMA_LINEAR_SYNTH: &str = "dense-synthetic-llama-linear.gguf";
+pub const LLAMA_YARN_SYNTH: &str = "dense-synthetic-llama-yarn.gguf";
+pub const MIXTRAL_SYNTH: &str = "dense-synthetic-mixtral.gguf";
 
 pub fn model_dir() -> PathBuf {
     match std::env::var_os("TP_MODEL_DIR") {
