@@ -1,8 +1,10 @@
-//! Byte-level BPE tokenizer (GGUF `tokenizer.ggml.model = "gpt2"`) that reproduces llama.cpp.
+//! Tokenizers that reproduce llama.cpp: byte-level BPE (GGUF `tokenizer.ggml.model = "gpt2"`) and
+//! SentencePiece-style BPE (`"llama"`, e.g. Gemma 3).
 //!
-//! The BPE itself (pre-tokenizer regexes, byte-level mapping, merges) runs in the `tokenizers`
-//! crate. Everything around it follows llama.cpp's `llama-vocab.cpp`, because llama.cpp is the
-//! oracle for this runtime:
+//! The byte-level BPE itself (pre-tokenizer regexes, byte-level mapping, merges) runs in the
+//! `tokenizers` crate. The SentencePiece-style merge is llama.cpp's `llm_tokenizer_spm`, written out
+//! here (see [`Spm`]). Everything around them follows llama.cpp's `llama-vocab.cpp`, because
+//! llama.cpp is the oracle for this runtime:
 //! - Special tokens are split off first, longest text first, anywhere in the text. Control (and
 //!   unknown) tokens are matched only when `parse_special` is on; user-defined tokens are matched
 //!   always. `UNUSED` tokens (e.g. Qwen's `[PAD151665]`) are never matched.
@@ -11,6 +13,8 @@
 //!   end-of-generation set is built the same way.
 //! - No normalizer, no BOS/EOS added by `encode`.
 
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
 use std::path::Path;
 
 use tokenizers::SplitDelimiterBehavior;
@@ -30,7 +34,10 @@ const SUPPORTED_PRE: &str = "smollm, starcoder, refact, qwen2, deepseek-r1-qwen,
 pub enum TokenizerError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("unsupported tokenizer model \"{0}\" (supported: gpt2, the byte-level BPE)")]
+    #[error(
+        "unsupported tokenizer model \"{0}\" (supported: gpt2, the byte-level BPE; llama, the \
+         SentencePiece-style BPE)"
+    )]
     UnsupportedModel(String),
     #[error("the GGUF names no pre-tokenizer (tokenizer.ggml.pre); supported: {SUPPORTED_PRE}")]
     MissingPreTokenizer,
@@ -44,6 +51,18 @@ pub enum TokenizerError {
     TokenTypeCount { types: usize, tokens: usize },
     #[error("a gpt2 tokenizer needs BPE merges (tokenizer.ggml.merges), and the GGUF has none")]
     MissingMerges,
+    #[error(
+        "a llama (SentencePiece) tokenizer needs token scores (tokenizer.ggml.scores), and the \
+         GGUF has none"
+    )]
+    MissingScores,
+    #[error("tokenizer.ggml.scores has {scores} entries for {tokens} tokens")]
+    ScoreCount { scores: usize, tokens: usize },
+    #[error(
+        "the llama (SentencePiece) vocabulary has no byte-fallback token for byte 0x{0:02X} \
+         (\"<0x{0:02X}>\")"
+    )]
+    MissingByteToken(u8),
     #[error("cannot build the BPE model: {0}")]
     Build(String),
     #[error("tokenizing failed: {0}")]
@@ -189,24 +208,28 @@ pub struct SpecialIds {
 /// The tokenizer's description in plain parts: what `from_gguf` reads, testable without a file.
 #[derive(Clone, Debug, Default)]
 pub struct TokenizerConfig {
-    /// `tokenizer.ggml.model`; only "gpt2" is supported.
+    /// `tokenizer.ggml.model`: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE).
     pub model: String,
-    /// `tokenizer.ggml.pre`.
+    /// `tokenizer.ggml.pre`; gpt2 only (llama.cpp ignores it for llama).
     pub pre: Option<String>,
     pub tokens: Vec<String>,
     /// `tokenizer.ggml.token_type`; all tokens are normal when absent.
     pub token_types: Option<Vec<i64>>,
-    /// `tokenizer.ggml.merges`, each "left right".
+    /// `tokenizer.ggml.merges`, each "left right"; gpt2 only.
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores`: the merge priorities of a llama tokenizer (higher merges first).
+    pub scores: Option<Vec<f32>>,
     pub special: SpecialIds,
     /// `tokenizer.ggml.add_bos_token`.
     pub add_bos: Option<bool>,
+    /// `tokenizer.ggml.add_space_prefix`; llama only (llama.cpp's default there is true).
+    pub add_space_prefix: Option<bool>,
 }
 
 impl TokenizerConfig {
     pub fn from_gguf(file: &GgufFile) -> Result<TokenizerConfig, TokenizerError> {
         let model = file.require_str("tokenizer.ggml.model")?.to_string();
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             return Err(TokenizerError::UnsupportedModel(model));
         }
         let pre = file.get_str("tokenizer.ggml.pre")?.map(str::to_string);
@@ -230,6 +253,29 @@ impl TokenizerConfig {
             None => Vec::new(),
             Some(_) => file.string_array("tokenizer.ggml.merges")?,
         };
+        // llama.cpp accepts f32 or i32 scores.
+        let scores = match file.get("tokenizer.ggml.scores") {
+            None => None,
+            Some(_) => Some(
+                file.require_array("tokenizer.ggml.scores")?
+                    .iter()
+                    .map(|v| match *v {
+                        Value::F32(x) => Ok(x),
+                        Value::F64(x) => Ok(x as f32),
+                        Value::I8(x) => Ok(x as f32),
+                        Value::I16(x) => Ok(x as f32),
+                        Value::I32(x) => Ok(x as f32),
+                        Value::I64(x) => Ok(x as f32),
+                        ref other => other.as_u64().map(|x| x as f32).ok_or_else(|| {
+                            file.invalid(format!(
+                                "tokenizer.ggml.scores holds a {}, not a number",
+                                other.type_name()
+                            ))
+                        }),
+                    })
+                    .collect::<Result<Vec<f32>, GgufError>>()?,
+            ),
+        };
         let id = |key: &str| file.get_u64(&format!("tokenizer.ggml.{key}"));
         let special = SpecialIds {
             bos: id("bos_token_id")?,
@@ -245,14 +291,17 @@ impl TokenizerConfig {
             fim_sep: id("fim_sep_token_id")?,
         };
         let add_bos = file.get_bool("tokenizer.ggml.add_bos_token")?;
+        let add_space_prefix = file.get_bool("tokenizer.ggml.add_space_prefix")?;
         Ok(TokenizerConfig {
             model,
             pre,
             tokens,
             token_types,
             merges,
+            scores,
             special,
             add_bos,
+            add_space_prefix,
         })
     }
 }
@@ -288,9 +337,285 @@ fn parse_byte_token(text: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
-pub struct Tokenizer {
-    bpe: tokenizers::Tokenizer,
+/// SentencePiece's whitespace mark: llama vocabularies write ' ' as U+2581.
+const SPM_SPACE: char = '\u{2581}';
+
+/// llama.cpp's SentencePiece-style BPE (`llm_tokenizer_spm`): start from one symbol per char,
+/// repeatedly merge the adjacent pair whose joined text is a token of the highest score, then
+/// write each symbol as its token or, failing that, as byte-fallback tokens.
+struct Spm {
+    /// Text to id over the whole vocabulary, controls and bytes included, as llama.cpp's map
+    /// (so a merge may form any token). Later duplicates win.
+    ids: HashMap<String, u32>,
+    scores: Vec<f32>,
+    /// The byte-fallback token of each byte (`<0xXX>`, else the one-byte text), as llama.cpp's
+    /// `byte_to_token`.
+    byte_ids: Vec<u32>,
+    /// Prefix a space to text that starts the input or follows a special token.
+    add_space_prefix: bool,
+}
+
+/// A symbol: the bytes `start..start + len` of the escaped text. Symbols merge rightward, so a
+/// live symbol always ends where its `next` starts; `len == 0` marks one merged away.
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: usize,
+    next: usize,
+}
+
+/// No neighbour (llama.cpp's -1).
+const NO_SYMBOL: usize = usize::MAX;
+
+/// A candidate merge of `left` with `right` whose joined text had `size` bytes when queued.
+struct Bigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    size: usize,
+}
+
+/// llama.cpp's order: highest score first, ties to the leftmost pair. A NaN score (untrusted
+/// file) ties with everything rather than panicking.
+impl Ord for Bigram {
+    fn cmp(&self, other: &Self) -> Ordering {
+        match self.score.partial_cmp(&other.score) {
+            Some(Ordering::Equal) | None => other.left.cmp(&self.left),
+            Some(order) => order,
+        }
+    }
+}
+
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Bigram {}
+
+impl Spm {
+    fn new(
+        tokens: &[String],
+        scores: Vec<f32>,
+        add_space_prefix: bool,
+    ) -> Result<Spm, TokenizerError> {
+        let ids: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        // Checked here rather than at the first unknown char: llama.cpp would throw mid-prompt.
+        let byte_ids = (0..=255u8)
+            .map(|b| {
+                ids.get(format!("<0x{b:02X}>").as_str())
+                    .or_else(|| {
+                        // The one-byte text; only ASCII can be a (UTF-8) vocabulary string.
+                        b.is_ascii()
+                            .then(|| ids.get((b as char).encode_utf8(&mut [0; 4]) as &str))
+                            .flatten()
+                    })
+                    .copied()
+                    .ok_or(TokenizerError::MissingByteToken(b))
+            })
+            .collect::<Result<Vec<u32>, TokenizerError>>()?;
+        Ok(Spm {
+            ids,
+            scores,
+            byte_ids,
+            add_space_prefix,
+        })
+    }
+
+    /// Tokenizes one raw-text fragment (no special tokens in it) into `out`. `space_prefix`: the
+    /// fragment starts the input or follows a special token.
+    fn encode_fragment(&self, fragment: &str, space_prefix: bool, out: &mut Vec<u32>) {
+        let mut text = String::with_capacity(fragment.len() + fragment.len() / 2 + 3);
+        if self.add_space_prefix && space_prefix {
+            text.push(SPM_SPACE);
+        }
+        for c in fragment.chars() {
+            text.push(if c == ' ' { SPM_SPACE } else { c });
+        }
+        self.merge(&text, out);
+    }
+
+    /// The merge on escaped text, as `llm_tokenizer_spm_session::tokenize`.
+    fn merge(&self, text: &str, out: &mut Vec<u32>) {
+        let mut symbols: Vec<Symbol> = text
+            .char_indices()
+            .enumerate()
+            .map(|(i, (start, c))| Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1).unwrap_or(NO_SYMBOL),
+                next: if start + c.len_utf8() == text.len() {
+                    NO_SYMBOL
+                } else {
+                    i + 1
+                },
+            })
+            .collect();
+        if symbols.is_empty() {
+            return;
+        }
+        let mut queue = BinaryHeap::with_capacity(symbols.len());
+        for right in 1..symbols.len() {
+            self.queue_bigram(text, &symbols, right - 1, right, &mut queue);
+        }
+        while let Some(bigram) = queue.pop() {
+            let (left, right) = (bigram.left, bigram.right);
+            // Stale: one side was merged away, or grew since this pair was queued.
+            let (left_len, right_len) = (symbols[left].len, symbols[right].len);
+            if left_len == 0 || right_len == 0 || left_len + right_len != bigram.size {
+                continue;
+            }
+            let next = symbols[right].next;
+            symbols[left].len += right_len;
+            symbols[left].next = next;
+            symbols[right].len = 0;
+            if next != NO_SYMBOL {
+                symbols[next].prev = left;
+            }
+            let prev = symbols[left].prev;
+            if prev != NO_SYMBOL {
+                self.queue_bigram(text, &symbols, prev, left, &mut queue);
+            }
+            if next != NO_SYMBOL {
+                self.queue_bigram(text, &symbols, left, next, &mut queue);
+            }
+        }
+        // llama.cpp's `resegment`: a symbol that is a token is emitted; every merged symbol is one
+        // by construction, so its recorded-merge fallback is never reached and only single chars
+        // outside the vocabulary remain, which become their UTF-8 bytes.
+        let mut i = 0;
+        while i != NO_SYMBOL {
+            let symbol = &symbols[i];
+            let piece = &text[symbol.start..symbol.start + symbol.len];
+            match self.ids.get(piece) {
+                Some(&id) => out.push(id),
+                None => out.extend(piece.bytes().map(|b| self.byte_ids[b as usize])),
+            }
+            i = symbol.next;
+        }
+    }
+
+    fn queue_bigram(
+        &self,
+        text: &str,
+        symbols: &[Symbol],
+        left: usize,
+        right: usize,
+        queue: &mut BinaryHeap<Bigram>,
+    ) {
+        let start = symbols[left].start;
+        let end = symbols[right].start + symbols[right].len;
+        if let Some(&id) = self.ids.get(&text[start..end]) {
+            queue.push(Bigram {
+                score: self.scores[id as usize],
+                left,
+                right,
+                size: end - start,
+            });
+        }
+    }
+}
+
+/// The byte-level BPE model and its pre-tokenizer, in the `tokenizers` crate.
+fn build_bpe(
+    tokens: &[String],
+    merges: &[String],
     pre: PreTokenizerKind,
+) -> Result<tokenizers::Tokenizer, TokenizerError> {
+    // The BPE model. Later duplicates win, as in llama.cpp's text-to-id map.
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let mut pairs = Vec::with_capacity(merges.len());
+    let mut skipped = 0usize;
+    for merge in merges {
+        // llama.cpp splits at the first space after the first byte.
+        let first = merge.chars().next().map_or(0, char::len_utf8);
+        let pair = merge[first..].find(' ').map(|i| i + first).and_then(|at| {
+            let (left, right) = (&merge[..at], &merge[at + 1..]);
+            let joined = format!("{left}{right}");
+            (vocab.contains_key(left) && vocab.contains_key(right) && vocab.contains_key(&joined))
+                .then(|| (left.to_string(), right.to_string()))
+        });
+        match pair {
+            Some(pair) => pairs.push(pair),
+            None => skipped += 1,
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(
+            "tokenizer: skipped {skipped} BPE merges whose tokens are not in the vocabulary"
+        );
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, pairs)
+        .ignore_merges(pre == PreTokenizerKind::Llama3)
+        .build()
+        .map_err(|e| TokenizerError::Build(e.to_string()))?;
+    let split = |regex: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
+        Split::new(
+            SplitPattern::Regex(regex.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map(PreTokenizerWrapper::Split)
+        .map_err(|e| TokenizerError::Build(e.to_string()))
+    };
+    let pre_tokenizer = match pre {
+        PreTokenizerKind::Smollm => Sequence::new(vec![
+            PreTokenizerWrapper::Digits(Digits::new(true)),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)),
+        ]),
+        PreTokenizerKind::Qwen2 => Sequence::new(vec![
+            split(QWEN2_REGEX)?,
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+        ]),
+        PreTokenizerKind::Llama3 => Sequence::new(vec![
+            split(LLAMA3_REGEX)?,
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+        ]),
+        PreTokenizerKind::Gpt2 => Sequence::new(vec![PreTokenizerWrapper::ByteLevel(
+            ByteLevel::new(false, false, true),
+        )]),
+    };
+    let mut hf = tokenizers::Tokenizer::new(bpe);
+    hf.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(pre_tokenizer)));
+    Ok(hf)
+}
+
+/// A piece of the input after the special-token split.
+enum Fragment {
+    /// Raw text: a byte range of the input.
+    Text(usize, usize),
+    Token(u32),
+}
+
+/// The subword model run on the text between special tokens.
+enum Model {
+    /// Byte-level BPE (`gpt2`), in the `tokenizers` crate.
+    Bpe {
+        bpe: Box<tokenizers::Tokenizer>,
+        pre: PreTokenizerKind,
+    },
+    /// SentencePiece-style BPE (`llama`).
+    Spm(Spm),
+}
+
+pub struct Tokenizer {
+    model: Model,
     tokens: Vec<String>,
     attrs: Vec<u16>,
     /// Rendering of every token with specials shown (llama.cpp's `token_to_piece(special=true)`),
@@ -310,8 +635,12 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let model = match &self.model {
+            Model::Bpe { pre, .. } => format!("gpt2 ({pre:?})"),
+            Model::Spm(spm) => format!("llama (add_space_prefix {})", spm.add_space_prefix),
+        };
         f.debug_struct("Tokenizer")
-            .field("pre", &self.pre)
+            .field("model", &model)
             .field("vocab_size", &self.tokens.len())
             .field("special_tokens", &self.special_tokens.len())
             .field("eog", &self.eog)
@@ -339,25 +668,46 @@ impl Tokenizer {
             mut tokens,
             token_types,
             merges,
+            scores,
             special,
             add_bos,
+            add_space_prefix,
         } = config;
-        if model != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(model));
+        enum Kind {
+            Bpe(PreTokenizerKind),
+            Spm(Vec<f32>),
         }
-        let pre_name = pre.ok_or(TokenizerError::MissingPreTokenizer)?;
-        let pre = PreTokenizerKind::from_name(&pre_name)
-            .ok_or_else(|| TokenizerError::UnknownPreTokenizer(pre_name.clone()))?;
+        // llama.cpp ignores tokenizer.ggml.pre and merges for llama vocabularies.
+        let kind = match model.as_str() {
+            "gpt2" => {
+                let pre_name = pre.ok_or(TokenizerError::MissingPreTokenizer)?;
+                Kind::Bpe(
+                    PreTokenizerKind::from_name(&pre_name)
+                        .ok_or_else(|| TokenizerError::UnknownPreTokenizer(pre_name.clone()))?,
+                )
+            }
+            // llama.cpp would take all-zero scores, which leave the merge order to position
+            // alone: a file without them is broken, not a tokenizer to imitate.
+            "llama" => Kind::Spm(scores.ok_or(TokenizerError::MissingScores)?),
+            _ => return Err(TokenizerError::UnsupportedModel(model)),
+        };
         if tokens.is_empty() {
             return Err(TokenizerError::EmptyVocabulary);
         }
         if u32::try_from(tokens.len()).is_err() {
             return Err(TokenizerError::VocabularyTooLarge(tokens.len()));
         }
-        if merges.is_empty() {
-            return Err(TokenizerError::MissingMerges);
-        }
         let n = tokens.len();
+        match &kind {
+            Kind::Bpe(_) if merges.is_empty() => return Err(TokenizerError::MissingMerges),
+            Kind::Spm(scores) if scores.len() < n => {
+                return Err(TokenizerError::ScoreCount {
+                    scores: scores.len(),
+                    tokens: n,
+                });
+            }
+            _ => {}
+        }
         for (i, t) in tokens.iter_mut().enumerate() {
             if t.is_empty() {
                 *t = format!("[EMPTY_{i}]"); // as llama.cpp renames empty tokens
@@ -386,8 +736,11 @@ impl Tokenizer {
                 None
             }
         };
-        let bos = checked("BOS", special.bos);
-        let eos = checked("EOS", special.eos);
+        // llama vocabularies fall back to llama.cpp's default BOS 1 and EOS 2.
+        let spm_default =
+            |id: u32| (matches!(kind, Kind::Spm(_)) && (id as usize) < n).then_some(id);
+        let bos = checked("BOS", special.bos).or(spm_default(1));
+        let eos = checked("EOS", special.eos).or(spm_default(2));
         let mut eot = checked("EOT", special.eot);
         let mut eom = checked("EOM", special.eom);
         let pad = checked("PAD", special.pad);
@@ -481,82 +834,39 @@ impl Tokenizer {
             if attr & (ATTR_CONTROL | ATTR_UNKNOWN | ATTR_USER_DEFINED) != 0 {
                 piece_bytes.extend_from_slice(text.as_bytes());
             } else if attr & ATTR_NORMAL != 0 {
-                decode_byte_level(text, &char_to_byte, &mut piece_bytes);
+                match kind {
+                    Kind::Bpe(_) => decode_byte_level(text, &char_to_byte, &mut piece_bytes),
+                    Kind::Spm(_) => {
+                        for c in text.chars() {
+                            let c = if c == SPM_SPACE { ' ' } else { c };
+                            piece_bytes.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+                        }
+                    }
+                }
             } else if attr & ATTR_BYTE != 0 {
                 piece_bytes.extend(parse_byte_token(text));
             }
             piece_offsets.push(piece_bytes.len());
         }
 
-        // The BPE model. Later duplicates win, as in llama.cpp's text-to-id map.
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let mut pairs = Vec::with_capacity(merges.len());
-        let mut skipped = 0usize;
-        for merge in &merges {
-            // llama.cpp splits at the first space after the first byte.
-            let first = merge.chars().next().map_or(0, char::len_utf8);
-            let pair = merge[first..].find(' ').map(|i| i + first).and_then(|at| {
-                let (left, right) = (&merge[..at], &merge[at + 1..]);
-                let joined = format!("{left}{right}");
-                (vocab.contains_key(left)
-                    && vocab.contains_key(right)
-                    && vocab.contains_key(&joined))
-                .then(|| (left.to_string(), right.to_string()))
-            });
-            match pair {
-                Some(pair) => pairs.push(pair),
-                None => skipped += 1,
-            }
-        }
-        if skipped > 0 {
-            tracing::warn!(
-                "tokenizer: skipped {skipped} BPE merges whose tokens are not in the vocabulary"
-            );
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, pairs)
-            .ignore_merges(pre == PreTokenizerKind::Llama3)
-            .build()
-            .map_err(|e| TokenizerError::Build(e.to_string()))?;
-        let split = |regex: &str| -> Result<PreTokenizerWrapper, TokenizerError> {
-            Split::new(
-                SplitPattern::Regex(regex.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map(PreTokenizerWrapper::Split)
-            .map_err(|e| TokenizerError::Build(e.to_string()))
+        // llama.cpp's defaults: gpt2 vocabularies add no BOS, except the llama3 family; llama
+        // vocabularies add BOS and prefix a space.
+        let (model, add_bos) = match kind {
+            Kind::Bpe(pre) => (
+                Model::Bpe {
+                    bpe: Box::new(build_bpe(&tokens, &merges, pre)?),
+                    pre,
+                },
+                add_bos.unwrap_or(pre == PreTokenizerKind::Llama3),
+            ),
+            Kind::Spm(scores) => (
+                Model::Spm(Spm::new(&tokens, scores, add_space_prefix.unwrap_or(true))?),
+                add_bos.unwrap_or(true),
+            ),
         };
-        let pre_tokenizer = match pre {
-            PreTokenizerKind::Smollm => Sequence::new(vec![
-                PreTokenizerWrapper::Digits(Digits::new(true)),
-                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, true)),
-            ]),
-            PreTokenizerKind::Qwen2 => Sequence::new(vec![
-                split(QWEN2_REGEX)?,
-                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
-            ]),
-            PreTokenizerKind::Llama3 => Sequence::new(vec![
-                split(LLAMA3_REGEX)?,
-                PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
-            ]),
-            PreTokenizerKind::Gpt2 => Sequence::new(vec![PreTokenizerWrapper::ByteLevel(
-                ByteLevel::new(false, false, true),
-            )]),
-        };
-        let mut hf = tokenizers::Tokenizer::new(bpe);
-        hf.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(pre_tokenizer)));
-
-        // llama.cpp's defaults: gpt2 vocabularies add no BOS, except the llama3 family.
-        let add_bos = add_bos.unwrap_or(pre == PreTokenizerKind::Llama3);
 
         Ok(Tokenizer {
-            bpe: hf,
-            pre,
+            model,
             tokens,
             attrs,
             piece_bytes,
@@ -575,10 +885,46 @@ impl Tokenizer {
     /// tokens written in the text (e.g. `<|im_start|>`) become their ids; without it they are
     /// plain text. User-defined tokens are matched either way, as in llama.cpp.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        enum Fragment {
-            Text(usize, usize),
-            Token(u32),
+        let fragments = self.split_special(text, parse_special);
+        let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+        match &self.model {
+            Model::Bpe { bpe, .. } => {
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Token(id) => ids.push(id),
+                        Fragment::Text(start, end) => {
+                            let encoding = bpe
+                                .encode_fast(&text[start..end], false)
+                                .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+                            ids.extend_from_slice(encoding.get_ids());
+                        }
+                    }
+                }
+            }
+            Model::Spm(spm) => {
+                // llama.cpp prefixes the space to the first text and to text after a special
+                // token (BOS, which callers add, counts as one too).
+                let mut after_special = true;
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Token(id) => {
+                            ids.push(id);
+                            after_special = true;
+                        }
+                        Fragment::Text(start, end) => {
+                            spm.encode_fragment(&text[start..end], after_special, &mut ids);
+                            after_special = false;
+                        }
+                    }
+                }
+            }
         }
+        Ok(ids)
+    }
+
+    /// llama.cpp's `tokenizer_st_partition`: special tokens are split off, longest text first,
+    /// leaving byte ranges of raw text between them.
+    fn split_special(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
         let mut fragments = if text.is_empty() {
             Vec::new()
         } else {
@@ -613,20 +959,7 @@ impl Tokenizer {
             }
             fragments = split;
         }
-        let mut ids = Vec::with_capacity(text.len() / 3 + 1);
-        for fragment in fragments {
-            match fragment {
-                Fragment::Token(id) => ids.push(id),
-                Fragment::Text(start, end) => {
-                    let encoding = self
-                        .bpe
-                        .encode_fast(&text[start..end], false)
-                        .map_err(|e| TokenizerError::Encode(e.to_string()))?;
-                    ids.extend_from_slice(encoding.get_ids());
-                }
-            }
-        }
-        Ok(ids)
+        fragments
     }
 
     /// Whether a prompt should start with BOS (`tokenizer.ggml.add_bos_token`).
@@ -651,8 +984,18 @@ impl Tokenizer {
         self.pad
     }
 
-    pub fn pre_tokenizer(&self) -> PreTokenizerKind {
-        self.pre
+    /// The gpt2 pre-tokenizer; None for a llama (SentencePiece) vocabulary, which has none.
+    pub fn pre_tokenizer(&self) -> Option<PreTokenizerKind> {
+        match self.model {
+            Model::Bpe { pre, .. } => Some(pre),
+            Model::Spm(_) => None,
+        }
+    }
+
+    /// Whether the vocabulary is llama.cpp's SentencePiece-style one (`tokenizer.ggml.model =
+    /// "llama"`).
+    pub fn is_sentencepiece(&self) -> bool {
+        matches!(self.model, Model::Spm(_))
     }
 
     /// Whether sampling `id` ends generation (llama.cpp's EOG set).
@@ -669,7 +1012,8 @@ impl Tokenizer {
         self.tokens.len()
     }
 
-    /// The raw vocabulary string (byte-level encoded for normal tokens).
+    /// The raw vocabulary string (for normal tokens: byte-level encoded in a gpt2 vocabulary, with
+    /// U+2581 for spaces in a llama one).
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.tokens.get(id as usize).map(String::as_str)
     }
@@ -689,8 +1033,9 @@ impl Tokenizer {
         &self.piece_bytes[self.piece_offsets[id]..self.piece_offsets[id + 1]]
     }
 
-    /// Bytes a generated token contributes to the output text: byte-level decoded; control (and
-    /// unknown, unused) tokens give nothing, as in llama.cpp's output; user-defined give their text.
+    /// Bytes a generated token contributes to the output text: normal tokens decoded (byte-level in
+    /// gpt2, U+2581 as a space in llama), byte tokens as their byte; control (and unknown, unused)
+    /// tokens give nothing, as in llama.cpp's output; user-defined give their text.
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         match self.attrs.get(id as usize) {
             Some(&attr) if attr & (ATTR_CONTROL | ATTR_UNKNOWN) == 0 => self.piece(id),
@@ -699,11 +1044,19 @@ impl Tokenizer {
     }
 
     /// Text of `ids` with special tokens written out (so `decode(encode(t, true)) == t`);
-    /// invalid UTF-8 becomes U+FFFD. Ids outside the vocabulary are skipped.
+    /// invalid UTF-8 becomes U+FFFD. Ids outside the vocabulary are skipped. A llama vocabulary
+    /// that prefixes a space drops one leading space of the first token, as llama.cpp's
+    /// `detokenize` (keeping specials) does.
     pub fn decode(&self, ids: &[u32]) -> String {
+        let strip_space = matches!(&self.model, Model::Spm(spm) if spm.add_space_prefix);
         let mut bytes = Vec::with_capacity(ids.len() * 4);
-        for &id in ids {
-            bytes.extend_from_slice(self.piece(id));
+        for (i, &id) in ids.iter().enumerate() {
+            let piece = self.piece(id);
+            let piece = match piece.strip_prefix(b" ") {
+                Some(rest) if i == 0 && strip_space => rest,
+                _ => piece,
+            };
+            bytes.extend_from_slice(piece);
         }
         match String::from_utf8(bytes) {
             Ok(s) => s,
@@ -774,6 +1127,7 @@ pub(crate) mod tests {
 
     pub(crate) const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
     pub(crate) const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+    pub(crate) const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
 
     /// A test input that may be absent locally: skip with a notice, but fail under CI.
     fn missing(what: &str, path: &Path, hint: &str) -> Option<PathBuf> {
@@ -832,6 +1186,12 @@ pub(crate) mod tests {
             .as_ref()
     }
 
+    pub(crate) fn gemma3() -> Option<&'static Tokenizer> {
+        static T: OnceLock<Option<Tokenizer>> = OnceLock::new();
+        T.get_or_init(|| model_path(GEMMA3).map(|p| Tokenizer::from_gguf_path(p).unwrap()))
+            .as_ref()
+    }
+
     fn check_golden(tokenizer: &Tokenizer, golden: &serde_json::Value) {
         let cases = golden.as_array().unwrap();
         assert!(!cases.is_empty());
@@ -865,7 +1225,7 @@ pub(crate) mod tests {
             return;
         };
         check_golden(tokenizer, &golden);
-        assert_eq!(tokenizer.pre_tokenizer(), PreTokenizerKind::Smollm);
+        assert_eq!(tokenizer.pre_tokenizer(), Some(PreTokenizerKind::Smollm));
         assert_eq!(
             (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.add_bos()),
             (Some(1), Some(2), false)
@@ -882,7 +1242,7 @@ pub(crate) mod tests {
             return;
         };
         check_golden(tokenizer, &golden);
-        assert_eq!(tokenizer.pre_tokenizer(), PreTokenizerKind::Qwen2);
+        assert_eq!(tokenizer.pre_tokenizer(), Some(PreTokenizerKind::Qwen2));
         assert_eq!(
             (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.add_bos()),
             (Some(151643), Some(151645), false)
@@ -900,6 +1260,89 @@ pub(crate) mod tests {
         assert_eq!(tokenizer.decode(&[128247]), "</s>");
     }
 
+    #[test]
+    fn gemma3_matches_llama_cpp() {
+        let (Some(tokenizer), Some(golden)) = (gemma3(), golden_json("gemma3-270m/tokenize.json"))
+        else {
+            return;
+        };
+        check_golden(tokenizer, &golden);
+        assert!(tokenizer.is_sentencepiece());
+        assert_eq!(tokenizer.pre_tokenizer(), None);
+        assert_eq!(
+            (tokenizer.bos_id(), tokenizer.eos_id(), tokenizer.add_bos()),
+            (Some(2), Some(1), true)
+        );
+        assert_eq!(tokenizer.vocab_size(), 262144);
+        // `<eos>`, `<end_of_turn>` (also EOT) and the user-defined `</s>`, promoted by name.
+        assert_eq!(tokenizer.end_of_generation_ids(), &[1, 106, 212]);
+        assert_eq!(tokenizer.eot_id(), Some(106));
+        assert!(tokenizer.is_control(212));
+        assert_eq!(tokenizer.encode("</s>", true).unwrap(), [212]);
+        assert_ne!(tokenizer.encode("</s>", false).unwrap(), [212]);
+        // Control tokens only with parse_special; user-defined ones (space runs, tabs, HTML
+        // tags) always.
+        assert_eq!(tokenizer.encode("<start_of_turn>", true).unwrap(), [105]);
+        let plain = tokenizer.encode("<start_of_turn>", false).unwrap();
+        assert!(plain.len() > 1 && !plain.contains(&105), "{plain:?}");
+        assert_eq!(tokenizer.decode(&plain), "<start_of_turn>");
+        assert_eq!(
+            tokenizer.encode("\t<html>  ", false).unwrap(),
+            [255968, 217, 138]
+        );
+        // Rendering: '▁' is a space, byte tokens are bytes, control tokens vanish from output.
+        assert_eq!(tokenizer.token_text(29104), Some("\u{2581}hello"));
+        assert_eq!(tokenizer.token_bytes(29104), b" hello");
+        assert_eq!(tokenizer.token_bytes(248), b"\n"); // <0x0A>
+        assert_eq!(tokenizer.token_bytes(106), b"");
+        assert_eq!(tokenizer.token_bytes(217), b"<html>");
+        assert_eq!(tokenizer.decode(&[2, 29104]), "<bos> hello");
+        // add_space_prefix is false: no space is made up before the first word.
+        assert_eq!(tokenizer.encode("hello", true).unwrap(), [23391]);
+        assert_eq!(tokenizer.encode(" hello", true).unwrap(), [29104]);
+    }
+
+    /// Every golden prompt, with BOS in front as llama-server adds it (`add_special`).
+    #[test]
+    fn gemma3_prompts_match_llama_cpp() {
+        let (Some(tokenizer), Some(golden)) = (gemma3(), golden_json("gemma3-270m/generate.json"))
+        else {
+            return;
+        };
+        let cases = golden["cases"].as_array().unwrap();
+        assert!(!cases.is_empty());
+        let bos = tokenizer.bos_id().unwrap();
+        for case in cases {
+            let prompt = case["prompt"].as_str().unwrap();
+            let want: Vec<u32> = case["prompt_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let mut got = vec![bos];
+            got.extend(tokenizer.encode(prompt, true).unwrap());
+            assert_eq!(got, want, "{prompt:?}");
+        }
+    }
+
+    /// A long text: the merge stays fast on a 262k vocabulary, and decoding gives it back.
+    #[test]
+    fn gemma3_long_text_round_trip() {
+        let (Some(tokenizer), Some(path)) = (gemma3(), golden_path("ppl_text.txt")) else {
+            return;
+        };
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = std::time::Instant::now();
+        let ids = tokenizer.encode(&text, false).unwrap();
+        // With parse_special, as prompts are: every control token is searched for too.
+        assert_eq!(tokenizer.encode(&text, true).unwrap(), ids);
+        let elapsed = start.elapsed();
+        assert_eq!(tokenizer.decode(&ids), text);
+        assert!(ids.len() > text.len() / 8, "{} ids", ids.len());
+        assert!(elapsed.as_secs() < 5, "tokenizing took {elapsed:?}");
+    }
+
     /// The perplexity text, tokenized as llama-perplexity does (one trailing newline stripped, no
     /// special parsing): the golden token counts.
     #[test]
@@ -912,7 +1355,7 @@ pub(crate) mod tests {
         for (tokenizer, want) in [(smollm2(), 7638), (qwen(), 7486)] {
             let Some(tokenizer) = tokenizer else { continue };
             let ids = tokenizer.encode(text, false).unwrap();
-            assert_eq!(ids.len(), want, "{:?}", tokenizer.pre_tokenizer());
+            assert_eq!(ids.len(), want, "{tokenizer:?}");
             assert_eq!(tokenizer.decode(&ids), text);
         }
     }
@@ -967,13 +1410,152 @@ pub(crate) mod tests {
             tokens,
             token_types: Some(types),
             merges,
+            scores: None,
             special: SpecialIds {
                 eos: Some(261),
                 bos: Some(999),
                 ..SpecialIds::default()
             },
             add_bos: None,
+            add_space_prefix: None,
         }
+    }
+
+    /// A toy SentencePiece vocabulary: `<unk>`, `<s>`, `</s>`, the 256 byte tokens (ids 3..=258),
+    /// scored pieces from 259 on, and a user-defined newline.
+    fn spm_toy_config(pieces: &[(&str, f32)]) -> TokenizerConfig {
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        let mut types = vec![2i64, 3, 3];
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        types.extend([6; 256]);
+        let mut scores = vec![0.0f32; tokens.len()];
+        for &(text, score) in pieces {
+            tokens.push(text.into());
+            types.push(1);
+            scores.push(score);
+        }
+        tokens.push("\n".into());
+        types.push(4);
+        scores.push(0.0);
+        TokenizerConfig {
+            model: "llama".into(),
+            pre: Some("default".into()),
+            tokens,
+            token_types: Some(types),
+            scores: Some(scores),
+            add_space_prefix: Some(false),
+            ..TokenizerConfig::default()
+        }
+    }
+
+    #[test]
+    fn spm_toy_vocabulary() {
+        let pieces = [
+            ("\u{2581}", -1.0),   // 259
+            ("a", -2.0),          // 260
+            ("b", -3.0),          // 261
+            ("c", -4.0),          // 262
+            ("ab", -5.0),         // 263
+            ("bc", -6.0),         // 264
+            ("\u{2581}a", -7.0),  // 265
+            ("\u{2581}b", -8.0),  // 266
+            ("\u{2581}ab", -9.0), // 267
+        ];
+        let newline = 268;
+        let t = Tokenizer::from_config(spm_toy_config(&pieces)).unwrap();
+        // The higher score merges first: "ab" beats "bc", and "abc" is no token.
+        assert_eq!(t.encode("abc", false).unwrap(), [263, 262]);
+        // Spaces become '▁'; "ab" (-5) merges before "▁a" (-7), then "▁" + "ab" forms "▁ab".
+        assert_eq!(t.encode(" ab", false).unwrap(), [267]);
+        assert_eq!(t.encode("a b", false).unwrap(), [260, 266]);
+        assert_eq!(t.encode("  ", false).unwrap(), [259, 259]);
+        // Chars outside the vocabulary fall back to their UTF-8 bytes.
+        assert_eq!(t.encode("é", false).unwrap(), [3 + 0xC3, 3 + 0xA9]);
+        assert_eq!(
+            t.encode("aéa", false).unwrap(),
+            [260, 3 + 0xC3, 3 + 0xA9, 260]
+        );
+        // Control tokens only with parse_special; user-defined ones always.
+        assert_eq!(t.encode("<s>a", true).unwrap(), [1, 260]);
+        assert_eq!(
+            t.encode("<s>a", false).unwrap(),
+            [3 + b'<' as u32, 3 + b's' as u32, 3 + b'>' as u32, 260]
+        );
+        assert_eq!(t.encode("a\nb", false).unwrap(), [260, newline, 261]);
+        assert_eq!(t.encode("", true).unwrap(), Vec::<u32>::new());
+        // Rendering and decoding.
+        assert_eq!(t.decode(&[263, 262, 267, 3 + 0xC3, 3 + 0xA9]), "abc abé");
+        assert_eq!(t.decode(&[1, 260, 2]), "<s>a</s>");
+        assert_eq!(t.token_bytes(259), b" ");
+        assert_eq!(t.token_bytes(3 + 0xC3), [0xC3]);
+        assert_eq!(t.token_bytes(1), b"");
+        assert_eq!(t.token_bytes(newline), b"\n");
+        // llama.cpp's defaults for a llama vocabulary: BOS 1, EOS 2, BOS added.
+        assert_eq!(
+            (t.bos_id(), t.eos_id(), t.add_bos()),
+            (Some(1), Some(2), true)
+        );
+        assert!(t.is_sentencepiece() && t.pre_tokenizer().is_none());
+
+        // Ties go to the leftmost pair; a higher "bc" wins over "ab".
+        let mut tied = pieces;
+        tied[5].1 = -5.0;
+        let t = Tokenizer::from_config(spm_toy_config(&tied)).unwrap();
+        assert_eq!(t.encode("abc", false).unwrap(), [263, 262]);
+        assert_eq!(t.encode("babc", false).unwrap(), [261, 263, 262]);
+        let mut bc_first = pieces;
+        bc_first[5].1 = -4.5;
+        let t = Tokenizer::from_config(spm_toy_config(&bc_first)).unwrap();
+        assert_eq!(t.encode("abc", false).unwrap(), [260, 264]);
+
+        // add_space_prefix: a space before the first text and after each special token; decoding
+        // drops the first token's leading space only.
+        let t = Tokenizer::from_config(TokenizerConfig {
+            add_space_prefix: None, // llama.cpp's default: on
+            ..spm_toy_config(&pieces)
+        })
+        .unwrap();
+        assert_eq!(t.encode("ab", false).unwrap(), [267]);
+        assert_eq!(t.decode(&[267]), "ab");
+        assert_eq!(t.encode("a b", false).unwrap(), [265, 266]);
+        assert_eq!(t.decode(&[265, 266]), "a b");
+        assert_eq!(t.encode("<s>ab</s>b", true).unwrap(), [1, 267, 2, 266]);
+        assert_eq!(t.decode(&[1, 267, 2, 266]), "<s> ab</s> b");
+        // A user-defined token counts as special: the text after it gets the space too.
+        assert_eq!(t.encode("a\nb", false).unwrap(), [265, newline, 266]);
+    }
+
+    #[test]
+    fn spm_configuration_errors_are_clear() {
+        let pieces = [("a", -1.0)];
+        let err = |config: TokenizerConfig| Tokenizer::from_config(config).unwrap_err().to_string();
+        let e = err(TokenizerConfig {
+            scores: None,
+            ..spm_toy_config(&pieces)
+        });
+        assert!(
+            e.contains("needs token scores (tokenizer.ggml.scores)"),
+            "{e}"
+        );
+        let e = err(TokenizerConfig {
+            scores: Some(vec![0.0; 3]),
+            ..spm_toy_config(&pieces)
+        });
+        assert!(e.contains("scores has 3 entries for 261 tokens"), "{e}");
+        let mut config = spm_toy_config(&pieces);
+        config.tokens[3 + 0x80] = "x80".into();
+        let e = err(config);
+        assert!(e.contains("no byte-fallback token for byte 0x80"), "{e}");
+        // An ASCII byte may fall back to its one-char token, as in llama.cpp.
+        let mut config = spm_toy_config(&pieces);
+        config.tokens[3 + b'b' as usize] = "b".into();
+        let t = Tokenizer::from_config(config).unwrap();
+        assert_eq!(t.encode("ab", false).unwrap(), [259, 3 + b'b' as u32]);
+        // NaN scores (an untrusted file) do not panic.
+        let mut config = spm_toy_config(&[("a", f32::NAN), ("b", -1.0), ("ab", f32::NAN)]);
+        config.scores.as_mut().unwrap()[0] = f32::NAN;
+        let t = Tokenizer::from_config(config).unwrap();
+        assert_eq!(t.encode("abab", false).unwrap(), [261, 261]);
     }
 
     #[test]
@@ -1017,10 +1599,13 @@ pub(crate) mod tests {
         });
         assert!(e.contains("no pre-tokenizer"), "{e}");
         let e = err(TokenizerConfig {
-            model: "llama".into(),
+            model: "t5".into(),
             ..toy_config("smollm")
         });
-        assert!(e.contains("unsupported tokenizer model \"llama\""), "{e}");
+        assert!(
+            e.contains("unsupported tokenizer model \"t5\"") && e.contains("llama"),
+            "{e}"
+        );
         let e = err(TokenizerConfig {
             merges: vec![],
             ..toy_config("smollm")
