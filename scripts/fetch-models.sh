@@ -113,7 +113,7 @@ fetch_dense() {
   "$(dirname "$0")/python-deps.sh"
   local pythonpath="${TP_PYTHONPATH:-$HOME/.cache/tp/python}"
   local variant name sha
-  for variant in qwen3 llama3 llama-linear llama-yarn mixtral; do
+  for variant in qwen3 llama3 llama-linear llama-yarn mixtral gemma3; do
     name="dense-synthetic-$variant.gguf"
     [ -s "$model_dir/$name" ] && continue
     echo "fetch-models: writing the synthetic model $name into $model_dir" >&2
@@ -126,6 +126,7 @@ fetch_dense() {
       llama-linear) sha=cceb5acf571f6e6869b1625f05c1d8b3d599f35bb483d6ed75be5bac80242d80 ;;
       llama-yarn) sha=9062ffda3b4123c5e1cbd23e69aeaf478880d1e7356ea7fb87959faef7269140 ;;
       mixtral) sha=8c5021f3880d613753687ac704c168ff32b8f6111817ad1b96315f32badb6a92 ;;
+      gemma3) sha=887c6eba95fc834709d573fd86fa765486fc3343c186fb06f84736c2bfa31536 ;;
     esac
     check_sha "$model_dir/$name.part" "$sha"
     mv "$model_dir/$name.part" "$model_dir/$name"

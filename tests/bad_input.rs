@@ -178,6 +178,47 @@ fn malformed_model_files_are_clear_errors() {
         g.write(&dir, "moe-missing.gguf"),
         "missing metadata key 'qwen3moe.expert_used_count'",
     ));
+    // Metadata the architecture files reject: an unknown RoPE scaling, YaRN without its
+    // factor, a zero sliding window, more KV heads than query heads.
+    let dense = |arch: &str, extra: &[(&str, &str)], window: Option<u32>, kv: u32| {
+        let mut g = Gguf::new(
+            b"GGUF",
+            3,
+            1,
+            6 + extra.len() as u64 + u64::from(window.is_some()),
+        );
+        g.kv_string("general.architecture", arch)
+            .kv_u32(&format!("{arch}.block_count"), 2)
+            .kv_u32(&format!("{arch}.embedding_length"), 64)
+            .kv_u32(&format!("{arch}.attention.head_count"), 4)
+            .kv_u32(&format!("{arch}.attention.head_count_kv"), kv)
+            .kv_u32(&format!("{arch}.feed_forward_length"), 128);
+        for (key, value) in extra {
+            g.kv_string(&format!("{arch}.{key}"), value);
+        }
+        if let Some(w) = window {
+            g.kv_u32(&format!("{arch}.attention.sliding_window"), w);
+        }
+        g.tensor("token_embd.weight", &[64, 8], 0, 0)
+            .pad(64 * 8 * 4);
+        g
+    };
+    cases.push((
+        dense("llama", &[("rope.scaling.type", "longrope")], None, 2).write(&dir, "rope-kind.gguf"),
+        "llama.rope.scaling.type: unknown RoPE scaling type 'longrope' (supported: none, linear, yarn)",
+    ));
+    cases.push((
+        dense("qwen3", &[("rope.scaling.type", "yarn")], None, 2).write(&dir, "yarn.gguf"),
+        "qwen3.rope.scaling.type is yarn but qwen3.rope.scaling.factor is missing",
+    ));
+    cases.push((
+        dense("gemma3", &[], Some(0), 1).write(&dir, "window.gguf"),
+        "gemma3.attention.sliding_window: 0 is outside 1..=16777216",
+    ));
+    cases.push((
+        dense("qwen3", &[], None, 8).write(&dir, "kv-heads.gguf"),
+        "qwen3.attention.head_count_kv: 8 is outside 1..=4",
+    ));
     if let Some(real) = model(SMOLLM2) {
         // The real model cut inside its metadata, and cut inside its tensor data.
         let bytes = std::fs::read(real).unwrap();

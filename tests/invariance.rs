@@ -196,6 +196,7 @@ async fn mixtral_is_bit_identical_across_both_moe_splits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemma3_is_bit_identical_across_query_head_splits() {
     check_exact(GEMMA3, &DENSE_RUNS).await;
+    check_exact(GEMMA3_SYNTH, &DENSE_RUNS).await;
 }
 
 #[test]

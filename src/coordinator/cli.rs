@@ -679,6 +679,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         let json = serde_json::json!({
             "model": file.path.display().to_string(),
             "architecture": config.architecture,
+            "layers": config.summary(),
             "moe_split": config.moe.as_ref().map(|_| moe_split.name()),
             "attention_unit": match p.attention_unit { AttentionUnit::KvGroup => "kv_group", AttentionUnit::QueryHead => "query_head" },
             "ranks": rows,
@@ -697,6 +698,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         config.ffn_dim,
         config.vocab_size
     );
+    println!("{}", config.summary());
     println!(
         "attention split by {}; FFN in blocks of {}; KV cache sized for {context} tokens (F16)\n",
         match p.attention_unit {

@@ -26,6 +26,7 @@ pub const LLAMA3_SYNTH: &str = "dense-synthetic-llama3.gguf";
 pub const LLAMA_LINEAR_SYNTH: &str = "dense-synthetic-llama-linear.gguf";
 pub const LLAMA_YARN_SYNTH: &str = "dense-synthetic-llama-yarn.gguf";
 pub const MIXTRAL_SYNTH: &str = "dense-synthetic-mixtral.gguf";
+pub const GEMMA3_SYNTH: &str = "dense-synthetic-gemma3.gguf";
 
 pub fn model_dir() -> PathBuf {
     match std::env::var_os("TP_MODEL_DIR") {

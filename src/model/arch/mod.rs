@@ -550,6 +550,74 @@ impl ModelConfig {
             .collect()
     }
 
+    /// One line on what the layers are, for `plan`: e.g. "gemma3: GeGLU FFN, QK-norm, post-norms,
+    /// embeddings x25.3; attention: 15 layers sliding window 512 (RoPE base 10000), 3 global
+    /// (RoPE base 1000000)".
+    pub fn summary(&self) -> String {
+        let mut traits = Vec::new();
+        let first = &self.layers[0];
+        traits.push(match &first.ffn {
+            FfnSpec::Gated {
+                activation: Activation::Silu,
+                ..
+            } => "SwiGLU FFN".to_string(),
+            FfnSpec::Gated {
+                activation: Activation::GeluTanh,
+                ..
+            } => "GeGLU FFN".to_string(),
+            FfnSpec::Moe(m) if m.shared.is_some() => "experts + shared expert".to_string(),
+            FfnSpec::Moe(_) => "experts".to_string(),
+        });
+        if first.attention.q.bias.is_some() {
+            traits.push("QKV biases".into());
+        }
+        if first.attention.qk_norm.is_some() {
+            traits.push("QK-norm".into());
+        }
+        if first.attention.post_norm.is_some() || first.ffn_post_norm.is_some() {
+            traits.push("post-norms".into());
+        }
+        if let Some(scale) = self.embedding_scale {
+            traits.push(format!("embeddings x{scale:.1}"));
+        }
+        // Layers grouped by (window, RoPE table), in order of first appearance.
+        let mut kinds: Vec<((Option<usize>, usize), usize)> = Vec::new();
+        for layer in &self.layers {
+            let key = (layer.attention.window, layer.attention.rope);
+            match kinds.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => kinds.push((key, 1)),
+            }
+        }
+        let attention: Vec<String> = kinds
+            .iter()
+            .map(|&((window, rope), n)| {
+                let r = &self.ropes[rope];
+                let mut rope_text = format!("RoPE base {}", r.base);
+                if r.freq_scale != 1.0 {
+                    rope_text.push_str(&format!(", scale 1/{}", 1.0 / r.freq_scale));
+                }
+                if r.yarn.is_some() {
+                    rope_text.push_str(", YaRN");
+                }
+                if r.freq_factors.is_some() {
+                    rope_text.push_str(", llama3 frequency factors");
+                }
+                let layers = if n == 1 { "layer" } else { "layers" };
+                match window {
+                    Some(w) => format!("{n} {layers} sliding window {w} ({rope_text})"),
+                    None => format!("{n} {layers} global ({rope_text})"),
+                }
+            })
+            .collect();
+        format!(
+            "{}: {}; attention: {}",
+            self.architecture,
+            traits.join(", "),
+            attention.join(", ")
+        )
+    }
+
     pub fn group_size(&self) -> usize {
         self.head_count / self.kv_head_count
     }

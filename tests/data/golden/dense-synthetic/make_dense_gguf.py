@@ -10,6 +10,8 @@ Variants (each a small random-weight model, 4 layers, d_model 256, the SmolLM2 v
                output
   llama-linear `llama` with `rope.scaling.type = linear`, factor 4
   llama-yarn   `llama` with `rope.scaling.type = yarn`, factor 4, original context 256
+  gemma3       llama.cpp `gemma3` with 6 layers (5 sliding-window layers of 32 positions, then 1 global), heads of 64,
+               QK-norm, post-attention and post-FFN norms, GeGLU, embeddings scaled by sqrt(d_model), tied output
   mixtral      `llama` with 8 routed experts of 128 columns, 2 used per token (Mixtral's layout: softmax routing,
                the two weights renormalized), untied output
 
@@ -37,8 +39,9 @@ VARIANTS = {
     "llama-linear": dict(arch="llama", head_dim=32, tied=True, scaling=("linear", 4.0, None)),
     "llama-yarn": dict(arch="llama", head_dim=32, tied=True, scaling=("yarn", 4.0, 256)),
     "mixtral": dict(arch="llama", head_dim=32, tied=False, experts=(8, 2)),
+    "gemma3": dict(arch="gemma3", head_dim=64, qk_norm=True, tied=True, layers=6, window=32, post_norms=True),
 }
-L, D, H, HKV, FF, FF_EXP = 4, 256, 8, 2, 512, 128
+D, H, HKV, FF, FF_EXP = 256, 8, 2, 512, 128
 
 
 def llama3_factors(head_dim, base, factor=8.0, low=1.0, high=4.0, original=64):
@@ -60,6 +63,7 @@ def llama3_factors(head_dim, base, factor=8.0, low=1.0, high=4.0, original=64):
 def build(v, n_vocab, printable, seed):
     rs = np.random.RandomState(seed)
     hd = v["head_dim"]
+    L = v.get("layers", 4)
 
     def normal(shape, scale):
         return (rs.standard_normal(size=shape) * scale).astype(np.float32)
@@ -78,6 +82,8 @@ def build(v, n_vocab, printable, seed):
         if v.get("qk_norm"):
             W.append((p + "attn_q_norm.weight", unif((hd,), 0.75, 1.5), "f32"))
             W.append((p + "attn_k_norm.weight", unif((hd,), 0.75, 1.5), "f32"))
+        if v.get("post_norms"):
+            W.append((p + "post_attention_norm.weight", unif((D,)), "f32"))
         W.append((p + "ffn_norm.weight", unif((D,)), "f32"))
         if "experts" in v:
             e = v["experts"][0]
@@ -89,6 +95,8 @@ def build(v, n_vocab, printable, seed):
             W.append((p + "ffn_gate.weight", normal((FF, D), 1.0 / 16.0), "q8"))
             W.append((p + "ffn_up.weight", normal((FF, D), 1.0 / 16.0), "q8"))
             W.append((p + "ffn_down.weight", normal((D, FF), 1.0 / math.sqrt(FF)), "q8"))
+        if v.get("post_norms"):
+            W.append((p + "post_ffw_norm.weight", unif((D,)), "f32"))
     W.append(("output_norm.weight", unif((D,)), "f32"))
     if not v["tied"]:
         row = np.exp(0.3 * rs.standard_normal(size=(n_vocab,)))
@@ -113,15 +121,17 @@ def main():
     w = gguf.GGUFWriter(args.out, v["arch"])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(f"dense-synthetic {args.variant} seed {SEED}")
-    w.add_block_count(L)
+    w.add_block_count(v.get("layers", 4))
     w.add_context_length(4096)
     w.add_embedding_length(D)
     w.add_feed_forward_length(FF_EXP if "experts" in v else FF)
     w.add_head_count(H)
     w.add_head_count_kv(HKV)
-    w.add_rope_freq_base(v.get("rope_base", 1_000_000.0 if v["arch"] == "qwen3" else 10000.0))
-    w.add_layer_norm_rms_eps(1e-6 if v["arch"] == "qwen3" else 1e-5)
-    if v["arch"] == "qwen3":
+    w.add_rope_freq_base(v.get("rope_base", 1_000_000.0 if v["arch"] in ("qwen3", "gemma3") else 10000.0))
+    w.add_layer_norm_rms_eps(1e-6 if v["arch"] in ("qwen3", "gemma3") else 1e-5)
+    if "window" in v:
+        w.add_sliding_window(v["window"])
+    if v["arch"] in ("qwen3", "gemma3"):
         w.add_key_length(v["head_dim"])
         w.add_value_length(v["head_dim"])
     else:
