@@ -440,3 +440,55 @@ async fn moe_perplexity_within_1_percent_of_llama_cpp() {
     check_perplexity(MOE, "moe-synthetic/ppl.json", 3, 512, None).await;
     check_perplexity(MOE, "moe-synthetic/ppl.json", 4, 512, None).await;
 }
+
+/// The synthetic dense families (tests/data/golden/dense-synthetic): greedy generations at
+/// TP = 1 to 4, with query-head splits where workers outnumber the 2 KV heads.
+async fn check_synthetic(model_name: &str, variant: &str, split: MoeSplit, ranks: &[usize]) {
+    let golden = format!("dense-synthetic/{variant}/generate.json");
+    check_generation_with(model_name, &golden, ranks, split, 1024).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen3_dense_matches_llama_cpp_at_tp_1_2_3_4() {
+    check_synthetic(QWEN3_SYNTH, "qwen3", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama3_rope_frequency_factors_match_llama_cpp_at_tp_1_2_3_4() {
+    check_synthetic(LLAMA3_SYNTH, "llama3", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_linear_and_yarn_scaling_match_llama_cpp_at_tp_1_2_3_4() {
+    check_synthetic(LLAMA_LINEAR_SYNTH, "llama-linear", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
+    check_synthetic(LLAMA_YARN_SYNTH, "llama-yarn", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixtral_matches_llama_cpp_at_tp_1_2_3_4_under_both_splits() {
+    check_synthetic(MIXTRAL_SYNTH, "mixtral", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
+    check_synthetic(MIXTRAL_SYNTH, "mixtral", MoeSplit::Expert, &[2, 3, 4]).await;
+}
+
+/// Prompts and perplexity chunks longer than the window of 32, so the local layers' window and
+/// RoPE base are checked, not only the global layer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_sliding_window_matches_llama_cpp_at_tp_1_2_3_4() {
+    check_synthetic(GEMMA3_SYNTH, "gemma3", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synthetic_families_perplexity_within_1_percent_of_llama_cpp() {
+    for (name, variant) in [
+        (QWEN3_SYNTH, "qwen3"),
+        (LLAMA3_SYNTH, "llama3"),
+        (LLAMA_LINEAR_SYNTH, "llama-linear"),
+        (LLAMA_YARN_SYNTH, "llama-yarn"),
+        (MIXTRAL_SYNTH, "mixtral"),
+        (GEMMA3_SYNTH, "gemma3"),
+    ] {
+        let golden = format!("dense-synthetic/{variant}/ppl.json");
+        check_perplexity(name, &golden, 2, 128, None).await;
+        check_perplexity(name, &golden, 3, 512, None).await;
+    }
+}

@@ -187,7 +187,7 @@ pub fn plan_with(config: &ModelConfig, weights: &[f64], moe: MoeSplit) -> Result
         let block = config.ffn_down_block[layer];
         if config.ffn_dim % block != 0 {
             return Err(PlanError::Invalid(format!(
-                "layer {layer}: FFN size {} is not a multiple of its ffn_down block of {block}",
+                "layer {layer}: FFN size {} is not a multiple of its down projection's block of {block}",
                 config.ffn_dim
             )));
         }
@@ -213,7 +213,7 @@ pub fn plan_with(config: &ModelConfig, weights: &[f64], moe: MoeSplit) -> Result
                         let b = m.shared_down_block[layer];
                         if width % b != 0 {
                             return Err(PlanError::Invalid(format!(
-                                "layer {layer}: shared expert width {width} is not a multiple of its ffn_down_shexp block of {b}"
+                                "layer {layer}: shared expert width {width} is not a multiple of its down projection's block of {b}"
                             )));
                         }
                         split_units(width / b, weights, layer)

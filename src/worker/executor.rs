@@ -15,6 +15,7 @@ use crate::kernels::cpu::{PreparedActivations, QuantType, attend, matmul, matmul
 use crate::kernels::pool;
 use crate::model::arch::{Activation, FfnSpec, ModelConfig, RopeSpec, RopeStyle};
 use crate::transport::{Collective, TransportError};
+use crate::worker::backend::Backend;
 use crate::worker::kv::KvCache;
 use crate::worker::moe::{MoeLayer, MoeScratch, SharedExpert};
 use crate::worker::shard::{LoadedShard, Weight};
@@ -129,7 +130,8 @@ pub struct RowResult {
     pub target_logit: Option<f32>,
 }
 
-pub struct Executor {
+/// The CPU backend: the shard program resolved into ops over CPU kernels.
+pub struct CpuBackend {
     config: ModelConfig,
     vocab_start: usize,
     vocab_rows: usize,
@@ -158,13 +160,15 @@ pub struct Executor {
     /// Bytes this rank contributed to the last step's AllReduces.
     collective_bytes: u64,
     moe_scratch: MoeScratch,
+    /// One row of a reduced sum being normed before the residual add.
+    norm_row: Vec<f32>,
 }
 
 fn slot(buffer: Buffer) -> usize {
     buffer as usize
 }
 
-impl Executor {
+impl CpuBackend {
     pub fn new(
         config: &ModelConfig,
         shard: &RankShard,
@@ -172,7 +176,7 @@ impl Executor {
         max_batch: usize,
         max_sequences: usize,
         max_context: usize,
-    ) -> Result<Executor, StepError> {
+    ) -> Result<CpuBackend, StepError> {
         let hd = config.head_dim;
         let missing = |name: &str| StepError::Invalid(format!("shard lacks tensor '{name}'"));
         let mut weights: std::collections::HashMap<String, Arc<Weight>> = loaded
@@ -391,7 +395,7 @@ impl Executor {
             .collect();
         let kv_heads: Vec<usize> = shard.layers.iter().map(|l| l.kv_heads.len()).collect();
         let kv = KvCache::new(&kv_heads, hd, max_sequences, max_context);
-        Ok(Executor {
+        Ok(CpuBackend {
             config: config.clone(),
             vocab_start: shard.vocab_rows.start,
             vocab_rows: shard.vocab_rows.len(),
@@ -410,20 +414,21 @@ impl Executor {
             collectives: 0,
             collective_bytes: 0,
             moe_scratch: MoeScratch::default(),
+            norm_row: vec![0f32; config.model_dim],
         })
     }
 
-    pub fn kv_cache_bytes(&self) -> u64 {
+    fn kv_cache_bytes_impl(&self) -> u64 {
         self.kv.bytes()
     }
 
-    pub fn clear_sequence(&mut self, sequence: usize) {
+    fn clear_sequence_impl(&mut self, sequence: usize) {
         self.kv.clear(sequence);
     }
 
     /// Seconds inside AllReduce during the last step, how many AllReduces it ran, and the
     /// bytes this rank contributed to them.
-    pub fn collective_stats(&self) -> (f64, u32, u64) {
+    fn collective_stats_impl(&self) -> (f64, u32, u64) {
         (
             self.collective_time.as_secs_f64(),
             self.collectives,
@@ -431,11 +436,11 @@ impl Executor {
         )
     }
 
-    pub fn vocab_start(&self) -> usize {
+    fn vocab_start_impl(&self) -> usize {
         self.vocab_start
     }
 
-    pub fn step(
+    fn step_impl(
         &mut self,
         collective: &mut dyn Collective,
         tokens: &[u32],
@@ -822,7 +827,7 @@ impl Executor {
         let d = self.config.model_dim;
         let eps = self.config.rms_norm_eps;
         let residual = &mut self.buffers[slot(Buffer::Residual)];
-        let mut row = vec![0f32; d];
+        let row = &mut self.norm_row;
         for b in 0..batch {
             for (x, p) in row.iter_mut().zip(&self.partial[b * d..(b + 1) * d]) {
                 *x = *p as f32;
@@ -831,7 +836,7 @@ impl Executor {
             let scale = 1.0 / (mean + eps).sqrt();
             for ((r, x), w) in residual[b * d..(b + 1) * d]
                 .iter_mut()
-                .zip(&row)
+                .zip(row.iter())
                 .zip(weight)
             {
                 *r += x * scale * w;
@@ -988,6 +993,39 @@ impl Executor {
             }
         }
         results
+    }
+}
+
+impl Backend for CpuBackend {
+    fn step(
+        &mut self,
+        collective: &mut dyn Collective,
+        tokens: &[u32],
+        positions: &[u32],
+        sequences: &[u32],
+        output: &OutputRequest,
+    ) -> Result<Vec<RowResult>, StepError> {
+        self.step_impl(collective, tokens, positions, sequences, output)
+    }
+
+    fn clear_sequence(&mut self, sequence: usize) {
+        self.clear_sequence_impl(sequence)
+    }
+
+    fn kv_cache_bytes(&self) -> u64 {
+        self.kv_cache_bytes_impl()
+    }
+
+    fn collective_stats(&self) -> (f64, u32, u64) {
+        self.collective_stats_impl()
+    }
+
+    fn vocab_start(&self) -> usize {
+        self.vocab_start_impl()
+    }
+
+    fn device(&self) -> &'static str {
+        "cpu"
     }
 }
 

@@ -1,6 +1,7 @@
 //! The worker process: holds one shard of the model, runs its shard program on each step, and
 //! exchanges partial results with its peers. It never sees text, only token ids.
 
+pub mod backend;
 pub mod executor;
 pub mod kv;
 pub mod model_cache;
@@ -26,7 +27,8 @@ use crate::transport::grpc::{
 use crate::transport::hierarchical::Hierarchical;
 use crate::transport::shm::{ShmCollective, ShmSegment};
 use crate::transport::{Collective, CollectiveLimits, Solo};
-use executor::{Executor, OutputRequest};
+use backend::Backend;
+use executor::{CpuBackend, OutputRequest};
 use model_cache::CacheFile;
 
 /// Limits a worker enforces on what a coordinator may ask.
@@ -113,7 +115,7 @@ impl Plane {
 }
 
 struct Loaded {
-    executor: Executor,
+    executor: Box<dyn Backend>,
     plane: Plane,
     rank_index: u32,
     rank_count: u32,
@@ -288,7 +290,7 @@ fn load(
     let weight_bytes = loaded.weight_bytes;
     let notes = loaded.notes.clone();
     drop(file);
-    let executor = Executor::new(
+    let executor = CpuBackend::new(
         &config,
         &shard,
         loaded,
@@ -297,6 +299,7 @@ fn load(
         max_context,
     )
     .map_err(|e| e.to_string())?;
+    let executor: Box<dyn Backend> = Box::new(executor);
     let limits = CollectiveLimits {
         timeout: Duration::from_millis(request.collective_timeout_ms.max(1) as u64),
         ..CollectiveLimits::default()

@@ -148,12 +148,34 @@ pub struct Model {
     pub embedding_scale: Option<f32>,
 }
 
-pub fn finish(meta: &Metadata, c: &Common, t: Tensors, m: Model) -> ModelConfig {
-    finish_named(meta.arch, c, t, m)
+/// Reads the vocabulary size from `token_embd.weight` (after the architecture's own keys, so
+/// that a file's metadata errors come first).
+pub fn finish(meta: &Metadata, c: &Common, t: Tensors, m: Model) -> Result<ModelConfig, ArchError> {
+    let embedding = meta
+        .file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| meta.invalid("missing tensor 'token_embd.weight'"))?;
+    if embedding.dims.len() != 2 || embedding.dims[0] as usize != c.model_dim {
+        return Err(meta.invalid(format!(
+            "token_embd.weight has shape {:?}, expected [{}, vocab]",
+            embedding.dims, c.model_dim
+        )));
+    }
+    let vocab = usize::try_from(embedding.dims[1])
+        .ok()
+        .filter(|&v| v >= 1)
+        .ok_or_else(|| meta.invalid("token_embd.weight has no rows"))?;
+    Ok(finish_named(meta.arch, c, vocab, t, m))
 }
 
-pub fn finish_named(arch: &'static str, c: &Common, mut t: Tensors, m: Model) -> ModelConfig {
-    let (d, vocab) = (c.model_dim, c.vocab_size);
+pub fn finish_named(
+    arch: &'static str,
+    c: &Common,
+    vocab: usize,
+    mut t: Tensors,
+    m: Model,
+) -> ModelConfig {
+    let d = c.model_dim;
     let embedding = t.add("token_embd.weight".into(), &[d, vocab]);
     let output_norm = t.add("output_norm.weight".into(), &[d]);
     let output = if c.tied_output {

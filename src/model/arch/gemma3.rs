@@ -59,7 +59,7 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
             spec
         })
         .collect();
-    Ok(blocks::finish(
+    blocks::finish(
         meta,
         &c,
         t,
@@ -70,5 +70,5 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
             moe: None,
             embedding_scale: Some((c.model_dim as f32).sqrt()),
         },
-    ))
+    )
 }

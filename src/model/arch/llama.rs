@@ -30,7 +30,7 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
         })
         .collect();
     let ropes = vec![c.rope(meta, RopeStyle::AdjacentPairs)?];
-    Ok(blocks::finish(
+    blocks::finish(
         meta,
         &c,
         t,
@@ -41,5 +41,5 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
             moe,
             embedding_scale: None,
         },
-    ))
+    )
 }

@@ -288,7 +288,6 @@ pub struct Common {
     pub head_count: usize,
     pub kv_head_count: usize,
     pub head_dim: usize,
-    pub vocab_size: usize,
     pub rms_norm_eps: f32,
     pub context_length: usize,
     /// RoPE base and rotated dimensions as the file states them.
@@ -356,23 +355,12 @@ impl Common {
             .get_u64(&meta.key("context_length"))?
             .unwrap_or(2048)
             .clamp(1, 1 << 20) as usize;
-        let embedding = meta
-            .file
-            .tensor("token_embd.weight")
-            .ok_or_else(|| meta.invalid("missing tensor 'token_embd.weight'"))?;
-        if embedding.dims.len() != 2 || embedding.dims[0] as usize != model_dim {
-            return Err(meta.invalid(format!(
-                "token_embd.weight has shape {:?}, expected [{model_dim}, vocab]",
-                embedding.dims
-            )));
-        }
         Ok(Common {
             layer_count,
             model_dim,
             head_count,
             kv_head_count,
             head_dim,
-            vocab_size: embedding.dims[1] as usize,
             rms_norm_eps,
             context_length,
             rope_base,
@@ -643,7 +631,6 @@ pub(crate) fn test_config(
         head_count: heads,
         kv_head_count: kv,
         head_dim: 64,
-        vocab_size: vocab,
         rms_norm_eps: 1e-5,
         context_length: 128,
         rope_base: 10000.0,
@@ -665,6 +652,7 @@ pub(crate) fn test_config(
     let mut config = blocks::finish_named(
         "llama",
         &c,
+        vocab,
         t,
         blocks::Model {
             layers: specs,

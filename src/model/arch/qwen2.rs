@@ -26,10 +26,8 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
         };
         // llama.cpp sizes experts from expert_feed_forward_length; feed_forward_length, which
         // MoE files also carry, describes something else there and is not used.
-        (
-            meta.count("expert_feed_forward_length", 1 << 20)?,
-            Some(blocks::moe_config(meta, false, shared)?),
-        )
+        let moe = blocks::moe_config(meta, false, shared)?;
+        (meta.count("expert_feed_forward_length", 1 << 20)?, Some(moe))
     } else {
         (meta.count("feed_forward_length", 1 << 20)?, None)
     };
@@ -49,7 +47,7 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
         })
         .collect();
     let ropes = vec![c.rope(meta, RopeStyle::Neox)?];
-    Ok(blocks::finish(
+    blocks::finish(
         meta,
         &c,
         t,
@@ -60,5 +58,5 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
             moe,
             embedding_scale: None,
         },
-    ))
+    )
 }

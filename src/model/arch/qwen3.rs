@@ -16,10 +16,8 @@ pub fn describe_moe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
 fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
     let c = Common::read(meta, 1e-5)?;
     let (ffn_dim, moe) = if is_moe {
-        (
-            meta.count("expert_feed_forward_length", 1 << 20)?,
-            Some(blocks::moe_config(meta, true, None)?),
-        )
+        let moe = blocks::moe_config(meta, true, None)?;
+        (meta.count("expert_feed_forward_length", 1 << 20)?, Some(moe))
     } else {
         (meta.count("feed_forward_length", 1 << 20)?, None)
     };
@@ -39,7 +37,7 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
         })
         .collect();
     let ropes = vec![c.rope(meta, RopeStyle::Neox)?];
-    Ok(blocks::finish(
+    blocks::finish(
         meta,
         &c,
         t,
@@ -50,5 +48,5 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
             moe,
             embedding_scale: None,
         },
-    ))
+    )
 }
