@@ -240,6 +240,88 @@ fn malformed_model_files_are_clear_errors() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A split model with a part missing, a part of another split, or its second part given: each
+/// is a clear error naming the file, before anything loads.
+#[test]
+fn split_models_with_bad_parts_are_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("tp-bad-split-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Tiny models of F32 vectors: the split checks come before the architecture's.
+    let tiny = |name: &str, tensors: &[&str]| {
+        let mut g = Gguf::new(b"GGUF", 3, tensors.len() as u64, 1);
+        g.kv_string("general.architecture", "llama");
+        for (i, t) in tensors.iter().enumerate() {
+            g.tensor(t, &[8], 0, 32 * i as u64);
+        }
+        g.pad(32 * tensors.len());
+        g.write(&dir, name)
+    };
+    let six = tiny("six.gguf", &["a", "b", "c", "d", "e", "f"]);
+    let seven = tiny("seven.gguf", &["a", "b", "c", "d", "e", "f", "g"]);
+    let a = split::split_gguf(&six, &dir.join("a"), "tiny", &[2, 2, 2]);
+    let b = split::split_gguf(&six, &dir.join("b"), "tiny", &[3, 2, 1]);
+    let c = split::split_gguf(&six, &dir.join("c"), "tiny", &[3, 3]);
+    let d = split::split_gguf(&seven, &dir.join("d"), "tiny", &[3, 2, 2]);
+    // A set of three made of these parts, in order, in its own directory.
+    let set = |name: &str, parts: [Option<&PathBuf>; 3]| {
+        let target = dir.join(name);
+        std::fs::create_dir_all(&target).unwrap();
+        for (i, part) in parts.iter().enumerate() {
+            if let Some(part) = part {
+                let file = target.join(format!("tiny-{:05}-of-00003.gguf", i + 1));
+                std::fs::copy(part, file).unwrap();
+            }
+        }
+        target.join("tiny-00001-of-00003.gguf")
+    };
+    let plan = ["plan", "--local", "2"];
+
+    // The set itself opens: what fails is the tiny model's missing hyper-parameters.
+    expect_error(&plan, &a[0], "missing metadata key 'llama.block_count'");
+    let missing = set("missing", [Some(&a[0]), Some(&a[1]), None]);
+    expect_error(
+        &plan,
+        &missing,
+        "tiny-00003-of-00003.gguf: cannot open part 3 of 3 of the split model",
+    );
+    expect_error(&plan, &missing, "No such file");
+    expect_error(
+        &plan,
+        &a[1],
+        "is part 2 of 3 of a split model: pass the first part",
+    );
+    expect_error(&plan, &a[2], "tiny-00001-of-00003.gguf");
+    expect_error(
+        &["generate", "--local", "1", "--prompt", "hi"],
+        &a[2],
+        "is part 3 of 3 of a split model: pass the first part",
+    );
+    let count = set("count", [Some(&a[0]), Some(&c[1]), Some(&a[2])]);
+    expect_error(&plan, &count, "not part 2 of 3 of the split model");
+    expect_error(&plan, &count, "it says it is part 2 of 2");
+    let number = set("number", [Some(&a[0]), Some(&a[2]), Some(&a[2])]);
+    expect_error(&plan, &number, "it says it is part 3 of 3");
+    let duplicate = set("duplicate", [Some(&a[0]), Some(&b[1]), Some(&a[2])]);
+    expect_error(&plan, &duplicate, "tensor 'e' is in part 2 too");
+    let short = set("short", [Some(&a[0]), Some(&a[1]), Some(&b[2])]);
+    expect_error(
+        &plan,
+        &short,
+        "split.tensors.count is 6 but the 3 parts hold 5 tensors",
+    );
+    let other = set("other", [Some(&a[0]), Some(&d[1]), Some(&a[2])]);
+    expect_error(
+        &plan,
+        &other,
+        "its set has 7 tensors, the first part's has 6",
+    );
+    let renamed = dir.join("renamed.gguf");
+    std::fs::copy(&a[0], &renamed).unwrap();
+    expect_error(&plan, &renamed, "must be named NAME-00001-of-00003.gguf");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_arguments_are_clear_errors() {
     let Some(path) = model(SMOLLM2) else { return };

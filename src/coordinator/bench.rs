@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::Args;
 use serde::Serialize;
 
@@ -169,9 +169,12 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if tests.is_empty() {
         bail!("nothing to measure: every -p and -n is 0");
     }
-    let model_size = std::fs::metadata(&args.model)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.model.display()))?
-        .len();
+    let probe = Model::open(&args.model)
+        .with_context(|| format!("cannot read {}", args.model.display()))?;
+    // Every part of a split model counts.
+    let model_size: u64 = probe.file.part_sizes().iter().sum();
+    let is_moe = probe.config.moe.is_some();
+    drop(probe);
     let model_filename = args.model.display().to_string();
     let longest = tests.iter().map(|t| t.tokens()).max().unwrap_or(0);
     let deepest = args.depth.iter().copied().max().unwrap_or(0);
@@ -184,7 +187,6 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let mut results = Vec::new();
-    let is_moe = Model::open(&args.model)?.config.moe.is_some();
     let splits = if is_moe {
         args.moe_split.clone()
     } else {

@@ -15,7 +15,7 @@ use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
 use crate::model::chat::ChatMessage;
 use crate::transport::grpc::SyncPrecision;
-use crate::worker::shard::{shard_expert_bytes, shard_weight_bytes};
+use crate::worker::shard::{shard_byte_ranges, shard_expert_bytes, shard_weight_bytes};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -623,13 +623,40 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         expert_bytes: u64,
         kv_cache_bytes: u64,
         layers: Vec<crate::coordinator::planner::LayerShard>,
+        /// Split models: the parts whose tensor data this rank reads (headers aside).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        parts_read: Vec<PartRead>,
     }
+    #[derive(serde::Serialize)]
+    struct PartRead {
+        /// 1-based, as in the file names.
+        part: usize,
+        file: String,
+        bytes: u64,
+    }
+    let split = file.parts.len() > 1;
     let rows: Vec<RankRow> = p
         .ranks
         .iter()
         .map(|r| {
             let kv_heads: usize = r.layers.iter().map(|l| l.kv_heads.len()).sum();
-            RankRow {
+            let mut parts_read = Vec::new();
+            if split {
+                let ranges = shard_byte_ranges(&file, &config, r)?;
+                for (number, (part, ranges)) in file.parts.iter().zip(&ranges).enumerate() {
+                    let covered: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+                    // The header is in every part's ranges; the rest is tensor data.
+                    let bytes = covered.saturating_sub(part.header_bytes);
+                    if bytes > 0 {
+                        parts_read.push(PartRead {
+                            part: number + 1,
+                            file: part.path.display().to_string(),
+                            bytes,
+                        });
+                    }
+                }
+            }
+            Ok(RankRow {
                 rank: r.rank_index,
                 worker: addresses[r.rank_index].clone(),
                 weight: weights[r.rank_index],
@@ -642,9 +669,10 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                 expert_bytes: shard_expert_bytes(&file, &config, r),
                 kv_cache_bytes: (kv_heads * config.head_dim * 2 * 2 * context) as u64,
                 layers: r.layers.clone(),
-            }
+                parts_read,
+            })
         })
-        .collect();
+        .collect::<anyhow::Result<_>>()?;
     // Per pair of ranks: how they exchange. Hosts are told apart by address here (the
     // running cluster uses what workers report: boot id, hostname, network namespace).
     let host_of = |rank: usize| {
@@ -760,6 +788,27 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             r.weight_bytes as f64 / (1 << 20) as f64,
             r.kv_cache_bytes as f64 / (1 << 20) as f64
         );
+    }
+    if split {
+        println!(
+            "\nmodel files read (split model of {} parts, {}):",
+            file.parts.len(),
+            file.path.display()
+        );
+        for r in &rows {
+            let parts: Vec<String> = r
+                .parts_read
+                .iter()
+                .map(|p| {
+                    format!(
+                        "part {} {:.1} MiB",
+                        p.part,
+                        p.bytes as f64 / (1 << 20) as f64
+                    )
+                })
+                .collect();
+            println!("  rank {}: {}", r.rank, parts.join(", "));
+        }
     }
     if links.is_empty() {
         println!("\nlinks: none (one rank: no collectives)");

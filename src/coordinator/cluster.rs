@@ -586,7 +586,7 @@ impl Cluster {
             };
             let request = proto::LoadShardRequest {
                 model_path: worker_paths[rank].clone(),
-                model_size: spec.file.file_size,
+                part_sizes: spec.file.part_sizes(),
                 model_header_hash: header_hash,
                 rank_index: rank as u32,
                 rank_count: rank_count as u32,
@@ -665,20 +665,25 @@ impl Cluster {
                     .model_path
                     .clone()
                     .unwrap_or_else(|| model_path.to_string()),
-                model_size: spec.file.file_size,
+                part_sizes: spec.file.part_sizes(),
                 model_header_hash: header_hash,
                 ranges: ranges
                     .iter()
-                    .map(|r| proto::ByteRange {
-                        start: r.start,
-                        end: r.end,
+                    .enumerate()
+                    .flat_map(|(part, ranges)| {
+                        ranges.iter().map(move |r| proto::ByteRange {
+                            start: r.start,
+                            end: r.end,
+                            part: part as u32,
+                        })
                     })
                     .collect(),
             };
             let mut client = worker.client.clone();
             let address = worker.address.clone();
             let timeout = self.limits.load_timeout;
-            let source_path = spec.file.path.clone();
+            let source_paths: Vec<PathBuf> =
+                spec.file.parts.iter().map(|p| p.path.clone()).collect();
             tasks.spawn(async move {
                 let fail = |what: String| anyhow::anyhow!("worker {rank} ({address}): {what}");
                 let reply = tokio::time::timeout(timeout, client.prepare_model(request))
@@ -686,9 +691,26 @@ impl Cluster {
                     .map_err(|_| fail(format!("no answer to PrepareModel within {timeout:?}")))?
                     .map_err(|s| fail(format!("cannot prepare the model: {}", s.message())))?
                     .into_inner();
-                let missing: Vec<Range<u64>> =
-                    reply.missing.iter().map(|r| r.start..r.end).collect();
-                let total: u64 = missing.iter().map(|r| r.end - r.start).sum();
+                // The worker names the files by index: one it cannot mean is an error, not a panic.
+                if let Some(bad) = reply
+                    .missing
+                    .iter()
+                    .find(|r| r.start >= r.end || source_paths.len() <= r.part as usize)
+                {
+                    return Err(fail(format!(
+                        "asked for range {}..{} of file {} of a model of {}",
+                        bad.start,
+                        bad.end,
+                        bad.part,
+                        source_paths.len()
+                    )));
+                }
+                let missing: Vec<(usize, Range<u64>)> = reply
+                    .missing
+                    .iter()
+                    .map(|r| (r.part as usize, r.start..r.end))
+                    .collect();
+                let total: u64 = missing.iter().map(|(_, r)| r.end - r.start).sum();
                 if total > 0 {
                     tracing::info!(
                         rank,
@@ -696,11 +718,20 @@ impl Cluster {
                         mib = total as f64 / (1 << 20) as f64,
                         "worker has no copy of the model: streaming its shard"
                     );
-                    let chunks = stream_ranges(source_path, missing, header_hash, rank, total);
-                    tokio::time::timeout(timeout, client.push_model(chunks))
+                    let chunks = stream_ranges(source_paths, missing, header_hash, rank, total);
+                    let written = tokio::time::timeout(timeout, client.push_model(chunks))
                         .await
                         .map_err(|_| fail(format!("shard not sent within {timeout:?}")))?
-                        .map_err(|s| fail(format!("receiving its shard: {}", s.message())))?;
+                        .map_err(|s| fail(format!("receiving its shard: {}", s.message())))?
+                        .into_inner()
+                        .bytes_written;
+                    // A stream cut short by a read error here must not load as a whole shard.
+                    if written != total {
+                        return Err(fail(format!(
+                            "received {written} of the {total} bytes of its shard (reading the \
+                             model failed: see this log)"
+                        )));
+                    }
                 } else {
                     tracing::info!(rank, %address, source = %reply.source, "worker has the model");
                 }
@@ -897,11 +928,11 @@ async fn collect_ranked<T: 'static>(
 /// Bytes of one streamed chunk of model data.
 const MODEL_CHUNK_BYTES: u64 = 1 << 20;
 
-/// The chunks of `ranges` of the model file, read on a blocking thread, with progress in the
-/// log every tenth of the way.
+/// The chunks of `ranges` (each in the model file `paths[part]`), read on a blocking thread,
+/// with progress in the log every tenth of the way.
 fn stream_ranges(
-    path: PathBuf,
-    ranges: Vec<Range<u64>>,
+    paths: Vec<PathBuf>,
+    ranges: Vec<(usize, Range<u64>)>,
     header_hash: u64,
     rank: usize,
     total: u64,
@@ -909,12 +940,23 @@ fn stream_ranges(
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
         use std::os::unix::fs::FileExt;
-        let Ok(file) = std::fs::File::open(&path) else {
-            tracing::error!(path = %path.display(), "cannot reopen the model to stream it");
-            return;
-        };
+        let mut files: Vec<Option<std::fs::File>> = paths.iter().map(|_| None).collect();
         let (mut sent, mut reported) = (0u64, 0u64);
-        for range in ranges {
+        for (part, range) in ranges {
+            let path = &paths[part];
+            let file = match &mut files[part] {
+                Some(file) => file,
+                slot => match std::fs::File::open(path) {
+                    Ok(file) => slot.insert(file),
+                    Err(e) => {
+                        tracing::error!(
+                            path = %path.display(),
+                            "cannot reopen the model to stream it: {e}"
+                        );
+                        return;
+                    }
+                },
+            };
             let mut offset = range.start;
             while offset < range.end {
                 let n = (range.end - offset).min(MODEL_CHUNK_BYTES);
@@ -927,6 +969,7 @@ fn stream_ranges(
                     model_header_hash: header_hash,
                     offset,
                     data,
+                    part: part as u32,
                 };
                 if tx.blocking_send(chunk).is_err() {
                     return;

@@ -20,6 +20,13 @@ const MAX_TENSOR_COUNT: u64 = 1 << 20;
 const MAX_METADATA_COUNT: u64 = 1 << 20;
 const MAX_TENSOR_DIMS: u32 = 4;
 const MAX_ARRAY_NESTING: u32 = 2;
+/// A split model (llama.cpp's `llama-gguf-split`) is one GGUF file per part; every part says
+/// where it belongs with these keys, and the first holds the model's metadata.
+const SPLIT_NO_KEY: &str = "split.no";
+const SPLIT_COUNT_KEY: &str = "split.count";
+const SPLIT_TENSORS_COUNT_KEY: &str = "split.tensors.count";
+/// Bounds the files a crafted `split.count` makes us open and map (real models: tens of parts).
+pub const MAX_SPLIT_COUNT: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -52,6 +59,30 @@ pub enum GgufError {
     },
     #[error("{path}: missing metadata key '{key}'")]
     MissingKey { path: PathBuf, key: String },
+    #[error("{path} is part {number} of {count} of a split model: pass the first part{hint}")]
+    NotFirstPart {
+        path: PathBuf,
+        number: usize,
+        count: usize,
+        /// ", NAME-00001-of-NNNNN.gguf" when the name says what the first part is called.
+        hint: String,
+    },
+    #[error("{path}: cannot open part {number} of {count} of the split model {first}: {source}")]
+    MissingPart {
+        path: PathBuf,
+        number: usize,
+        count: usize,
+        first: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not part {number} of {count} of the split model {first}: {what}")]
+    ForeignPart {
+        path: PathBuf,
+        number: usize,
+        count: usize,
+        first: PathBuf,
+        what: String,
+    },
     #[error("{path}: metadata key '{key}' has type {found}, expected {expected}")]
     WrongType {
         path: PathBuf,
@@ -127,7 +158,10 @@ pub struct TensorInfo {
     /// ggml order: `dims[0]` is the row length (input dimension of a matrix).
     pub dims: Vec<u64>,
     pub quant_type: QuantType,
-    /// Absolute byte offset in the file.
+    /// Which of the model's files holds it: 0 for a single file, else its part (0-based) of a
+    /// split model.
+    pub part: usize,
+    /// Absolute byte offset in that file.
     pub offset: u64,
     pub size_bytes: u64,
 }
@@ -144,16 +178,118 @@ impl TensorInfo {
     }
 }
 
+/// A model: one GGUF file, or the parts of a split model taken as one (metadata from the first
+/// part, tensors from all). Code that reads tensors goes through `tensor_bytes`, so it does not
+/// care which.
 pub struct GgufFile {
+    /// The file named on the command line: the only file, or the first part.
     pub path: PathBuf,
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
+    /// Every part's tensors, in part order.
     pub tensors: Vec<TensorInfo>,
     tensor_index: BTreeMap<String, usize>,
+    /// The model's files in order: one, or every part of a split model.
+    pub parts: Vec<GgufPart>,
+}
+
+/// One file of a model, mapped.
+pub struct GgufPart {
+    pub path: PathBuf,
     /// Bytes of header, metadata and tensor index: what identifies the file cheaply.
     pub header_bytes: u64,
     pub file_size: u64,
     mmap: Mmap,
+}
+
+impl GgufPart {
+    /// Header, metadata and tensor index: hashed to check two paths hold the same model.
+    pub fn header(&self) -> &[u8] {
+        &self.mmap[..self.header_bytes as usize]
+    }
+}
+
+/// One file parsed on its own, before the parts of a split model are joined.
+struct ParsedPart {
+    version: u32,
+    metadata: BTreeMap<String, Value>,
+    tensors: Vec<TensorInfo>,
+    part: GgufPart,
+}
+
+/// Where a file sits in a split model, from its split keys.
+struct SplitKeys {
+    /// 0-based, as stored.
+    number: usize,
+    count: usize,
+    tensor_count: Option<u64>,
+}
+
+/// The end of a part's name: `-00002-of-00004.gguf` for part 1 (0-based) of 4, the pattern of
+/// llama.cpp's `llama_split_path`.
+fn part_suffix(number: usize, count: usize) -> String {
+    format!("-{:05}-of-{:05}.gguf", number + 1, count)
+}
+
+/// The path of part `target` of the set `path` is part `number` of, if `path` is named as
+/// llama-gguf-split names parts (a non-empty prefix, then the suffix).
+fn sibling_path(path: &Path, number: usize, count: usize, target: usize) -> Option<PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let prefix = name
+        .strip_suffix(&part_suffix(number, count))
+        .filter(|p| !p.is_empty())?;
+    Some(path.with_file_name(format!("{prefix}{}", part_suffix(target, count))))
+}
+
+/// The split keys of a file's metadata; None for a file that is not a part (no `split.count`,
+/// or 0 or 1: a merged model keeps `split.count` 0, and llama.cpp loads 1 as a single file).
+fn split_keys(
+    path: &Path,
+    metadata: &BTreeMap<String, Value>,
+) -> Result<Option<SplitKeys>, GgufError> {
+    let integer = |key: &str| -> Result<Option<u64>, GgufError> {
+        match metadata.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| GgufError::WrongType {
+                path: path.to_path_buf(),
+                key: key.into(),
+                found: v.type_name(),
+                expected: "integer",
+            }),
+        }
+    };
+    let count = match integer(SPLIT_COUNT_KEY)? {
+        None | Some(0 | 1) => return Ok(None),
+        Some(c) if c > MAX_SPLIT_COUNT as u64 => {
+            return Err(GgufError::Invalid {
+                path: path.to_path_buf(),
+                what: format!("{SPLIT_COUNT_KEY} {c} exceeds the limit of {MAX_SPLIT_COUNT} parts"),
+            });
+        }
+        Some(c) => c as usize,
+    };
+    let number = integer(SPLIT_NO_KEY)?.ok_or_else(|| GgufError::MissingKey {
+        path: path.to_path_buf(),
+        key: SPLIT_NO_KEY.into(),
+    })?;
+    if number >= count as u64 {
+        return Err(GgufError::Invalid {
+            path: path.to_path_buf(),
+            what: format!("{SPLIT_NO_KEY} {number} is not below {SPLIT_COUNT_KEY} {count}"),
+        });
+    }
+    Ok(Some(SplitKeys {
+        number: number as usize,
+        count,
+        tensor_count: integer(SPLIT_TENSORS_COUNT_KEY)?,
+    }))
+}
+
+fn map_file(path: &Path) -> std::io::Result<Mmap> {
+    let file = File::open(path)?;
+    // SAFETY: the map is read-only; a file truncated underneath us is outside what tp defends against,
+    // as with every mmap-based model loader.
+    unsafe { Mmap::map(&file) }
 }
 
 struct Reader<'a> {
@@ -271,21 +407,147 @@ impl<'a> Reader<'a> {
 }
 
 impl GgufFile {
+    /// Opens a model file. The first part of a split model (a `split.count` of 2 or more)
+    /// brings in its siblings, found by name (`NAME-00002-of-00004.gguf` ...), each checked to
+    /// be that part of this set.
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref().to_path_buf();
-        let io_error = |source| GgufError::Io {
+        let mmap = map_file(&path).map_err(|source| GgufError::Io {
             path: path.clone(),
             source,
+        })?;
+        let first = Self::parse(path.clone(), mmap, 0)?;
+        let Some(split) = split_keys(&path, &first.metadata)? else {
+            return Ok(Self::join(vec![first]));
         };
-        let file = File::open(&path).map_err(io_error)?;
-        // SAFETY: the map is read-only; a file truncated underneath us is outside what tp defends against,
-        // as with every mmap-based model loader.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(io_error)?;
-        Self::parse(path, mmap)
+        if split.number != 0 {
+            let hint = sibling_path(&path, split.number, split.count, 0)
+                .map_or(String::new(), |p| format!(", {}", p.display()));
+            return Err(GgufError::NotFirstPart {
+                path,
+                number: split.number + 1,
+                count: split.count,
+                hint,
+            });
+        }
+        let Some(tensor_count) = split.tensor_count else {
+            return Err(GgufError::MissingKey {
+                path,
+                key: SPLIT_TENSORS_COUNT_KEY.into(),
+            });
+        };
+        let mut parts = vec![first];
+        for number in 1..split.count {
+            let Some(part_path) = sibling_path(&path, 0, split.count, number) else {
+                return Err(GgufError::Invalid {
+                    what: format!(
+                        "the first of {} parts of a split model must be named NAME{} (as \
+                         llama-gguf-split names them) so that the others can be found",
+                        split.count,
+                        part_suffix(0, split.count)
+                    ),
+                    path,
+                });
+            };
+            let foreign = |what: String| GgufError::ForeignPart {
+                path: part_path.clone(),
+                number: number + 1,
+                count: split.count,
+                first: path.clone(),
+                what,
+            };
+            let mmap = map_file(&part_path).map_err(|source| GgufError::MissingPart {
+                path: part_path.clone(),
+                number: number + 1,
+                count: split.count,
+                first: path.clone(),
+                source,
+            })?;
+            let part = Self::parse(part_path.clone(), mmap, number)?;
+            match split_keys(&part_path, &part.metadata)? {
+                None => return Err(foreign("it has no split keys".into())),
+                Some(keys) if keys.count != split.count || keys.number != number => {
+                    return Err(foreign(format!(
+                        "it says it is part {} of {}",
+                        keys.number + 1,
+                        keys.count
+                    )));
+                }
+                Some(SplitKeys {
+                    tensor_count: Some(n),
+                    ..
+                }) if n != tensor_count => {
+                    return Err(foreign(format!(
+                        "its set has {n} tensors, the first part's has {tensor_count}"
+                    )));
+                }
+                Some(_) => {}
+            }
+            parts.push(part);
+        }
+        let found: usize = parts.iter().map(|p| p.tensors.len()).sum();
+        if found as u64 > MAX_TENSOR_COUNT {
+            return Err(GgufError::Invalid {
+                path,
+                what: format!("{found} tensors exceed the limit of {MAX_TENSOR_COUNT}"),
+            });
+        }
+        // A tensor name in two parts, or a count off, means a part of another split.
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (number, part) in parts.iter().enumerate() {
+            for t in &part.tensors {
+                if let Some(earlier) = seen.insert(&t.name, number) {
+                    return Err(GgufError::ForeignPart {
+                        path: part.part.path.clone(),
+                        number: number + 1,
+                        count: split.count,
+                        first: path,
+                        what: format!("tensor '{}' is in part {} too", t.name, earlier + 1),
+                    });
+                }
+            }
+        }
+        if found as u64 != tensor_count {
+            return Err(GgufError::Invalid {
+                path,
+                what: format!(
+                    "{SPLIT_TENSORS_COUNT_KEY} is {tensor_count} but the {} parts hold {found} \
+                     tensors (is a part from another split?)",
+                    split.count
+                ),
+            });
+        }
+        Ok(Self::join(parts))
+    }
+
+    /// One model from its parsed files: metadata and version of the first, every tensor.
+    fn join(parts: Vec<ParsedPart>) -> GgufFile {
+        let mut parts = parts.into_iter();
+        let first = parts.next().expect("a model has a file");
+        let (path, version, metadata) = (first.part.path.clone(), first.version, first.metadata);
+        let mut tensors = first.tensors;
+        let mut files = vec![first.part];
+        for part in parts {
+            tensors.extend(part.tensors);
+            files.push(part.part);
+        }
+        let tensor_index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        GgufFile {
+            path,
+            version,
+            metadata,
+            tensors,
+            tensor_index,
+            parts: files,
+        }
     }
 
     /// Parses a GGUF image held in memory (copied into an anonymous map); `name` stands for
-    /// its path in errors.
+    /// its path in errors. Taken as a file on its own: split keys are not followed.
     pub fn from_bytes(name: impl Into<PathBuf>, bytes: &[u8]) -> Result<GgufFile, GgufError> {
         let path = name.into();
         let io_error = |source| GgufError::Io {
@@ -304,10 +566,11 @@ impl GgufFile {
                 file_size: 0,
             });
         }
-        Self::parse(path, map)
+        Ok(Self::join(vec![Self::parse(path, map, 0)?]))
     }
 
-    fn parse(path: PathBuf, mmap: Mmap) -> Result<GgufFile, GgufError> {
+    /// Parses one file, whose tensors are given part number `part`.
+    fn parse(path: PathBuf, mmap: Mmap, part: usize) -> Result<ParsedPart, GgufError> {
         let file_size = mmap.len() as u64;
         let mut reader = Reader {
             path: &path,
@@ -371,8 +634,8 @@ impl GgufFile {
             size_bytes: u64,
         }
         let mut raw = Vec::with_capacity(tensor_count as usize);
-        let mut tensor_index = BTreeMap::new();
-        for index in 0..tensor_count as usize {
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..tensor_count {
             let name = reader.string("tensor name")?;
             let dim_count = reader.u32(&name)?;
             if dim_count == 0 || dim_count > MAX_TENSOR_DIMS {
@@ -416,7 +679,7 @@ impl GgufFile {
             let size_bytes = (row_bytes as u64)
                 .checked_mul(elements / dims[0])
                 .ok_or_else(|| reader.invalid(format!("tensor '{name}' size overflows")))?;
-            if tensor_index.insert(name.clone(), index).is_some() {
+            if !names.insert(name.clone()) {
                 return Err(reader.invalid(format!("duplicate tensor name '{name}'")));
             }
             raw.push(RawTensor {
@@ -448,6 +711,7 @@ impl GgufFile {
                     name: t.name,
                     dims: t.dims,
                     quant_type: t.quant_type,
+                    part,
                     offset,
                     size_bytes: t.size_bytes,
                 }),
@@ -463,15 +727,16 @@ impl GgufFile {
             }
         }
 
-        Ok(GgufFile {
-            path,
+        Ok(ParsedPart {
             version,
             metadata,
             tensors,
-            tensor_index,
-            header_bytes,
-            file_size,
-            mmap,
+            part: GgufPart {
+                path,
+                header_bytes,
+                file_size,
+                mmap,
+            },
         })
     }
 
@@ -479,9 +744,14 @@ impl GgufFile {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// The bytes of a tensor; extents were checked at parse time.
+    /// The bytes of a tensor, from the file that holds it; extents were checked at parse time.
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        &self.mmap[info.offset as usize..(info.offset + info.size_bytes) as usize]
+        &self.parts[info.part].mmap[info.offset as usize..(info.offset + info.size_bytes) as usize]
+    }
+
+    /// The size of each of the model's files, in order: with the header hash, its identity.
+    pub fn part_sizes(&self) -> Vec<u64> {
+        self.parts.iter().map(|p| p.file_size).collect()
     }
 
     /// Drops the mapped pages of a tensor whose bytes were copied out, so that loading a shard
@@ -494,18 +764,13 @@ impl GgufFile {
             // SAFETY: the map is private and read-only; dropped pages of a file mapping are
             // re-read from the file if touched again, so no data is lost.
             let _ = unsafe {
-                self.mmap.unchecked_advise_range(
+                self.parts[info.part].mmap.unchecked_advise_range(
                     memmap2::UncheckedAdvice::DontNeed,
                     start as usize,
                     (end - start) as usize,
                 )
             };
         }
-    }
-
-    /// Header, metadata and tensor index: hashed to check two paths hold the same model.
-    pub fn header(&self) -> &[u8] {
-        &self.mmap[..self.header_bytes as usize]
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -650,6 +915,20 @@ pub(crate) mod tests {
             }
         }
         std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn the_parts_of_a_split_model_are_found_by_name() {
+        let first = Path::new("/m/big-00001-of-00004.gguf");
+        assert_eq!(
+            sibling_path(first, 0, 4, 3),
+            Some(PathBuf::from("/m/big-00004-of-00004.gguf"))
+        );
+        assert_eq!(sibling_path(first, 1, 4, 0), None, "it is part 1, not 2");
+        assert_eq!(sibling_path(first, 0, 3, 1), None, "it is one of 4, not 3");
+        let no_prefix = Path::new("/m/-00001-of-00004.gguf");
+        assert_eq!(sibling_path(no_prefix, 0, 4, 1), None);
+        assert_eq!(sibling_path(Path::new("/m/big.gguf"), 0, 4, 1), None);
     }
 
     #[test]

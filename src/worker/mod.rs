@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::coordinator::planner::{LayerShard, RankShard, check_rank_shard};
 use crate::kernels::pool::ThreadPool;
 use crate::model::arch::ModelConfig;
-use crate::model::gguf::GgufFile;
+use crate::model::gguf::{GgufFile, MAX_SPLIT_COUNT};
 use crate::proto;
 use crate::transport::grpc::{
     BytesSent, GrpcCollective, GrpcSpec, Registry, SECRET_BYTES, SyncPrecision, Unconnected,
@@ -153,17 +153,20 @@ pub struct WorkerService {
     numa_node: Option<usize>,
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+/// FNV-1a over `bytes`, continuing from `hash`.
+fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
     hash
 }
 
-/// Identifies a model file cheaply: a hash of its header, metadata and tensor index.
+/// Identifies a model cheaply: a hash of the header, metadata and tensor index of each of its
+/// files in turn (for a single file, of its own header).
 pub fn model_header_hash(file: &GgufFile) -> u64 {
-    fnv1a(file.header())
+    file.parts.iter().fold(0xcbf2_9ce4_8422_2325, |hash, part| {
+        fnv1a(hash, part.header())
+    })
 }
 
 /// Identifies this boot of this machine: with the hostname, tells whether two processes share a host.
@@ -238,10 +241,11 @@ fn load(
 ) -> Result<(Loaded, proto::LoadShardReply), String> {
     let started = Instant::now();
     let file = GgufFile::open(&request.model_path).map_err(|e| e.to_string())?;
-    if file.file_size != request.model_size || model_header_hash(&file) != request.model_header_hash
+    if file.part_sizes() != request.part_sizes
+        || model_header_hash(&file) != request.model_header_hash
     {
         return Err(format!(
-            "{} is not the coordinator's model file (size or header hash differ)",
+            "{} is not the coordinator's model (file sizes or header hash differ)",
             request.model_path
         ));
     }
@@ -418,31 +422,51 @@ impl proto::worker_server::Worker for WorkerService {
         request: Request<proto::PrepareModelRequest>,
     ) -> Result<Response<proto::PrepareModelReply>, Status> {
         let request = request.into_inner();
-        let size = request.model_size;
+        let sizes = request.part_sizes.clone();
+        if sizes.is_empty() || sizes.len() > MAX_SPLIT_COUNT {
+            return Err(Status::invalid_argument(format!(
+                "a model of {} files (1 to {MAX_SPLIT_COUNT})",
+                sizes.len()
+            )));
+        }
         if request.ranges.len() > MAX_RANGES {
             return Err(Status::invalid_argument(format!(
                 "{} ranges exceed the limit of {MAX_RANGES}",
                 request.ranges.len()
             )));
         }
-        if let Some(bad) = request
-            .ranges
-            .iter()
-            .find(|r| r.start >= r.end || r.end > size)
-        {
-            return Err(Status::invalid_argument(format!(
-                "range {}..{} is empty or outside the {size}-byte file",
-                bad.start, bad.end
-            )));
+        let mut wanted = vec![Vec::new(); sizes.len()];
+        for r in &request.ranges {
+            let size = sizes.get(r.part as usize).copied().unwrap_or(0);
+            if r.start >= r.end || r.end > size {
+                return Err(Status::invalid_argument(format!(
+                    "range {}..{} of file {} is empty or outside that file (the model has {})",
+                    r.start,
+                    r.end,
+                    r.part,
+                    sizes.len()
+                )));
+            }
+            wanted[r.part as usize].push(r.start..r.end);
         }
-        let wanted = shard::merge_ranges(request.ranges.iter().map(|r| r.start..r.end).collect());
+        let wanted: Vec<_> = wanted.into_iter().map(shard::merge_ranges).collect();
         let cache_dir = self.cache_dir.clone();
         let receiving = self.receiving.clone();
         tokio::task::spawn_blocking(move || {
             let local = !request.model_path.is_empty()
-                && GgufFile::open(&request.model_path).is_ok_and(|file| {
-                    file.file_size == size && model_header_hash(&file) == request.model_header_hash
-                });
+                && match GgufFile::open(&request.model_path) {
+                    Ok(file) => {
+                        file.part_sizes() == sizes
+                            && model_header_hash(&file) == request.model_header_hash
+                    }
+                    Err(e) => {
+                        // Say why a copy that is there is not used (a split model's part missing).
+                        if std::path::Path::new(&request.model_path).exists() {
+                            tracing::warn!("{e}: using the cache instead");
+                        }
+                        false
+                    }
+                };
             if local {
                 return Ok(Response::new(proto::PrepareModelReply {
                     path: request.model_path,
@@ -451,9 +475,20 @@ impl proto::worker_server::Worker for WorkerService {
                 }));
             }
             let (cache, missing) =
-                CacheFile::open(&cache_dir, request.model_header_hash, size, &wanted).map_err(
+                CacheFile::open(&cache_dir, request.model_header_hash, &sizes, &wanted).map_err(
                     |e| Status::internal(format!("model cache in {}: {e}", cache_dir.display())),
                 )?;
+            let missing: Vec<proto::ByteRange> = missing
+                .iter()
+                .enumerate()
+                .flat_map(|(part, ranges)| {
+                    ranges.iter().map(move |r| proto::ByteRange {
+                        start: r.start,
+                        end: r.end,
+                        part: part as u32,
+                    })
+                })
+                .collect();
             let reply = proto::PrepareModelReply {
                 path: cache.path.display().to_string(),
                 source: if missing.is_empty() {
@@ -461,17 +496,11 @@ impl proto::worker_server::Worker for WorkerService {
                 } else {
                     "cache (incomplete)".into()
                 },
-                missing: missing
-                    .iter()
-                    .map(|r| proto::ByteRange {
-                        start: r.start,
-                        end: r.end,
-                    })
-                    .collect(),
+                missing,
             };
             tracing::info!(
                 path = %reply.path,
-                missing_mib = missing.iter().map(|r| r.end - r.start).sum::<u64>() as f64 / (1 << 20) as f64,
+                missing_mib = reply.missing.iter().map(|r| r.end - r.start).sum::<u64>() as f64 / (1 << 20) as f64,
                 "no local copy of the model: using the cache"
             );
             *receiving.lock().unwrap() = Some(cache);
@@ -498,7 +527,7 @@ impl proto::worker_server::Worker for WorkerService {
                 ));
             }
             cache
-                .write(chunk.offset, &chunk.data)
+                .write(chunk.part as usize, chunk.offset, &chunk.data)
                 .map_err(Status::invalid_argument)?;
             written += chunk.data.len() as u64;
         }

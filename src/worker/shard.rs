@@ -307,15 +307,21 @@ pub fn load_shard(
     Ok(loaded)
 }
 
-/// The byte ranges of the model file that `load_shard` reads for `shard`, absolute, sorted and
-/// merged, the header (metadata and tensor index) first: what a worker without the file must
-/// receive. A test checks that a file holding only these loads the same shard.
+/// The byte ranges of the model's files that `load_shard` reads for `shard`: one list per file
+/// (`file.parts`: one, or every part of a split model), absolute in that file, sorted and
+/// merged, each file's header (metadata and tensor index) first. What a worker without the
+/// files must receive: every header, so that the set opens, and data only from the parts that
+/// hold its slices. A test checks that files holding only these load the same shard.
 pub fn shard_byte_ranges(
     file: &GgufFile,
     config: &ModelConfig,
     shard: &RankShard,
-) -> Result<Vec<Range<u64>>, ShardError> {
-    let mut ranges: Vec<Range<u64>> = std::iter::once(0..file.header_bytes).collect();
+) -> Result<Vec<Vec<Range<u64>>>, ShardError> {
+    let mut ranges: Vec<Vec<Range<u64>>> = file
+        .parts
+        .iter()
+        .map(|part| std::iter::once(0..part.header_bytes).collect())
+        .collect();
     for slice in shard_tensors(config, shard) {
         let info = file
             .tensor(&slice.name)
@@ -332,21 +338,22 @@ pub fn shard_byte_ranges(
         } else {
             (0, row_bytes) // re-blocked: whole rows are dequantized
         };
+        let part = &mut ranges[info.part];
         for range in rows {
             if start == 0 && end == row_bytes {
-                ranges.push(
+                part.push(
                     info.offset + range.start as u64 * row_bytes
                         ..info.offset + range.end as u64 * row_bytes,
                 );
             } else {
                 for r in range.start as u64..range.end as u64 {
                     let row = info.offset + r * row_bytes;
-                    ranges.push(row + start..row + end);
+                    part.push(row + start..row + end);
                 }
             }
         }
     }
-    Ok(merge_ranges(ranges))
+    Ok(ranges.into_iter().map(merge_ranges).collect())
 }
 
 /// Sorts `ranges` and merges those that overlap or touch; drops empty ones.
