@@ -122,11 +122,11 @@ fetch_dense() {
       { echo "fetch-models: writing $name failed" >&2; rm -f "$model_dir/$name.part"; exit 1; }
     case "$variant" in # the golden data in tests/data/golden/dense-synthetic belong to these bytes
       qwen3) sha=4e661b7b437c4592a55efd923dfdd159f7f44fa71cd6dadfae6fa832c6dc2593 ;;
-      llama3) sha=4736b7bb701bdcefc995f76c20f9136ec50c23308b8a66f25e2a885395f2a9e7 ;;
-      llama-linear) sha=cceb5acf571f6e6869b1625f05c1d8b3d599f35bb483d6ed75be5bac80242d80 ;;
-      llama-yarn) sha=9062ffda3b4123c5e1cbd23e69aeaf478880d1e7356ea7fb87959faef7269140 ;;
+      llama3) sha=ae32a934191f9e77b5a6a2fa181defbb8fa566031f57277f2e4578859aee97e4 ;;
+      llama-linear) sha=30a9a0e9ca9024b059e3b0e5b99fed2ebbf4088defdd5e937ee52c062f98894a ;;
+      llama-yarn) sha=846c2c8107f62e10e83f84a62fbf66807bec9d6af8ee064735b03d3c2b2365a1 ;;
       mixtral) sha=8c5021f3880d613753687ac704c168ff32b8f6111817ad1b96315f32badb6a92 ;;
-      gemma3) sha=887c6eba95fc834709d573fd86fa765486fc3343c186fb06f84736c2bfa31536 ;;
+      gemma3) sha=3865209e87311503daf381010f54e3f4cbdd2e571b6eb9618d661cdb468bd5a8 ;;
     esac
     check_sha "$model_dir/$name.part" "$sha"
     mv "$model_dir/$name.part" "$model_dir/$name"

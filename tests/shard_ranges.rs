@@ -7,10 +7,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use tp::coordinator::planner::plan_with;
+use tp::shard::plan::plan_with;
 use tp::model::arch::ModelConfig;
 use tp::model::gguf::GgufFile;
-use tp::worker::shard::{load_shard, shard_byte_ranges};
+use tp::shard::tensors::shard_byte_ranges;
+use tp::worker::shard::load_shard;
 
 #[test]
 fn a_shard_loads_from_its_byte_ranges_alone() {

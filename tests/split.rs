@@ -12,7 +12,7 @@ use common::*;
 use tp::coordinator::cluster::{Cluster, ClusterLimits, WorkerEntry};
 use tp::coordinator::session::{Model, Session};
 use tp::model::gguf::GgufFile;
-use tp::worker::shard::shard_byte_ranges;
+use tp::shard::tensors::shard_byte_ranges;
 
 const PROMPTS: [&str; 2] = [
     "The quick brown fox jumps over the lazy dog because",

@@ -73,7 +73,7 @@ pub struct BenchArgs {
     /// Mixture-of-experts models: how experts are divided, one cluster per choice
     /// (comma-separated: tensor, expert). Dense models ignore it.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tensor")]
-    pub moe_split: Vec<crate::coordinator::planner::MoeSplit>,
+    pub moe_split: Vec<crate::shard::plan::MoeSplit>,
     /// Wire precision of the gRPC data plane (full, f32, bf16, f16, q8_0).
     #[arg(long, default_value = "full", value_parser = |s: &str| s.parse::<crate::transport::grpc::SyncPrecision>())]
     pub sync_precision: crate::transport::grpc::SyncPrecision,

@@ -10,12 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::auth::Token;
 use crate::coordinator::bench::BenchArgs;
 use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile, TransportChoice};
-use crate::coordinator::planner::{AttentionUnit, MoeSplit, plan_with};
+use crate::shard::plan::{AttentionUnit, MoeSplit, plan_with};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
 use crate::model::chat::ChatMessage;
 use crate::transport::grpc::SyncPrecision;
-use crate::worker::shard::{shard_byte_ranges, shard_expert_bytes, shard_weight_bytes};
+use crate::shard::tensors::{shard_byte_ranges, shard_expert_bytes, shard_weight_bytes};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -622,7 +622,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         weight_bytes: u64,
         expert_bytes: u64,
         kv_cache_bytes: u64,
-        layers: Vec<crate::coordinator::planner::LayerShard>,
+        layers: Vec<crate::shard::plan::LayerShard>,
         /// Split models: the parts whose tensor data this rank reads (headers aside).
         #[serde(skip_serializing_if = "Vec::is_empty")]
         parts_read: Vec<PartRead>,

@@ -14,14 +14,15 @@ use tonic::transport::Channel;
 
 use crate::auth::{BUSY_WITH_ANOTHER, ClientAuth, OWNER_LEASE, Token};
 
-use crate::coordinator::planner::{MoeSplit, Plan, RankShard};
+use crate::shard::plan::{MoeSplit, Plan, RankShard};
 use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
 use crate::transport::grpc::{SECRET_BYTES, SyncPrecision};
 use crate::transport::shm::ShmSegment;
-use crate::worker::shard::shard_byte_ranges;
-use crate::worker::{MAX_MESSAGE_BYTES, model_header_hash};
+use crate::shard::tensors::shard_byte_ranges;
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::shard::host::model_header_hash;
 
 /// Limits of a cluster, with defaults; all waits are bounded.
 #[derive(Clone, Debug)]
@@ -1022,9 +1023,9 @@ pub fn host_identity(hello: &proto::HelloReply) -> HostIdentity {
 
 fn host_identity_here() -> HostIdentity {
     (
-        crate::worker::boot_id(),
-        crate::worker::hostname(),
-        crate::worker::network_namespace(),
+        crate::shard::host::boot_id(),
+        crate::shard::host::hostname(),
+        crate::shard::host::network_namespace(),
     )
 }
 

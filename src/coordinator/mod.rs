@@ -6,7 +6,6 @@ pub mod cli;
 pub mod cluster;
 pub mod engine;
 pub mod metrics;
-pub mod planner;
 pub mod sampler;
 pub mod sequence;
 pub mod server;

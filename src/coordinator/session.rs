@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 
 use crate::coordinator::cluster::{Cluster, LoadSpec};
-use crate::coordinator::planner::{Plan, plan_with};
+use crate::shard::plan::{Plan, plan_with};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::sequence::{Decoder, SequenceSpec, Stop};
 use crate::model::arch::ModelConfig;
@@ -581,8 +581,21 @@ impl Session {
         let first = context / 2;
         let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
         let mut running = Vec::new();
+        // llama-perplexity starts every chunk with BOS where the vocabulary adds one.
+        let bos = self
+            .model
+            .tokenizer
+            .add_bos()
+            .then(|| self.model.tokenizer.bos_id())
+            .flatten();
+        let mut window = Vec::with_capacity(context);
         for chunk in 0..chunks {
-            let window = &tokens[chunk * context..(chunk + 1) * context];
+            window.clear();
+            window.extend_from_slice(&tokens[chunk * context..(chunk + 1) * context]);
+            if let Some(bos) = bos {
+                window[0] = bos;
+            }
+            let window = &window[..];
             self.cluster.clear_sequence(0).await?;
             let rows: Vec<usize> = (first..context - 1).collect();
             let targets: Vec<u32> = rows.iter().map(|&j| window[j + 1]).collect();

@@ -962,6 +962,19 @@ impl Tokenizer {
         fragments
     }
 
+    /// A prompt's tokens as llama.cpp evaluates them: BOS first where the vocabulary asks for
+    /// it (`add_special`), then the text.
+    pub fn encode_prompt(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::new();
+        if self.add_bos
+            && let Some(bos) = self.bos_id()
+        {
+            ids.push(bos);
+        }
+        ids.extend(self.encode(text, parse_special)?);
+        Ok(ids)
+    }
+
     /// Whether a prompt should start with BOS (`tokenizer.ggml.add_bos_token`).
     pub fn add_bos(&self) -> bool {
         self.add_bos

@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 use half::f16;
 
-use crate::coordinator::planner::{Buffer, OpKind, RankShard, shard_program};
+use crate::shard::plan::{Buffer, OpKind, RankShard, shard_program};
 use crate::kernels::cpu::{PreparedActivations, QuantType, attend, matmul, matmul_f64, sum_exp};
 use crate::kernels::pool;
 use crate::model::arch::{Activation, FfnSpec, ModelConfig, RopeSpec, RopeStyle};

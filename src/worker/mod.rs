@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::planner::{LayerShard, RankShard, check_rank_shard};
+use crate::shard::host::{boot_id, hostname, model_header_hash, network_namespace};
+use crate::shard::plan::{LayerShard, RankShard, check_rank_shard};
 use crate::kernels::pool::ThreadPool;
 use crate::model::arch::ModelConfig;
 use crate::model::gguf::{GgufFile, MAX_SPLIT_COUNT};
@@ -151,43 +152,6 @@ pub struct WorkerService {
     /// TLS for the data plane as for the control plane.
     tls: Option<crate::tls::TlsFiles>,
     numa_node: Option<usize>,
-}
-
-/// FNV-1a over `bytes`, continuing from `hash`.
-fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-/// Identifies a model cheaply: a hash of the header, metadata and tensor index of each of its
-/// files in turn (for a single file, of its own header).
-pub fn model_header_hash(file: &GgufFile) -> u64 {
-    file.parts.iter().fold(0xcbf2_9ce4_8422_2325, |hash, part| {
-        fnv1a(hash, part.header())
-    })
-}
-
-/// Identifies this boot of this machine: with the hostname, tells whether two processes share a host.
-pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// The network namespace of this process ("net:[4026531840]"); processes in different
-/// namespaces are treated as different hosts, as containers usually are.
-pub fn network_namespace() -> String {
-    std::fs::read_link("/proc/self/ns/net")
-        .map(|p| p.display().to_string())
-        .unwrap_or_default()
-}
-
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 /// The shared-memory collective of this rank's host in a hierarchical cluster. The host's
@@ -449,7 +413,7 @@ impl proto::worker_server::Worker for WorkerService {
             }
             wanted[r.part as usize].push(r.start..r.end);
         }
-        let wanted: Vec<_> = wanted.into_iter().map(shard::merge_ranges).collect();
+        let wanted: Vec<_> = wanted.into_iter().map(crate::shard::tensors::merge_ranges).collect();
         let cache_dir = self.cache_dir.clone();
         let receiving = self.receiving.clone();
         tokio::task::spawn_blocking(move || {

@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::worker::shard::{merge_ranges, missing_ranges};
+use crate::shard::tensors::{merge_ranges, missing_ranges};
 
 /// Largest model a worker accepts into its cache (the request comes over the network).
 pub const MAX_MODEL_BYTES: u64 = 1 << 40;

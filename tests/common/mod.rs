@@ -7,7 +7,7 @@ pub mod split;
 use std::path::{Path, PathBuf};
 
 use tp::coordinator::cluster::{Cluster, ClusterLimits};
-pub use tp::coordinator::planner::MoeSplit;
+pub use tp::shard::plan::MoeSplit;
 use tp::coordinator::session::{Model, Session};
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";

@@ -6,14 +6,15 @@ Variants (each a small random-weight model, 4 layers, d_model 256, the SmolLM2 v
                head size must come from `attention.key_length`), SwiGLU FFN of 512, untied output
   llama3       llama.cpp `llama` with llama3 RoPE scaling: `rope_freqs.weight` holds per-pair frequency divisors made
                with the llama3 formula (factor 8, low/high frequency factors 1 and 4) for an original context of 64
-               positions, so that most pairs are scaled within the prompts used; adjacent-pair RoPE, GQA 8:2, tied
-               output
+               positions, so that most pairs are scaled within the prompts used; adjacent-pair RoPE, GQA 8:2
   llama-linear `llama` with `rope.scaling.type = linear`, factor 4
   llama-yarn   `llama` with `rope.scaling.type = yarn`, factor 4, original context 256
   gemma3       llama.cpp `gemma3` with 6 layers (5 sliding-window layers of 32 positions, then 1 global), heads of 64,
-               QK-norm, post-attention and post-FFN norms, GeGLU, embeddings scaled by sqrt(d_model), tied output
+               QK-norm, post-attention and post-FFN norms, GeGLU, embeddings scaled by sqrt(d_model)
   mixtral      `llama` with 8 routed experts of 128 columns, 2 used per token (Mixtral's layout: softmax routing,
-               the two weights renormalized), untied output
+               the two weights renormalized)
+Every variant has an untied output head (`output.weight`), whose rows are scaled so that next-token distributions are
+peaked but not certain.
 
 Every random number comes from numpy's legacy `RandomState(seed)` in a fixed order; Q8_0 is implemented bit-exactly
 (see ../moe-synthetic/make_moe_gguf.py, whose helpers this script uses), so the bytes depend only on this script, numpy
@@ -35,11 +36,15 @@ from make_moe_gguf import printable_mask, quantize_q8_0, read_tokenizer  # noqa:
 SEED = 20261205
 VARIANTS = {
     "qwen3": dict(arch="qwen3", head_dim=64, qk_norm=True, tied=False),
-    "llama3": dict(arch="llama", head_dim=32, rope_freqs=True, tied=True, rope_base=500000.0),
-    "llama-linear": dict(arch="llama", head_dim=32, tied=True, scaling=("linear", 4.0, None)),
-    "llama-yarn": dict(arch="llama", head_dim=32, tied=True, scaling=("yarn", 4.0, 256)),
+    "llama3": dict(arch="llama", head_dim=32, rope_freqs=True, tied=False, rope_base=500000.0),
+    "llama-linear": dict(arch="llama", head_dim=32, tied=False, scaling=("linear", 4.0, None)),
+    "llama-yarn": dict(arch="llama", head_dim=32, tied=False, scaling=("yarn", 4.0, 256)),
     "mixtral": dict(arch="llama", head_dim=32, tied=False, experts=(8, 2)),
-    "gemma3": dict(arch="gemma3", head_dim=64, qk_norm=True, tied=True, layers=6, window=32, post_norms=True),
+    # gemma3 multiplies the embeddings by sqrt(256) = 16: drawn 16 times smaller, so that the residual stream has the
+    # other variants' scale. The output head is untied: a tied one, with the residual stream dominated by the token's
+    # own embedding, would predict that token with certainty and pin nothing of the distribution.
+    "gemma3": dict(arch="gemma3", head_dim=64, qk_norm=True, tied=False, layers=6, window=32, post_norms=True,
+                   embd=3.0 / 16.0),
 }
 D, H, HKV, FF, FF_EXP = 256, 8, 2, 512, 128
 
@@ -71,7 +76,7 @@ def build(v, n_vocab, printable, seed):
     def unif(shape, lo=0.5, hi=1.5):
         return rs.uniform(lo, hi, size=shape).astype(np.float32)
 
-    W = [("token_embd.weight", normal((n_vocab, D), 3.0), "q8")]
+    W = [("token_embd.weight", normal((n_vocab, D), v.get("embd", 3.0)), "q8")]
     for il in range(L):
         p = f"blk.{il}."
         W.append((p + "attn_norm.weight", unif((D,)), "f32"))
