@@ -37,11 +37,25 @@ async fn check_generation(model_name: &str, golden: &str, rank_counts: &[usize])
     check_generation_with(model_name, golden, rank_counts, MoeSplit::Tensor, 512).await
 }
 
-/// `check_generation` with mixture-of-experts layers split as `split` says, in a context of
-/// `context` tokens.
 async fn check_generation_with(
     model_name: &str,
     golden: &str,
+    rank_counts: &[usize],
+    split: MoeSplit,
+    context: usize,
+) -> String {
+    check_generation_against(model_name, golden, None, rank_counts, split, context).await
+}
+
+/// `check_generation` with mixture-of-experts layers split as `split` says, in a context of
+/// `context` tokens. `alternative` names llama.cpp's generations through another of its own
+/// code paths (flash attention off): a mismatch beyond a near-tie is accepted where that path
+/// produced our tokens up to and including the mismatch, i.e. where llama.cpp disagrees with
+/// itself (a routing near-tie in a mixture of experts flips a whole expert).
+async fn check_generation_against(
+    model_name: &str,
+    golden: &str,
+    alternative: Option<&str>,
     rank_counts: &[usize],
     split: MoeSplit,
     context: usize,
@@ -51,6 +65,18 @@ async fn check_generation_with(
     };
     let data = read_json(&golden_dir().join(golden));
     let cases = data["cases"].as_array().unwrap();
+    let alternative = alternative.map(|a| read_json(&golden_dir().join(a)));
+    let alternative_ids = |id: &str| -> Option<Vec<u32>> {
+        let alt = alternative.as_ref()?;
+        let case = alt["cases"].as_array()?.iter().find(|c| c["id"] == id)?;
+        Some(
+            case["generated_ids"]
+                .as_array()?
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect(),
+        )
+    };
     let mut table = format!(
         "| case | {} |\n|---|{}\n",
         rank_counts
@@ -115,8 +141,13 @@ async fn check_generation_with(
                 if ours != theirs {
                     let gap = golden_step[0].1 - golden_step[1].1;
                     let in_top10 = golden_step.iter().any(|&(id, _)| id == ours);
+                    let other_path = alternative_ids(&id).is_some_and(|alt| {
+                        alt.len() > step && alt[..=step] == generation.tokens[..=step]
+                    });
                     if gap < NEAR_TIE_NATS && in_top10 {
                         verdict = format!("near-tie at {step} (gap {gap:.3})");
+                    } else if other_path && in_top10 {
+                        verdict = format!("llama.cpp -fa off agrees at {step} (gap {gap:.3})");
                     } else {
                         verdict = format!("MISMATCH at {step} (gap {gap:.3})");
                         failures.push(format!("TP={ranks} {id}: token {ours} vs {theirs} at step {step}, golden gap {gap:.3}"));
@@ -219,7 +250,11 @@ async fn gemma3_greedy_generation_matches_llama_cpp_at_tp_1_2_3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gemma3_perplexity_within_1_percent_of_llama_cpp() {
     let full = std::env::var_os("TP_FULL_PERPLEXITY").is_some();
-    let (c128, c512) = if full { (None, None) } else { (Some(16), Some(4)) };
+    let (c128, c512) = if full {
+        (None, None)
+    } else {
+        (Some(16), Some(4))
+    };
     check_perplexity(GEMMA3, "gemma3-270m/ppl.json", 2, 128, c128).await;
     check_perplexity(GEMMA3, "gemma3-270m/ppl.json", 2, 512, c512).await;
 }
@@ -464,14 +499,42 @@ async fn llama3_rope_frequency_factors_match_llama_cpp_at_tp_1_2_3_4() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llama_linear_and_yarn_scaling_match_llama_cpp_at_tp_1_2_3_4() {
-    check_synthetic(LLAMA_LINEAR_SYNTH, "llama-linear", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
-    check_synthetic(LLAMA_YARN_SYNTH, "llama-yarn", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
+    check_synthetic(
+        LLAMA_LINEAR_SYNTH,
+        "llama-linear",
+        MoeSplit::Tensor,
+        &[1, 2, 3, 4],
+    )
+    .await;
+    check_synthetic(
+        LLAMA_YARN_SYNTH,
+        "llama-yarn",
+        MoeSplit::Tensor,
+        &[1, 2, 3, 4],
+    )
+    .await;
 }
 
+/// Mixtral routes each token to 2 of 8 experts, so a near-tie between the second and third
+/// expert flips a whole expert's output: llama.cpp with flash attention off disagrees with
+/// itself on 4 of the 8 cases (`generate_fa_off.json`), once at a golden gap of 0.53, beyond
+/// the near-tie rule. Such a step is accepted where llama.cpp's other path chose our token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixtral_matches_llama_cpp_at_tp_1_2_3_4_under_both_splits() {
-    check_synthetic(MIXTRAL_SYNTH, "mixtral", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
-    check_synthetic(MIXTRAL_SYNTH, "mixtral", MoeSplit::Expert, &[2, 3, 4]).await;
+    for (split, ranks) in [
+        (MoeSplit::Tensor, &[1, 2, 3, 4][..]),
+        (MoeSplit::Expert, &[2, 3, 4][..]),
+    ] {
+        check_generation_against(
+            MIXTRAL_SYNTH,
+            "dense-synthetic/mixtral/generate.json",
+            Some("dense-synthetic/mixtral/generate_fa_off.json"),
+            ranks,
+            split,
+            1024,
+        )
+        .await;
+    }
 }
 
 /// Prompts and perplexity chunks longer than the window of 32, so the local layers' window and

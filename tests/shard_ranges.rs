@@ -7,9 +7,9 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use tp::shard::plan::plan_with;
 use tp::model::arch::ModelConfig;
 use tp::model::gguf::GgufFile;
+use tp::shard::plan::plan_with;
 use tp::shard::tensors::shard_byte_ranges;
 use tp::worker::shard::load_shard;
 

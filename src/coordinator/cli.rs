@@ -10,12 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::auth::Token;
 use crate::coordinator::bench::BenchArgs;
 use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile, TransportChoice};
-use crate::shard::plan::{AttentionUnit, MoeSplit, plan_with};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
 use crate::model::chat::ChatMessage;
-use crate::transport::grpc::SyncPrecision;
+use crate::shard::plan::{AttentionUnit, MoeSplit, plan_with};
 use crate::shard::tensors::{shard_byte_ranges, shard_expert_bytes, shard_weight_bytes};
+use crate::transport::grpc::SyncPrecision;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -14,15 +14,15 @@ use tonic::transport::Channel;
 
 use crate::auth::{BUSY_WITH_ANOTHER, ClientAuth, OWNER_LEASE, Token};
 
-use crate::shard::plan::{MoeSplit, Plan, RankShard};
+use crate::limits::MAX_MESSAGE_BYTES;
 use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
+use crate::shard::host::model_header_hash;
+use crate::shard::plan::{MoeSplit, Plan, RankShard};
+use crate::shard::tensors::shard_byte_ranges;
 use crate::transport::grpc::{SECRET_BYTES, SyncPrecision};
 use crate::transport::shm::ShmSegment;
-use crate::shard::tensors::shard_byte_ranges;
-use crate::limits::MAX_MESSAGE_BYTES;
-use crate::shard::host::model_header_hash;
 
 /// Limits of a cluster, with defaults; all waits are bounded.
 #[derive(Clone, Debug)]

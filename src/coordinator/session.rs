@@ -8,7 +8,6 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 
 use crate::coordinator::cluster::{Cluster, LoadSpec};
-use crate::shard::plan::{Plan, plan_with};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::sequence::{Decoder, SequenceSpec, Stop};
 use crate::model::arch::ModelConfig;
@@ -16,6 +15,7 @@ use crate::model::chat::ChatTemplate;
 use crate::model::gguf::GgufFile;
 use crate::model::tokenizer::Tokenizer;
 use crate::proto;
+use crate::shard::plan::{Plan, plan_with};
 
 /// Candidates each worker sends per position unless sampling needs more.
 pub const DEFAULT_CANDIDATES: usize = 40;

@@ -964,7 +964,11 @@ impl Tokenizer {
 
     /// A prompt's tokens as llama.cpp evaluates them: BOS first where the vocabulary asks for
     /// it (`add_special`), then the text.
-    pub fn encode_prompt(&self, text: &str, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+    pub fn encode_prompt(
+        &self,
+        text: &str,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         let mut ids = Vec::new();
         if self.add_bos
             && let Some(bos) = self.bos_id()

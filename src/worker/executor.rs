@@ -10,10 +10,10 @@ use std::cell::RefCell;
 
 use half::f16;
 
-use crate::shard::plan::{Buffer, OpKind, RankShard, shard_program};
 use crate::kernels::cpu::{PreparedActivations, QuantType, attend, matmul, matmul_f64, sum_exp};
 use crate::kernels::pool;
 use crate::model::arch::{Activation, FfnSpec, ModelConfig, RopeSpec, RopeStyle};
+use crate::shard::plan::{Buffer, OpKind, RankShard, shard_program};
 use crate::transport::{Collective, TransportError};
 use crate::worker::backend::Backend;
 use crate::worker::kv::KvCache;

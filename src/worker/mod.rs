@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::shard::host::{boot_id, hostname, model_header_hash, network_namespace};
-use crate::shard::plan::{LayerShard, RankShard, check_rank_shard};
 use crate::kernels::pool::ThreadPool;
 use crate::model::arch::ModelConfig;
 use crate::model::gguf::{GgufFile, MAX_SPLIT_COUNT};
 use crate::proto;
+use crate::shard::host::{boot_id, hostname, model_header_hash, network_namespace};
+use crate::shard::plan::{LayerShard, RankShard, check_rank_shard};
 use crate::transport::grpc::{
     BytesSent, GrpcCollective, GrpcSpec, Registry, SECRET_BYTES, SyncPrecision, Unconnected,
 };
@@ -413,7 +413,10 @@ impl proto::worker_server::Worker for WorkerService {
             }
             wanted[r.part as usize].push(r.start..r.end);
         }
-        let wanted: Vec<_> = wanted.into_iter().map(crate::shard::tensors::merge_ranges).collect();
+        let wanted: Vec<_> = wanted
+            .into_iter()
+            .map(crate::shard::tensors::merge_ranges)
+            .collect();
         let cache_dir = self.cache_dir.clone();
         let receiving = self.receiving.clone();
         tokio::task::spawn_blocking(move || {

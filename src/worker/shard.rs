@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use crate::shard::plan::RankShard;
-use crate::shard::tensors::{ShardError, block_aligned, resolve, shard_tensors};
 use crate::kernels::cpu::{QuantType, dequantize_row};
 use crate::model::arch::ModelConfig;
 use crate::model::gguf::{GgufFile, TensorInfo};
+use crate::shard::plan::RankShard;
+use crate::shard::tensors::{ShardError, block_aligned, resolve, shard_tensors};
 
 /// A matrix in ggml layout: `rows` rows of `cols` elements, each row `ty.row_bytes(cols)` bytes.
 pub struct Weight {
@@ -24,7 +24,6 @@ impl Weight {
         &self.data[index * row_bytes..(index + 1) * row_bytes]
     }
 }
-
 
 pub struct LoadedShard {
     pub weights: HashMap<String, Weight>,

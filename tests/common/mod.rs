@@ -7,8 +7,8 @@ pub mod split;
 use std::path::{Path, PathBuf};
 
 use tp::coordinator::cluster::{Cluster, ClusterLimits};
-pub use tp::shard::plan::MoeSplit;
 use tp::coordinator::session::{Model, Session};
+pub use tp::shard::plan::MoeSplit;
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const QWEN05: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";

@@ -27,7 +27,10 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
         // llama.cpp sizes experts from expert_feed_forward_length; feed_forward_length, which
         // MoE files also carry, describes something else there and is not used.
         let moe = blocks::moe_config(meta, false, shared)?;
-        (meta.count("expert_feed_forward_length", 1 << 20)?, Some(moe))
+        (
+            meta.count("expert_feed_forward_length", 1 << 20)?,
+            Some(moe),
+        )
     } else {
         (meta.count("feed_forward_length", 1 << 20)?, None)
     };

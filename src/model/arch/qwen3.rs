@@ -17,7 +17,10 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
     let c = Common::read(meta, 1e-5)?;
     let (ffn_dim, moe) = if is_moe {
         let moe = blocks::moe_config(meta, true, None)?;
-        (meta.count("expert_feed_forward_length", 1 << 20)?, Some(moe))
+        (
+            meta.count("expert_feed_forward_length", 1 << 20)?,
+            Some(moe),
+        )
     } else {
         (meta.count("feed_forward_length", 1 << 20)?, None)
     };

@@ -49,7 +49,7 @@ def generate(args, name):
     prompts = json.load(open(args.prompts))
     port = free_port()
     server = subprocess.Popen([os.path.join(args.bin, "llama-server"), "-m", args.model, "-t", "1", "-tb", "1",
-                               "--host", "127.0.0.1", "--port", str(port)],
+                               "--host", "127.0.0.1", "--port", str(port)] + args.server_arg,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
@@ -73,9 +73,10 @@ def generate(args, name):
     finally:
         server.terminate()
         server.wait()
-    json.dump({"producer": "llama.cpp b11312 (llama-server POST /completion, CPU backend, -t 1 -tb 1)",
+    extra = " ".join(args.server_arg)
+    json.dump({"producer": f"llama.cpp b11312 (llama-server POST /completion, CPU backend, -t 1 -tb 1 {extra})".strip(),
                "model": name, "model_sha256": sha256(args.model), "cases": cases},
-              open(os.path.join(args.out, "generate.json"), "w"), indent=1)
+              open(os.path.join(args.out, args.generate_name), "w"), indent=1)
 
 
 def perplexity(args, name):
@@ -103,6 +104,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompts", default=os.path.join(HERE, "..", "moe-synthetic", "generate.json"))
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra llama-server argument (e.g. --server-arg=-fa --server-arg=off)")
+    ap.add_argument("--generate-name", default="generate.json", help="file name of the generations")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     name = os.path.basename(args.model)
