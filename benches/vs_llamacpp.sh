@@ -183,7 +183,7 @@ fi
 note "building tp (release)"
 build_step cargo build --release --locked --quiet --bin tp-coordinator --bin tp-worker ||
   die "cargo build failed"
-coordinator="$repo/target/release/tp-coordinator"
+coordinator="${CARGO_TARGET_DIR:-$repo/target}/release/tp-coordinator"
 "$coordinator" bench --help >/dev/null 2>&1 ||
   die "this tp-coordinator has no 'bench' subcommand ($coordinator bench --help fails)"
 

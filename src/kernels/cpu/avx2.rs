@@ -391,6 +391,10 @@ pub unsafe fn attend(
             80 => attend_body::<10>(q, k, v, stride, n, scale, scores, out),
             96 => attend_body::<12>(q, k, v, stride, n, scale, scores, out),
             128 => attend_body::<16>(q, k, v, stride, n, scale, scores, out),
+            // Wider than the register file: the query and accumulators spill to L1, still
+            // far ahead of the scalar loop (Gemma 3's heads are 256).
+            192 => attend_body::<24>(q, k, v, stride, n, scale, scores, out),
+            256 => attend_body::<32>(q, k, v, stride, n, scale, scores, out),
             _ => super::reference::attend(q, k, v, stride, n, scale, scores, out),
         }
     }

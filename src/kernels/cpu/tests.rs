@@ -1273,7 +1273,7 @@ fn bench_pool_overhead() {
 #[test]
 fn attend_matches_reference() {
     let mut rng = Rng::new(31);
-    for hd in [32usize, 64, 72, 128] {
+    for hd in [32usize, 64, 72, 128, 192, 256] {
         for n in [1usize, 7, 8, 9, 33, 300] {
             let stride = 3 * hd; // three KV heads per position
             let cache = |rng: &mut Rng| -> Vec<f16> {
