@@ -185,7 +185,7 @@ pub fn plan_with(config: &ModelConfig, weights: &[f64], moe: MoeSplit) -> Result
                 .collect(),
         };
         let block = config.ffn_down_block[layer];
-        if config.ffn_dim % block != 0 {
+        if !config.ffn_dim.is_multiple_of(block) {
             return Err(PlanError::Invalid(format!(
                 "layer {layer}: FFN size {} is not a multiple of its down projection's block of {block}",
                 config.ffn_dim
