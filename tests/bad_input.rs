@@ -219,6 +219,39 @@ fn malformed_model_files_are_clear_errors() {
         dense("qwen3", &[], None, 8).write(&dir, "kv-heads.gguf"),
         "qwen3.attention.head_count_kv: 8 is outside 1..=4",
     ));
+    // A complete one-layer llama (F32) with one tensor more than the layout reads: llama.cpp
+    // refuses it, and so must tp rather than drop the bias silently.
+    let mut tensors: Vec<(&str, Vec<u64>)> = vec![
+        ("token_embd.weight", vec![64, 8]),
+        ("blk.0.attn_norm.weight", vec![64]),
+        ("blk.0.attn_q.weight", vec![64, 64]),
+        ("blk.0.attn_k.weight", vec![64, 32]),
+        ("blk.0.attn_v.weight", vec![64, 32]),
+        ("blk.0.attn_output.weight", vec![64, 64]),
+        ("blk.0.ffn_norm.weight", vec![64]),
+        ("blk.0.ffn_gate.weight", vec![64, 128]),
+        ("blk.0.ffn_up.weight", vec![64, 128]),
+        ("blk.0.ffn_down.weight", vec![128, 64]),
+        ("output_norm.weight", vec![64]),
+    ];
+    tensors.push(("blk.0.attn_output.bias", vec![64]));
+    let mut g = Gguf::new(b"GGUF", 3, tensors.len() as u64, 6);
+    g.kv_string("general.architecture", "llama")
+        .kv_u32("llama.block_count", 1)
+        .kv_u32("llama.embedding_length", 64)
+        .kv_u32("llama.attention.head_count", 4)
+        .kv_u32("llama.attention.head_count_kv", 2)
+        .kv_u32("llama.feed_forward_length", 128);
+    let mut offset = 0u64;
+    for (name, dims) in &tensors {
+        g.tensor(name, dims, 0, offset);
+        offset += (dims.iter().product::<u64>() * 4).next_multiple_of(32);
+    }
+    g.pad(offset as usize);
+    cases.push((
+        g.write(&dir, "extra-tensor.gguf"),
+        "tensor 'blk.0.attn_output.bias' is not part of the llama layout tp reads (11 tensors expected, the file has 12)",
+    ));
     if let Some(real) = model(SMOLLM2) {
         // The real model cut inside its metadata, and cut inside its tensor data.
         let bytes = std::fs::read(real).unwrap();

@@ -363,8 +363,11 @@ impl CpuBackend {
             }
         }
         let mut ropes = Vec::with_capacity(config.ropes.len());
-        for spec in &config.ropes {
+        for (index, spec) in config.ropes.iter().enumerate() {
+            let used = config.layers.iter().any(|l| l.attention.rope == index);
             let factors = match &spec.freq_factors {
+                // A table no layer uses has no Rope op, so its factors were not loaded.
+                _ if !used => None,
                 // Shared by every layer with this table: read, not taken.
                 Some(name) => {
                     let f = loaded

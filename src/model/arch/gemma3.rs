@@ -42,7 +42,8 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
     let mut t = Tensors::default();
     let layers = (0..c.layer_count)
         .map(|layer| {
-            // Without a window every layer is global, as llama.cpp reads such a file.
+            // Without a window every layer is global, as llama.cpp's newer loader reads such a
+            // file (the pinned one requires the key).
             let is_local = window.is_some() && layer % SWA_PATTERN < SWA_PATTERN - 1;
             let options = AttentionOptions {
                 qk_norm: true,

@@ -29,7 +29,12 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
             blocks::layer(&mut t, &c, layer, attention, ffn)
         })
         .collect();
-    let ropes = vec![c.rope(meta, RopeStyle::AdjacentPairs)?];
+    let mut rope = c.rope(meta, RopeStyle::AdjacentPairs)?;
+    // llama3 scaling: per-pair frequency divisors in a tensor of their own.
+    if meta.has_tensor("rope_freqs.weight") {
+        rope.freq_factors = Some("rope_freqs.weight".into());
+    }
+    let ropes = vec![rope];
     blocks::finish(
         meta,
         &c,

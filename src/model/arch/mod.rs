@@ -370,14 +370,22 @@ impl Common {
     }
 
     /// The default RoPE table: the file's base and dimensions, with the scaling its metadata
-    /// asks for (`rope.scaling.type` linear or yarn, `rope.scaling.factor`), and llama3's
-    /// per-pair frequency factors where the file has `rope_freqs.weight`.
+    /// asks for (`rope.scaling.factor` divides the frequencies whatever the type, as in
+    /// llama.cpp; `rope.scaling.type` yarn adds YaRN's blend). llama3's frequency factors are
+    /// the llama family's own (`llama.rs`).
     pub fn rope(&self, meta: &Metadata, style: RopeStyle) -> Result<RopeSpec, ArchError> {
         let kind = meta.file.get_str(&meta.key("rope.scaling.type"))?;
-        let factor = match meta.optional_f32("rope.scaling.factor")? {
+        // A factor of 0 means none, as llama.cpp reads it; older files state a linear factor
+        // under its own key.
+        let stated = |suffix: &str| -> Result<Option<f32>, ArchError> {
+            match meta.file.get_f64(&meta.key(suffix))? {
+                Some(v) if v == 0.0 => Ok(None),
+                _ => meta.optional_f32(suffix),
+            }
+        };
+        let factor = match stated("rope.scaling.factor")? {
             Some(f) => Some(f),
-            // Older files state a linear factor under its own key.
-            None => meta.optional_f32("rope.scale_linear")?,
+            None => stated("rope.scale_linear")?,
         };
         let mut rope = RopeSpec {
             style,
@@ -388,8 +396,9 @@ impl Common {
             yarn: None,
         };
         match kind {
-            None | Some("linear") => rope.freq_scale = factor.map_or(1.0, |f| 1.0 / f),
-            Some("none") => {}
+            None | Some("linear") | Some("none") => {
+                rope.freq_scale = factor.map_or(1.0, |f| 1.0 / f)
+            }
             Some("yarn") => {
                 let factor = factor.ok_or_else(|| {
                     meta.invalid(format!(
@@ -417,9 +426,6 @@ impl Common {
                     meta.key("rope.scaling.type")
                 )));
             }
-        }
-        if meta.has_tensor("rope_freqs.weight") {
-            rope.freq_factors = Some("rope_freqs.weight".into());
         }
         Ok(rope)
     }
@@ -485,11 +491,15 @@ impl ModelConfig {
                 .file
                 .tensor(name)
                 .ok_or_else(|| meta.invalid(format!("missing tensor '{name}'")))?;
-            let mut actual = info.dims.clone();
-            while actual.len() > dims.len() && actual.last() == Some(&1) {
-                actual.pop();
-            }
-            if actual != dims.iter().map(|&d| d as u64).collect::<Vec<_>>() {
+            // GGUF drops trailing dimensions of 1 (a one-expert tensor is 2-D): compare
+            // without them on either side.
+            let trimmed = |mut d: Vec<u64>| {
+                while d.len() > 1 && d.last() == Some(&1) {
+                    d.pop();
+                }
+                d
+            };
+            if trimmed(info.dims.clone()) != trimmed(dims.iter().map(|&d| d as u64).collect()) {
                 return Err(meta.invalid(format!(
                     "tensor '{name}' has shape {:?}, expected {dims:?}",
                     info.dims
@@ -501,6 +511,24 @@ impl ModelConfig {
                     info.quant_type.name()
                 )));
             }
+        }
+        // llama.cpp refuses a file with tensors its graph does not use (a bias this
+        // description lacks would otherwise be dropped silently and give wrong logits).
+        let described: std::collections::HashSet<&str> =
+            self.tensors.iter().map(|t| t.name.as_str()).collect();
+        if let Some(extra) = meta
+            .file
+            .tensors
+            .iter()
+            .find(|t| !described.contains(t.name.as_str()))
+        {
+            return Err(meta.invalid(format!(
+                "tensor '{}' is not part of the {} layout tp reads ({} tensors expected, the file has {})",
+                extra.name,
+                self.architecture,
+                self.tensors.len(),
+                meta.file.tensors.len()
+            )));
         }
         let block = |name: &str| {
             meta.file
