@@ -122,6 +122,28 @@ pub fn moe_config(
     })
 }
 
+/// Pre-norm layers, all alike: `options`' attention, then a SwiGLU FFN of `ffn_dim` columns or,
+/// where `moe` says, routed experts of that width (llama, Mixtral, qwen2, qwen3 and their
+/// mixtures).
+pub fn uniform_layers(
+    t: &mut Tensors,
+    c: &Common,
+    options: &AttentionOptions,
+    moe: Option<&MoeConfig>,
+    ffn_dim: usize,
+) -> Vec<LayerSpec> {
+    (0..c.layer_count)
+        .map(|index| {
+            let attention = attention(t, c, index, options);
+            let ffn = match moe {
+                Some(m) => moe_ffn(t, c, index, m, ffn_dim),
+                None => gated_ffn(t, c, index, Activation::Silu, ffn_dim),
+            };
+            layer(t, c, index, attention, ffn)
+        })
+        .collect()
+}
+
 /// A pre-norm layer: the attention, then the FFN, each with its norm.
 pub fn layer(
     t: &mut Tensors,

@@ -3,7 +3,7 @@
 //! frequency factors (`rope_freqs.weight`), linear or YaRN scaling where the file asks.
 
 use super::blocks::{self, AttentionOptions};
-use super::{Activation, ArchError, Common, Metadata, ModelConfig, RopeStyle, Tensors};
+use super::{ArchError, Common, Metadata, ModelConfig, RopeStyle, Tensors};
 
 pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
     let c = Common::read(meta, 1e-5)?;
@@ -19,16 +19,7 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
         options.scale = scale;
     }
     let mut t = Tensors::default();
-    let layers = (0..c.layer_count)
-        .map(|layer| {
-            let attention = blocks::attention(&mut t, &c, layer, &options);
-            let ffn = match &moe {
-                Some(m) => blocks::moe_ffn(&mut t, &c, layer, m, ffn_dim),
-                None => blocks::gated_ffn(&mut t, &c, layer, Activation::Silu, ffn_dim),
-            };
-            blocks::layer(&mut t, &c, layer, attention, ffn)
-        })
-        .collect();
+    let layers = blocks::uniform_layers(&mut t, &c, &options, moe.as_ref(), ffn_dim);
     let mut rope = c.rope(meta, RopeStyle::AdjacentPairs)?;
     // llama3 scaling: per-pair frequency divisors in a tensor of their own.
     if meta.has_tensor("rope_freqs.weight") {

@@ -667,16 +667,7 @@ pub(crate) fn test_config(
     };
     let mut t = Tensors::default();
     let options = blocks::AttentionOptions::plain(&c);
-    let specs = (0..layers)
-        .map(|layer| {
-            let attention = blocks::attention(&mut t, &c, layer, &options);
-            let ffn = match &moe {
-                Some(m) => blocks::moe_ffn(&mut t, &c, layer, m, ffn),
-                None => blocks::gated_ffn(&mut t, &c, layer, Activation::Silu, ffn),
-            };
-            blocks::layer(&mut t, &c, layer, attention, ffn)
-        })
-        .collect();
+    let specs = blocks::uniform_layers(&mut t, &c, &options, moe.as_ref(), ffn);
     let mut config = blocks::finish_named(
         "llama",
         &c,

@@ -3,7 +3,7 @@
 //! `attention.key_length`; the mixture renormalizes the selected experts' weights.
 
 use super::blocks::{self, AttentionOptions};
-use super::{Activation, ArchError, Common, Metadata, ModelConfig, RopeStyle, Tensors};
+use super::{ArchError, Common, Metadata, ModelConfig, RopeStyle, Tensors};
 
 pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
     build(meta, false)
@@ -29,16 +29,7 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
         ..AttentionOptions::plain(&c)
     };
     let mut t = Tensors::default();
-    let layers = (0..c.layer_count)
-        .map(|layer| {
-            let attention = blocks::attention(&mut t, &c, layer, &options);
-            let ffn = match &moe {
-                Some(m) => blocks::moe_ffn(&mut t, &c, layer, m, ffn_dim),
-                None => blocks::gated_ffn(&mut t, &c, layer, Activation::Silu, ffn_dim),
-            };
-            blocks::layer(&mut t, &c, layer, attention, ffn)
-        })
-        .collect();
+    let layers = blocks::uniform_layers(&mut t, &c, &options, moe.as_ref(), ffn_dim);
     let ropes = vec![c.rope(meta, RopeStyle::Neox)?];
     blocks::finish(
         meta,
