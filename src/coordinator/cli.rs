@@ -420,14 +420,7 @@ fn prompt_tokens(model: &Model, args: &GenerateArgs) -> anyhow::Result<Vec<u32>>
     } else {
         args.prompt.clone()
     };
-    let mut tokens = Vec::new();
-    if model.tokenizer.add_bos()
-        && let Some(bos) = model.tokenizer.bos_id()
-    {
-        tokens.push(bos);
-    }
-    tokens.extend(model.tokenizer.encode(&text, true)?);
-    Ok(tokens)
+    Ok(model.tokenizer.encode_prompt(&text, true)?)
 }
 
 fn sampling_params(args: &GenerateArgs) -> SamplingParams {
@@ -517,13 +510,7 @@ async fn perplexity(session: &mut Session, args: &PerplexityArgs) -> anyhow::Res
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     // llama-perplexity drops one trailing newline.
     let text = text.strip_suffix('\n').unwrap_or(&text);
-    let mut tokens = Vec::new();
-    if session.model.tokenizer.add_bos()
-        && let Some(bos) = session.model.tokenizer.bos_id()
-    {
-        tokens.push(bos);
-    }
-    tokens.extend(session.model.tokenizer.encode(text, false)?);
+    let tokens = session.model.tokenizer.encode_prompt(text, false)?;
     let text_mode = args.format == Format::Text;
     if text_mode {
         eprintln!(
@@ -561,13 +548,7 @@ async fn perplexity(session: &mut Session, args: &PerplexityArgs) -> anyhow::Res
 fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
     let file = crate::model::gguf::GgufFile::open(&args.model)?;
     let tokenizer = crate::model::tokenizer::Tokenizer::from_gguf(&file)?;
-    let mut ids = Vec::new();
-    if tokenizer.add_bos()
-        && let Some(bos) = tokenizer.bos_id()
-    {
-        ids.push(bos);
-    }
-    ids.extend(tokenizer.encode(&args.text, !args.no_parse_special)?);
+    let ids = tokenizer.encode_prompt(&args.text, !args.no_parse_special)?;
     match args.format {
         Format::Json => println!("{}", serde_json::to_string(&ids)?),
         Format::Text => {

@@ -646,20 +646,13 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let tokenizer = &model.tokenizer;
-    let mut prompt_tokens = Vec::new();
-    if tokenizer.add_bos()
-        && let Some(bos) = tokenizer.bos_id()
-    {
-        prompt_tokens.push(bos);
-    }
-    match tokenizer.encode(&prompt, true) {
-        Ok(t) => prompt_tokens.extend(t),
+    let prompt_tokens = match model.tokenizer.encode_prompt(&prompt, true) {
+        Ok(t) => t,
         Err(e) => {
             return ApiError::invalid(format!("cannot tokenize the prompt: {e}"), Some("prompt"))
                 .into_response();
         }
-    }
+    };
     if prompt_tokens.len() + common.max_tokens > max_context {
         return ApiError {
             status: StatusCode::BAD_REQUEST,

@@ -420,18 +420,18 @@ impl CpuBackend {
             norm_row: vec![0f32; config.model_dim],
         })
     }
+}
 
-    fn kv_cache_bytes_impl(&self) -> u64 {
+impl Backend for CpuBackend {
+    fn kv_cache_bytes(&self) -> u64 {
         self.kv.bytes()
     }
 
-    fn clear_sequence_impl(&mut self, sequence: usize) {
+    fn clear_sequence(&mut self, sequence: usize) {
         self.kv.clear(sequence);
     }
 
-    /// Seconds inside AllReduce during the last step, how many AllReduces it ran, and the
-    /// bytes this rank contributed to them.
-    fn collective_stats_impl(&self) -> (f64, u32, u64) {
+    fn collective_stats(&self) -> (f64, u32, u64) {
         (
             self.collective_time.as_secs_f64(),
             self.collectives,
@@ -439,11 +439,11 @@ impl CpuBackend {
         )
     }
 
-    fn vocab_start_impl(&self) -> usize {
+    fn vocab_start(&self) -> usize {
         self.vocab_start
     }
 
-    fn step_impl(
+    fn step(
         &mut self,
         collective: &mut dyn Collective,
         tokens: &[u32],
@@ -653,6 +653,12 @@ impl CpuBackend {
         result
     }
 
+    fn device(&self) -> &'static str {
+        "cpu"
+    }
+}
+
+impl CpuBackend {
     /// The embedding rows of this rank's vocabulary slice (zeros elsewhere), into the
     /// transport's staging when it offers it for this size, else into the residual stream;
     /// the AllReduce that follows completes them.
@@ -996,39 +1002,6 @@ impl CpuBackend {
             }
         }
         results
-    }
-}
-
-impl Backend for CpuBackend {
-    fn step(
-        &mut self,
-        collective: &mut dyn Collective,
-        tokens: &[u32],
-        positions: &[u32],
-        sequences: &[u32],
-        output: &OutputRequest,
-    ) -> Result<Vec<RowResult>, StepError> {
-        self.step_impl(collective, tokens, positions, sequences, output)
-    }
-
-    fn clear_sequence(&mut self, sequence: usize) {
-        self.clear_sequence_impl(sequence)
-    }
-
-    fn kv_cache_bytes(&self) -> u64 {
-        self.kv_cache_bytes_impl()
-    }
-
-    fn collective_stats(&self) -> (f64, u32, u64) {
-        self.collective_stats_impl()
-    }
-
-    fn vocab_start(&self) -> usize {
-        self.vocab_start_impl()
-    }
-
-    fn device(&self) -> &'static str {
-        "cpu"
     }
 }
 
