@@ -581,6 +581,15 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
         partial.clone(),
     );
     reduce(&mut ops, Buffer::Residual);
+    // A row-parallel sum joins the residual stream: its AllReduce (with several ranks), then
+    // the add, normed first where the layer has a post-norm.
+    let mut add_to_residual = |ops: &mut Vec<Op>, norm: &Option<String>| {
+        reduce(ops, Buffer::Partial);
+        ops.push(Op {
+            kind: OpKind::AddResidual { norm: norm.clone() },
+            output_state: SplitState::Mirrored,
+        });
+    };
     for (layer, spec) in config.layers.iter().enumerate() {
         let a = &spec.attention;
         push(
@@ -652,14 +661,7 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             },
             partial.clone(),
         );
-        reduce(&mut ops, Buffer::Partial);
-        push(
-            &mut ops,
-            OpKind::AddResidual {
-                norm: a.post_norm.clone(),
-            },
-            SplitState::Mirrored,
-        );
+        add_to_residual(&mut ops, &a.post_norm);
         push(
             &mut ops,
             OpKind::RmsNorm {
@@ -713,14 +715,7 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
                 );
             }
         }
-        reduce(&mut ops, Buffer::Partial);
-        push(
-            &mut ops,
-            OpKind::AddResidual {
-                norm: spec.ffn_post_norm.clone(),
-            },
-            SplitState::Mirrored,
-        );
+        add_to_residual(&mut ops, &spec.ffn_post_norm);
     }
     push(
         &mut ops,

@@ -268,18 +268,16 @@ pub fn shard_weight_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankSha
 
 /// Bytes of the routed and shared experts' weights a rank would load (for `plan`).
 pub fn shard_expert_bytes(file: &GgufFile, config: &ModelConfig, shard: &RankShard) -> u64 {
-    let mut experts = std::collections::HashSet::new();
+    let mut experts = std::collections::HashSet::<&str>::new();
     for layer in &config.layers {
         if let FfnSpec::Moe(m) = &layer.ffn {
-            experts.extend([&m.gate, &m.up, &m.down]);
+            experts.extend([&m.gate, &m.up, &m.down].map(String::as_str));
             if let Some(s) = &m.shared {
-                experts.extend([&s.gate_input, &s.gate, &s.up, &s.down]);
+                experts.extend([&s.gate_input, &s.gate, &s.up, &s.down].map(String::as_str));
             }
         }
     }
-    slice_bytes(file, config, shard, |name| {
-        experts.contains(&name.to_string())
-    })
+    slice_bytes(file, config, shard, |name| experts.contains(name))
 }
 
 fn slice_bytes(

@@ -110,6 +110,8 @@ struct AttentionExec {
 /// One RoPE table's parameters and this step's rotations, per (position, pair).
 struct RopeTable {
     spec: RopeSpec,
+    /// Some layer rotates with this table; an unused one is not computed.
+    used: bool,
     factors: Option<Vec<f32>>,
     rotations: Vec<(f32, f32)>,
 }
@@ -387,6 +389,7 @@ impl CpuBackend {
             };
             ropes.push(RopeTable {
                 spec: spec.clone(),
+                used,
                 factors,
                 rotations: Vec::new(),
             });
@@ -785,7 +788,7 @@ impl CpuBackend {
     /// multiplied by base^(-2/n_rot) pair after pair, in f32, divided by the pair's frequency
     /// factor, scaled and YaRN-blended where the table says so (`rope_yarn`).
     fn compute_rope(&mut self, positions: &[u32]) {
-        for table in &mut self.ropes {
+        for table in self.ropes.iter_mut().filter(|t| t.used) {
             let spec = &table.spec;
             let pairs = spec.dim / 2;
             let theta_scale = spec.base.powf(-2.0 / spec.dim as f32);

@@ -144,6 +144,32 @@ pub fn uniform_layers(
         .collect()
 }
 
+/// A whole model of `uniform_layers` with one RoPE table: the description of llama, qwen2,
+/// qwen3 and their mixtures once their files have read what differs.
+pub fn uniform(
+    meta: &Metadata,
+    c: &Common,
+    options: &AttentionOptions,
+    moe: Option<MoeConfig>,
+    ffn_dim: usize,
+    rope: RopeSpec,
+) -> Result<ModelConfig, ArchError> {
+    let mut t = Tensors::default();
+    let layers = uniform_layers(&mut t, c, options, moe.as_ref(), ffn_dim);
+    finish(
+        meta,
+        c,
+        t,
+        Model {
+            layers,
+            ropes: vec![rope],
+            ffn_dim,
+            moe,
+            embedding_scale: None,
+        },
+    )
+}
+
 /// A pre-norm layer: the attention, then the FFN, each with its norm.
 pub fn layer(
     t: &mut Tensors,

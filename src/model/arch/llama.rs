@@ -3,7 +3,7 @@
 //! frequency factors (`rope_freqs.weight`), linear or YaRN scaling where the file asks.
 
 use super::blocks::{self, AttentionOptions};
-use super::{ArchError, Common, Metadata, ModelConfig, RopeStyle, Tensors};
+use super::{ArchError, Common, Metadata, ModelConfig, RopeStyle};
 
 pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
     let c = Common::read(meta, 1e-5)?;
@@ -18,24 +18,10 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
     if let Some(scale) = meta.optional_f32("attention.scale")? {
         options.scale = scale;
     }
-    let mut t = Tensors::default();
-    let layers = blocks::uniform_layers(&mut t, &c, &options, moe.as_ref(), ffn_dim);
     let mut rope = c.rope(meta, RopeStyle::AdjacentPairs)?;
     // llama3 scaling: per-pair frequency divisors in a tensor of their own.
     if meta.has_tensor("rope_freqs.weight") {
         rope.freq_factors = Some("rope_freqs.weight".into());
     }
-    let ropes = vec![rope];
-    blocks::finish(
-        meta,
-        &c,
-        t,
-        blocks::Model {
-            layers,
-            ropes,
-            ffn_dim,
-            moe,
-            embedding_scale: None,
-        },
-    )
+    blocks::uniform(meta, &c, &options, moe, ffn_dim, rope)
 }

@@ -3,7 +3,7 @@
 //! `attention.key_length`; the mixture renormalizes the selected experts' weights.
 
 use super::blocks::{self, AttentionOptions};
-use super::{ArchError, Common, Metadata, ModelConfig, RopeStyle, Tensors};
+use super::{ArchError, Common, Metadata, ModelConfig, RopeStyle};
 
 pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
     build(meta, false)
@@ -28,19 +28,6 @@ fn build(meta: &Metadata, is_moe: bool) -> Result<ModelConfig, ArchError> {
         qk_norm: true,
         ..AttentionOptions::plain(&c)
     };
-    let mut t = Tensors::default();
-    let layers = blocks::uniform_layers(&mut t, &c, &options, moe.as_ref(), ffn_dim);
-    let ropes = vec![c.rope(meta, RopeStyle::Neox)?];
-    blocks::finish(
-        meta,
-        &c,
-        t,
-        blocks::Model {
-            layers,
-            ropes,
-            ffn_dim,
-            moe,
-            embedding_scale: None,
-        },
-    )
+    let rope = c.rope(meta, RopeStyle::Neox)?;
+    blocks::uniform(meta, &c, &options, moe, ffn_dim, rope)
 }
