@@ -2,7 +2,7 @@
 # Installs the Python packages the tests use into ~/.cache/tp/python (or $TP_PYTHONPATH),
 # outside any system or virtual environment: the official `openai` client (the server tests
 # drive tp with it), and `gguf` + `numpy` (scripts/fetch-models.sh writes the synthetic
-# mixture-of-experts model with them).
+# mixture-of-experts and dense models with them).
 set -euo pipefail
 target="${TP_PYTHONPATH:-$HOME/.cache/tp/python}"
 if PYTHONPATH="$target" python3 -c 'import openai, gguf, numpy' 2>/dev/null; then

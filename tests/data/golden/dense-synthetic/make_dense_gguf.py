@@ -31,7 +31,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe-synthetic"))
-from make_moe_gguf import printable_mask, quantize_q8_0, read_tokenizer  # noqa: E402
+from make_moe_gguf import printable_mask, quantize_q8_0, read_tokenizer, write_tokenizer  # noqa: E402
 
 SEED = 20261205
 VARIANTS = {
@@ -153,18 +153,7 @@ def main():
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
-    w.add_tokenizer_pre(tok["tokenizer.ggml.pre"])
-    w.add_token_list(tokens)
-    w.add_token_types([int(t) for t in ttypes])
-    w.add_token_merges(tok["tokenizer.ggml.merges"])
-    w.add_bos_token_id(int(tok["tokenizer.ggml.bos_token_id"]))
-    w.add_eos_token_id(int(tok["tokenizer.ggml.eos_token_id"]))
-    w.add_unk_token_id(int(tok["tokenizer.ggml.unknown_token_id"]))
-    w.add_pad_token_id(int(tok["tokenizer.ggml.padding_token_id"]))
-    w.add_add_bos_token(bool(tok["tokenizer.ggml.add_bos_token"]))
-    w.add_add_space_prefix(bool(tok["tokenizer.ggml.add_space_prefix"]))
-    w.add_chat_template(tok["tokenizer.chat_template"])
+    write_tokenizer(w, tok)
 
     for name, arr, kind in W:
         if kind == "f32":
