@@ -126,6 +126,18 @@ fi
 
 # ---- 2. llama-bench --------------------------------------------------------------------------
 build="$cache/build-$LCP_VERSION"
+# -march=native turns on AMX where the CPU has it, and a virtual machine may not grant the
+# tiles (llama.cpp then dies with "Illegal instruction"): on such CPUs build for the
+# CPU's AVX-512 and AVX2 extensions by name instead, in a build folder of its own.
+isa_flags=(-DGGML_NATIVE=ON)
+if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+  build="$cache/build-$LCP_VERSION-noamx"
+  isa_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+    -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+  for flag in avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+    grep -qw "${flag%%:*}" /proc/cpuinfo && isa_flags+=("-DGGML_${flag#*:}=ON")
+  done
+fi
 llama_bench="$build/bin/llama-bench"
 find_cmake() { # prints a usable cmake, installing one if there is none
   local venv="$cache/cmake-venv" user_bin
@@ -164,7 +176,7 @@ else
   note "building llama-bench with $("$cmake_bin" --version | head -n1) in $build ($(nproc) jobs)"
   start=$SECONDS
   build_step nice -n 10 "$cmake_bin" -S "$src" -B "$build" "${generator[@]}" \
-    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF "${isa_flags[@]}" \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
