@@ -778,7 +778,6 @@ mod tests {
     ) -> ModelConfig {
         let mut c = test_config(heads, kv, ffn, vocab, layers, moe);
         c.ffn_down_block = vec![block; layers];
-        c.attn_output_block = vec![32; layers];
         c
     }
 

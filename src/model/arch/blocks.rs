@@ -256,6 +256,5 @@ pub fn finish_named(
         output,
         tensors: t.list,
         ffn_down_block: Vec::new(),
-        attn_output_block: Vec::new(),
     }
 }

@@ -206,8 +206,6 @@ pub struct ModelConfig {
     /// Block size (elements) of each layer's FFN down projection (the experts' for a mixture
     /// of experts): the FFN split granularity.
     pub ffn_down_block: Vec<usize>,
-    /// Block size of each layer's attention output projection (row-parallel over heads).
-    pub attn_output_block: Vec<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -536,7 +534,6 @@ impl ModelConfig {
                 .map_or(1, |t| t.quant_type.block_elements())
         };
         self.ffn_down_block.clear();
-        self.attn_output_block.clear();
         let mut shared_blocks = Vec::new();
         for layer in &self.layers {
             let down = match &layer.ffn {
@@ -549,21 +546,11 @@ impl ModelConfig {
                 }
             };
             self.ffn_down_block.push(block(down));
-            self.attn_output_block
-                .push(block(&layer.attention.output.weight));
         }
         if let Some(moe) = &mut self.moe {
             moe.shared_down_block = shared_blocks;
         }
         Ok(())
-    }
-
-    /// Every tensor the architecture reads, with its shape in ggml order.
-    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
-        self.tensors
-            .iter()
-            .map(|t| (t.name.clone(), t.dims.clone()))
-            .collect()
     }
 
     /// One line on what the layers are, for `plan`: e.g. "gemma3: GeGLU FFN, QK-norm, post-norms,
@@ -637,10 +624,6 @@ impl ModelConfig {
     pub fn group_size(&self) -> usize {
         self.head_count / self.kv_head_count
     }
-
-    pub fn output_tensor(&self) -> &str {
-        &self.output
-    }
 }
 
 /// A llama-style description built without a file, for the planner's property tests.
@@ -689,6 +672,5 @@ pub(crate) fn test_config(
         },
     );
     config.ffn_down_block = vec![1; layers];
-    config.attn_output_block = vec![1; layers];
     config
 }
