@@ -994,7 +994,9 @@ quant_kernels!(dot_q6_k_q8_k, dot4_q6_k_q8_k, q6_k_body, BlockQ6K, BlockQ8K);
 // are exactly those of `reference::dot64` (block i -> lane i % 4 of one __m256d; float
 // elements i -> lane i % 16 of four __m256d), with no FMA, so the results are bitwise equal.
 
-use super::reference::{combine4, combine16, contrib_k4, contrib_scaled};
+use super::reference::{
+    combine4, combine16, contrib_k4, contrib_scaled, iq4_xs_scales, q3_k_scales,
+};
 
 /// A legacy 32-element weight block paired with its activation block type.
 trait Legacy64 {
@@ -1005,9 +1007,24 @@ trait Legacy64 {
     unsafe fn quants(&self) -> __m256i;
     /// 8 i32 lanes summing to the block's integer dot with `a`.
     unsafe fn isum8(q: __m256i, a: &Self::A) -> __m256i;
-    fn d(&self) -> F16Bytes;
+    fn d(&self) -> F16Bytes {
+        F16Bytes::default()
+    }
     fn m(&self) -> F16Bytes {
         F16Bytes::default()
+    }
+    /// (d, m) of four blocks as f64 (exact); f16 fields by default.
+    #[inline(always)]
+    unsafe fn scales4(b: [&Self; 4]) -> (__m256d, __m256d)
+    where
+        Self: Sized,
+    {
+        unsafe {
+            f16x8_to_pd(
+                [b[0].d(), b[1].d(), b[2].d(), b[3].d()],
+                [b[0].m(), b[1].m(), b[2].m(), b[3].m()],
+            )
+        }
     }
     fn ad(a: &Self::A) -> F16Bytes;
     fn as_(_a: &Self::A) -> F16Bytes {
@@ -1114,6 +1131,98 @@ impl Legacy64 for BlockQ8_0 {
     }
 }
 
+impl Legacy64 for BlockQ5_1 {
+    type A = BlockQ8_1;
+    const MIN: bool = true;
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe {
+            let hi = _mm256_and_si256(
+                bytes_from_bits_32(u32::from_le_bytes(self.qh)),
+                _mm256_set1_epi8(0x10),
+            );
+            _mm256_or_si256(nibbles_32(self.qs.as_ptr()), hi)
+        }
+    }
+    #[inline(always)]
+    unsafe fn isum8(q: __m256i, a: &BlockQ8_1) -> __m256i {
+        unsafe { mul_sum_us8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
+    }
+    #[inline(always)]
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    #[inline(always)]
+    fn m(&self) -> F16Bytes {
+        self.m
+    }
+    #[inline(always)]
+    fn ad(a: &BlockQ8_1) -> F16Bytes {
+        a.d
+    }
+    #[inline(always)]
+    fn as_(a: &BlockQ8_1) -> F16Bytes {
+        a.s
+    }
+}
+
+/// 16 i8 table entries in both 128-bit lanes, for `_mm256_shuffle_epi8` lookups.
+#[inline(always)]
+unsafe fn table_vec(t: &[i8; 16]) -> __m256i {
+    unsafe { _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr() as *const __m128i)) }
+}
+
+/// 32 table levels of 16 bytes of nibble indices (element order).
+#[inline(always)]
+unsafe fn table_levels_32(p: *const u8, t: __m256i) -> __m256i {
+    unsafe { _mm256_shuffle_epi8(t, nibbles_32(p)) }
+}
+
+impl Legacy64 for BlockIQ4NL {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe { table_levels_32(self.qs.as_ptr(), table_vec(&KVALUES_IQ4NL)) }
+    }
+    #[inline(always)]
+    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
+        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
+    }
+    #[inline(always)]
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    #[inline(always)]
+    fn ad(a: &BlockQ8_0) -> F16Bytes {
+        a.d
+    }
+}
+
+impl Legacy64 for BlockMXFP4 {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe { table_levels_32(self.qs.as_ptr(), table_vec(&KVALUES_MXFP4)) }
+    }
+    #[inline(always)]
+    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
+        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
+    }
+    #[inline(always)]
+    unsafe fn scales4(b: [&Self; 4]) -> (__m256d, __m256d) {
+        unsafe {
+            let d = |i: usize| e8m0_half(b[i].e) as f64;
+            (_mm256_setr_pd(d(0), d(1), d(2), d(3)), _mm256_setzero_pd())
+        }
+    }
+    #[inline(always)]
+    fn ad(a: &BlockQ8_0) -> F16Bytes {
+        a.d
+    }
+}
+
 /// Four f16 scales and four f16 mins -> (4 x f64 scales, 4 x f64 mins), exact.
 #[inline(always)]
 unsafe fn f16x8_to_pd(d: [F16Bytes; 4], m: [F16Bytes; 4]) -> (__m256d, __m256d) {
@@ -1146,10 +1255,7 @@ struct Weights64 {
 #[inline(always)]
 unsafe fn legacy64_weights<W: Legacy64>(b: [&W; 4]) -> Weights64 {
     unsafe {
-        let (d, m) = f16x8_to_pd(
-            [b[0].d(), b[1].d(), b[2].d(), b[3].d()],
-            [b[0].m(), b[1].m(), b[2].m(), b[3].m()],
-        );
+        let (d, m) = W::scales4(b);
         Weights64 {
             q: [b[0].quants(), b[1].quants(), b[2].quants(), b[3].quants()],
             d,
@@ -1492,6 +1598,280 @@ quant64_kernels!(
     BlockQ6K,
     BlockQ8K
 );
+
+// ---- Q2_K, Q3_K, IQ4_XS (f64 form only: their f32 product is this one rounded)
+
+/// 16 i16 lanes: `lo` in the low 128-bit half, `hi` in the high half (a sub-block scale for
+/// each 16-element half of a 32-element chunk).
+#[inline(always)]
+unsafe fn scale_pair16(lo: i16, hi: i16) -> __m256i {
+    unsafe { _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo)) }
+}
+
+/// Per super-block work of the f64 kernels: the weight side is prepared once and shared by
+/// the N activation vectors; `isums` gives the exact (Σ scale·q·q8, Σ min·bsum) with one
+/// activation block and `contrib` turns them into the reference's f64 contribution.
+trait SuperBlock64 {
+    type Prep;
+    unsafe fn prep(&self) -> Self::Prep;
+    unsafe fn isums(p: &Self::Prep, a: &BlockQ8K) -> (i32, i32);
+    fn contrib(&self, a: &BlockQ8K, isum: i32, summins: i32) -> f64;
+}
+
+/// 32 activation quants of chunk `c` (elements 32c..32c+32).
+#[inline(always)]
+unsafe fn q8k_chunk(a: &BlockQ8K, c: usize) -> __m256i {
+    unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(32 * c) as *const __m256i) }
+}
+
+struct Q2Prep {
+    q: [__m256i; 8],
+    scales: [i16; 16],
+    mins: __m256i,
+}
+
+impl SuperBlock64 for BlockQ2K {
+    type Prep = Q2Prep;
+    #[inline(always)]
+    unsafe fn prep(&self) -> Q2Prep {
+        unsafe {
+            let mut q = [_mm256_setzero_si256(); 8];
+            let m3 = _mm256_set1_epi8(3);
+            for n in 0..2 {
+                let raw = _mm256_loadu_si256(self.qs.as_ptr().add(32 * n) as *const __m256i);
+                q[4 * n] = _mm256_and_si256(raw, m3);
+                q[4 * n + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(raw), m3);
+                q[4 * n + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m3);
+                q[4 * n + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(raw), m3);
+            }
+            let sc = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
+            let mins =
+                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sc), _mm_set1_epi8(0x0F)));
+            Q2Prep {
+                q,
+                scales: std::array::from_fn(|k| (self.scales[k] & 0xF) as i16),
+                mins,
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn isums(p: &Q2Prep, a: &BlockQ8K) -> (i32, i32) {
+        unsafe {
+            let mut acc = _mm256_setzero_si256();
+            for c in 0..8 {
+                let prod = _mm256_maddubs_epi16(p.q[c], q8k_chunk(a, c));
+                let sc = scale_pair16(p.scales[2 * c], p.scales[2 * c + 1]);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, sc));
+            }
+            let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
+            (
+                hsum_epi32(acc),
+                hsum_epi32(_mm256_madd_epi16(p.mins, bsums)),
+            )
+        }
+    }
+    #[inline(always)]
+    fn contrib(&self, a: &BlockQ8K, isum: i32, summins: i32) -> f64 {
+        contrib_k4(
+            f16_to_f32(self.d),
+            f16_to_f32(self.dmin),
+            a.d,
+            isum,
+            summins,
+        )
+    }
+}
+
+struct Q3Prep {
+    /// The 2-bit fields (0..=3).
+    q: [__m256i; 8],
+    /// 4 where the element's high bit is clear, else 0 (level = q - offset).
+    offset: [__m256i; 8],
+    scales: [i16; 16],
+}
+
+impl SuperBlock64 for BlockQ3K {
+    type Prep = Q3Prep;
+    #[inline(always)]
+    unsafe fn prep(&self) -> Q3Prep {
+        unsafe {
+            let mut q = [_mm256_setzero_si256(); 8];
+            let mut offset = [_mm256_setzero_si256(); 8];
+            let m3 = _mm256_set1_epi8(3);
+            let four = _mm256_set1_epi8(4);
+            let hm = _mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i);
+            for n in 0..2 {
+                let raw = _mm256_loadu_si256(self.qs.as_ptr().add(32 * n) as *const __m256i);
+                q[4 * n] = _mm256_and_si256(raw, m3);
+                q[4 * n + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(raw), m3);
+                q[4 * n + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m3);
+                q[4 * n + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(raw), m3);
+            }
+            for c in 0..8 {
+                let bit = _mm256_set1_epi8((1u8 << c) as i8);
+                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), _mm256_setzero_si256());
+                offset[c] = _mm256_and_si256(clear, four);
+            }
+            let sc = q3_k_scales(&self.scales);
+            Q3Prep {
+                q,
+                offset,
+                scales: sc.map(|v| v as i16),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn isums(p: &Q3Prep, a: &BlockQ8K) -> (i32, i32) {
+        unsafe {
+            let mut acc = _mm256_setzero_si256();
+            for c in 0..8 {
+                let y = q8k_chunk(a, c);
+                // (q - offset) * y in i16 pairs: both terms are within ±2 * 4 * 127.
+                let prod = _mm256_sub_epi16(
+                    _mm256_maddubs_epi16(p.q[c], y),
+                    _mm256_maddubs_epi16(p.offset[c], y),
+                );
+                let sc = scale_pair16(p.scales[2 * c], p.scales[2 * c + 1]);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, sc));
+            }
+            (hsum_epi32(acc), 0)
+        }
+    }
+    #[inline(always)]
+    fn contrib(&self, a: &BlockQ8K, isum: i32, _summins: i32) -> f64 {
+        contrib_scaled(f16_to_f32(self.d), a.d, isum)
+    }
+}
+
+struct IQ4XSPrep {
+    /// |level| and the level itself, per 32-element sub-block.
+    abs: [__m256i; 8],
+    q: [__m256i; 8],
+    scales: [i8; 8],
+}
+
+impl SuperBlock64 for BlockIQ4XS {
+    type Prep = IQ4XSPrep;
+    #[inline(always)]
+    unsafe fn prep(&self) -> IQ4XSPrep {
+        unsafe {
+            let t = table_vec(&KVALUES_IQ4NL);
+            let mut abs = [_mm256_setzero_si256(); 8];
+            let mut q = [_mm256_setzero_si256(); 8];
+            for c in 0..8 {
+                q[c] = table_levels_32(self.qs.as_ptr().add(16 * c), t);
+                abs[c] = _mm256_sign_epi8(q[c], q[c]);
+            }
+            IQ4XSPrep {
+                abs,
+                q,
+                scales: iq4_xs_scales(self),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn isums(p: &IQ4XSPrep, a: &BlockQ8K) -> (i32, i32) {
+        unsafe {
+            let mut acc = _mm256_setzero_si256();
+            for c in 0..8 {
+                let sy = _mm256_sign_epi8(q8k_chunk(a, c), p.q[c]);
+                let prod = _mm256_maddubs_epi16(p.abs[c], sy);
+                let sc = _mm256_set1_epi16(p.scales[c] as i16);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, sc));
+            }
+            (hsum_epi32(acc), 0)
+        }
+    }
+    #[inline(always)]
+    fn contrib(&self, a: &BlockQ8K, isum: i32, _summins: i32) -> f64 {
+        contrib_scaled(f16_to_f32(self.d), a.d, isum)
+    }
+}
+
+#[inline(always)]
+unsafe fn superblock64_body<B: SuperBlock64, const N: usize>(
+    x: &[B],
+    y: *const BlockQ8K,
+    stride: usize,
+) -> [f64; N] {
+    unsafe {
+        let mut l = [[0f64; 4]; N];
+        for i in 0..x.len() {
+            let bx = x.get_unchecked(i);
+            let p = bx.prep();
+            for v in 0..N {
+                let by = &*y.add(v * stride + i);
+                let (isum, summins) = B::isums(&p, by);
+                l[v][i % 4] += bx.contrib(by, isum, summins);
+            }
+        }
+        l.map(combine4)
+    }
+}
+
+#[inline(always)]
+unsafe fn q2_k_64_body<const N: usize>(x: &[BlockQ2K], y: *const BlockQ8K, s: usize) -> [f64; N] {
+    unsafe { superblock64_body::<BlockQ2K, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn q3_k_64_body<const N: usize>(x: &[BlockQ3K], y: *const BlockQ8K, s: usize) -> [f64; N] {
+    unsafe { superblock64_body::<BlockQ3K, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn iq4_xs_64_body<const N: usize>(
+    x: &[BlockIQ4XS],
+    y: *const BlockQ8K,
+    s: usize,
+) -> [f64; N] {
+    unsafe { superblock64_body::<BlockIQ4XS, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn q5_1_64_body<const N: usize>(x: &[BlockQ5_1], y: *const BlockQ8_1, s: usize) -> [f64; N] {
+    unsafe { legacy64_body::<BlockQ5_1, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn iq4_nl_64_body<const N: usize>(
+    x: &[BlockIQ4NL],
+    y: *const BlockQ8_0,
+    s: usize,
+) -> [f64; N] {
+    unsafe { legacy64_body::<BlockIQ4NL, N>(x, y, s) }
+}
+#[inline(always)]
+unsafe fn mxfp4_64_body<const N: usize>(
+    x: &[BlockMXFP4],
+    y: *const BlockQ8_0,
+    s: usize,
+) -> [f64; N] {
+    unsafe { legacy64_body::<BlockMXFP4, N>(x, y, s) }
+}
+quant64_kernels!(dot64_q5_1, dot64x4_q5_1, q5_1_64_body, BlockQ5_1, BlockQ8_1);
+quant64_kernels!(dot64_q2_k, dot64x4_q2_k, q2_k_64_body, BlockQ2K, BlockQ8K);
+quant64_kernels!(dot64_q3_k, dot64x4_q3_k, q3_k_64_body, BlockQ3K, BlockQ8K);
+quant64_kernels!(
+    dot64_iq4_nl,
+    dot64x4_iq4_nl,
+    iq4_nl_64_body,
+    BlockIQ4NL,
+    BlockQ8_0
+);
+quant64_kernels!(
+    dot64_iq4_xs,
+    dot64x4_iq4_xs,
+    iq4_xs_64_body,
+    BlockIQ4XS,
+    BlockQ8K
+);
+quant64_kernels!(
+    dot64_mxfp4,
+    dot64x4_mxfp4,
+    mxfp4_64_body,
+    BlockMXFP4,
+    BlockQ8_0
+);
+rows64_kernel!(rows64_q5_1, BlockQ5_1, BlockQ8_1);
+rows64_kernel!(rows64_iq4_nl, BlockIQ4NL, BlockQ8_0);
+rows64_kernel!(rows64_mxfp4, BlockMXFP4, BlockQ8_0);
 
 /// f64 dot of `n` float weights at `pw` with N activation vectors at `pa + v * stride` (bytes):
 /// exact f64 products, element i added to lane i % 16 (four __m256d accumulators).

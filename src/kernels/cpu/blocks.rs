@@ -24,10 +24,27 @@ pub enum QuantType {
     Q4_K,
     Q5_K,
     Q6_K,
+    Q5_1,
+    Q2_K,
+    Q3_K,
+    IQ4_NL,
+    IQ4_XS,
+    MXFP4,
+}
+
+/// The form activations take for dot products with a weight type (ggml's `vec_dot_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q8_1,
+    Q8K,
 }
 
 impl QuantType {
-    pub const ALL: [QuantType; 10] = [
+    pub const ALL: [QuantType; 16] = [
         QuantType::F32,
         QuantType::F16,
         QuantType::BF16,
@@ -38,7 +55,49 @@ impl QuantType {
         QuantType::Q4_K,
         QuantType::Q5_K,
         QuantType::Q6_K,
+        QuantType::Q5_1,
+        QuantType::Q2_K,
+        QuantType::Q3_K,
+        QuantType::IQ4_NL,
+        QuantType::IQ4_XS,
+        QuantType::MXFP4,
     ];
+
+    /// Activation form of the dot products with this weight type.
+    pub fn act_kind(self) -> ActKind {
+        match self {
+            QuantType::F32 => ActKind::F32,
+            QuantType::F16 => ActKind::F16,
+            QuantType::BF16 => ActKind::BF16,
+            QuantType::Q4_0
+            | QuantType::Q5_0
+            | QuantType::Q8_0
+            | QuantType::IQ4_NL
+            | QuantType::MXFP4 => ActKind::Q8_0,
+            QuantType::Q4_1 | QuantType::Q5_1 => ActKind::Q8_1,
+            QuantType::Q4_K
+            | QuantType::Q5_K
+            | QuantType::Q6_K
+            | QuantType::Q2_K
+            | QuantType::Q3_K
+            | QuantType::IQ4_XS => ActKind::Q8K,
+        }
+    }
+
+    /// Whether the f32 product is the f64-accumulated one rounded once (the types added after
+    /// v0.1: one kernel per type serves both `matmul` and `matmul_f64`). The others reproduce
+    /// ggml's own f32 accumulation order.
+    pub fn f32_via_f64(self) -> bool {
+        matches!(
+            self,
+            QuantType::Q5_1
+                | QuantType::Q2_K
+                | QuantType::Q3_K
+                | QuantType::IQ4_NL
+                | QuantType::IQ4_XS
+                | QuantType::MXFP4
+        )
+    }
 
     /// Maps a ggml_type id (as stored in GGUF) to a supported type.
     pub fn from_ggml_id(id: u32) -> Option<QuantType> {
@@ -52,6 +111,12 @@ impl QuantType {
             12 => QuantType::Q4_K,
             13 => QuantType::Q5_K,
             14 => QuantType::Q6_K,
+            7 => QuantType::Q5_1,
+            10 => QuantType::Q2_K,
+            11 => QuantType::Q3_K,
+            20 => QuantType::IQ4_NL,
+            23 => QuantType::IQ4_XS,
+            39 => QuantType::MXFP4,
             30 => QuantType::BF16,
             _ => return None,
         })
@@ -68,6 +133,12 @@ impl QuantType {
             QuantType::Q4_K => 12,
             QuantType::Q5_K => 13,
             QuantType::Q6_K => 14,
+            QuantType::Q5_1 => 7,
+            QuantType::Q2_K => 10,
+            QuantType::Q3_K => 11,
+            QuantType::IQ4_NL => 20,
+            QuantType::IQ4_XS => 23,
+            QuantType::MXFP4 => 39,
             QuantType::BF16 => 30,
         }
     }
@@ -85,14 +156,31 @@ impl QuantType {
             QuantType::Q4_K => "Q4_K",
             QuantType::Q5_K => "Q5_K",
             QuantType::Q6_K => "Q6_K",
+            QuantType::Q5_1 => "Q5_1",
+            QuantType::Q2_K => "Q2_K",
+            QuantType::Q3_K => "Q3_K",
+            QuantType::IQ4_NL => "IQ4_NL",
+            QuantType::IQ4_XS => "IQ4_XS",
+            QuantType::MXFP4 => "MXFP4",
         }
     }
 
     pub fn block_elements(self) -> usize {
         match self {
             QuantType::F32 | QuantType::F16 | QuantType::BF16 => 1,
-            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0 => QK,
-            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => QK_K,
+            QuantType::Q4_0
+            | QuantType::Q4_1
+            | QuantType::Q5_0
+            | QuantType::Q8_0
+            | QuantType::Q5_1
+            | QuantType::IQ4_NL
+            | QuantType::MXFP4 => QK,
+            QuantType::Q4_K
+            | QuantType::Q5_K
+            | QuantType::Q6_K
+            | QuantType::Q2_K
+            | QuantType::Q3_K
+            | QuantType::IQ4_XS => QK_K,
         }
     }
 
@@ -107,6 +195,12 @@ impl QuantType {
             QuantType::Q4_K => size_of::<BlockQ4K>(),
             QuantType::Q5_K => size_of::<BlockQ5K>(),
             QuantType::Q6_K => size_of::<BlockQ6K>(),
+            QuantType::Q5_1 => size_of::<BlockQ5_1>(),
+            QuantType::Q2_K => size_of::<BlockQ2K>(),
+            QuantType::Q3_K => size_of::<BlockQ3K>(),
+            QuantType::IQ4_NL => size_of::<BlockIQ4NL>(),
+            QuantType::IQ4_XS => size_of::<BlockIQ4XS>(),
+            QuantType::MXFP4 => size_of::<BlockMXFP4>(),
         }
     }
 
@@ -227,6 +321,87 @@ pub struct BlockQ6K {
     pub d: F16Bytes,
 }
 
+/// ggml block_q5_1: value = q*d + m with 5-bit q (the 5th bits in qh, as in Q5_0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockQ5_1 {
+    pub d: F16Bytes,
+    pub m: F16Bytes,
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+
+/// ggml block_q2_K: 16 sub-blocks of 16; `scales[k]` holds sub-block k's 4-bit scale (low
+/// nibble) and min (high nibble); value = d*scale*q - dmin*min with 2-bit q. Element
+/// `128 n + 32 j + l` is bits `2j..2j+2` of `qs[32 n + l]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ2K {
+    pub scales: [u8; QK_K / 16],
+    pub qs: [u8; QK_K / 4],
+    pub d: F16Bytes,
+    pub dmin: F16Bytes,
+}
+
+/// ggml block_q3_K: 16 sub-blocks of 16 with 6-bit scales (offset 32) packed in 12 bytes;
+/// value = d*(scale-32)*(q - 4 unless the hmask bit is set), q the 2 low bits laid out as in
+/// Q2_K; element `128 n + 32 j + l` takes bit `4 n + j` of `hmask[l]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockQ3K {
+    pub hmask: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 4],
+    pub scales: [u8; 12],
+    pub d: F16Bytes,
+}
+
+/// ggml block_iq4_nl: 32 4-bit indices into the non-linear table `KVALUES_IQ4NL`, times d.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockIQ4NL {
+    pub d: F16Bytes,
+    pub qs: [u8; QK / 2],
+}
+
+/// ggml block_iq4_xs: 8 sub-blocks of 32 IQ4_NL indices, each with a 6-bit scale (offset 32):
+/// low 4 bits in `scales_l` nibbles, high 2 bits in the little-endian u16 `scales_h`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BlockIQ4XS {
+    pub d: F16Bytes,
+    pub scales_h: [u8; 2],
+    pub scales_l: [u8; QK_K / 64],
+    pub qs: [u8; QK_K / 2],
+}
+
+/// ggml block_mxfp4 (OCP microscaling FP4): a shared power-of-two scale `e` (E8M0) and 32 E2M1
+/// values; value = `KVALUES_MXFP4[q]` * 2^(e - 128) (the table holds twice the E2M1 value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlockMXFP4 {
+    pub e: u8,
+    pub qs: [u8; QK / 2],
+}
+
+/// IQ4_NL / IQ4_XS levels (ggml `kvalues_iq4nl`).
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+/// MXFP4 levels: twice the E2M1 values (ggml `kvalues_mxfp4`).
+pub const KVALUES_MXFP4: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// An MXFP4 block scale, halved to match `KVALUES_MXFP4`: 2^(e - 128), exact in f32 (subnormal
+/// for e < 2), like ggml's `GGML_E8M0_TO_FP32_HALF`.
+#[inline(always)]
+pub fn e8m0_half(e: u8) -> f32 {
+    let bits = if e < 2 {
+        0x0020_0000u32 << e
+    } else {
+        (e as u32 - 1) << 23
+    };
+    f32::from_bits(bits)
+}
+
 /// ggml block_q8_K: activations for K-quant weights. d is f32, bsums are sums of 16 quants.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -267,6 +442,36 @@ impl Default for BlockQ6K {
         }
     }
 }
+impl Default for BlockQ2K {
+    fn default() -> Self {
+        BlockQ2K {
+            scales: [0; QK_K / 16],
+            qs: [0; QK_K / 4],
+            d: F16Bytes::default(),
+            dmin: F16Bytes::default(),
+        }
+    }
+}
+impl Default for BlockQ3K {
+    fn default() -> Self {
+        BlockQ3K {
+            hmask: [0; QK_K / 8],
+            qs: [0; QK_K / 4],
+            scales: [0; 12],
+            d: F16Bytes::default(),
+        }
+    }
+}
+impl Default for BlockIQ4XS {
+    fn default() -> Self {
+        BlockIQ4XS {
+            d: F16Bytes::default(),
+            scales_h: [0; 2],
+            scales_l: [0; QK_K / 64],
+            qs: [0; QK_K / 2],
+        }
+    }
+}
 impl Default for BlockQ8K {
     fn default() -> Self {
         BlockQ8K {
@@ -286,6 +491,18 @@ const _: () = assert!(size_of::<BlockQ4K>() == 144);
 const _: () = assert!(size_of::<BlockQ5K>() == 176);
 const _: () = assert!(size_of::<BlockQ6K>() == 210);
 const _: () = assert!(size_of::<BlockQ8K>() == 292);
+const _: () = assert!(size_of::<BlockQ5_1>() == 24);
+const _: () = assert!(size_of::<BlockQ2K>() == 84);
+const _: () = assert!(size_of::<BlockQ3K>() == 110);
+const _: () = assert!(size_of::<BlockIQ4NL>() == 18);
+const _: () = assert!(size_of::<BlockIQ4XS>() == 136);
+const _: () = assert!(size_of::<BlockMXFP4>() == 17);
+const _: () = assert!(align_of::<BlockQ5_1>() == 1);
+const _: () = assert!(align_of::<BlockQ2K>() == 1);
+const _: () = assert!(align_of::<BlockQ3K>() == 1);
+const _: () = assert!(align_of::<BlockIQ4NL>() == 1);
+const _: () = assert!(align_of::<BlockIQ4XS>() == 1);
+const _: () = assert!(align_of::<BlockMXFP4>() == 1);
 const _: () = assert!(align_of::<BlockQ4_0>() == 1);
 const _: () = assert!(align_of::<BlockQ4_1>() == 1);
 const _: () = assert!(align_of::<BlockQ5_0>() == 1);
@@ -308,6 +525,12 @@ unsafe impl ByteBlock for BlockQ8_1 {}
 unsafe impl ByteBlock for BlockQ4K {}
 unsafe impl ByteBlock for BlockQ5K {}
 unsafe impl ByteBlock for BlockQ6K {}
+unsafe impl ByteBlock for BlockQ5_1 {}
+unsafe impl ByteBlock for BlockQ2K {}
+unsafe impl ByteBlock for BlockQ3K {}
+unsafe impl ByteBlock for BlockIQ4NL {}
+unsafe impl ByteBlock for BlockIQ4XS {}
+unsafe impl ByteBlock for BlockMXFP4 {}
 
 /// Views a byte slice as whole blocks. Panics if the length is not a multiple of the block size.
 #[inline]

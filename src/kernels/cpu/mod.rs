@@ -30,8 +30,10 @@ use crate::kernels::pool;
 use half::{bf16, f16};
 
 pub use blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K,
-    ByteBlock, F16Bytes, QK, QK_K, QuantType, as_blocks, as_blocks_mut, blocks_as_bytes,
+    ActKind, BlockIQ4NL, BlockIQ4XS, BlockMXFP4, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1,
+    BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, ByteBlock,
+    F16Bytes, KVALUES_IQ4NL, KVALUES_MXFP4, QK, QK_K, QuantType, as_blocks, as_blocks_mut,
+    blocks_as_bytes, e8m0_half,
 };
 pub use reference::{
     ActRow, dequantize_row, get_scale_min_k4, nearest_int, quantize_row, quantize_row_q4_0,
@@ -108,10 +110,25 @@ struct Kernels64 {
     dot4_q4_k: unsafe fn(&[BlockQ4K], *const BlockQ8K, usize, &mut [f64; 4]),
     dot4_q5_k: unsafe fn(&[BlockQ5K], *const BlockQ8K, usize, &mut [f64; 4]),
     dot4_q6_k: unsafe fn(&[BlockQ6K], *const BlockQ8K, usize, &mut [f64; 4]),
+    dot_q5_1: unsafe fn(&[BlockQ5_1], &[BlockQ8_1]) -> f64,
+    dot_q2_k: unsafe fn(&[BlockQ2K], &[BlockQ8K]) -> f64,
+    dot_q3_k: unsafe fn(&[BlockQ3K], &[BlockQ8K]) -> f64,
+    dot_iq4_nl: unsafe fn(&[BlockIQ4NL], &[BlockQ8_0]) -> f64,
+    dot_iq4_xs: unsafe fn(&[BlockIQ4XS], &[BlockQ8K]) -> f64,
+    dot_mxfp4: unsafe fn(&[BlockMXFP4], &[BlockQ8_0]) -> f64,
+    dot4_q5_1: unsafe fn(&[BlockQ5_1], *const BlockQ8_1, usize, &mut [f64; 4]),
+    dot4_q2_k: unsafe fn(&[BlockQ2K], *const BlockQ8K, usize, &mut [f64; 4]),
+    dot4_q3_k: unsafe fn(&[BlockQ3K], *const BlockQ8K, usize, &mut [f64; 4]),
+    dot4_iq4_nl: unsafe fn(&[BlockIQ4NL], *const BlockQ8_0, usize, &mut [f64; 4]),
+    dot4_iq4_xs: unsafe fn(&[BlockIQ4XS], *const BlockQ8K, usize, &mut [f64; 4]),
+    dot4_mxfp4: unsafe fn(&[BlockMXFP4], *const BlockQ8_0, usize, &mut [f64; 4]),
     rows4_q4_0: Option<Rows4<BlockQ8_0, f64>>,
     rows4_q4_1: Option<Rows4<BlockQ8_1, f64>>,
     rows4_q5_0: Option<Rows4<BlockQ8_0, f64>>,
     rows4_q8_0: Option<Rows4<BlockQ8_0, f64>>,
+    rows4_q5_1: Option<Rows4<BlockQ8_1, f64>>,
+    rows4_iq4_nl: Option<Rows4<BlockQ8_0, f64>>,
+    rows4_mxfp4: Option<Rows4<BlockQ8_0, f64>>,
 }
 
 /// Four weight rows at `w`, `w + rb`, ... (bytes, each a whole row) with one activation
@@ -282,6 +299,67 @@ scalar64!(
     blocks_as_bytes
 );
 
+scalar64!(
+    s64_q5_1,
+    s64x4_q5_1,
+    Q5_1,
+    BlockQ5_1,
+    Q8_1,
+    BlockQ8_1,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_q2_k,
+    s64x4_q2_k,
+    Q2_K,
+    BlockQ2K,
+    Q8K,
+    BlockQ8K,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_q3_k,
+    s64x4_q3_k,
+    Q3_K,
+    BlockQ3K,
+    Q8K,
+    BlockQ8K,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_iq4_nl,
+    s64x4_iq4_nl,
+    IQ4_NL,
+    BlockIQ4NL,
+    Q8_0,
+    BlockQ8_0,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_iq4_xs,
+    s64x4_iq4_xs,
+    IQ4_XS,
+    BlockIQ4XS,
+    Q8K,
+    BlockQ8K,
+    1,
+    blocks_as_bytes
+);
+scalar64!(
+    s64_mxfp4,
+    s64x4_mxfp4,
+    MXFP4,
+    BlockMXFP4,
+    Q8_0,
+    BlockQ8_0,
+    1,
+    blocks_as_bytes
+);
+
 static SCALAR64: Kernels64 = Kernels64 {
     dot_f32: s64_f32,
     dot_f16: s64_f16,
@@ -303,10 +381,25 @@ static SCALAR64: Kernels64 = Kernels64 {
     dot4_q4_k: s64x4_q4_k,
     dot4_q5_k: s64x4_q5_k,
     dot4_q6_k: s64x4_q6_k,
+    dot_q5_1: s64_q5_1,
+    dot_q2_k: s64_q2_k,
+    dot_q3_k: s64_q3_k,
+    dot_iq4_nl: s64_iq4_nl,
+    dot_iq4_xs: s64_iq4_xs,
+    dot_mxfp4: s64_mxfp4,
+    dot4_q5_1: s64x4_q5_1,
+    dot4_q2_k: s64x4_q2_k,
+    dot4_q3_k: s64x4_q3_k,
+    dot4_iq4_nl: s64x4_iq4_nl,
+    dot4_iq4_xs: s64x4_iq4_xs,
+    dot4_mxfp4: s64x4_mxfp4,
     rows4_q4_0: None,
     rows4_q4_1: None,
     rows4_q5_0: None,
     rows4_q8_0: None,
+    rows4_q5_1: None,
+    rows4_iq4_nl: None,
+    rows4_mxfp4: None,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -331,10 +424,25 @@ static AVX2_64: Kernels64 = Kernels64 {
     dot4_q4_k: avx2::dot64x4_q4_k_q8_k,
     dot4_q5_k: avx2::dot64x4_q5_k_q8_k,
     dot4_q6_k: avx2::dot64x4_q6_k_q8_k,
+    dot_q5_1: avx2::dot64_q5_1,
+    dot_q2_k: avx2::dot64_q2_k,
+    dot_q3_k: avx2::dot64_q3_k,
+    dot_iq4_nl: avx2::dot64_iq4_nl,
+    dot_iq4_xs: avx2::dot64_iq4_xs,
+    dot_mxfp4: avx2::dot64_mxfp4,
+    dot4_q5_1: avx2::dot64x4_q5_1,
+    dot4_q2_k: avx2::dot64x4_q2_k,
+    dot4_q3_k: avx2::dot64x4_q3_k,
+    dot4_iq4_nl: avx2::dot64x4_iq4_nl,
+    dot4_iq4_xs: avx2::dot64x4_iq4_xs,
+    dot4_mxfp4: avx2::dot64x4_mxfp4,
     rows4_q4_0: Some(avx2::rows64_q4_0_q8_0),
     rows4_q4_1: Some(avx2::rows64_q4_1_q8_1),
     rows4_q5_0: Some(avx2::rows64_q5_0_q8_0),
     rows4_q8_0: Some(avx2::rows64_q8_0_q8_0),
+    rows4_q5_1: Some(avx2::rows64_q5_1),
+    rows4_iq4_nl: Some(avx2::rows64_iq4_nl),
+    rows4_mxfp4: Some(avx2::rows64_mxfp4),
 };
 
 static SCALAR: Kernels = Kernels {
@@ -617,23 +725,23 @@ impl PreparedActivations {
     /// Grows the buffer used for `ty` to hold `count` vectors of `len` values.
     pub fn reserve(&mut self, ty: QuantType, len: usize, count: usize) {
         let n = len * count;
-        match ty {
-            QuantType::F32 => {
+        match ty.act_kind() {
+            ActKind::F32 => {
                 grow(&mut self.f32s, n);
             }
-            QuantType::F16 => {
+            ActKind::F16 => {
                 grow(&mut self.f16s, n);
             }
-            QuantType::BF16 => {
+            ActKind::BF16 => {
                 grow(&mut self.bf16s, n);
             }
-            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
+            ActKind::Q8_0 => {
                 grow(&mut self.q8_0, n.div_ceil(QK));
             }
-            QuantType::Q4_1 => {
+            ActKind::Q8_1 => {
                 grow(&mut self.q8_1, n.div_ceil(QK));
             }
-            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+            ActKind::Q8K => {
                 grow(&mut self.q8_k, n.div_ceil(QK_K));
             }
         }
@@ -675,31 +783,31 @@ impl PreparedActivations {
         if len == 0 || count == 0 {
             return;
         }
-        match ty {
-            QuantType::F32 => grow(&mut self.f32s, x.len()).copy_from_slice(x),
-            QuantType::F16 => {
+        match ty.act_kind() {
+            ActKind::F32 => grow(&mut self.f32s, x.len()).copy_from_slice(x),
+            ActKind::F16 => {
                 for (d, s) in grow(&mut self.f16s, x.len()).iter_mut().zip(x) {
                     *d = f16::from_f32(*s);
                 }
             }
-            QuantType::BF16 => {
+            ActKind::BF16 => {
                 for (d, s) in grow(&mut self.bf16s, x.len()).iter_mut().zip(x) {
                     *d = bf16::from_f32(*s);
                 }
             }
             // SAFETY (quantizers): `prepare_rows` passes whole rows and their blocks; the table
             // matches this CPU.
-            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
+            ActKind::Q8_0 => {
                 let dst = grow(&mut self.q8_0, x.len() / QK);
                 let f = kernels().quantize_q8_0;
                 prepare_rows(x, len, dst, len / QK, |x, y| unsafe { f(x, y) });
             }
-            QuantType::Q4_1 => {
+            ActKind::Q8_1 => {
                 let dst = grow(&mut self.q8_1, x.len() / QK);
                 let f = kernels().quantize_q8_1;
                 prepare_rows(x, len, dst, len / QK, |x, y| unsafe { f(x, y) });
             }
-            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+            ActKind::Q8K => {
                 let dst = grow(&mut self.q8_k, x.len() / QK_K);
                 let f = kernels().quantize_q8_k;
                 prepare_rows(x, len, dst, len / QK_K, |x, y| unsafe { f(x, y) });
@@ -707,12 +815,12 @@ impl PreparedActivations {
         }
     }
 
-    /// Q8_0 blocks of vector `b` (valid after preparing for Q4_0/Q5_0/Q8_0).
+    /// Q8_0 blocks of vector `b` (valid after preparing for a type whose `act_kind` is Q8_0).
     pub fn q8_0(&self, b: usize) -> &[BlockQ8_0] {
         let n = self.len / QK;
         &self.q8_0[b * n..(b + 1) * n]
     }
-    /// Q8_1 blocks of vector `b` (valid after preparing for Q4_1).
+    /// Q8_1 blocks of vector `b` (valid after preparing for Q4_1 or Q5_1).
     pub fn q8_1(&self, b: usize) -> &[BlockQ8_1] {
         let n = self.len / QK;
         &self.q8_1[b * n..(b + 1) * n]
@@ -728,13 +836,13 @@ impl PreparedActivations {
         let ty = self.ty.expect("activations not prepared");
         assert!(b < self.count);
         let n = self.len;
-        match ty {
-            QuantType::F32 => ActRow::F32(&self.f32s[b * n..(b + 1) * n]),
-            QuantType::F16 => ActRow::F16(&self.f16s[b * n..(b + 1) * n]),
-            QuantType::BF16 => ActRow::BF16(&self.bf16s[b * n..(b + 1) * n]),
-            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => ActRow::Q8_0(self.q8_0(b)),
-            QuantType::Q4_1 => ActRow::Q8_1(self.q8_1(b)),
-            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => ActRow::Q8K(self.q8_k(b)),
+        match ty.act_kind() {
+            ActKind::F32 => ActRow::F32(&self.f32s[b * n..(b + 1) * n]),
+            ActKind::F16 => ActRow::F16(&self.f16s[b * n..(b + 1) * n]),
+            ActKind::BF16 => ActRow::BF16(&self.bf16s[b * n..(b + 1) * n]),
+            ActKind::Q8_0 => ActRow::Q8_0(self.q8_0(b)),
+            ActKind::Q8_1 => ActRow::Q8_1(self.q8_1(b)),
+            ActKind::Q8K => ActRow::Q8K(self.q8_k(b)),
         }
     }
 
@@ -744,20 +852,20 @@ impl PreparedActivations {
         assert!(b < self.count);
         let n = self.len;
         let mut out = vec![0f32; n];
-        match ty {
-            QuantType::F32 => out.copy_from_slice(&self.f32s[b * n..(b + 1) * n]),
-            QuantType::F16 => out
+        match ty.act_kind() {
+            ActKind::F32 => out.copy_from_slice(&self.f32s[b * n..(b + 1) * n]),
+            ActKind::F16 => out
                 .iter_mut()
                 .zip(&self.f16s[b * n..])
                 .for_each(|(o, v)| *o = v.to_f32()),
-            QuantType::BF16 => out
+            ActKind::BF16 => out
                 .iter_mut()
                 .zip(&self.bf16s[b * n..])
                 .for_each(|(o, v)| *o = v.to_f32()),
-            QuantType::Q4_0 | QuantType::Q5_0 | QuantType::Q8_0 => {
+            ActKind::Q8_0 => {
                 dequantize_row(QuantType::Q8_0, blocks_as_bytes(self.q8_0(b)), &mut out)
             }
-            QuantType::Q4_1 => {
+            ActKind::Q8_1 => {
                 for (blk, o) in self.q8_1(b).iter().zip(out.chunks_exact_mut(QK)) {
                     let d = blk.d.to_f32();
                     for (v, q) in o.iter_mut().zip(blk.qs) {
@@ -765,7 +873,7 @@ impl PreparedActivations {
                     }
                 }
             }
-            QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+            ActKind::Q8K => {
                 for (blk, o) in self.q8_k(b).iter().zip(out.chunks_exact_mut(QK_K)) {
                     for (v, q) in o.iter_mut().zip(blk.qs) {
                         *v = q as f32 * blk.d;
@@ -938,6 +1046,84 @@ macro_rules! dispatch {
     };
 }
 
+/// Output element of a product: f32 (`matmul`) or f64 (`matmul_f64`).
+trait FromF64: Copy + Default + Send {
+    fn from_f64(v: f64) -> Self;
+}
+impl FromF64 for f32 {
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+impl FromF64 for f64 {
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// A kernel table's f64-accumulating kernels (itself for a `Kernels64`).
+trait Wide {
+    fn wide64(&'static self) -> &'static Kernels64;
+}
+impl Wide for Kernels {
+    fn wide64(&'static self) -> &'static Kernels64 {
+        self.wide
+    }
+}
+impl Wide for Kernels64 {
+    fn wide64(&'static self) -> &'static Kernels64 {
+        self
+    }
+}
+
+/// Dispatches a type whose f32 product is its f64 product rounded once
+/// ([`QuantType::f32_via_f64`]): the kernels come from the table's `Kernels64`.
+macro_rules! dispatch_wide {
+    ($k:expr, $one:ident, $four:ident, $r4:tt, $act:expr, $per:expr, $weight:expr, $rb:expr, $rows:expr, $count:expr, $y:expr, $par:expr) => {{
+        let k = $k.wide64();
+        let per = $per;
+        let rb = $rb;
+        let a = &$act[..per * $count];
+        // SAFETY (both closures): every weight row holds exactly `cols` elements (`rb` bytes),
+        // every activation vector has `per` blocks, b + 3 < count for dot4; `k` matches this CPU.
+        drive(
+            |w, b| {
+                FromF64::from_f64(unsafe {
+                    (k.$one)(as_blocks(w), a.get_unchecked(b * per..(b + 1) * per))
+                })
+            },
+            |w, b, o| {
+                let mut t = [0f64; 4];
+                unsafe { (k.$four)(as_blocks(w), a.as_ptr().add(b * per), per, &mut t) };
+                *o = t.map(FromF64::from_f64);
+            },
+            dispatch_wide!(@r4 $r4, k, a, per, rb),
+            $weight,
+            rb,
+            $rows,
+            $count,
+            $y,
+            $par,
+        )
+    }};
+    (@r4 none, $k:expr, $a:expr, $per:expr, $rb:expr) => {
+        None::<fn(&[u8], usize, &mut [_; 4])>
+    };
+    (@r4 ($f:ident), $k:expr, $a:expr, $per:expr, $rb:expr) => {
+        $k.$f.map(|f| {
+            move |w: &[u8], b: usize, o: &mut [_; 4]| {
+                debug_assert_eq!(w.len(), 4 * $rb);
+                let mut t = [0f64; 4];
+                // SAFETY: four whole rows and one activation vector of `per` blocks.
+                unsafe { f(w.as_ptr(), $rb, $a.get_unchecked(b * $per..(b + 1) * $per), &mut t) };
+                *o = t.map(FromF64::from_f64);
+            }
+        })
+    };
+}
+
 /// Validates a matmul call; returns the row size in bytes and the weight bytes used.
 fn check_matmul(
     ty: QuantType,
@@ -1093,6 +1279,92 @@ macro_rules! dispatch_type {
                 act.q8_k,
                 n / QK_K,
                 blocks,
+                w,
+                rb,
+                rows,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q5_1 => {
+                dispatch_wide!(
+                    k,
+                    dot_q5_1,
+                    dot4_q5_1,
+                    (rows4_q5_1),
+                    act.q8_1,
+                    n / QK,
+                    w,
+                    rb,
+                    rows,
+                    count,
+                    y,
+                    par
+                )
+            }
+            QuantType::IQ4_NL => dispatch_wide!(
+                k,
+                dot_iq4_nl,
+                dot4_iq4_nl,
+                (rows4_iq4_nl),
+                act.q8_0,
+                n / QK,
+                w,
+                rb,
+                rows,
+                count,
+                y,
+                par
+            ),
+            QuantType::MXFP4 => dispatch_wide!(
+                k,
+                dot_mxfp4,
+                dot4_mxfp4,
+                (rows4_mxfp4),
+                act.q8_0,
+                n / QK,
+                w,
+                rb,
+                rows,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q2_K => dispatch_wide!(
+                k,
+                dot_q2_k,
+                dot4_q2_k,
+                none,
+                act.q8_k,
+                n / QK_K,
+                w,
+                rb,
+                rows,
+                count,
+                y,
+                par
+            ),
+            QuantType::Q3_K => dispatch_wide!(
+                k,
+                dot_q3_k,
+                dot4_q3_k,
+                none,
+                act.q8_k,
+                n / QK_K,
+                w,
+                rb,
+                rows,
+                count,
+                y,
+                par
+            ),
+            QuantType::IQ4_XS => dispatch_wide!(
+                k,
+                dot_iq4_xs,
+                dot4_iq4_xs,
+                none,
+                act.q8_k,
+                n / QK_K,
                 w,
                 rb,
                 rows,

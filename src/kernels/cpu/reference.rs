@@ -83,6 +83,84 @@ fn pack_scales_mins_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; 12] {
 }
 
 // ---------------------------------------------------------------------------------------------
+// levels and scales of the types added after v0.1 (shared by dequantization and the dots)
+
+/// The 256 2-bit fields of a Q2_K/Q3_K `qs` array in element order: element `128 n + 32 j + l`
+/// is bits `2j..2j+2` of `qs[32 n + l]`.
+#[inline(always)]
+pub fn levels_2bit(qs: &[u8; QK_K / 4]) -> [u8; QK_K] {
+    let mut out = [0u8; QK_K];
+    for e in 0..QK_K {
+        let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+        out[e] = (qs[32 * n + l] >> (2 * j)) & 3;
+    }
+    out
+}
+
+/// Q3_K levels -4..=3: the 2-bit field minus 4 unless the element's `hmask` bit is set.
+#[inline(always)]
+pub fn q3_k_levels(b: &BlockQ3K) -> [i8; QK_K] {
+    let lo = levels_2bit(&b.qs);
+    let mut out = [0i8; QK_K];
+    for e in 0..QK_K {
+        let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+        let high = (b.hmask[l] >> (4 * n + j)) & 1;
+        out[e] = lo[e] as i8 - if high != 0 { 0 } else { 4 };
+    }
+    out
+}
+
+/// The 16 Q3_K sub-block scales (6-bit, minus 32): low nibbles of bytes 0..8 are scales 0..8
+/// and their high nibbles 8..16; byte 8 + (k % 4) holds the top 2 bits of scale k at bit 2(k / 4).
+#[inline(always)]
+pub fn q3_k_scales(s: &[u8; 12]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for k in 0..16 {
+        let low = if k < 8 { s[k] & 0xF } else { s[k - 8] >> 4 };
+        let high = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
+        out[k] = (low | (high << 4)) as i8 - 32;
+    }
+    out
+}
+
+/// The 8 IQ4_XS sub-block scales (6-bit, minus 32).
+#[inline(always)]
+pub fn iq4_xs_scales(b: &BlockIQ4XS) -> [i8; 8] {
+    let h = u16::from_le_bytes(b.scales_h);
+    let mut out = [0i8; 8];
+    for ib in 0..8 {
+        let low = (b.scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+        let high = ((h >> (2 * ib)) & 3) as u8;
+        out[ib] = (low | (high << 4)) as i8 - 32;
+    }
+    out
+}
+
+/// 32 table levels from 16 bytes of nibble indices (low nibbles first, then high).
+#[inline(always)]
+pub fn table_levels(qs: &[u8], table: &[i8; 16]) -> [i8; QK] {
+    let mut out = [0i8; QK];
+    for j in 0..QK / 2 {
+        out[j] = table[(qs[j] & 0xF) as usize];
+        out[j + QK / 2] = table[(qs[j] >> 4) as usize];
+    }
+    out
+}
+
+/// Q5_0/Q5_1 unsigned 5-bit levels 0..=31: nibble plus bit j of `qh` (elements 0..16) or
+/// bit j + 16 (elements 16..32) as bit 4.
+#[inline(always)]
+pub fn q5_levels(qs: &[u8; QK / 2], qh: [u8; 4]) -> [u8; QK] {
+    let qh = u32::from_le_bytes(qh);
+    let mut out = [0u8; QK];
+    for j in 0..QK / 2 {
+        out[j] = (qs[j] & 0xF) | ((((qh >> j) & 1) << 4) as u8);
+        out[j + QK / 2] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) << 4) as u8);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
 // dequantization
 
 /// Scalar dequantization of `dst.len()` elements of type `ty` from `src`.
@@ -233,6 +311,81 @@ pub fn dequantize_row(ty: QuantType, src: &[u8], dst: &mut [f32]) {
                         y[l + 64] = d * sc[is + 4] as f32 * q3 as f32;
                         y[l + 96] = d * sc[is + 6] as f32 * q4 as f32;
                     }
+                }
+            }
+        }
+        QuantType::Q5_1 => {
+            for (b, y) in as_blocks::<BlockQ5_1>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK))
+            {
+                let (d, m) = (b.d.to_f32(), b.m.to_f32());
+                for (v, q) in y.iter_mut().zip(q5_levels(&b.qs, b.qh)) {
+                    *v = q as f32 * d + m;
+                }
+            }
+        }
+        QuantType::Q2_K => {
+            for (b, y) in as_blocks::<BlockQ2K>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
+                let (d, min) = (b.d.to_f32(), b.dmin.to_f32());
+                let q = levels_2bit(&b.qs);
+                for (e, v) in y.iter_mut().enumerate() {
+                    let sc = b.scales[e / 16];
+                    let (dl, ml) = (d * (sc & 0xF) as f32, min * (sc >> 4) as f32);
+                    *v = dl * q[e] as f32 - ml;
+                }
+            }
+        }
+        QuantType::Q3_K => {
+            for (b, y) in as_blocks::<BlockQ3K>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
+                let d = b.d.to_f32();
+                let (q, sc) = (q3_k_levels(b), q3_k_scales(&b.scales));
+                for (e, v) in y.iter_mut().enumerate() {
+                    *v = d * sc[e / 16] as f32 * q[e] as f32;
+                }
+            }
+        }
+        QuantType::IQ4_NL => {
+            for (b, y) in as_blocks::<BlockIQ4NL>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK))
+            {
+                let d = b.d.to_f32();
+                for (v, q) in y.iter_mut().zip(table_levels(&b.qs, &KVALUES_IQ4NL)) {
+                    *v = d * q as f32;
+                }
+            }
+        }
+        QuantType::IQ4_XS => {
+            for (b, y) in as_blocks::<BlockIQ4XS>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK_K))
+            {
+                let d = b.d.to_f32();
+                let sc = iq4_xs_scales(b);
+                for (ib, y) in y.chunks_exact_mut(QK).enumerate() {
+                    let dl = d * sc[ib] as f32;
+                    let q = table_levels(&b.qs[16 * ib..16 * ib + 16], &KVALUES_IQ4NL);
+                    for (v, q) in y.iter_mut().zip(q) {
+                        *v = dl * q as f32;
+                    }
+                }
+            }
+        }
+        QuantType::MXFP4 => {
+            for (b, y) in as_blocks::<BlockMXFP4>(src)
+                .iter()
+                .zip(dst.chunks_exact_mut(QK))
+            {
+                let d = e8m0_half(b.e);
+                for (v, q) in y.iter_mut().zip(table_levels(&b.qs, &KVALUES_MXFP4)) {
+                    *v = q as f32 * d;
                 }
             }
         }
@@ -709,8 +862,211 @@ pub fn quantize_row_q6_k(x: &[f32], y: &mut [BlockQ6K]) {
     }
 }
 
+/// `quantize_row_q5_1_ref`.
+pub fn quantize_row_q5_1(x: &[f32], y: &mut [BlockQ5_1]) {
+    assert_eq!(x.len(), y.len() * QK);
+    for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let (mut min, mut max) = (f32::MAX, -f32::MAX);
+        for &v in xb {
+            min = if v < min { v } else { min };
+            max = if v > max { v } else { max };
+        }
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = F16Bytes::from_f32(d);
+        b.m = F16Bytes::from_f32(min);
+        let mut qh = 0u32;
+        for j in 0..QK / 2 {
+            let x0 = ((xb[j] - min) * id + 0.5) as u8;
+            let x1 = ((xb[j + QK / 2] - min) * id + 0.5) as u8;
+            b.qs[j] = (x0 & 0xF) | ((x1 & 0xF) << 4);
+            qh |= ((x0 as u32 & 0x10) >> 4) << j;
+            qh |= ((x1 as u32 & 0x10) >> 4) << (j + QK / 2);
+        }
+        b.qh = qh.to_le_bytes();
+    }
+}
+
+/// Index of the table entry nearest to `v` (first of equals).
+fn nearest_level(table: &[i8; 16], v: f32) -> u8 {
+    let mut best = 0;
+    for (i, &t) in table.iter().enumerate() {
+        if (t as f32 - v).abs() < (table[best] as f32 - v).abs() {
+            best = i;
+        }
+    }
+    best as u8
+}
+
+/// Signed value of largest magnitude.
+fn signed_max(x: &[f32]) -> f32 {
+    x.iter()
+        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+}
+
+/// Packs 32 table indices (elements 0..16 in the low nibbles).
+fn pack_nibbles(idx: &[u8; QK], qs: &mut [u8]) {
+    for j in 0..QK / 2 {
+        qs[j] = idx[j] | (idx[j + QK / 2] << 4);
+    }
+}
+
+/// Round-to-nearest IQ4_NL encoder: d maps the block's largest magnitude to level -127.
+/// (llama.cpp's encoder also searches nearby scales; this one is for tests and synthetic files.)
+pub fn quantize_row_iq4_nl(x: &[f32], y: &mut [BlockIQ4NL]) {
+    assert_eq!(x.len(), y.len() * QK);
+    for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let d = signed_max(xb) / -127.0;
+        b.d = F16Bytes::from_f32(d);
+        let id = if d != 0.0 { 1.0 / b.d.to_f32() } else { 0.0 };
+        let idx: [u8; QK] = std::array::from_fn(|j| nearest_level(&KVALUES_IQ4NL, xb[j] * id));
+        pack_nibbles(&idx, &mut b.qs);
+    }
+}
+
+/// Round-to-nearest MXFP4 encoder: the shared exponent puts the largest magnitude in the top
+/// binade of E2M1 (as ggml's `quantize_row_mxfp4_ref`), then each value takes the nearest level.
+pub fn quantize_row_mxfp4(x: &[f32], y: &mut [BlockMXFP4]) {
+    assert_eq!(x.len(), y.len() * QK);
+    for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let e = if amax > 0.0 {
+            (amax.log2().floor() as i32 - 2 + 127).clamp(0, 254) as u8
+        } else {
+            0
+        };
+        b.e = e;
+        let id = 1.0 / e8m0_half(e);
+        let idx: [u8; QK] = std::array::from_fn(|j| nearest_level(&KVALUES_MXFP4, xb[j] * id));
+        pack_nibbles(&idx, &mut b.qs);
+    }
+}
+
+/// Round-to-nearest Q2_K encoder: per 16 values an asymmetric (scale, min) fit, both quantized
+/// to 4 bits against the super-block's d and dmin. (For tests and synthetic files.)
+pub fn quantize_row_q2_k(x: &[f32], y: &mut [BlockQ2K]) {
+    assert_eq!(x.len(), y.len() * QK_K);
+    for (xb, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
+        let mut scale = [0f32; 16];
+        let mut min = [0f32; 16];
+        for k in 0..16 {
+            let sub = &xb[16 * k..16 * k + 16];
+            let lo = sub.iter().fold(0.0f32, |m, &v| m.min(v));
+            let hi = sub.iter().fold(lo, |m, &v| m.max(v));
+            scale[k] = (hi - lo) / 3.0;
+            min[k] = -lo;
+        }
+        let d = scale.iter().fold(0.0f32, |m, &v| m.max(v)) / 15.0;
+        let dmin = min.iter().fold(0.0f32, |m, &v| m.max(v)) / 15.0;
+        b.d = F16Bytes::from_f32(d);
+        b.dmin = F16Bytes::from_f32(dmin);
+        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        let mut q = [0u8; QK_K];
+        for k in 0..16 {
+            let ls = if d > 0.0 {
+                nearest_int(scale[k] / d).clamp(0, 15)
+            } else {
+                0
+            };
+            let lm = if dmin > 0.0 {
+                nearest_int(min[k] / dmin).clamp(0, 15)
+            } else {
+                0
+            };
+            b.scales[k] = ls as u8 | ((lm as u8) << 4);
+            let (dl, ml) = (d * ls as f32, dmin * lm as f32);
+            for e in 16 * k..16 * k + 16 {
+                q[e] = if dl > 0.0 {
+                    nearest_int((xb[e] + ml) / dl).clamp(0, 3) as u8
+                } else {
+                    0
+                };
+            }
+        }
+        b.qs = [0; QK_K / 4];
+        for e in 0..QK_K {
+            let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+            b.qs[32 * n + l] |= q[e] << (2 * j);
+        }
+    }
+}
+
+/// Round-to-nearest Q3_K encoder: per 16 values a symmetric scale, quantized to 6 bits
+/// against the super-block's d. (For tests and synthetic files.)
+pub fn quantize_row_q3_k(x: &[f32], y: &mut [BlockQ3K]) {
+    assert_eq!(x.len(), y.len() * QK_K);
+    for (xb, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
+        let scale: [f32; 16] = std::array::from_fn(|k| signed_max(&xb[16 * k..16 * k + 16]) / -4.0);
+        let smax = signed_max(&scale);
+        let d = smax / -32.0;
+        b.d = F16Bytes::from_f32(d);
+        let d = b.d.to_f32();
+        b.scales = [0; 12];
+        b.hmask = [0; QK_K / 8];
+        b.qs = [0; QK_K / 4];
+        for k in 0..16 {
+            let ls = if d != 0.0 {
+                nearest_int(scale[k] / d).clamp(-32, 31)
+            } else {
+                0
+            };
+            let u = (ls + 32) as u8;
+            if k < 8 {
+                b.scales[k] |= u & 0xF;
+            } else {
+                b.scales[k - 8] |= (u & 0xF) << 4;
+            }
+            b.scales[8 + k % 4] |= (u >> 4) << (2 * (k / 4));
+            let dl = d * ls as f32;
+            for e in 16 * k..16 * k + 16 {
+                let q = if dl != 0.0 {
+                    nearest_int(xb[e] / dl).clamp(-4, 3)
+                } else {
+                    0
+                } + 4;
+                let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                b.qs[32 * n + l] |= ((q & 3) as u8) << (2 * j);
+                b.hmask[l] |= (((q >> 2) & 1) as u8) << (4 * n + j);
+            }
+        }
+    }
+}
+
+/// Round-to-nearest IQ4_XS encoder: per 32 values a scale mapping the largest magnitude to
+/// level -127, quantized to 6 bits against the super-block's d. (For tests and synthetic files.)
+pub fn quantize_row_iq4_xs(x: &[f32], y: &mut [BlockIQ4XS]) {
+    assert_eq!(x.len(), y.len() * QK_K);
+    for (xb, b) in x.chunks_exact(QK_K).zip(y.iter_mut()) {
+        let scale: [f32; 8] =
+            std::array::from_fn(|k| signed_max(&xb[32 * k..32 * k + 32]) / -127.0);
+        let d = signed_max(&scale) / -32.0;
+        b.d = F16Bytes::from_f32(d);
+        let d = b.d.to_f32();
+        b.scales_l = [0; QK_K / 64];
+        let mut h = 0u16;
+        for ib in 0..8 {
+            let ls = if d != 0.0 {
+                nearest_int(scale[ib] / d).clamp(-32, 31)
+            } else {
+                0
+            };
+            let u = (ls + 32) as u8;
+            b.scales_l[ib / 2] |= (u & 0xF) << (4 * (ib % 2));
+            h |= ((u >> 4) as u16) << (2 * ib);
+            let dl = d * ls as f32;
+            let id = if dl != 0.0 { 1.0 / dl } else { 0.0 };
+            let sub = &xb[32 * ib..32 * ib + 32];
+            let idx: [u8; QK] = std::array::from_fn(|j| nearest_level(&KVALUES_IQ4NL, sub[j] * id));
+            pack_nibbles(&idx, &mut b.qs[16 * ib..16 * ib + 16]);
+        }
+        b.scales_h = h.to_le_bytes();
+    }
+}
+
 /// Quantizes `x` (a whole number of blocks) into `dst` in the storage format of `ty`, using
-/// ggml's reference encoders (what `llama-quantize` does without an importance matrix).
+/// ggml's reference encoders (what `llama-quantize` does without an importance matrix) for the
+/// v0.1 types and Q5_1, and simple round-to-nearest encoders for Q2_K, Q3_K, IQ4_NL, IQ4_XS
+/// and MXFP4 (valid blocks of those formats, less accurate than llama.cpp's searches).
 /// F16/BF16 round to nearest even.
 pub fn quantize_row(ty: QuantType, x: &[f32], dst: &mut [u8]) {
     let bytes = ty
@@ -744,6 +1100,12 @@ pub fn quantize_row(ty: QuantType, x: &[f32], dst: &mut [u8]) {
         QuantType::Q4_K => quantize_row_q4_k(x, as_blocks_mut(dst)),
         QuantType::Q5_K => quantize_row_q5_k(x, as_blocks_mut(dst)),
         QuantType::Q6_K => quantize_row_q6_k(x, as_blocks_mut(dst)),
+        QuantType::Q5_1 => quantize_row_q5_1(x, as_blocks_mut(dst)),
+        QuantType::Q2_K => quantize_row_q2_k(x, as_blocks_mut(dst)),
+        QuantType::Q3_K => quantize_row_q3_k(x, as_blocks_mut(dst)),
+        QuantType::IQ4_NL => quantize_row_iq4_nl(x, as_blocks_mut(dst)),
+        QuantType::IQ4_XS => quantize_row_iq4_xs(x, as_blocks_mut(dst)),
+        QuantType::MXFP4 => quantize_row_mxfp4(x, as_blocks_mut(dst)),
     }
 }
 
@@ -1184,6 +1546,53 @@ fn isum_q6_k(bx: &BlockQ6K, by: &BlockQ8K) -> i32 {
     s
 }
 
+fn isum_q5_1(bx: &BlockQ5_1, by: &BlockQ8_1) -> i32 {
+    q5_levels(&bx.qs, bx.qh)
+        .iter()
+        .zip(&by.qs)
+        .map(|(&q, &a)| q as i32 * a as i32)
+        .sum()
+}
+
+/// Σ table[q] * a over a 32-element block of nibble indices.
+fn isum_table(qs: &[u8], table: &[i8; 16], a: &[i8]) -> i32 {
+    table_levels(qs, table)
+        .iter()
+        .zip(a)
+        .map(|(&q, &a)| q as i32 * a as i32)
+        .sum()
+}
+
+/// (Σ scale·q·q8, Σ min·bsum) of a Q2_K super-block.
+fn isums_q2_k(bx: &BlockQ2K, by: &BlockQ8K) -> (i32, i32) {
+    let q = levels_2bit(&bx.qs);
+    let mut isum = 0i32;
+    for e in 0..QK_K {
+        isum += (bx.scales[e / 16] & 0xF) as i32 * q[e] as i32 * by.qs[e] as i32;
+    }
+    let summins = (0..16)
+        .map(|k| (bx.scales[k] >> 4) as i32 * by.bsums[k] as i32)
+        .sum();
+    (isum, summins)
+}
+
+fn isum_q3_k(bx: &BlockQ3K, by: &BlockQ8K) -> i32 {
+    let (q, sc) = (q3_k_levels(bx), q3_k_scales(&bx.scales));
+    (0..QK_K)
+        .map(|e| sc[e / 16] as i32 * q[e] as i32 * by.qs[e] as i32)
+        .sum()
+}
+
+fn isum_iq4_xs(bx: &BlockIQ4XS, by: &BlockQ8K) -> i32 {
+    let sc = iq4_xs_scales(bx);
+    (0..8)
+        .map(|ib| {
+            let qs = &bx.qs[16 * ib..16 * ib + 16];
+            sc[ib] as i32 * isum_table(qs, &KVALUES_IQ4NL, &by.qs[32 * ib..32 * ib + 32])
+        })
+        .sum()
+}
+
 /// One prepared activation vector, in the form that matches its weight type.
 #[derive(Clone, Copy)]
 pub enum ActRow<'a> {
@@ -1266,6 +1675,37 @@ pub fn for_each_contribution(ty: QuantType, w: &[u8], a: ActRow, mut f: impl FnM
             bx.d.to_f32(),
             by.d,
             isum_q6_k(bx, by)
+        )),
+        (QuantType::Q5_1, ActRow::Q8_1(y)) => blocks!(BlockQ5_1, y, |bx, by| contrib_q4_1(
+            bx.d.to_f32(),
+            by.d.to_f32(),
+            isum_q5_1(bx, by),
+            bx.m.to_f32(),
+            by.s.to_f32()
+        )),
+        (QuantType::IQ4_NL, ActRow::Q8_0(y)) => blocks!(BlockIQ4NL, y, |bx, by| contrib_scaled(
+            bx.d.to_f32(),
+            by.d.to_f32(),
+            isum_table(&bx.qs, &KVALUES_IQ4NL, &by.qs)
+        )),
+        (QuantType::MXFP4, ActRow::Q8_0(y)) => blocks!(BlockMXFP4, y, |bx, by| contrib_scaled(
+            e8m0_half(bx.e),
+            by.d.to_f32(),
+            isum_table(&bx.qs, &KVALUES_MXFP4, &by.qs)
+        )),
+        (QuantType::Q2_K, ActRow::Q8K(y)) => blocks!(BlockQ2K, y, |bx, by| {
+            let (isum, summins) = isums_q2_k(bx, by);
+            contrib_k4(bx.d.to_f32(), bx.dmin.to_f32(), by.d, isum, summins)
+        }),
+        (QuantType::Q3_K, ActRow::Q8K(y)) => blocks!(BlockQ3K, y, |bx, by| contrib_scaled(
+            bx.d.to_f32(),
+            by.d,
+            isum_q3_k(bx, by)
+        )),
+        (QuantType::IQ4_XS, ActRow::Q8K(y)) => blocks!(BlockIQ4XS, y, |bx, by| contrib_scaled(
+            bx.d.to_f32(),
+            by.d,
+            isum_iq4_xs(bx, by)
         )),
         _ => panic!("{ty} weights with activations prepared for another type"),
     }

@@ -79,6 +79,27 @@ fn fix_scales(ty: QuantType, row: &mut [u8], rng: &mut Rng) {
         QuantType::Q6_K => as_blocks_mut::<BlockQ6K>(row)
             .iter_mut()
             .for_each(|b| b.d.0 = small()),
+        QuantType::Q5_1 => as_blocks_mut::<BlockQ5_1>(row).iter_mut().for_each(|b| {
+            b.d.0 = small();
+            b.m.0 = f16b(-0.1);
+        }),
+        QuantType::Q2_K => as_blocks_mut::<BlockQ2K>(row).iter_mut().for_each(|b| {
+            b.d.0 = small();
+            b.dmin.0 = small();
+        }),
+        QuantType::Q3_K => as_blocks_mut::<BlockQ3K>(row)
+            .iter_mut()
+            .for_each(|b| b.d.0 = small()),
+        QuantType::IQ4_NL => as_blocks_mut::<BlockIQ4NL>(row)
+            .iter_mut()
+            .for_each(|b| b.d.0 = small()),
+        QuantType::IQ4_XS => as_blocks_mut::<BlockIQ4XS>(row)
+            .iter_mut()
+            .for_each(|b| b.d.0 = small()),
+        // Every E8M0 byte is a valid scale (2^-128 .. 2^127); keep products finite in f32.
+        QuantType::MXFP4 => as_blocks_mut::<BlockMXFP4>(row)
+            .iter_mut()
+            .for_each(|b| b.e = 100 + (b.e % 40)),
         QuantType::F32 | QuantType::F16 | QuantType::BF16 => unreachable!(),
     }
 }
@@ -120,20 +141,28 @@ fn weight_mins(ty: QuantType, row: &[u8], cols: usize) -> Vec<f32> {
             o.fill(b.m.to_f32());
         }
     }
+    if ty == QuantType::Q5_1 {
+        for (b, o) in as_blocks::<BlockQ5_1>(row)
+            .iter()
+            .zip(m.chunks_exact_mut(QK))
+        {
+            o.fill(b.m.to_f32());
+        }
+    }
     m
 }
 
 /// Bound on |x̂_i - x_i| for activation quantization of `x` for weight type `ty`.
 fn act_error_bound(ty: QuantType, x: &[f32]) -> Vec<f32> {
-    match ty {
-        QuantType::F32 => vec![0.0; x.len()],
+    match ty.act_kind() {
+        ActKind::F32 => vec![0.0; x.len()],
         // RNE to f16: relative 2^-11, plus half the smallest subnormal.
-        QuantType::F16 => x
+        ActKind::F16 => x
             .iter()
             .map(|v| v.abs() * 2f32.powi(-11) + 2f32.powi(-25))
             .collect(),
-        QuantType::BF16 => x.iter().map(|v| v.abs() * 2f32.powi(-8)).collect(),
-        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0 => {
+        ActKind::BF16 => x.iter().map(|v| v.abs() * 2f32.powi(-8)).collect(),
+        ActKind::Q8_0 | ActKind::Q8_1 => {
             // rounding (0.5 d) + f16 rounding of d seen through |q| <= 127 (127 * 2^-11 d).
             let mut e = vec![0f32; x.len()];
             for (xb, eb) in x.chunks(QK).zip(e.chunks_mut(QK)) {
@@ -142,7 +171,7 @@ fn act_error_bound(ty: QuantType, x: &[f32]) -> Vec<f32> {
             }
             e
         }
-        QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+        ActKind::Q8K => {
             let mut e = vec![0f32; x.len()];
             for (xb, eb) in x.chunks(QK_K).zip(e.chunks_mut(QK_K)) {
                 let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
@@ -423,6 +452,12 @@ fn weight_quantizers_roundtrip() {
         (QuantType::Q4_K, 0.12),
         (QuantType::Q5_K, 0.06),
         (QuantType::Q6_K, 0.03),
+        (QuantType::Q5_1, 0.06),
+        (QuantType::Q2_K, 0.45),
+        (QuantType::Q3_K, 0.25),
+        (QuantType::IQ4_NL, 0.12),
+        (QuantType::IQ4_XS, 0.12),
+        (QuantType::MXFP4, 0.25),
     ] {
         let mut bytes = vec![0u8; ty.row_bytes(n).unwrap()];
         quantize_row(ty, &x, &mut bytes);
@@ -479,6 +514,14 @@ fn check_type(ty: QuantType, random_bytes: bool, tag: u64) {
                     .zip(&xq)
                     .map(|(a, c)| (*a as f64 * *c as f64).abs())
                     .sum();
+                if ty.f32_via_f64() {
+                    // one kernel per type: the f32 product is the f64 one rounded once
+                    assert_eq!(
+                        f.to_bits(),
+                        rf.to_bits(),
+                        "{ty} rb={random_bytes} count={count} b={b} r={r}: fast {f} vs ref {rf}"
+                    );
+                }
                 let d_fast = (f as f64 - rf as f64).abs();
                 assert!(
                     d_fast <= 1e-5 * mag_q + 1e-30,
@@ -498,7 +541,7 @@ fn check_type(ty: QuantType, random_bytes: bool, tag: u64) {
                     .zip(&e)
                     .map(|((wv, m), ev)| (wv.abs() as f64 + 2.0 * m.abs() as f64) * *ev as f64)
                     .sum();
-                if ty == QuantType::Q4_1 {
+                if matches!(ty, QuantType::Q4_1 | QuantType::Q5_1) {
                     // m * s uses s = f16(d * sum q) instead of f16(d) * sum q.
                     for (blk, m) in act.q8_1(b).iter().zip(mins.chunks(QK)) {
                         let sq: i32 = blk.qs.iter().map(|&q| q as i32).sum();
@@ -653,6 +696,12 @@ fn type_table() {
         (QuantType::Q4_K, 12, 256, 144, "Q4_K"),
         (QuantType::Q5_K, 13, 256, 176, "Q5_K"),
         (QuantType::Q6_K, 14, 256, 210, "Q6_K"),
+        (QuantType::Q5_1, 7, 32, 24, "Q5_1"),
+        (QuantType::Q2_K, 10, 256, 84, "Q2_K"),
+        (QuantType::Q3_K, 11, 256, 110, "Q3_K"),
+        (QuantType::IQ4_NL, 20, 32, 18, "IQ4_NL"),
+        (QuantType::IQ4_XS, 23, 256, 136, "IQ4_XS"),
+        (QuantType::MXFP4, 39, 32, 17, "MXFP4"),
     ];
     for (ty, id, be, bb, name) in expect {
         assert_eq!(QuantType::from_ggml_id(id), Some(ty));
@@ -671,10 +720,10 @@ fn type_table() {
         let expect_huge = if bb > be { None } else { Some(huge / be * bb) };
         assert_eq!(ty.row_bytes(huge), expect_huge, "{ty} overflow");
     }
-    for id in [4u32, 5, 7, 9, 10, 11, 15, 16, 29, 31, 1000] {
+    for id in [4u32, 5, 9, 15, 16, 17, 18, 19, 21, 22, 29, 31, 40, 1000] {
         assert_eq!(QuantType::from_ggml_id(id), None, "id {id}");
     }
-    assert_eq!(QuantType::ALL.len(), 10);
+    assert_eq!(QuantType::ALL.len(), 16);
 }
 
 #[test]
@@ -913,6 +962,13 @@ fn check_f64_shape(ty: QuantType, random_bytes: bool, tag: u64, cols: usize) {
                 let i = b * rows + r;
                 let mag = contribution_mag(ty, &w[r * rb..(r + 1) * rb], &act, b);
                 let d = (y[i] - yr[i]).abs();
+                assert_eq!(
+                    y[i].to_bits(),
+                    yr[i].to_bits(),
+                    "{ty} rb={random_bytes} count={count} b={b} r={r}: f64 kernels {} not bitwise equal to the reference {}",
+                    y[i],
+                    yr[i]
+                );
                 assert!(
                     d <= 1e-12 * mag,
                     "{ty} rb={random_bytes} count={count} b={b} r={r}: fast {} vs ref {} (Σ|c| {mag})",
