@@ -1444,3 +1444,36 @@ fn neon_kernels_are_bitwise_equal_to_the_reference() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. dequantization against an independent implementation (gguf-py)
+
+/// Every quantized type's scalar dequantization equals gguf-py's bit for bit on random blocks
+/// (fixture written by `tests/data/quants/make_quant_oracle.py`).
+#[test]
+fn dequantization_matches_gguf_py() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/quants");
+    let mut checked = Vec::new();
+    for ty in QuantType::ALL.into_iter().filter(|t| t.is_quantized()) {
+        let read = |ext: &str| {
+            let p = dir.join(format!("{ty}.{ext}"));
+            std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        };
+        let blocks = read("blocks");
+        let expect: Vec<f32> = read("f32")
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let got = deq(ty, &blocks, expect.len());
+        for (i, (g, e)) in got.iter().zip(&expect).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                e.to_bits(),
+                "{ty} element {i}: ours {g:e}, gguf-py {e:e}"
+            );
+        }
+        println!("{ty}: {} values bitwise equal to gguf-py", got.len());
+        checked.push(ty);
+    }
+    assert_eq!(checked.len(), 13, "every quantized type has an oracle file");
+}
