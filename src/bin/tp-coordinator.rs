@@ -20,6 +20,11 @@ async fn main() -> std::process::ExitCode {
         default_hook(info);
     }));
     let cli = Cli::parse_from(tp::coordinator::cli::default_to_serve(std::env::args_os()));
+    // In-process workers (`--local N`) and the coordinator's own products use these kernels.
+    if let Err(e) = tp::kernels::cpu::select_kernels_from_env() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     tracing_subscriber::fmt()

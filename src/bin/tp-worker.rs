@@ -8,7 +8,11 @@ use clap::Parser;
 /// The coordinator (`tp-coordinator --workers hosts.toml`) connects to it, sends its shard plan
 /// and drives it. Prints "listening on ADDR" once it accepts connections.
 #[derive(Parser, Debug)]
-#[command(name = "tp-worker", version)]
+#[command(
+    name = "tp-worker",
+    version,
+    after_help = "Environment:\n  TP_KERNELS=scalar|avx2|avx512|neon  force a CPU kernel set (default: the best this CPU runs)"
+)]
 struct Args {
     /// Address for the control plane. Loopback unless you mean to expose it.
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -66,6 +70,13 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let kernels = match tp::kernels::cpu::select_kernels_from_env() {
+        Ok(name) => name,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let tls = match tp::tls::TlsFiles::from_paths(
         args.tls_cert.as_ref(),
         args.tls_key.as_ref(),
@@ -145,7 +156,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(args, threads, cpus, auth_token, tls))
+    runtime.block_on(serve(args, threads, cpus, auth_token, tls, kernels))
 }
 
 /// The CPUs to pin compute threads to: those given, or the process's CPU set when it is a
@@ -166,6 +177,7 @@ async fn serve(
     cpus: Option<Vec<usize>>,
     auth_token: Option<tp::auth::Token>,
     tls: Option<tp::tls::TlsFiles>,
+    kernels: &str,
 ) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&args.log));
@@ -173,6 +185,7 @@ async fn serve(
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    tracing::info!("CPU kernels: {kernels} (TP_KERNELS=scalar|avx2|avx512|neon forces a set)");
     if auth_token.is_none() {
         tracing::warn!(
             "the control plane accepts requests without a token (give --auth-token-file)"

@@ -32,7 +32,9 @@ use crate::transport::grpc::SyncPrecision;
         tp-coordinator perplexity --model m.gguf --local 2 --file text.txt -c 128\n  \
         tp-coordinator plan --model m.gguf --local 3\n  \
         tp-coordinator bench -m m.gguf -p 512 -n 128 --tp 1,2 -t 1,2 -r 5\n  \
-        tp-coordinator --model m.gguf --workers hosts.toml   # serves the OpenAI API on 127.0.0.1:8080"
+        tp-coordinator --model m.gguf --workers hosts.toml   # serves the OpenAI API on 127.0.0.1:8080\n\n\
+        Environment: TP_KERNELS=scalar|avx2|avx512|neon forces a CPU kernel set here and in the\n\
+        workers started with --local (default: the best the CPU runs)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -6,8 +6,11 @@
 //! * `neon` (aarch64): NEON integer block sums around the reference's float steps (bitwise
 //!   equal to the reference).
 //!
-//! A kernel table is chosen once (first use) by runtime CPU detection; `use_scalar_kernels`,
-//! called before the first kernel runs, forces the scalar reference kernels.
+//! * `avx512` (x86_64): the same kernels compiled for AVX-512 F/BW/VL/VNNI.
+//!
+//! A kernel table is chosen once (first use) by runtime CPU detection, the best the CPU runs,
+//! unless `TP_KERNELS` (scalar, avx2, avx512, neon) names one; `use_scalar_kernels`, called
+//! before the first kernel runs, forces the scalar reference kernels.
 //!
 //! Activations are prepared the way llama.cpp prepares `src1` for `ggml_mul_mat`: Q8_0 for
 //! Q4_0/Q5_0/Q8_0 weights, Q8_1 for Q4_1, Q8_K for the K-quants, f16/bf16 for F16/BF16 and
@@ -18,6 +21,8 @@ mod reference;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -516,6 +521,85 @@ static AVX2: Kernels = Kernels {
     wide: &AVX2_64,
 };
 
+#[cfg(target_arch = "x86_64")]
+static AVX512_64: Kernels64 = Kernels64 {
+    dot_f32: avx512::dot64_f32,
+    dot_f16: avx512::dot64_f16,
+    dot_bf16: avx512::dot64_bf16,
+    dot_q4_0: avx512::dot64_q4_0_q8_0,
+    dot_q4_1: avx512::dot64_q4_1_q8_1,
+    dot_q5_0: avx512::dot64_q5_0_q8_0,
+    dot_q8_0: avx512::dot64_q8_0_q8_0,
+    dot_q4_k: avx512::dot64_q4_k_q8_k,
+    dot_q5_k: avx512::dot64_q5_k_q8_k,
+    dot_q6_k: avx512::dot64_q6_k_q8_k,
+    dot4_f32: avx512::dot64x4_f32,
+    dot4_f16: avx512::dot64x4_f16,
+    dot4_bf16: avx512::dot64x4_bf16,
+    dot4_q4_0: avx512::dot64x4_q4_0_q8_0,
+    dot4_q4_1: avx512::dot64x4_q4_1_q8_1,
+    dot4_q5_0: avx512::dot64x4_q5_0_q8_0,
+    dot4_q8_0: avx512::dot64x4_q8_0_q8_0,
+    dot4_q4_k: avx512::dot64x4_q4_k_q8_k,
+    dot4_q5_k: avx512::dot64x4_q5_k_q8_k,
+    dot4_q6_k: avx512::dot64x4_q6_k_q8_k,
+    dot_q5_1: avx512::dot64_q5_1,
+    dot_q2_k: avx512::dot64_q2_k,
+    dot_q3_k: avx512::dot64_q3_k,
+    dot_iq4_nl: avx512::dot64_iq4_nl,
+    dot_iq4_xs: avx512::dot64_iq4_xs,
+    dot_mxfp4: avx512::dot64_mxfp4,
+    dot4_q5_1: avx512::dot64x4_q5_1,
+    dot4_q2_k: avx512::dot64x4_q2_k,
+    dot4_q3_k: avx512::dot64x4_q3_k,
+    dot4_iq4_nl: avx512::dot64x4_iq4_nl,
+    dot4_iq4_xs: avx512::dot64x4_iq4_xs,
+    dot4_mxfp4: avx512::dot64x4_mxfp4,
+    rows4_q4_0: Some(avx512::rows64_q4_0_q8_0),
+    rows4_q4_1: Some(avx512::rows64_q4_1_q8_1),
+    rows4_q5_0: Some(avx512::rows64_q5_0_q8_0),
+    rows4_q8_0: Some(avx512::rows64_q8_0_q8_0),
+    rows4_q5_1: Some(avx512::rows64_q5_1),
+    rows4_iq4_nl: Some(avx512::rows64_iq4_nl),
+    rows4_mxfp4: Some(avx512::rows64_mxfp4),
+};
+
+#[cfg(target_arch = "x86_64")]
+static AVX512: Kernels = Kernels {
+    name: "avx512",
+    f32_dot: avx512::f32_dot,
+    sum_exp: avx512::sum_exp,
+    attend: avx512::attend,
+    dot_f32: avx512::dot_f32,
+    dot_f16: avx512::dot_f16,
+    dot_bf16: avx512::dot_bf16,
+    dot_q4_0: avx512::dot_q4_0_q8_0,
+    dot_q4_1: avx512::dot_q4_1_q8_1,
+    dot_q5_0: avx512::dot_q5_0_q8_0,
+    dot_q8_0: avx512::dot_q8_0_q8_0,
+    dot_q4_k: avx512::dot_q4_k_q8_k,
+    dot_q5_k: avx512::dot_q5_k_q8_k,
+    dot_q6_k: avx512::dot_q6_k_q8_k,
+    dot4_f32: avx512::dot4_f32,
+    dot4_f16: avx512::dot4_f16,
+    dot4_bf16: avx512::dot4_bf16,
+    dot4_q4_0: avx512::dot4_q4_0_q8_0,
+    dot4_q4_1: avx512::dot4_q4_1_q8_1,
+    dot4_q5_0: avx512::dot4_q5_0_q8_0,
+    dot4_q8_0: avx512::dot4_q8_0_q8_0,
+    dot4_q4_k: avx512::dot4_q4_k_q8_k,
+    dot4_q5_k: avx512::dot4_q5_k_q8_k,
+    dot4_q6_k: avx512::dot4_q6_k_q8_k,
+    rows4_q4_0: Some(avx512::rows4_q4_0_q8_0),
+    rows4_q4_1: Some(avx512::rows4_q4_1_q8_1),
+    rows4_q5_0: Some(avx512::rows4_q5_0_q8_0),
+    rows4_q8_0: Some(avx512::rows4_q8_0_q8_0),
+    quantize_q8_0: avx512::quantize_row_q8_0,
+    quantize_q8_1: avx512::quantize_row_q8_1,
+    quantize_q8_k: avx512::quantize_row_q8_k,
+    wide: &AVX512_64,
+};
+
 #[cfg(target_arch = "aarch64")]
 static NEON_64: Kernels64 = Kernels64 {
     dot_q4_0: neon::dot64_q4_0_q8_0,
@@ -558,29 +642,99 @@ static NEON: Kernels = Kernels {
 
 static KERNELS: OnceLock<&'static Kernels> = OnceLock::new();
 
+/// Names `TP_KERNELS` accepts.
+pub const KERNEL_SETS: [&str; 4] = ["scalar", "avx2", "avx512", "neon"];
+
 /// Forces the scalar reference kernels, for debugging a suspected SIMD fault. Returns false if
 /// kernels were already chosen (the choice is made once per process).
 pub fn use_scalar_kernels() -> bool {
     KERNELS.set(&SCALAR).is_ok()
 }
 
+/// The kernel set called `name`, if this build has it and this CPU runs it.
+fn runnable(name: &str) -> Option<&'static Kernels> {
+    match name {
+        "scalar" => Some(&SCALAR),
+        #[cfg(target_arch = "x86_64")]
+        "avx2" | "avx512" => {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            match name {
+                "avx2" if avx2 => Some(&AVX2),
+                "avx512" if avx512 => Some(&AVX512),
+                _ => None,
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        "neon" if std::arch::is_aarch64_feature_detected!("neon") => Some(&NEON),
+        _ => None,
+    }
+}
+
+/// [`runnable`], or why not.
+fn table(name: &str) -> Result<&'static Kernels, String> {
+    if !KERNEL_SETS.contains(&name) {
+        return Err(format!(
+            "unknown kernel set {name:?}; expected one of {}",
+            KERNEL_SETS.join(", ")
+        ));
+    }
+    runnable(name).ok_or_else(|| {
+        format!(
+            "this CPU or build cannot run the {name} kernels (it can run: {})",
+            kernel_sets_available().join(", ")
+        )
+    })
+}
+
+/// Kernel sets this CPU runs, best first (the first is the default).
+pub fn kernel_sets_available() -> Vec<&'static str> {
+    ["avx512", "avx2", "neon", "scalar"]
+        .into_iter()
+        .filter(|n| runnable(n).is_some())
+        .collect()
+}
+
+/// The kernel set named by `TP_KERNELS` (scalar, avx2, avx512, neon), else the best this CPU
+/// runs. Binaries call this at start-up so that a bad value is a clear error, not a panic on
+/// the first product; the choice is made once per process.
+pub fn select_kernels_from_env() -> Result<&'static str, String> {
+    let wanted = match std::env::var("TP_KERNELS") {
+        Ok(v) if !v.trim().is_empty() => Some(v.trim().to_ascii_lowercase()),
+        _ => None,
+    };
+    let k = match &wanted {
+        Some(n) => table(n).map_err(|e| format!("TP_KERNELS={n}: {e}"))?,
+        None => best(),
+    };
+    let chosen = *KERNELS.get_or_init(|| k);
+    if chosen.name != k.name {
+        return Err(format!(
+            "kernels were already chosen ({}) before TP_KERNELS was read",
+            chosen.name
+        ));
+    }
+    Ok(chosen.name)
+}
+
+fn best() -> &'static Kernels {
+    table(kernel_sets_available()[0]).expect("an available kernel set")
+}
+
 fn detect() -> &'static Kernels {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            return &AVX2;
+    match std::env::var("TP_KERNELS") {
+        Ok(n) if !n.trim().is_empty() => {
+            let n = n.trim().to_ascii_lowercase();
+            table(&n).unwrap_or_else(|e| panic!("TP_KERNELS={n}: {e}"))
         }
+        _ => best(),
     }
-    #[cfg(target_arch = "aarch64")]
-    {
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            return &NEON;
-        }
-    }
-    &SCALAR
 }
 
 #[inline]
@@ -588,7 +742,17 @@ fn kernels() -> &'static Kernels {
     KERNELS.get_or_init(detect)
 }
 
-/// Name of the kernel set in use ("avx2", "neon" or "scalar"), for logs.
+/// The SIMD kernel sets this CPU runs (tests compare each with the scalar reference).
+#[cfg(test)]
+fn simd_tables() -> Vec<&'static Kernels> {
+    kernel_sets_available()
+        .into_iter()
+        .filter(|n| *n != "scalar")
+        .map(|n| table(n).unwrap())
+        .collect()
+}
+
+/// Name of the kernel set in use ("avx512", "avx2", "neon" or "scalar"), for logs.
 pub fn kernel_name() -> &'static str {
     kernels().name
 }
@@ -596,8 +760,12 @@ pub fn kernel_name() -> &'static str {
 /// Fast f32 dot product (attention scores etc.).
 /// Σ e^(x - max) over `row`, whose values are all at most `max` (a log-sum-exp's sum).
 pub fn sum_exp(row: &[f32], max: f32) -> f64 {
+    sum_exp_with(kernels(), row, max)
+}
+
+fn sum_exp_with(k: &'static Kernels, row: &[f32], max: f32) -> f64 {
     // SAFETY: the table matches this CPU.
-    unsafe { (kernels().sum_exp)(row, max) }
+    unsafe { (k.sum_exp)(row, max) }
 }
 
 /// Attention of one query row over positions `0..n` of one KV head of the F16 cache:
@@ -606,6 +774,31 @@ pub fn sum_exp(row: &[f32], max: f32) -> f64 {
 /// f16 because llama.cpp rounds it so before dotting it with the cache.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
+    query: &[f16],
+    keys: &[f16],
+    values: &[f16],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_with(
+        kernels(),
+        query,
+        keys,
+        values,
+        stride,
+        n,
+        scale,
+        scores,
+        out,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_with(
+    k: &'static Kernels,
     query: &[f16],
     keys: &[f16],
     values: &[f16],
@@ -630,7 +823,7 @@ pub fn attend(
     }
     // SAFETY: bounds checked above; the table matches this CPU.
     unsafe {
-        (kernels().attend)(
+        (k.attend)(
             query,
             keys.as_ptr(),
             values.as_ptr(),
@@ -644,9 +837,13 @@ pub fn attend(
 }
 
 pub fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
+    f32_dot_with(kernels(), a, b)
+}
+
+fn f32_dot_with(k: &'static Kernels, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "f32_dot length mismatch");
     // SAFETY: equal lengths; the table matches this CPU.
-    unsafe { (kernels().f32_dot)(a, b) }
+    unsafe { (k.f32_dot)(a, b) }
 }
 
 // ---------------------------------------------------------------------------------------------

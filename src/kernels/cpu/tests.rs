@@ -8,6 +8,140 @@ use half::{bf16, f16};
 use super::reference::{self, unpack_scales_mins_k4};
 use super::*;
 
+use std::cell::Cell;
+
+thread_local! {
+    /// The SIMD kernel set the test running on this thread exercises (None: the process's).
+    static UNDER_TEST: Cell<Option<&'static Kernels>> = const { Cell::new(None) };
+}
+
+/// The kernel set under test on this thread.
+fn current() -> &'static Kernels {
+    UNDER_TEST.get().unwrap_or_else(kernels)
+}
+
+/// Runs `f` once for every SIMD kernel set this CPU runs (AVX-512 and AVX2 on an AVX-512
+/// machine, NEON on aarch64), with this module's `matmul` and `matmul_f64` using that set.
+/// Nothing is skipped quietly: `kernel_sets_tested` lists the sets in the test output.
+fn for_each_simd_table(f: impl Fn()) {
+    for k in simd_tables() {
+        UNDER_TEST.set(Some(k));
+        f();
+        UNDER_TEST.set(None);
+    }
+}
+
+/// [`super::matmul`] with the kernel set under test (shadows the glob import).
+fn matmul(
+    ty: QuantType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    a: &PreparedActivations,
+    y: &mut [f32],
+) {
+    matmul_with(current(), ty, w, rows, cols, a, y, true)
+}
+
+/// [`super::matmul_f64`] with the kernel set under test (shadows the glob import).
+fn matmul_f64(
+    ty: QuantType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    a: &PreparedActivations,
+    y: &mut [f64],
+) {
+    matmul_f64_with(current().wide, ty, w, rows, cols, a, y, true)
+}
+
+/// [`super::attend`] with the kernel set under test (shadows the glob import).
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f16],
+    k: &[f16],
+    v: &[f16],
+    stride: usize,
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_with(current(), q, k, v, stride, n, scale, scores, out)
+}
+
+/// [`super::sum_exp`] with the kernel set under test (shadows the glob import).
+fn sum_exp(row: &[f32], max: f32) -> f64 {
+    sum_exp_with(current(), row, max)
+}
+
+/// [`super::f32_dot`] with the kernel set under test (shadows the glob import).
+fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
+    f32_dot_with(current(), a, b)
+}
+
+#[test]
+fn kernel_sets_tested() {
+    let tested: Vec<&str> = simd_tables().iter().map(|k| k.name).collect();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let has = |f: &[bool]| f.iter().all(|&b| b);
+        let avx2 = has(&[
+            is_x86_feature_detected!("avx2"),
+            is_x86_feature_detected!("fma"),
+            is_x86_feature_detected!("f16c"),
+        ]);
+        let avx512 = avx2
+            && has(&[
+                is_x86_feature_detected!("avx512f"),
+                is_x86_feature_detected!("avx512bw"),
+                is_x86_feature_detected!("avx512vl"),
+                is_x86_feature_detected!("avx512vnni"),
+            ]);
+        assert_eq!(tested.contains(&"avx2"), avx2);
+        assert_eq!(tested.contains(&"avx512"), avx512);
+    }
+    #[cfg(target_arch = "aarch64")]
+    assert_eq!(
+        tested.contains(&"neon"),
+        std::arch::is_aarch64_feature_detected!("neon")
+    );
+    let missing: Vec<&str> = KERNEL_SETS
+        .into_iter()
+        .filter(|n| *n != "scalar" && !tested.contains(n))
+        .collect();
+    println!(
+        "kernel sets tested against the scalar reference on this CPU: {}; not runnable here: {}",
+        if tested.is_empty() {
+            "none".to_string()
+        } else {
+            tested.join(", ")
+        },
+        if missing.is_empty() {
+            "none".to_string()
+        } else {
+            missing.join(", ")
+        }
+    );
+}
+
+#[test]
+fn tp_kernels_names_are_checked() {
+    assert!(table("scalar").is_ok());
+    let e = table("avx3").err().expect("avx3 is not a kernel set");
+    assert!(
+        e.contains("unknown kernel set") && e.contains("avx512"),
+        "{e}"
+    );
+    for n in KERNEL_SETS {
+        assert_eq!(
+            table(n).is_ok(),
+            kernel_sets_available().contains(&n),
+            "{n}"
+        );
+    }
+}
+
 struct Rng(u64);
 
 impl Rng {
@@ -575,50 +709,56 @@ fn check_type(ty: QuantType, random_bytes: bool, tag: u64) {
     }
     println!(
         "{ty} (random bytes: {random_bytes}, kernels {}): worst |fast-ref|/sum|w x| = {worst_fast:.2e}, worst |ref-exact|/sum|w x| = {worst_ref:.2e}",
-        kernel_name()
+        current().name
     );
 }
 
 #[test]
 fn matmul_all_types_quantized_from_floats() {
-    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
-        check_type(ty, false, 100 + i as u64);
-    }
+    for_each_simd_table(|| {
+        for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+            check_type(ty, false, 100 + i as u64);
+        }
+    });
 }
 
 #[test]
 fn matmul_all_types_random_blocks() {
-    for (i, ty) in QuantType::ALL
-        .into_iter()
-        .enumerate()
-        .filter(|(_, t)| t.is_quantized())
-    {
-        check_type(ty, true, 200 + i as u64);
-    }
+    for_each_simd_table(|| {
+        for (i, ty) in QuantType::ALL
+            .into_iter()
+            .enumerate()
+            .filter(|(_, t)| t.is_quantized())
+        {
+            check_type(ty, true, 200 + i as u64);
+        }
+    });
 }
 
 #[test]
 fn f32_dot_matches_f64() {
-    let mut rng = Rng::new(13);
-    for n in [0usize, 1, 7, 8, 31, 32, 33, 100, 4096] {
-        let a = random_acts(&mut rng, n);
-        let b = random_acts(&mut rng, n);
-        let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-        let mag: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (*x as f64 * *y as f64).abs())
-            .sum();
-        for (name, v) in [
-            ("dispatch", f32_dot(&a, &b)),
-            ("scalar", reference::f32_dot_scalar(&a, &b)),
-        ] {
-            assert!(
-                (v as f64 - exact).abs() <= 1e-6 * mag + 1e-12,
-                "{name} n={n}: {v} vs {exact}"
-            );
+    for_each_simd_table(|| {
+        let mut rng = Rng::new(13);
+        for n in [0usize, 1, 7, 8, 31, 32, 33, 100, 4096] {
+            let a = random_acts(&mut rng, n);
+            let b = random_acts(&mut rng, n);
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let mag: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (*x as f64 * *y as f64).abs())
+                .sum();
+            for (name, v) in [
+                ("dispatch", f32_dot(&a, &b)),
+                ("scalar", reference::f32_dot_scalar(&a, &b)),
+            ] {
+                assert!(
+                    (v as f64 - exact).abs() <= 1e-6 * mag + 1e-12,
+                    "{name} n={n}: {v} vs {exact}"
+                );
+            }
         }
-    }
+    });
 }
 
 #[test]
@@ -654,9 +794,11 @@ fn prepare_reuses_buffers() {
 
 #[test]
 fn matmul_large_parallel_matches_reference() {
-    // Enough rows for many pool tasks, uneven final chunk.
-    let pool = crate::kernels::pool::ThreadPool::new(3, None).unwrap();
-    pool.install(matmul_large_parallel_matches_reference_in_pool);
+    for_each_simd_table(|| {
+        // Enough rows for many pool tasks, uneven final chunk.
+        let pool = crate::kernels::pool::ThreadPool::new(3, None).unwrap();
+        pool.install(matmul_large_parallel_matches_reference_in_pool);
+    });
 }
 
 fn matmul_large_parallel_matches_reference_in_pool() {
@@ -757,15 +899,13 @@ fn avx2_scalar_f16_conversion_is_exact() {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 #[test]
-fn avx2_activation_quantizers_match_reference() {
-    if !(is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c"))
-    {
-        return;
-    }
+fn simd_activation_quantizers_match_reference() {
+    for_each_simd_table(simd_activation_quantizers_match_reference_with);
+}
+
+fn simd_activation_quantizers_match_reference_with() {
+    let k = current();
     let mut rng = Rng::new(21);
     let n = 8 * QK_K;
     let mut x = random_acts(&mut rng, n);
@@ -800,16 +940,16 @@ fn avx2_activation_quantizers_match_reference() {
     );
     let nk = n / QK_K;
     let (mut ak, mut rk) = (vec![BlockQ8K::default(); nk], vec![BlockQ8K::default(); nk]);
-    // SAFETY: AVX2/FMA/F16C checked above; lengths match.
+    // SAFETY: the table is one this CPU runs; lengths match.
     unsafe {
-        super::avx2::quantize_row_q8_0(&x, &mut a0);
-        super::avx2::quantize_row_q8_1(&x, &mut a1);
-        super::avx2::quantize_row_q8_k(&x, &mut ak);
+        (k.quantize_q8_0)(&x, &mut a0);
+        (k.quantize_q8_1)(&x, &mut a1);
+        (k.quantize_q8_k)(&x, &mut ak);
     }
     quantize_row_q8_0(&x, &mut r0);
     quantize_row_q8_1(&x, &mut r1);
     quantize_row_q8_k(&x, &mut rk);
-    assert_eq!(blocks_as_bytes(&a0), blocks_as_bytes(&r0));
+    assert_eq!(blocks_as_bytes(&a0), blocks_as_bytes(&r0), "{}", k.name);
     assert_eq!(blocks_as_bytes(&a1), blocks_as_bytes(&r1));
     for (i, (a, r)) in ak.iter().zip(&rk).enumerate() {
         assert_eq!(a.d.to_bits(), r.d.to_bits(), "q8_K block {i} d");
@@ -820,68 +960,72 @@ fn avx2_activation_quantizers_match_reference() {
 
 #[test]
 fn row_grouped_matmul_is_bitwise_equal_to_single_rows() {
-    // count = 1 uses four-row kernels for whole groups of four rows; compare with one row at a
-    // time (single-row kernels), including random block bytes.
-    let mut rng = Rng::new(22);
-    for ty in QuantType::ALL {
-        for random_bytes in [false, true] {
-            let cols = if ty.is_quantized() { 768 } else { 133 };
-            let rows = 11;
-            let w = make_weights(ty, rows, cols, &mut rng, random_bytes);
-            let rb = ty.row_bytes(cols).unwrap();
-            let x = random_acts(&mut rng, cols);
-            let mut act = PreparedActivations::new();
-            act.prepare(ty, &x, cols, 1);
-            let mut y = vec![0f32; rows];
-            matmul(ty, &w, rows, cols, &act, &mut y);
-            for r in 0..rows {
-                let mut y1 = [0f32];
-                matmul(ty, &w[r * rb..(r + 1) * rb], 1, cols, &act, &mut y1);
-                assert_eq!(
-                    y[r].to_bits(),
-                    y1[0].to_bits(),
-                    "{ty} rb={random_bytes} r={r}"
-                );
+    for_each_simd_table(|| {
+        // count = 1 uses four-row kernels for whole groups of four rows; compare with one row at a
+        // time (single-row kernels), including random block bytes.
+        let mut rng = Rng::new(22);
+        for ty in QuantType::ALL {
+            for random_bytes in [false, true] {
+                let cols = if ty.is_quantized() { 768 } else { 133 };
+                let rows = 11;
+                let w = make_weights(ty, rows, cols, &mut rng, random_bytes);
+                let rb = ty.row_bytes(cols).unwrap();
+                let x = random_acts(&mut rng, cols);
+                let mut act = PreparedActivations::new();
+                act.prepare(ty, &x, cols, 1);
+                let mut y = vec![0f32; rows];
+                matmul(ty, &w, rows, cols, &act, &mut y);
+                for r in 0..rows {
+                    let mut y1 = [0f32];
+                    matmul(ty, &w[r * rb..(r + 1) * rb], 1, cols, &act, &mut y1);
+                    assert_eq!(
+                        y[r].to_bits(),
+                        y1[0].to_bits(),
+                        "{ty} rb={random_bytes} r={r}"
+                    );
+                }
             }
         }
-    }
+    });
 }
 
 #[test]
 fn batched_matmul_is_bitwise_equal_to_single_vectors() {
-    let mut rng = Rng::new(16);
-    for ty in QuantType::ALL {
-        let cols = if ty.is_quantized() { 512 } else { 517 };
-        let (rows, count) = (41, 9);
-        let w = make_weights(ty, rows, cols, &mut rng, false);
-        let x = random_acts(&mut rng, cols * count);
-        let mut act = PreparedActivations::new();
-        act.prepare(ty, &x, cols, count);
-        let mut y = vec![0f32; rows * count];
-        matmul(ty, &w, rows, cols, &act, &mut y);
-        let mut yr = vec![0f32; rows * count];
-        matmul_reference(ty, &w, rows, cols, &act, &mut yr);
-        let mut one = PreparedActivations::new();
-        for b in 0..count {
-            one.prepare(ty, &x[b * cols..(b + 1) * cols], cols, 1);
-            let mut y1 = vec![0f32; rows];
-            matmul(ty, &w, rows, cols, &one, &mut y1);
-            let mut y1r = vec![0f32; rows];
-            matmul_reference(ty, &w, rows, cols, &one, &mut y1r);
-            for r in 0..rows {
-                assert_eq!(
-                    y[b * rows + r].to_bits(),
-                    y1[r].to_bits(),
-                    "{ty} fast b={b} r={r}"
-                );
-                assert_eq!(
-                    yr[b * rows + r].to_bits(),
-                    y1r[r].to_bits(),
-                    "{ty} reference b={b} r={r}"
-                );
+    for_each_simd_table(|| {
+        let mut rng = Rng::new(16);
+        for ty in QuantType::ALL {
+            let cols = if ty.is_quantized() { 512 } else { 517 };
+            let (rows, count) = (41, 9);
+            let w = make_weights(ty, rows, cols, &mut rng, false);
+            let x = random_acts(&mut rng, cols * count);
+            let mut act = PreparedActivations::new();
+            act.prepare(ty, &x, cols, count);
+            let mut y = vec![0f32; rows * count];
+            matmul(ty, &w, rows, cols, &act, &mut y);
+            let mut yr = vec![0f32; rows * count];
+            matmul_reference(ty, &w, rows, cols, &act, &mut yr);
+            let mut one = PreparedActivations::new();
+            for b in 0..count {
+                one.prepare(ty, &x[b * cols..(b + 1) * cols], cols, 1);
+                let mut y1 = vec![0f32; rows];
+                matmul(ty, &w, rows, cols, &one, &mut y1);
+                let mut y1r = vec![0f32; rows];
+                matmul_reference(ty, &w, rows, cols, &one, &mut y1r);
+                for r in 0..rows {
+                    assert_eq!(
+                        y[b * rows + r].to_bits(),
+                        y1[r].to_bits(),
+                        "{ty} fast b={b} r={r}"
+                    );
+                    assert_eq!(
+                        yr[b * rows + r].to_bits(),
+                        y1r[r].to_bits(),
+                        "{ty} reference b={b} r={r}"
+                    );
+                }
             }
         }
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -997,18 +1141,20 @@ fn check_f64_shape(ty: QuantType, random_bytes: bool, tag: u64, cols: usize) {
     }
     println!(
         "{ty} {cols} columns (random bytes: {random_bytes}, kernels {}): f64 fast==ref bitwise {bitwise}/{total}, worst |fast-ref|/Σ|c| = {worst_ref:.2e}, worst |f64-f32|/Σ|w x| = {worst_f32:.2e}",
-        kernel_name()
+        current().name
     );
 }
 
 #[test]
 fn matmul_f64_matches_reference_and_f32() {
-    for (i, ty) in QuantType::ALL.into_iter().enumerate() {
-        check_f64_type(ty, false, 300 + i as u64);
-        if ty.is_quantized() {
-            check_f64_type(ty, true, 320 + i as u64);
+    for_each_simd_table(|| {
+        for (i, ty) in QuantType::ALL.into_iter().enumerate() {
+            check_f64_type(ty, false, 300 + i as u64);
+            if ty.is_quantized() {
+                check_f64_type(ty, true, 320 + i as u64);
+            }
         }
-    }
+    });
 }
 
 /// Splits the columns into `parts` at block boundaries, computes each part on its own column
@@ -1016,104 +1162,108 @@ fn matmul_f64_matches_reference_and_f32() {
 /// parts equals the full `matmul_f64` (same f32 after rounding, within 1e-12 of Σ|c|).
 #[test]
 fn matmul_f64_is_independent_of_column_split() {
-    let mut rng = Rng::new(17);
-    for ty in QuantType::ALL {
-        // the split granularity is 32 elements for legacy and float types, 256 for K-quants
-        let unit = ty.block_elements().max(QK);
-        let nunits = if unit == QK_K { 14 } else { 100 };
-        let cols = nunits * unit;
-        let (rows, count) = (256, 4);
-        let w = make_weights(ty, rows, cols, &mut rng, false);
-        let rb = ty.row_bytes(cols).unwrap();
-        let x = random_acts(&mut rng, cols * count);
-        let mut full = PreparedActivations::new();
-        full.prepare(ty, &x, cols, count);
-        let mut y_full = vec![0f64; rows * count];
-        matmul_f64(ty, &w, rows, cols, &full, &mut y_full);
-        let mut y32_full = vec![0f32; rows * count];
-        matmul(ty, &w, rows, cols, &full, &mut y32_full);
-        let mags: Vec<f64> = (0..count)
-            .flat_map(|b| {
-                let (w, full) = (&w, &full);
-                (0..rows).map(move |r| contribution_mag(ty, &w[r * rb..(r + 1) * rb], full, b))
-            })
-            .collect();
+    for_each_simd_table(|| {
+        let mut rng = Rng::new(17);
+        for ty in QuantType::ALL {
+            // the split granularity is 32 elements for legacy and float types, 256 for K-quants
+            let unit = ty.block_elements().max(QK);
+            let nunits = if unit == QK_K { 14 } else { 100 };
+            let cols = nunits * unit;
+            let (rows, count) = (256, 4);
+            let w = make_weights(ty, rows, cols, &mut rng, false);
+            let rb = ty.row_bytes(cols).unwrap();
+            let x = random_acts(&mut rng, cols * count);
+            let mut full = PreparedActivations::new();
+            full.prepare(ty, &x, cols, count);
+            let mut y_full = vec![0f64; rows * count];
+            matmul_f64(ty, &w, rows, cols, &full, &mut y_full);
+            let mut y32_full = vec![0f32; rows * count];
+            matmul(ty, &w, rows, cols, &full, &mut y32_full);
+            let mags: Vec<f64> = (0..count)
+                .flat_map(|b| {
+                    let (w, full) = (&w, &full);
+                    (0..rows).map(move |r| contribution_mag(ty, &w[r * rb..(r + 1) * rb], full, b))
+                })
+                .collect();
 
-        // splits: 1/3 of the units (rounded), a 3-way uneven split, and one unit off each end
-        let third = (nunits as f64 / 3.0).round() as usize;
-        let splits: Vec<Vec<usize>> = vec![
-            vec![0, third, nunits],
-            vec![0, 1, nunits / 2 + 1, nunits],
-            vec![0, nunits - 1, nunits],
-        ];
-        for cuts in splits {
-            let mut y_sum = vec![0f64; rows * count];
-            let mut y32_sum = vec![0f32; rows * count];
-            for p in cuts.windows(2) {
-                let (lo, hi) = (p[0] * unit, p[1] * unit);
-                let pc = hi - lo;
-                let (blo, bhi) = (ty.row_bytes(lo).unwrap(), ty.row_bytes(hi).unwrap());
-                let wp: Vec<u8> = w
-                    .chunks_exact(rb)
-                    .flat_map(|row| row[blo..bhi].iter().copied())
-                    .collect();
-                let xp: Vec<f32> = x
-                    .chunks_exact(cols)
-                    .flat_map(|v| v[lo..hi].iter().copied())
-                    .collect();
-                let mut part = PreparedActivations::new();
-                part.prepare(ty, &xp, pc, count);
-                for b in 0..count {
-                    assert_eq!(
-                        act_image(part.row(b)),
-                        act_image(act_sub(full.row(b), lo, hi)),
-                        "{ty}: preparing columns {lo}..{hi} differs from the full vector's blocks"
-                    );
+            // splits: 1/3 of the units (rounded), a 3-way uneven split, and one unit off each end
+            let third = (nunits as f64 / 3.0).round() as usize;
+            let splits: Vec<Vec<usize>> = vec![
+                vec![0, third, nunits],
+                vec![0, 1, nunits / 2 + 1, nunits],
+                vec![0, nunits - 1, nunits],
+            ];
+            for cuts in splits {
+                let mut y_sum = vec![0f64; rows * count];
+                let mut y32_sum = vec![0f32; rows * count];
+                for p in cuts.windows(2) {
+                    let (lo, hi) = (p[0] * unit, p[1] * unit);
+                    let pc = hi - lo;
+                    let (blo, bhi) = (ty.row_bytes(lo).unwrap(), ty.row_bytes(hi).unwrap());
+                    let wp: Vec<u8> = w
+                        .chunks_exact(rb)
+                        .flat_map(|row| row[blo..bhi].iter().copied())
+                        .collect();
+                    let xp: Vec<f32> = x
+                        .chunks_exact(cols)
+                        .flat_map(|v| v[lo..hi].iter().copied())
+                        .collect();
+                    let mut part = PreparedActivations::new();
+                    part.prepare(ty, &xp, pc, count);
+                    for b in 0..count {
+                        assert_eq!(
+                            act_image(part.row(b)),
+                            act_image(act_sub(full.row(b), lo, hi)),
+                            "{ty}: preparing columns {lo}..{hi} differs from the full vector's blocks"
+                        );
+                    }
+                    let mut yp = vec![0f64; rows * count];
+                    matmul_f64(ty, &wp, rows, pc, &part, &mut yp);
+                    let mut ypr = vec![0f64; rows * count];
+                    matmul_f64_reference(ty, &wp, rows, pc, &part, &mut ypr);
+                    assert_eq!(yp, ypr, "{ty}: part {lo}..{hi} fast vs reference");
+                    let mut y32p = vec![0f32; rows * count];
+                    matmul(ty, &wp, rows, pc, &part, &mut y32p);
+                    for i in 0..rows * count {
+                        y_sum[i] += yp[i];
+                        y32_sum[i] += y32p[i];
+                    }
                 }
-                let mut yp = vec![0f64; rows * count];
-                matmul_f64(ty, &wp, rows, pc, &part, &mut yp);
-                let mut ypr = vec![0f64; rows * count];
-                matmul_f64_reference(ty, &wp, rows, pc, &part, &mut ypr);
-                assert_eq!(yp, ypr, "{ty}: part {lo}..{hi} fast vs reference");
-                let mut y32p = vec![0f32; rows * count];
-                matmul(ty, &wp, rows, pc, &part, &mut y32p);
+                let mut same = 0usize;
+                let mut same32 = 0usize;
+                let mut worst = 0f64;
                 for i in 0..rows * count {
-                    y_sum[i] += yp[i];
-                    y32_sum[i] += y32p[i];
+                    let d = (y_sum[i] - y_full[i]).abs();
+                    assert!(
+                        d <= 1e-12 * mags[i],
+                        "{ty} cuts {cuts:?} output {i}: split {} vs full {} (Σ|c| {})",
+                        y_sum[i],
+                        y_full[i],
+                        mags[i]
+                    );
+                    worst = worst.max(d / mags[i].max(1e-300));
+                    same += ((y_sum[i] as f32).to_bits() == (y_full[i] as f32).to_bits()) as usize;
+                    same32 += (y32_sum[i].to_bits() == y32_full[i].to_bits()) as usize;
                 }
-            }
-            let mut same = 0usize;
-            let mut same32 = 0usize;
-            let mut worst = 0f64;
-            for i in 0..rows * count {
-                let d = (y_sum[i] - y_full[i]).abs();
-                assert!(
-                    d <= 1e-12 * mags[i],
-                    "{ty} cuts {cuts:?} output {i}: split {} vs full {} (Σ|c| {})",
-                    y_sum[i],
-                    y_full[i],
-                    mags[i]
+                let n = rows * count;
+                println!(
+                    "{ty} cuts {cuts:?}: f64 split == full after f32 rounding {same}/{n}, worst |diff|/Σ|c| {worst:.1e} (f32 matmul: {same32}/{n} bitwise)"
                 );
-                worst = worst.max(d / mags[i].max(1e-300));
-                same += ((y_sum[i] as f32).to_bits() == (y_full[i] as f32).to_bits()) as usize;
-                same32 += (y32_sum[i].to_bits() == y32_full[i].to_bits()) as usize;
+                assert!(
+                    same * 1000 >= n * 999,
+                    "{ty} cuts {cuts:?}: only {same}/{n} outputs round to the same f32"
+                );
             }
-            let n = rows * count;
-            println!(
-                "{ty} cuts {cuts:?}: f64 split == full after f32 rounding {same}/{n}, worst |diff|/Σ|c| {worst:.1e} (f32 matmul: {same32}/{n} bitwise)"
-            );
-            assert!(
-                same * 1000 >= n * 999,
-                "{ty} cuts {cuts:?}: only {same}/{n} outputs round to the same f32"
-            );
         }
-    }
+    });
 }
 
 #[test]
 fn matmul_f64_large_parallel_is_bitwise_reference() {
-    let pool = crate::kernels::pool::ThreadPool::new(3, None).unwrap();
-    pool.install(matmul_f64_large_parallel_in_pool);
+    for_each_simd_table(|| {
+        let pool = crate::kernels::pool::ThreadPool::new(3, None).unwrap();
+        pool.install(matmul_f64_large_parallel_in_pool);
+    });
 }
 
 fn matmul_f64_large_parallel_in_pool() {
@@ -1184,7 +1334,7 @@ fn bench_matmul_f64() {
             println!(
                 "{ty} {rows}x{cols} count {count} ({} threads, {}): matmul {:.1} us, matmul_f64 {:.1} us, ratio {:.2}",
                 crate::kernels::pool::threads(),
-                kernel_name(),
+                current().name,
                 t32 * 1e6,
                 t64 * 1e6,
                 t64 / t32
@@ -1271,7 +1421,7 @@ fn bench_matmul_decode() {
             });
             println!(
                 "{ty:>5} {rows:>5}x{cols:<5} ({}): count=1 1 thread {:6.2} ns/blk ({:7.1} us), 2 threads {:7.1} us; count=4 {:6.2} ns/blk/vec",
-                kernel_name(),
+                current().name,
                 t1 * 1e9 / blocks,
                 t1 * 1e6,
                 t2 * 1e6,
@@ -1328,72 +1478,76 @@ fn bench_pool_overhead() {
 /// a register form, context lengths around the 8-lane tail, and a strided cache layout.
 #[test]
 fn attend_matches_reference() {
-    let mut rng = Rng::new(31);
-    for hd in [32usize, 64, 72, 128, 192, 256] {
-        for n in [1usize, 7, 8, 9, 33, 300] {
-            let stride = 3 * hd; // three KV heads per position
-            let cache = |rng: &mut Rng| -> Vec<f16> {
-                random_acts(rng, (n - 1) * stride + hd)
+    for_each_simd_table(|| {
+        let mut rng = Rng::new(31);
+        for hd in [32usize, 64, 72, 128, 192, 256] {
+            for n in [1usize, 7, 8, 9, 33, 300] {
+                let stride = 3 * hd; // three KV heads per position
+                let cache = |rng: &mut Rng| -> Vec<f16> {
+                    random_acts(rng, (n - 1) * stride + hd)
+                        .iter()
+                        .map(|&x| f16::from_f32(x))
+                        .collect()
+                };
+                let (keys, values) = (cache(&mut rng), cache(&mut rng));
+                let query: Vec<f16> = random_acts(&mut rng, hd)
                     .iter()
-                    .map(|&x| f16::from_f32(x))
-                    .collect()
-            };
-            let (keys, values) = (cache(&mut rng), cache(&mut rng));
-            let query: Vec<f16> = random_acts(&mut rng, hd)
-                .iter()
-                .map(|&x| f16::from_f32(2.0 * x))
-                .collect();
-            let scale = 1.0 / (hd as f32).sqrt();
-            let mut scores = Vec::new();
-            let mut out = vec![f32::NAN; hd];
-            attend(
-                &query,
-                &keys,
-                &values,
-                stride,
-                n,
-                scale,
-                &mut scores,
-                &mut out,
-            );
-            let mut ref_scores = vec![0f32; n];
-            let mut ref_out = vec![f32::NAN; hd];
-            // SAFETY: the cache holds (n - 1) * stride + hd elements.
-            unsafe {
-                reference::attend(
+                    .map(|&x| f16::from_f32(2.0 * x))
+                    .collect();
+                let scale = 1.0 / (hd as f32).sqrt();
+                let mut scores = Vec::new();
+                let mut out = vec![f32::NAN; hd];
+                attend(
                     &query,
-                    keys.as_ptr(),
-                    values.as_ptr(),
+                    &keys,
+                    &values,
                     stride,
                     n,
                     scale,
-                    &mut ref_scores,
-                    &mut ref_out,
-                )
-            };
-            for (i, (a, b)) in out.iter().zip(&ref_out).enumerate() {
-                assert!(
-                    (a - b).abs() <= 2e-5 * b.abs().max(0.1),
-                    "hd {hd} n {n} [{i}]: {a} vs {b}"
+                    &mut scores,
+                    &mut out,
                 );
+                let mut ref_scores = vec![0f32; n];
+                let mut ref_out = vec![f32::NAN; hd];
+                // SAFETY: the cache holds (n - 1) * stride + hd elements.
+                unsafe {
+                    reference::attend(
+                        &query,
+                        keys.as_ptr(),
+                        values.as_ptr(),
+                        stride,
+                        n,
+                        scale,
+                        &mut ref_scores,
+                        &mut ref_out,
+                    )
+                };
+                for (i, (a, b)) in out.iter().zip(&ref_out).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 2e-5 * b.abs().max(0.1),
+                        "hd {hd} n {n} [{i}]: {a} vs {b}"
+                    );
+                }
             }
         }
-    }
+    });
 }
 
 #[test]
 fn sum_exp_matches_reference() {
-    let mut rng = Rng::new(32);
-    for n in [1usize, 7, 8, 9, 1000, 49152] {
-        let row: Vec<f32> = (0..n).map(|_| rng.value(8.0)).collect();
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let (fast, slow) = (sum_exp(&row, max), reference::sum_exp(&row, max));
-        assert!(
-            (fast - slow).abs() <= 1e-6 * slow,
-            "n {n}: {fast} vs {slow}"
-        );
-        assert!(slow >= 1.0);
-    }
+    for_each_simd_table(|| {
+        let mut rng = Rng::new(32);
+        for n in [1usize, 7, 8, 9, 1000, 49152] {
+            let row: Vec<f32> = (0..n).map(|_| rng.value(8.0)).collect();
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let (fast, slow) = (sum_exp(&row, max), reference::sum_exp(&row, max));
+            assert!(
+                (fast - slow).abs() <= 1e-6 * slow,
+                "n {n}: {fast} vs {slow}"
+            );
+            assert!(slow >= 1.0);
+        }
+    });
 }
 
 /// The NEON kernels keep the reference's float steps around exact integer sums, so they must
@@ -1402,7 +1556,7 @@ fn sum_exp_matches_reference() {
 #[cfg(target_arch = "aarch64")]
 #[test]
 fn neon_kernels_are_bitwise_equal_to_the_reference() {
-    assert_eq!(kernel_name(), "neon");
+    assert_eq!(current().name, "neon");
     for (i, ty) in QuantType::ALL.into_iter().enumerate() {
         if !ty.is_quantized() {
             continue;
@@ -1476,4 +1630,34 @@ fn dequantization_matches_gguf_py() {
         checked.push(ty);
     }
     assert_eq!(checked.len(), 13, "every quantized type has an oracle file");
+}
+
+/// The AVX-512 instantiation runs the AVX2 kernels' float operations in the same order (only
+/// the exact integer block sums are computed differently), so its f32 products equal AVX2's
+/// bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx512_products_equal_avx2_bitwise() {
+    let (Some(a2), Some(a5)) = (runnable("avx2"), runnable("avx512")) else {
+        println!(
+            "avx512_products_equal_avx2_bitwise: this CPU lacks AVX-512 VNNI; compared nothing"
+        );
+        return;
+    };
+    let mut rng = Rng::new(41);
+    for ty in QuantType::ALL {
+        for random_bytes in [false, true] {
+            let cols = if ty.is_quantized() { 1024 } else { 515 };
+            let (rows, count) = (37, 5);
+            let w = make_weights(ty, rows, cols, &mut rng, random_bytes && ty.is_quantized());
+            let x = random_acts(&mut rng, cols * count);
+            let mut act = PreparedActivations::new();
+            act.prepare(ty, &x, cols, count);
+            let (mut y2, mut y5) = (vec![0f32; rows * count], vec![0f32; rows * count]);
+            matmul_with(a2, ty, &w, rows, cols, &act, &mut y2, false);
+            matmul_with(a5, ty, &w, rows, cols, &act, &mut y5, false);
+            let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y2), bits(&y5), "{ty} random bytes {random_bytes}");
+        }
+    }
 }
