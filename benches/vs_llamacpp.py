@@ -90,9 +90,12 @@ def main():
                      l0.get("model_n_params", 0) / 1e6))
     print()
 
+    # llama.cpp's best setting: with several rows per test (e.g. `--repack 0,1`), the fastest.
     by_key = {}
     for r in llama:
-        by_key.setdefault((test_name(r), int(r["n_threads"])), r)
+        key = (test_name(r), int(r["n_threads"]))
+        if key not in by_key or float(r["avg_ts"]) > float(by_key[key]["avg_ts"]):
+            by_key[key] = r
     compared = set()
     rows = []
     for r in tp:
@@ -105,7 +108,7 @@ def main():
             compared.add(key)
             if float(ref["avg_ts"]) > 0:
                 ratio = "%.2f" % (float(r["avg_ts"]) / float(ref["avg_ts"]))
-            ref_col = speed(ref)
+            ref_col = speed(ref) + (" (repack %d)" % int(ref["repack"]) if "repack" in ref else "")
             threads_col = str(k * t)
         else:
             ref_col = "—"
@@ -114,8 +117,7 @@ def main():
         rows.append((test_order(r), k, t,
                      [model, test_name(r), threads_col, ref_col, tp_col, speed(r), ratio]))
     # llama.cpp measurements that no tp row was compared with are still shown.
-    for r in llama:
-        key = (test_name(r), int(r["n_threads"]))
+    for key, r in by_key.items():
         if key not in compared:
             compared.add(key)
             rows.append((test_order(r), 0, int(r["n_threads"]),
@@ -130,7 +132,8 @@ def main():
         print("| " + " | ".join(cells) + " |")
     print()
     print("t/s: tokens per second, mean ± standard deviation over the repetitions. "
-          "tp at TP=k with t threads per worker is compared with llama.cpp at k×t threads.")
+          "tp at TP=k with t threads per worker is compared with llama.cpp at k×t threads; "
+          "llama.cpp's figure is its faster weight layout (`--repack 0,1`) where both ran.")
 
 
 if __name__ == "__main__":

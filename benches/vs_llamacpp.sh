@@ -21,6 +21,11 @@
 #   TP_MODEL_DIR    where the default model lives (default ~/.cache/tp/models)
 #   TP_BUILD_LOCK   optional lock file; when set, every build step runs under `flock` on it so
 #                   that builds started by several scripts on one machine do not overlap
+#   LLAMA_REPACK    llama-bench's --repack values (default 0,1: both weight layouts are run and
+#                   the faster is compared)
+#   LLAMA_TARGETS   llama.cpp targets to build (default llama-bench)
+#
+# `benches/vs_llamacpp.sh --build-only` builds llama.cpp (LLAMA_TARGETS) and prints its bin folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$PWD"
@@ -40,10 +45,12 @@ usage() {
 
 # ---- options ---------------------------------------------------------------------------------
 default_model="${TP_MODEL_DIR:-$HOME/.cache/tp/models}/SmolLM2-135M-Instruct.Q4_1.gguf"
-model="" n_prompt=512 n_gen=128 threads=1,2 reps=3 tp_sizes=1
+model="" n_prompt=512 n_gen=128 threads=1,2 reps=3 tp_sizes=1 build_only=0
+llama_targets="${LLAMA_TARGETS:-llama-bench}"
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
+    --build-only) build_only=1; shift ;;
     -m|--model|-p|--n-prompt|-n|--n-gen|-t|--threads|-r|--repetitions|--tp)
       [ $# -ge 2 ] || die "option $1 needs a value"
       case "$1" in
@@ -75,15 +82,17 @@ need tar "it is needed to unpack llama.cpp"
 need sha256sum "it is needed to check the llama.cpp download"
 python3 -m pip --version >/dev/null 2>&1 || die "python3 has no pip; install pip (e.g. python3 -m ensurepip)"
 
-if [ -z "$model" ]; then
-  model="$default_model"
-  if [ ! -s "$model" ]; then
-    note "default model missing, fetching it"
-    model="$(scripts/fetch-models.sh smollm2)/SmolLM2-135M-Instruct.Q4_1.gguf"
+if [ "$build_only" = 0 ]; then
+  if [ -z "$model" ]; then
+    model="$default_model"
+    if [ ! -s "$model" ]; then
+      note "default model missing, fetching it"
+      model="$(scripts/fetch-models.sh smollm2)/SmolLM2-135M-Instruct.Q4_1.gguf"
+    fi
   fi
+  [ -s "$model" ] || die "model '$model' does not exist"
+  model="$(cd "$(dirname "$model")" && pwd)/$(basename "$model")"
 fi
-[ -s "$model" ] || die "model '$model' does not exist"
-model="$(cd "$(dirname "$model")" && pwd)/$(basename "$model")"
 
 build_step() { # runs a build command, under the shared lock when TP_BUILD_LOCK is set
   if [ -n "${TP_BUILD_LOCK:-}" ]; then
@@ -139,6 +148,7 @@ if grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
   done
 fi
 llama_bench="$build/bin/llama-bench"
+built() { local t; for t in $llama_targets; do [ -x "$build/bin/$t" ] || return 1; done; }
 find_cmake() { # prints a usable cmake, installing one if there is none
   local venv="$cache/cmake-venv" user_bin
   if command -v cmake >/dev/null 2>&1; then command -v cmake; return 0; fi
@@ -163,8 +173,8 @@ find_cmake() { # prints a usable cmake, installing one if there is none
   fi
   return 1
 }
-if [ -x "$llama_bench" ]; then
-  note "reusing $llama_bench"
+if built; then
+  note "reusing $build/bin ($llama_targets)"
 else
   cmake_bin="$(find_cmake)" || die "cmake is missing and could not be installed (tried a pip venv, pip --user, apt-get); install CMake 3.14 or newer"
   command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || command -v clang++ >/dev/null 2>&1 ||
@@ -173,7 +183,7 @@ else
     die "neither make nor ninja is installed; one is needed to build llama.cpp"
   generator=()
   command -v make >/dev/null 2>&1 || generator=(-G Ninja)
-  note "building llama-bench with $("$cmake_bin" --version | head -n1) in $build ($(nproc) jobs)"
+  note "building $llama_targets with $("$cmake_bin" --version | head -n1) in $build ($(nproc) jobs)"
   start=$SECONDS
   build_step nice -n 10 "$cmake_bin" -S "$src" -B "$build" "${generator[@]}" \
     -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF "${isa_flags[@]}" \
@@ -184,11 +194,16 @@ else
     -DGGML_CUDA=OFF -DGGML_HIP=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_SYCL=OFF \
     -DGGML_OPENCL=OFF -DGGML_BLAS=OFF -DGGML_RPC=OFF >"$work/cmake.log" 2>&1 ||
     { tail -n 40 "$work/cmake.log" >&2; die "configuring llama.cpp failed (log above)"; }
-  build_step nice -n 10 "$cmake_bin" --build "$build" --config Release --target llama-bench \
+  # shellcheck disable=SC2086
+  build_step nice -n 10 "$cmake_bin" --build "$build" --config Release --target $llama_targets \
     -j "$(nproc)" >"$work/build.log" 2>&1 ||
-    { tail -n 40 "$work/build.log" >&2; die "building llama-bench failed (log above)"; }
-  [ -x "$llama_bench" ] || die "the build finished but $llama_bench is missing"
-  note "llama-bench built in $((SECONDS - start)) s"
+    { tail -n 40 "$work/build.log" >&2; die "building $llama_targets failed (log above)"; }
+  built || die "the build finished but $build/bin lacks one of $llama_targets"
+  note "$llama_targets built in $((SECONDS - start)) s"
+fi
+if [ "$build_only" = 1 ]; then
+  echo "$build/bin"
+  exit 0
 fi
 
 # ---- 3. tp -----------------------------------------------------------------------------------
@@ -200,7 +215,8 @@ coordinator="${CARGO_TARGET_DIR:-$repo/target}/release/tp-coordinator"
   die "this tp-coordinator has no 'bench' subcommand ($coordinator bench --help fails)"
 
 # ---- 4. measurements -------------------------------------------------------------------------
-llama_cmd=("$llama_bench" -m "$model" -p "$n_prompt" -n "$n_gen" -t "$threads" -r "$reps" -o json)
+llama_cmd=("$llama_bench" -m "$model" -p "$n_prompt" -n "$n_gen" -t "$threads" -r "$reps"
+           --repack "${LLAMA_REPACK:-0,1}" -o json)
 tp_cmd=("$coordinator" bench -m "$model" -p "$n_prompt" -n "$n_gen" -t "$threads" --tp "$tp_sizes"
         -r "$reps" --format json)
 note "running: ${llama_cmd[*]}"

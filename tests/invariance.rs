@@ -40,9 +40,18 @@ async fn check_runs(model_name: &str, runs: &[(&[f64], MoeSplit)], bound: Bound)
     let Some(path) = model(model_name) else {
         return;
     };
+    check_runs_at(&path, model_name, runs, bound).await;
+}
+
+async fn check_runs_at(
+    path: &std::path::Path,
+    model_name: &str,
+    runs: &[(&[f64], MoeSplit)],
+    bound: Bound,
+) {
     let mut reference: Vec<Vec<f32>> = Vec::new();
     for &(weights, split) in runs {
-        let mut session = session_with(&path, weights, 128, 64, split).await;
+        let mut session = session_with(path, weights, 128, 64, split).await;
         for (i, prompt) in PROMPTS.iter().enumerate() {
             let tokens = session.model.tokenizer.encode(prompt, true).unwrap();
             let logits = session
@@ -189,6 +198,66 @@ async fn mixtral_is_bit_identical_across_both_moe_splits() {
 async fn gemma3_is_bit_identical_across_query_head_splits() {
     check_exact(GEMMA3, &DENSE_RUNS).await;
     check_exact(GEMMA3_SYNTH, &DENSE_RUNS).await;
+}
+
+/// The quant types added after v0.1 keep N ranks bit-identical to one: the synthetic qwen3
+/// model with every matrix stored as Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS or MXFP4 (requantized
+/// with our encoders), split by columns and by rows over 1-4 ranks (1-2 for the 256-element
+/// types, whose blocks the 3- and 4-way splits of this small model would cut); and Mixtral's experts as
+/// MXFP4 (gpt-oss's layout: MXFP4 experts, Q8_0 elsewhere) under both MoE splits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_quant_types_are_bit_identical_across_splits() {
+    use tp::kernels::cpu::QuantType;
+    let (Some(dense), Some(moe)) = (model(QWEN3_SYNTH), model(MIXTRAL_SYNTH)) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("tp-quant-types-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for ty in [
+        QuantType::Q5_1,
+        QuantType::Q2_K,
+        QuantType::Q3_K,
+        QuantType::IQ4_NL,
+        QuantType::IQ4_XS,
+        QuantType::MXFP4,
+    ] {
+        let path = dir.join(format!("qwen3-{ty}.gguf"));
+        common::split::requantize(&dense, &path, |name, dims, _| {
+            (dims.len() >= 2
+                && name != "token_embd.weight"
+                && dims[0] as usize % ty.block_elements() == 0)
+                .then_some(ty)
+        });
+        let model = tp::model::gguf::GgufFile::open(&path).unwrap();
+        let count = model.tensors.iter().filter(|t| t.quant_type == ty).count();
+        assert!(count >= 8, "{ty}: only {count} tensors");
+        // A rank's column slice that cuts a block is dequantized to F32 at load (and is then
+        // no longer bit-identical): the 256-element types split this model (8 heads of 64,
+        // FFN 512) on block boundaries over 2 ranks only.
+        let runs = if ty.block_elements() == 256 {
+            &DENSE_RUNS[..2]
+        } else {
+            &DENSE_RUNS[..4]
+        };
+        check_runs_at(&path, &format!("qwen3 {ty}"), runs, Bound::Bitwise).await;
+    }
+    let path = dir.join("mixtral-mxfp4-experts.gguf");
+    common::split::requantize(&moe, &path, |name, _, _| {
+        name.contains("_exps.").then_some(QuantType::MXFP4)
+    });
+    check_runs_at(
+        &path,
+        "mixtral MXFP4 experts",
+        &[
+            (&[1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0, 1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0], MoeSplit::Expert),
+        ],
+        Bound::Bitwise,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -172,3 +172,67 @@ impl RawHeader {
         }
     }
 }
+
+/// Writes `source` to `dest` with the tensors `choose(name, dims, type)` names stored in another
+/// type: each row dequantized (our reference kernels) and quantized again with
+/// `tp::kernels::cpu::quantize_row`. Metadata is copied verbatim; tensors `choose` returns None
+/// for are copied unchanged.
+pub fn requantize(
+    source: &Path,
+    dest: &Path,
+    choose: impl Fn(&str, &[u64], tp::kernels::cpu::QuantType) -> Option<tp::kernels::cpu::QuantType>,
+) {
+    use tp::kernels::cpu::{dequantize_row, quantize_row};
+    let model = GgufFile::open(source).unwrap();
+    let bytes = std::fs::read(source).unwrap();
+    let raw = RawHeader::read(&bytes);
+    let alignment = model
+        .get_u64("general.alignment")
+        .unwrap()
+        .unwrap_or(DEFAULT_ALIGNMENT);
+    let mut data = Vec::new();
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((model.tensors.len() as u64).to_le_bytes());
+    out.extend(raw.pair_count.to_le_bytes());
+    out.extend(&bytes[raw.pairs.clone()]);
+    for (info, entry) in model.tensors.iter().zip(&raw.tensors) {
+        let old = model.tensor_bytes(info);
+        let cols = info.dims[0] as usize;
+        let new_bytes = match choose(&info.name, &info.dims, info.quant_type) {
+            Some(ty) if ty != info.quant_type => {
+                let rows = info.element_count() as usize / cols;
+                let (old_rb, new_rb) = (
+                    info.quant_type.row_bytes(cols).unwrap(),
+                    ty.row_bytes(cols)
+                        .expect("rows are whole blocks of the new type"),
+                );
+                let mut row = vec![0f32; cols];
+                let mut new = vec![0u8; rows * new_rb];
+                for r in 0..rows {
+                    dequantize_row(
+                        info.quant_type,
+                        &old[r * old_rb..(r + 1) * old_rb],
+                        &mut row,
+                    );
+                    quantize_row(ty, &row, &mut new[r * new_rb..(r + 1) * new_rb]);
+                }
+                let mut e = bytes[entry.clone()].to_vec();
+                let n = e.len();
+                e[n - 4..].copy_from_slice(&ty.ggml_id().to_le_bytes());
+                out.extend(e);
+                new
+            }
+            _ => {
+                out.extend(&bytes[entry.clone()]);
+                old.to_vec()
+            }
+        };
+        out.extend((data.len() as u64).to_le_bytes());
+        data.extend(new_bytes);
+        pad(&mut data, alignment);
+    }
+    pad(&mut out, alignment);
+    out.extend(data);
+    std::fs::write(dest, out).unwrap();
+}
