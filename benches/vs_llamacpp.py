@@ -48,6 +48,30 @@ def speed(r):
     return "%.2f ± %.2f" % (float(r["avg_ts"]), float(r["stddev_ts"]))
 
 
+def bandwidth(r):
+    read, mem = r.get("effective_read_gbps"), r.get("memory_read_gbps")
+    if read is None:
+        return "—"
+    if not mem:
+        return "%.1f" % read
+    return "%.1f of %.1f (%.0f%%)" % (read, mem, 100.0 * read / mem)
+
+
+def isa():
+    """The SIMD extensions that matter to both programs, from /proc/cpuinfo's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    names = [("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512F"), ("avx512bw", "BW"),
+             ("avx512vl", "VL"), ("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"),
+             ("avx512_bf16", "BF16"), ("amx_int8", "AMX-INT8 (flag)"), ("asimd", "NEON"),
+             ("asimddp", "dotprod")]
+    have = [n for f, n in names if f in flags]
+    return " ".join(have) if have else "none of AVX2/AVX-512/NEON"
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -77,7 +101,9 @@ def main():
         nproc = len(os.sched_getaffinity(0))
     except AttributeError:
         nproc = os.cpu_count()
-    print("machine: %s cores (nproc), %s" % (nproc, cpu_model()))
+    print("machine: %s cores (nproc), %s; ISA: %s" % (nproc, cpu_model(), isa()))
+    if tp and "kernels" in tp[0]:
+        print("tp kernels: %s" % tp[0]["kernels"])
     if llama:
         l0 = llama[0]
         src = (a.llama_version + ", ") if a.llama_version else ""
@@ -115,25 +141,28 @@ def main():
             threads_col = "%d (llama.cpp not run at %d)" % (k * t, k * t)
         tp_col = "TP=%d × %d thread%s" % (k, t, "" if t == 1 else "s")
         rows.append((test_order(r), k, t,
-                     [model, test_name(r), threads_col, ref_col, tp_col, speed(r), ratio]))
+                     [model, test_name(r), threads_col, ref_col, tp_col, speed(r), ratio,
+                      bandwidth(r)]))
     # llama.cpp measurements that no tp row was compared with are still shown.
     for key, r in by_key.items():
         if key not in compared:
             compared.add(key)
             rows.append((test_order(r), 0, int(r["n_threads"]),
-                         [model, key[0], str(key[1]), speed(r), "—", "—", "—"]))
+                         [model, key[0], str(key[1]), speed(r), "—", "—", "—", "—"]))
     rows.sort(key=lambda x: (x[0], x[2] * max(x[1], 1), x[1]))
 
     head = ["model", "test", "threads (total)", "llama.cpp t/s", "tp config",
-            "tp t/s", "tp / llama.cpp"]
+            "tp t/s", "tp / llama.cpp", "tp weights read GB/s (of memory GB/s)"]
     print("| " + " | ".join(head) + " |")
-    print("|" + "|".join(["---"] * 2 + ["--:"] + ["--:", "---", "--:", "--:"]) + "|")
+    print("|" + "|".join(["---"] * 2 + ["--:"] + ["--:", "---", "--:", "--:", "--:"]) + "|")
     for _, _, _, cells in rows:
         print("| " + " | ".join(cells) + " |")
     print()
     print("t/s: tokens per second, mean ± standard deviation over the repetitions. "
           "tp at TP=k with t threads per worker is compared with llama.cpp at k×t threads; "
-          "llama.cpp's figure is its faster weight layout (`--repack 0,1`) where both ran.")
+          "llama.cpp's figure is its faster weight layout (`--repack 0,1`) where both ran. "
+          "Weights read: the bytes of the weights one generated token reads times tp's tokens/s, "
+          "next to the machine's sequential read bandwidth with as many threads.")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
 //! clears the KV cache, fills `depth` tokens of context (not timed), then times either one batch
 //! of `n_prompt` tokens (pp) or `n_gen` single-token decode steps (tg). One untimed warm-up run
 //! precedes the repetitions of each test. Tokens are drawn at random from the vocabulary.
+//!
+//! Generation rows also give the effective weight-read bandwidth (the bytes of the weights one
+//! token reads, times tokens/s) next to the machine's measured sequential read bandwidth with
+//! as many threads (`kernels::membw`), so the distance to the physical limit is visible.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -104,6 +108,51 @@ pub struct BenchResult {
     /// Over the timed steps: the busiest worker's work (outside AllReduce) over the workers'
     /// mean, step by step; 1.0 is an even split.
     pub work_imbalance: f64,
+    /// Bytes of weights one token reads (all matrices, the active share of the experts, the
+    /// output head; not the embedding rows).
+    pub weight_bytes_per_token: u64,
+    /// Generation only: weight_bytes_per_token x avg_ts / 1e9.
+    pub effective_read_gbps: Option<f64>,
+    /// The machine's sequential read bandwidth with tp x n_threads threads (GB/s).
+    pub memory_read_gbps: Option<f64>,
+    /// The CPU kernel set (TP_KERNELS or the best this CPU runs; local workers inherit both).
+    pub kernels: &'static str,
+}
+
+/// Bytes of weights one token reads: every matrix, the active share (used / count) of the
+/// experts, and the token embedding only when it doubles as the output head.
+fn weight_bytes_per_token(model: &Model) -> u64 {
+    let tensors = &model.file.tensors;
+    let tied = !tensors.iter().any(|t| t.name == "output.weight");
+    let share = model
+        .config
+        .moe
+        .as_ref()
+        .map_or(1.0, |m| m.expert_used as f64 / m.expert_count.max(1) as f64);
+    tensors
+        .iter()
+        .filter(|t| t.dims.len() >= 2 && (t.name != "token_embd.weight" || tied))
+        .map(|t| {
+            if t.name.contains("_exps.") {
+                (t.size_bytes as f64 * share) as u64
+            } else {
+                t.size_bytes
+            }
+        })
+        .sum()
+}
+
+/// Sequential read bandwidth with `threads` threads, measured once per count (GB/s; None when
+/// the measurement fails, e.g. out of memory).
+fn memory_gbps(
+    cache: &mut std::collections::HashMap<usize, Option<f64>>,
+    threads: usize,
+) -> Option<f64> {
+    *cache.entry(threads).or_insert_with(|| {
+        crate::kernels::membw::read_gbps(256, threads, 3)
+            .map_err(|e| tracing::warn!("memory bandwidth measurement failed: {e:#}"))
+            .ok()
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -174,6 +223,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // Every part of a split model counts.
     let model_size: u64 = probe.file.part_sizes().iter().sum();
     let is_moe = probe.config.moe.is_some();
+    let weight_bytes = weight_bytes_per_token(&probe);
+    let mut bandwidth = std::collections::HashMap::new();
     drop(probe);
     let model_filename = args.model.display().to_string();
     let longest = tests.iter().map(|t| t.tokens()).max().unwrap_or(0);
@@ -183,7 +234,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let text = args.format == Format::Text;
     if text {
         println!(
-            "| model | size | TP | threads/worker | test | t/s | AllReduce bytes/token/worker | busiest/mean worker |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+            "| model | size | TP | threads/worker | test | t/s | AllReduce bytes/token/worker | busiest/mean worker | weights read GB/s | memory GB/s | read / memory |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
     }
     let mut results = Vec::new();
@@ -226,6 +277,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 tls_ca: None,
                 moe_split: Some(moe_split),
             };
+            // Measured before the workers start, so that nothing else competes for memory.
+            let memory = memory_gbps(&mut bandwidth, tp as usize * threads);
             let cluster = start_cluster_with(&cluster_args).await?;
             let mut session =
                 Session::start(model, cluster, context, args.batch.min(context)).await?;
@@ -294,6 +347,11 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                                 as f64
                                 / (test.tokens() * args.repetitions) as f64,
                             work_imbalance: if mean > 0.0 { busiest / mean } else { 1.0 },
+                            weight_bytes_per_token: weight_bytes,
+                            effective_read_gbps: matches!(test, Test::Generate(_))
+                                .then(|| weight_bytes as f64 * avg_ts / 1e9),
+                            memory_read_gbps: memory,
+                            kernels: crate::kernels::cpu::kernel_name(),
                         };
                         if text {
                             let name = args.model.file_name().map_or(model_filename.clone(), |n| {
@@ -304,8 +362,16 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             } else {
                                 String::new()
                             };
+                            let read = result
+                                .effective_read_gbps
+                                .map_or("—".to_string(), |g| format!("{g:.1}"));
+                            let mem = memory.map_or("—".to_string(), |g| format!("{g:.1}"));
+                            let share = match (result.effective_read_gbps, memory) {
+                                (Some(r), Some(m)) if m > 0.0 => format!("{:.0}%", 100.0 * r / m),
+                                _ => "—".to_string(),
+                            };
                             println!(
-                                "| {name}{split} | {:.1} MiB | {tp} | {threads} | {} | {:.2} ± {:.2} | {:.0} | {:.2} |",
+                                "| {name}{split} | {:.1} MiB | {tp} | {threads} | {} | {:.2} ± {:.2} | {:.0} | {:.2} | {read} | {mem} | {share} |",
                                 model_size as f64 / (1 << 20) as f64,
                                 result.test,
                                 avg_ts,
