@@ -1106,9 +1106,18 @@ impl<T> OutPtr<T> {
 /// while the group's rows stay in L1.
 const ROW_GROUP: usize = 4;
 
+/// Batched products work on tiles: `TILE_ROWS` weight rows (a few KiB, kept in L1) against
+/// as many activation vectors as fit in about `TILE_ACT_BYTES` (also kept in L1), so that each
+/// activation is read from L2 once per tile of rows rather than once per row, and each weight
+/// row once per tile of activations rather than once per four. Within a tile the products are
+/// the same `dot4` calls as without tiling, so the results do not depend on the tile sizes.
+const TILE_ROWS: usize = 16;
+const TILE_ACT_BYTES: usize = 24 << 10;
+
 /// Computes rows `r0..r1` for all `count` activations: `dot1(row, b)` gives one result,
 /// `dot4(row, b, out)` the results for activations `b..b + 4`, `rows4(four rows, b, out)` (if
-/// any) the results of four consecutive rows with activation `b`.
+/// any) the results of four consecutive rows with activation `b`. `act_bytes` is the size of
+/// one prepared activation vector (for the tiling).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn run_rows<T, F1, F4, FR>(
@@ -1119,6 +1128,7 @@ fn run_rows<T, F1, F4, FR>(
     rb: usize,
     rows: usize,
     count: usize,
+    act_bytes: usize,
     r0: usize,
     r1: usize,
     out: OutPtr<T>,
@@ -1128,48 +1138,61 @@ fn run_rows<T, F1, F4, FR>(
     F4: Fn(&[u8], usize, &mut [T; 4]),
     FR: Fn(&[u8], usize, &mut [T; 4]),
 {
-    let mut g = r0;
-    while g < r1 {
-        let ge = (g + ROW_GROUP).min(r1);
-        let mut b = 0;
-        while b + 4 <= count {
-            for r in g..ge {
+    // Activations b < count4 go four at a time, the rest one at a time.
+    let count4 = count - count % 4;
+    let act_tile = (TILE_ACT_BYTES / act_bytes.max(1)).max(4) / 4 * 4;
+    let mut t = r0;
+    while t < r1 {
+        let te = (t + TILE_ROWS).min(r1);
+        let mut b0 = 0;
+        while b0 < count4 {
+            let b1 = (b0 + act_tile).min(count4);
+            for r in t..te {
                 // SAFETY: r < rows and the weight length was checked (rows * rb bytes).
                 let w = unsafe { weight.get_unchecked(r * rb..(r + 1) * rb) };
-                let mut o = [T::default(); 4];
-                dot4(w, b, &mut o);
-                for (v, val) in o.into_iter().enumerate() {
-                    // SAFETY: b + v < count, r < rows, y.len() == rows * count (checked); rows
-                    // are partitioned between tasks so no element is written concurrently.
-                    unsafe { *out.get().add((b + v) * rows + r) = val };
+                let mut b = b0;
+                while b < b1 {
+                    let mut o = [T::default(); 4];
+                    dot4(w, b, &mut o);
+                    for (v, val) in o.into_iter().enumerate() {
+                        // SAFETY: b + v < count, r < rows, y.len() == rows * count (checked);
+                        // rows are partitioned between tasks so no element is written
+                        // concurrently.
+                        unsafe { *out.get().add((b + v) * rows + r) = val };
+                    }
+                    b += 4;
                 }
             }
-            b += 4;
+            b0 = b1;
         }
-        while b < count {
-            let mut r1 = g;
-            if let Some(f) = rows4
-                && ge - g == 4
-            {
-                // SAFETY: rows g..g + 4 exist (ge <= rows).
-                let w = unsafe { weight.get_unchecked(g * rb..ge * rb) };
-                let mut o = [T::default(); 4];
-                f(w, b, &mut o);
-                for (i, val) in o.into_iter().enumerate() {
+        let mut g = t;
+        while g < te {
+            let ge = (g + ROW_GROUP).min(te);
+            for b in count4..count {
+                let mut r1 = g;
+                if let Some(f) = rows4
+                    && ge - g == 4
+                {
+                    // SAFETY: rows g..g + 4 exist (ge <= rows).
+                    let w = unsafe { weight.get_unchecked(g * rb..ge * rb) };
+                    let mut o = [T::default(); 4];
+                    f(w, b, &mut o);
+                    for (i, val) in o.into_iter().enumerate() {
+                        // SAFETY: as above.
+                        unsafe { *out.get().add(b * rows + g + i) = val };
+                    }
+                    r1 = ge;
+                }
+                for r in r1..ge {
                     // SAFETY: as above.
-                    unsafe { *out.get().add(b * rows + g + i) = val };
+                    let w = unsafe { weight.get_unchecked(r * rb..(r + 1) * rb) };
+                    let val = dot1(w, b);
+                    unsafe { *out.get().add(b * rows + r) = val };
                 }
-                r1 = ge;
             }
-            for r in r1..ge {
-                // SAFETY: as above.
-                let w = unsafe { weight.get_unchecked(r * rb..(r + 1) * rb) };
-                let val = dot1(w, b);
-                unsafe { *out.get().add(b * rows + r) = val };
-            }
-            b += 1;
+            g = ge;
         }
-        g = ge;
+        t = te;
     }
 }
 
@@ -1182,6 +1205,7 @@ fn drive<T, F1, F4, FR>(
     rb: usize,
     rows: usize,
     count: usize,
+    act_bytes: usize,
     y: &mut [T],
     work: usize,
 ) where
@@ -1194,7 +1218,7 @@ fn drive<T, F1, F4, FR>(
     let out = OutPtr(y.as_mut_ptr());
     let threads = pool::threads();
     if work < PARALLEL_MATMUL_MIN || threads <= 1 || rows <= 16 {
-        run_rows(&dot1, &dot4, rows4, weight, rb, rows, count, 0, rows, out);
+        run_rows(&dot1, &dot4, rows4, weight, rb, rows, count, act_bytes, 0, rows, out);
         return;
     }
     // Between 1 and 8 tasks per thread, at least about one work unit and 16 rows each, whole
@@ -1205,7 +1229,7 @@ fn drive<T, F1, F4, FR>(
     pool::for_each(tasks, |t| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(rows);
-        run_rows(&dot1, &dot4, rows4, weight, rb, rows, count, r0, r1, out);
+        run_rows(&dot1, &dot4, rows4, weight, rb, rows, count, act_bytes, r0, r1, out);
     });
 }
 
@@ -1225,7 +1249,7 @@ macro_rules! dispatch {
             |w, b| unsafe { (k.$one)(dispatch!(@w $blocks, w), a.get_unchecked(b * per..(b + 1) * per)) },
             |w, b, o| unsafe { (k.$four)(dispatch!(@w $blocks, w), a.as_ptr().add(b * per), per, o) },
             dispatch!(@r4 $r4, k, a, per, rb),
-            $weight, rb, $rows, $count, $y, $par,
+            $weight, rb, $rows, $count, std::mem::size_of_val(&a[..per]), $y, $par,
         )
     }};
     (@w blocks, $w:expr) => { as_blocks($w) };
@@ -1301,6 +1325,7 @@ macro_rules! dispatch_wide {
             rb,
             $rows,
             $count,
+            std::mem::size_of_val(&a[..per]),
             $y,
             $par,
         )

@@ -1661,3 +1661,42 @@ fn avx512_products_equal_avx2_bitwise() {
         }
     }
 }
+
+/// Prompt-batch products: multiply-adds per second of `matmul` and `matmul_f64` on one thread
+/// for every SIMD kernel set, a 1536 x 1536 matrix of each type against 128 activations.
+/// `cargo test --release --lib bench_matmul_batched -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn bench_matmul_batched() {
+    let mut rng = Rng::new(23);
+    let (rows, cols, count) = (1536, 1536, 128);
+    for ty in QuantType::ALL.into_iter().filter(|t| t.is_quantized()) {
+        let w = make_weights(ty, rows, cols, &mut rng, false);
+        let x = random_acts(&mut rng, cols * count);
+        let mut act = PreparedActivations::new();
+        act.prepare(ty, &x, cols, count);
+        let mut y32 = vec![0f32; rows * count];
+        let mut y64 = vec![0f64; rows * count];
+        for k in simd_tables() {
+            let best = |f: &mut dyn FnMut()| {
+                f();
+                (0..3)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let t32 = best(&mut || matmul_with(k, ty, &w, rows, cols, &act, &mut y32, false));
+            let t64 = best(&mut || matmul_f64_with(k.wide, ty, &w, rows, cols, &act, &mut y64, false));
+            let macs = (rows * cols * count) as f64;
+            println!(
+                "{ty:6} {:6} {rows}x{cols} x {count}: matmul {:6.1} GMAC/s, matmul_f64 {:6.1} GMAC/s",
+                k.name,
+                macs / t32 / 1e9,
+                macs / t64 / 1e9
+            );
+        }
+    }
+}
