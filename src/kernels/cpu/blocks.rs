@@ -91,6 +91,9 @@ impl QuantType {
         matches!(
             self,
             QuantType::Q5_1
+                | QuantType::Q4_K
+                | QuantType::Q5_K
+                | QuantType::Q6_K
                 | QuantType::Q2_K
                 | QuantType::Q3_K
                 | QuantType::IQ4_NL

@@ -25,6 +25,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod tiled;
 
 #[cfg(test)]
 mod tests;
@@ -92,6 +94,10 @@ struct Kernels {
     wide: &'static Kernels64,
 }
 
+/// Prompt batches of at least this many vectors use the tiled GEMM (`tiled`) where the kernel
+/// set has it (AVX-512 VNNI) and the type is one it handles.
+const TILED_MIN_COUNT: usize = 8;
+
 /// Grouping-independent dot products for [`matmul_f64`], same contract as [`Kernels`]: the
 /// per-block contributions and their summation order are those of `reference::dot64`.
 struct Kernels64 {
@@ -134,6 +140,8 @@ struct Kernels64 {
     rows4_q5_1: Option<Rows4<BlockQ8_1, f64>>,
     rows4_iq4_nl: Option<Rows4<BlockQ8_0, f64>>,
     rows4_mxfp4: Option<Rows4<BlockQ8_0, f64>>,
+    /// Whether prompt batches of the Q8_K-activated types go through `tiled` (AVX-512 VNNI).
+    tiled: bool,
 }
 
 /// Four weight rows at `w`, `w + rb`, ... (bytes, each a whole row) with one activation
@@ -405,6 +413,7 @@ static SCALAR64: Kernels64 = Kernels64 {
     rows4_q5_1: None,
     rows4_iq4_nl: None,
     rows4_mxfp4: None,
+    tiled: false,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -448,6 +457,7 @@ static AVX2_64: Kernels64 = Kernels64 {
     rows4_q5_1: Some(avx2::rows64_q5_1),
     rows4_iq4_nl: Some(avx2::rows64_iq4_nl),
     rows4_mxfp4: Some(avx2::rows64_mxfp4),
+    tiled: false,
 };
 
 static SCALAR: Kernels = Kernels {
@@ -562,6 +572,7 @@ static AVX512_64: Kernels64 = Kernels64 {
     rows4_q5_1: Some(avx512::rows64_q5_1),
     rows4_iq4_nl: Some(avx512::rows64_iq4_nl),
     rows4_mxfp4: Some(avx512::rows64_mxfp4),
+    tiled: true,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -1463,50 +1474,14 @@ macro_rules! dispatch_type {
                 y,
                 par
             ),
-            QuantType::Q4_K => dispatch!(
-                k,
-                dot_q4_k,
-                dot4_q4_k,
-                none,
-                act.q8_k,
-                n / QK_K,
-                blocks,
-                w,
-                rb,
-                rows,
-                count,
-                y,
-                par
+            QuantType::Q4_K => dispatch_wide!(
+                k, dot_q4_k, dot4_q4_k, none, act.q8_k, n / QK_K, w, rb, rows, count, y, par
             ),
-            QuantType::Q5_K => dispatch!(
-                k,
-                dot_q5_k,
-                dot4_q5_k,
-                none,
-                act.q8_k,
-                n / QK_K,
-                blocks,
-                w,
-                rb,
-                rows,
-                count,
-                y,
-                par
+            QuantType::Q5_K => dispatch_wide!(
+                k, dot_q5_k, dot4_q5_k, none, act.q8_k, n / QK_K, w, rb, rows, count, y, par
             ),
-            QuantType::Q6_K => dispatch!(
-                k,
-                dot_q6_k,
-                dot4_q6_k,
-                none,
-                act.q8_k,
-                n / QK_K,
-                blocks,
-                w,
-                rb,
-                rows,
-                count,
-                y,
-                par
+            QuantType::Q6_K => dispatch_wide!(
+                k, dot_q6_k, dot4_q6_k, none, act.q8_k, n / QK_K, w, rb, rows, count, y, par
             ),
             QuantType::Q5_1 => {
                 dispatch_wide!(
@@ -1618,7 +1593,48 @@ fn matmul_with(
     } else {
         0
     };
+    if tiled_matmul(k.wide, ty, &weight[..need], rb, rows, cols, act, y, work) {
+        return;
+    }
     dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, work)
+}
+
+/// Runs a prompt-batch product through `tiled` when `k` has it and it handles `ty`; false
+/// when the caller must use the row kernels.
+#[allow(clippy::too_many_arguments)]
+fn tiled_matmul<T: FromF64>(
+    k: &'static Kernels64,
+    ty: QuantType,
+    weight: &[u8],
+    rb: usize,
+    rows: usize,
+    cols: usize,
+    act: &PreparedActivations,
+    y: &mut [T],
+    work: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if k.tiled && act.count >= TILED_MIN_COUNT && tiled::supports(ty) {
+        let blocks = act.count * (cols / QK_K);
+        // SAFETY: shapes checked by `check_matmul`; `tiled` is set only in the AVX-512 table,
+        // chosen after detecting AVX-512 F/BW/VL/VNNI.
+        unsafe {
+            tiled::matmul(
+                ty,
+                weight,
+                rb,
+                rows,
+                cols,
+                &act.q8_k[..blocks],
+                act.count,
+                y,
+                work >= PARALLEL_MATMUL_MIN,
+            )
+        };
+        return true;
+    }
+    let _ = (k, ty, weight, rb, rows, cols, act, y, work);
+    false
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1641,6 +1657,9 @@ fn matmul_f64_with(
     } else {
         0
     };
+    if tiled_matmul(k, ty, &weight[..need], rb, rows, cols, act, y, work) {
+        return;
+    }
     dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, work)
 }
 

@@ -1,0 +1,395 @@
+//! Prompt-batch products of the Q8_K-activated types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) as
+//! a tiled integer GEMM with AVX-512 VNNI (x86_64, the `avx512` kernel set only).
+//!
+//! A tile of 8 weight rows is unpacked once per product into unsigned 8-bit levels, one byte
+//! per element, with its sub-block scales and one correction vector (below). Activations are
+//! interleaved once per product: for each group of 16 activation vectors and each super-block,
+//! 64 vectors of 16 x 4 bytes, the four consecutive quants of one group of four elements for
+//! each of the 16 activations. The micro-kernel then broadcasts four weight levels of one row
+//! and multiplies them into all 16 activations at once (`vpdpbusd`: 64 multiply-adds per
+//! instruction), for 8 rows, sub-block by sub-block, and scales each sub-block's exact i32
+//! sums by the row's integer sub-block scale. What the levels leave out comes back through
+//! the activations' 16-element sums (`bsums`, `vpdpwssd`): the level offset (Q6_K 32, Q3_K 4,
+//! IQ4_XS 128) as `- offset * scale * bsum` inside the integer sum, the K-quant mins as the
+//! separate `Σ min * bsum`.
+//!
+//! Every (row, activation) super-block thus gets the exact integers of `reference`'s
+//! `for_each_contribution`, and the same f64 expression turns them into its contribution,
+//! added to lane `i % 4` and combined as `reference::dot64` does: the results are bitwise
+//! those of `matmul_f64_reference` (and, rounded, of `matmul_reference`).
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use super::blocks::*;
+use super::reference::{iq4_xs_scales, levels_2bit, q3_k_levels, q3_k_scales, unpack_scales_mins_k4};
+use super::{FromF64, OutPtr};
+use crate::kernels::pool;
+
+/// Weight rows per micro-kernel call.
+const ROWS: usize = 8;
+/// Activation vectors per micro-kernel call (one 512-bit vector of i32).
+const COLS: usize = 16;
+
+/// Whether [`matmul`] handles weight type `ty`.
+pub(super) fn supports(ty: QuantType) -> bool {
+    matches!(
+        ty,
+        QuantType::Q2_K
+            | QuantType::Q3_K
+            | QuantType::Q4_K
+            | QuantType::Q5_K
+            | QuantType::Q6_K
+            | QuantType::IQ4_XS
+    )
+}
+
+/// What a type's correction vector holds.
+#[derive(Clone, Copy, PartialEq)]
+enum Correction {
+    /// Σ corr·bsum is subtracted from the integer sum (level offset times sub-block scale).
+    Offset,
+    /// Σ corr·bsum is the K-quant mins sum, scaled by dmin.
+    Mins,
+}
+
+/// One row's super-block, unpacked.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Unpacked {
+    /// Unsigned levels, element order.
+    levels: [u8; QK_K],
+    /// Integer scale of each sub-block (16 of 16 elements or 8 of 32).
+    scales: [i32; 16],
+    /// Per 16-element group: the coefficient of that group's activation sum.
+    corr: [i16; 16],
+    d: f32,
+    dmin: f32,
+}
+
+impl Default for Unpacked {
+    fn default() -> Self {
+        Unpacked {
+            levels: [0; QK_K],
+            scales: [0; 16],
+            corr: [0; 16],
+            d: 0.0,
+            dmin: 0.0,
+        }
+    }
+}
+
+/// Sub-block size and correction kind of a type.
+fn layout(ty: QuantType) -> (usize, Correction) {
+    match ty {
+        QuantType::Q4_K | QuantType::Q5_K => (32, Correction::Mins),
+        QuantType::Q2_K => (16, Correction::Mins),
+        QuantType::Q6_K | QuantType::Q3_K => (16, Correction::Offset),
+        QuantType::IQ4_XS => (32, Correction::Offset),
+        _ => unreachable!("tiled: unsupported type {ty}"),
+    }
+}
+
+/// Unpacks super-block `b` (raw bytes of one block of type `ty`) into `u`.
+fn unpack(ty: QuantType, b: &[u8], u: &mut Unpacked) {
+    match ty {
+        QuantType::Q4_K | QuantType::Q5_K => {
+            let (d, dmin, scales12, qs, qh) = if ty == QuantType::Q4_K {
+                let x = &as_blocks::<BlockQ4K>(b)[0];
+                (x.d, x.dmin, &x.scales, &x.qs, None)
+            } else {
+                let x = &as_blocks::<BlockQ5K>(b)[0];
+                (x.d, x.dmin, &x.scales, &x.qs, Some(&x.qh))
+            };
+            for c in 0..4 {
+                for l in 0..32 {
+                    let q = qs[32 * c + l];
+                    let (mut lo, mut hi) = (q & 0xF, q >> 4);
+                    if let Some(qh) = qh {
+                        lo |= ((qh[l] >> (2 * c)) & 1) << 4;
+                        hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
+                    }
+                    u.levels[64 * c + l] = lo;
+                    u.levels[64 * c + 32 + l] = hi;
+                }
+            }
+            let (sc, mn) = unpack_scales_mins_k4(scales12);
+            for j in 0..8 {
+                u.scales[j] = sc[j] as i32;
+                u.corr[2 * j] = mn[j] as i16;
+                u.corr[2 * j + 1] = mn[j] as i16;
+            }
+            u.d = d.to_f32();
+            u.dmin = dmin.to_f32();
+        }
+        QuantType::Q6_K => {
+            let x = &as_blocks::<BlockQ6K>(b)[0];
+            for h in 0..2 {
+                let (ql, qh) = (&x.ql[64 * h..64 * h + 64], &x.qh[32 * h..32 * h + 32]);
+                let lv = &mut u.levels[128 * h..128 * h + 128];
+                for l in 0..32 {
+                    lv[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                    lv[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                    lv[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    lv[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+            for k in 0..16 {
+                u.scales[k] = x.scales[k] as i32;
+                u.corr[k] = 32 * x.scales[k] as i16;
+            }
+            u.d = x.d.to_f32();
+        }
+        QuantType::Q2_K => {
+            let x = &as_blocks::<BlockQ2K>(b)[0];
+            u.levels = levels_2bit(&x.qs);
+            for k in 0..16 {
+                u.scales[k] = (x.scales[k] & 0xF) as i32;
+                u.corr[k] = (x.scales[k] >> 4) as i16;
+            }
+            u.d = x.d.to_f32();
+            u.dmin = x.dmin.to_f32();
+        }
+        QuantType::Q3_K => {
+            let x = &as_blocks::<BlockQ3K>(b)[0];
+            for (l, q) in u.levels.iter_mut().zip(q3_k_levels(x)) {
+                *l = (q + 4) as u8;
+            }
+            let sc = q3_k_scales(&x.scales);
+            for k in 0..16 {
+                u.scales[k] = sc[k] as i32;
+                u.corr[k] = 4 * sc[k] as i16;
+            }
+            u.d = x.d.to_f32();
+        }
+        QuantType::IQ4_XS => {
+            let x = &as_blocks::<BlockIQ4XS>(b)[0];
+            let sc = iq4_xs_scales(x);
+            for ib in 0..8 {
+                for j in 0..16 {
+                    let q = x.qs[16 * ib + j];
+                    u.levels[32 * ib + j] = (KVALUES_IQ4NL[(q & 0xF) as usize] as i16 + 128) as u8;
+                    u.levels[32 * ib + 16 + j] = (KVALUES_IQ4NL[(q >> 4) as usize] as i16 + 128) as u8;
+                }
+                u.scales[ib] = sc[ib] as i32;
+                u.corr[2 * ib] = 128 * sc[ib] as i16;
+                u.corr[2 * ib + 1] = 128 * sc[ib] as i16;
+            }
+            u.d = x.d.to_f32();
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Activations of one group of 16 vectors for one super-block, interleaved.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Codes {
+    /// `q[kg][c]`: quants 4kg..4kg+4 of activation c, as one little-endian u32.
+    q: [[u32; COLS]; QK_K / 4],
+    /// `bsums[p][c]`: the 16-element sums 2p and 2p+1 of activation c as an i16 pair.
+    bsums: [[u32; COLS]; 8],
+    d: [f32; COLS],
+}
+
+impl Default for Codes {
+    fn default() -> Self {
+        Codes {
+            q: [[0; COLS]; QK_K / 4],
+            bsums: [[0; COLS]; 8],
+            d: [0.0; COLS],
+        }
+    }
+}
+
+/// Interleaves `count` activation vectors of `nb` super-blocks each into groups of 16 (the last
+/// group padded with zero activations): `codes[g * nb + i]`.
+fn interleave(act: &[BlockQ8K], nb: usize, count: usize, codes: &mut Vec<Codes>) {
+    let groups = count.div_ceil(COLS);
+    codes.clear();
+    codes.resize(groups * nb, Codes::default());
+    for g in 0..groups {
+        for c in 0..COLS.min(count - g * COLS) {
+            let v = g * COLS + c;
+            for i in 0..nb {
+                let a = &act[v * nb + i];
+                let dst = &mut codes[g * nb + i];
+                for kg in 0..QK_K / 4 {
+                    let q = &a.qs[4 * kg..4 * kg + 4];
+                    dst.q[kg][c] = u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
+                }
+                for p in 0..8 {
+                    dst.bsums[p][c] =
+                        (a.bsums[2 * p] as u16 as u32) | ((a.bsums[2 * p + 1] as u16 as u32) << 16);
+                }
+                dst.d[c] = a.d;
+            }
+        }
+    }
+}
+
+/// The integer sums of 8 unpacked rows with 16 interleaved activations: per row, 16 lanes of
+/// Σ scale·level·q8 − [offset types] Σ corr·bsum, and Σ corr·bsum (the mins sum; zero for the
+/// offset types).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn micro<const SUB: usize>(
+    rows: &[Unpacked; ROWS],
+    codes: &Codes,
+    kind: Correction,
+) -> ([__m512i; ROWS], [__m512i; ROWS]) {
+    unsafe {
+        let mut isum = [_mm512_setzero_si512(); ROWS];
+        let groups = SUB / 4;
+        for s in 0..QK_K / SUB {
+            let mut acc = [_mm512_setzero_si512(); ROWS];
+            for g in 0..groups {
+                let kg = s * groups + g;
+                let q = _mm512_load_si512(codes.q[kg].as_ptr() as *const __m512i);
+                for t in 0..ROWS {
+                    let w = (rows[t].levels.as_ptr().add(4 * kg) as *const u32).read_unaligned();
+                    acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_set1_epi32(w as i32), q);
+                }
+            }
+            for t in 0..ROWS {
+                let sc = _mm512_set1_epi32(rows[t].scales[s]);
+                isum[t] = _mm512_add_epi32(isum[t], _mm512_mullo_epi32(acc[t], sc));
+            }
+        }
+        let mut corr = [_mm512_setzero_si512(); ROWS];
+        for p in 0..8 {
+            let b = _mm512_load_si512(codes.bsums[p].as_ptr() as *const __m512i);
+            for t in 0..ROWS {
+                let c = (rows[t].corr.as_ptr().add(2 * p) as *const u32).read_unaligned();
+                corr[t] = _mm512_dpwssd_epi32(corr[t], _mm512_set1_epi32(c as i32), b);
+            }
+        }
+        if kind == Correction::Offset {
+            for t in 0..ROWS {
+                isum[t] = _mm512_sub_epi32(isum[t], corr[t]);
+                corr[t] = _mm512_setzero_si512();
+            }
+        }
+        (isum, corr)
+    }
+}
+
+/// Adds the contributions of one super-block (8 rows x 16 activations) to the f64 lanes
+/// `acc[t][c]` (lane `lane`), with `reference`'s expressions: `(d_w * d_a) * isum` and, for the
+/// mins types, `- (dmin_w * d_a) * summins`, in that order, without fused multiply-adds.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn accumulate(
+    rows: &[Unpacked; ROWS],
+    codes: &Codes,
+    isum: &[__m512i; ROWS],
+    mins: &[__m512i; ROWS],
+    kind: Correction,
+    acc: &mut [[[f64; COLS]; 4]; ROWS],
+    lane: usize,
+) {
+    unsafe {
+        let da = _mm512_load_ps(codes.d.as_ptr());
+        let da = [
+            _mm512_cvtps_pd(_mm512_castps512_ps256(da)),
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(da)))),
+        ];
+        for t in 0..ROWS {
+            let dw = _mm512_set1_pd(rows[t].d as f64);
+            let dmin = _mm512_set1_pd(rows[t].dmin as f64);
+            let is = [
+                _mm512_cvtepi32_pd(_mm512_castsi512_si256(isum[t])),
+                _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(isum[t])),
+            ];
+            let mn = [
+                _mm512_cvtepi32_pd(_mm512_castsi512_si256(mins[t])),
+                _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(mins[t])),
+            ];
+            for h in 0..2 {
+                let mut c = _mm512_mul_pd(_mm512_mul_pd(dw, da[h]), is[h]);
+                if kind == Correction::Mins {
+                    c = _mm512_sub_pd(c, _mm512_mul_pd(_mm512_mul_pd(dmin, da[h]), mn[h]));
+                }
+                let p = acc[t][lane].as_mut_ptr().add(8 * h);
+                _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), c));
+            }
+        }
+    }
+}
+
+thread_local! {
+    static CODES: RefCell<Vec<Codes>> = const { RefCell::new(Vec::new()) };
+    static ROWS_BUF: RefCell<Vec<[Unpacked; ROWS]>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `y[b * rows + r] = dot64(weight row r, activation b)` (as T) for weight type `ty` (see
+/// [`supports`]), `act` holding `count` Q8_K vectors of `cols / 256` blocks each. Splits the
+/// rows over the calling thread's pool when `parallel`. The caller has checked the shapes and
+/// that this CPU has AVX-512 F/BW/VL/VNNI.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul<T: FromF64>(
+    ty: QuantType,
+    weight: &[u8],
+    rb: usize,
+    rows: usize,
+    cols: usize,
+    act: &[BlockQ8K],
+    count: usize,
+    y: &mut [T],
+    parallel: bool,
+) {
+    let nb = cols / QK_K;
+    let block = ty.block_bytes();
+    let (sub, kind) = layout(ty);
+    CODES.with_borrow_mut(|codes| {
+        interleave(act, nb, count, codes);
+        let codes = &codes[..];
+        let groups = count.div_ceil(COLS);
+        let out = OutPtr(y.as_mut_ptr());
+        let tiles = rows.div_ceil(ROWS);
+        let run = |tile: usize| {
+            ROWS_BUF.with_borrow_mut(|buf| {
+                buf.clear();
+                buf.resize(nb, [Unpacked::default(); ROWS]);
+                let r0 = tile * ROWS;
+                let n = ROWS.min(rows - r0);
+                for t in 0..n {
+                    let row = &weight[(r0 + t) * rb..(r0 + t + 1) * rb];
+                    for (i, u) in buf.iter_mut().enumerate() {
+                        unpack(ty, &row[i * block..(i + 1) * block], &mut u[t]);
+                    }
+                }
+                let mut acc = [[[0f64; COLS]; 4]; ROWS];
+                for g in 0..groups {
+                    for a in acc.iter_mut() {
+                        *a = [[0.0; COLS]; 4];
+                    }
+                    for (i, u) in buf.iter().enumerate() {
+                        let c = &codes[g * nb + i];
+                        // SAFETY: the caller checked the CPU features.
+                        unsafe {
+                            let (isum, mins) = if sub == 16 {
+                                micro::<16>(u, c, kind)
+                            } else {
+                                micro::<32>(u, c, kind)
+                            };
+                            accumulate(u, c, &isum, &mins, kind, &mut acc, i % 4);
+                        }
+                    }
+                    for t in 0..n {
+                        for c in 0..COLS.min(count - g * COLS) {
+                            let l = &acc[t];
+                            let v = (l[0][c] + l[1][c]) + (l[2][c] + l[3][c]);
+                            let b = g * COLS + c;
+                            // SAFETY: b < count, r0 + t < rows; tiles own disjoint rows.
+                            unsafe { *out.get().add(b * rows + r0 + t) = T::from_f64(v) };
+                        }
+                    }
+                }
+            })
+        };
+        if parallel && pool::threads() > 1 && tiles > 1 {
+            pool::for_each(tiles, run);
+        } else {
+            (0..tiles).for_each(run);
+        }
+    });
+}
