@@ -69,9 +69,6 @@ struct Kernels {
     dot_q4_1: unsafe fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32,
     dot_q5_0: unsafe fn(&[BlockQ5_0], &[BlockQ8_0]) -> f32,
     dot_q8_0: unsafe fn(&[BlockQ8_0], &[BlockQ8_0]) -> f32,
-    dot_q4_k: unsafe fn(&[BlockQ4K], &[BlockQ8K]) -> f32,
-    dot_q5_k: unsafe fn(&[BlockQ5K], &[BlockQ8K]) -> f32,
-    dot_q6_k: unsafe fn(&[BlockQ6K], &[BlockQ8K]) -> f32,
     dot4_f32: unsafe fn(&[u8], *const f32, usize, &mut [f32; 4]),
     dot4_f16: unsafe fn(&[u8], *const f16, usize, &mut [f32; 4]),
     dot4_bf16: unsafe fn(&[u8], *const bf16, usize, &mut [f32; 4]),
@@ -79,9 +76,6 @@ struct Kernels {
     dot4_q4_1: unsafe fn(&[BlockQ4_1], *const BlockQ8_1, usize, &mut [f32; 4]),
     dot4_q5_0: unsafe fn(&[BlockQ5_0], *const BlockQ8_0, usize, &mut [f32; 4]),
     dot4_q8_0: unsafe fn(&[BlockQ8_0], *const BlockQ8_0, usize, &mut [f32; 4]),
-    dot4_q4_k: unsafe fn(&[BlockQ4K], *const BlockQ8K, usize, &mut [f32; 4]),
-    dot4_q5_k: unsafe fn(&[BlockQ5K], *const BlockQ8K, usize, &mut [f32; 4]),
-    dot4_q6_k: unsafe fn(&[BlockQ6K], *const BlockQ8K, usize, &mut [f32; 4]),
     rows4_q4_0: Option<Rows4<BlockQ8_0, f32>>,
     rows4_q4_1: Option<Rows4<BlockQ8_1, f32>>,
     rows4_q5_0: Option<Rows4<BlockQ8_0, f32>>,
@@ -96,6 +90,7 @@ struct Kernels {
 
 /// Prompt batches of at least this many vectors use the tiled GEMM (`tiled`) where the kernel
 /// set has it (AVX-512 VNNI) and the type is one it handles.
+#[cfg(target_arch = "x86_64")]
 const TILED_MIN_COUNT: usize = 8;
 
 /// Grouping-independent dot products for [`matmul_f64`], same contract as [`Kernels`]: the
@@ -141,6 +136,7 @@ struct Kernels64 {
     rows4_iq4_nl: Option<Rows4<BlockQ8_0, f64>>,
     rows4_mxfp4: Option<Rows4<BlockQ8_0, f64>>,
     /// Whether prompt batches of the Q8_K-activated types go through `tiled` (AVX-512 VNNI).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     tiled: bool,
 }
 
@@ -202,27 +198,6 @@ scalar4!(
     reference::vec_dot_q8_0_q8_0,
     BlockQ8_0,
     BlockQ8_0,
-    1
-);
-scalar4!(
-    scalar4_q4_k,
-    reference::vec_dot_q4_k_q8_k,
-    BlockQ4K,
-    BlockQ8K,
-    1
-);
-scalar4!(
-    scalar4_q5_k,
-    reference::vec_dot_q5_k_q8_k,
-    BlockQ5K,
-    BlockQ8K,
-    1
-);
-scalar4!(
-    scalar4_q6_k,
-    reference::vec_dot_q6_k_q8_k,
-    BlockQ6K,
-    BlockQ8K,
     1
 );
 
@@ -472,9 +447,6 @@ static SCALAR: Kernels = Kernels {
     dot_q4_1: reference::vec_dot_q4_1_q8_1,
     dot_q5_0: reference::vec_dot_q5_0_q8_0,
     dot_q8_0: reference::vec_dot_q8_0_q8_0,
-    dot_q4_k: reference::vec_dot_q4_k_q8_k,
-    dot_q5_k: reference::vec_dot_q5_k_q8_k,
-    dot_q6_k: reference::vec_dot_q6_k_q8_k,
     dot4_f32: scalar4_f32,
     dot4_f16: scalar4_f16,
     dot4_bf16: scalar4_bf16,
@@ -482,9 +454,6 @@ static SCALAR: Kernels = Kernels {
     dot4_q4_1: scalar4_q4_1,
     dot4_q5_0: scalar4_q5_0,
     dot4_q8_0: scalar4_q8_0,
-    dot4_q4_k: scalar4_q4_k,
-    dot4_q5_k: scalar4_q5_k,
-    dot4_q6_k: scalar4_q6_k,
     rows4_q4_0: None,
     rows4_q4_1: None,
     rows4_q5_0: None,
@@ -508,9 +477,6 @@ static AVX2: Kernels = Kernels {
     dot_q4_1: avx2::dot_q4_1_q8_1,
     dot_q5_0: avx2::dot_q5_0_q8_0,
     dot_q8_0: avx2::dot_q8_0_q8_0,
-    dot_q4_k: avx2::dot_q4_k_q8_k,
-    dot_q5_k: avx2::dot_q5_k_q8_k,
-    dot_q6_k: avx2::dot_q6_k_q8_k,
     dot4_f32: avx2::dot4_f32,
     dot4_f16: avx2::dot4_f16,
     dot4_bf16: avx2::dot4_bf16,
@@ -518,9 +484,6 @@ static AVX2: Kernels = Kernels {
     dot4_q4_1: avx2::dot4_q4_1_q8_1,
     dot4_q5_0: avx2::dot4_q5_0_q8_0,
     dot4_q8_0: avx2::dot4_q8_0_q8_0,
-    dot4_q4_k: avx2::dot4_q4_k_q8_k,
-    dot4_q5_k: avx2::dot4_q5_k_q8_k,
-    dot4_q6_k: avx2::dot4_q6_k_q8_k,
     rows4_q4_0: Some(avx2::rows4_q4_0_q8_0),
     rows4_q4_1: Some(avx2::rows4_q4_1_q8_1),
     rows4_q5_0: Some(avx2::rows4_q5_0_q8_0),
@@ -588,9 +551,6 @@ static AVX512: Kernels = Kernels {
     dot_q4_1: avx512::dot_q4_1_q8_1,
     dot_q5_0: avx512::dot_q5_0_q8_0,
     dot_q8_0: avx512::dot_q8_0_q8_0,
-    dot_q4_k: avx512::dot_q4_k_q8_k,
-    dot_q5_k: avx512::dot_q5_k_q8_k,
-    dot_q6_k: avx512::dot_q6_k_q8_k,
     dot4_f32: avx512::dot4_f32,
     dot4_f16: avx512::dot4_f16,
     dot4_bf16: avx512::dot4_bf16,
@@ -598,9 +558,6 @@ static AVX512: Kernels = Kernels {
     dot4_q4_1: avx512::dot4_q4_1_q8_1,
     dot4_q5_0: avx512::dot4_q5_0_q8_0,
     dot4_q8_0: avx512::dot4_q8_0_q8_0,
-    dot4_q4_k: avx512::dot4_q4_k_q8_k,
-    dot4_q5_k: avx512::dot4_q5_k_q8_k,
-    dot4_q6_k: avx512::dot4_q6_k_q8_k,
     rows4_q4_0: Some(avx512::rows4_q4_0_q8_0),
     rows4_q4_1: Some(avx512::rows4_q4_1_q8_1),
     rows4_q5_0: Some(avx512::rows4_q5_0_q8_0),
@@ -637,16 +594,10 @@ static NEON: Kernels = Kernels {
     dot_q4_1: neon::dot_q4_1_q8_1,
     dot_q5_0: neon::dot_q5_0_q8_0,
     dot_q8_0: neon::dot_q8_0_q8_0,
-    dot_q4_k: neon::dot_q4_k_q8_k,
-    dot_q5_k: neon::dot_q5_k_q8_k,
-    dot_q6_k: neon::dot_q6_k_q8_k,
     dot4_q4_0: neon::dot4_q4_0_q8_0,
     dot4_q4_1: neon::dot4_q4_1_q8_1,
     dot4_q5_0: neon::dot4_q5_0_q8_0,
     dot4_q8_0: neon::dot4_q8_0_q8_0,
-    dot4_q4_k: neon::dot4_q4_k_q8_k,
-    dot4_q5_k: neon::dot4_q5_k_q8_k,
-    dot4_q6_k: neon::dot4_q6_k_q8_k,
     wide: &NEON_64,
     ..SCALAR
 };
@@ -1229,7 +1180,9 @@ fn drive<T, F1, F4, FR>(
     let out = OutPtr(y.as_mut_ptr());
     let threads = pool::threads();
     if work < PARALLEL_MATMUL_MIN || threads <= 1 || rows <= 16 {
-        run_rows(&dot1, &dot4, rows4, weight, rb, rows, count, act_bytes, 0, rows, out);
+        run_rows(
+            &dot1, &dot4, rows4, weight, rb, rows, count, act_bytes, 0, rows, out,
+        );
         return;
     }
     // Between 1 and 8 tasks per thread, at least about one work unit and 16 rows each, whole
@@ -1240,7 +1193,9 @@ fn drive<T, F1, F4, FR>(
     pool::for_each(tasks, |t| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(rows);
-        run_rows(&dot1, &dot4, rows4, weight, rb, rows, count, act_bytes, r0, r1, out);
+        run_rows(
+            &dot1, &dot4, rows4, weight, rb, rows, count, act_bytes, r0, r1, out,
+        );
     });
 }
 
@@ -1475,13 +1430,46 @@ macro_rules! dispatch_type {
                 par
             ),
             QuantType::Q4_K => dispatch_wide!(
-                k, dot_q4_k, dot4_q4_k, none, act.q8_k, n / QK_K, w, rb, rows, count, y, par
+                k,
+                dot_q4_k,
+                dot4_q4_k,
+                none,
+                act.q8_k,
+                n / QK_K,
+                w,
+                rb,
+                rows,
+                count,
+                y,
+                par
             ),
             QuantType::Q5_K => dispatch_wide!(
-                k, dot_q5_k, dot4_q5_k, none, act.q8_k, n / QK_K, w, rb, rows, count, y, par
+                k,
+                dot_q5_k,
+                dot4_q5_k,
+                none,
+                act.q8_k,
+                n / QK_K,
+                w,
+                rb,
+                rows,
+                count,
+                y,
+                par
             ),
             QuantType::Q6_K => dispatch_wide!(
-                k, dot_q6_k, dot4_q6_k, none, act.q8_k, n / QK_K, w, rb, rows, count, y, par
+                k,
+                dot_q6_k,
+                dot4_q6_k,
+                none,
+                act.q8_k,
+                n / QK_K,
+                w,
+                rb,
+                rows,
+                count,
+                y,
+                par
             ),
             QuantType::Q5_1 => {
                 dispatch_wide!(

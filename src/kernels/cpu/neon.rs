@@ -247,14 +247,6 @@ pub unsafe fn dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     sumf
 }
 
-/// The reference's K-quant float tail: eight lane sums, then the lanes added in order.
-#[inline(always)]
-fn add_lanes(sums: &mut [f32; 8], d: f32, aux: &[i32; 8]) {
-    for (s, &v) in sums.iter_mut().zip(aux) {
-        *s += d * v as f32;
-    }
-}
-
 /// What the Q4_K/Q5_K kernels need of a super-block: its d, dmin and packed scales, and its
 /// 256 levels unpacked into `a`. The two types differ only in how the levels unpack.
 trait K4Block {
@@ -294,23 +286,6 @@ fn k4_sums<B: K4Block>(bx: &B, by: &BlockQ8K, a: &mut [i8; QK_K]) -> ([i32; 8], 
     (aux, summins(&mins, by))
 }
 
-#[inline(always)]
-fn dot_k4<B: K4Block>(x: &[B], y: &[BlockQ8K]) -> f32 {
-    let mut sums = [0f32; 8];
-    let mut sumf = 0.0f32;
-    let mut a = [0i8; QK_K];
-    for (bx, by) in x.iter().zip(y) {
-        let (d, dmin, _) = bx.head();
-        let (aux, mins) = k4_sums(bx, by, &mut a);
-        add_lanes(&mut sums, d * by.d, &aux);
-        sumf -= dmin * by.d * mins as f32;
-    }
-    for s in sums {
-        sumf += s;
-    }
-    sumf
-}
-
 /// The reference's f64 contribution of one Q4_K/Q5_K super-block.
 #[inline(always)]
 fn contrib_k4_block<B: K4Block>(bx: &B, by: &BlockQ8K) -> f64 {
@@ -318,32 +293,6 @@ fn contrib_k4_block<B: K4Block>(bx: &B, by: &BlockQ8K) -> f64 {
     let (aux, mins) = k4_sums(bx, by, &mut a);
     let (d, dmin, _) = bx.head();
     contrib_k4(d, dmin, by.d, aux.iter().sum(), mins)
-}
-
-pub unsafe fn dot_q4_k_q8_k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-    dot_k4(x, y)
-}
-
-pub unsafe fn dot_q5_k_q8_k(x: &[BlockQ5K], y: &[BlockQ8K]) -> f32 {
-    dot_k4(x, y)
-}
-
-pub unsafe fn dot_q6_k_q8_k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-    let mut sums = [0f32; 8];
-    let mut a = [0i8; QK_K];
-    for (bx, by) in x.iter().zip(y) {
-        // SAFETY: as above.
-        let aux = unsafe {
-            levels_q6_k(bx, &mut a);
-            lane_sums::<16>(&a, &by.qs, |j| bx.scales[j] as i16)
-        };
-        add_lanes(&mut sums, bx.d.to_f32() * by.d, &aux);
-    }
-    let mut sumf = 0.0f32;
-    for s in sums {
-        sumf += s;
-    }
-    sumf
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -413,9 +362,6 @@ four!(dot4_q4_0_q8_0, dot_q4_0_q8_0, BlockQ4_0, BlockQ8_0, f32);
 four!(dot4_q4_1_q8_1, dot_q4_1_q8_1, BlockQ4_1, BlockQ8_1, f32);
 four!(dot4_q5_0_q8_0, dot_q5_0_q8_0, BlockQ5_0, BlockQ8_0, f32);
 four!(dot4_q8_0_q8_0, dot_q8_0_q8_0, BlockQ8_0, BlockQ8_0, f32);
-four!(dot4_q4_k_q8_k, dot_q4_k_q8_k, BlockQ4K, BlockQ8K, f32);
-four!(dot4_q5_k_q8_k, dot_q5_k_q8_k, BlockQ5K, BlockQ8K, f32);
-four!(dot4_q6_k_q8_k, dot_q6_k_q8_k, BlockQ6K, BlockQ8K, f32);
 four!(
     dot64x4_q4_0_q8_0,
     dot64_q4_0_q8_0,

@@ -1689,7 +1689,8 @@ fn bench_matmul_batched() {
                     .fold(f64::MAX, f64::min)
             };
             let t32 = best(&mut || matmul_with(k, ty, &w, rows, cols, &act, &mut y32, false));
-            let t64 = best(&mut || matmul_f64_with(k.wide, ty, &w, rows, cols, &act, &mut y64, false));
+            let t64 =
+                best(&mut || matmul_f64_with(k.wide, ty, &w, rows, cols, &act, &mut y64, false));
             let macs = (rows * cols * count) as f64;
             println!(
                 "{ty:6} {:6} {rows}x{cols} x {count}: matmul {:6.1} GMAC/s, matmul_f64 {:6.1} GMAC/s",

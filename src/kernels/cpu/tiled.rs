@@ -22,7 +22,9 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::blocks::*;
-use super::reference::{iq4_xs_scales, levels_2bit, q3_k_levels, q3_k_scales, unpack_scales_mins_k4};
+use super::reference::{
+    iq4_xs_scales, levels_2bit, q3_k_levels, q3_k_scales, unpack_scales_mins_k4,
+};
 use super::{FromF64, OutPtr};
 use crate::kernels::pool;
 
@@ -169,7 +171,8 @@ fn unpack(ty: QuantType, b: &[u8], u: &mut Unpacked) {
                 for j in 0..16 {
                     let q = x.qs[16 * ib + j];
                     u.levels[32 * ib + j] = (KVALUES_IQ4NL[(q & 0xF) as usize] as i16 + 128) as u8;
-                    u.levels[32 * ib + 16 + j] = (KVALUES_IQ4NL[(q >> 4) as usize] as i16 + 128) as u8;
+                    u.levels[32 * ib + 16 + j] =
+                        (KVALUES_IQ4NL[(q >> 4) as usize] as i16 + 128) as u8;
                 }
                 u.scales[ib] = sc[ib] as i32;
                 u.corr[2 * ib] = 128 * sc[ib] as i16;
@@ -216,7 +219,8 @@ fn interleave(act: &[BlockQ8K], nb: usize, count: usize, codes: &mut Vec<Codes>)
                 let dst = &mut codes[g * nb + i];
                 for kg in 0..QK_K / 4 {
                     let q = &a.qs[4 * kg..4 * kg + 4];
-                    dst.q[kg][c] = u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
+                    dst.q[kg][c] =
+                        u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
                 }
                 for p in 0..8 {
                     dst.bsums[p][c] =
@@ -290,7 +294,9 @@ unsafe fn accumulate(
         let da = _mm512_load_ps(codes.d.as_ptr());
         let da = [
             _mm512_cvtps_pd(_mm512_castps512_ps256(da)),
-            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(da)))),
+            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(da),
+            ))),
         ];
         for t in 0..ROWS {
             let dw = _mm512_set1_pd(rows[t].d as f64);

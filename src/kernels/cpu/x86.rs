@@ -57,15 +57,6 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
     }
 }
 
-#[inline(always)]
-unsafe fn hsum_ps128(s: __m128) -> f32 {
-    unsafe {
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-}
-
 /// 16 packed bytes -> 32 bytes: low nibbles first, then high nibbles.
 #[inline(always)]
 unsafe fn nibbles_32(p: *const u8) -> __m256i {
@@ -754,38 +745,6 @@ unsafe fn mins_dot_bsums(m16: __m128i, bsums: &[i16; 16]) -> __m128i {
     }
 }
 
-/// Shared Q4_K / Q5_K body; `HIGH` selects Q5_K (fifth bit from `qh`).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn k4_body<const N: usize, const HIGH: bool>(
-    d16: F16Bytes,
-    dmin16: F16Bytes,
-    scales: &[u8; 12],
-    qs: *const u8,
-    qh: *const u8,
-    y: *const BlockQ8K,
-    stride: usize,
-    acc: &mut [__m256; N],
-    acc_m: &mut [__m128; N],
-) {
-    unsafe {
-        let dx = f16_to_f32(d16);
-        let dminx = f16_to_f32(dmin16);
-        let (sc, mn) = unpack_k4(scales);
-        let mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
-        for v in 0..N {
-            let by = &*y.add(v * stride);
-            let prod = mins_dot_bsums(mins16, &by.bsums);
-            acc_m[v] = _mm_fmadd_ps(_mm_set1_ps(-by.d * dminx), _mm_cvtepi32_ps(prod), acc_m[v]);
-        }
-        let sumi = k4_int::<N, HIGH>(&sc, qs, qh, y, stride);
-        for v in 0..N {
-            let d = (*y.add(v * stride)).d * dx;
-            acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[v]), acc[v]);
-        }
-    }
-}
-
 /// Integer part of a Q4_K/Q5_K super-block: per activation, 8 i32 lanes summing to
 /// Σ scale·q·q8 (`sc` are the unpacked 6-bit scales).
 #[inline(always)]
@@ -836,60 +795,6 @@ unsafe fn k4_int<const N: usize, const HIGH: bool>(
     }
 }
 
-#[inline(always)]
-unsafe fn q4_k_body<const N: usize>(x: &[BlockQ4K], y: *const BlockQ8K, stride: usize) -> [f32; N] {
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut acc_m = [_mm_setzero_ps(); N];
-        for i in 0..x.len() {
-            let bx = x.get_unchecked(i);
-            k4_body::<N, false>(
-                bx.d,
-                bx.dmin,
-                &bx.scales,
-                bx.qs.as_ptr(),
-                std::ptr::null(),
-                y.add(i),
-                stride,
-                &mut acc,
-                &mut acc_m,
-            );
-        }
-        let mut out = [0f32; N];
-        for v in 0..N {
-            out[v] = hsum_ps(acc[v]) + hsum_ps128(acc_m[v]);
-        }
-        out
-    }
-}
-
-#[inline(always)]
-unsafe fn q5_k_body<const N: usize>(x: &[BlockQ5K], y: *const BlockQ8K, stride: usize) -> [f32; N] {
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); N];
-        let mut acc_m = [_mm_setzero_ps(); N];
-        for i in 0..x.len() {
-            let bx = x.get_unchecked(i);
-            k4_body::<N, true>(
-                bx.d,
-                bx.dmin,
-                &bx.scales,
-                bx.qs.as_ptr(),
-                bx.qh.as_ptr(),
-                y.add(i),
-                stride,
-                &mut acc,
-                &mut acc_m,
-            );
-        }
-        let mut out = [0f32; N];
-        for v in 0..N {
-            out[v] = hsum_ps(acc[v]) + hsum_ps128(acc_m[v]);
-        }
-        out
-    }
-}
-
 /// pshufb masks selecting scale bytes a (x8) and a+1 (x8) for a = 2i.
 static Q6K_SCALE_SHUF: [[u8; 16]; 8] = {
     let mut m = [[0u8; 16]; 8];
@@ -904,27 +809,6 @@ static Q6K_SCALE_SHUF: [[u8; 16]; 8] = {
     }
     m
 };
-
-#[inline(always)]
-unsafe fn q6_k_body<const N: usize>(x: &[BlockQ6K], y: *const BlockQ8K, stride: usize) -> [f32; N] {
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); N];
-        for i in 0..x.len() {
-            let bx = x.get_unchecked(i);
-            let dx = f16_to_f32(bx.d);
-            let sumi = q6_k_int::<N>(bx, y.add(i), stride);
-            for v in 0..N {
-                let d = (*y.add(v * stride + i)).d * dx;
-                acc[v] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[v]), acc[v]);
-            }
-        }
-        let mut out = [0f32; N];
-        for v in 0..N {
-            out[v] = hsum_ps(acc[v]);
-        }
-        out
-    }
-}
 
 /// Integer part of a Q6_K super-block: per activation (`y + v * stride`), 8 i32 lanes summing
 /// to Σ scale·q·q8.
@@ -986,26 +870,6 @@ unsafe fn q6_k_int<const N: usize>(
         }
     }
 }
-
-macro_rules! quant_kernels {
-    ($one:ident, $four:ident, $body:ident, $wb:ty, $ab:ty) => {
-        kernel_fn! {
-            pub unsafe fn $one(x: &[$wb], y: &[$ab]) -> f32 {
-                debug_assert_eq!(x.len(), y.len());
-                unsafe { $body::<1>(x, y.as_ptr(), 0)[0] }
-            }
-        }
-        kernel_fn! {
-            /// Four activation vectors at `y`, `y + stride`, ... (blocks).
-            pub unsafe fn $four(x: &[$wb], y: *const $ab, stride: usize, out: &mut [f32; 4]) {
-                unsafe { *out = $body::<4>(x, y, stride) }
-            }
-        }
-    };
-}
-quant_kernels!(dot_q4_k_q8_k, dot4_q4_k_q8_k, q4_k_body, BlockQ4K, BlockQ8K);
-quant_kernels!(dot_q5_k_q8_k, dot4_q5_k_q8_k, q5_k_body, BlockQ5K, BlockQ8K);
-quant_kernels!(dot_q6_k_q8_k, dot4_q6_k_q8_k, q6_k_body, BlockQ6K, BlockQ8K);
 
 // ---------------------------------------------------------------------------------------------
 // f64-accumulating kernels (`matmul_f64`). Per-block contributions and their summation order
@@ -1407,6 +1271,68 @@ impl K4Block for BlockQ5K {
     }
 }
 
+/// The f64 lanes of a row's super-block contributions, four super-blocks at a time: `ints(i,
+/// v)` gives super-block i's exact (8 lanes of Σ scale·q·q8, 4 lanes of Σ min·bsum) with
+/// activation v, `scales(i)` the weight's (d, dmin). Per group, super-blocks i..i+4 land in
+/// f64 lanes 0..4 (lane i % 4, as in `reference::dot64`), each contribution computed as
+/// `contrib_k4` (or `contrib_scaled` without `MINS`) does, without fused multiply-adds.
+#[inline(always)]
+unsafe fn superblock_lanes<const N: usize, const MINS: bool>(
+    nb: usize,
+    y: *const BlockQ8K,
+    stride: usize,
+    mut ints: impl FnMut(usize, &mut [(__m256i, __m128i); N]),
+    scales: impl Fn(usize) -> (f32, f32),
+) -> [f64; N] {
+    unsafe {
+        let mut acc = [_mm256_setzero_pd(); N];
+        let zero = (_mm256_setzero_si256(), _mm_setzero_si128());
+        let mut i = 0;
+        while i < nb {
+            // A last group of 1-3 super-blocks is padded with zero contributions, which leave
+            // every lane's sum unchanged.
+            let n = (nb - i).min(4);
+            let mut s = [[zero; N]; 4];
+            let mut dw = [0f64; 4];
+            let mut dmin = [0f64; 4];
+            for j in 0..n {
+                ints(i + j, &mut s[j]);
+                let (d, m) = scales(i + j);
+                dw[j] = d as f64;
+                dmin[j] = m as f64;
+            }
+            let dw = _mm256_loadu_pd(dw.as_ptr());
+            let dmin = _mm256_loadu_pd(dmin.as_ptr());
+            for v in 0..N {
+                let isum = hsum4_epi32(s[0][v].0, s[1][v].0, s[2][v].0, s[3][v].0);
+                let mut da = [0f64; 4];
+                for j in 0..n {
+                    da[j] = (*y.add(v * stride + i + j)).d as f64;
+                }
+                let da = _mm256_loadu_pd(da.as_ptr());
+                let mut c = _mm256_mul_pd(_mm256_mul_pd(dw, da), _mm256_cvtepi32_pd(isum));
+                if MINS {
+                    let m = |j: usize| _mm256_zextsi128_si256(s[j][v].1);
+                    let summins = hsum4_epi32(m(0), m(1), m(2), m(3));
+                    c = _mm256_sub_pd(
+                        c,
+                        _mm256_mul_pd(_mm256_mul_pd(dmin, da), _mm256_cvtepi32_pd(summins)),
+                    );
+                }
+                acc[v] = _mm256_add_pd(acc[v], c);
+            }
+            i += 4;
+        }
+        let mut out = [0f64; N];
+        for v in 0..N {
+            let mut l = [0f64; 4];
+            _mm256_storeu_pd(l.as_mut_ptr(), acc[v]);
+            out[v] = combine4(l);
+        }
+        out
+    }
+}
+
 #[inline(always)]
 unsafe fn k4_64_body<B: K4Block, const N: usize, const HIGH: bool>(
     x: &[B],
@@ -1414,20 +1340,25 @@ unsafe fn k4_64_body<B: K4Block, const N: usize, const HIGH: bool>(
     stride: usize,
 ) -> [f64; N] {
     unsafe {
-        let mut l = [[0f64; 4]; N];
-        for i in 0..x.len() {
-            let (d, dmin, scales, qs, qh) = x.get_unchecked(i).parts();
-            let (sc, mn) = unpack_k4(scales);
-            let mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
-            let sumi = k4_int::<N, HIGH>(&sc, qs, qh, y.add(i), stride);
-            let (dw, dminw) = (f16_to_f32(d), f16_to_f32(dmin));
-            for v in 0..N {
-                let by = &*y.add(v * stride + i);
-                let summins = hsum_epi32_128(mins_dot_bsums(mins16, &by.bsums));
-                l[v][i % 4] += contrib_k4(dw, dminw, by.d, hsum_epi32(sumi[v]), summins);
-            }
-        }
-        l.map(combine4)
+        superblock_lanes::<N, true>(
+            x.len(),
+            y,
+            stride,
+            |i, out| {
+                let (_, _, scales, qs, qh) = x.get_unchecked(i).parts();
+                let (sc, mn) = unpack_k4(scales);
+                let mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+                let sumi = k4_int::<N, HIGH>(&sc, qs, qh, y.add(i), stride);
+                for v in 0..N {
+                    let by = &*y.add(v * stride + i);
+                    out[v] = (sumi[v], mins_dot_bsums(mins16, &by.bsums));
+                }
+            },
+            |i| {
+                let (d, dmin, ..) = x.get_unchecked(i).parts();
+                (f16_to_f32(d), f16_to_f32(dmin))
+            },
+        )
     }
 }
 
@@ -1438,17 +1369,18 @@ unsafe fn q6_k_64_body<const N: usize>(
     stride: usize,
 ) -> [f64; N] {
     unsafe {
-        let mut l = [[0f64; 4]; N];
-        for i in 0..x.len() {
-            let bx = x.get_unchecked(i);
-            let sumi = q6_k_int::<N>(bx, y.add(i), stride);
-            let dw = f16_to_f32(bx.d);
-            for v in 0..N {
-                let by = &*y.add(v * stride + i);
-                l[v][i % 4] += contrib_scaled(dw, by.d, hsum_epi32(sumi[v]));
-            }
-        }
-        l.map(combine4)
+        superblock_lanes::<N, false>(
+            x.len(),
+            y,
+            stride,
+            |i, out| {
+                let sumi = q6_k_int::<N>(x.get_unchecked(i), y.add(i), stride);
+                for v in 0..N {
+                    out[v] = (sumi[v], _mm_setzero_si128());
+                }
+            },
+            |i| (f16_to_f32(x.get_unchecked(i).d), 0.0),
+        )
     }
 }
 
