@@ -112,13 +112,22 @@ pub fn q3_k_levels(b: &BlockQ3K) -> [i8; QK_K] {
 
 /// The 16 Q3_K sub-block scales (6-bit, minus 32): low nibbles of bytes 0..8 are scales 0..8
 /// and their high nibbles 8..16; byte 8 + (k % 4) holds the top 2 bits of scale k at bit 2(k / 4).
+/// (Four bytes at a time, as ggml's `dequantize_row_q3_K` unpacks them.)
 #[inline(always)]
 pub fn q3_k_scales(s: &[u8; 12]) -> [i8; 16] {
+    const LOW: u32 = 0x0f0f_0f0f;
+    const HIGH: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (a0, a1, tmp) = (word(0), word(1), word(2));
+    let packed = [
+        (a0 & LOW) | ((tmp & HIGH) << 4),
+        (a1 & LOW) | (((tmp >> 2) & HIGH) << 4),
+        ((a0 >> 4) & LOW) | (((tmp >> 4) & HIGH) << 4),
+        ((a1 >> 4) & LOW) | (((tmp >> 6) & HIGH) << 4),
+    ];
     let mut out = [0i8; 16];
-    for k in 0..16 {
-        let low = if k < 8 { s[k] & 0xF } else { s[k - 8] >> 4 };
-        let high = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
-        out[k] = (low | (high << 4)) as i8 - 32;
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = (packed[k / 4] >> (8 * (k % 4))) as u8 as i8 - 32;
     }
     out
 }

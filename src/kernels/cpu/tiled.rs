@@ -92,7 +92,15 @@ fn layout(ty: QuantType) -> (usize, Correction) {
     }
 }
 
+/// [`unpack`] compiled for AVX2, where its byte loops vectorize well (Q2_K and Q3_K: about
+/// 1.5x faster products than the baseline build; the other types' loops come out slower).
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_avx2(ty: QuantType, b: &[u8], u: &mut Unpacked) {
+    unpack(ty, b, u)
+}
+
 /// Unpacks super-block `b` (raw bytes of one block of type `ty`) into `u`.
+#[inline(always)]
 fn unpack(ty: QuantType, b: &[u8], u: &mut Unpacked) {
     match ty {
         QuantType::Q4_K | QuantType::Q5_K => {
@@ -345,6 +353,7 @@ pub(super) unsafe fn matmul<T: FromF64>(
     let nb = cols / QK_K;
     let block = ty.block_bytes();
     let (sub, kind) = layout(ty);
+    let avx2_unpack = matches!(ty, QuantType::Q2_K | QuantType::Q3_K);
     CODES.with_borrow_mut(|codes| {
         interleave(act, nb, count, codes);
         let codes = &codes[..];
@@ -360,7 +369,13 @@ pub(super) unsafe fn matmul<T: FromF64>(
                 for t in 0..n {
                     let row = &weight[(r0 + t) * rb..(r0 + t + 1) * rb];
                     for (i, u) in buf.iter_mut().enumerate() {
-                        unpack(ty, &row[i * block..(i + 1) * block], &mut u[t]);
+                        let b = &row[i * block..(i + 1) * block];
+                        if avx2_unpack {
+                            // SAFETY: the caller checked the CPU features (AVX-512 implies AVX2).
+                            unsafe { unpack_avx2(ty, b, &mut u[t]) }
+                        } else {
+                            unpack(ty, b, &mut u[t])
+                        }
                     }
                 }
                 let mut acc = [[[0f64; COLS]; 4]; ROWS];

@@ -1584,13 +1584,6 @@ quant64_kernels!(
 
 // ---- Q2_K, Q3_K, IQ4_XS (f64 form only: their f32 product is this one rounded)
 
-/// 16 i16 lanes: `lo` in the low 128-bit half, `hi` in the high half (a sub-block scale for
-/// each 16-element half of a 32-element chunk).
-#[inline(always)]
-unsafe fn scale_pair16(lo: i16, hi: i16) -> __m256i {
-    unsafe { _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo)) }
-}
-
 /// Per super-block work of the f64 kernels: the weight side is prepared once and shared by
 /// the N activation vectors; `isums` gives the exact (Σ scale·q·q8, Σ min·bsum) with one
 /// activation block and `contrib` turns them into the reference's f64 contribution.
@@ -1609,7 +1602,8 @@ unsafe fn q8k_chunk(a: &BlockQ8K, c: usize) -> __m256i {
 
 struct Q2Prep {
     q: [__m256i; 8],
-    scales: [i16; 16],
+    /// The 16 4-bit scales as bytes.
+    scales: __m128i,
     mins: __m256i,
 }
 
@@ -1632,7 +1626,7 @@ impl SuperBlock64 for BlockQ2K {
                 _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sc), _mm_set1_epi8(0x0F)));
             Q2Prep {
                 q,
-                scales: std::array::from_fn(|k| (self.scales[k] & 0xF) as i16),
+                scales: _mm_and_si128(sc, _mm_set1_epi8(0x0F)),
                 mins,
             }
         }
@@ -1643,7 +1637,8 @@ impl SuperBlock64 for BlockQ2K {
             let mut acc = _mm256_setzero_si256();
             for c in 0..8 {
                 let prod = _mm256_maddubs_epi16(p.q[c], q8k_chunk(a, c));
-                let sc = scale_pair16(p.scales[2 * c], p.scales[2 * c + 1]);
+                let mask = _mm_loadu_si128(Q6K_SCALE_SHUF[c].as_ptr() as *const __m128i);
+                let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(p.scales, mask));
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, sc));
             }
             let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
@@ -1670,7 +1665,8 @@ struct Q3Prep {
     q: [__m256i; 8],
     /// 4 where the element's high bit is clear, else 0 (level = q - offset).
     offset: [__m256i; 8],
-    scales: [i16; 16],
+    /// The 16 scales as i8.
+    scales: __m128i,
 }
 
 impl SuperBlock64 for BlockQ3K {
@@ -1699,7 +1695,7 @@ impl SuperBlock64 for BlockQ3K {
             Q3Prep {
                 q,
                 offset,
-                scales: sc.map(|v| v as i16),
+                scales: _mm_loadu_si128(sc.as_ptr() as *const __m128i),
             }
         }
     }
@@ -1714,7 +1710,9 @@ impl SuperBlock64 for BlockQ3K {
                     _mm256_maddubs_epi16(p.q[c], y),
                     _mm256_maddubs_epi16(p.offset[c], y),
                 );
-                let sc = scale_pair16(p.scales[2 * c], p.scales[2 * c + 1]);
+                // lanes 0..8 = scale 2c, lanes 8..16 = scale 2c + 1
+                let mask = _mm_loadu_si128(Q6K_SCALE_SHUF[c].as_ptr() as *const __m128i);
+                let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(p.scales, mask));
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, sc));
             }
             (hsum_epi32(acc), 0)
