@@ -22,9 +22,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use super::blocks::*;
-use super::reference::{
-    iq4_xs_scales, levels_2bit, q3_k_levels, q3_k_scales, unpack_scales_mins_k4,
-};
+use super::reference::{iq4_xs_scales, levels_2bit, q3_k_scales, unpack_scales_mins_k4};
 use super::{FromF64, OutPtr};
 use crate::kernels::pool;
 
@@ -92,6 +90,63 @@ fn layout(ty: QuantType) -> (usize, Correction) {
     }
 }
 
+/// Q3_K's levels with AVX2: the 2-bit field of each 32-element chunk, plus 4 where the
+/// chunk's bit of `hmask` is set (the level plus its offset 4).
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_q3_k_levels(x: &BlockQ3K, levels: &mut [u8; QK_K]) {
+    unsafe {
+        let (m3, one) = (_mm256_set1_epi8(3), _mm256_set1_epi8(1));
+        let hm = _mm256_loadu_si256(x.hmask.as_ptr() as *const __m256i);
+        for n in 0..2 {
+            let raw = _mm256_loadu_si256(x.qs.as_ptr().add(32 * n) as *const __m256i);
+            let lo = [
+                _mm256_and_si256(raw, m3),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(raw), m3),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m3),
+                _mm256_and_si256(_mm256_srli_epi16::<6>(raw), m3),
+            ];
+            for (j, lo) in lo.into_iter().enumerate() {
+                let c = 4 * n + j;
+                // bit c of every byte to bit 0 (shifting 16-bit lanes by c < 8 keeps each
+                // byte's own bit c at its bit 0), then to bit 2
+                let h = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(c as i32)), one);
+                let lv = _mm256_or_si256(lo, _mm256_slli_epi16::<2>(h));
+                _mm256_storeu_si256(levels.as_mut_ptr().add(32 * c) as *mut __m256i, lv);
+            }
+        }
+    }
+}
+
+/// Q4_K/Q5_K levels with AVX2: each 32-byte chunk of `qs` gives two 32-element chunks (low
+/// then high nibbles), with Q5_K's fifth bit from `qh` (bit 2c for the low, 2c + 1 for the
+/// high chunk c).
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_k4_levels(
+    qs: &[u8; QK_K / 2],
+    qh: Option<&[u8; QK_K / 8]>,
+    levels: &mut [u8; QK_K],
+) {
+    unsafe {
+        let (m4, one) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(1));
+        let hbits = qh.map(|qh| _mm256_loadu_si256(qh.as_ptr() as *const __m256i));
+        for c in 0..4 {
+            let raw = _mm256_loadu_si256(qs.as_ptr().add(32 * c) as *const __m256i);
+            let mut lo = _mm256_and_si256(raw, m4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(raw), m4);
+            if let Some(hb) = hbits {
+                let bit = |k: i32| {
+                    let b = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(k)), one);
+                    _mm256_slli_epi16::<4>(b)
+                };
+                lo = _mm256_or_si256(lo, bit(2 * c as i32));
+                hi = _mm256_or_si256(hi, bit(2 * c as i32 + 1));
+            }
+            _mm256_storeu_si256(levels.as_mut_ptr().add(64 * c) as *mut __m256i, lo);
+            _mm256_storeu_si256(levels.as_mut_ptr().add(64 * c + 32) as *mut __m256i, hi);
+        }
+    }
+}
+
 /// [`unpack`] compiled for AVX2, where its byte loops vectorize well (Q2_K and Q3_K: about
 /// 1.5x faster products than the baseline build; the other types' loops come out slower).
 #[target_feature(enable = "avx2")]
@@ -111,18 +166,8 @@ fn unpack(ty: QuantType, b: &[u8], u: &mut Unpacked) {
                 let x = &as_blocks::<BlockQ5K>(b)[0];
                 (x.d, x.dmin, &x.scales, &x.qs, Some(&x.qh))
             };
-            for c in 0..4 {
-                for l in 0..32 {
-                    let q = qs[32 * c + l];
-                    let (mut lo, mut hi) = (q & 0xF, q >> 4);
-                    if let Some(qh) = qh {
-                        lo |= ((qh[l] >> (2 * c)) & 1) << 4;
-                        hi |= ((qh[l] >> (2 * c + 1)) & 1) << 4;
-                    }
-                    u.levels[64 * c + l] = lo;
-                    u.levels[64 * c + 32 + l] = hi;
-                }
-            }
+            // SAFETY: only AVX-512 kernel sets call this module, and they imply AVX2.
+            unsafe { unpack_k4_levels(qs, qh, &mut u.levels) };
             let (sc, mn) = unpack_scales_mins_k4(scales12);
             for j in 0..8 {
                 u.scales[j] = sc[j] as i32;
@@ -162,9 +207,8 @@ fn unpack(ty: QuantType, b: &[u8], u: &mut Unpacked) {
         }
         QuantType::Q3_K => {
             let x = &as_blocks::<BlockQ3K>(b)[0];
-            for (l, q) in u.levels.iter_mut().zip(q3_k_levels(x)) {
-                *l = (q + 4) as u8;
-            }
+            // SAFETY: only AVX-512 kernel sets call this module, and they imply AVX2.
+            unsafe { unpack_q3_k_levels(x, &mut u.levels) };
             let sc = q3_k_scales(&x.scales);
             for k in 0..16 {
                 u.scales[k] = sc[k] as i32;
@@ -214,17 +258,30 @@ impl Default for Codes {
 }
 
 /// Interleaves `count` activation vectors of `nb` super-blocks each into groups of 16 (the last
-/// group padded with zero activations): `codes[g * nb + i]`.
-fn interleave(act: &[BlockQ8K], nb: usize, count: usize, codes: &mut Vec<Codes>) {
+/// group padded with zero activations): `codes[g * nb + i]`. Groups are spread over the pool.
+fn interleave(act: &[BlockQ8K], nb: usize, count: usize, codes: &mut Vec<Codes>, parallel: bool) {
     let groups = count.div_ceil(COLS);
-    codes.clear();
-    codes.resize(groups * nb, Codes::default());
-    for g in 0..groups {
-        for c in 0..COLS.min(count - g * COLS) {
-            let v = g * COLS + c;
-            for i in 0..nb {
-                let a = &act[v * nb + i];
-                let dst = &mut codes[g * nb + i];
+    if codes.len() < groups * nb {
+        codes.resize(groups * nb, Codes::default());
+    }
+    let out = OutPtr(codes.as_mut_ptr());
+    let fill = |g: usize| {
+        // SAFETY: group g owns codes[g * nb..(g + 1) * nb], within the length ensured above.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(g * nb), nb) };
+        let valid = COLS.min(count - g * COLS);
+        for (i, dst) in dst.iter_mut().enumerate() {
+            for c in 0..COLS {
+                if c >= valid {
+                    for kg in 0..QK_K / 4 {
+                        dst.q[kg][c] = 0;
+                    }
+                    for p in 0..8 {
+                        dst.bsums[p][c] = 0;
+                    }
+                    dst.d[c] = 0.0;
+                    continue;
+                }
+                let a = &act[(g * COLS + c) * nb + i];
                 for kg in 0..QK_K / 4 {
                     let q = &a.qs[4 * kg..4 * kg + 4];
                     dst.q[kg][c] =
@@ -237,6 +294,11 @@ fn interleave(act: &[BlockQ8K], nb: usize, count: usize, codes: &mut Vec<Codes>)
                 dst.d[c] = a.d;
             }
         }
+    };
+    if parallel && groups > 1 && pool::threads() > 1 {
+        pool::for_each(groups, fill);
+    } else {
+        (0..groups).for_each(fill);
     }
 }
 
@@ -355,17 +417,26 @@ pub(super) unsafe fn matmul<T: FromF64>(
     let (sub, kind) = layout(ty);
     let avx2_unpack = matches!(ty, QuantType::Q2_K | QuantType::Q3_K);
     CODES.with_borrow_mut(|codes| {
-        interleave(act, nb, count, codes);
+        interleave(act, nb, count, codes, parallel);
         let codes = &codes[..];
         let groups = count.div_ceil(COLS);
         let out = OutPtr(y.as_mut_ptr());
         let tiles = rows.div_ceil(ROWS);
         let run = |tile: usize| {
             ROWS_BUF.with_borrow_mut(|buf| {
-                buf.clear();
-                buf.resize(nb, [Unpacked::default(); ROWS]);
+                // Every field a product reads is rewritten by `unpack` (rows < n) or zeroed here
+                // (the padding rows of a last, partial tile), so the buffer is reused as is.
+                if buf.len() < nb {
+                    buf.resize(nb, [Unpacked::default(); ROWS]);
+                }
+                let buf = &mut buf[..nb];
                 let r0 = tile * ROWS;
                 let n = ROWS.min(rows - r0);
+                for u in buf.iter_mut() {
+                    for pad in &mut u[n..] {
+                        *pad = Unpacked::default();
+                    }
+                }
                 for t in 0..n {
                     let row = &weight[(r0 + t) * rb..(r0 + t + 1) * rb];
                     for (i, u) in buf.iter_mut().enumerate() {
