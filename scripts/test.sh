@@ -18,4 +18,8 @@ else
   echo "test: hwloc not found: building without NUMA support (install libhwloc-dev libudev-dev pkg-config to test it)" >&2
 fi
 cargo check --locked --benches --quiet "${features[@]}"
-exec cargo test --locked "${features[@]}" "$@"
+cargo test --locked "${features[@]}" "$@"
+# Say which SIMD kernel sets the kernel tests compared with the scalar reference on this CPU
+# (every set the CPU runs is tested; none is skipped quietly).
+cargo test --locked --quiet --lib "${features[@]}" kernel_sets_tested -- --nocapture 2>&1 |
+  grep '^kernel sets tested' >&2 || { echo "test: could not list the tested kernel sets" >&2; exit 1; }

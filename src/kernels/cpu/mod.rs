@@ -88,6 +88,18 @@ struct Kernels {
     wide: &'static Kernels64,
 }
 
+/// Which tiled GEMM a kernel set has (`tiled`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tiled {
+    No,
+    /// 256-bit `vpmaddubsw` form (types with levels up to 63).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    /// 512-bit `vpdpbusd` form.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Vnni,
+}
+
 /// Prompt batches of at least this many vectors use the tiled GEMM (`tiled`) where the kernel
 /// set has it (AVX-512 VNNI) and the type is one it handles.
 #[cfg(target_arch = "x86_64")]
@@ -135,9 +147,9 @@ struct Kernels64 {
     rows4_q5_1: Option<Rows4<BlockQ8_1, f64>>,
     rows4_iq4_nl: Option<Rows4<BlockQ8_0, f64>>,
     rows4_mxfp4: Option<Rows4<BlockQ8_0, f64>>,
-    /// Whether prompt batches of the Q8_K-activated types go through `tiled` (AVX-512 VNNI).
+    /// Which form of `tiled` prompt batches of the Q8_K-activated types go through.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    tiled: bool,
+    tiled: Tiled,
 }
 
 /// Four weight rows at `w`, `w + rb`, ... (bytes, each a whole row) with one activation
@@ -388,7 +400,7 @@ static SCALAR64: Kernels64 = Kernels64 {
     rows4_q5_1: None,
     rows4_iq4_nl: None,
     rows4_mxfp4: None,
-    tiled: false,
+    tiled: Tiled::No,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -432,7 +444,7 @@ static AVX2_64: Kernels64 = Kernels64 {
     rows4_q5_1: Some(avx2::rows64_q5_1),
     rows4_iq4_nl: Some(avx2::rows64_iq4_nl),
     rows4_mxfp4: Some(avx2::rows64_mxfp4),
-    tiled: false,
+    tiled: Tiled::Avx2,
 };
 
 static SCALAR: Kernels = Kernels {
@@ -535,7 +547,7 @@ static AVX512_64: Kernels64 = Kernels64 {
     rows4_q5_1: Some(avx512::rows64_q5_1),
     rows4_iq4_nl: Some(avx512::rows64_iq4_nl),
     rows4_mxfp4: Some(avx512::rows64_mxfp4),
-    tiled: true,
+    tiled: Tiled::Vnni,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -1602,12 +1614,13 @@ fn tiled_matmul<T: FromF64>(
     work: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if k.tiled && act.count >= TILED_MIN_COUNT && tiled::supports(ty) {
+    if act.count >= TILED_MIN_COUNT && tiled::supports(ty, k.tiled) {
         let blocks = act.count * (cols / QK_K);
-        // SAFETY: shapes checked by `check_matmul`; `tiled` is set only in the AVX-512 table,
-        // chosen after detecting AVX-512 F/BW/VL/VNNI.
+        // SAFETY: shapes checked by `check_matmul`; `k.tiled` names the features of its table,
+        // which is chosen only after detecting them.
         unsafe {
             tiled::matmul(
+                k.tiled,
                 ty,
                 weight,
                 rb,

@@ -1,5 +1,6 @@
 //! Prompt-batch products of the Q8_K-activated types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) as
-//! a tiled integer GEMM with AVX-512 VNNI (x86_64, the `avx512` kernel set only).
+//! a tiled integer GEMM (x86_64): with AVX-512 VNNI in the `avx512` kernel set, with AVX2's
+//! `vpmaddubsw` (all but IQ4_XS) in the `avx2` set.
 //!
 //! A tile of 8 weight rows is unpacked once per product into unsigned 8-bit levels, one byte
 //! per element, with its sub-block scales and one correction vector (below). Activations are
@@ -13,6 +14,9 @@
 //! IQ4_XS 128) as `- offset * scale * bsum` inside the integer sum, the K-quant mins as the
 //! separate `Σ min * bsum`.
 //!
+//! The AVX2 form (`block_avx2`) computes the same integers 8 activations per register with
+//! `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd` (exact while levels stay below 64).
+//!
 //! Every (row, activation) super-block thus gets the exact integers of `reference`'s
 //! `for_each_contribution`, and the same f64 expression turns them into its contribution,
 //! added to lane `i % 4` and combined as `reference::dot64` does: the results are bitwise
@@ -23,7 +27,7 @@ use std::cell::RefCell;
 
 use super::blocks::*;
 use super::reference::{iq4_xs_scales, levels_2bit, q3_k_scales, unpack_scales_mins_k4};
-use super::{FromF64, OutPtr};
+use super::{FromF64, OutPtr, Tiled};
 use crate::kernels::pool;
 
 /// Weight rows per micro-kernel call.
@@ -31,17 +35,17 @@ const ROWS: usize = 8;
 /// Activation vectors per micro-kernel call (one 512-bit vector of i32).
 const COLS: usize = 16;
 
-/// Whether [`matmul`] handles weight type `ty`.
-pub(super) fn supports(ty: QuantType) -> bool {
-    matches!(
-        ty,
-        QuantType::Q2_K
-            | QuantType::Q3_K
-            | QuantType::Q4_K
-            | QuantType::Q5_K
-            | QuantType::Q6_K
-            | QuantType::IQ4_XS
-    )
+/// Whether [`matmul`] handles weight type `ty` with instruction set `isa`. The AVX2 form
+/// multiplies with `vpmaddubsw`, whose i16 pair sums hold levels up to 63 only: not IQ4_XS's
+/// offset levels (up to 241).
+pub(super) fn supports(ty: QuantType, isa: Tiled) -> bool {
+    match ty {
+        QuantType::Q2_K | QuantType::Q3_K | QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
+            isa != Tiled::No
+        }
+        QuantType::IQ4_XS => isa == Tiled::Vnni,
+        _ => false,
+    }
 }
 
 /// What a type's correction vector holds.
@@ -200,7 +204,7 @@ fn unpack(ty: QuantType, b: &[u8], u: &mut Unpacked) {
                 let x = &as_blocks::<BlockQ5K>(b)[0];
                 (x.d, x.dmin, &x.scales, &x.qs, Some(&x.qh))
             };
-            // SAFETY: only AVX-512 kernel sets call this module, and they imply AVX2.
+            // SAFETY: only the AVX2 and AVX-512 kernel sets call this module.
             unsafe { unpack_k4_levels(qs, qh, &mut u.levels) };
             let (sc, mn) = unpack_scales_mins_k4(scales12);
             for j in 0..8 {
@@ -213,7 +217,7 @@ fn unpack(ty: QuantType, b: &[u8], u: &mut Unpacked) {
         }
         QuantType::Q6_K => {
             let x = &as_blocks::<BlockQ6K>(b)[0];
-            // SAFETY: only AVX-512 kernel sets call this module, and they imply AVX2.
+            // SAFETY: only the AVX2 and AVX-512 kernel sets call this module.
             unsafe { unpack_q6_k_levels(x, &mut u.levels) };
             for k in 0..16 {
                 u.scales[k] = x.scales[k] as i32;
@@ -233,7 +237,7 @@ fn unpack(ty: QuantType, b: &[u8], u: &mut Unpacked) {
         }
         QuantType::Q3_K => {
             let x = &as_blocks::<BlockQ3K>(b)[0];
-            // SAFETY: only AVX-512 kernel sets call this module, and they imply AVX2.
+            // SAFETY: only the AVX2 and AVX-512 kernel sets call this module.
             unsafe { unpack_q3_k_levels(x, &mut u.levels) };
             let sc = q3_k_scales(&x.scales);
             for k in 0..16 {
@@ -417,6 +421,90 @@ unsafe fn accumulate(
     }
 }
 
+/// One super-block of 8 rows x 16 activations with AVX2 only: the same exact integers as
+/// `micro` (`vpmaddubsw` pairs, exact for levels up to 63, then `vpmaddwd`), 4 rows x 8
+/// activations at a time, and the same f64 expressions as `accumulate`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2<const SUB: usize>(
+    rows: &[Unpacked; ROWS],
+    codes: &Codes,
+    kind: Correction,
+    acc: &mut TileLanes,
+    lane: usize,
+) {
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        for half in 0..2 {
+            for r0 in [0, 4] {
+                let mut isum = [_mm256_setzero_si256(); 4];
+                for s in 0..QK_K / SUB {
+                    let mut a = [_mm256_setzero_si256(); 4];
+                    for g in 0..SUB / 4 {
+                        let kg = s * (SUB / 4) + g;
+                        let q =
+                            _mm256_load_si256(codes.q[kg].as_ptr().add(8 * half) as *const __m256i);
+                        for t in 0..4 {
+                            let w = (rows[r0 + t].levels.as_ptr().add(4 * kg) as *const u32)
+                                .read_unaligned();
+                            let p16 = _mm256_maddubs_epi16(_mm256_set1_epi32(w as i32), q);
+                            a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(p16, ones));
+                        }
+                    }
+                    for t in 0..4 {
+                        let sc = _mm256_set1_epi32(rows[r0 + t].scales[s]);
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(a[t], sc));
+                    }
+                }
+                let mut corr = [_mm256_setzero_si256(); 4];
+                for p in 0..8 {
+                    let b =
+                        _mm256_load_si256(codes.bsums[p].as_ptr().add(8 * half) as *const __m256i);
+                    for t in 0..4 {
+                        let c =
+                            (rows[r0 + t].corr.as_ptr().add(2 * p) as *const u32).read_unaligned();
+                        corr[t] = _mm256_add_epi32(
+                            corr[t],
+                            _mm256_madd_epi16(_mm256_set1_epi32(c as i32), b),
+                        );
+                    }
+                }
+                if kind == Correction::Offset {
+                    for t in 0..4 {
+                        isum[t] = _mm256_sub_epi32(isum[t], corr[t]);
+                        corr[t] = _mm256_setzero_si256();
+                    }
+                }
+                let da = _mm256_load_ps(codes.d.as_ptr().add(8 * half));
+                let da = [
+                    _mm256_cvtps_pd(_mm256_castps256_ps128(da)),
+                    _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(da)),
+                ];
+                for t in 0..4 {
+                    let row = &rows[r0 + t];
+                    let dw = _mm256_set1_pd(row.d as f64);
+                    let dmin = _mm256_set1_pd(row.dmin as f64);
+                    let is = [
+                        _mm256_cvtepi32_pd(_mm256_castsi256_si128(isum[t])),
+                        _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(isum[t])),
+                    ];
+                    let mn = [
+                        _mm256_cvtepi32_pd(_mm256_castsi256_si128(corr[t])),
+                        _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(corr[t])),
+                    ];
+                    for h in 0..2 {
+                        let mut c = _mm256_mul_pd(_mm256_mul_pd(dw, da[h]), is[h]);
+                        if kind == Correction::Mins {
+                            c = _mm256_sub_pd(c, _mm256_mul_pd(_mm256_mul_pd(dmin, da[h]), mn[h]));
+                        }
+                        let p = acc[r0 + t][lane].as_mut_ptr().add(8 * half + 4 * h);
+                        _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), c));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Super-blocks per pass over all groups of activations (see `matmul`).
 const SB_CHUNK: usize = 8;
 
@@ -432,9 +520,10 @@ thread_local! {
 /// `y[b * rows + r] = dot64(weight row r, activation b)` (as T) for weight type `ty` (see
 /// [`supports`]), `act` holding `count` Q8_K vectors of `cols / 256` blocks each. Splits the
 /// rows over the calling thread's pool when `parallel`. The caller has checked the shapes and
-/// that this CPU has AVX-512 F/BW/VL/VNNI.
+/// that this CPU has the features of `isa` (AVX2, or AVX-512 F/BW/VL/VNNI).
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul<T: FromF64>(
+    isa: Tiled,
     ty: QuantType,
     weight: &[u8],
     rb: usize,
@@ -495,8 +584,16 @@ pub(super) unsafe fn matmul<T: FromF64>(
                         for (g, acc) in acc.iter_mut().enumerate() {
                             for i in i0..i1 {
                                 let (u, c) = (&buf[i], &codes[g * nb + i]);
-                                // SAFETY: the caller checked the CPU features.
+                                // SAFETY: the caller checked the CPU features of `isa`.
                                 unsafe {
+                                    if isa == Tiled::Avx2 {
+                                        if sub == 16 {
+                                            block_avx2::<16>(u, c, kind, acc, i % 4)
+                                        } else {
+                                            block_avx2::<32>(u, c, kind, acc, i % 4)
+                                        }
+                                        continue;
+                                    }
                                     let (isum, mins) = if sub == 16 {
                                         micro::<16>(u, c, kind)
                                     } else {
