@@ -1709,7 +1709,10 @@ fn bench_matmul_batched() {
 fn tiled_products_of_long_rows_and_many_vectors_are_exact() {
     for_each_simd_table(|| {
         let mut rng = Rng::new(29);
-        for ty in QuantType::ALL.into_iter().filter(|t| t.act_kind() == ActKind::Q8K) {
+        for ty in QuantType::ALL
+            .into_iter()
+            .filter(|t| t.act_kind() == ActKind::Q8K)
+        {
             let (rows, cols, count) = (21, 19 * QK_K, 37);
             let w = make_weights(ty, rows, cols, &mut rng, true);
             let x = random_acts(&mut rng, cols * count);
@@ -1719,7 +1722,12 @@ fn tiled_products_of_long_rows_and_many_vectors_are_exact() {
             matmul_f64(ty, &w, rows, cols, &act, &mut y);
             matmul_f64_reference(ty, &w, rows, cols, &act, &mut yr);
             for (i, (a, b)) in y.iter().zip(&yr).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "{ty} {}: {i}: {a} vs {b}", current().name);
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{ty} {}: {i}: {a} vs {b}",
+                    current().name
+                );
             }
         }
     });
