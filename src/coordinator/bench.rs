@@ -119,29 +119,6 @@ pub struct BenchResult {
     pub kernels: &'static str,
 }
 
-/// Bytes of weights one token reads: every matrix, the active share (used / count) of the
-/// experts, and the token embedding only when it doubles as the output head.
-fn weight_bytes_per_token(model: &Model) -> u64 {
-    let tensors = &model.file.tensors;
-    let tied = !tensors.iter().any(|t| t.name == "output.weight");
-    let share = model
-        .config
-        .moe
-        .as_ref()
-        .map_or(1.0, |m| m.expert_used as f64 / m.expert_count.max(1) as f64);
-    tensors
-        .iter()
-        .filter(|t| t.dims.len() >= 2 && (t.name != "token_embd.weight" || tied))
-        .map(|t| {
-            if t.name.contains("_exps.") {
-                (t.size_bytes as f64 * share) as u64
-            } else {
-                t.size_bytes
-            }
-        })
-        .sum()
-}
-
 /// Sequential read bandwidth with `threads` threads, measured once per count (GB/s; None when
 /// the measurement fails, e.g. out of memory).
 fn memory_gbps(
@@ -223,7 +200,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     // Every part of a split model counts.
     let model_size: u64 = probe.file.part_sizes().iter().sum();
     let is_moe = probe.config.moe.is_some();
-    let weight_bytes = weight_bytes_per_token(&probe);
+    let weight_bytes = probe.config.weight_bytes_per_token(&probe.file);
     let mut bandwidth = std::collections::HashMap::new();
     drop(probe);
     let model_filename = args.model.display().to_string();

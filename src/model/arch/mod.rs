@@ -459,6 +459,37 @@ impl Tensors {
 }
 
 impl ModelConfig {
+    /// Bytes of weights one token reads in `file`: every described matrix of every layer (the
+    /// attention, the dense FFN or the router and shared expert), the active share
+    /// (used / count) of the routed experts, and the output head; not the embedding rows a
+    /// token looks up.
+    pub fn weight_bytes_per_token(&self, file: &GgufFile) -> u64 {
+        let bytes = |name: &str| file.tensor(name).map_or(0, |t| t.size_bytes);
+        let share = self
+            .moe
+            .as_ref()
+            .map_or(1.0, |m| m.expert_used as f64 / m.expert_count.max(1) as f64);
+        let mut total = bytes(&self.output);
+        for layer in &self.layers {
+            let a = &layer.attention;
+            total += [&a.q, &a.k, &a.v, &a.output]
+                .iter()
+                .map(|l| bytes(&l.weight))
+                .sum::<u64>();
+            total += match &layer.ffn {
+                FfnSpec::Gated { gate, up, down, .. } => bytes(gate) + bytes(up) + bytes(down),
+                FfnSpec::Moe(m) => {
+                    let experts = bytes(&m.gate) + bytes(&m.up) + bytes(&m.down);
+                    let shared = m.shared.as_ref().map_or(0, |s| {
+                        bytes(&s.gate_input) + bytes(&s.gate) + bytes(&s.up) + bytes(&s.down)
+                    });
+                    bytes(&m.router) + (experts as f64 * share) as u64 + shared
+                }
+            };
+        }
+        total
+    }
+
     pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ArchError> {
         let path = file.path.display().to_string();
         let name = file.require_str("general.architecture")?;
