@@ -836,6 +836,9 @@ pub struct PreparedActivations {
     q8_0: Vec<BlockQ8_0>,
     q8_1: Vec<BlockQ8_1>,
     q8_k: Vec<BlockQ8K>,
+    /// The Q8_K vectors as the tiled GEMM reads them, made once per prepared batch.
+    #[cfg(target_arch = "x86_64")]
+    interleaved: std::sync::RwLock<tiled::Interleaved>,
 }
 
 /// Below this many input values, `prepare` stays on the calling thread.
@@ -951,6 +954,13 @@ impl PreparedActivations {
         self.ty = Some(ty);
         self.len = len;
         self.count = count;
+        #[cfg(target_arch = "x86_64")]
+        {
+            let interleaved = self.interleaved.get_mut();
+            interleaved
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .valid = false;
+        }
         if len == 0 || count == 0 {
             return;
         }
@@ -1628,6 +1638,7 @@ fn tiled_matmul<T: FromF64>(
                 cols,
                 &act.q8_k[..blocks],
                 act.count,
+                &act.interleaved,
                 y,
                 work >= PARALLEL_MATMUL_MIN,
             )

@@ -1704,30 +1704,37 @@ fn bench_matmul_batched() {
 
 /// The tiled GEMM's loops at sizes the other tests do not reach: rows longer than its chunk of
 /// 8 super-blocks, several groups of 16 activations with a padded last group, a partial last
-/// tile of rows; bitwise equal to the reference in every kernel set.
+/// tile of rows; bitwise equal to the reference in every kernel set. Two batches prepared one
+/// after the other into the same buffer, each multiplied twice, check that the interleaved
+/// activations are made again for a new batch and reused for the same one.
 #[test]
 fn tiled_products_of_long_rows_and_many_vectors_are_exact() {
     for_each_simd_table(|| {
         let mut rng = Rng::new(29);
+        let mut act = PreparedActivations::new();
         for ty in QuantType::ALL
             .into_iter()
             .filter(|t| t.act_kind() == ActKind::Q8K)
         {
             let (rows, cols, count) = (21, 19 * QK_K, 37);
             let w = make_weights(ty, rows, cols, &mut rng, true);
-            let x = random_acts(&mut rng, cols * count);
-            let mut act = PreparedActivations::new();
-            act.prepare(ty, &x, cols, count);
-            let (mut y, mut yr) = (vec![0f64; rows * count], vec![0f64; rows * count]);
-            matmul_f64(ty, &w, rows, cols, &act, &mut y);
-            matmul_f64_reference(ty, &w, rows, cols, &act, &mut yr);
-            for (i, (a, b)) in y.iter().zip(&yr).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{ty} {}: {i}: {a} vs {b}",
-                    current().name
-                );
+            for _batch in 0..2 {
+                let x = random_acts(&mut rng, cols * count);
+                act.prepare(ty, &x, cols, count);
+                let mut yr = vec![0f64; rows * count];
+                matmul_f64_reference(ty, &w, rows, cols, &act, &mut yr);
+                for _product in 0..2 {
+                    let mut y = vec![0f64; rows * count];
+                    matmul_f64(ty, &w, rows, cols, &act, &mut y);
+                    for (i, (a, b)) in y.iter().zip(&yr).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{ty} {}: {i}: {a} vs {b}",
+                            current().name
+                        );
+                    }
+                }
             }
         }
     });

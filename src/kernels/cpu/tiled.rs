@@ -24,6 +24,7 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
+use std::sync::{PoisonError, RwLock};
 
 use super::blocks::*;
 use super::reference::{iq4_xs_scales, levels_2bit, q3_k_scales, unpack_scales_mins_k4};
@@ -525,13 +526,23 @@ const SB_CHUNK: usize = 8;
 type TileLanes = [[[f64; COLS]; 4]; ROWS];
 
 thread_local! {
-    static CODES: RefCell<Vec<Codes>> = const { RefCell::new(Vec::new()) };
     static ROWS_BUF: RefCell<Vec<[Unpacked; ROWS]>> = const { RefCell::new(Vec::new()) };
     static ACC_BUF: RefCell<Vec<TileLanes>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A prepared activation batch in the GEMM's interleaved form, made on the first product that
+/// needs it and kept until the batch is prepared again (the Q, K and V projections, or the
+/// gate and up projections, share one).
+#[derive(Default)]
+pub(super) struct Interleaved {
+    /// Whether `codes` holds the current batch.
+    pub(super) valid: bool,
+    codes: Vec<Codes>,
+}
+
 /// `y[b * rows + r] = dot64(weight row r, activation b)` (as T) for weight type `ty` (see
-/// [`supports`]), `act` holding `count` Q8_K vectors of `cols / 256` blocks each. Splits the
+/// [`supports`]), `act` holding `count` Q8_K vectors of `cols / 256` blocks each, `interleaved`
+/// their interleaved form (made here when not valid). Splits the
 /// rows over the calling thread's pool when `parallel`. The caller has checked the shapes and
 /// that this CPU has the features of `isa` (AVX2, or AVX-512 F/BW/VL/VNNI).
 #[allow(clippy::too_many_arguments)]
@@ -544,6 +555,7 @@ pub(super) unsafe fn matmul<T: FromF64>(
     cols: usize,
     act: &[BlockQ8K],
     count: usize,
+    interleaved: &RwLock<Interleaved>,
     y: &mut [T],
     parallel: bool,
 ) {
@@ -551,9 +563,21 @@ pub(super) unsafe fn matmul<T: FromF64>(
     let block = ty.block_bytes();
     let (sub, kind) = layout(ty);
     let avx2_unpack = matches!(ty, QuantType::Q2_K | QuantType::Q3_K);
-    CODES.with_borrow_mut(|codes| {
-        interleave(act, nb, count, codes, parallel);
-        let codes = &codes[..];
+    {
+        // Made under the write lock by the first product; read by any number at once.
+        if !interleaved
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .valid
+        {
+            let mut w = interleaved.write().unwrap_or_else(PoisonError::into_inner);
+            if !w.valid {
+                interleave(act, nb, count, &mut w.codes, parallel);
+                w.valid = true;
+            }
+        }
+        let guard = interleaved.read().unwrap_or_else(PoisonError::into_inner);
+        let codes = &guard.codes[..];
         let groups = count.div_ceil(COLS);
         let out = OutPtr(y.as_mut_ptr());
         let tiles = rows.div_ceil(ROWS);
@@ -637,5 +661,5 @@ pub(super) unsafe fn matmul<T: FromF64>(
         } else {
             (0..tiles).for_each(run);
         }
-    });
+    }
 }
