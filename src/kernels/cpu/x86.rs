@@ -882,15 +882,50 @@ use crate::kernels::cpu::reference::{
     combine4, combine16, contrib_k4, contrib_scaled, iq4_xs_scales, q3_k_scales,
 };
 
+/// A 32-element activation block: Q8_0, or Q8_1 with its sum `s`.
+trait Act64 {
+    fn d(&self) -> F16Bytes;
+    fn s(&self) -> F16Bytes {
+        F16Bytes::default()
+    }
+    /// The 32 quants.
+    unsafe fn quants(&self) -> __m256i;
+}
+
+impl Act64 for BlockQ8_0 {
+    #[inline(always)]
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
+    }
+}
+
+impl Act64 for BlockQ8_1 {
+    #[inline(always)]
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    #[inline(always)]
+    fn s(&self) -> F16Bytes {
+        self.s
+    }
+    #[inline(always)]
+    unsafe fn quants(&self) -> __m256i {
+        unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
+    }
+}
+
 /// A legacy 32-element weight block paired with its activation block type.
 trait Legacy64 {
-    type A;
-    /// Whether the block has an additive min (Q4_1: `+ m_w * s_a`).
+    type A: Act64;
+    /// Whether the block has an additive min (Q4_1, Q5_1: `+ m_w * s_a`); those blocks' quants
+    /// are unsigned, the others' signed.
     const MIN: bool;
-    /// The 32 quants as bytes, in the form `isum8` expects.
+    /// The 32 quants as bytes: unsigned (0..=31) with `MIN`, else signed.
     unsafe fn quants(&self) -> __m256i;
-    /// 8 i32 lanes summing to the block's integer dot with `a`.
-    unsafe fn isum8(q: __m256i, a: &Self::A) -> __m256i;
     fn d(&self) -> F16Bytes {
         F16Bytes::default()
     }
@@ -910,9 +945,17 @@ trait Legacy64 {
             )
         }
     }
-    fn ad(a: &Self::A) -> F16Bytes;
-    fn as_(_a: &Self::A) -> F16Bytes {
-        F16Bytes::default()
+}
+
+/// 8 i32 lanes summing to the integer dot of weight quants `q` (from `W::quants`) with `a`.
+#[inline(always)]
+unsafe fn legacy64_isum8<W: Legacy64>(q: __m256i, a: &W::A) -> __m256i {
+    unsafe {
+        if W::MIN {
+            mul_sum_us8_pairs(q, a.quants())
+        } else {
+            mul_sum_i8_pairs(q, a.quants())
+        }
     }
 }
 
@@ -924,16 +967,8 @@ impl Legacy64 for BlockQ4_0 {
         unsafe { _mm256_sub_epi8(nibbles_32(self.qs.as_ptr()), _mm256_set1_epi8(8)) }
     }
     #[inline(always)]
-    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
-        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
-    }
-    #[inline(always)]
     fn d(&self) -> F16Bytes {
         self.d
-    }
-    #[inline(always)]
-    fn ad(a: &BlockQ8_0) -> F16Bytes {
-        a.d
     }
 }
 
@@ -945,24 +980,12 @@ impl Legacy64 for BlockQ4_1 {
         unsafe { nibbles_32(self.qs.as_ptr()) }
     }
     #[inline(always)]
-    unsafe fn isum8(q: __m256i, a: &BlockQ8_1) -> __m256i {
-        unsafe { mul_sum_us8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
-    }
-    #[inline(always)]
     fn d(&self) -> F16Bytes {
         self.d
     }
     #[inline(always)]
     fn m(&self) -> F16Bytes {
         self.m
-    }
-    #[inline(always)]
-    fn ad(a: &BlockQ8_1) -> F16Bytes {
-        a.d
-    }
-    #[inline(always)]
-    fn as_(a: &BlockQ8_1) -> F16Bytes {
-        a.s
     }
 }
 
@@ -981,16 +1004,8 @@ impl Legacy64 for BlockQ5_0 {
         }
     }
     #[inline(always)]
-    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
-        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
-    }
-    #[inline(always)]
     fn d(&self) -> F16Bytes {
         self.d
-    }
-    #[inline(always)]
-    fn ad(a: &BlockQ8_0) -> F16Bytes {
-        a.d
     }
 }
 
@@ -1002,16 +1017,8 @@ impl Legacy64 for BlockQ8_0 {
         unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
     }
     #[inline(always)]
-    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
-        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
-    }
-    #[inline(always)]
     fn d(&self) -> F16Bytes {
         self.d
-    }
-    #[inline(always)]
-    fn ad(a: &BlockQ8_0) -> F16Bytes {
-        a.d
     }
 }
 
@@ -1029,24 +1036,12 @@ impl Legacy64 for BlockQ5_1 {
         }
     }
     #[inline(always)]
-    unsafe fn isum8(q: __m256i, a: &BlockQ8_1) -> __m256i {
-        unsafe { mul_sum_us8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
-    }
-    #[inline(always)]
     fn d(&self) -> F16Bytes {
         self.d
     }
     #[inline(always)]
     fn m(&self) -> F16Bytes {
         self.m
-    }
-    #[inline(always)]
-    fn ad(a: &BlockQ8_1) -> F16Bytes {
-        a.d
-    }
-    #[inline(always)]
-    fn as_(a: &BlockQ8_1) -> F16Bytes {
-        a.s
     }
 }
 
@@ -1070,16 +1065,8 @@ impl Legacy64 for BlockIQ4NL {
         unsafe { table_levels_32(self.qs.as_ptr(), table_vec(&KVALUES_IQ4NL)) }
     }
     #[inline(always)]
-    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
-        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
-    }
-    #[inline(always)]
     fn d(&self) -> F16Bytes {
         self.d
-    }
-    #[inline(always)]
-    fn ad(a: &BlockQ8_0) -> F16Bytes {
-        a.d
     }
 }
 
@@ -1091,19 +1078,11 @@ impl Legacy64 for BlockMXFP4 {
         unsafe { table_levels_32(self.qs.as_ptr(), table_vec(&KVALUES_MXFP4)) }
     }
     #[inline(always)]
-    unsafe fn isum8(q: __m256i, a: &BlockQ8_0) -> __m256i {
-        unsafe { mul_sum_i8_pairs(q, _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i)) }
-    }
-    #[inline(always)]
     unsafe fn scales4(b: [&Self; 4]) -> (__m256d, __m256d) {
         unsafe {
             let d = |i: usize| e8m0_half(b[i].e) as f64;
             (_mm256_setr_pd(d(0), d(1), d(2), d(3)), _mm256_setzero_pd())
         }
-    }
-    #[inline(always)]
-    fn ad(a: &BlockQ8_0) -> F16Bytes {
-        a.d
     }
 }
 
@@ -1153,8 +1132,8 @@ unsafe fn legacy64_weights<W: Legacy64>(b: [&W; 4]) -> Weights64 {
 unsafe fn legacy64_act_scales<W: Legacy64>(a: [&W::A; 4]) -> (__m256d, __m256d) {
     unsafe {
         f16x8_to_pd(
-            [W::ad(a[0]), W::ad(a[1]), W::ad(a[2]), W::ad(a[3])],
-            [W::as_(a[0]), W::as_(a[1]), W::as_(a[2]), W::as_(a[3])],
+            [a[0].d(), a[1].d(), a[2].d(), a[3].d()],
+            [a[0].s(), a[1].s(), a[2].s(), a[3].s()],
         )
     }
 }
@@ -1168,10 +1147,10 @@ unsafe fn legacy64_group<W: Legacy64>(
 ) -> __m256d {
     unsafe {
         let isum = hsum4_epi32(
-            W::isum8(w.q[0], a[0]),
-            W::isum8(w.q[1], a[1]),
-            W::isum8(w.q[2], a[2]),
-            W::isum8(w.q[3], a[3]),
+            legacy64_isum8::<W>(w.q[0], a[0]),
+            legacy64_isum8::<W>(w.q[1], a[1]),
+            legacy64_isum8::<W>(w.q[2], a[2]),
+            legacy64_isum8::<W>(w.q[3], a[3]),
         );
         let c = _mm256_mul_pd(_mm256_mul_pd(w.d, ad), _mm256_cvtepi32_pd(isum));
         if W::MIN {
