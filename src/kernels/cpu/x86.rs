@@ -1341,7 +1341,7 @@ unsafe fn superblock_lanes<const N: usize, const MINS: bool>(
 }
 
 #[inline(always)]
-unsafe fn k4_64_body<B: K4Block, const N: usize, const HIGH: bool>(
+unsafe fn k4_64_body<B: K4Block, const HIGH: bool, const N: usize>(
     x: &[B],
     y: *const BlockQ8K,
     stride: usize,
@@ -1391,31 +1391,6 @@ unsafe fn q6_k_64_body<const N: usize>(
             |i| (f16_to_f32(x.get_unchecked(i).d), 0.0),
         )
     }
-}
-
-#[inline(always)]
-unsafe fn q4_0_64_body<const N: usize>(x: &[BlockQ4_0], y: *const BlockQ8_0, s: usize) -> [f64; N] {
-    unsafe { legacy64_body::<BlockQ4_0, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn q4_1_64_body<const N: usize>(x: &[BlockQ4_1], y: *const BlockQ8_1, s: usize) -> [f64; N] {
-    unsafe { legacy64_body::<BlockQ4_1, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn q5_0_64_body<const N: usize>(x: &[BlockQ5_0], y: *const BlockQ8_0, s: usize) -> [f64; N] {
-    unsafe { legacy64_body::<BlockQ5_0, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn q8_0_64_body<const N: usize>(x: &[BlockQ8_0], y: *const BlockQ8_0, s: usize) -> [f64; N] {
-    unsafe { legacy64_body::<BlockQ8_0, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn q4_k_64_body<const N: usize>(x: &[BlockQ4K], y: *const BlockQ8K, s: usize) -> [f64; N] {
-    unsafe { k4_64_body::<BlockQ4K, N, false>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn q5_k_64_body<const N: usize>(x: &[BlockQ5K], y: *const BlockQ8K, s: usize) -> [f64; N] {
-    unsafe { k4_64_body::<BlockQ5K, N, true>(x, y, s) }
 }
 
 /// `legacy64_body` for R weight rows (at `x + r * rb`, bytes) and one activation vector: the
@@ -1496,17 +1471,18 @@ rows64_kernel!(rows64_q5_0_q8_0, BlockQ5_0, BlockQ8_0);
 rows64_kernel!(rows64_q8_0_q8_0, BlockQ8_0, BlockQ8_0);
 
 macro_rules! quant64_kernels {
-    ($one:ident, $four:ident, $body:ident, $wb:ty, $ab:ty) => {
+    // `$body[$g, ...]`: the body generic over (the listed parameters, then) N activations.
+    ($one:ident, $four:ident, $body:ident [$($g:tt),*], $wb:ty, $ab:ty) => {
         kernel_fn! {
             pub unsafe fn $one(x: &[$wb], y: &[$ab]) -> f64 {
                 debug_assert_eq!(x.len(), y.len());
-                unsafe { $body::<1>(x, y.as_ptr(), 0)[0] }
+                unsafe { $body::<$($g,)* 1>(x, y.as_ptr(), 0)[0] }
             }
         }
         kernel_fn! {
             /// Four activation vectors at `y`, `y + stride`, ... (blocks).
             pub unsafe fn $four(x: &[$wb], y: *const $ab, stride: usize, out: &mut [f64; 4]) {
-                unsafe { *out = $body::<4>(x, y, stride) }
+                unsafe { *out = $body::<$($g,)* 4>(x, y, stride) }
             }
         }
     };
@@ -1514,52 +1490,34 @@ macro_rules! quant64_kernels {
 quant64_kernels!(
     dot64_q4_0_q8_0,
     dot64x4_q4_0_q8_0,
-    q4_0_64_body,
+    legacy64_body[BlockQ4_0],
     BlockQ4_0,
     BlockQ8_0
 );
 quant64_kernels!(
     dot64_q4_1_q8_1,
     dot64x4_q4_1_q8_1,
-    q4_1_64_body,
+    legacy64_body[BlockQ4_1],
     BlockQ4_1,
     BlockQ8_1
 );
 quant64_kernels!(
     dot64_q5_0_q8_0,
     dot64x4_q5_0_q8_0,
-    q5_0_64_body,
+    legacy64_body[BlockQ5_0],
     BlockQ5_0,
     BlockQ8_0
 );
 quant64_kernels!(
     dot64_q8_0_q8_0,
     dot64x4_q8_0_q8_0,
-    q8_0_64_body,
+    legacy64_body[BlockQ8_0],
     BlockQ8_0,
     BlockQ8_0
 );
-quant64_kernels!(
-    dot64_q4_k_q8_k,
-    dot64x4_q4_k_q8_k,
-    q4_k_64_body,
-    BlockQ4K,
-    BlockQ8K
-);
-quant64_kernels!(
-    dot64_q5_k_q8_k,
-    dot64x4_q5_k_q8_k,
-    q5_k_64_body,
-    BlockQ5K,
-    BlockQ8K
-);
-quant64_kernels!(
-    dot64_q6_k_q8_k,
-    dot64x4_q6_k_q8_k,
-    q6_k_64_body,
-    BlockQ6K,
-    BlockQ8K
-);
+quant64_kernels!(dot64_q4_k_q8_k, dot64x4_q4_k_q8_k, k4_64_body[BlockQ4K, false], BlockQ4K, BlockQ8K);
+quant64_kernels!(dot64_q5_k_q8_k, dot64x4_q5_k_q8_k, k4_64_body[BlockQ5K, true], BlockQ5K, BlockQ8K);
+quant64_kernels!(dot64_q6_k_q8_k, dot64x4_q6_k_q8_k, q6_k_64_body[], BlockQ6K, BlockQ8K);
 
 // ---- Q2_K, Q3_K, IQ4_XS (f64 form only: their f32 product is this one rounded)
 
@@ -1770,63 +1728,45 @@ unsafe fn superblock64_body<B: SuperBlock64, const N: usize>(
     }
 }
 
-#[inline(always)]
-unsafe fn q2_k_64_body<const N: usize>(x: &[BlockQ2K], y: *const BlockQ8K, s: usize) -> [f64; N] {
-    unsafe { superblock64_body::<BlockQ2K, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn q3_k_64_body<const N: usize>(x: &[BlockQ3K], y: *const BlockQ8K, s: usize) -> [f64; N] {
-    unsafe { superblock64_body::<BlockQ3K, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn iq4_xs_64_body<const N: usize>(
-    x: &[BlockIQ4XS],
-    y: *const BlockQ8K,
-    s: usize,
-) -> [f64; N] {
-    unsafe { superblock64_body::<BlockIQ4XS, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn q5_1_64_body<const N: usize>(x: &[BlockQ5_1], y: *const BlockQ8_1, s: usize) -> [f64; N] {
-    unsafe { legacy64_body::<BlockQ5_1, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn iq4_nl_64_body<const N: usize>(
-    x: &[BlockIQ4NL],
-    y: *const BlockQ8_0,
-    s: usize,
-) -> [f64; N] {
-    unsafe { legacy64_body::<BlockIQ4NL, N>(x, y, s) }
-}
-#[inline(always)]
-unsafe fn mxfp4_64_body<const N: usize>(
-    x: &[BlockMXFP4],
-    y: *const BlockQ8_0,
-    s: usize,
-) -> [f64; N] {
-    unsafe { legacy64_body::<BlockMXFP4, N>(x, y, s) }
-}
-quant64_kernels!(dot64_q5_1, dot64x4_q5_1, q5_1_64_body, BlockQ5_1, BlockQ8_1);
-quant64_kernels!(dot64_q2_k, dot64x4_q2_k, q2_k_64_body, BlockQ2K, BlockQ8K);
-quant64_kernels!(dot64_q3_k, dot64x4_q3_k, q3_k_64_body, BlockQ3K, BlockQ8K);
+quant64_kernels!(
+    dot64_q5_1,
+    dot64x4_q5_1,
+    legacy64_body[BlockQ5_1],
+    BlockQ5_1,
+    BlockQ8_1
+);
+quant64_kernels!(
+    dot64_q2_k,
+    dot64x4_q2_k,
+    superblock64_body[BlockQ2K],
+    BlockQ2K,
+    BlockQ8K
+);
+quant64_kernels!(
+    dot64_q3_k,
+    dot64x4_q3_k,
+    superblock64_body[BlockQ3K],
+    BlockQ3K,
+    BlockQ8K
+);
 quant64_kernels!(
     dot64_iq4_nl,
     dot64x4_iq4_nl,
-    iq4_nl_64_body,
+    legacy64_body[BlockIQ4NL],
     BlockIQ4NL,
     BlockQ8_0
 );
 quant64_kernels!(
     dot64_iq4_xs,
     dot64x4_iq4_xs,
-    iq4_xs_64_body,
+    superblock64_body[BlockIQ4XS],
     BlockIQ4XS,
     BlockQ8K
 );
 quant64_kernels!(
     dot64_mxfp4,
     dot64x4_mxfp4,
-    mxfp4_64_body,
+    legacy64_body[BlockMXFP4],
     BlockMXFP4,
     BlockQ8_0
 );
