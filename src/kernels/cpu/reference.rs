@@ -520,11 +520,7 @@ pub fn quantize_row_q4_0(x: &[f32], y: &mut [BlockQ4_0]) {
 pub fn quantize_row_q4_1(x: &[f32], y: &mut [BlockQ4_1]) {
     assert_eq!(x.len(), y.len() * QK);
     for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
-        let (mut min, mut max) = (f32::MAX, -f32::MAX);
-        for &v in xb {
-            min = if v < min { v } else { min };
-            max = if v > max { v } else { max };
-        }
+        let (min, max) = min_max(xb);
         let d = (max - min) / 15.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         b.d = F16Bytes::from_f32(d);
@@ -551,16 +547,33 @@ pub fn quantize_row_q5_0(x: &[f32], y: &mut [BlockQ5_0]) {
         let d = max / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         b.d = F16Bytes::from_f32(d);
-        let mut qh = 0u32;
-        for j in 0..QK / 2 {
-            let x0 = ((xb[j] * id + 16.5) as i8).min(31) as u8;
-            let x1 = ((xb[j + QK / 2] * id + 16.5) as i8).min(31) as u8;
-            b.qs[j] = (x0 & 0xF) | ((x1 & 0xF) << 4);
-            qh |= ((x0 as u32 & 0x10) >> 4) << j;
-            qh |= ((x1 as u32 & 0x10) >> 4) << (j + QK / 2);
-        }
-        b.qh = qh.to_le_bytes();
+        let levels = std::array::from_fn(|j| ((xb[j] * id + 16.5) as i8).min(31) as u8);
+        (b.qs, b.qh) = pack_q5(&levels);
     }
+}
+
+/// Q5_0/Q5_1 storage of 32 levels 0..=31: the low nibbles in `qs` (elements 0..16 low, 16..32
+/// high) and the fifth bits in `qh` (bit j for element j); the inverse of [`q5_levels`].
+fn pack_q5(levels: &[u8; QK]) -> ([u8; QK / 2], [u8; 4]) {
+    let mut qs = [0u8; QK / 2];
+    let mut qh = 0u32;
+    for j in 0..QK / 2 {
+        let (x0, x1) = (levels[j], levels[j + QK / 2]);
+        qs[j] = (x0 & 0xF) | ((x1 & 0xF) << 4);
+        qh |= ((x0 as u32 & 0x10) >> 4) << j;
+        qh |= ((x1 as u32 & 0x10) >> 4) << (j + QK / 2);
+    }
+    (qs, qh.to_le_bytes())
+}
+
+/// Smallest and largest value, as ggml's `quantize_row_q4_1_ref` / `q5_1_ref` find them.
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        min = if v < min { v } else { min };
+        max = if v > max { v } else { max };
+    }
+    (min, max)
 }
 
 /// ggml `make_qkx2_quants`: asymmetric (scale, min) fit of `x` to levels 0..=nmax.
@@ -875,24 +888,13 @@ pub fn quantize_row_q6_k(x: &[f32], y: &mut [BlockQ6K]) {
 pub fn quantize_row_q5_1(x: &[f32], y: &mut [BlockQ5_1]) {
     assert_eq!(x.len(), y.len() * QK);
     for (xb, b) in x.chunks_exact(QK).zip(y.iter_mut()) {
-        let (mut min, mut max) = (f32::MAX, -f32::MAX);
-        for &v in xb {
-            min = if v < min { v } else { min };
-            max = if v > max { v } else { max };
-        }
+        let (min, max) = min_max(xb);
         let d = (max - min) / 31.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         b.d = F16Bytes::from_f32(d);
         b.m = F16Bytes::from_f32(min);
-        let mut qh = 0u32;
-        for j in 0..QK / 2 {
-            let x0 = ((xb[j] - min) * id + 0.5) as u8;
-            let x1 = ((xb[j + QK / 2] - min) * id + 0.5) as u8;
-            b.qs[j] = (x0 & 0xF) | ((x1 & 0xF) << 4);
-            qh |= ((x0 as u32 & 0x10) >> 4) << j;
-            qh |= ((x1 as u32 & 0x10) >> 4) << (j + QK / 2);
-        }
-        b.qh = qh.to_le_bytes();
+        let levels = std::array::from_fn(|j| ((xb[j] - min) * id + 0.5) as u8);
+        (b.qs, b.qh) = pack_q5(&levels);
     }
 }
 
