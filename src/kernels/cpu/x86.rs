@@ -878,9 +878,7 @@ unsafe fn q6_k_int<const N: usize>(
 // are exactly those of `reference::dot64` (block i -> lane i % 4 of one __m256d; float
 // elements i -> lane i % 16 of four __m256d), with no FMA, so the results are bitwise equal.
 
-use crate::kernels::cpu::reference::{
-    combine4, combine16, contrib_k4, contrib_scaled, iq4_xs_scales, q3_k_scales,
-};
+use crate::kernels::cpu::reference::{combine4, combine16, iq4_xs_scales, q3_k_scales};
 
 /// A 32-element activation block: Q8_0, or Q8_1 with its sum `s`.
 trait Act64 {
@@ -1282,12 +1280,13 @@ unsafe fn prefetch_ahead<B>(p: *const B) {
 /// v)` gives super-block i's exact (8 lanes of Σ scale·q·q8, 4 lanes of Σ min·bsum) with
 /// activation v, `scales(i)` the weight's (d, dmin). Per group, super-blocks i..i+4 land in
 /// f64 lanes 0..4 (lane i % 4, as in `reference::dot64`), each contribution computed as
-/// `contrib_k4` (or `contrib_scaled` without `MINS`) does, without fused multiply-adds.
+/// `contrib_k4` (or `contrib_scaled` without `mins`) does, without fused multiply-adds.
 #[inline(always)]
-unsafe fn superblock_lanes<const N: usize, const MINS: bool>(
+unsafe fn superblock_lanes<const N: usize>(
     nb: usize,
     y: *const BlockQ8K,
     stride: usize,
+    mins: bool,
     mut ints: impl FnMut(usize, &mut [(__m256i, __m128i); N]),
     scales: impl Fn(usize) -> (f32, f32),
 ) -> [f64; N] {
@@ -1318,7 +1317,7 @@ unsafe fn superblock_lanes<const N: usize, const MINS: bool>(
                 }
                 let da = _mm256_loadu_pd(da.as_ptr());
                 let mut c = _mm256_mul_pd(_mm256_mul_pd(dw, da), _mm256_cvtepi32_pd(isum));
-                if MINS {
+                if mins {
                     let m = |j: usize| _mm256_zextsi128_si256(s[j][v].1);
                     let summins = hsum4_epi32(m(0), m(1), m(2), m(3));
                     c = _mm256_sub_pd(
@@ -1347,10 +1346,11 @@ unsafe fn k4_64_body<B: K4Block, const HIGH: bool, const N: usize>(
     stride: usize,
 ) -> [f64; N] {
     unsafe {
-        superblock_lanes::<N, true>(
+        superblock_lanes::<N>(
             x.len(),
             y,
             stride,
+            true,
             |i, out| {
                 prefetch_ahead(x.as_ptr().wrapping_add(i + PREFETCH_BLOCKS));
                 let (_, _, scales, qs, qh) = x.get_unchecked(i).parts();
@@ -1377,10 +1377,11 @@ unsafe fn q6_k_64_body<const N: usize>(
     stride: usize,
 ) -> [f64; N] {
     unsafe {
-        superblock_lanes::<N, false>(
+        superblock_lanes::<N>(
             x.len(),
             y,
             stride,
+            false,
             |i, out| {
                 prefetch_ahead(x.as_ptr().wrapping_add(i + PREFETCH_BLOCKS));
                 let sumi = q6_k_int::<N>(x.get_unchecked(i), y.add(i), stride);
@@ -1521,14 +1522,16 @@ quant64_kernels!(dot64_q6_k_q8_k, dot64x4_q6_k_q8_k, q6_k_64_body[], BlockQ6K, B
 
 // ---- Q2_K, Q3_K, IQ4_XS (f64 form only: their f32 product is this one rounded)
 
-/// Per super-block work of the f64 kernels: the weight side is prepared once and shared by
-/// the N activation vectors; `isums` gives the exact (Σ scale·q·q8, Σ min·bsum) with one
-/// activation block and `contrib` turns them into the reference's f64 contribution.
+/// Per super-block work of the f64 kernels, summed into lanes by `superblock_lanes`: the
+/// weight side is prepared once and shared by the N activation vectors; `isums` gives, with one
+/// activation block, lanes summing to the exact Σ scale·q·q8 (8) and Σ min·bsum (4; zero
+/// without `MINS`); `scales` the weight's (d, dmin).
 trait SuperBlock64 {
     type Prep;
+    const MINS: bool;
     unsafe fn prep(&self) -> Self::Prep;
-    unsafe fn isums(p: &Self::Prep, a: &BlockQ8K) -> (i32, i32);
-    fn contrib(&self, a: &BlockQ8K, isum: i32, summins: i32) -> f64;
+    unsafe fn isums(p: &Self::Prep, a: &BlockQ8K) -> (__m256i, __m128i);
+    fn scales(&self) -> (f32, f32);
 }
 
 /// 32 activation quants of chunk `c` (elements 32c..32c+32).
@@ -1546,6 +1549,7 @@ struct Q2Prep {
 
 impl SuperBlock64 for BlockQ2K {
     type Prep = Q2Prep;
+    const MINS: bool = true;
     #[inline(always)]
     unsafe fn prep(&self) -> Q2Prep {
         unsafe {
@@ -1569,7 +1573,7 @@ impl SuperBlock64 for BlockQ2K {
         }
     }
     #[inline(always)]
-    unsafe fn isums(p: &Q2Prep, a: &BlockQ8K) -> (i32, i32) {
+    unsafe fn isums(p: &Q2Prep, a: &BlockQ8K) -> (__m256i, __m128i) {
         unsafe {
             let mut acc = _mm256_setzero_si256();
             for c in 0..8 {
@@ -1579,21 +1583,17 @@ impl SuperBlock64 for BlockQ2K {
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, sc));
             }
             let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
-            (
-                hsum_epi32(acc),
-                hsum_epi32(_mm256_madd_epi16(p.mins, bsums)),
-            )
+            let mins = _mm256_madd_epi16(p.mins, bsums);
+            let mins = _mm_add_epi32(
+                _mm256_castsi256_si128(mins),
+                _mm256_extracti128_si256::<1>(mins),
+            );
+            (acc, mins)
         }
     }
     #[inline(always)]
-    fn contrib(&self, a: &BlockQ8K, isum: i32, summins: i32) -> f64 {
-        contrib_k4(
-            f16_to_f32(self.d),
-            f16_to_f32(self.dmin),
-            a.d,
-            isum,
-            summins,
-        )
+    fn scales(&self) -> (f32, f32) {
+        (f16_to_f32(self.d), f16_to_f32(self.dmin))
     }
 }
 
@@ -1608,6 +1608,7 @@ struct Q3Prep {
 
 impl SuperBlock64 for BlockQ3K {
     type Prep = Q3Prep;
+    const MINS: bool = false;
     #[inline(always)]
     unsafe fn prep(&self) -> Q3Prep {
         unsafe {
@@ -1637,7 +1638,7 @@ impl SuperBlock64 for BlockQ3K {
         }
     }
     #[inline(always)]
-    unsafe fn isums(p: &Q3Prep, a: &BlockQ8K) -> (i32, i32) {
+    unsafe fn isums(p: &Q3Prep, a: &BlockQ8K) -> (__m256i, __m128i) {
         unsafe {
             let mut acc = _mm256_setzero_si256();
             for c in 0..8 {
@@ -1652,12 +1653,12 @@ impl SuperBlock64 for BlockQ3K {
                 let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(p.scales, mask));
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, sc));
             }
-            (hsum_epi32(acc), 0)
+            (acc, _mm_setzero_si128())
         }
     }
     #[inline(always)]
-    fn contrib(&self, a: &BlockQ8K, isum: i32, _summins: i32) -> f64 {
-        contrib_scaled(f16_to_f32(self.d), a.d, isum)
+    fn scales(&self) -> (f32, f32) {
+        (f16_to_f32(self.d), 0.0)
     }
 }
 
@@ -1670,6 +1671,7 @@ struct IQ4XSPrep {
 
 impl SuperBlock64 for BlockIQ4XS {
     type Prep = IQ4XSPrep;
+    const MINS: bool = false;
     #[inline(always)]
     unsafe fn prep(&self) -> IQ4XSPrep {
         unsafe {
@@ -1688,7 +1690,7 @@ impl SuperBlock64 for BlockIQ4XS {
         }
     }
     #[inline(always)]
-    unsafe fn isums(p: &IQ4XSPrep, a: &BlockQ8K) -> (i32, i32) {
+    unsafe fn isums(p: &IQ4XSPrep, a: &BlockQ8K) -> (__m256i, __m128i) {
         unsafe {
             let mut acc = _mm256_setzero_si256();
             for c in 0..8 {
@@ -1697,12 +1699,12 @@ impl SuperBlock64 for BlockIQ4XS {
                 let sc = _mm256_set1_epi16(p.scales[c] as i16);
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(prod, sc));
             }
-            (hsum_epi32(acc), 0)
+            (acc, _mm_setzero_si128())
         }
     }
     #[inline(always)]
-    fn contrib(&self, a: &BlockQ8K, isum: i32, _summins: i32) -> f64 {
-        contrib_scaled(f16_to_f32(self.d), a.d, isum)
+    fn scales(&self) -> (f32, f32) {
+        (f16_to_f32(self.d), 0.0)
     }
 }
 
@@ -1713,18 +1715,32 @@ unsafe fn superblock64_body<B: SuperBlock64, const N: usize>(
     stride: usize,
 ) -> [f64; N] {
     unsafe {
-        let mut l = [[0f64; 4]; N];
-        for i in 0..x.len() {
-            prefetch_ahead(x.as_ptr().wrapping_add(i + PREFETCH_BLOCKS));
-            let bx = x.get_unchecked(i);
-            let p = bx.prep();
-            for v in 0..N {
-                let by = &*y.add(v * stride + i);
-                let (isum, summins) = B::isums(&p, by);
-                l[v][i % 4] += bx.contrib(by, isum, summins);
-            }
+        superblock_lanes::<N>(
+            x.len(),
+            y,
+            stride,
+            B::MINS,
+            |i, out| superblock64_ints(x, y, stride, i, out),
+            |i| x.get_unchecked(i).scales(),
+        )
+    }
+}
+
+/// Super-block i's integer lanes with each of the N activations.
+#[inline(always)]
+unsafe fn superblock64_ints<B: SuperBlock64, const N: usize>(
+    x: &[B],
+    y: *const BlockQ8K,
+    stride: usize,
+    i: usize,
+    out: &mut [(__m256i, __m128i); N],
+) {
+    unsafe {
+        prefetch_ahead(x.as_ptr().wrapping_add(i + PREFETCH_BLOCKS));
+        let p = x.get_unchecked(i).prep();
+        for (v, o) in out.iter_mut().enumerate() {
+            *o = B::isums(&p, &*y.add(v * stride + i));
         }
-        l.map(combine4)
     }
 }
 
