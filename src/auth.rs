@@ -110,7 +110,7 @@ impl Token {
     }
 
     /// Whether `presented` is `Bearer <token>`, in time independent of where they differ.
-    fn accepts(&self, presented: &[u8]) -> bool {
+    pub fn accepts(&self, presented: &[u8]) -> bool {
         let expected = self.bearer();
         let expected = expected.as_bytes();
         let mut differ = (expected.len() != presented.len()) as u8;

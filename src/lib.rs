@@ -31,6 +31,10 @@ pub mod tls;
 pub mod transport;
 pub mod worker;
 
+/// The protocol coordinator and workers speak (`proto/tp.proto` and the data plane's frames).
+/// Raised whenever a message changes meaning; a coordinator refuses a worker that differs.
+pub const PROTOCOL_VERSION: u32 = 2;
+
 #[allow(clippy::all)]
 pub mod proto {
     tonic::include_proto!("tp");

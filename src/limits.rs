@@ -14,15 +14,22 @@ pub const WORKER_START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
 /// One forward pass, on every worker.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(300);
-/// One AllReduce waiting for its peers (`--collective-timeout`).
-pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 pings on the control plane, and how long one may go unanswered.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
-pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// One AllReduce waiting for its peers (`--collective-timeout`). Ranks of one step start
+/// together and do the same work, so a peer later than this is dead, stuck or cut off; it
+/// bounds how soon a data-plane link fault fails the step.
+pub const COLLECTIVE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// HTTP/2 pings on the control plane while a call is in flight, and how long one may go
+/// unanswered: a worker cut off from the coordinator fails its call within about 2 s.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_millis(500);
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How often an idle coordinator calls each worker.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a silent coordinator keeps its workers from another.
 pub const OWNER_LEASE: Duration = Duration::from_secs(5);
+
+// Cluster size.
+/// Workers (ranks) one model may be split across.
+pub const MAX_RANKS: usize = 16;
 
 // Messages.
 /// Largest control-plane message either side accepts.

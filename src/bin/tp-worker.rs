@@ -70,6 +70,19 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // A panic anywhere ends the worker: a step cut short leaves its shard and its peers'
+    // collectives in an unknown state, while a fresh process (systemd's Restart=) is one the
+    // coordinator re-forms the cluster with. Staying up would only fail every request.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!(
+            "tp-worker: exiting after a panic; the coordinator re-forms the cluster once it is back"
+        );
+        // SAFETY: _exit has no preconditions; it skips destructors, which a panicking
+        // process must not rely on.
+        unsafe { libc::_exit(101) }
+    }));
     let kernels = match tp::kernels::cpu::select_kernels_from_env() {
         Ok(name) => name,
         Err(e) => {

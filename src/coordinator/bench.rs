@@ -68,8 +68,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Seconds a worker waits for its peers in an AllReduce before failing the step.
-    #[arg(long, default_value_t = 10)]
-    pub collective_timeout: u64,
+    #[arg(long, default_value_t = crate::limits::COLLECTIVE_TIMEOUT.as_secs_f64(), value_parser = crate::coordinator::cli::parse_seconds)]
+    pub collective_timeout: f64,
     /// Data plane between the local workers: auto (shared memory), shm or grpc (loopback
     /// streams, to measure the network transport's cost).
     #[arg(long, value_enum)]
@@ -174,8 +174,9 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if let Some(&tp) = args.tp.iter().find(|&&tp| !(1..=16).contains(&tp)) {
-        bail!("--tp {tp}: between 1 and 16 workers");
+    let max = crate::limits::MAX_RANKS as u32;
+    if let Some(&tp) = args.tp.iter().find(|&&tp| !(1..=max).contains(&tp)) {
+        bail!("--tp {tp}: between 1 and {max} workers");
     }
     if args.threads.contains(&0) {
         bail!("--threads must be at least 1");

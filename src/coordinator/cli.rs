@@ -88,6 +88,21 @@ pub struct ServeArgs {
     /// The model id clients name (default: the model file's name without .gguf).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// File holding the API key (its first line, 16 or more printable characters): every
+    /// request but /health must send it as 'Authorization: Bearer KEY' (OpenAI clients'
+    /// api_key). Needed to listen on an address other hosts can reach.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without an API key (anyone who can reach it may use
+    /// the API).
+    #[arg(long, conflicts_with = "api_key_file")]
+    pub no_api_key: bool,
+    /// Serve HTTPS with this certificate chain (PEM); needs --api-tls-key.
+    #[arg(long, value_name = "FILE", requires = "api_tls_key")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --api-tls-cert.
+    #[arg(long, value_name = "FILE", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -102,7 +117,7 @@ pub struct ClusterArgs {
     #[arg(long, short = 'm')]
     pub model: PathBuf,
     /// Start N workers on this machine.
-    #[arg(long, conflicts_with = "workers", value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, conflicts_with = "workers", value_parser = clap::value_parser!(u32).range(1..=crate::limits::MAX_RANKS as i64))]
     pub local: Option<u32>,
     /// Use running workers listed in a hosts.toml file.
     #[arg(long)]
@@ -110,9 +125,10 @@ pub struct ClusterArgs {
     /// Compute threads per local worker (default: the machine's cores divided among the workers).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
-    /// Seconds a worker waits for its peers in an AllReduce before failing the step.
-    #[arg(long, default_value_t = crate::limits::COLLECTIVE_TIMEOUT.as_secs())]
-    pub collective_timeout: u64,
+    /// Seconds a worker waits for its peers in an AllReduce before failing the step (a
+    /// fraction is allowed: 2.5). It bounds how soon a dead peer or a cut link is noticed.
+    #[arg(long, default_value_t = crate::limits::COLLECTIVE_TIMEOUT.as_secs_f64(), value_parser = parse_seconds)]
+    pub collective_timeout: f64,
     /// How workers exchange activations (overrides hosts.toml's `transport`): auto uses
     /// shared memory when every worker shares this host and gRPC otherwise.
     #[arg(long, value_enum)]
@@ -146,6 +162,16 @@ pub struct ClusterArgs {
 
 fn parse_precision(s: &str) -> Result<SyncPrecision, String> {
     s.parse()
+}
+
+/// A positive number of seconds, at most an hour ("2.5").
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.001..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds within 0.001..=3600"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -232,13 +258,17 @@ pub struct PerplexityArgs {
 pub struct PlanArgs {
     #[arg(long, short = 'm')]
     pub model: PathBuf,
-    #[arg(long, conflicts_with = "workers", value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, conflicts_with = "workers", value_parser = clap::value_parser!(u32).range(1..=crate::limits::MAX_RANKS as i64))]
     pub local: Option<u32>,
     #[arg(long)]
     pub workers: Option<PathBuf>,
     /// Context length to size the KV cache for.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, short = 'c', default_value_t = crate::limits::CONTEXT)]
     pub ctx_size: usize,
+    /// Sequence slots to size the KV cache for (`serve --parallel`; generate and perplexity
+    /// use one).
+    #[arg(long, short = 'p', default_value_t = crate::limits::PARALLEL as u64, value_parser = clap::value_parser!(u64).range(1..=crate::limits::MAX_PARALLEL as u64))]
+    pub parallel: u64,
     /// How mixture-of-experts layers are divided (see `generate --help`).
     #[arg(long, value_enum)]
     pub moe_split: Option<MoeSplit>,
@@ -266,7 +296,7 @@ fn default_threads(workers: usize) -> usize {
 /// Starts or connects to the workers that `args` names.
 pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
     let limits = ClusterLimits {
-        collective_timeout: std::time::Duration::from_secs(args.collective_timeout.max(1)),
+        collective_timeout: std::time::Duration::from_secs_f64(args.collective_timeout),
         ..ClusterLimits::default()
     };
     match (&args.local, &args.workers) {
@@ -324,6 +354,18 @@ pub fn default_to_serve(
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
+            // Who may use the API is settled before the (long) load.
+            let api_key = crate::coordinator::api_access::api_key(
+                args.listen,
+                args.api_key_file.as_deref(),
+                args.no_api_key,
+            )?;
+            let tls = match (&args.api_tls_cert, &args.api_tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some(crate::coordinator::api_access::tls_config(cert, key)?)
+                }
+                _ => None,
+            };
             let model = Model::open(&args.cluster.model)?;
             let model_id = args.model_id.clone().unwrap_or_else(|| {
                 args.cluster
@@ -344,6 +386,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 model_id,
                 queue: args.queue,
                 chunk: args.prompt_chunk.max(1),
+                api_key,
+                tls,
             };
             let load = async {
                 let cluster = start_cluster_with(&args.cluster).await?;
@@ -650,7 +694,15 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                 vocab_rows: r.vocab_rows.clone(),
                 weight_bytes: shard_weight_bytes(&file, &config, r),
                 expert_bytes: shard_expert_bytes(&file, &config, r),
-                kv_cache_bytes: (kv_heads * config.head_dim * 2 * 2 * context) as u64,
+                kv_cache_bytes: crate::worker::kv::KvCache::bytes_for(
+                    &r.layers
+                        .iter()
+                        .map(|l| l.kv_heads.len())
+                        .collect::<Vec<_>>(),
+                    config.head_dim,
+                    args.parallel as usize,
+                    context,
+                ),
                 layers: r.layers.clone(),
                 parts_read,
             })
@@ -711,12 +763,13 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     );
     println!("{}", config.summary());
     println!(
-        "attention split by {}; FFN in blocks of {}; KV cache sized for {context} tokens (F16)\n",
+        "attention split by {}; FFN in blocks of {}; KV cache sized for {} slot(s) of {context} tokens (F16)\n",
         match p.attention_unit {
             AttentionUnit::KvGroup => "KV group",
             AttentionUnit::QueryHead => "query head (KV heads replicated where shared)",
         },
-        config.ffn_down_block.first().copied().unwrap_or(1)
+        config.ffn_down_block.first().copied().unwrap_or(1),
+        args.parallel
     );
     if let Some(moe) = &config.moe {
         println!(

@@ -222,7 +222,179 @@ pub struct Cluster {
     generation: u64,
     reconnect: bool,
     streamed_bytes: Vec<u64>,
+    /// Per rank, the vocabulary rows of the loaded plan: step replies are checked against them.
+    vocab_slices: Vec<Range<usize>>,
+    /// What the heartbeat and the steps know of the workers (`/health`).
+    pub health: std::sync::Arc<Health>,
     heartbeat: tokio::task::AbortHandle,
+}
+
+/// What the coordinator knows of its workers between steps, for `/health` and for re-forming
+/// the cluster without waiting for a request: the heartbeat records which workers answer and
+/// whether one is a new process, a failed step that the cluster must re-form.
+#[derive(Debug, Default)]
+pub struct Health {
+    state: std::sync::Mutex<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    /// Per rank: what the last heartbeat found wrong (None: it answered, as the process that
+    /// holds its shard).
+    problems: Vec<Option<String>>,
+    /// Per rank: the process that holds its shard (0: none loaded yet).
+    pids: Vec<u32>,
+    /// Why the cluster must be re-formed (a step failed), until it is.
+    broken: Option<String>,
+}
+
+/// One worker that is not ready, for `/health`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkerProblem {
+    pub rank: usize,
+    pub address: String,
+    pub problem: String,
+}
+
+impl Health {
+    fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cluster was (re-)formed on these worker processes.
+    fn formed(&self, pids: Vec<u32>) {
+        let mut state = self.state();
+        state.problems = vec![None; pids.len()];
+        state.pids = pids;
+        state.broken = None;
+    }
+
+    pub fn set_broken(&self, why: String) {
+        self.state().broken = Some(why);
+    }
+
+    /// Records a heartbeat's answer from `rank`.
+    fn observe(&self, rank: usize, answer: Result<u32, String>) {
+        let mut state = self.state();
+        let expected = state.pids.get(rank).copied().unwrap_or(0);
+        let problem = match answer {
+            Ok(pid) if expected != 0 && pid != expected => Some(format!(
+                "restarted (process {pid}, was {expected}): the cluster re-forms once every \
+                 worker answers"
+            )),
+            Ok(_) => None,
+            Err(e) => Some(e),
+        };
+        if state.problems.len() <= rank {
+            state.problems.resize(rank + 1, None);
+        }
+        state.problems[rank] = problem;
+    }
+
+    /// Why the cluster cannot serve now, if it cannot: a failed step not yet re-formed, or
+    /// workers that do not answer or restarted.
+    pub fn unready(&self, addresses: &[String]) -> Option<(String, Vec<WorkerProblem>)> {
+        let state = self.state();
+        let workers: Vec<WorkerProblem> = state
+            .problems
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, p)| {
+                Some(WorkerProblem {
+                    rank,
+                    address: addresses.get(rank).cloned().unwrap_or_default(),
+                    problem: p.clone()?,
+                })
+            })
+            .collect();
+        match (&state.broken, workers.is_empty()) {
+            (None, true) => None,
+            (Some(why), _) => Some((why.clone(), workers)),
+            (None, false) => Some(("the cluster is incomplete".into(), workers)),
+        }
+    }
+
+    /// Whether the cluster must be re-formed before its next step: a step failed, or a worker
+    /// is a new process (restarted between steps, so it holds no shard).
+    pub fn needs_reform(&self) -> bool {
+        let state = self.state();
+        state.broken.is_some()
+            || state
+                .problems
+                .iter()
+                .flatten()
+                .any(|p| p.starts_with("restarted"))
+    }
+}
+
+/// Refuses a worker that speaks another protocol than this coordinator.
+fn check_protocol(address: &str, hello: &proto::HelloReply) -> anyhow::Result<()> {
+    if hello.protocol != crate::PROTOCOL_VERSION {
+        bail!(
+            "worker at {address} speaks protocol {} (tp-worker {}), this coordinator protocol {} \
+             (tp {}): run the same tp version on every node",
+            hello.protocol,
+            if hello.version.is_empty() {
+                "of unknown version"
+            } else {
+                &hello.version
+            },
+            crate::PROTOCOL_VERSION,
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    Ok(())
+}
+
+/// Checks a worker's step reply against the request and the plan, so that a worker of
+/// another build or a faulty one is an error naming it, never an out-of-bounds index.
+fn check_step_reply(
+    reply: &proto::StepReply,
+    request: &proto::StepRequest,
+    vocab: &Range<usize>,
+) -> Result<(), String> {
+    if reply.step != request.step {
+        return Err(format!(
+            "answered step {} when asked for step {}",
+            reply.step, request.step
+        ));
+    }
+    if reply.rows.len() != request.output_rows.len() {
+        return Err(format!(
+            "returned {} rows for {} asked",
+            reply.rows.len(),
+            request.output_rows.len()
+        ));
+    }
+    if reply.vocab_start as usize != vocab.start {
+        return Err(format!(
+            "reports vocabulary rows from {}, but its shard starts at {}",
+            reply.vocab_start, vocab.start
+        ));
+    }
+    for (i, row) in reply.rows.iter().enumerate() {
+        if row.ids.len() != row.logits.len() || row.ids.len() > request.top_k as usize {
+            return Err(format!(
+                "row {i}: {} ids and {} logits for top {}",
+                row.ids.len(),
+                row.logits.len(),
+                request.top_k
+            ));
+        }
+        if let Some(id) = row.ids.iter().find(|&&id| !vocab.contains(&(id as usize))) {
+            return Err(format!(
+                "row {i}: candidate {id} is outside its vocabulary rows {vocab:?}"
+            ));
+        }
+        let full = if request.full_logits { vocab.len() } else { 0 };
+        if row.full.len() != full {
+            return Err(format!(
+                "row {i}: {} whole logits where {full} belong",
+                row.full.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Cluster {
@@ -323,6 +495,7 @@ impl Cluster {
         let mut workers: Vec<WorkerHandle> = Vec::new();
         for entry in entries {
             let (client, hello) = connect(&entry.address, &limits, &auth).await?;
+            check_protocol(&entry.address, &hello)?;
             if let Some(node) = entry.numa_node
                 && hello.numa_node != Some(node)
             {
@@ -343,17 +516,36 @@ impl Cluster {
                 hello,
             });
         }
-        // Calls each worker every heartbeat_interval, so that an idle coordinator keeps them.
+        // Calls each worker every heartbeat_interval, so that an idle coordinator keeps them,
+        // and records who answers (and as which process) for /health.
         let clients: Vec<Client> = workers.iter().map(|w| w.client.clone()).collect();
         let interval = limits.heartbeat_interval;
+        let health = std::sync::Arc::new(Health::default());
+        let watched = health.clone();
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
+            let wait = interval.max(Duration::from_secs(2));
             loop {
                 tick.tick().await;
-                for client in &clients {
+                let mut calls = tokio::task::JoinSet::new();
+                for (rank, client) in clients.iter().enumerate() {
                     let mut client = client.clone();
-                    let _ =
-                        tokio::time::timeout(interval, client.hello(proto::HelloRequest {})).await;
+                    calls.spawn(async move {
+                        let answer =
+                            match tokio::time::timeout(wait, client.hello(proto::HelloRequest {}))
+                                .await
+                            {
+                                Ok(Ok(hello)) => Ok(hello.into_inner().pid),
+                                Ok(Err(status)) => {
+                                    Err(format!("unavailable: {}", status.message()))
+                                }
+                                Err(_) => Err(format!("does not answer within {wait:?}")),
+                            };
+                        (rank, answer)
+                    });
+                }
+                while let Some(Ok((rank, answer))) = calls.join_next().await {
+                    watched.observe(rank, answer);
                 }
             }
         })
@@ -371,6 +563,8 @@ impl Cluster {
             generation: 0,
             reconnect: false,
             streamed_bytes: Vec::new(),
+            vocab_slices: Vec::new(),
+            health,
             heartbeat,
         })
     }
@@ -646,6 +840,14 @@ impl Cluster {
             self.connect_peers().await?;
         }
         self.active_transport = Some(transport);
+        self.vocab_slices = spec
+            .plan
+            .ranks
+            .iter()
+            .map(|r| r.vocab_rows.clone())
+            .collect();
+        self.health
+            .formed(self.workers.iter().map(|w| w.hello.pid).collect());
         Ok(replies)
     }
 
@@ -821,22 +1023,30 @@ impl Cluster {
     ) -> anyhow::Result<Vec<proto::StepReply>> {
         request.step = self.next_step;
         self.next_step += 1;
+        if self.vocab_slices.len() != self.workers.len() {
+            bail!("no model is loaded on the cluster");
+        }
         let mut tasks = tokio::task::JoinSet::new();
         for (rank, worker) in self.workers.iter().enumerate() {
             let mut client = worker.client.clone();
-            let request = request.clone();
+            let asked = request.clone();
             let address = worker.address.clone();
             let timeout = self.limits.step_timeout;
+            let vocab = self.vocab_slices[rank].clone();
             tasks.spawn(async move {
-                let reply = tokio::time::timeout(timeout, client.step(request))
+                let reply = tokio::time::timeout(timeout, client.step(asked.clone()))
                     .await
                     .map_err(|_| {
                         anyhow::anyhow!(
                             "worker {rank} ({address}) did not finish the step within {timeout:?}"
                         )
                     })?
-                    .map_err(|s| worker_failed(rank, &address, &s))?;
-                Ok::<_, anyhow::Error>((rank, reply.into_inner()))
+                    .map_err(|s| worker_failed(rank, &address, &s))?
+                    .into_inner();
+                check_step_reply(&reply, &asked, &vocab).map_err(|e| {
+                    anyhow::anyhow!("worker {rank} ({address}) sent a bad step reply: {e}")
+                })?;
+                Ok::<_, anyhow::Error>((rank, reply))
             });
         }
         collect_ranked(tasks, self.workers.len()).await
@@ -861,8 +1071,10 @@ impl Cluster {
                         worker.address,
                         s.message()
                     )
-                })?;
-            worker.hello = hello.into_inner();
+                })?
+                .into_inner();
+            check_protocol(&worker.address, &hello)?;
+            worker.hello = hello;
         }
         Ok(())
     }

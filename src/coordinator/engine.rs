@@ -37,6 +37,9 @@ pub enum JobEvent {
     Failed(String),
 }
 
+/// How often an idle engine tries to re-form a cluster that lost a worker.
+const RECOVERY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub struct EngineOptions {
     /// Prompt tokens per forward pass while other sequences are generating.
     pub chunk: usize,
@@ -84,9 +87,26 @@ pub async fn run(
             waiting.push_back(job);
         }
         if active.is_empty() && waiting.is_empty() {
-            match jobs.recv().await {
-                Some(job) => waiting.push_back(job),
-                None => break,
+            if session.needs_recovery() {
+                // Re-form as soon as every worker answers, not at the next request: /health
+                // says 503 until then, so a load balancer would never send that request.
+                tokio::select! {
+                    job = jobs.recv() => match job {
+                        Some(job) => waiting.push_back(job),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(RECOVERY_POLL) => {
+                        if let Err(e) = session.recover().await {
+                            tracing::debug!("not re-formed yet: {e:#}");
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                match jobs.recv().await {
+                    Some(job) => waiting.push_back(job),
+                    None => break,
+                }
             }
         }
         // Leave: clients that went away.

@@ -1,6 +1,7 @@
 //! The coordinator: owns the model's metadata, tokenizer and chat template, plans the
 //! partition, drives the workers step by step and samples from what they return.
 
+pub mod api_access;
 pub mod bench;
 pub mod cli;
 pub mod cluster;

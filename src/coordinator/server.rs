@@ -47,6 +47,10 @@ pub struct ServerOptions {
     pub queue: usize,
     /// Prompt tokens per forward pass while other sequences generate.
     pub chunk: usize,
+    /// The key every request but `/health` must carry (`Authorization: Bearer KEY`).
+    pub api_key: Option<crate::auth::Token>,
+    /// HTTPS instead of HTTP.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// What requests need once the model is loaded.
@@ -55,11 +59,15 @@ struct Ready {
     max_context: usize,
     slots: usize,
     jobs: mpsc::UnboundedSender<Job>,
+    /// Which workers answer, and whether the cluster must re-form (`/health`).
+    health: Arc<crate::coordinator::cluster::Health>,
+    addresses: Vec<String>,
 }
 
 struct AppState {
     model_id: String,
     queue: usize,
+    api_key: Option<crate::auth::Token>,
     /// None while loading and after shutdown began.
     ready: RwLock<Option<Ready>>,
     metrics: Arc<Metrics>,
@@ -126,6 +134,7 @@ pub async fn serve(
     let state = Arc::new(AppState {
         model_id: options.model_id,
         queue: options.queue,
+        api_key: options.api_key,
         ready: RwLock::new(None),
         metrics: metrics.clone(),
     });
@@ -134,19 +143,40 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen))?;
     let address = listener.local_addr()?;
-    tracing::info!(%address, "serving the OpenAI API");
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%address, scheme, "serving the OpenAI API");
     eprintln!(
-        "serving on http://{address}/v1 (Ctrl-C stops; /health is ready once the model is loaded)"
+        "serving on {scheme}://{address}/v1{} (Ctrl-C stops; /health is ready once the model is loaded)",
+        if state.api_key.is_some() {
+            " with an API key"
+        } else {
+            ""
+        }
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(async move {
+    let stopped = async move {
         let mut stop_rx = stop_rx;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|stop| *stop).await;
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    };
+    let server = match options.tls {
+        Some(tls) => {
+            let listener = crate::coordinator::api_access::TlsListener::new(listener, tls)?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
             })
-            .await
-    });
+        }
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }),
+    };
     let shutdown_signal = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -174,6 +204,13 @@ pub async fn serve(
         max_context: session.max_context,
         slots: session.sequences,
         jobs: jobs_tx,
+        health: session.cluster.health.clone(),
+        addresses: session
+            .cluster
+            .workers
+            .iter()
+            .map(|w| w.address.clone())
+            .collect(),
     });
     eprintln!(
         "ready: {} sequence slots of {} tokens",
@@ -212,18 +249,70 @@ fn router(state: Arc<AppState>) -> Router {
                 code: Some("not_found"),
             }
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ))
         .with_state(state)
 }
 
+/// With an API key, every request but `/health` (for load balancers) must carry it, as
+/// OpenAI's API wants it: `Authorization: Bearer KEY`. Compared in constant time.
+async fn require_api_key(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(key) = &state.api_key
+        && request.uri().path() != "/health"
+    {
+        let presented = request
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .map_or(&b""[..], |v| v.as_bytes());
+        if !key.accepts(presented) {
+            let message = if presented.is_empty() {
+                "no API key: send it as 'Authorization: Bearer KEY'"
+            } else {
+                "incorrect API key"
+            };
+            let mut response = ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: message.into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+            }
+            .into_response();
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+/// 200 while the model is loaded and every worker answers as the process holding its shard;
+/// 503 while loading, while a worker is down or restarted and the cluster has not re-formed
+/// yet (naming the workers), and while stopping.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    if state.ready.read().unwrap().is_some() {
-        axum::Json(json!({"status": "ok"})).into_response()
-    } else {
-        (
+    let ready = state.ready.read().unwrap();
+    let Some(ready) = ready.as_ref() else {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "loading"})),
         )
-            .into_response()
+            .into_response();
+    };
+    match ready.health.unready(&ready.addresses) {
+        None => axum::Json(json!({"status": "ok"})).into_response(),
+        Some((error, workers)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "unavailable", "error": error, "workers": workers})),
+        )
+            .into_response(),
     }
 }
 

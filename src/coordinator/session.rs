@@ -285,17 +285,27 @@ impl Session {
         self.cluster.load(&spec).await
     }
 
-    /// After a failed step: fails fast while a worker is missing; once all answer, loads the
-    /// model on every worker again (the sequences of the failed step are gone).
-    async fn recover(&mut self) -> anyhow::Result<()> {
+    /// Whether the cluster must be re-formed before the next step: a step failed, or the
+    /// heartbeat found a worker restarted (it holds no shard).
+    pub fn needs_recovery(&self) -> bool {
+        self.broken || self.cluster.health.needs_reform()
+    }
+
+    /// Re-forms the cluster: fails fast while a worker is missing; once all answer, sends every
+    /// worker its shard again. Survivors holding that shard keep their weights and only rebuild
+    /// their data plane; a restarted worker loads its shard. The sequences of a failed step are
+    /// gone.
+    pub async fn recover(&mut self) -> anyhow::Result<()> {
         self.cluster.probe().await?;
         let started = Instant::now();
-        tracing::warn!("every worker answers again: re-forming the cluster");
-        self.load().await.context("re-forming the cluster")?;
+        tracing::warn!("every worker answers: re-forming the cluster");
+        let replies = self.load().await.context("re-forming the cluster")?;
         self.broken = false;
+        let loaded: Vec<usize> = (0..replies.len()).filter(|&r| !replies[r].kept).collect();
         tracing::warn!(
             seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
-            "cluster re-formed"
+            loaded_shards = ?loaded,
+            "cluster re-formed (the other workers kept their shards)"
         );
         Ok(())
     }
@@ -305,7 +315,7 @@ impl Session {
         &mut self,
         request: proto::StepRequest,
     ) -> anyhow::Result<Vec<proto::StepReply>> {
-        if self.broken {
+        if self.needs_recovery() {
             self.recover().await?;
         }
         let result = self.cluster.step(request).await;
@@ -321,7 +331,12 @@ impl Session {
                 self.work_seconds.busiest += work.clone().fold(0.0, f64::max);
                 self.work_seconds.mean += work.sum::<f64>() / replies.len().max(1) as f64;
             }
-            Err(_) => self.broken = true,
+            Err(e) => {
+                self.broken = true;
+                self.cluster
+                    .health
+                    .set_broken(format!("a step failed: {e:#}"));
+            }
         }
         result
     }

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use crate::model::arch::{Activation, FfnSpec, ModelConfig};
 
-pub const MAX_RANKS: usize = 16;
+pub use crate::limits::MAX_RANKS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {

@@ -117,7 +117,7 @@ pub struct CollectiveLimits {
 impl Default for CollectiveLimits {
     fn default() -> Self {
         CollectiveLimits {
-            timeout: Duration::from_millis(5000),
+            timeout: crate::limits::COLLECTIVE_TIMEOUT,
             // About 5 µs of spinning: enough for a peer on its own core to arrive; after that
             // the waiter yields, which costs little when nobody else wants the core and lets a
             // peer sharing it run (each yield-free spin phase there costs its full length).

@@ -283,6 +283,7 @@ impl CpuBackend {
                             down: weight(&t.down)?,
                         }),
                     };
+                    let index = layer;
                     let layer = MoeLayer {
                         router: weight(&tensors.router)?,
                         gate: weight(&tensors.gate)?,
@@ -301,8 +302,9 @@ impl CpuBackend {
                         || (layer.width > 0 && layer.down.rows != local * config.model_dim)
                     {
                         return Err(StepError::Invalid(format!(
-                            "layer {}: expert slices do not match the shard",
-                            s.experts.start
+                            "layer {index}: expert slices do not match the shard (experts {:?}, \
+                             {} columns each)",
+                            s.experts, layer.width
                         )));
                     }
                     Exec::Moe(Box::new(layer))

@@ -38,6 +38,18 @@ impl KvCache {
             .sum()
     }
 
+    /// What `new` with these sizes allocates: keys and values of every slot, F16. `plan`
+    /// reports this, so its figure is the workers' own.
+    pub fn bytes_for(
+        heads: &[usize],
+        head_dim: usize,
+        max_sequences: usize,
+        max_context: usize,
+    ) -> u64 {
+        let per_position: u64 = heads.iter().map(|&h| (h * head_dim) as u64).sum();
+        2 * 2 * per_position * max_sequences as u64 * max_context as u64
+    }
+
     pub fn check(&self, sequence: usize, position: usize) -> Result<(), String> {
         if sequence >= self.max_sequences {
             return Err(format!(

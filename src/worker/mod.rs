@@ -124,6 +124,59 @@ struct Loaded {
     weight_bytes: u64,
     steps: u64,
     compute_seconds: f64,
+    /// The request the shard was loaded by, without its data plane (`shard_identity`): a later
+    /// LoadShard asking for the same shard keeps it and only rebuilds the data plane.
+    identity: Vec<u8>,
+    config: ModelConfig,
+    max_batch: usize,
+}
+
+/// What identifies a loaded shard: its LoadShard request without the data-plane fields, which
+/// change with every re-formed cluster (segment, peers, secret) while the weights do not.
+fn shard_identity(request: &proto::LoadShardRequest) -> Vec<u8> {
+    use prost::Message;
+    let mut weights_only = request.clone();
+    weights_only.shm_path.clear();
+    weights_only.collective_timeout_ms = 0;
+    weights_only.transport.clear();
+    weights_only.peer_addresses.clear();
+    weights_only.cluster_secret.clear();
+    weights_only.sync_precision.clear();
+    weights_only.leader_ranks.clear();
+    weights_only.host_ranks.clear();
+    weights_only.encode_to_vec()
+}
+
+/// Locks the shard. A panic while it was held (a bug in a step) leaves the shard in an unknown
+/// state: it is dropped, so that the next LoadShard starts clean instead of every later call
+/// failing on a poisoned lock. (The tp-worker binary exits on any panic; this is for workers
+/// run inside another program.)
+fn lock_shard(state: &Mutex<Option<Loaded>>) -> std::sync::MutexGuard<'_, Option<Loaded>> {
+    state.lock().unwrap_or_else(|poisoned| {
+        tracing::error!("a panic interrupted work on the shard: dropping it");
+        state.clear_poison();
+        let mut guard = poisoned.into_inner();
+        *guard = None;
+        guard
+    })
+}
+
+/// Locks a mutex whose value stays consistent even if a holder panicked (counters, the cache
+/// file being received, which checks its own writes).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| {
+        mutex.clear_poison();
+        poisoned.into_inner()
+    })
+}
+
+/// A panic's message, for the error a coordinator sees.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// A `VmHWM`/`VmRSS` style line of /proc/self/status, in bytes.
@@ -139,6 +192,13 @@ fn proc_status_bytes(key: &str) -> u64 {
 
 pub struct WorkerService {
     state: Arc<Mutex<Option<Loaded>>>,
+    /// Shards loaded by reading weights, and LoadShard calls that kept the shard held.
+    shard_loads: Arc<std::sync::atomic::AtomicU64>,
+    shard_kept: Arc<std::sync::atomic::AtomicU64>,
+    /// Steps run since the worker started; with `panic_at_step` (a test hook, from
+    /// `TP_TEST_PANIC_AT_STEP`) the step of that number panics.
+    steps_started: Arc<std::sync::atomic::AtomicU64>,
+    panic_at_step: Option<u64>,
     /// The data-plane socket; each gRPC collective serves it from its own runtime.
     data_listener: Arc<std::net::TcpListener>,
     cache_dir: PathBuf,
@@ -268,27 +328,60 @@ fn load(
     )
     .map_err(|e| e.to_string())?;
     let executor: Box<dyn Backend> = Box::new(executor);
+    let plane = data_plane(&request, &config, max_batch)?;
+    let reply = proto::LoadShardReply {
+        weight_bytes,
+        kv_cache_bytes: executor.kv_cache_bytes(),
+        load_seconds: started.elapsed().as_secs_f64(),
+        notes,
+        kept: false,
+    };
+    Ok((
+        Loaded {
+            executor,
+            plane,
+            rank_index: request.rank_index,
+            rank_count: request.rank_count,
+            pool,
+            weight_bytes,
+            steps: 0,
+            compute_seconds: 0.0,
+            identity: shard_identity(&request),
+            config,
+            max_batch,
+        },
+        reply,
+    ))
+}
+
+/// The data plane a LoadShard asks for: built at every load, and alone when a worker keeps its
+/// shard while the cluster re-forms around a restarted peer.
+fn data_plane(
+    request: &proto::LoadShardRequest,
+    config: &ModelConfig,
+    max_batch: usize,
+) -> Result<Plane, String> {
+    let (rank_index, rank_count) = (request.rank_index as usize, request.rank_count as usize);
     let limits = CollectiveLimits {
         timeout: Duration::from_millis(request.collective_timeout_ms.max(1) as u64),
         ..CollectiveLimits::default()
     };
     let plane = match request.transport.as_str() {
-        _ if shard.rank_count == 1 => Plane::Fixed(Box::new(Solo)),
+        _ if rank_count == 1 => Plane::Fixed(Box::new(Solo)),
         "" | "shm" => Plane::Fixed(Box::new(
             ShmCollective::open(
                 &PathBuf::from(&request.shm_path),
-                shard.rank_index,
-                shard.rank_count,
+                rank_index,
+                rank_count,
                 limits,
             )
             .map_err(|e| e.to_string())?,
         )),
         transport @ ("grpc" | "hierarchical") => {
-            if request.peer_addresses.len() != shard.rank_count {
+            if request.peer_addresses.len() != rank_count {
                 return Err(format!(
-                    "{} peer addresses for {} ranks",
+                    "{} peer addresses for {rank_count} ranks",
                     request.peer_addresses.len(),
-                    shard.rank_count
                 ));
             }
             if request.cluster_secret.len() != SECRET_BYTES {
@@ -325,7 +418,7 @@ fn load(
                 limits,
             });
             let (local, segment) = if host_ranks.len() > 1 {
-                host_segment(&request, &host_ranks, &config, max_batch, limits)?
+                host_segment(request, &host_ranks, config, max_batch, limits)?
             } else {
                 (None, None)
             };
@@ -338,25 +431,7 @@ fn load(
         }
         other => return Err(format!("unknown transport '{other}'")),
     };
-    let reply = proto::LoadShardReply {
-        weight_bytes,
-        kv_cache_bytes: executor.kv_cache_bytes(),
-        load_seconds: started.elapsed().as_secs_f64(),
-        notes,
-    };
-    Ok((
-        Loaded {
-            executor,
-            plane,
-            rank_index: request.rank_index,
-            rank_count: request.rank_count,
-            pool,
-            weight_bytes,
-            steps: 0,
-            compute_seconds: 0.0,
-        },
-        reply,
-    ))
+    Ok(plane)
 }
 
 #[tonic::async_trait]
@@ -378,6 +453,7 @@ impl proto::worker_server::Worker for WorkerService {
                 .map_or(0, |a| a.port() as u32),
             numa_node: self.numa_node.map(|n| n as u32),
             device: "cpu".into(),
+            protocol: crate::PROTOCOL_VERSION,
         }))
     }
 
@@ -470,7 +546,7 @@ impl proto::worker_server::Worker for WorkerService {
                 missing_mib = reply.missing.iter().map(|r| r.end - r.start).sum::<u64>() as f64 / (1 << 20) as f64,
                 "no local copy of the model: using the cache"
             );
-            *receiving.lock().unwrap() = Some(cache);
+            *lock(&receiving) = Some(cache);
             Ok(Response::new(reply))
         })
         .await
@@ -484,7 +560,7 @@ impl proto::worker_server::Worker for WorkerService {
         let mut stream = request.into_inner();
         let mut written = 0u64;
         while let Some(chunk) = stream.message().await? {
-            let mut guard = self.receiving.lock().unwrap();
+            let mut guard = lock(&self.receiving);
             let cache = guard
                 .as_mut()
                 .ok_or_else(|| Status::failed_precondition("PushModel without PrepareModel"))?;
@@ -500,7 +576,7 @@ impl proto::worker_server::Worker for WorkerService {
         }
         let receiving = self.receiving.clone();
         tokio::task::spawn_blocking(move || {
-            if let Some(cache) = receiving.lock().unwrap().as_mut() {
+            if let Some(cache) = lock(&receiving).as_mut() {
                 cache
                     .commit()
                     .map_err(|e| Status::internal(e.to_string()))?;
@@ -526,13 +602,39 @@ impl proto::worker_server::Worker for WorkerService {
         let state = self.state.clone();
         let threads = self.threads;
         let pin = self.pin.clone();
+        let (loads, kept) = (self.shard_loads.clone(), self.shard_kept.clone());
         // A new cluster: streams of the old one are refused from now on.
         self.registry.clear();
         tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut guard = lock_shard(&state);
+            // The same shard again (the cluster re-forms around a restarted peer): keep the
+            // weights, rebuild only the data plane. Reading tens of GB again would take minutes.
+            if let Some(loaded) = guard.as_mut()
+                && loaded.identity == shard_identity(&request)
+            {
+                // The old links and segment go first; a failed rebuild leaves an unconnected
+                // plane, so steps fail clearly until the next LoadShard.
+                loaded.plane = Plane::Fixed(Box::new(Unconnected(
+                    "the data plane could not be rebuilt (see the worker's log)".into(),
+                )));
+                loaded.plane = data_plane(&request, &loaded.config, loaded.max_batch)
+                    .map_err(Status::invalid_argument)?;
+                kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("same shard as loaded: kept its weights, rebuilt the data plane");
+                return Ok(Response::new(proto::LoadShardReply {
+                    weight_bytes: loaded.weight_bytes,
+                    kv_cache_bytes: loaded.executor.kv_cache_bytes(),
+                    load_seconds: started.elapsed().as_secs_f64(),
+                    notes: Vec::new(),
+                    kept: true,
+                }));
+            }
             // Drop any previous shard first so two never coexist in memory.
-            *state.lock().unwrap() = None;
+            *guard = None;
             let (loaded, reply) =
                 load(request, threads, pin.as_deref()).map_err(Status::invalid_argument)?;
+            loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(
                 weight_mib = reply.weight_bytes as f64 / (1 << 20) as f64,
                 kv_mib = reply.kv_cache_bytes as f64 / (1 << 20) as f64,
@@ -542,7 +644,7 @@ impl proto::worker_server::Worker for WorkerService {
             for note in &reply.notes {
                 tracing::info!("{note}");
             }
-            *state.lock().unwrap() = Some(loaded);
+            *guard = Some(loaded);
             Ok(Response::new(reply))
         })
         .await
@@ -555,11 +657,18 @@ impl proto::worker_server::Worker for WorkerService {
     ) -> Result<Response<proto::StepReply>, Status> {
         let request = request.into_inner();
         let state = self.state.clone();
+        let number = 1 + self
+            .steps_started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let inject_panic = self.panic_at_step == Some(number);
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let mut guard = state.lock().unwrap();
+            let mut guard = lock_shard(&state);
             let Some(loaded) = guard.as_mut() else {
-                return Err(Status::failed_precondition("no shard loaded"));
+                return Err(Status::failed_precondition(
+                    "no shard loaded (the worker restarted, or its shard was dropped after an \
+                     error): the coordinator must load it again",
+                ));
             };
             if request.top_k > MAX_TOP_K {
                 return Err(Status::invalid_argument(format!(
@@ -583,9 +692,14 @@ impl proto::worker_server::Worker for WorkerService {
                 rank_count,
                 ..
             } = loaded;
-            let rows = plane
-                .with_collective(*rank_index as usize, *rank_count as usize, |collective| {
+            // A panic in a step leaves the shard in an unknown state: it is dropped and the
+            // coordinator told (the tp-worker binary exits instead, for its supervisor).
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                plane.with_collective(*rank_index as usize, *rank_count as usize, |collective| {
                     collective.begin_step(request.step);
+                    if inject_panic {
+                        panic!("injected by TP_TEST_PANIC_AT_STEP at step {number}");
+                    }
                     pool.install(|| {
                         executor.step(
                             collective,
@@ -596,10 +710,22 @@ impl proto::worker_server::Worker for WorkerService {
                         )
                     })
                 })
-                .map_err(|e| match e {
-                    executor::StepError::Transport(t) => Status::aborted(t.to_string()),
-                    executor::StepError::Invalid(m) => Status::invalid_argument(m),
-                })?;
+            }));
+            let rows = match run {
+                Ok(rows) => rows,
+                Err(payload) => {
+                    let message = panic_message(payload.as_ref()).to_string();
+                    *guard = None;
+                    tracing::error!("step panicked: {message}; the shard is dropped");
+                    return Err(Status::internal(format!(
+                        "the worker panicked in a step ({message}) and dropped its shard"
+                    )));
+                }
+            };
+            let rows = rows.map_err(|e| match e {
+                executor::StepError::Transport(t) => Status::aborted(t.to_string()),
+                executor::StepError::Invalid(m) => Status::invalid_argument(m),
+            })?;
             *steps += 1;
             *compute_seconds += started.elapsed().as_secs_f64();
             let (collective_seconds, collectives, collective_bytes) = executor.collective_stats();
@@ -619,6 +745,7 @@ impl proto::worker_server::Worker for WorkerService {
                 collective_seconds,
                 collectives,
                 collective_bytes,
+                step: request.step,
             }))
         })
         .await
@@ -636,7 +763,7 @@ impl proto::worker_server::Worker for WorkerService {
         let listener = self.data_listener.clone();
         let tls = self.tls.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = state.lock().unwrap();
+            let mut guard = lock_shard(&state);
             let Some(loaded) = guard.as_mut() else {
                 return Err(Status::failed_precondition("no shard loaded"));
             };
@@ -651,7 +778,7 @@ impl proto::worker_server::Worker for WorkerService {
             // Drop the old links first: their streams end, and peers see a clean round.
             *grpc = None;
             let bytes_sent: BytesSent = {
-                let mut counters = counters.lock().unwrap();
+                let mut counters = lock(&counters);
                 if counters.len() != loaded.rank_count as usize {
                     *counters = Arc::new(
                         (0..loaded.rank_count)
@@ -686,14 +813,14 @@ impl proto::worker_server::Worker for WorkerService {
         request: Request<proto::ClearSequenceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let sequence = request.into_inner().sequence as usize;
-        if let Some(loaded) = self.state.lock().unwrap().as_mut() {
+        if let Some(loaded) = lock_shard(&self.state).as_mut() {
             loaded.executor.clear_sequence(sequence);
         }
         Ok(Response::new(proto::Empty {}))
     }
 
     async fn stats(&self, _: Request<proto::Empty>) -> Result<Response<proto::StatsReply>, Status> {
-        let guard = self.state.lock().unwrap();
+        let guard = lock_shard(&self.state);
         let loaded = guard.as_ref();
         Ok(Response::new(proto::StatsReply {
             peak_rss_bytes: proc_status_bytes("VmHWM:"),
@@ -702,13 +829,12 @@ impl proto::worker_server::Worker for WorkerService {
             kv_cache_bytes: loaded.map_or(0, |l| l.executor.kv_cache_bytes()),
             steps: loaded.map_or(0, |l| l.steps),
             compute_seconds: loaded.map_or(0.0, |l| l.compute_seconds),
-            data_plane_bytes_sent: self
-                .bytes_sent
-                .lock()
-                .unwrap()
+            data_plane_bytes_sent: lock(&self.bytes_sent)
                 .iter()
                 .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
                 .collect(),
+            shard_loads: self.shard_loads.load(std::sync::atomic::Ordering::Relaxed),
+            shard_kept: self.shard_kept.load(std::sync::atomic::Ordering::Relaxed),
         }))
     }
 
@@ -747,8 +873,25 @@ pub async fn run(
             )
         })?;
     tracing::info!(address = %data_listener.local_addr()?, "data plane listening");
+    let panic_at_step =
+        match std::env::var("TP_TEST_PANIC_AT_STEP") {
+            Ok(value) => Some(value.parse::<u64>().map_err(|_| {
+                anyhow::anyhow!("TP_TEST_PANIC_AT_STEP={value} is not a step number")
+            })?),
+            Err(_) => None,
+        };
+    if let Some(step) = panic_at_step {
+        tracing::warn!(
+            step,
+            "TP_TEST_PANIC_AT_STEP: this worker will panic in that step"
+        );
+    }
     let service = WorkerService {
         state: Arc::new(Mutex::new(None)),
+        shard_loads: Arc::default(),
+        shard_kept: Arc::default(),
+        steps_started: Arc::default(),
+        panic_at_step,
         data_listener: Arc::new(data_listener),
         cache_dir: options
             .cache_dir
