@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: model paths, golden data, local clusters.
 #![allow(dead_code)]
 
+pub mod net;
 pub mod server;
 pub mod split;
 

@@ -43,8 +43,19 @@ pub fn spawn_listening(command: &mut Command) -> (Child, String) {
 /// Starts a worker on `listen` (e.g. `127.0.0.1:0`) that needs the token in `token`, logging
 /// at info level to `log`.
 pub fn start_worker(listen: &str, token: &std::path::Path, log: &std::path::Path) -> Worker {
+    start_worker_env(listen, token, log, &[])
+}
+
+/// `start_worker` with environment variables set for the worker.
+pub fn start_worker_env(
+    listen: &str,
+    token: &std::path::Path,
+    log: &std::path::Path,
+    env: &[(&str, &str)],
+) -> Worker {
     let (child, address) = spawn_listening(
         Command::new(worker_binary())
+            .envs(env.iter().copied())
             .args(["--listen", listen, "--threads", "1", "--log", "info"])
             .arg("--auth-token-file")
             .arg(token)
