@@ -274,6 +274,13 @@ impl proto::worker_server::Worker for Liar {
         Ok(Response::new(proto::Empty {}))
     }
 
+    async fn abort(
+        &self,
+        _: Request<proto::AbortRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        Ok(Response::new(proto::Empty {}))
+    }
+
     async fn connect_peers(
         &self,
         _: Request<proto::ConnectPeersRequest>,

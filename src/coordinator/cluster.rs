@@ -1006,6 +1006,9 @@ impl Cluster {
             self.reconnect = false;
         }
         let result = self.step_once(request).await;
+        if result.is_err() {
+            self.abort_step(self.next_step - 1);
+        }
         if result.is_err()
             && self
                 .active_transport
@@ -1015,6 +1018,19 @@ impl Cluster {
             self.reconnect = true;
         }
         result
+    }
+
+    /// Tells every worker that this coordinator gave up on `step`, so that survivors waiting
+    /// in its collectives stop now rather than at their deadline (and can be re-formed at once).
+    /// Best effort and in the background: the worker that failed may not answer.
+    fn abort_step(&self, step: u64) {
+        for worker in &self.workers {
+            let mut client = worker.client.clone();
+            tokio::spawn(async move {
+                let abort = client.abort(proto::AbortRequest { step });
+                let _ = tokio::time::timeout(Duration::from_secs(1), abort).await;
+            });
+        }
     }
 
     async fn step_once(

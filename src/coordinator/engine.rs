@@ -38,7 +38,7 @@ pub enum JobEvent {
 }
 
 /// How often an idle engine tries to re-form a cluster that lost a worker.
-const RECOVERY_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+const RECOVERY_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub struct EngineOptions {
     /// Prompt tokens per forward pass while other sequences are generating.

@@ -479,6 +479,7 @@ pub struct GrpcCollective {
     bytes_sent: BytesSent,
     /// Set when a link failed; every later collective fails at once until reconnected.
     broken: Option<String>,
+    abort: super::AbortSignal,
 }
 
 impl Drop for GrpcCollective {
@@ -493,6 +494,7 @@ impl Drop for GrpcCollective {
 enum Failure {
     Timeout(u32),
     Broken(String),
+    Aborted,
 }
 
 impl GrpcCollective {
@@ -591,7 +593,14 @@ impl GrpcCollective {
             runtime: std::mem::ManuallyDrop::new(runtime),
             bytes_sent,
             broken: None,
+            abort: super::AbortSignal::default(),
         })
+    }
+
+    /// Stops waiting for frames as soon as the coordinator aborts the step.
+    pub fn with_abort(mut self, abort: super::AbortSignal) -> GrpcCollective {
+        self.abort = abort;
+        self
     }
 
     fn fail(&mut self, failure: Failure, epoch: u64) -> TransportError {
@@ -605,6 +614,9 @@ impl GrpcCollective {
                 self.broken.get_or_insert(why.clone());
                 TransportError::Link(why)
             }
+            Failure::Aborted => TransportError::Aborted {
+                step: epoch / STEP_EPOCHS,
+            },
         }
     }
 
@@ -641,6 +653,7 @@ impl GrpcCollective {
         let net = &mut self.net;
         let peers = &self.members;
         let bytes_sent = &self.bytes_sent;
+        let abort = (&self.abort, epoch / STEP_EPOCHS);
         let exchanged: Result<(), Failure> = self.runtime.block_on(async {
             // Every peer but the last gets copies; the last one takes the frames themselves.
             let last_peer = (0..members).rev().find(|&i| i != me);
@@ -676,7 +689,7 @@ impl GrpcCollective {
                 let peer = peers[i];
                 let mut received = 0;
                 while received < len {
-                    let frame = next_frame(net, i, peer, epoch, deadline).await?;
+                    let frame = next_frame(net, i, peer, epoch, deadline, abort).await?;
                     let (offset, count) = (frame.offset as usize, frame.count as usize);
                     let encoding = Encoding::try_from(frame.encoding)
                         .ok()
@@ -739,6 +752,7 @@ async fn next_frame(
     peer: u32,
     epoch: u64,
     deadline: tokio::time::Instant,
+    (abort, step): (&super::AbortSignal, u64),
 ) -> Result<Frame, Failure> {
     if let Some(position) = net.early[i].iter().position(|f| f.epoch == epoch) {
         return Ok(net.early[i].remove(position).expect("found"));
@@ -746,7 +760,10 @@ async fn next_frame(
     net.early[i].retain(|f| f.epoch > epoch);
     let link = net.links[i].as_mut().expect("a peer");
     loop {
-        match tokio::time::timeout_at(deadline, link.from.message()).await {
+        // Wake now and then to see whether the coordinator gave up on the step (receiving a
+        // message is cancel-safe: a frame half read stays in the stream).
+        let wake = deadline.min(tokio::time::Instant::now() + ABORT_POLL);
+        match tokio::time::timeout_at(wake, link.from.message()).await {
             Ok(Ok(Some(frame))) if frame.epoch == epoch => return Ok(frame),
             Ok(Ok(Some(frame))) if frame.epoch < epoch => continue,
             Ok(Ok(Some(frame))) => net.early[i].push_back(frame),
@@ -757,10 +774,17 @@ async fn next_frame(
                     status.message()
                 )));
             }
-            Err(_) => return Err(Failure::Timeout(peer)),
+            Err(_) if abort.aborted(step) => return Err(Failure::Aborted),
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(Failure::Timeout(peer));
+            }
+            Err(_) => continue,
         }
     }
 }
+
+/// How often a rank waiting for a peer's frames looks for an abort of its step.
+const ABORT_POLL: Duration = Duration::from_millis(20);
 
 impl Collective for GrpcCollective {
     fn rank_index(&self) -> usize {

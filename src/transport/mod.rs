@@ -32,6 +32,30 @@ pub enum TransportError {
     Protocol(String),
     #[error("data plane: {0}")]
     Link(String),
+    #[error("step {step} was aborted by the coordinator (a peer failed)")]
+    Aborted { step: u64 },
+}
+
+/// Steps the coordinator gave up on. A collective of such a step stops waiting at once (its
+/// peers may be dead) instead of at its deadline, so a survivor is free for the re-formed
+/// cluster within milliseconds. The worker's control plane records aborts; its collectives
+/// check while they wait. Reset when a shard is loaded (a new coordinator counts steps anew).
+#[derive(Clone, Debug, Default)]
+pub struct AbortSignal(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl AbortSignal {
+    /// Aborts every step up to and including `step`.
+    pub fn abort_through(&self, step: u64) {
+        self.0.fetch_max(step, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn reset(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn aborted(&self, step: u64) -> bool {
+        step != 0 && self.0.load(std::sync::atomic::Ordering::Relaxed) >= step
+    }
 }
 
 pub trait Collective: Send {

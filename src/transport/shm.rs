@@ -108,6 +108,7 @@ pub struct ShmCollective {
     limits: CollectiveLimits,
     /// (length, element bytes) of a staged sum handed out by `stage` and not yet reduced.
     staged: Option<(usize, usize)>,
+    abort: super::AbortSignal,
 }
 
 impl ShmCollective {
@@ -165,7 +166,14 @@ impl ShmCollective {
             last_epoch: [0; 2],
             limits,
             staged: None,
+            abort: super::AbortSignal::default(),
         })
+    }
+
+    /// Stops waiting as soon as the coordinator aborts the step.
+    pub fn with_abort(mut self, abort: super::AbortSignal) -> ShmCollective {
+        self.abort = abort;
+        self
     }
 
     /// The epoch up to which `rank` has published its slot.
@@ -391,6 +399,11 @@ impl ShmCollective {
             }
             // On an oversubscribed host a peer may need this core to make progress.
             std::thread::yield_now();
+            if spins % 64 == 0 && self.abort.aborted(self.epoch / STEP_EPOCHS) {
+                return Err(TransportError::Aborted {
+                    step: self.epoch / STEP_EPOCHS,
+                });
+            }
             if spins % 64 == 0 && started.elapsed() > self.limits.timeout {
                 let missing = (0..self.rank_count)
                     .filter(|&r| flag(self, r).load(Ordering::Acquire) < epoch)

@@ -27,7 +27,7 @@ use crate::transport::grpc::{
 };
 use crate::transport::hierarchical::Hierarchical;
 use crate::transport::shm::{ShmCollective, ShmSegment};
-use crate::transport::{Collective, CollectiveLimits, Solo};
+use crate::transport::{AbortSignal, Collective, CollectiveLimits, Solo};
 use backend::Backend;
 use executor::{CpuBackend, OutputRequest};
 use model_cache::CacheFile;
@@ -199,6 +199,8 @@ pub struct WorkerService {
     /// `TP_TEST_PANIC_AT_STEP`) the step of that number panics.
     steps_started: Arc<std::sync::atomic::AtomicU64>,
     panic_at_step: Option<u64>,
+    /// Steps the coordinator aborted (`Abort`); the collectives stop waiting on them.
+    abort: AbortSignal,
     /// The data-plane socket; each gRPC collective serves it from its own runtime.
     data_listener: Arc<std::net::TcpListener>,
     cache_dir: PathBuf,
@@ -222,6 +224,7 @@ fn host_segment(
     config: &ModelConfig,
     max_batch: usize,
     limits: CollectiveLimits,
+    abort: &AbortSignal,
 ) -> Result<(Option<ShmCollective>, Option<ShmSegment>), String> {
     let path = PathBuf::from(&request.shm_path);
     if !request.shm_path.starts_with("/dev/shm/tp-") || request.shm_path.contains("..") {
@@ -249,7 +252,7 @@ fn host_segment(
     let deadline = Instant::now() + limits.timeout;
     loop {
         match ShmCollective::open(&path, index, host_ranks.len(), limits) {
-            Ok(local) => return Ok((Some(local), segment)),
+            Ok(local) => return Ok((Some(local.with_abort(abort.clone())), segment)),
             Err(e) if Instant::now() >= deadline => {
                 return Err(format!("host segment of rank {}: {e}", host_ranks[0]));
             }
@@ -262,6 +265,7 @@ fn load(
     request: proto::LoadShardRequest,
     default_threads: usize,
     pin: Option<&[usize]>,
+    abort: &AbortSignal,
 ) -> Result<(Loaded, proto::LoadShardReply), String> {
     let started = Instant::now();
     let file = GgufFile::open(&request.model_path).map_err(|e| e.to_string())?;
@@ -328,7 +332,7 @@ fn load(
     )
     .map_err(|e| e.to_string())?;
     let executor: Box<dyn Backend> = Box::new(executor);
-    let plane = data_plane(&request, &config, max_batch)?;
+    let plane = data_plane(&request, &config, max_batch, abort)?;
     let reply = proto::LoadShardReply {
         weight_bytes,
         kv_cache_bytes: executor.kv_cache_bytes(),
@@ -360,6 +364,7 @@ fn data_plane(
     request: &proto::LoadShardRequest,
     config: &ModelConfig,
     max_batch: usize,
+    abort: &AbortSignal,
 ) -> Result<Plane, String> {
     let (rank_index, rank_count) = (request.rank_index as usize, request.rank_count as usize);
     let limits = CollectiveLimits {
@@ -375,7 +380,8 @@ fn data_plane(
                 rank_count,
                 limits,
             )
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| e.to_string())?
+            .with_abort(abort.clone()),
         )),
         transport @ ("grpc" | "hierarchical") => {
             if request.peer_addresses.len() != rank_count {
@@ -418,7 +424,7 @@ fn data_plane(
                 limits,
             });
             let (local, segment) = if host_ranks.len() > 1 {
-                host_segment(request, &host_ranks, config, max_batch, limits)?
+                host_segment(request, &host_ranks, config, max_batch, limits, abort)?
             } else {
                 (None, None)
             };
@@ -603,11 +609,14 @@ impl proto::worker_server::Worker for WorkerService {
         let threads = self.threads;
         let pin = self.pin.clone();
         let (loads, kept) = (self.shard_loads.clone(), self.shard_kept.clone());
+        let abort = self.abort.clone();
         // A new cluster: streams of the old one are refused from now on.
         self.registry.clear();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut guard = lock_shard(&state);
+            // The new cluster counts its steps from the start.
+            abort.reset();
             // The same shard again (the cluster re-forms around a restarted peer): keep the
             // weights, rebuild only the data plane. Reading tens of GB again would take minutes.
             if let Some(loaded) = guard.as_mut()
@@ -618,7 +627,7 @@ impl proto::worker_server::Worker for WorkerService {
                 loaded.plane = Plane::Fixed(Box::new(Unconnected(
                     "the data plane could not be rebuilt (see the worker's log)".into(),
                 )));
-                loaded.plane = data_plane(&request, &loaded.config, loaded.max_batch)
+                loaded.plane = data_plane(&request, &loaded.config, loaded.max_batch, &abort)
                     .map_err(Status::invalid_argument)?;
                 kept.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("same shard as loaded: kept its weights, rebuilt the data plane");
@@ -633,7 +642,7 @@ impl proto::worker_server::Worker for WorkerService {
             // Drop any previous shard first so two never coexist in memory.
             *guard = None;
             let (loaded, reply) =
-                load(request, threads, pin.as_deref()).map_err(Status::invalid_argument)?;
+                load(request, threads, pin.as_deref(), &abort).map_err(Status::invalid_argument)?;
             loads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(
                 weight_mib = reply.weight_bytes as f64 / (1 << 20) as f64,
@@ -661,9 +670,16 @@ impl proto::worker_server::Worker for WorkerService {
             .steps_started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inject_panic = self.panic_at_step == Some(number);
+        let abort = self.abort.clone();
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut guard = lock_shard(&state);
+            if abort.aborted(request.step) {
+                return Err(Status::aborted(format!(
+                    "step {} was aborted by the coordinator before it ran",
+                    request.step
+                )));
+            }
             let Some(loaded) = guard.as_mut() else {
                 return Err(Status::failed_precondition(
                     "no shard loaded (the worker restarted, or its shard was dropped after an \
@@ -762,6 +778,7 @@ impl proto::worker_server::Worker for WorkerService {
         let counters = self.bytes_sent.clone();
         let listener = self.data_listener.clone();
         let tls = self.tls.clone();
+        let abort = self.abort.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = lock_shard(&state);
             let Some(loaded) = guard.as_mut() else {
@@ -799,7 +816,8 @@ impl proto::worker_server::Worker for WorkerService {
                 tls: tls.clone(),
             };
             let collective = GrpcCollective::connect(spec, registry, &listener, bytes_sent)
-                .map_err(|e| Status::unavailable(e.to_string()))?;
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .with_abort(abort);
             tracing::info!(generation, "data plane connected");
             *grpc = Some(collective);
             Ok(Response::new(proto::Empty {}))
@@ -836,6 +854,16 @@ impl proto::worker_server::Worker for WorkerService {
             shard_loads: self.shard_loads.load(std::sync::atomic::Ordering::Relaxed),
             shard_kept: self.shard_kept.load(std::sync::atomic::Ordering::Relaxed),
         }))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<proto::AbortRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let step = request.into_inner().step;
+        self.abort.abort_through(step);
+        tracing::debug!(step, "step aborted by the coordinator");
+        Ok(Response::new(proto::Empty {}))
     }
 
     async fn shutdown(&self, _: Request<proto::Empty>) -> Result<Response<proto::Empty>, Status> {
@@ -892,6 +920,7 @@ pub async fn run(
         shard_kept: Arc::default(),
         steps_started: Arc::default(),
         panic_at_step,
+        abort: AbortSignal::default(),
         data_listener: Arc::new(data_listener),
         cache_dir: options
             .cache_dir
