@@ -727,10 +727,40 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
     if prompt.is_empty() {
         return ApiError::invalid("the prompt is empty", Some("prompt")).into_response();
     }
-    let (model, max_context, slots) = match state.ready.read().unwrap().as_ref() {
-        Some(r) => (r.model.clone(), r.max_context, r.slots),
+    let (model, max_context, slots, unready) = match state.ready.read().unwrap().as_ref() {
+        Some(r) => (
+            r.model.clone(),
+            r.max_context,
+            r.slots,
+            r.health.unready(&r.addresses),
+        ),
         None => return not_ready().into_response(),
     };
+    // A worker is down or the cluster is re-forming: say so now (503, retry later) rather
+    // than queue the request behind a step that would fail.
+    if let Some((why, workers)) = unready {
+        let missing: Vec<String> = workers
+            .iter()
+            .map(|w| format!("worker {} ({}): {}", w.rank, w.address, w.problem))
+            .collect();
+        let mut response = ApiError::unavailable(
+            if missing.is_empty() {
+                format!("the cluster is not ready ({why}); see /health")
+            } else {
+                format!(
+                    "the cluster is not ready: {}; see /health",
+                    missing.join("; ")
+                )
+            },
+            "cluster_unavailable",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+        return response;
+    }
     let common = match common(&body, &state, &kind, max_context) {
         Ok(c) => c,
         Err(e) => return e.into_response(),

@@ -35,6 +35,8 @@ const READ_FLAGS_OFFSET: usize = 2048;
 const REDUCED_FLAGS_OFFSET: usize = 3072;
 /// The header holds one flag line per rank in each of its 1 KiB flag areas.
 pub const RANK_COUNT_MAX: usize = (HEADER_BYTES - REDUCED_FLAGS_OFFSET) / FLAG_STRIDE_BYTES;
+// Every cluster the planner accepts fits one segment.
+const _: () = assert!(crate::limits::MAX_RANKS <= RANK_COUNT_MAX);
 /// Staged portions start on cache lines.
 const PORTION_ALIGN_BYTES: usize = 64;
 /// Epochs of one step live in `step * STEP_EPOCHS ..`; more than any program's collective count.
