@@ -26,6 +26,7 @@ pub mod kernels;
 pub mod limits;
 pub mod model;
 pub mod numa;
+pub mod progress;
 pub mod shard;
 pub mod tls;
 pub mod transport;

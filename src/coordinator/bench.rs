@@ -264,6 +264,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let mut random = |n: usize| -> Vec<u32> {
                 (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect()
             };
+            let runs = args.depth.len() * tests.len() * (args.repetitions + 1);
+            let progress = crate::progress::counter(runs as u64, format!("bench tp={tp}"));
             let outcome: anyhow::Result<()> = async {
                 for &depth in &args.depth {
                     for &test in &tests {
@@ -287,6 +289,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                                     }
                                 }
                             }
+                            progress.inc(1);
                             // Repetition 0 warms caches and page tables; it is not counted.
                             if rep > 0 {
                                 samples_ns.push(started.elapsed().as_nanos() as f64);
@@ -364,6 +367,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 Ok(())
             }
             .await;
+            progress.finish_and_clear();
             session.cluster.shutdown().await;
             outcome?;
         }

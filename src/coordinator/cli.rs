@@ -567,13 +567,23 @@ async fn perplexity(session: &mut Session, args: &PerplexityArgs) -> anyhow::Res
             args.context
         );
     }
+    let chunks = args.chunks.map_or(tokens.len() / args.context, |c| {
+        c.min(tokens.len() / args.context)
+    });
+    // On a terminal a bar with the running estimate; elsewhere llama-perplexity's "[1]x.xx,".
+    let progress = crate::progress::counter(chunks as u64, "perplexity");
     let result = session
         .perplexity(&tokens, args.context, args.chunks, |chunk, ppl| {
-            if text_mode {
+            if !progress.is_hidden() {
+                progress.set_message(format!("perplexity {ppl:.4}"));
+                progress.inc(1);
+            } else if text_mode {
                 eprint!("[{}]{ppl:.4},", chunk + 1);
             }
         })
-        .await?;
+        .await;
+    progress.finish_and_clear();
+    let result = result?;
     if text_mode {
         eprintln!();
         println!(

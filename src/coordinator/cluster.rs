@@ -764,6 +764,7 @@ impl Cluster {
             .display()
             .to_string();
         let worker_paths = self.prepare_models(spec, &model_path, header_hash).await?;
+        let progress = crate::progress::counter(rank_count as u64, "workers loaded");
         let mut tasks = tokio::task::JoinSet::new();
         for (rank, worker) in self.workers.iter().enumerate() {
             let shard: &RankShard = &spec.plan.ranks[rank];
@@ -823,6 +824,7 @@ impl Cluster {
             let mut client = worker.client.clone();
             let address = worker.address.clone();
             let timeout = self.limits.load_timeout;
+            let progress = progress.clone();
             tasks.spawn(async move {
                 let reply = tokio::time::timeout(timeout, client.load_shard(request))
                     .await
@@ -832,10 +834,13 @@ impl Cluster {
                     .map_err(|s| {
                         anyhow::anyhow!("worker {rank} ({address}) failed to load: {}", s.message())
                     })?;
+                progress.inc(1);
                 Ok::<_, anyhow::Error>((rank, reply.into_inner()))
             });
         }
-        let replies = collect_ranked(tasks, rank_count).await?;
+        let replies = collect_ranked(tasks, rank_count).await;
+        progress.finish_and_clear();
+        let replies = replies?;
         if networked {
             self.connect_peers().await?;
         }
@@ -921,7 +926,9 @@ impl Cluster {
                         mib = total as f64 / (1 << 20) as f64,
                         "worker has no copy of the model: streaming its shard"
                     );
-                    let chunks = stream_ranges(source_paths, missing, header_hash, rank, total);
+                    let progress = crate::progress::bytes(total, format!("shard to worker {rank}"));
+                    let chunks =
+                        stream_ranges(source_paths, missing, header_hash, rank, total, progress);
                     let written = tokio::time::timeout(timeout, client.push_model(chunks))
                         .await
                         .map_err(|_| fail(format!("shard not sent within {timeout:?}")))?
@@ -1165,6 +1172,7 @@ fn stream_ranges(
     header_hash: u64,
     rank: usize,
     total: u64,
+    progress: indicatif::ProgressBar,
 ) -> tokio_stream::wrappers::ReceiverStream<proto::ModelChunk> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::task::spawn_blocking(move || {
@@ -1205,6 +1213,7 @@ fn stream_ranges(
                 }
                 offset += n;
                 sent += n;
+                progress.inc(n);
                 if sent * 10 / total > reported {
                     reported = sent * 10 / total;
                     tracing::info!(
@@ -1217,6 +1226,7 @@ fn stream_ranges(
                 }
             }
         }
+        progress.finish_and_clear();
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
