@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes tp's input parsers with cargo-fuzz (libFuzzer; needs a nightly toolchain):
-#   scripts/fuzz.sh [SECONDS] [TARGET...]     default: 600 s each for gguf, hosts_toml, control_messages
+#   scripts/fuzz.sh [SECONDS] [TARGET...]     default: 600 s each for gguf, hosts_toml, control_messages, step_replies
 # Starts from the committed seeds (fuzz/corpus/TARGET) and keeps what it finds in
 # fuzz/target/corpus-TARGET. A crash stops the run and leaves its input in
 # fuzz/artifacts/TARGET/; fix it, then copy the input to fuzz/regressions/TARGET/ so that
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-600}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(gguf hosts_toml control_messages)
+[ ${#targets[@]} -gt 0 ] || targets=(gguf hosts_toml control_messages step_replies)
 
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked

@@ -66,3 +66,36 @@ pub fn control_messages(data: &[u8]) {
         _ => drop(proto::ClearSequenceRequest::decode(bytes)),
     }
 }
+
+/// A worker's step reply as the coordinator takes it: checked against the request and the
+/// rank's vocabulary rows, then, if it passes, merged as `Session::step` merges replies. The
+/// first six bytes shape the request (rows, top-k, whole logits, vocabulary size and the
+/// slice's start); the rest is the reply.
+pub fn step_replies(data: &[u8]) {
+    let [rows, top, flags, vocab_high, vocab_low, start, reply @ ..] = data else {
+        return;
+    };
+    let vocab_size = 1 + ((*vocab_high as usize) << 8 | *vocab_low as usize);
+    let slice = (*start as usize).min(vocab_size - 1)..vocab_size;
+    let request = proto::StepRequest {
+        step: 7,
+        output_rows: (0..*rows as u32 % 16).collect(),
+        top_k: *top as u32,
+        full_logits: flags & 1 == 1,
+        ..Default::default()
+    };
+    let Ok(reply) = proto::StepReply::decode(reply) else {
+        return;
+    };
+    if crate::coordinator::cluster::check_step_reply(&reply, &request, &slice).is_ok() {
+        for row in 0..request.output_rows.len() {
+            let _ = crate::coordinator::session::merge_rows(
+                std::slice::from_ref(&reply),
+                row,
+                request.top_k as usize,
+                vocab_size,
+                request.full_logits,
+            );
+        }
+    }
+}

@@ -38,3 +38,8 @@ fn hosts_toml_inputs() {
 fn control_message_inputs() {
     assert!(replay("control_messages", tp::fuzzing::control_messages) >= 3);
 }
+
+#[test]
+fn step_reply_inputs() {
+    assert!(replay("step_replies", tp::fuzzing::step_replies) >= 3);
+}

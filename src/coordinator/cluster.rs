@@ -348,7 +348,7 @@ fn check_protocol(address: &str, hello: &proto::HelloReply) -> anyhow::Result<()
 
 /// Checks a worker's step reply against the request and the plan, so that a worker of
 /// another build or a faulty one is an error naming it, never an out-of-bounds index.
-fn check_step_reply(
+pub fn check_step_reply(
     reply: &proto::StepReply,
     request: &proto::StepRequest,
     vocab: &Range<usize>,
