@@ -241,11 +241,33 @@ pub struct Health {
 struct HealthState {
     /// Per rank: what the last heartbeat found wrong (None: it answered, as the process that
     /// holds its shard).
-    problems: Vec<Option<String>>,
+    problems: Vec<Option<Problem>>,
     /// Per rank: the process that holds its shard (0: none loaded yet).
     pids: Vec<u32>,
     /// Why the cluster must be re-formed (a step failed), until it is.
     broken: Option<String>,
+}
+
+/// What the heartbeat found wrong with a worker.
+#[derive(Clone, Debug)]
+enum Problem {
+    /// It did not answer, or refused.
+    Silent(String),
+    /// Another process answers on its address: it restarted and holds no shard.
+    Restarted { pid: u32, was: u32 },
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Problem::Silent(why) => f.write_str(why),
+            Problem::Restarted { pid, was } => write!(
+                f,
+                "restarted (process {pid}, was {was}): the cluster re-forms once every worker \
+                 answers"
+            ),
+        }
+    }
 }
 
 /// One worker that is not ready, for `/health`.
@@ -278,12 +300,11 @@ impl Health {
         let mut state = self.state();
         let expected = state.pids.get(rank).copied().unwrap_or(0);
         let problem = match answer {
-            Ok(pid) if expected != 0 && pid != expected => Some(format!(
-                "restarted (process {pid}, was {expected}): the cluster re-forms once every \
-                 worker answers"
-            )),
+            Ok(pid) if expected != 0 && pid != expected => {
+                Some(Problem::Restarted { pid, was: expected })
+            }
             Ok(_) => None,
-            Err(e) => Some(e),
+            Err(e) => Some(Problem::Silent(e)),
         };
         if state.problems.len() <= rank {
             state.problems.resize(rank + 1, None);
@@ -303,7 +324,7 @@ impl Health {
                 Some(WorkerProblem {
                     rank,
                     address: addresses.get(rank).cloned().unwrap_or_default(),
-                    problem: p.clone()?,
+                    problem: p.as_ref()?.to_string(),
                 })
             })
             .collect();
@@ -323,7 +344,7 @@ impl Health {
                 .problems
                 .iter()
                 .flatten()
-                .any(|p| p.starts_with("restarted"))
+                .any(|p| matches!(p, Problem::Restarted { .. }))
     }
 }
 
