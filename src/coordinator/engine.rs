@@ -161,6 +161,7 @@ pub async fn run(
                 // next one if it can.
                 let message = format!("{e:#}");
                 tracing::warn!(error = %message, sequences = active.len(), "step failed");
+                metrics.busy.store(0, Ordering::Relaxed);
                 for a in active.drain(..) {
                     let _ = a.job.events.send(JobEvent::Failed(message.clone()));
                     free.push(a.sequence);
@@ -192,6 +193,7 @@ pub async fn run(
             let sampled = match a.decoder.next(&distribution, &session.model.tokenizer) {
                 Ok(s) => s,
                 Err(e) => {
+                    metrics.busy.fetch_sub(1, Ordering::Relaxed);
                     let _ = a.job.events.send(JobEvent::Failed(format!("{e:#}")));
                     finished.push(owner);
                     continue;
@@ -218,6 +220,9 @@ pub async fn run(
                 metrics
                     .completion_tokens
                     .fetch_add(a.decoder.generated() as u64, Ordering::Relaxed);
+                // The slot is free before the client hears it is done, so that /metrics read
+                // after the answer never counts it busy.
+                metrics.busy.fetch_sub(1, Ordering::Relaxed);
                 let _ = a.job.events.send(JobEvent::Done {
                     stop,
                     prompt_tokens: a.job.prompt.len(),
