@@ -28,7 +28,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use crate::model::gguf::{GgufError, GgufFile, Value};
 
 /// The pre-tokenizer names tp accepts, as listed in errors.
-const SUPPORTED_PRE: &str = "smollm, starcoder, refact, qwen2, deepseek-r1-qwen, llama-bpe, llama3, llama-v3, falcon3, gpt-2";
+const SUPPORTED_PRE: &str = "smollm, starcoder, refact, qwen2, deepseek-r1-qwen, llama-bpe, llama3, llama-v3, falcon3, gpt-2, gpt-4o";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -80,6 +80,9 @@ pub enum PreTokenizerKind {
     Llama3,
     /// The GPT-2 regex alone.
     Gpt2,
+    /// GPT-4o's (o200k, gpt-oss): letter runs split at case changes, contractions joined to
+    /// the word, digits in runs of up to 3, punctuation absorbing a following `/` or newline.
+    Gpt4o,
 }
 
 impl PreTokenizerKind {
@@ -90,12 +93,18 @@ impl PreTokenizerKind {
             "qwen2" | "deepseek-r1-qwen" => PreTokenizerKind::Qwen2,
             "llama-bpe" | "llama3" | "llama-v3" | "falcon3" => PreTokenizerKind::Llama3,
             "gpt-2" => PreTokenizerKind::Gpt2,
+            "gpt-4o" => PreTokenizerKind::Gpt4o,
             _ => return None,
         })
     }
 }
 
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's form of GPT-4o's regex (`llama-vocab.cpp`, LLAMA_VOCAB_PRE_TYPE_GPT4O): the
+/// case classes written as "a letter that is not a-z" and "a letter that is not A-Z", so a
+/// letter outside ASCII belongs to both, and combining marks to neither (the published regex
+/// counts \p{M} with the letters and splits non-ASCII letters by case; llama.cpp runs this one).
+const GPT4O_REGEX: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 // llama.cpp token attributes (llama_token_attr).
@@ -585,6 +594,10 @@ fn build_bpe(
         ]),
         PreTokenizerKind::Llama3 => Sequence::new(vec![
             split(LLAMA3_REGEX)?,
+            PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
+        ]),
+        PreTokenizerKind::Gpt4o => Sequence::new(vec![
+            split(GPT4O_REGEX)?,
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)),
         ]),
         PreTokenizerKind::Gpt2 => Sequence::new(vec![PreTokenizerWrapper::ByteLevel(
@@ -1145,6 +1158,7 @@ pub(crate) mod tests {
     pub(crate) const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
     pub(crate) const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
     pub(crate) const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+    pub(crate) const GPTOSS: &str = "gptoss-synthetic.gguf";
 
     /// A test input that may be absent locally: skip with a notice, but fail under CI.
     fn missing(what: &str, path: &Path, hint: &str) -> Option<PathBuf> {
@@ -1200,6 +1214,13 @@ pub(crate) mod tests {
     pub(crate) fn qwen() -> Option<&'static Tokenizer> {
         static T: OnceLock<Option<Tokenizer>> = OnceLock::new();
         T.get_or_init(|| model_path(QWEN).map(|p| Tokenizer::from_gguf_path(p).unwrap()))
+            .as_ref()
+    }
+
+    /// The synthetic gpt-oss model: SmolLM2's vocabulary under the `gpt-4o` pre-tokenizer.
+    pub(crate) fn gptoss() -> Option<&'static Tokenizer> {
+        static T: OnceLock<Option<Tokenizer>> = OnceLock::new();
+        T.get_or_init(|| model_path(GPTOSS).map(|p| Tokenizer::from_gguf_path(p).unwrap()))
             .as_ref()
     }
 
@@ -1275,6 +1296,31 @@ pub(crate) mod tests {
         assert_eq!(tokenizer.encode("</s>", false).unwrap(), [522, 82, 29]);
         assert_eq!(tokenizer.token_bytes(128247), b"");
         assert_eq!(tokenizer.decode(&[128247]), "</s>");
+    }
+
+    #[test]
+    fn gpt4o_pre_tokenizer_matches_llama_cpp() {
+        let (Some(tokenizer), Some(golden)) =
+            (gptoss(), golden_json("gptoss-synthetic/tokenize.json"))
+        else {
+            return;
+        };
+        assert_eq!(tokenizer.pre_tokenizer(), Some(PreTokenizerKind::Gpt4o));
+        check_golden(tokenizer, &golden);
+        // The same vocabulary splits differently under SmolLM2's own pre-tokenizer, so the
+        // comparison above pins the gpt-4o regex, not only the vocabulary.
+        let smollm2 = smollm2().expect("the gpt-oss model's vocabulary donor is there");
+        let differ: Vec<&str> = golden
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["text"].as_str().unwrap())
+            .filter(|text| {
+                smollm2.encode(text, true).unwrap() != tokenizer.encode(text, true).unwrap()
+            })
+            .collect();
+        println!("split differently from smollm: {differ:?}");
+        assert!(differ.len() >= 7, "only {differ:?} split differently");
     }
 
     #[test]
