@@ -537,6 +537,30 @@ async fn gemma3_sliding_window_matches_llama_cpp_at_tp_1_2_3_4() {
     check_synthetic(GEMMA3_SYNTH, "gemma3", MoeSplit::Tensor, &[1, 2, 3, 4]).await;
 }
 
+/// gpt-oss (tests/data/golden/gptoss-synthetic): attention sinks, even layers through a window
+/// of 32 and odd ones global, biases everywhere (the row-parallel ones added once, after the
+/// AllReduce), YaRN, MXFP4 experts with the clamped SwiGLU, top-2-then-softmax routing; both
+/// MoE splits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gptoss_matches_llama_cpp_at_tp_1_2_3_4_under_both_splits() {
+    for (split, ranks) in [
+        (MoeSplit::Tensor, &[1, 2, 3, 4][..]),
+        (MoeSplit::Expert, &[2, 3, 4][..]),
+    ] {
+        check_generation_with(
+            GPTOSS_SYNTH,
+            "gptoss-synthetic/generate.json",
+            ranks,
+            split,
+            1024,
+        )
+        .await;
+    }
+    let golden = "gptoss-synthetic/ppl.json";
+    check_perplexity(GPTOSS_SYNTH, golden, 2, 128, None).await;
+    check_perplexity(GPTOSS_SYNTH, golden, 3, 512, None).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn synthetic_families_perplexity_within_1_percent_of_llama_cpp() {
     for (name, variant) in [

@@ -511,9 +511,13 @@ pub enum OpKind {
         layer: usize,
     },
     /// Residual += Partial (now Mirrored), RMS-normed first where `norm` names the weights
-    /// (gemma's post-attention and post-FFN norms).
+    /// (gemma's post-attention and post-FFN norms). A bias of the row-parallel projection
+    /// (`bias`), or the selected experts' weighted output biases (`routed_bias`, gpt-oss), is
+    /// added here: once, after the AllReduce, on every rank alike.
     AddResidual {
         norm: Option<String>,
+        bias: Option<String>,
+        routed_bias: bool,
     },
     AllReduce {
         buffer: Buffer,
@@ -583,13 +587,18 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
     reduce(&mut ops, Buffer::Residual);
     // A row-parallel sum joins the residual stream: its AllReduce (with several ranks), then
     // the add, normed first where the layer has a post-norm.
-    let mut add_to_residual = |ops: &mut Vec<Op>, norm: &Option<String>| {
-        reduce(ops, Buffer::Partial);
-        ops.push(Op {
-            kind: OpKind::AddResidual { norm: norm.clone() },
-            output_state: SplitState::Mirrored,
-        });
-    };
+    let mut add_to_residual =
+        |ops: &mut Vec<Op>, norm: &Option<String>, bias: &Option<String>, routed_bias: bool| {
+            reduce(ops, Buffer::Partial);
+            ops.push(Op {
+                kind: OpKind::AddResidual {
+                    norm: norm.clone(),
+                    bias: bias.clone(),
+                    routed_bias,
+                },
+                output_state: SplitState::Mirrored,
+            });
+        };
     for (layer, spec) in config.layers.iter().enumerate() {
         let a = &spec.attention;
         push(
@@ -661,7 +670,7 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             },
             partial.clone(),
         );
-        add_to_residual(&mut ops, &a.post_norm);
+        add_to_residual(&mut ops, &a.post_norm, &a.output.bias, false);
         push(
             &mut ops,
             OpKind::RmsNorm {
@@ -715,7 +724,8 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
                 );
             }
         }
-        add_to_residual(&mut ops, &spec.ffn_post_norm);
+        let routed_bias = matches!(&spec.ffn, FfnSpec::Moe(m) if m.down_bias.is_some());
+        add_to_residual(&mut ops, &spec.ffn_post_norm, &None, routed_bias);
     }
     push(
         &mut ops,
@@ -819,6 +829,8 @@ mod tests {
                     expert_count,
                     expert_used: 1 + rng.below(expert_count),
                     normalize_selected: true,
+                    softmax_selected: false,
+                    activation: crate::model::arch::Activation::Silu,
                     shared_ffn_dim: (rng.below(2) == 1).then(|| block * (1 + rng.below(16))),
                     shared_down_block: vec![block; layers],
                 }

@@ -64,11 +64,23 @@ pub fn shard_tensors(config: &ModelConfig, shard: &RankShard) -> Vec<TensorSlice
                 None,
             )),
             OpKind::RmsNorm { tensor, .. }
-            | OpKind::AddResidual { norm: Some(tensor) }
             | OpKind::Rope {
                 freq_factors: Some(tensor),
                 ..
             } => out.push(TensorSlice::vector(tensor, None)),
+            OpKind::AddResidual { norm, bias, .. } => {
+                for tensor in [norm, bias].into_iter().flatten() {
+                    out.push(TensorSlice::vector(tensor, None));
+                }
+            }
+            OpKind::Attention { layer } => {
+                if let Some(sinks) = &config.layers[*layer].attention.sinks {
+                    out.push(TensorSlice::vector(
+                        sinks,
+                        Some(shard.layers[*layer].q_heads.clone()),
+                    ));
+                }
+            }
             OpKind::HeadNorm {
                 q_tensor, k_tensor, ..
             } => {
@@ -136,6 +148,27 @@ fn moe_tensors(
         TensorSlice::matrix(&tensors.up, Some(expert_rows), None),
         TensorSlice::matrix(&tensors.down, Some(down_rows), Some(columns.clone())),
     ];
+    // gpt-oss's biases: the router's and every expert's output bias whole (every rank routes
+    // every token and adds the weighted output biases after the AllReduce), gate and up as the
+    // rank's columns of its experts (`[width, experts]`: a row per expert).
+    if let Some(bias) = &tensors.router_bias {
+        out.push(TensorSlice::vector(bias, None));
+    }
+    if let Some(bias) = &tensors.down_bias {
+        out.push(TensorSlice::matrix(bias, None, None));
+    }
+    let owned = if columns.is_empty() {
+        Vec::new()
+    } else {
+        vec![s.experts.clone()]
+    };
+    for bias in [&tensors.gate_bias, &tensors.up_bias].into_iter().flatten() {
+        out.push(TensorSlice::matrix(
+            bias,
+            Some(owned.clone()),
+            Some(columns.clone()),
+        ));
+    }
     if let Some(shared_tensors) = &tensors.shared {
         let shared = s.shared_columns.clone();
         out.extend([

@@ -79,9 +79,13 @@ enum Exec {
         activation: Activation,
     },
     Moe(Box<MoeLayer>),
-    /// Residual += the reduced partial sum, RMS-normed first with `norm` where given.
+    /// Residual += the reduced partial sum, RMS-normed first with `norm` where given; plus a
+    /// bias added once, after the AllReduce (the attention output's), or the weighted sum of
+    /// the selected experts' output biases the MoE op left (`routed_bias`).
     AddResidual {
         norm: Option<Vec<f32>>,
+        bias: Option<Vec<f32>>,
+        routed_bias: bool,
     },
     /// `keep`: the sum must stay in `partial` for a normed residual add, rather than being
     /// added to the residual stream straight from the transport's staging.
@@ -105,6 +109,8 @@ struct AttentionExec {
     kv_heads: usize,
     window: Option<usize>,
     scale: f32,
+    /// Index into `CpuBackend::sinks`: this rank's heads' sink logits.
+    sinks: Option<usize>,
 }
 
 /// One RoPE table's parameters and this step's rotations, per (position, pair).
@@ -164,6 +170,8 @@ pub struct CpuBackend {
     moe_scratch: MoeScratch,
     /// One row of a reduced sum being normed before the residual add.
     norm_row: Vec<f32>,
+    /// Attention sink logits of this rank's query heads, per layer that has them.
+    sinks: Vec<Vec<f32>>,
 }
 
 fn slot(buffer: Buffer) -> usize {
@@ -187,6 +195,7 @@ impl CpuBackend {
             .map(|(k, v)| (k, Arc::new(v)))
             .collect();
         let mut program = Vec::new();
+        let mut sinks: Vec<Vec<f32>> = Vec::new();
         let mut max_width = [0usize; 10];
         max_width[slot(Buffer::Residual)] = config.model_dim;
         max_width[slot(Buffer::Normed)] = config.model_dim;
@@ -283,6 +292,22 @@ impl CpuBackend {
                             down: weight(&t.down)?,
                         }),
                     };
+                    // Bias matrices (F32) as values: this rank's columns of its experts, or
+                    // every expert's output bias.
+                    let f32_matrix =
+                        |name: &Option<String>| -> Result<Option<Vec<f32>>, StepError> {
+                            let Some(name) = name else { return Ok(None) };
+                            let w = weight(name)?;
+                            if w.ty != QuantType::F32 {
+                                return Err(StepError::Invalid(format!("{name} is not F32")));
+                            }
+                            Ok(Some(
+                                w.data
+                                    .chunks_exact(4)
+                                    .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                                    .collect(),
+                            ))
+                        };
                     let index = layer;
                     let layer = MoeLayer {
                         router: weight(&tensors.router)?,
@@ -294,6 +319,17 @@ impl CpuBackend {
                         expert_used: moe.expert_used,
                         normalize_selected: moe.normalize_selected,
                         shared,
+                        softmax_selected: moe.softmax_selected,
+                        activation: moe.activation,
+                        router_bias: match &tensors.router_bias {
+                            Some(n) => {
+                                Some(loaded.vectors.get(n).cloned().ok_or_else(|| missing(n))?)
+                            }
+                            None => None,
+                        },
+                        gate_bias: f32_matrix(&tensors.gate_bias)?,
+                        up_bias: f32_matrix(&tensors.up_bias)?,
+                        down_bias: f32_matrix(&tensors.down_bias)?,
                     };
                     let local = layer.experts.len();
                     if layer.router.rows != moe.expert_count
@@ -322,6 +358,22 @@ impl CpuBackend {
                     let spec = &config.layers[layer].attention;
                     max_width[slot(Buffer::Attention)] =
                         max_width[slot(Buffer::Attention)].max(s.q_heads.len() * hd);
+                    let sink_index = match &spec.sinks {
+                        Some(name) => {
+                            let values =
+                                loaded.vectors.remove(name).ok_or_else(|| missing(name))?;
+                            if values.len() != s.q_heads.len() {
+                                return Err(StepError::Invalid(format!(
+                                    "{name}: {} sink logits for {} query heads",
+                                    values.len(),
+                                    s.q_heads.len()
+                                )));
+                            }
+                            sinks.push(values);
+                            Some(sinks.len() - 1)
+                        }
+                        None => None,
+                    };
                     Exec::Attention(AttentionExec {
                         layer,
                         q_start: s.q_heads.start,
@@ -330,18 +382,38 @@ impl CpuBackend {
                         kv_heads: s.kv_heads.len(),
                         window: spec.window,
                         scale: spec.scale,
+                        sinks: sink_index,
                     })
                 }
                 OpKind::Glu { activation } => Exec::Glu {
                     width: 0,
                     activation,
                 },
-                OpKind::AddResidual { norm } => Exec::AddResidual {
-                    norm: match norm {
-                        Some(n) => Some(loaded.vectors.remove(&n).ok_or_else(|| missing(&n))?),
-                        None => None,
-                    },
-                },
+                OpKind::AddResidual {
+                    norm,
+                    bias,
+                    routed_bias,
+                } => {
+                    if norm.is_some() && (bias.is_some() || routed_bias) {
+                        return Err(StepError::Invalid(
+                            "a bias on a sum that is normed before the residual add".into(),
+                        ));
+                    }
+                    let vector = |name: Option<String>| match name {
+                        Some(n) => loaded
+                            .vectors
+                            .get(&n)
+                            .cloned()
+                            .map(Some)
+                            .ok_or_else(|| missing(&n)),
+                        None => Ok(None),
+                    };
+                    Exec::AddResidual {
+                        norm: vector(norm)?,
+                        bias: vector(bias)?,
+                        routed_bias,
+                    }
+                }
                 OpKind::AllReduce { buffer, .. } => Exec::AllReduce {
                     buffer,
                     keep: false,
@@ -361,7 +433,12 @@ impl CpuBackend {
                 };
             }
             if let Exec::AllReduce { buffer, .. } = program[i]
-                && let Some(Exec::AddResidual { norm: Some(_) }) = program.get(i + 1)
+                && let Some(Exec::AddResidual {
+                    norm,
+                    bias,
+                    routed_bias,
+                }) = program.get(i + 1)
+                && (norm.is_some() || bias.is_some() || *routed_bias)
             {
                 program[i] = Exec::AllReduce { buffer, keep: true };
             }
@@ -423,6 +500,7 @@ impl CpuBackend {
             collective_bytes: 0,
             moe_scratch: MoeScratch::default(),
             norm_row: vec![0f32; config.model_dim],
+            sinks,
         })
     }
 }
@@ -575,21 +653,55 @@ impl Backend for CpuBackend {
                                     *g = gelu_tanh(*g) * u;
                                 }
                             }
+                            Activation::SwigluOai => {
+                                for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
+                                    *g = crate::worker::moe::swiglu_oai(*g, *u);
+                                }
+                            }
                         }
                     }
-                    Exec::AddResidual { norm: Some(weight) } => {
+                    Exec::AddResidual {
+                        norm: Some(weight), ..
+                    } => {
                         self.add_normed_residual(weight, batch);
                     }
-                    Exec::AddResidual { norm: None } if self.residual_added => {
+                    Exec::AddResidual { norm: None, .. } if self.residual_added => {
                         self.residual_added = false
                     }
-                    Exec::AddResidual { norm: None } => {
+                    Exec::AddResidual {
+                        norm: None,
+                        bias,
+                        routed_bias,
+                    } => {
                         let residual = &mut self.buffers[slot(Buffer::Residual)];
-                        for (r, p) in residual[..d * batch]
-                            .iter_mut()
-                            .zip(&self.partial[..d * batch])
-                        {
-                            *r = (*r as f64 + p) as f32;
+                        let partial = &mut self.partial[..d * batch];
+                        // Biases join the reduced sum once, after the AllReduce: the experts'
+                        // weighted output biases in f64, the projection's bias as llama.cpp adds
+                        // it, to the f32 output before the residual add.
+                        if *routed_bias {
+                            for (p, b) in partial
+                                .iter_mut()
+                                .zip(&self.moe_scratch.routed_bias[..d * batch])
+                            {
+                                *p += b;
+                            }
+                        }
+                        match bias {
+                            Some(bias) => {
+                                for (rows, sums) in residual[..d * batch]
+                                    .chunks_exact_mut(d)
+                                    .zip(partial.chunks_exact(d))
+                                {
+                                    for ((r, p), b) in rows.iter_mut().zip(sums).zip(bias) {
+                                        *r += *p as f32 + b;
+                                    }
+                                }
+                            }
+                            None => {
+                                for (r, p) in residual[..d * batch].iter_mut().zip(&*partial) {
+                                    *r = (*r as f64 + p) as f32;
+                                }
+                            }
                         }
                     }
                     Exec::AllReduce {
@@ -905,7 +1017,9 @@ impl CpuBackend {
             kv_heads,
             window,
             scale,
+            sinks,
         } = *a;
+        let sinks: Option<&[f32]> = sinks.map(|i| &self.sinks[i][..]);
         let hd = self.config.head_dim;
         let group = self.config.group_size();
         let batch = positions.len();
@@ -956,6 +1070,7 @@ impl CpuBackend {
                     stride,
                     position + 1 - first,
                     scale,
+                    sinks.map_or(f32::NEG_INFINITY, |s| s[h]),
                     scores,
                     dst,
                 );
@@ -1095,7 +1210,7 @@ fn yarn_corrections(
 }
 
 /// GELU in ggml's tanh form: 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))).
-fn gelu_tanh(x: f32) -> f32 {
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
 }

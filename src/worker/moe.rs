@@ -15,7 +15,46 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::kernels::cpu::{PreparedActivations, QuantType, f32_dot, matmul, matmul_f64};
+use crate::model::arch::Activation;
 use crate::worker::shard::Weight;
+
+/// gpt-oss's clamped SwiGLU (ggml's swiglu_oai with alpha 1.702 and limit 7): the gate
+/// clamped from above, the up value to [-7, 7] and shifted by one.
+pub fn swiglu_oai(gate: f32, up: f32) -> f32 {
+    const ALPHA: f32 = 1.702;
+    const LIMIT: f32 = 7.0;
+    let x = gate.min(LIMIT);
+    let y = up.clamp(-LIMIT, LIMIT);
+    x / (1.0 + (ALPHA * -x).exp()) * (y + 1.0)
+}
+
+/// gpt-oss's routing: the `used` largest raw logits (ties to the lower index), weighted by a
+/// softmax over those alone. Writes `(expert, weight)` pairs, best first.
+pub fn route_top_then_softmax(logits: &[f32], used: usize, out: &mut Vec<(usize, f32)>) {
+    let start = out.len();
+    for (expert, &l) in logits.iter().enumerate() {
+        let chosen = &out[start..];
+        let position = chosen
+            .iter()
+            .position(|&(_, q)| l > q)
+            .unwrap_or(chosen.len());
+        if position < used {
+            if chosen.len() == used {
+                out.pop();
+            }
+            out.insert(start + position, (expert, l));
+        }
+    }
+    let max = out[start..].first().map_or(0.0, |&(_, l)| l);
+    let mut sum = 0f32;
+    for (_, w) in &mut out[start..] {
+        *w = (*w - max).exp();
+        sum += *w;
+    }
+    for (_, w) in &mut out[start..] {
+        *w /= sum;
+    }
+}
 
 /// The expert that every token also goes through (qwen2moe), scaled by a sigmoid gate.
 pub struct SharedExpert {
@@ -41,6 +80,16 @@ pub struct MoeLayer {
     pub expert_used: usize,
     pub normalize_selected: bool,
     pub shared: Option<SharedExpert>,
+    /// gpt-oss: top-k of the raw logits, then a softmax over those.
+    pub softmax_selected: bool,
+    pub activation: Activation,
+    /// gpt-oss's biases: on the router logits (`[experts]`), on this rank's gate and up
+    /// columns of each owned expert (`width` per expert), and each expert's output
+    /// (`[experts][d_model]`, whole: the weighted sum is added after the AllReduce).
+    pub router_bias: Option<Vec<f32>>,
+    pub gate_bias: Option<Vec<f32>>,
+    pub up_bias: Option<Vec<f32>>,
+    pub down_bias: Option<Vec<f32>>,
 }
 
 /// Buffers kept between steps; they only grow.
@@ -58,6 +107,9 @@ pub struct MoeScratch {
     ffn: FfnScratch,
     /// Expert FFNs computed in the last forward: one per distinct expert of the batch.
     pub expert_passes: usize,
+    /// Per token, `d_model` values: the weighted sum of its selected experts' output biases,
+    /// added to the residual after the layer's AllReduce (gpt-oss).
+    pub routed_bias: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -135,6 +187,28 @@ fn swiglu_ffn(
     width: usize,
     s: &mut FfnScratch,
 ) {
+    gated_ffn(
+        (gate_ty, gate_w),
+        (up_ty, up_w),
+        (down_ty, down_w),
+        input,
+        (n, d, width),
+        (Activation::Silu, None, None),
+        s,
+    )
+}
+
+/// `swiglu_ffn` with another activation and biases on this expert's gate and up columns.
+#[allow(clippy::type_complexity)]
+fn gated_ffn(
+    (gate_ty, gate_w): (QuantType, &[u8]),
+    (up_ty, up_w): (QuantType, &[u8]),
+    (down_ty, down_w): (QuantType, &[u8]),
+    input: &[f32],
+    (n, d, width): (usize, usize, usize),
+    (activation, gate_bias, up_bias): (Activation, Option<&[f32]>, Option<&[f32]>),
+    s: &mut FfnScratch,
+) {
     s.prepared.prepare(gate_ty, &input[..n * d], d, n);
     let gate = grow(&mut s.gate, n * width);
     matmul(gate_ty, gate_w, width, d, &s.prepared, gate);
@@ -143,8 +217,31 @@ fn swiglu_ffn(
     }
     let up = grow(&mut s.up, n * width);
     matmul(up_ty, up_w, width, d, &s.prepared, up);
-    for (g, u) in gate.iter_mut().zip(up.iter()) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    for (rows, bias) in [(&mut *gate, gate_bias), (&mut *up, up_bias)] {
+        if let Some(bias) = bias {
+            for row in rows.chunks_exact_mut(width) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+    }
+    match activation {
+        Activation::SwigluOai => {
+            for (g, u) in gate.iter_mut().zip(up.iter()) {
+                *g = swiglu_oai(*g, *u);
+            }
+        }
+        Activation::GeluTanh => {
+            for (g, u) in gate.iter_mut().zip(up.iter()) {
+                *g = crate::worker::executor::gelu_tanh(*g) * u;
+            }
+        }
+        Activation::Silu => {
+            for (g, u) in gate.iter_mut().zip(up.iter()) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        }
     }
     s.prepared.prepare(down_ty, gate, width, n);
     matmul_f64(
@@ -169,7 +266,9 @@ impl MoeLayer {
         s: &mut MoeScratch,
     ) {
         s.expert_passes = 0;
-        if self.width > 0 && !self.experts.is_empty() {
+        // With output biases every rank routes every token (their weighted sum is added once,
+        // after the AllReduce, on every rank), even one without columns of any expert.
+        if (self.width > 0 && !self.experts.is_empty()) || self.down_bias.is_some() {
             self.routed_experts(normed, batch, d, out, s);
         }
         if let Some(shared) = &self.shared {
@@ -200,12 +299,37 @@ impl MoeLayer {
         );
         s.selected.clear();
         for row in logits.chunks_exact_mut(expert_count) {
-            route(
-                row,
-                self.expert_used,
-                self.normalize_selected,
-                &mut s.selected,
-            );
+            if let Some(bias) = &self.router_bias {
+                for (l, b) in row.iter_mut().zip(bias) {
+                    *l += b;
+                }
+            }
+            if self.softmax_selected {
+                route_top_then_softmax(row, self.expert_used, &mut s.selected);
+            } else {
+                route(
+                    row,
+                    self.expert_used,
+                    self.normalize_selected,
+                    &mut s.selected,
+                );
+            }
+        }
+        if let Some(bias) = &self.down_bias {
+            let sums = grow(&mut s.routed_bias, batch * d);
+            sums.fill(0.0);
+            for (i, &(e, w)) in s.selected.iter().enumerate() {
+                let b = i / self.expert_used;
+                for (o, v) in sums[b * d..(b + 1) * d]
+                    .iter_mut()
+                    .zip(&bias[e * d..(e + 1) * d])
+                {
+                    *o += w as f64 * *v as f64;
+                }
+            }
+        }
+        if self.width == 0 || self.experts.is_empty() {
+            return;
         }
         // Bucket the (token, weight) pairs by owned expert in one pass (a counting sort, tokens
         // ascending within each expert).
@@ -248,17 +372,18 @@ impl MoeLayer {
                 input[i * d..(i + 1) * d].copy_from_slice(&normed[b * d..(b + 1) * d]);
             }
             let rows = local * width..(local + 1) * width;
-            swiglu_ffn(
+            let gate_bias = self.gate_bias.as_ref().map(|b| &b[rows.clone()]);
+            let up_bias = self.up_bias.as_ref().map(|b| &b[rows.clone()]);
+            gated_ffn(
                 (self.gate.ty, rows_of(&self.gate, rows.clone())),
-                (self.up.ty, rows_of(&self.up, rows)),
+                (self.up.ty, rows_of(&self.up, rows.clone())),
                 (
                     self.down.ty,
                     rows_of(&self.down, local * d..(local + 1) * d),
                 ),
                 input,
-                n,
-                d,
-                width,
+                (n, d, width),
+                (self.activation, gate_bias, up_bias),
                 &mut s.ffn,
             );
             for (i, &(b, w)) in routed.iter().enumerate() {
@@ -422,6 +547,12 @@ mod tests {
                     up: f32_weight(shared.len(), d, shared_weights[1].clone().into_iter()),
                     down: f32_weight(d, shared.len(), shared_weights[2].clone().into_iter()),
                 }),
+                softmax_selected: false,
+                activation: Activation::Silu,
+                router_bias: None,
+                gate_bias: None,
+                up_bias: None,
+                down_bias: None,
             }
         }
 

@@ -29,6 +29,8 @@ pub const LLAMA_LINEAR_SYNTH: &str = "dense-synthetic-llama-linear.gguf";
 pub const LLAMA_YARN_SYNTH: &str = "dense-synthetic-llama-yarn.gguf";
 pub const MIXTRAL_SYNTH: &str = "dense-synthetic-mixtral.gguf";
 pub const GEMMA3_SYNTH: &str = "dense-synthetic-gemma3.gguf";
+/// The synthetic gpt-oss model (tests/data/golden/gptoss-synthetic).
+pub const GPTOSS_SYNTH: &str = "gptoss-synthetic.gguf";
 
 pub fn model_dir() -> PathBuf {
     match std::env::var_os("TP_MODEL_DIR") {

@@ -61,7 +61,8 @@ struct Kernels {
     f32_dot: unsafe fn(&[f32], &[f32]) -> f32,
     sum_exp: unsafe fn(&[f32], f32) -> f64,
     #[allow(clippy::type_complexity)]
-    attend: unsafe fn(&[f16], *const f16, *const f16, usize, usize, f32, &mut [f32], &mut [f32]),
+    attend:
+        unsafe fn(&[f16], *const f16, *const f16, usize, usize, f32, f32, &mut [f32], &mut [f32]),
     dot_f32: unsafe fn(&[u8], &[f32]) -> f32,
     dot_f16: unsafe fn(&[u8], &[f16]) -> f32,
     dot_bf16: unsafe fn(&[u8], &[bf16]) -> f32,
@@ -745,7 +746,8 @@ fn sum_exp_with(k: &'static Kernels, row: &[f32], max: f32) -> f64 {
 /// Attention of one query row over positions `0..n` of one KV head of the F16 cache:
 /// softmax(q·k_t * scale) weighted sum of v_t, into `out`. `keys`/`values` start at position
 /// 0 and hold a row every `stride` elements; `scores` is scratch that grows to `n`. The query is
-/// f16 because llama.cpp rounds it so before dotting it with the cache.
+/// f16 because llama.cpp rounds it so before dotting it with the cache. A finite `sink` joins
+/// the softmax as a logit without a value (gpt-oss); `f32::NEG_INFINITY` is none.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     query: &[f16],
@@ -754,6 +756,7 @@ pub fn attend(
     stride: usize,
     n: usize,
     scale: f32,
+    sink: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -765,6 +768,7 @@ pub fn attend(
         stride,
         n,
         scale,
+        sink,
         scores,
         out,
     )
@@ -779,6 +783,7 @@ fn attend_with(
     stride: usize,
     n: usize,
     scale: f32,
+    sink: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -804,6 +809,7 @@ fn attend_with(
             stride,
             n,
             scale,
+            sink,
             scores,
             out,
         )

@@ -1246,7 +1246,8 @@ pub fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
 
 /// One query row's attention over positions `0..n` of one KV head: `scores[t] = q·k_t *
 /// scale`, a softmax over them, `out = Σ_t p_t v_t`. Row `t` of the keys and values starts at
-/// `t * stride`; `scores` holds at least `n` values of scratch.
+/// `t * stride`; `scores` holds at least `n` values of scratch. A finite `sink` is a logit with
+/// no value that joins the softmax (gpt-oss's attention sinks); `-inf` is none.
 ///
 /// # Safety
 /// `k` and `v` are valid for `(n - 1) * stride + q.len()` elements, `out.len() == q.len()`.
@@ -1257,6 +1258,7 @@ pub unsafe fn attend(
     stride: usize,
     n: usize,
     scale: f32,
+    sink: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
@@ -1272,7 +1274,8 @@ pub unsafe fn attend(
         *score = dot * scale;
         max = max.max(*score);
     }
-    let sum = softmax_weights(&mut scores[..n], max);
+    let max = max.max(sink);
+    let sum = softmax_weights(&mut scores[..n], max) + (sink - max).exp();
     out.fill(0.0);
     for (t, &p) in scores[..n].iter().enumerate() {
         // SAFETY: as above.

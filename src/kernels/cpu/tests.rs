@@ -64,10 +64,11 @@ fn attend(
     stride: usize,
     n: usize,
     scale: f32,
+    sink: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    attend_with(current(), q, k, v, stride, n, scale, scores, out)
+    attend_with(current(), q, k, v, stride, n, scale, sink, scores, out)
 }
 
 /// [`super::sum_exp`] with the kernel set under test (shadows the glob import).
@@ -1475,13 +1476,18 @@ fn bench_pool_overhead() {
 // attention
 
 /// The selected attention kernel against the scalar reference, for head sizes with and without
-/// a register form, context lengths around the 8-lane tail, and a strided cache layout.
+/// a register form, context lengths around the 8-lane tail, a strided cache layout, and with
+/// and without a sink logit (gpt-oss); a sink only rescales the output, by the share of the
+/// softmax it takes.
 #[test]
 fn attend_matches_reference() {
     for_each_simd_table(|| {
         let mut rng = Rng::new(31);
         for hd in [32usize, 64, 72, 128, 192, 256] {
-            for n in [1usize, 7, 8, 9, 33, 300] {
+            for (n, sink) in [1usize, 7, 8, 9, 33, 300]
+                .into_iter()
+                .flat_map(|n| [(n, f32::NEG_INFINITY), (n, 0.7), (n, -3.0)])
+            {
                 let stride = 3 * hd; // three KV heads per position
                 let cache = |rng: &mut Rng| -> Vec<f16> {
                     random_acts(rng, (n - 1) * stride + hd)
@@ -1504,6 +1510,7 @@ fn attend_matches_reference() {
                     stride,
                     n,
                     scale,
+                    sink,
                     &mut scores,
                     &mut out,
                 );
@@ -1518,10 +1525,48 @@ fn attend_matches_reference() {
                         stride,
                         n,
                         scale,
+                        sink,
                         &mut ref_scores,
                         &mut ref_out,
                     )
                 };
+                if sink.is_finite() {
+                    // Against the output without a sink, scaled by 1 - p(sink) (in f64).
+                    let mut plain = vec![f32::NAN; hd];
+                    unsafe {
+                        reference::attend(
+                            &query,
+                            keys.as_ptr(),
+                            values.as_ptr(),
+                            stride,
+                            n,
+                            scale,
+                            f32::NEG_INFINITY,
+                            &mut ref_scores,
+                            &mut plain,
+                        )
+                    };
+                    let logits: Vec<f64> = (0..n)
+                        .map(|t| {
+                            let key = &keys[t * stride..t * stride + hd];
+                            let dot: f64 = query
+                                .iter()
+                                .zip(key)
+                                .map(|(a, b)| a.to_f64() * b.to_f64())
+                                .sum();
+                            dot * scale as f64
+                        })
+                        .collect();
+                    let sum: f64 = logits.iter().map(|l| l.exp()).sum();
+                    let keep = sum / (sum + (sink as f64).exp());
+                    for (a, b) in ref_out.iter().zip(&plain) {
+                        let want = *b as f64 * keep;
+                        assert!(
+                            (*a as f64 - want).abs() <= 1e-4 * want.abs().max(0.01),
+                            "hd {hd} n {n} sink {sink}: {a} vs {want}"
+                        );
+                    }
+                }
                 for (i, (a, b)) in out.iter().zip(&ref_out).enumerate() {
                     assert!(
                         (a - b).abs() <= 2e-5 * b.abs().max(0.1),

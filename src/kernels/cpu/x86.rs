@@ -326,6 +326,7 @@ unsafe fn attend_body<const C: usize>(
     stride: usize,
     n: usize,
     scale: f32,
+    sink: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
@@ -352,7 +353,10 @@ unsafe fn attend_body<const C: usize>(
             *scores.get_unchecked_mut(t) = score;
             max = max.max(score);
         }
-        let sum = crate::kernels::cpu::reference::softmax_weights(&mut scores[..n], max);
+        // A sink joins the softmax's maximum and denominator (llama.cpp's soft_max with sinks).
+        let max = max.max(sink);
+        let sum = crate::kernels::cpu::reference::softmax_weights(&mut scores[..n], max)
+            + (sink - max).exp();
         let mut acc = [_mm256_setzero_ps(); C];
         for t in 0..n {
             let p = _mm256_set1_ps(*scores.get_unchecked(t));
@@ -382,21 +386,22 @@ kernel_fn! {
         stride: usize,
         n: usize,
         scale: f32,
+        sink: f32,
         scores: &mut [f32],
         out: &mut [f32],
     ) {
         unsafe {
             match q.len() {
-                32 => attend_body::<4>(q, k, v, stride, n, scale, scores, out),
-                64 => attend_body::<8>(q, k, v, stride, n, scale, scores, out),
-                80 => attend_body::<10>(q, k, v, stride, n, scale, scores, out),
-                96 => attend_body::<12>(q, k, v, stride, n, scale, scores, out),
-                128 => attend_body::<16>(q, k, v, stride, n, scale, scores, out),
+                32 => attend_body::<4>(q, k, v, stride, n, scale, sink, scores, out),
+                64 => attend_body::<8>(q, k, v, stride, n, scale, sink, scores, out),
+                80 => attend_body::<10>(q, k, v, stride, n, scale, sink, scores, out),
+                96 => attend_body::<12>(q, k, v, stride, n, scale, sink, scores, out),
+                128 => attend_body::<16>(q, k, v, stride, n, scale, sink, scores, out),
                 // Wider than the register file: the query and accumulators spill to L1, still
                 // far ahead of the scalar loop (Gemma 3's heads are 256).
-                192 => attend_body::<24>(q, k, v, stride, n, scale, scores, out),
-                256 => attend_body::<32>(q, k, v, stride, n, scale, scores, out),
-                _ => crate::kernels::cpu::reference::attend(q, k, v, stride, n, scale, scores, out),
+                192 => attend_body::<24>(q, k, v, stride, n, scale, sink, scores, out),
+                256 => attend_body::<32>(q, k, v, stride, n, scale, sink, scores, out),
+                _ => crate::kernels::cpu::reference::attend(q, k, v, stride, n, scale, sink, scores, out),
             }
         }
     }

@@ -16,6 +16,10 @@ pub struct AttentionOptions {
     pub scale: f32,
     /// The name of the norm applied to the attention output before the residual add.
     pub post_norm: Option<&'static str>,
+    /// A bias on the attention output (added once, after the AllReduce).
+    pub output_bias: bool,
+    /// Attention sinks (`attn_sinks`, one logit per query head).
+    pub sinks: bool,
 }
 
 impl AttentionOptions {
@@ -28,6 +32,8 @@ impl AttentionOptions {
             window: None,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             post_norm: None,
+            output_bias: false,
+            sinks: false,
         }
     }
 }
@@ -50,7 +56,7 @@ pub fn attention(t: &mut Tensors, c: &Common, layer: usize, o: &AttentionOptions
         v: v_proj,
         output: LinearSpec {
             weight: t.layer(layer, "attn_output", &[q, d]),
-            bias: None,
+            bias: o.output_bias.then(|| t.layer_bias(layer, "attn_output", d)),
         },
         qk_norm: o.qk_norm.then(|| {
             (
@@ -62,6 +68,9 @@ pub fn attention(t: &mut Tensors, c: &Common, layer: usize, o: &AttentionOptions
         window: o.window,
         scale: o.scale,
         post_norm: o.post_norm.map(|n| t.layer(layer, n, &[d])),
+        sinks: o
+            .sinks
+            .then(|| t.layer(layer, "attn_sinks", &[c.head_count])),
     }
 }
 
@@ -102,7 +111,30 @@ pub fn moe_ffn(
             up: t.layer(layer, "ffn_up_shexp", &[d, s]),
             down: t.layer(layer, "ffn_down_shexp", &[s, d]),
         }),
+        router_bias: None,
+        gate_bias: None,
+        up_bias: None,
+        down_bias: None,
     })
+}
+
+/// `moe_ffn` with gpt-oss's biases on the router and on every expert's gate, up and down.
+pub fn biased_moe_ffn(
+    t: &mut Tensors,
+    c: &Common,
+    layer: usize,
+    moe: &MoeConfig,
+    width: usize,
+) -> FfnSpec {
+    let (d, e) = (c.model_dim, moe.expert_count);
+    let FfnSpec::Moe(mut tensors) = moe_ffn(t, c, layer, moe, width) else {
+        unreachable!("moe_ffn builds a mixture")
+    };
+    tensors.router_bias = Some(t.layer_bias(layer, "ffn_gate_inp", e));
+    tensors.gate_bias = Some(t.add(format!("blk.{layer}.ffn_gate_exps.bias"), &[width, e]));
+    tensors.up_bias = Some(t.add(format!("blk.{layer}.ffn_up_exps.bias"), &[width, e]));
+    tensors.down_bias = Some(t.add(format!("blk.{layer}.ffn_down_exps.bias"), &[d, e]));
+    FfnSpec::Moe(tensors)
 }
 
 /// The routed experts' hyper-parameters: `expert_count`, `expert_used_count`.
@@ -117,6 +149,8 @@ pub fn moe_config(
         expert_count,
         expert_used,
         normalize_selected,
+        softmax_selected: false,
+        activation: Activation::Silu,
         shared_ffn_dim,
         shared_down_block: Vec::new(),
     })

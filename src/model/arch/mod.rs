@@ -12,6 +12,7 @@
 
 mod blocks;
 mod gemma3;
+mod gptoss;
 mod llama;
 mod qwen2;
 mod qwen3;
@@ -28,6 +29,7 @@ const FAMILIES: &[(&str, Describe)] = &[
     ("qwen3", qwen3::describe),
     ("qwen3moe", qwen3::describe_moe),
     ("gemma3", gemma3::describe),
+    ("gpt-oss", gptoss::describe),
 ];
 
 type Describe = fn(&Metadata) -> Result<ModelConfig, ArchError>;
@@ -46,6 +48,11 @@ pub struct MoeConfig {
     pub expert_count: usize,
     pub expert_used: usize,
     pub normalize_selected: bool,
+    /// gpt-oss: the `expert_used` largest raw logits, weighted by a softmax over those alone
+    /// (instead of a softmax over every expert first).
+    pub softmax_selected: bool,
+    /// The experts' gated activation (SwiGLU, or gpt-oss's clamped form).
+    pub activation: Activation,
     /// Width of the shared expert that every token also goes through (qwen2moe), whose output
     /// is scaled by `sigmoid(ffn_gate_inp_shexp · x)`.
     pub shared_ffn_dim: Option<usize>,
@@ -101,6 +108,9 @@ pub enum Activation {
     Silu,
     /// GeGLU with the tanh approximation of GELU (ggml_gelu): gelu(gate) * up.
     GeluTanh,
+    /// gpt-oss's clamped SwiGLU (ggml_swiglu_oai): with g = min(gate, 7) and
+    /// u = clamp(up, -7, 7), g * sigmoid(1.702 g) * (u + 1).
+    SwigluOai,
 }
 
 /// The attention half of a layer.
@@ -122,6 +132,9 @@ pub struct AttentionSpec {
     pub scale: f32,
     /// RMSNorm of the attention output (after its AllReduce) before the residual add.
     pub post_norm: Option<String>,
+    /// `[heads]`: one learned logit per query head that joins its softmax (gpt-oss), with no
+    /// value: it takes a share of the attention and gives nothing back.
+    pub sinks: Option<String>,
 }
 
 /// The tensors of a mixture-of-experts FFN.
@@ -134,6 +147,13 @@ pub struct MoeTensors {
     pub up: String,
     pub down: String,
     pub shared: Option<SharedExpertTensors>,
+    /// Biases (gpt-oss): `[experts]` on the router logits, `[width, experts]` on gate and up,
+    /// `[d_model, experts]` on each expert's output (added after the layer's AllReduce, as the
+    /// weighted sum of the selected experts' biases).
+    pub router_bias: Option<String>,
+    pub gate_bias: Option<String>,
+    pub up_bias: Option<String>,
+    pub down_bias: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -599,9 +619,22 @@ impl ModelConfig {
                 activation: Activation::GeluTanh,
                 ..
             } => "GeGLU FFN".to_string(),
+            FfnSpec::Gated {
+                activation: Activation::SwigluOai,
+                ..
+            } => "clamped SwiGLU FFN".to_string(),
             FfnSpec::Moe(m) if m.shared.is_some() => "experts + shared expert".to_string(),
+            FfnSpec::Moe(m) if m.down_bias.is_some() => {
+                "experts with biases, clamped SwiGLU, softmax over the selected".to_string()
+            }
             FfnSpec::Moe(_) => "experts".to_string(),
         });
+        if first.attention.sinks.is_some() {
+            traits.push("attention sinks".into());
+        }
+        if first.attention.output.bias.is_some() {
+            traits.push("output-projection bias".into());
+        }
         if first.attention.q.bias.is_some() {
             traits.push("QKV biases".into());
         }
