@@ -144,7 +144,7 @@ fetch_gptoss() {
     --tokenizer-from "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$model_dir/$name.part" 2>/dev/null ||
     { echo "fetch-models: writing $name failed" >&2; rm -f "$model_dir/$name.part"; exit 1; }
   # The golden data in tests/data/golden/gptoss-synthetic belong to these bytes.
-  check_sha "$model_dir/$name.part" a9158193a84019e7e05c18b6cb53cec5344d9293a650193cd349907c232e82ab
+  check_sha "$model_dir/$name.part" 2956b695022c007ad97c022a721c562f7299ec0fcb71c869f54a0988a418499d
   mv "$model_dir/$name.part" "$model_dir/$name"
 }
 

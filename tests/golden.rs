@@ -547,9 +547,10 @@ async fn gptoss_matches_llama_cpp_at_tp_1_2_3_4_under_both_splits() {
         (MoeSplit::Tensor, &[1, 2, 3, 4][..]),
         (MoeSplit::Expert, &[2, 3, 4][..]),
     ] {
-        check_generation_with(
+        check_generation_against(
             GPTOSS_SYNTH,
             "gptoss-synthetic/generate.json",
+            Some("gptoss-synthetic/generate_fa_off.json"),
             ranks,
             split,
             1024,

@@ -93,7 +93,7 @@ def perplexity(args, name):
                         "chunks": len(running), "ppl": float(final.group(1)), "ppl_stderr": float(final.group(2)),
                         "running_ppl": running})
     json.dump({"producer": "llama.cpp b11312 (llama-perplexity, CPU backend)", "model": name,
-               "text_file": "../ppl_text.txt", "text_tokens": 7638, "results": results},
+               "text_file": "../ppl_text.txt", "text_tokens": args.text_tokens, "results": results},
               open(os.path.join(args.out, "ppl.json"), "w"), indent=1)
 
 
@@ -104,6 +104,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--prompts", default=os.path.join(HERE, "..", "moe-synthetic", "generate.json"))
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--text-tokens", type=int, default=7638,
+                    help="tokens of ../ppl_text.txt under the model's tokenizer (llama-tokenize -f, no special parsing);"
+                         " 7638 for the SmolLM2 vocabulary with its own pre-tokenizer")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra llama-server argument (e.g. --server-arg=-fa --server-arg=off)")
     ap.add_argument("--generate-name", default="generate.json", help="file name of the generations")

@@ -7,8 +7,9 @@ What it exercises, as llama.cpp reads the architecture (src/models/openai-moe.cp
   - biases on Q, K, V, the attention output, the router and every expert's gate, up and down rows;
   - 8 query heads and 2 KV heads of 64 (queries 512 wide, twice d_model: the head size comes from key_length);
   - NEOX RoPE, base 150,000, YaRN factor 32 over an original context of 256 (prompts reach 688 positions);
-  - 8 experts of 128 columns, 2 used per token, routed by the top-2 biased logits and a softmax over those two;
-    experts in MXFP4 (gguf-py's encoder), gate/up rows scaled so that the clamped SwiGLU's limit of 7 is reached;
+  - 4 experts of 128 columns, 2 used per token, routed by the top-2 biased logits and a softmax over those two;
+    experts in MXFP4 (gguf-py's encoder); 4% of the gate biases are +9 and 6% of the up biases +-9, so the clamped
+    SwiGLU's limits (gate at 7 from above, up to [-7, 7]) always act on those columns;
   - the other matrices in Q8_0 (bit-exact, from ../moe-synthetic/make_moe_gguf.py), norms, biases, sinks and the
     router in F32, an untied output head;
   - the SmolLM2 vocabulary (BPE with merges) under the `gpt-4o` pre-tokenizer name.
@@ -33,7 +34,7 @@ from make_moe_gguf import printable_mask, quantize_q8_0, read_tokenizer  # noqa:
 SEED = 20261206
 D, H, HKV, HD = 256, 8, 2, 64
 LAYERS, WINDOW = 4, 32
-EXPERTS, USED, FF = 8, 2, 128
+EXPERTS, USED, FF = 4, 2, 128
 
 
 def build(n_vocab, printable, seed):
@@ -60,13 +61,22 @@ def build(n_vocab, printable, seed):
         # Sinks of the order of the attention logits: they take a real share of each softmax.
         W.append((p + "attn_sinks.weight", normal((H,), 1.0, mean=1.0), "f32"))
         W.append((p + "post_attention_norm.weight", unif((D,)), "f32"))
-        W.append((p + "ffn_gate_inp.weight", normal((EXPERTS, D), 2.5 / 16.0), "f32"))
+        # A sharp router: near-ties between the 2nd and 3rd expert, where a rounding flips a whole
+        # expert (llama.cpp disagrees with itself there), stay rare.
+        W.append((p + "ffn_gate_inp.weight", normal((EXPERTS, D), 5.0 / 16.0), "f32"))
         W.append((p + "ffn_gate_inp.bias", normal((EXPERTS,), 0.5), "f32"))
-        # Gate and up pre-activations ~ N(0, 9): a few per cent pass the clamp at 7.
-        W.append((p + "ffn_gate_exps.weight", normal((EXPERTS, FF, D), 3.0 / 16.0), "mxfp4"))
-        W.append((p + "ffn_gate_exps.bias", normal((EXPERTS, FF), 0.1), "f32"))
-        W.append((p + "ffn_up_exps.weight", normal((EXPERTS, FF, D), 3.0 / 16.0), "mxfp4"))
-        W.append((p + "ffn_up_exps.bias", normal((EXPERTS, FF), 0.1), "f32"))
+        # Gate and up pre-activations ~ N(0, 2.25) plus their biases; the columns whose bias is
+        # +-9 sit beyond the clamp, where its output no longer depends on the input (larger random
+        # pre-activations would make the model chaotic: every rounding difference would flip tokens).
+        W.append((p + "ffn_gate_exps.weight", normal((EXPERTS, FF, D), 1.5 / 16.0), "mxfp4"))
+        gate_bias = normal((EXPERTS, FF), 0.1)
+        clamped = rs.uniform(size=(EXPERTS, FF)) < 0.04
+        W.append((p + "ffn_gate_exps.bias", np.where(clamped, 9.0, gate_bias).astype(np.float32), "f32"))
+        W.append((p + "ffn_up_exps.weight", normal((EXPERTS, FF, D), 1.5 / 16.0), "mxfp4"))
+        up_bias = normal((EXPERTS, FF), 0.1)
+        clamped = rs.uniform(size=(EXPERTS, FF)) < 0.06
+        sign = np.where(rs.uniform(size=(EXPERTS, FF)) < 0.5, -9.0, 9.0)
+        W.append((p + "ffn_up_exps.bias", np.where(clamped, sign, up_bias).astype(np.float32), "f32"))
         W.append((p + "ffn_down_exps.weight", normal((EXPERTS, D, FF), 1.0 / (3.0 * math.sqrt(FF))), "mxfp4"))
         W.append((p + "ffn_down_exps.bias", normal((EXPERTS, D), 0.1), "f32"))
     W.append(("output_norm.weight", unif((D,)), "f32"))
