@@ -192,6 +192,25 @@ async fn mixtral_is_bit_identical_across_both_moe_splits() {
     .await;
 }
 
+/// gpt-oss: sinks split with their query heads (4 ranks split the 2 KV heads by query head),
+/// biases added once after each AllReduce, experts by columns and whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gptoss_is_bit_identical_across_both_moe_splits() {
+    check_exact(
+        GPTOSS_SYNTH,
+        &[
+            (&[1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0, 1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0, 1.0, 1.0], MoeSplit::Tensor),
+            (&[2.0, 1.0], MoeSplit::Tensor),
+            (&[1.0, 1.0], MoeSplit::Expert),
+            (&[1.0, 1.0, 1.0], MoeSplit::Expert),
+        ],
+    )
+    .await;
+}
+
 /// Gemma 3: one KV head, so every split above one rank is by query head with the KV head
 /// replicated; sliding-window and global layers, post-norms after each AllReduce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
