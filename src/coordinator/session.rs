@@ -164,9 +164,6 @@ pub struct Session {
     pub max_context: usize,
     /// KV-cache slots on every worker.
     pub sequences: usize,
-    /// A step failed: before the next one, every worker must answer and the model is loaded
-    /// again (a restarted worker has no shard; the others' collectives were torn down).
-    broken: bool,
     /// Per worker: bytes contributed to AllReduces since the session started.
     pub collective_bytes: Vec<u64>,
     /// Summed over steps: the busiest worker's work (compute outside AllReduce) and the
@@ -257,7 +254,6 @@ impl Session {
             max_batch,
             max_context,
             sequences: sequences.max(1),
-            broken: false,
             collective_bytes: Vec::new(),
             work_seconds: WorkSeconds::default(),
         };
@@ -288,7 +284,7 @@ impl Session {
     /// Whether the cluster must be re-formed before the next step: a step failed, or the
     /// heartbeat found a worker restarted (it holds no shard).
     pub fn needs_recovery(&self) -> bool {
-        self.broken || self.cluster.health.needs_reform()
+        self.cluster.health.needs_reform()
     }
 
     /// Re-forms the cluster: fails fast while a worker is missing; once all answer, sends every
@@ -300,7 +296,6 @@ impl Session {
         let started = Instant::now();
         tracing::warn!("every worker answers: re-forming the cluster");
         let replies = self.load().await.context("re-forming the cluster")?;
-        self.broken = false;
         let loaded: Vec<usize> = (0..replies.len()).filter(|&r| !replies[r].kept).collect();
         tracing::warn!(
             seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
@@ -332,7 +327,6 @@ impl Session {
                 self.work_seconds.mean += work.sum::<f64>() / replies.len().max(1) as f64;
             }
             Err(e) => {
-                self.broken = true;
                 self.cluster
                     .health
                     .set_broken(format!("a step failed: {e:#}"));
