@@ -127,7 +127,7 @@ async fn a_worker_that_panics_exits_and_only_it_loads_again() {
     // The heartbeat names the missing worker (what /health reports).
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let unready = session.cluster.health.unready(&addresses);
+        let unready = session.cluster.health.unready();
         let (_, workers) = unready.expect("the cluster is not ready while a worker is gone");
         if workers.iter().any(|w| w.rank == 1) {
             break;
@@ -163,7 +163,7 @@ async fn a_worker_that_panics_exits_and_only_it_loads_again() {
         "the restarted worker loaded its shard"
     );
     assert_eq!(greedy(&mut session, 16).await.unwrap(), reference);
-    assert!(session.cluster.health.unready(&addresses).is_none());
+    assert!(session.cluster.health.unready().is_none());
     drop(survivor);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -234,6 +234,8 @@ pub struct Cluster {
 /// whether one is a new process, a failed step that the cluster must re-form.
 #[derive(Debug, Default)]
 pub struct Health {
+    /// Each rank's address, for naming it.
+    addresses: Vec<String>,
     state: std::sync::Mutex<HealthState>,
 }
 
@@ -279,6 +281,13 @@ pub struct WorkerProblem {
 }
 
 impl Health {
+    fn new(addresses: Vec<String>) -> Health {
+        Health {
+            addresses,
+            state: Default::default(),
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, HealthState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -314,7 +323,7 @@ impl Health {
 
     /// Why the cluster cannot serve now, if it cannot: a failed step not yet re-formed, or
     /// workers that do not answer or restarted.
-    pub fn unready(&self, addresses: &[String]) -> Option<(String, Vec<WorkerProblem>)> {
+    pub fn unready(&self) -> Option<(String, Vec<WorkerProblem>)> {
         let state = self.state();
         let workers: Vec<WorkerProblem> = state
             .problems
@@ -323,7 +332,7 @@ impl Health {
             .filter_map(|(rank, p)| {
                 Some(WorkerProblem {
                     rank,
-                    address: addresses.get(rank).cloned().unwrap_or_default(),
+                    address: self.addresses.get(rank).cloned().unwrap_or_default(),
                     problem: p.as_ref()?.to_string(),
                 })
             })
@@ -541,7 +550,9 @@ impl Cluster {
         // and records who answers (and as which process) for /health.
         let clients: Vec<Client> = workers.iter().map(|w| w.client.clone()).collect();
         let interval = limits.heartbeat_interval;
-        let health = std::sync::Arc::new(Health::default());
+        let health = std::sync::Arc::new(Health::new(
+            workers.iter().map(|w| w.address.clone()).collect(),
+        ));
         let watched = health.clone();
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);

@@ -61,7 +61,6 @@ struct Ready {
     jobs: mpsc::UnboundedSender<Job>,
     /// Which workers answer, and whether the cluster must re-form (`/health`).
     health: Arc<crate::coordinator::cluster::Health>,
-    addresses: Vec<String>,
 }
 
 struct AppState {
@@ -205,12 +204,6 @@ pub async fn serve(
         slots: session.sequences,
         jobs: jobs_tx,
         health: session.cluster.health.clone(),
-        addresses: session
-            .cluster
-            .workers
-            .iter()
-            .map(|w| w.address.clone())
-            .collect(),
     });
     eprintln!(
         "ready: {} sequence slots of {} tokens",
@@ -306,7 +299,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     };
-    match ready.health.unready(&ready.addresses) {
+    match ready.health.unready() {
         None => axum::Json(json!({"status": "ok"})).into_response(),
         Some((error, workers)) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -728,12 +721,7 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
         return ApiError::invalid("the prompt is empty", Some("prompt")).into_response();
     }
     let (model, max_context, slots, unready) = match state.ready.read().unwrap().as_ref() {
-        Some(r) => (
-            r.model.clone(),
-            r.max_context,
-            r.slots,
-            r.health.unready(&r.addresses),
-        ),
+        Some(r) => (r.model.clone(), r.max_context, r.slots, r.health.unready()),
         None => return not_ready().into_response(),
     };
     // A worker is down or the cluster is re-forming: say so now (503, retry later) rather
