@@ -77,18 +77,17 @@ pub fn step_replies(data: &[u8]) {
     };
     let vocab_size = 1 + ((*vocab_high as usize) << 8 | *vocab_low as usize);
     let slice = (*start as usize).min(vocab_size - 1)..vocab_size;
-    let request = proto::StepRequest {
+    let request = crate::coordinator::cluster::ReplyShape {
         step: 7,
-        output_rows: (0..*rows as u32 % 16).collect(),
+        rows: *rows as usize % 16,
         top_k: *top as u32,
         full_logits: flags & 1 == 1,
-        ..Default::default()
     };
     let Ok(reply) = proto::StepReply::decode(reply) else {
         return;
     };
     if crate::coordinator::cluster::check_step_reply(&reply, &request, &slice).is_ok() {
-        for row in 0..request.output_rows.len() {
+        for row in 0..request.rows {
             let _ = crate::coordinator::session::merge_rows(
                 std::slice::from_ref(&reply),
                 row,

@@ -376,11 +376,31 @@ fn check_protocol(address: &str, hello: &proto::HelloReply) -> anyhow::Result<()
     Ok(())
 }
 
+/// What a step's replies must look like: the request's step number, row count and candidates.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplyShape {
+    pub step: u64,
+    pub rows: usize,
+    pub top_k: u32,
+    pub full_logits: bool,
+}
+
+impl ReplyShape {
+    pub fn of(request: &proto::StepRequest) -> ReplyShape {
+        ReplyShape {
+            step: request.step,
+            rows: request.output_rows.len(),
+            top_k: request.top_k,
+            full_logits: request.full_logits,
+        }
+    }
+}
+
 /// Checks a worker's step reply against the request and the plan, so that a worker of
 /// another build or a faulty one is an error naming it, never an out-of-bounds index.
 pub fn check_step_reply(
     reply: &proto::StepReply,
-    request: &proto::StepRequest,
+    request: &ReplyShape,
     vocab: &Range<usize>,
 ) -> Result<(), String> {
     if reply.step != request.step {
@@ -389,11 +409,11 @@ pub fn check_step_reply(
             reply.step, request.step
         ));
     }
-    if reply.rows.len() != request.output_rows.len() {
+    if reply.rows.len() != request.rows {
         return Err(format!(
             "returned {} rows for {} asked",
             reply.rows.len(),
-            request.output_rows.len()
+            request.rows
         ));
     }
     if reply.vocab_start as usize != vocab.start {
@@ -1047,14 +1067,10 @@ impl Cluster {
         let result = self.step_once(request).await;
         if result.is_err() {
             self.abort_step(self.next_step - 1);
-        }
-        if result.is_err()
-            && self
-                .active_transport
-                .is_some_and(TransportChoice::networked)
-        {
             // Links may be broken or hold frames of the failed step: start a new round.
-            self.reconnect = true;
+            self.reconnect = self
+                .active_transport
+                .is_some_and(TransportChoice::networked);
         }
         result
     }
@@ -1081,15 +1097,16 @@ impl Cluster {
         if self.vocab_slices.len() != self.workers.len() {
             bail!("no model is loaded on the cluster");
         }
+        let shape = ReplyShape::of(&request);
         let mut tasks = tokio::task::JoinSet::new();
         for (rank, worker) in self.workers.iter().enumerate() {
             let mut client = worker.client.clone();
-            let asked = request.clone();
+            let request = request.clone();
             let address = worker.address.clone();
             let timeout = self.limits.step_timeout;
             let vocab = self.vocab_slices[rank].clone();
             tasks.spawn(async move {
-                let reply = tokio::time::timeout(timeout, client.step(asked.clone()))
+                let reply = tokio::time::timeout(timeout, client.step(request))
                     .await
                     .map_err(|_| {
                         anyhow::anyhow!(
@@ -1098,7 +1115,7 @@ impl Cluster {
                     })?
                     .map_err(|s| worker_failed(rank, &address, &s))?
                     .into_inner();
-                check_step_reply(&reply, &asked, &vocab).map_err(|e| {
+                check_step_reply(&reply, &shape, &vocab).map_err(|e| {
                     anyhow::anyhow!("worker {rank} ({address}) sent a bad step reply: {e}")
                 })?;
                 Ok::<_, anyhow::Error>((rank, reply))
