@@ -87,14 +87,11 @@ pub async fn run(
             waiting.push_back(job);
         }
         if active.is_empty() && waiting.is_empty() {
-            if session.needs_recovery() {
+            let job = if session.needs_recovery() {
                 // Re-form as soon as every worker answers, not at the next request: /health
                 // says 503 until then, so a load balancer would never send that request.
                 tokio::select! {
-                    job = jobs.recv() => match job {
-                        Some(job) => waiting.push_back(job),
-                        None => break,
-                    },
+                    job = jobs.recv() => job,
                     _ = tokio::time::sleep(RECOVERY_POLL) => {
                         if let Err(e) = session.recover().await {
                             tracing::debug!("not re-formed yet: {e:#}");
@@ -103,10 +100,11 @@ pub async fn run(
                     }
                 }
             } else {
-                match jobs.recv().await {
-                    Some(job) => waiting.push_back(job),
-                    None => break,
-                }
+                jobs.recv().await
+            };
+            match job {
+                Some(job) => waiting.push_back(job),
+                None => break,
             }
         }
         // Leave: clients that went away.
@@ -166,7 +164,6 @@ pub async fn run(
                     let _ = a.job.events.send(JobEvent::Failed(message.clone()));
                     free.push(a.sequence);
                 }
-                metrics.busy.store(0, Ordering::Relaxed);
                 continue;
             }
         };
