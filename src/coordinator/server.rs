@@ -162,19 +162,12 @@ pub async fn serve(
         let _ = stop_rx.wait_for(|stop| *stop).await;
     };
     let server = match options.tls {
-        Some(tls) => {
-            let listener = crate::coordinator::api_access::TlsListener::new(listener, tls)?;
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            })
-        }
-        None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }),
+        Some(tls) => spawn_server(
+            crate::coordinator::api_access::TlsListener::new(listener, tls)?,
+            app,
+            stopped,
+        ),
+        None => spawn_server(listener, app, stopped),
     };
     let shutdown_signal = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -224,6 +217,23 @@ pub async fn serve(
     state.ready.write().unwrap().take();
     server.await??;
     Ok(engine.await?)
+}
+
+/// Serves `app` on `listener` (plain TCP or TLS) until `stopped` resolves.
+fn spawn_server<L>(
+    listener: L,
+    app: Router,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<std::io::Result<()>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+    })
 }
 
 fn router(state: Arc<AppState>) -> Router {
