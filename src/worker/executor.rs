@@ -642,23 +642,7 @@ impl Backend for CpuBackend {
                         let n = width * batch;
                         let (gate, up) =
                             two_buffers(&mut self.buffers, slot(Buffer::Gate), slot(Buffer::Up));
-                        match activation {
-                            Activation::Silu => {
-                                for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
-                                    *g = *g / (1.0 + (-*g).exp()) * u;
-                                }
-                            }
-                            Activation::GeluTanh => {
-                                for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
-                                    *g = gelu_tanh(*g) * u;
-                                }
-                            }
-                            Activation::SwigluOai => {
-                                for (g, u) in gate[..n].iter_mut().zip(&up[..n]) {
-                                    *g = crate::worker::moe::swiglu_oai(*g, *u);
-                                }
-                            }
-                        }
+                        crate::worker::moe::glu(activation, &mut gate[..n], &up[..n]);
                     }
                     Exec::AddResidual {
                         norm: Some(weight), ..

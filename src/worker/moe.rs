@@ -32,19 +32,7 @@ pub fn swiglu_oai(gate: f32, up: f32) -> f32 {
 /// softmax over those alone. Writes `(expert, weight)` pairs, best first.
 pub fn route_top_then_softmax(logits: &[f32], used: usize, out: &mut Vec<(usize, f32)>) {
     let start = out.len();
-    for (expert, &l) in logits.iter().enumerate() {
-        let chosen = &out[start..];
-        let position = chosen
-            .iter()
-            .position(|&(_, q)| l > q)
-            .unwrap_or(chosen.len());
-        if position < used {
-            if chosen.len() == used {
-                out.pop();
-            }
-            out.insert(start + position, (expert, l));
-        }
-    }
+    push_top(logits.iter().copied(), used, out);
     let max = out[start..].first().map_or(0.0, |&(_, l)| l);
     let mut sum = 0f32;
     for (_, w) in &mut out[start..] {
@@ -147,21 +135,7 @@ pub fn route(logits: &mut [f32], used: usize, normalize: bool, out: &mut Vec<(us
     }
     let scale = (1.0 / sum) as f32;
     let start = out.len();
-    for (expert, &e) in logits.iter().enumerate() {
-        let p = e * scale;
-        // Insertion into the best `used` so far: experts are few (tens to hundreds).
-        let chosen = &out[start..];
-        let position = chosen
-            .iter()
-            .position(|&(_, q)| p > q)
-            .unwrap_or(chosen.len());
-        if position < used {
-            if chosen.len() == used {
-                out.pop();
-            }
-            out.insert(start + position, (expert, p));
-        }
-    }
+    push_top(logits.iter().map(|&e| e * scale), used, out);
     if normalize {
         let total = out[start..]
             .iter()
@@ -174,31 +148,49 @@ pub fn route(logits: &mut [f32], used: usize, normalize: bool, out: &mut Vec<(us
     }
 }
 
-/// One SwiGLU FFN over `n` rows of `input` (`d` values each): `width` rows each of gate and
-/// up weights, `d` rows of `width` down weights. Leaves the f64 outputs in `s.output[..n * d]`.
-#[allow(clippy::too_many_arguments)]
-fn swiglu_ffn(
-    (gate_ty, gate_w): (QuantType, &[u8]),
-    (up_ty, up_w): (QuantType, &[u8]),
-    (down_ty, down_w): (QuantType, &[u8]),
-    input: &[f32],
-    n: usize,
-    d: usize,
-    width: usize,
-    s: &mut FfnScratch,
-) {
-    gated_ffn(
-        (gate_ty, gate_w),
-        (up_ty, up_w),
-        (down_ty, down_w),
-        input,
-        (n, d, width),
-        (Activation::Silu, None, None),
-        s,
-    )
+/// Appends the `used` largest of `values` to `out` as `(index, value)`, largest first, ties to
+/// the lower index: an insertion into the best so far (experts are few, tens to hundreds).
+fn push_top(values: impl Iterator<Item = f32>, used: usize, out: &mut Vec<(usize, f32)>) {
+    let start = out.len();
+    for (index, v) in values.enumerate() {
+        let chosen = &out[start..];
+        let position = chosen
+            .iter()
+            .position(|&(_, q)| v > q)
+            .unwrap_or(chosen.len());
+        if position < used {
+            if chosen.len() == used {
+                out.pop();
+            }
+            out.insert(start + position, (index, v));
+        }
+    }
 }
 
-/// `swiglu_ffn` with another activation and biases on this expert's gate and up columns.
+/// `gate = act(gate) * up`, elementwise, for each of the gated activations.
+pub fn glu(activation: Activation, gate: &mut [f32], up: &[f32]) {
+    match activation {
+        Activation::Silu => {
+            for (g, u) in gate.iter_mut().zip(up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        }
+        Activation::GeluTanh => {
+            for (g, u) in gate.iter_mut().zip(up) {
+                *g = crate::worker::executor::gelu_tanh(*g) * u;
+            }
+        }
+        Activation::SwigluOai => {
+            for (g, u) in gate.iter_mut().zip(up) {
+                *g = swiglu_oai(*g, *u);
+            }
+        }
+    }
+}
+
+/// One gated FFN over `n` rows of `input` (`d` values each): `width` rows each of gate and up
+/// weights (plus their biases, where given), `activation`, then `d` rows of `width` down
+/// weights. Leaves the f64 outputs in `s.output[..n * d]`.
 #[allow(clippy::type_complexity)]
 fn gated_ffn(
     (gate_ty, gate_w): (QuantType, &[u8]),
@@ -226,23 +218,7 @@ fn gated_ffn(
             }
         }
     }
-    match activation {
-        Activation::SwigluOai => {
-            for (g, u) in gate.iter_mut().zip(up.iter()) {
-                *g = swiglu_oai(*g, *u);
-            }
-        }
-        Activation::GeluTanh => {
-            for (g, u) in gate.iter_mut().zip(up.iter()) {
-                *g = crate::worker::executor::gelu_tanh(*g) * u;
-            }
-        }
-        Activation::Silu => {
-            for (g, u) in gate.iter_mut().zip(up.iter()) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
-        }
-    }
+    glu(activation, gate, up);
     s.prepared.prepare(down_ty, gate, width, n);
     matmul_f64(
         down_ty,
@@ -411,14 +387,13 @@ impl MoeLayer {
             return;
         }
         let input = &normed[..batch * d];
-        swiglu_ffn(
+        gated_ffn(
             (shared.gate.ty, &shared.gate.data),
             (shared.up.ty, &shared.up.data),
             (shared.down.ty, &shared.down.data),
             input,
-            batch,
-            d,
-            width,
+            (batch, d, width),
+            (Activation::Silu, None, None),
             s,
         );
         for b in 0..batch {
