@@ -212,9 +212,21 @@ pub fn layer(
     attention: AttentionSpec,
     ffn: FfnSpec,
 ) -> LayerSpec {
+    layer_with_ffn_norm(t, c, layer, attention, ffn, "ffn_norm")
+}
+
+/// `layer` whose pre-FFN norm has another name (gpt-oss: `post_attention_norm`).
+pub fn layer_with_ffn_norm(
+    t: &mut Tensors,
+    c: &Common,
+    layer: usize,
+    attention: AttentionSpec,
+    ffn: FfnSpec,
+    ffn_norm: &str,
+) -> LayerSpec {
     LayerSpec {
         attention,
-        ffn_norm: t.layer(layer, "ffn_norm", &[c.model_dim]),
+        ffn_norm: t.layer(layer, ffn_norm, &[c.model_dim]),
         ffn,
         ffn_post_norm: None,
     }

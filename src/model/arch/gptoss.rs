@@ -41,14 +41,9 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
             };
             let attention = blocks::attention(&mut t, &c, layer, &options);
             let ffn = blocks::biased_moe_ffn(&mut t, &c, layer, &moe, ffn_dim);
-            let mut spec = blocks::layer(&mut t, &c, layer, attention, ffn);
-            spec.ffn_norm = t.layer(layer, "post_attention_norm", &[c.model_dim]);
-            spec
+            blocks::layer_with_ffn_norm(&mut t, &c, layer, attention, ffn, "post_attention_norm")
         })
         .collect();
-    // `blocks::layer` named an `ffn_norm` that gpt-oss does not have.
-    t.list
-        .retain(|shape| !shape.name.ends_with(".ffn_norm.weight"));
     blocks::finish(
         meta,
         &c,
