@@ -13,11 +13,11 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::server::{Server, start_with, start_worker, start_worker_env};
+use common::server::{Server, http_with, start_with, start_worker, start_worker_env};
 use common::*;
 use tonic::{Request, Response, Status};
 use tp::auth::Token;
-use tp::coordinator::cluster::{Cluster, ClusterLimits, WorkerEntry};
+use tp::coordinator::cluster::{Cluster, ClusterLimits};
 use tp::coordinator::sampler::SamplingParams;
 use tp::coordinator::session::{GenerateRequest, Model, Session};
 use tp::proto;
@@ -27,20 +27,6 @@ fn scratch(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn entries(addresses: &[String]) -> Vec<WorkerEntry> {
-    addresses
-        .iter()
-        .map(|a| WorkerEntry {
-            address: a.clone(),
-            weight: 1.0,
-            threads: 1,
-            model_path: None,
-            device: None,
-            numa_node: None,
-        })
-        .collect()
 }
 
 async fn greedy(session: &mut Session, n: usize) -> anyhow::Result<Vec<u32>> {
@@ -84,7 +70,7 @@ async fn a_worker_that_panics_exits_and_only_it_loads_again() {
         auth_token: Some(Token::read(&token).unwrap()),
         ..ClusterLimits::default()
     };
-    let cluster = Cluster::connect(&entries(&addresses), limits)
+    let cluster = Cluster::connect(&worker_entries(&addresses), limits)
         .await
         .unwrap();
     let mut session = Session::start(Model::open(&path).unwrap(), cluster, 256, 64)
@@ -305,7 +291,7 @@ async fn workers_that_lie_get_clear_errors() {
     let Some(path) = model(SMOLLM2) else { return };
     // Told apart from the lies: an honest fake is served, so each error below is the lie's.
     let honest = start_liar(Lie::Nothing).await;
-    let cluster = Cluster::connect(&entries(&[honest]), ClusterLimits::default())
+    let cluster = Cluster::connect(&worker_entries(&[honest]), ClusterLimits::default())
         .await
         .unwrap();
     let mut session = Session::start(Model::open(&path).unwrap(), cluster, 128, 32)
@@ -320,7 +306,7 @@ async fn workers_that_lie_get_clear_errors() {
 
     let liar = start_liar(Lie::Protocol).await;
     let error = Cluster::connect(
-        &entries(std::slice::from_ref(&liar)),
+        &worker_entries(std::slice::from_ref(&liar)),
         ClusterLimits::default(),
     )
     .await
@@ -342,7 +328,7 @@ async fn workers_that_lie_get_clear_errors() {
     ] {
         let liar = start_liar(lie).await;
         let cluster = Cluster::connect(
-            &entries(std::slice::from_ref(&liar)),
+            &worker_entries(std::slice::from_ref(&liar)),
             ClusterLimits::default(),
         )
         .await
@@ -412,27 +398,6 @@ async fn plan_reports_the_kv_cache_the_workers_allocate() {
     session.cluster.shutdown().await;
 }
 
-/// One HTTP/1.1 request with extra header lines; the status and body.
-fn request(server: &Server, method: &str, path: &str, headers: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(&server.address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (
-        head.split(' ').nth(1).unwrap().parse().unwrap(),
-        body.to_string(),
-    )
-}
-
 #[test]
 fn the_api_key_guards_every_endpoint_but_health() {
     let Some(path) = model(SMOLLM2) else { return };
@@ -478,7 +443,7 @@ fn the_api_key_guards_every_endpoint_but_health() {
             ("GET", "/v1/models", ""),
             ("GET", "/metrics", ""),
         ] {
-            let (status, text) = request(&server, method, endpoint, headers, body);
+            let (status, text) = http_with(&server, method, endpoint, headers, body);
             assert_eq!(
                 status, expected,
                 "{method} {endpoint} with {headers:?}: {text}"
@@ -490,7 +455,7 @@ fn the_api_key_guards_every_endpoint_but_health() {
             }
         }
     }
-    let (status, text) = request(&server, "GET", "/health", "", "");
+    let (status, text) = http_with(&server, "GET", "/health", "", "");
     assert_eq!(status, 200, "/health needs no key: {text}");
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);

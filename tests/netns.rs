@@ -11,26 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::net::{Net, run};
 use common::*;
-use tp::coordinator::cluster::{Cluster, ClusterLimits, TransportChoice, WorkerEntry};
+use tp::coordinator::cluster::{Cluster, ClusterLimits, TransportChoice};
 use tp::coordinator::sampler::SamplingParams;
 use tp::coordinator::session::{GenerateRequest, Model, Session};
 use tp::transport::grpc::SyncPrecision;
 
 const WORKER_PORT: u16 = 7070;
-
-fn entries(addresses: &[String]) -> Vec<WorkerEntry> {
-    addresses
-        .iter()
-        .map(|a| WorkerEntry {
-            address: a.clone(),
-            weight: 1.0,
-            threads: 1,
-            model_path: None,
-            device: None,
-            numa_node: None,
-        })
-        .collect()
-}
 
 async fn remote_session(
     path: &std::path::Path,
@@ -48,7 +34,9 @@ async fn remote_session_over(
     limits: ClusterLimits,
     expected: TransportChoice,
 ) -> Session {
-    let mut cluster = Cluster::connect(&entries(addresses), limits).await.unwrap();
+    let mut cluster = Cluster::connect(&worker_entries(addresses), limits)
+        .await
+        .unwrap();
     cluster.sync_precision = precision;
     let session = Session::start(Model::open(path).unwrap(), cluster, 256, 64)
         .await
@@ -417,7 +405,7 @@ async fn a_worker_without_the_model_gets_its_shard_streamed_then_cached() {
             net.start_worker(0, WORKER_PORT + round),
             net.start_worker_with(1, WORKER_PORT + round, &["--cache-dir", &cache_arg]),
         ];
-        let mut entries = entries(&addresses);
+        let mut entries = worker_entries(&addresses);
         entries[1].model_path = Some("/nonexistent/model.gguf".into());
         let cluster = Cluster::connect(&entries, ClusterLimits::default())
             .await

@@ -74,6 +74,21 @@ pub fn coordinator_binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tp-coordinator"))
 }
 
+/// hosts.toml entries for running workers at `addresses`: equal weights, one thread each.
+pub fn worker_entries(addresses: &[String]) -> Vec<tp::coordinator::cluster::WorkerEntry> {
+    addresses
+        .iter()
+        .map(|a| tp::coordinator::cluster::WorkerEntry {
+            address: a.clone(),
+            weight: 1.0,
+            threads: 1,
+            model_path: None,
+            device: None,
+            numa_node: None,
+        })
+        .collect()
+}
+
 /// Threads per worker so that all workers together use the machine's cores.
 pub fn threads_for(workers: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

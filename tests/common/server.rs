@@ -153,10 +153,21 @@ pub fn wait_until_ready(server: &Server) {
 
 /// One request; returns the status and the body.
 pub fn http(server: &Server, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with(server, method, path, "", body)
+}
+
+/// `http` with extra header lines (each ending in `\r\n`).
+pub fn http_with(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     let mut stream = TcpStream::connect(&server.address).unwrap();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
