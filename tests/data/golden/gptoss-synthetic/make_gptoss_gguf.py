@@ -29,7 +29,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe-synthetic"))
-from make_moe_gguf import printable_mask, quantize_q8_0, read_tokenizer  # noqa: E402
+from make_moe_gguf import printable_mask, quantize_q8_0, read_tokenizer, write_tokenizer  # noqa: E402
 
 SEED = 20261206
 D, H, HKV, HD = 256, 8, 2, 64
@@ -119,18 +119,7 @@ def main():
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     # The donor's vocabulary under gpt-oss's pre-tokenizer name.
-    w.add_tokenizer_model(tok["tokenizer.ggml.model"])
-    w.add_tokenizer_pre("gpt-4o")
-    w.add_token_list(tokens)
-    w.add_token_types([int(t) for t in ttypes])
-    w.add_token_merges(tok["tokenizer.ggml.merges"])
-    w.add_bos_token_id(int(tok["tokenizer.ggml.bos_token_id"]))
-    w.add_eos_token_id(int(tok["tokenizer.ggml.eos_token_id"]))
-    w.add_unk_token_id(int(tok["tokenizer.ggml.unknown_token_id"]))
-    w.add_pad_token_id(int(tok["tokenizer.ggml.padding_token_id"]))
-    w.add_add_bos_token(bool(tok["tokenizer.ggml.add_bos_token"]))
-    w.add_add_space_prefix(bool(tok["tokenizer.ggml.add_space_prefix"]))
-    w.add_chat_template(tok["tokenizer.chat_template"])
+    write_tokenizer(w, tok, pre="gpt-4o")
 
     for name, arr, kind in W:
         if kind == "f32":
