@@ -232,7 +232,7 @@ pub struct Cluster {
 /// What the coordinator knows of its workers between steps, for `/health` and for re-forming
 /// the cluster without waiting for a request: the heartbeat records which workers answer and
 /// whether one is a new process, a failed step that the cluster must re-form.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     /// Each rank's address, for naming it.
     addresses: Vec<String>,
