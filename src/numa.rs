@@ -65,6 +65,7 @@ pub fn place_local(nodes: &[Node], workers: usize) -> Vec<Placement> {
     placements
 }
 
+#[cfg(feature = "numa")]
 fn node_list(nodes: &[Node]) -> String {
     nodes
         .iter()

@@ -242,3 +242,113 @@ fn completions_chat_streaming_and_errors() {
     assert_eq!(value("tp_time_to_first_token_seconds_count"), 7.0);
     assert!(value("tp_inter_token_latency_seconds_count") >= 4.0 * 11.0);
 }
+
+/// A harmony chat template (gpt-oss's, given with --chat-template-file): the reply's final
+/// channel is the content and its analysis channel `reasoning_content`, as
+/// `tp::model::harmony::ChannelSplit` splits the raw reply (`reasoning_format: "none"`);
+/// streamed deltas add up to the same; bad reasoning fields are refused. SmolLM2 follows the
+/// format it sees in the prompt well enough to write channel markers.
+#[test]
+fn harmony_chat_shows_the_final_channel_and_reasoning_apart() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/golden/harmony/gpt-oss.jinja");
+    let server = start(
+        &path,
+        &[
+            "-c",
+            "1024",
+            "--chat-template-file",
+            template.to_str().unwrap(),
+        ],
+    );
+    let messages = json!([
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4.", "reasoning_content": "2+2=4"},
+        {"role": "user", "content": "What is 3+3?"},
+        {"role": "assistant", "content": "6.", "reasoning_content": "3+3=6"},
+        {"role": "user", "content": "What is 5+5?"},
+    ]);
+    let request = |extra: Value| {
+        let mut body = json!({"messages": messages, "max_tokens": 40, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let (status, raw) = post(
+        &server,
+        "/v1/chat/completions",
+        request(json!({"reasoning_format": "none"})),
+    );
+    assert_eq!(status, 200, "{raw}");
+    let raw = raw["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        raw.starts_with("<|channel|>final<|message|>"),
+        "the raw reply should be in harmony form: {raw:?}"
+    );
+    let expected = tp::model::harmony::ChannelSplit::split(&raw);
+    assert!(!expected.content.is_empty() && !expected.content.contains("<|"));
+
+    let (status, split) = post(&server, "/v1/chat/completions", request(json!({})));
+    assert_eq!(status, 200, "{split}");
+    let message = &split["choices"][0]["message"];
+    assert_eq!(message["content"], json!(expected.content), "{split}");
+    assert_eq!(
+        message
+            .get("reasoning_content")
+            .and_then(Value::as_str)
+            .unwrap_or(""),
+        expected.reasoning
+    );
+
+    let (status, text) = http(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        &request(json!({"stream": true})).to_string(),
+    );
+    assert_eq!(status, 200, "{text}");
+    let (mut content, mut reasoning) = (String::new(), String::new());
+    for event in events(&text).iter().filter(|e| *e != "[DONE]") {
+        let event: Value = serde_json::from_str(event).unwrap();
+        let delta = &event["choices"][0]["delta"];
+        content.push_str(delta["content"].as_str().unwrap_or(""));
+        reasoning.push_str(delta["reasoning_content"].as_str().unwrap_or(""));
+        assert!(
+            !content.contains("<|"),
+            "a marker leaked into a delta: {content:?}"
+        );
+    }
+    assert_eq!((content, reasoning), (expected.content, expected.reasoning));
+
+    // The harmony template's own variable, through OpenAI's field and through kwargs.
+    for extra in [
+        json!({"reasoning_effort": "high"}),
+        json!({"chat_template_kwargs": {"reasoning_effort": "low"}}),
+    ] {
+        let (status, body) = post(&server, "/v1/chat/completions", request(extra.clone()));
+        assert_eq!(status, 200, "{extra}: {body}");
+    }
+    for (extra, param) in [
+        (json!({"reasoning_effort": "max"}), "reasoning_effort"),
+        (json!({"reasoning_format": 3}), "reasoning_format"),
+        (json!({"chat_template_kwargs": [1]}), "chat_template_kwargs"),
+        (
+            json!({"messages": [{"role": "user", "content": "x", "reasoning_content": "y"}]}),
+            "messages",
+        ),
+        // The template refuses channel markers in an assistant's content.
+        (
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "<|channel|>final<|message|>y"}, {"role": "user", "content": "z"}]}),
+            "messages",
+        ),
+    ] {
+        let (status, body) = post(&server, "/v1/chat/completions", request(extra.clone()));
+        assert_eq!(status, 400, "{extra}: {body}");
+        assert_eq!(body["error"]["param"], json!(param), "{extra}: {body}");
+    }
+}

@@ -12,7 +12,7 @@ use crate::coordinator::bench::BenchArgs;
 use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile, TransportChoice};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
-use crate::model::chat::ChatMessage;
+use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::shard::plan::{AttentionUnit, MoeSplit, plan_with};
 use crate::shard::tensors::{shard_byte_ranges, shard_expert_bytes, shard_weight_bytes};
 use crate::transport::grpc::SyncPrecision;
@@ -88,6 +88,11 @@ pub struct ServeArgs {
     /// The model id clients name (default: the model file's name without .gguf).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// A Jinja chat template to use instead of the model's tokenizer.chat_template (as
+    /// llama-server's --chat-template-file). A harmony template (gpt-oss) makes chat replies
+    /// show the analysis channel as reasoning_content and the final one as content.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
     /// File holding the API key (its first line, 16 or more printable characters): every
     /// request but /health must send it as 'Authorization: Bearer KEY' (OpenAI clients'
     /// api_key). Needed to listen on an address other hosts can reach.
@@ -190,6 +195,9 @@ pub struct GenerateArgs {
     /// System message for --chat (otherwise the template's default, if any).
     #[arg(long)]
     pub system: Option<String>,
+    /// A Jinja chat template for --chat instead of the model's own.
+    #[arg(long, value_name = "FILE", requires = "chat")]
+    pub chat_template_file: Option<PathBuf>,
     /// 0 samples greedily.
     #[arg(long, default_value_t = 0.8)]
     pub temperature: f32,
@@ -366,7 +374,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let model = Model::open(&args.cluster.model)?;
+            let mut model = Model::open(&args.cluster.model)?;
+            use_template_file(&mut model, args.chat_template_file.as_deref())?;
             let model_id = args.model_id.clone().unwrap_or_else(|| {
                 args.cluster
                     .model
@@ -407,7 +416,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             sampling_params(&args)
                 .validate()
                 .map_err(|e| anyhow::anyhow!(e))?;
-            let model = Model::open(&args.cluster.model)?;
+            let mut model = Model::open(&args.cluster.model)?;
+            use_template_file(&mut model, args.chat_template_file.as_deref())?;
             let prompt = prompt_tokens(&model, &args)?;
             let context = (prompt.len() + args.n_predict).min(model.config.context_length);
             let mut session = start_session(&args.cluster, model, context).await?;
@@ -445,6 +455,19 @@ async fn start_session(
     }
 }
 
+/// Replaces the model's chat template with the one in `path`, if given.
+fn use_template_file(model: &mut Model, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let source = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the chat template {}", path.display()))?;
+    let template = ChatTemplate::for_tokenizer(source, &model.tokenizer)
+        .with_context(|| path.display().to_string())?;
+    model.chat_template = Some(template);
+    Ok(())
+}
+
 fn prompt_tokens(model: &Model, args: &GenerateArgs) -> anyhow::Result<Vec<u32>> {
     let text = if args.chat {
         let template = model
@@ -453,15 +476,9 @@ fn prompt_tokens(model: &Model, args: &GenerateArgs) -> anyhow::Result<Vec<u32>>
             .context("the model has no chat template; drop --chat")?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: system.clone(),
-            });
+            messages.push(ChatMessage::new("system", system.clone()));
         }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: args.prompt.clone(),
-        });
+        messages.push(ChatMessage::new("user", args.prompt.clone()));
         template.render(&messages, true)?
     } else {
         args.prompt.clone()

@@ -35,6 +35,7 @@ use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::sequence::{Sampled, SequenceSpec, Stop};
 use crate::coordinator::session::{Model, Session};
 use crate::model::chat::ChatMessage;
+use crate::model::harmony::{ChannelSplit, Split};
 
 /// What a request may ask for at most.
 pub use crate::limits::{MAX_STOP_STRINGS, MAX_TOP_LOGPROBS};
@@ -563,7 +564,7 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
             return ApiError::invalid("'prompt' must be a string", Some("prompt")).into_response();
         }
     };
-    run(state, body, Kind::Completion, prompt).await
+    run(state, body, Kind::Completion, prompt, false).await
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -594,12 +595,27 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
                 )
                 .collect::<Option<Vec<_>>>()
                 .map(|t| t.concat()),
+            // An assistant turn may carry only its reasoning.
+            None | Some(Value::Null) if role == Some("assistant") => Some(String::new()),
             _ => None,
+        };
+        let thinking = match item.get("reasoning_content") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if role == Some("assistant") => Some(s.clone()),
+            Some(_) => {
+                return ApiError::invalid(
+                    "'reasoning_content' must be a string, on assistant messages only",
+                    Some("messages"),
+                )
+                .into_response();
+            }
         };
         match (role, content) {
             (Some(role @ ("system" | "user" | "assistant" | "developer")), Some(content)) => {
                 let role = if role == "developer" { "system" } else { role };
-                messages.push(ChatMessage::new(role, content));
+                let mut message = ChatMessage::new(role, content);
+                message.thinking = thinking;
+                messages.push(message);
             }
             _ => {
                 return ApiError::invalid(
@@ -610,18 +626,57 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
             }
         }
     }
+    // Template variables: `chat_template_kwargs` (as llama-server and vLLM take them), and
+    // OpenAI's `reasoning_effort` for templates that read it (harmony's does).
+    let mut kwargs = match body.get("chat_template_kwargs") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(map)) => map.clone(),
+        Some(_) => {
+            return ApiError::invalid(
+                "'chat_template_kwargs' must be an object",
+                Some("chat_template_kwargs"),
+            )
+            .into_response();
+        }
+    };
+    match body.get("reasoning_effort") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(effort)) if matches!(effort.as_str(), "low" | "medium" | "high") => {
+            kwargs
+                .entry("reasoning_effort")
+                .or_insert_with(|| Value::String(effort.clone()));
+        }
+        Some(_) => {
+            return ApiError::invalid(
+                "'reasoning_effort' must be \"low\", \"medium\" or \"high\"",
+                Some("reasoning_effort"),
+            )
+            .into_response();
+        }
+    }
+    // `reasoning_format`: "none" leaves a reply's channels in its content.
+    let split_reasoning = match body.get("reasoning_format") {
+        None | Some(Value::Null) => true,
+        Some(Value::String(f)) if matches!(f.as_str(), "auto" | "deepseek") => true,
+        Some(Value::String(f)) if f == "none" => false,
+        Some(_) => {
+            return ApiError::invalid(
+                "'reasoning_format' must be \"auto\", \"deepseek\" or \"none\"",
+                Some("reasoning_format"),
+            )
+            .into_response();
+        }
+    };
     let Some(model) = ready_model(&state) else {
         return not_ready().into_response();
     };
-    let rendered = match &model.chat_template {
-        Some(template) => template.render(&messages, true),
-        None => {
-            return ApiError::invalid("this model has no chat template", Some("messages"))
-                .into_response();
-        }
+    let Some(template) = &model.chat_template else {
+        return ApiError::invalid("this model has no chat template", Some("messages"))
+            .into_response();
     };
-    match rendered {
-        Ok(prompt) => run(state, body, Kind::Chat, prompt).await,
+    let reasoning = split_reasoning && template.is_harmony();
+    match template.render_with(&messages, true, &kwargs) {
+        Ok(prompt) => run(state, body, Kind::Chat, prompt, reasoning).await,
         Err(e) => ApiError::invalid(
             format!("cannot apply the chat template: {e}"),
             Some("messages"),
@@ -726,7 +781,15 @@ impl Logprobs {
     }
 }
 
-async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> Response {
+/// Runs one request. `reasoning`: the reply is in harmony's channels; chat answers show the
+/// final channel as `content` and the analysis channel as `reasoning_content`.
+async fn run(
+    state: Arc<AppState>,
+    body: Value,
+    kind: Kind,
+    prompt: String,
+    reasoning: bool,
+) -> Response {
     if prompt.is_empty() {
         return ApiError::invalid("the prompt is empty", Some("prompt")).into_response();
     }
@@ -868,9 +931,17 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
                         Value::Null
                     };
                     let choice = if chat {
+                        let mut message = json!({"role": "assistant", "content": text});
+                        if reasoning {
+                            let split = ChannelSplit::split(&text);
+                            message["content"] = json!(split.content);
+                            if !split.reasoning.is_empty() {
+                                message["reasoning_content"] = json!(split.reasoning);
+                            }
+                        }
                         json!({
                             "index": 0,
-                            "message": {"role": "assistant", "content": text},
+                            "message": message,
                             "logprobs": logprobs,
                             "finish_reason": stop.finish_reason(),
                         })
@@ -918,6 +989,7 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
     tokio::spawn(async move {
         let _place = place;
         let mut offset = 0;
+        let mut channels = reasoning.then(ChannelSplit::new);
         loop {
             let next = tokio::select! {
                 next = events.recv() => next,
@@ -938,7 +1010,13 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
                     } else {
                         Value::Null
                     };
-                    let choice = if chat {
+                    let choice = if let Some(channels) = &mut channels {
+                        let split = channels.push(&sampled.text);
+                        if split.is_empty() && !with_logprobs {
+                            continue;
+                        }
+                        json!({"index": 0, "delta": split_delta(split), "logprobs": lp, "finish_reason": null})
+                    } else if chat {
                         json!({"index": 0, "delta": {"content": sampled.text}, "logprobs": lp, "finish_reason": null})
                     } else {
                         json!({"index": 0, "text": sampled.text, "logprobs": lp, "finish_reason": null})
@@ -955,7 +1033,17 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
                     } else {
                         json!({"index": 0, "text": "", "logprobs": null, "finish_reason": stop.finish_reason()})
                     };
-                    let mut tail = vec![event(choice, None)];
+                    let mut tail = Vec::new();
+                    // What a harmony reply held back (a marker's possible start).
+                    if let Some(rest) = channels.as_mut().map(ChannelSplit::finish)
+                        && !rest.is_empty()
+                    {
+                        tail.push(event(
+                            json!({"index": 0, "delta": split_delta(rest), "logprobs": null, "finish_reason": null}),
+                            None,
+                        ));
+                    }
+                    tail.push(event(choice, None));
                     if include_usage {
                         tail.push(event(
                             Value::Null,
@@ -986,6 +1074,18 @@ async fn run(state: Arc<AppState>, body: Value, kind: Kind, prompt: String) -> R
     let stream = UnboundedReceiverStream::new(sse_rx)
         .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
     Sse::new(stream).into_response()
+}
+
+/// A streamed chat delta of a harmony reply: the fields that have text.
+fn split_delta(split: Split) -> Value {
+    let mut delta = serde_json::Map::new();
+    if !split.reasoning.is_empty() {
+        delta.insert("reasoning_content".into(), json!(split.reasoning));
+    }
+    if !split.content.is_empty() || split.reasoning.is_empty() {
+        delta.insert("content".into(), json!(split.content));
+    }
+    Value::Object(delta)
 }
 
 fn server_error(message: String) -> Response {

@@ -1,7 +1,8 @@
 //! Chat templates: the GGUF's `tokenizer.chat_template` (Jinja) rendered with minijinja, set up
 //! the way HuggingFace `transformers` renders them (`trim_blocks`, `lstrip_blocks`, loop
 //! controls, `raise_exception`, a `tojson` that writes like Python's `json.dumps`, and Python
-//! string methods through minijinja-contrib's pycompat).
+//! string methods through minijinja-contrib's pycompat), plus `strftime_now` (local time, as
+//! llama.cpp gives it) and the request's `chat_template_kwargs`.
 
 use minijinja::value::{Kwargs, Serde};
 use minijinja::{AutoEscape, Environment, ErrorKind, Value as JinjaValue, context};
@@ -15,6 +16,10 @@ const TEMPLATE_NAME: &str = "chat_template";
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's reasoning (the API's `reasoning_content`), under the name harmony
+    /// templates read; absent from the template's view when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
 }
 
 impl ChatMessage {
@@ -22,6 +27,7 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            thinking: None,
         }
     }
 }
@@ -202,12 +208,20 @@ impl ChatTemplate {
         let Some(source) = file.get_str("tokenizer.chat_template")? else {
             return Ok(None);
         };
+        ChatTemplate::for_tokenizer(source, tokenizer).map(Some)
+    }
+
+    /// Compiles `source` with the tokenizer's BOS and EOS texts.
+    pub fn for_tokenizer(
+        source: impl Into<String>,
+        tokenizer: &Tokenizer,
+    ) -> Result<ChatTemplate, ChatError> {
         let text = |id: Option<u32>| {
             id.and_then(|id| tokenizer.token_text(id))
                 .unwrap_or("")
                 .to_string()
         };
-        ChatTemplate::new(source, text(tokenizer.bos_id()), text(tokenizer.eos_id())).map(Some)
+        ChatTemplate::new(source, text(tokenizer.bos_id()), text(tokenizer.eos_id()))
     }
 
     /// Compiles a template; `bos_token` and `eos_token` are the texts the template may print.
@@ -228,6 +242,7 @@ impl ChatTemplate {
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(|e| ChatError::Compile(describe(&e)))?;
@@ -243,12 +258,29 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Whether replies come in harmony's channels (gpt-oss), recognised as llama.cpp does: by
+    /// the template's `<|channel|>` marker.
+    pub fn is_harmony(&self) -> bool {
+        self.source.contains("<|channel|>")
+    }
+
     /// Renders `messages`; with `add_generation_prompt` the prompt ends where the assistant's
     /// reply begins.
     pub fn render(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// `render` with extra variables (a request's `chat_template_kwargs`, such as harmony's
+    /// `reasoning_effort`); they cannot replace `messages` and the other fixed names.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<String, ChatError> {
         if messages.is_empty() {
             return Err(ChatError::NoMessages);
@@ -262,6 +294,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
+            ..JinjaValue::from(Serde(kwargs))
         };
         template.render(ctx).map_err(|e| {
             match e.detail().and_then(|d| d.strip_prefix(RAISED_PREFIX)) {
@@ -270,6 +303,17 @@ impl ChatTemplate {
             }
         })
     }
+}
+
+/// `strftime_now(format)`: the local time now, formatted as C's `strftime` does.
+fn strftime_now(format: String) -> Result<String, minijinja::Error> {
+    let now = jiff::ZonedDateTime::now();
+    jiff::fmt::strtime::format(format.as_str(), &now).map_err(|e| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now({format:?}): {e}"),
+        )
+    })
 }
 
 /// An error with its causes, on one line.
@@ -430,5 +474,64 @@ mod tests {
                 .unwrap(),
             "a\n"
         );
+    }
+
+    /// gpt-oss's harmony template (llama.cpp's copy) renders as llama.cpp renders it, with
+    /// reasoning in earlier assistant turns and `chat_template_kwargs`; `strftime_now` gives
+    /// today's date.
+    #[test]
+    fn harmony_template_renders_as_llama_cpp() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/golden/harmony");
+        let source = std::fs::read_to_string(dir.join("gpt-oss.jinja")).unwrap();
+        let template = ChatTemplate::new(source, "<|startoftext|>", "<|return|>").unwrap();
+        assert!(template.is_harmony());
+        let golden: Vec<serde_json::Value> = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("apply_template.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(golden.len(), 7);
+        let today = jiff::ZonedDateTime::now().strftime("%Y-%m-%d").to_string();
+        for chat in &golden {
+            let messages: Vec<ChatMessage> = chat["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    // As the server reads them.
+                    let role = match m["role"].as_str().unwrap() {
+                        "developer" => "system",
+                        role => role,
+                    };
+                    let mut message = ChatMessage::new(role, m["content"].as_str().unwrap());
+                    message.thinking = m["reasoning_content"].as_str().map(str::to_string);
+                    message
+                })
+                .collect();
+            let kwargs = chat["chat_template_kwargs"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default();
+            let ours = template.render_with(&messages, true, &kwargs).unwrap();
+            let date = format!("Current date: {today}\n");
+            assert!(ours.contains(&date), "{}: {ours}", chat["name"]);
+            let ours = ours.replacen(&date, "Current date: DATE\n", 1);
+            assert_eq!(ours, chat["prompt"].as_str().unwrap(), "{}", chat["name"]);
+        }
+        let err = template.render_with(
+            &[ChatMessage::new("user", "x")],
+            true,
+            &serde_json::from_str(r#"{"messages": []}"#).unwrap(),
+        );
+        assert!(err.is_ok(), "kwargs cannot replace messages");
+    }
+
+    #[test]
+    fn strftime_now_rejects_bad_formats() {
+        let template = ChatTemplate::new("{{ strftime_now('%Y %') }}", "", "").unwrap();
+        let err = template
+            .render(&[ChatMessage::new("user", "x")], true)
+            .unwrap_err();
+        assert!(err.to_string().contains("strftime_now"), "{err}");
     }
 }

@@ -3,4 +3,5 @@
 pub mod arch;
 pub mod chat;
 pub mod gguf;
+pub mod harmony;
 pub mod tokenizer;
