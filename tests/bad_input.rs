@@ -213,7 +213,7 @@ fn malformed_model_files_are_clear_errors() {
     ));
     cases.push((
         dense("gemma3", &[], Some(0), 1).write(&dir, "window.gguf"),
-        "gemma3.attention.sliding_window: 0 is outside 1..=16777216",
+        "gemma3.attention.sliding_window is 0: every key would be masked",
     ));
     cases.push((
         dense("qwen3", &[], None, 8).write(&dir, "kv-heads.gguf"),
@@ -493,4 +493,114 @@ fn bad_worker_cpu_lists_are_clear_errors() {
             "--cpus {list:?}: {err}"
         );
     }
+}
+
+/// Byte position just after `needle` in the file's header (a metadata key or a tensor name).
+fn after(bytes: &[u8], needle: &str) -> usize {
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .unwrap_or_else(|| panic!("'{needle}' is not in the file"));
+    at + needle.len()
+}
+
+/// gpt-oss files broken where the architecture is particular: an MXFP4 expert block whose
+/// E8M0 scale is NaN (0xFF), a sink tensor with fewer entries than heads, and a sliding window
+/// wider than the context. Each is a clear error naming what is wrong, at both MoE splits.
+#[test]
+fn gpt_oss_files_with_bad_tensors_are_clear_errors() {
+    let Some(path) = model(GPTOSS_SYNTH) else {
+        return;
+    };
+    let bytes = std::fs::read(&path).unwrap();
+    let file = tp::model::gguf::GgufFile::open(&path).unwrap();
+    let dir = std::env::temp_dir().join(format!("tp-bad-gptoss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Expert 3's rows of layer 1's down projection, third block of row 5 of that expert.
+    let down = file.tensor("blk.1.ffn_down_exps.weight").unwrap();
+    assert_eq!(down.quant_type.name(), "MXFP4");
+    let row_bytes = down.dims[0] as usize / 32 * 17;
+    let row = 3 * down.dims[1] as usize + 5;
+    let mut scale = bytes.clone();
+    scale[down.offset as usize + row * row_bytes + 2 * 17] = 0xFF;
+    let scale = {
+        let p = dir.join("nan-scale.gguf");
+        std::fs::write(&p, &scale).unwrap();
+        p
+    };
+
+    // The sink vector of layer 0 stated as 4 entries (the model has 8 query heads).
+    let sinks = file.tensor("blk.0.attn_sinks.weight").unwrap();
+    assert_eq!(sinks.dims, [8]);
+    let mut short = bytes.clone();
+    let dims_at = after(&short, "blk.0.attn_sinks.weight") + 4;
+    short[dims_at..dims_at + 8].copy_from_slice(&4u64.to_le_bytes());
+    let short = {
+        let p = dir.join("short-sinks.gguf");
+        std::fs::write(&p, &short).unwrap();
+        p
+    };
+
+    // A window of context + 1 positions (the value follows the key and its type, u32).
+    let context = file.get_u64("gpt-oss.context_length").unwrap().unwrap();
+    let mut wide = bytes.clone();
+    let value_at = after(&wide, "gpt-oss.attention.sliding_window") + 4;
+    wide[value_at..value_at + 4].copy_from_slice(&(context as u32 + 1).to_le_bytes());
+    let wide = {
+        let p = dir.join("wide-window.gguf");
+        std::fs::write(&p, &wide).unwrap();
+        p
+    };
+    drop(file);
+
+    for split in ["tensor", "expert"] {
+        expect_error(
+            &[
+                "generate",
+                "--local",
+                "2",
+                "--moe-split",
+                split,
+                "--prompt",
+                "hi",
+                "-n",
+                "1",
+            ],
+            &scale,
+            &format!(
+                "tensor 'blk.1.ffn_down_exps.weight' (MXFP4): block 2 of row {row} is invalid"
+            ),
+        );
+        expect_error(
+            &[
+                "generate",
+                "--local",
+                "2",
+                "--moe-split",
+                split,
+                "--prompt",
+                "hi",
+                "-n",
+                "1",
+            ],
+            &scale,
+            "its E8M0 scale is 0xFF (NaN)",
+        );
+    }
+    for args in [
+        &["plan", "--local", "2"][..],
+        &["generate", "--local", "1", "--prompt", "hi", "-n", "1"][..],
+    ] {
+        expect_error(args, &short, "blk.0.attn_sinks.weight");
+        expect_error(
+            args,
+            &wide,
+            &format!(
+                "gpt-oss.attention.sliding_window: a window of {} positions is larger than the context length {context}",
+                context + 1
+            ),
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

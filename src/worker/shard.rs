@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use crate::kernels::cpu::{QuantType, dequantize_row};
+use crate::kernels::cpu::{QuantType, dequantize_row, first_invalid_block};
 use crate::model::arch::ModelConfig;
 use crate::model::gguf::{GgufFile, TensorInfo};
 use crate::shard::plan::RankShard;
@@ -33,6 +33,32 @@ pub struct LoadedShard {
     pub notes: Vec<String>,
 }
 
+/// Refuses blocks whose scale is unusable (an MXFP4 scale of NaN), naming the tensor and the
+/// place; `data` holds rows from `first_row` on, `row_bytes` of each starting at block
+/// `first_block` of the tensor's row.
+fn check_blocks(
+    info: &TensorInfo,
+    data: &[u8],
+    first_row: usize,
+    row_bytes: usize,
+    first_block: usize,
+) -> Result<(), ShardError> {
+    let ty = info.quant_type;
+    match first_invalid_block(ty, data) {
+        None => Ok(()),
+        Some((block, why)) => {
+            let per_row = (row_bytes / ty.block_bytes()).max(1);
+            Err(ShardError::Invalid(format!(
+                "tensor '{}' ({}): block {} of row {} is invalid: {why}",
+                info.name,
+                ty.name(),
+                first_block + block % per_row,
+                first_row + block / per_row
+            )))
+        }
+    }
+}
+
 /// Copies `rows` x `cols` of a matrix out of the file. A column boundary inside a quantization
 /// block cannot be cut in place; such a slice is dequantized to F32.
 fn slice_matrix(
@@ -41,7 +67,7 @@ fn slice_matrix(
     rows: &[Range<usize>],
     cols: Range<usize>,
     notes: &mut Vec<String>,
-) -> Weight {
+) -> Result<Weight, ShardError> {
     let ty = info.quant_type;
     let row_length = info.row_length();
     let row_bytes = ty.row_bytes(row_length).expect("checked at parse");
@@ -53,6 +79,7 @@ fn slice_matrix(
         let end = cols.end / block * ty.block_bytes();
         let mut data = Vec::with_capacity(row_count * (end - start));
         for range in rows {
+            let from = data.len();
             if start == 0 && end == row_bytes {
                 data.extend_from_slice(&bytes[range.start * row_bytes..range.end * row_bytes]);
             } else {
@@ -60,13 +87,20 @@ fn slice_matrix(
                     data.extend_from_slice(&bytes[r * row_bytes + start..r * row_bytes + end]);
                 }
             }
+            check_blocks(
+                info,
+                &data[from..],
+                range.start,
+                end - start,
+                start / ty.block_bytes(),
+            )?;
         }
-        return Weight {
+        return Ok(Weight {
             ty,
             rows: row_count,
             cols: cols.len(),
             data,
-        };
+        });
     }
     notes.push(format!(
         "{}: columns {cols:?} cut {} blocks of {}; re-blocked to F32 for this shard",
@@ -77,17 +111,19 @@ fn slice_matrix(
     let mut full = vec![0f32; row_length];
     let mut data = Vec::with_capacity(row_count * cols.len() * 4);
     for r in rows.iter().flat_map(|r| r.clone()) {
-        dequantize_row(ty, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut full);
+        let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+        check_blocks(info, row, r, row_bytes, 0)?;
+        dequantize_row(ty, row, &mut full);
         for v in &full[cols.clone()] {
             data.extend_from_slice(&v.to_le_bytes());
         }
     }
-    Weight {
+    Ok(Weight {
         ty: QuantType::F32,
         rows: row_count,
         cols: cols.len(),
         data,
-    }
+    })
 }
 
 pub fn load_shard(
@@ -119,7 +155,7 @@ pub fn load_shard(
                 .collect();
             loaded.vectors.insert(slice.name, values);
         } else {
-            let weight = slice_matrix(file, info, &rows, cols, &mut loaded.notes);
+            let weight = slice_matrix(file, info, &rows, cols, &mut loaded.notes)?;
             loaded.weights.insert(slice.name, weight);
         }
         file.release(info);

@@ -405,6 +405,23 @@ pub fn e8m0_half(e: u8) -> f32 {
     f32::from_bits(bits)
 }
 
+/// The E8M0 byte that encodes no scale: NaN in the OCP microscaling format (ggml's
+/// `ggml_validate_row_data` refuses it too).
+pub const E8M0_NAN: u8 = 0xFF;
+
+/// The first block of `data` (whole blocks of `ty`) whose scale no kernel can use, and why.
+/// Only MXFP4 has such a scale byte (E8M0 0xFF); the other types' f16 scales are taken as
+/// they come, as llama.cpp does without `--check-tensors`.
+pub fn first_invalid_block(ty: QuantType, data: &[u8]) -> Option<(usize, String)> {
+    match ty {
+        QuantType::MXFP4 => as_blocks::<BlockMXFP4>(data)
+            .iter()
+            .position(|b| b.e == E8M0_NAN)
+            .map(|i| (i, format!("its E8M0 scale is 0x{E8M0_NAN:02X} (NaN)"))),
+        _ => None,
+    }
+}
+
 /// ggml block_q8_K: activations for K-quant weights. d is f32, bsums are sums of 16 quants.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]

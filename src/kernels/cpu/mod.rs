@@ -40,7 +40,7 @@ pub use blocks::{
     ActKind, BlockIQ4NL, BlockIQ4XS, BlockMXFP4, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1,
     BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, ByteBlock,
     F16Bytes, KVALUES_IQ4NL, KVALUES_MXFP4, QK, QK_K, QuantType, as_blocks, as_blocks_mut,
-    blocks_as_bytes, e8m0_half,
+    blocks_as_bytes, e8m0_half, first_invalid_block,
 };
 pub use reference::{
     ActRow, dequantize_row, get_scale_min_k4, nearest_int, quantize_row, quantize_row_q4_0,

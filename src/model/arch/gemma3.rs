@@ -25,7 +25,7 @@ pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
             meta.key("final_logit_softcapping")
         )));
     }
-    let window = meta.optional_count("attention.sliding_window", 1 << 24)?;
+    let window = c.sliding_window(meta)?;
     let global = c.rope(meta, RopeStyle::Neox)?;
     let local = RopeSpec {
         base: LOCAL_ROPE_BASE,

@@ -17,13 +17,12 @@ const SWA_PATTERN: usize = 2;
 pub fn describe(meta: &Metadata) -> Result<ModelConfig, ArchError> {
     let c = Common::read(meta, 1e-5)?;
     let ffn_dim = meta.count("expert_feed_forward_length", 1 << 20)?;
-    let window = meta.count("attention.sliding_window", 1 << 24)?;
-    if window == 0 {
-        return Err(meta.invalid(format!(
-            "{} is 0: every key would be masked",
+    let window = c.sliding_window(meta)?.ok_or_else(|| {
+        meta.invalid(format!(
+            "missing metadata key '{}'",
             meta.key("attention.sliding_window")
-        )));
-    }
+        ))
+    })?;
     let mut moe = blocks::moe_config(meta, false, None)?;
     moe.softmax_selected = true;
     moe.activation = Activation::SwigluOai;

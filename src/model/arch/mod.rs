@@ -387,6 +387,22 @@ impl Common {
         })
     }
 
+    /// `attention.sliding_window`: positions a windowed layer sees, within 1..=the context
+    /// length (a window wider than the context the model was made for is a broken file).
+    pub fn sliding_window(&self, meta: &Metadata) -> Result<Option<usize>, ArchError> {
+        let key = meta.key("attention.sliding_window");
+        match meta.file.get_u64(&key)? {
+            None => Ok(None),
+            Some(0) => Err(meta.invalid(format!("{key} is 0: every key would be masked"))),
+            Some(w) if w > self.context_length as u64 => Err(meta.invalid(format!(
+                "{key}: a window of {w} positions is larger than the context length {} ({})",
+                self.context_length,
+                meta.key("context_length")
+            ))),
+            Some(w) => Ok(Some(w as usize)),
+        }
+    }
+
     /// The default RoPE table: the file's base and dimensions, with the scaling its metadata
     /// asks for (`rope.scaling.factor` divides the frequencies whatever the type, as in
     /// llama.cpp; `rope.scaling.type` yarn adds YaRN's blend). llama3's frequency factors are
