@@ -108,6 +108,9 @@ fn measure_allreduce(args: &Args, ranks: usize) -> Result<Vec<(usize, Stats)>> {
         .map(|(rank, listener)| {
             let spec = GrpcSpec {
                 members: (0..ranks as u32).collect(),
+                group: (0..ranks as u32).collect(),
+                previous: None,
+                next: None,
                 addresses: addresses.clone(),
                 rank: rank as u32,
                 secret: vec![1; SECRET_BYTES],

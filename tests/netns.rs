@@ -537,6 +537,9 @@ fn grpc_allreduce_latency_across_namespaces() {
                 let addresses = go_rx.recv().unwrap();
                 let spec = GrpcSpec {
                     members: (0..ranks as u32).collect(),
+                    group: (0..ranks as u32).collect(),
+                    previous: None,
+                    next: None,
                     addresses,
                     rank: rank as u32,
                     secret: vec![3; SECRET_BYTES],
@@ -595,4 +598,159 @@ fn grpc_allreduce_latency_across_namespaces() {
             );
         }
     }
+}
+
+/// PP = 2 across two namespaces (one worker each, a stage per host): the handoff crosses the
+/// link, and the logits and greedy tokens are one worker's, bit for bit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_stages_across_namespaces_match_one_worker() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let Some(mut net) = Net::new(20, 2) else {
+        return;
+    };
+    let addresses: Vec<String> = (0..2).map(|h| net.start_worker(h, WORKER_PORT)).collect();
+    let mut local = session(&path, &[1.0], 256, 64).await;
+    let (expected, _) = greedy(&mut local, 24).await.unwrap();
+    let prompt = local.model.tokenizer.encode(PROMPT, true).unwrap();
+    let local_logits = local.final_logits(&prompt).await.unwrap();
+    local.cluster.shutdown().await;
+
+    let mut cluster = Cluster::connect(&worker_entries(&addresses), ClusterLimits::default())
+        .await
+        .unwrap();
+    cluster.pipeline = tp::coordinator::cluster::Pipeline::PerHost;
+    let mut piped = Session::start(Model::open(&path).unwrap(), cluster, 256, 64)
+        .await
+        .unwrap();
+    assert_eq!(piped.plan.stages.len(), 2, "one stage per namespace");
+    let (tokens, speed) = greedy(&mut piped, 24).await.unwrap();
+    assert_eq!(tokens, expected);
+    let logits = piped.final_logits(&prompt).await.unwrap();
+    let differing = local_logits
+        .iter()
+        .zip(&logits)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differing, 0, "stages across hosts change no bits");
+    // The handoff is the only traffic: rank 0 sends rank 1 one residual row per token.
+    let per_token = bytes_per_token(&mut piped).await;
+    println!(
+        "2 namespaces, PP = 2: {speed:.1} generated tokens/s, {per_token:.0} bytes per generated token on the link 0 -> 1"
+    );
+    assert!(
+        per_token < 4.0 * 576.0 + 200.0,
+        "one residual row per token crosses the boundary, not {per_token} bytes"
+    );
+}
+
+/// Pipeline stages against tensor parallelism across two namespaces, with and without 1 ms
+/// of delay each way on every link (the delay proxy: this kernel may lack netem), through the
+/// server: one stream, and eight at once. A benchmark; by hand:
+/// `cargo test --release --test netns pipeline_speed -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark (minutes): run by hand with --ignored --nocapture"]
+async fn pipeline_speed_across_namespaces() {
+    let mut table = Vec::new();
+    for name in [SMOLLM2, QWEN05] {
+        let Some(path) = model(name) else { return };
+        let Some(mut net) = Net::new(21, 2) else {
+            return;
+        };
+        let data_ports = [WORKER_PORT + 200, WORKER_PORT + 201];
+        let direct: Vec<String> = (0..2)
+            .map(|h| {
+                let port = data_ports[h].to_string();
+                net.start_worker_with(h, WORKER_PORT, &["--data-port", &port])
+            })
+            .collect();
+        let mut proxied = Vec::new();
+        for (h, target) in direct.iter().enumerate() {
+            let delay = Duration::from_millis(1);
+            let listener = tokio::net::TcpListener::bind(format!("{}.1:0", net.subnet))
+                .await
+                .unwrap();
+            proxied.push(listener.local_addr().unwrap().to_string());
+            tokio::spawn(delay_proxy(listener, target.clone(), delay));
+            let data = tokio::net::TcpListener::bind(format!("{}.1:{}", net.subnet, data_ports[h]))
+                .await
+                .unwrap();
+            let data_target = format!("{}:{}", net.host_ip(h), data_ports[h]);
+            tokio::spawn(delay_proxy(data, data_target, delay));
+        }
+        let dir = std::env::temp_dir().join(format!("tp-pp-speed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (delay, addresses) in [("none", &direct), ("1 ms each way", &proxied)] {
+            let mut texts: Option<Vec<String>> = None;
+            for parallelism in ["tensor", "pipeline"] {
+                let mut toml = format!("parallelism = \"{parallelism}\"\n");
+                for a in addresses.iter() {
+                    toml.push_str(&format!("\n[[worker]]\naddress = \"{a}\"\nthreads = 1\n"));
+                }
+                let file = dir.join(format!("{parallelism}.toml"));
+                std::fs::write(&file, toml).unwrap();
+                let args = [
+                    "--model".to_string(),
+                    path.display().to_string(),
+                    "--workers".into(),
+                    file.display().to_string(),
+                    "--parallel".into(),
+                    "8".into(),
+                    "-c".into(),
+                    "512".into(),
+                ];
+                let (one, eight, outputs) = tokio::task::spawn_blocking(move || {
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let server = common::server::start_with(&args);
+                    load_speed(&server)
+                })
+                .await
+                .unwrap();
+                match &texts {
+                    None => texts = Some(outputs),
+                    Some(expected) => assert_eq!(&outputs, expected, "{name} {delay}"),
+                }
+                table.push((name, delay, parallelism, one, eight));
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    println!("| model | link delay | parallelism | 1 stream t/s | 8 streams t/s (aggregate) |");
+    println!("|---|---|---|--:|--:|");
+    for (name, delay, parallelism, one, eight) in table {
+        println!("| {name} | {delay} | {parallelism} | {one:.1} | {eight:.1} |");
+    }
+}
+
+/// Generated tokens per second of one greedy stream of 64 tokens (the best of two) and of
+/// eight at once (aggregate), and the eight texts.
+fn load_speed(server: &common::server::Server) -> (f64, f64, Vec<String>) {
+    let request = |i: usize| {
+        let body = serde_json::json!({
+            "prompt": format!("Chapter {i}. Once upon a time, in a small village by the sea,"),
+            "max_tokens": 64,
+            "temperature": 0,
+        });
+        let (status, text) =
+            common::server::http(server, "POST", "/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{text}");
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (
+            body["choices"][0]["text"].as_str().unwrap().to_string(),
+            body["usage"]["completion_tokens"].as_u64().unwrap() as f64,
+        )
+    };
+    request(0);
+    let mut one: f64 = 0.0;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let (_, tokens) = request(1);
+        one = one.max(tokens / started.elapsed().as_secs_f64());
+    }
+    let started = Instant::now();
+    let results: Vec<(String, f64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8).map(|i| scope.spawn(move || request(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let eight = results.iter().map(|(_, t)| t).sum::<f64>() / started.elapsed().as_secs_f64();
+    (one, eight, results.into_iter().map(|(t, _)| t).collect())
 }

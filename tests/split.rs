@@ -170,6 +170,7 @@ async fn workers_without_the_files_receive_only_their_byte_ranges() {
                 model_path: Some("/nonexistent/model-00001-of-00003.gguf".into()),
                 device: None,
                 numa_node: None,
+                stage: None,
             })
             .collect();
         let cluster = Cluster::connect(&entries, ClusterLimits::default())

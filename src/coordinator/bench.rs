@@ -78,6 +78,9 @@ pub struct BenchArgs {
     /// (comma-separated: tensor, expert). Dense models ignore it.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "tensor")]
     pub moe_split: Vec<crate::shard::plan::MoeSplit>,
+    /// Pipeline stages to split each cluster's workers into (see `generate --help`).
+    #[arg(long, value_name = "N")]
+    pub pp: Option<u32>,
     /// Wire precision of the gRPC data plane (full, f32, bf16, f16, q8_0).
     #[arg(long, default_value = "full", value_parser = |s: &str| s.parse::<crate::transport::grpc::SyncPrecision>())]
     pub sync_precision: crate::transport::grpc::SyncPrecision,
@@ -254,6 +257,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 tls_key: None,
                 tls_ca: None,
                 moe_split: Some(moe_split),
+                pp: args.pp,
             };
             // Measured before the workers start, so that nothing else competes for memory.
             let memory = memory_gbps(&mut bandwidth, tp as usize * threads);

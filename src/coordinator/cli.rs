@@ -9,11 +9,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::Token;
 use crate::coordinator::bench::BenchArgs;
-use crate::coordinator::cluster::{Cluster, ClusterLimits, HostsFile, TransportChoice};
+use crate::coordinator::cluster::{
+    Cluster, ClusterLimits, HostsFile, Pipeline, TransportChoice, stage_sizes,
+};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
 use crate::model::chat::{ChatMessage, ChatTemplate};
-use crate::shard::plan::{AttentionUnit, MoeSplit, plan_with};
+use crate::shard::plan::{AttentionUnit, MoeSplit};
 use crate::shard::tensors::{shard_byte_ranges, shard_expert_bytes, shard_weight_bytes};
 use crate::transport::grpc::SyncPrecision;
 
@@ -163,6 +165,12 @@ pub struct ClusterArgs {
     /// moe_split; dense models ignore it.
     #[arg(long, value_enum)]
     pub moe_split: Option<MoeSplit>,
+    /// Pipeline stages: split the workers, in order, into N groups that run consecutive
+    /// layers, tensor parallel inside each (a slow link between hosts then carries one
+    /// handoff per step instead of two AllReduces per layer). Overrides hosts.toml's
+    /// `stage` and `parallelism`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=crate::limits::MAX_RANKS as i64))]
+    pub pp: Option<u32>,
 }
 
 fn parse_precision(s: &str) -> Result<SyncPrecision, String> {
@@ -280,8 +288,51 @@ pub struct PlanArgs {
     /// How mixture-of-experts layers are divided (see `generate --help`).
     #[arg(long, value_enum)]
     pub moe_split: Option<MoeSplit>,
+    /// Pipeline stages (see `generate --help`); hosts.toml's `stage` and `parallelism` apply
+    /// otherwise (`auto` is decided when the workers' round trips are measured, at start).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub pp: Option<u32>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+    /// A cluster to imagine instead of --local or --workers: this many hosts of
+    /// --workers-per-host workers each (with --simulate; up to 64 workers).
+    #[arg(long, value_name = "N", requires = "simulate", conflicts_with_all = ["local", "workers"])]
+    pub hosts: Option<usize>,
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub workers_per_host: usize,
+    /// Predict decode speed: per-token time and throughput of this plan (and of tensor
+    /// parallelism alone on the same workers), from one worker's measured time per token
+    /// (--token-ms, or --calibrate to measure it here) and the links' latency and bandwidth.
+    #[arg(long)]
+    pub simulate: bool,
+    /// One worker's decode time per token (ms), as `bench -n` reports its rate.
+    #[arg(long, value_name = "MS")]
+    pub token_ms: Option<f64>,
+    /// Measure --token-ms (and the batch slope) with one local worker of --threads threads.
+    #[arg(long, conflicts_with = "token_ms")]
+    pub calibrate: bool,
+    /// Threads of the calibrating worker (default: every core).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Extra cost of each more token in a decode batch, as a fraction of one token's.
+    #[arg(long, default_value_t = 0.03)]
+    pub batch_slope: f64,
+    /// One-way latency between hosts (ms) and their bandwidth (Gbit/s).
+    #[arg(long, default_value_t = 1.0)]
+    pub link_latency_ms: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub link_gbps: f64,
+    /// One-way latency from the coordinator to the workers (ms).
+    #[arg(long, default_value_t = 0.0)]
+    pub coordinator_latency_ms: f64,
+    /// A shared-memory AllReduce inside a host, and a handoff between stages on one host (µs).
+    #[arg(long, default_value_t = 5.0)]
+    pub shm_allreduce_us: f64,
+    #[arg(long, default_value_t = 150.0)]
+    pub local_handoff_us: f64,
+    /// Streams generating together, for the throughput prediction.
+    #[arg(long, default_value_t = 8)]
+    pub streams: usize,
 }
 
 fn worker_binary() -> anyhow::Result<PathBuf> {
@@ -316,6 +367,9 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
             cluster.transport = args.transport.unwrap_or_default();
             cluster.sync_precision = args.sync_precision;
             cluster.moe_split = args.moe_split.unwrap_or_default();
+            cluster.pipeline = args
+                .pp
+                .map_or(Pipeline::Tensor, |n| Pipeline::Even(n as usize));
             Ok(cluster)
         }
         (None, Some(path)) => {
@@ -338,6 +392,10 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
             cluster.transport = args.transport.unwrap_or(hosts.transport);
             cluster.sync_precision = args.sync_precision;
             cluster.moe_split = args.moe_split.unwrap_or(hosts.moe_split);
+            cluster.pipeline = match args.pp {
+                Some(n) => Pipeline::Even(n as usize),
+                None => hosts.pipeline(),
+            };
             Ok(cluster)
         }
         (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
@@ -636,36 +694,89 @@ fn tokenize(args: TokenizeArgs) -> anyhow::Result<()> {
 async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     let file = crate::model::gguf::GgufFile::open(&args.model)?;
     let config = crate::model::arch::ModelConfig::from_gguf(&file)?;
-    let (weights, addresses, transport, hosts_moe_split): (Vec<f64>, Vec<String>, &str, _) =
-        match (&args.local, &args.workers) {
-            (Some(n), _) => (
-                vec![1.0; *n as usize],
-                (0..*n).map(|i| format!("local worker {i}")).collect(),
-                "shm",
-                MoeSplit::default(),
-            ),
-            (None, Some(path)) => {
-                let hosts = HostsFile::read(path)?;
-                let same_host = hosts.workers.iter().all(|w| is_loopback(&w.address));
-                (
-                    hosts.workers.iter().map(|w| w.weight).collect(),
-                    hosts.workers.iter().map(|w| w.address.clone()).collect(),
-                    match hosts.transport {
-                        TransportChoice::Auto if same_host => "shm",
-                        chosen => chosen.name(),
-                    },
-                    hosts.moe_split,
-                )
+    let (weights, addresses, transport, hosts_moe_split, pipeline): (
+        Vec<f64>,
+        Vec<String>,
+        &str,
+        _,
+        _,
+    ) = match (&args.local, &args.workers) {
+        _ if args.hosts.is_some() => {
+            let (hosts, per_host) = (args.hosts.unwrap_or(1), args.workers_per_host);
+            if hosts == 0 || per_host == 0 || hosts * per_host > 64 {
+                bail!("--hosts {hosts} x --workers-per-host {per_host}: between 1 and 64 workers");
             }
-            (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
-        };
+            (
+                vec![1.0; hosts * per_host],
+                (0..hosts * per_host)
+                    .map(|r| format!("host{}:{}", r / per_host, 7070 + r % per_host))
+                    .collect(),
+                "auto",
+                MoeSplit::default(),
+                Pipeline::Tensor,
+            )
+        }
+        (Some(n), _) => (
+            vec![1.0; *n as usize],
+            (0..*n).map(|i| format!("local worker {i}")).collect(),
+            "shm",
+            MoeSplit::default(),
+            Pipeline::Tensor,
+        ),
+        (None, Some(path)) => {
+            let hosts = HostsFile::read(path)?;
+            let same_host = hosts.workers.iter().all(|w| is_loopback(&w.address));
+            (
+                hosts.workers.iter().map(|w| w.weight).collect(),
+                hosts.workers.iter().map(|w| w.address.clone()).collect(),
+                match hosts.transport {
+                    TransportChoice::Auto if same_host => "shm",
+                    chosen => chosen.name(),
+                },
+                hosts.moe_split,
+                hosts.pipeline(),
+            )
+        }
+        (None, None) => bail!("say where the workers are: --local N or --workers hosts.toml"),
+    };
     let moe_split = args.moe_split.unwrap_or(hosts_moe_split);
-    let p = plan_with(&config, &weights, moe_split)?;
+    let pipeline = args.pp.map_or(pipeline, |n| Pipeline::Even(n as usize));
+    // Hosts told apart by address here (a running cluster uses what workers report).
+    let host_of = |rank: usize| {
+        let address = &addresses[rank];
+        address
+            .rsplit_once(':')
+            .map_or(address.as_str(), |(h, _)| h)
+            .to_string()
+    };
+    let mut host_groups: Vec<Vec<usize>> = Vec::new();
+    for rank in 0..weights.len() {
+        match host_groups
+            .iter_mut()
+            .find(|g| host_of(g[0]) == host_of(rank))
+        {
+            Some(group) => group.push(rank),
+            None => host_groups.push(vec![rank]),
+        }
+    }
+    let sizes = stage_sizes(&pipeline, weights.len(), &host_groups, &[])?;
+    let p = crate::shard::plan::plan_stages_up_to(&config, &weights, moe_split, &sizes, 64)?;
+    if args.simulate {
+        return simulate(&args, &file, &config, &p, &host_groups).await;
+    }
+    if weights.len() > crate::limits::MAX_RANKS {
+        bail!(
+            "{} workers: a cluster runs up to {} (only --simulate goes further)",
+            weights.len(),
+            crate::limits::MAX_RANKS
+        );
+    }
     let context = args.ctx_size.min(config.context_length);
     #[derive(serde::Serialize)]
     struct RankRow {
         rank: usize,
         worker: String,
+        stage: usize,
         weight: f64,
         q_heads: usize,
         kv_heads: usize,
@@ -673,6 +784,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         /// Expert-layers x experts this rank computes (mixture of experts).
         experts: usize,
         vocab_rows: std::ops::Range<usize>,
+        embed_rows: std::ops::Range<usize>,
         weight_bytes: u64,
         expert_bytes: u64,
         kv_cache_bytes: u64,
@@ -713,12 +825,14 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             Ok(RankRow {
                 rank: r.rank_index,
                 worker: addresses[r.rank_index].clone(),
+                stage: r.stage.index,
                 weight: weights[r.rank_index],
                 q_heads: r.layers.iter().map(|l| l.q_heads.len()).sum(),
                 kv_heads,
                 ffn_columns: r.layers.iter().map(|l| l.ffn_columns.len()).sum(),
                 experts: r.layers.iter().map(|l| l.experts.len()).sum(),
                 vocab_rows: r.vocab_rows.clone(),
+                embed_rows: r.embed_rows.clone(),
                 weight_bytes: shard_weight_bytes(&file, &config, r),
                 expert_bytes: shard_expert_bytes(&file, &config, r),
                 kv_cache_bytes: crate::worker::kv::KvCache::bytes_for(
@@ -735,21 +849,35 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    // Per pair of ranks: how they exchange. Hosts are told apart by address here (the
-    // running cluster uses what workers report: boot id, hostname, network namespace).
-    let host_of = |rank: usize| {
-        let address = &addresses[rank];
-        address
-            .rsplit_once(':')
-            .map_or(address.as_str(), |(h, _)| h)
-            .to_string()
-    };
+    // Per pair of ranks of a stage: how they sum; between stages, the first ranks' handoff.
     let ranks = weights.len();
-    let leader_of = |rank: usize| (0..ranks).find(|&r| host_of(r) == host_of(rank)).unwrap();
+    let stage_of = |rank: usize| p.ranks[rank].stage.index;
+    let leader_of = |rank: usize| {
+        (0..ranks)
+            .find(|&r| host_of(r) == host_of(rank) && stage_of(r) == stage_of(rank))
+            .unwrap()
+    };
     let hierarchical = transport == "hierarchical"
         || (transport == "auto" && (0..ranks).any(|r| leader_of(r) != r));
+    let handoffs = p.stages.windows(2).map(|w| {
+        let (a, b) = (w[0].ranks.start, w[1].ranks.start);
+        let how = if host_of(a) == host_of(b) {
+            "grpc, same host"
+        } else {
+            "grpc"
+        };
+        (
+            a,
+            b,
+            format!(
+                "pipeline handoff, stage {} -> {} ({how})",
+                w[0].index, w[1].index
+            ),
+        )
+    });
     let links: Vec<(usize, usize, String)> = (0..ranks)
         .flat_map(|a| (a + 1..ranks).map(move |b| (a, b)))
+        .filter(|&(a, b)| stage_of(a) == stage_of(b))
         .map(|(a, b)| {
             let t = if transport != "auto" && transport != "hierarchical" {
                 transport.to_string()
@@ -764,6 +892,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             };
             (a, b, t)
         })
+        .chain(handoffs)
         .collect();
     if args.format == Format::Json {
         let json = serde_json::json!({
@@ -772,6 +901,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             "layers": config.summary(),
             "moe_split": config.moe.as_ref().map(|_| moe_split.name()),
             "attention_unit": match p.attention_unit { AttentionUnit::KvGroup => "kv_group", AttentionUnit::QueryHead => "query_head" },
+            "stages": p.stages,
             "ranks": rows,
             "links": links.iter().map(|(a, b, t)| serde_json::json!({"a": a, "b": b, "transport": t})).collect::<Vec<_>>(),
         });
@@ -812,15 +942,48 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             }
         );
     }
+    if p.stages.len() > 1 {
+        println!("pipeline: {} stages", p.stages.len());
+        for stage in &p.stages {
+            let bytes: u64 = rows[stage.ranks.clone()]
+                .iter()
+                .map(|r| r.weight_bytes)
+                .sum();
+            println!(
+                "  stage {}: ranks {}..{} (tensor parallel over {}), layers {}..{} ({} of {}){}, {:.1} MiB of weights",
+                stage.index,
+                stage.ranks.start,
+                stage.ranks.end,
+                stage.ranks.len(),
+                stage.layers.start,
+                stage.layers.end,
+                stage.layers.len(),
+                config.layer_count,
+                match (stage.is_first(), stage.is_last()) {
+                    (true, _) => ", embeds the tokens",
+                    (_, true) => ", holds the output head",
+                    _ => "",
+                },
+                bytes as f64 / (1 << 20) as f64
+            );
+        }
+        println!();
+    } else if matches!(pipeline, Pipeline::Auto { .. }) && host_groups.len() > 1 {
+        println!(
+            "parallelism auto: one pipeline stage per host if a host's measured round trip exceeds {:?} (measured when the cluster starts); shown here as one stage\n",
+            crate::coordinator::cluster::PIPELINE_ROUND_TRIP
+        );
+    }
     let moe_header = if config.moe.is_some() {
         format!(" {:>14} {:>11}", "experts (all)", "of which experts")
     } else {
         String::new()
     };
     println!(
-        "{:>4}  {:<22} {:>6} {:>14} {:>14} {:>16} {:>18} {:>11} {:>10}{moe_header}",
+        "{:>4}  {:<22} {:>5} {:>6} {:>14} {:>14} {:>16} {:>18} {:>11} {:>10}{moe_header}",
         "rank",
         "worker",
+        "stage",
         "weight",
         "q heads (all)",
         "kv heads (all)",
@@ -840,9 +1003,10 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             String::new()
         };
         println!(
-            "{:>4}  {:<22} {:>6.2} {:>14} {:>14} {:>16} {:>18} {:>8.1} MiB {:>6.1} MiB{moe_columns}",
+            "{:>4}  {:<22} {:>5} {:>6.2} {:>14} {:>14} {:>16} {:>18} {:>8.1} MiB {:>6.1} MiB{moe_columns}",
             r.rank,
             r.worker,
+            r.stage,
             r.weight,
             r.q_heads,
             r.kv_heads,
@@ -882,6 +1046,160 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `plan --simulate`: the predicted decode speed of the plan and of tensor parallelism alone.
+async fn simulate(
+    args: &PlanArgs,
+    file: &crate::model::gguf::GgufFile,
+    config: &crate::model::arch::ModelConfig,
+    plan: &crate::shard::plan::Plan,
+    hosts: &[Vec<usize>],
+) -> anyhow::Result<()> {
+    use crate::coordinator::simulate::{Costs, Layout};
+    let (token, batch_slope, measured) = match (args.token_ms, args.calibrate) {
+        (Some(ms), _) if ms.is_finite() && ms > 0.0 => (ms / 1e3, args.batch_slope, false),
+        (Some(ms), _) => bail!("--token-ms {ms} is not a positive number"),
+        (None, true) => {
+            let (token, slope) = calibrate(&args.model, args.threads).await?;
+            (token, slope, true)
+        }
+        (None, false) => bail!(
+            "--simulate needs one worker's time per token: --token-ms MS (from `bench -n`), or --calibrate to measure it here"
+        ),
+    };
+    let costs = Costs {
+        token,
+        batch_slope,
+        shm_allreduce: args.shm_allreduce_us / 1e6,
+        local_handoff: args.local_handoff_us / 1e6,
+        link_latency: args.link_latency_ms / 1e3,
+        link_bandwidth: args.link_gbps * 1e9 / 8.0,
+        coordinator_latency: args.coordinator_latency_ms / 1e3,
+    };
+    // Shares of a token's compute by weight bytes: each layer's, and the output head's.
+    let layer_bytes: u64 = file
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("blk."))
+        .map(|t| t.size_bytes)
+        .sum();
+    let head_bytes = file.tensor(&config.output).map_or(0, |t| t.size_bytes);
+    let total = (layer_bytes + head_bytes).max(1) as f64;
+    let mut host_of = vec![0; plan.ranks.len()];
+    for (h, ranks) in hosts.iter().enumerate() {
+        for &r in ranks {
+            host_of[r] = h;
+        }
+    }
+    let layout = |stages: Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>| Layout {
+        host_of: host_of.clone(),
+        stages,
+        layer_count: config.layer_count,
+        model_dim: config.model_dim,
+        layer_share: layer_bytes as f64 / total / config.layer_count as f64,
+        head_share: head_bytes as f64 / total,
+    };
+    let planned = layout(
+        plan.stages
+            .iter()
+            .map(|s| (s.ranks.clone(), s.layers.clone()))
+            .collect(),
+    );
+    let tensor_only = layout(vec![(0..plan.ranks.len(), 0..config.layer_count)]);
+    let rows: Vec<(&str, crate::coordinator::simulate::Prediction)> = [
+        ("plan", &planned, 1),
+        ("plan", &planned, args.streams),
+        ("tensor parallel only", &tensor_only, 1),
+        ("tensor parallel only", &tensor_only, args.streams),
+    ]
+    .into_iter()
+    .map(|(name, layout, streams)| (name, layout.predict(&costs, streams)))
+    .collect();
+    if args.format == Format::Json {
+        let json = serde_json::json!({
+            "costs": costs,
+            "token_measured": measured,
+            "workers": plan.ranks.len(),
+            "hosts": hosts.len(),
+            "stages": plan.stages,
+            "predictions": rows.iter().map(|(name, p)| serde_json::json!({"layout": name, "prediction": p})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} workers on {} host(s), {} pipeline stage(s) of {:?} workers",
+        file.path.display(),
+        plan.ranks.len(),
+        hosts.len(),
+        plan.stages.len(),
+        plan.stages
+            .iter()
+            .map(|s| s.ranks.len())
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "costs: one worker {:.2} ms per token ({}), batch slope {:.3}; links {} ms one way, {} Gbit/s; shm AllReduce {} µs; local handoff {} µs; coordinator {} ms one way",
+        token * 1e3,
+        if measured { "measured here" } else { "given" },
+        batch_slope,
+        args.link_latency_ms,
+        args.link_gbps,
+        args.shm_allreduce_us,
+        args.local_handoff_us,
+        args.coordinator_latency_ms
+    );
+    println!(
+        "\n{:<22} {:>8} {:>14} {:>16} {:>10}",
+        "layout", "streams", "ms per step", "tokens/s (all)", "in flight"
+    );
+    for (name, p) in rows {
+        println!(
+            "{:<22} {:>8} {:>14.2} {:>16.1} {:>10}",
+            name,
+            p.streams,
+            p.step_seconds * 1e3,
+            p.tokens_per_second,
+            p.in_flight
+        );
+    }
+    Ok(())
+}
+
+/// One worker's decode time per token and the batch slope, measured: 24 steps of one token,
+/// then 24 steps of eight sequences' tokens.
+async fn calibrate(model: &std::path::Path, threads: Option<usize>) -> anyhow::Result<(f64, f64)> {
+    let threads = threads.unwrap_or_else(|| default_threads(1));
+    let cluster =
+        Cluster::spawn_local(&worker_binary()?, &[1.0], threads, ClusterLimits::default()).await?;
+    let model = Model::open(model)?;
+    let mut session = Session::start_with_sequences(model, cluster, 64, 8, 8).await?;
+    let one = time_steps(&mut session, 1).await?;
+    let eight = time_steps(&mut session, 8).await?;
+    session.cluster.shutdown().await;
+    Ok((one, ((eight / one - 1.0) / 7.0).max(0.0)))
+}
+
+/// The best of three rounds' mean time of a decode step of `batch` sequences' tokens.
+async fn time_steps(session: &mut Session, batch: usize) -> anyhow::Result<f64> {
+    use crate::coordinator::session::Batch;
+    let mut best = f64::INFINITY;
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        for position in 0..8 {
+            let mut b = Batch {
+                top: 1,
+                ..Batch::default()
+            };
+            for sequence in 0..batch {
+                b.push(1, round * 8 + position, sequence, true);
+            }
+            session.step(&b).await?;
+        }
+        best = best.min(started.elapsed().as_secs_f64() / 8.0);
+    }
+    Ok(best)
 }
 
 fn is_loopback(address: &str) -> bool {

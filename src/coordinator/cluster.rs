@@ -19,7 +19,7 @@ use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
 use crate::shard::host::model_header_hash;
-use crate::shard::plan::{MoeSplit, Plan, RankShard};
+use crate::shard::plan::{MoeSplit, Plan, RankShard, split_units};
 use crate::shard::tensors::shard_byte_ranges;
 use crate::transport::grpc::{SECRET_BYTES, SyncPrecision};
 use crate::transport::shm::ShmSegment;
@@ -85,8 +85,112 @@ pub struct HostsFile {
     /// worker) or "expert" (whole experts per worker); `--moe-split` overrides it.
     #[serde(default)]
     pub moe_split: MoeSplit,
+    /// Tensor parallel across every worker ("tensor"), one pipeline stage per host
+    /// ("pipeline"), or stages across hosts with slow links ("auto"). Workers that name their
+    /// `stage` set the stages themselves.
+    #[serde(default)]
+    pub parallelism: Parallelism,
     #[serde(rename = "worker", default)]
     pub workers: Vec<WorkerEntry>,
+}
+
+impl HostsFile {
+    /// The pipeline this file asks for.
+    pub fn pipeline(&self) -> Pipeline {
+        if self.workers.iter().any(|w| w.stage.is_some()) {
+            let mut sizes: Vec<usize> = Vec::new();
+            for w in &self.workers {
+                let stage = w.stage.unwrap_or(0) as usize;
+                if sizes.len() <= stage {
+                    sizes.resize(stage + 1, 0);
+                }
+                sizes[stage] += 1;
+            }
+            return Pipeline::Sizes(sizes);
+        }
+        match self.parallelism {
+            Parallelism::Tensor => Pipeline::Tensor,
+            Parallelism::Pipeline => Pipeline::PerHost,
+            Parallelism::Auto => Pipeline::Auto {
+                threshold: PIPELINE_ROUND_TRIP,
+            },
+        }
+    }
+}
+
+/// How the workers of a cluster form pipeline stages (each a tensor-parallel group).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Pipeline {
+    /// One stage: every worker in one tensor-parallel group.
+    Tensor,
+    /// This many stages of consecutive workers, as even as the count allows (`--pp N`).
+    Even(usize),
+    /// Stage sizes in worker order (hosts.toml `stage = N`).
+    Sizes(Vec<usize>),
+    /// One stage per host (hosts.toml `parallelism = "pipeline"`).
+    PerHost,
+    /// One stage per host when some host's round trip is above `threshold`, else one stage
+    /// (hosts.toml `parallelism = "auto"`).
+    Auto { threshold: Duration },
+}
+
+/// The round trip above which `parallelism = "auto"` pipelines across hosts: a tensor-parallel
+/// step waits for two AllReduces per layer, a pipeline step for one handoff per stage.
+pub const PIPELINE_ROUND_TRIP: Duration = Duration::from_millis(1);
+
+/// Stage sizes for `rank_count` workers grouped by host (`hosts`: ranks per host, ascending,
+/// in order of their first rank) with their measured round trips (empty when not measured).
+pub fn stage_sizes(
+    pipeline: &Pipeline,
+    rank_count: usize,
+    hosts: &[Vec<usize>],
+    round_trips: &[Duration],
+) -> anyhow::Result<Vec<usize>> {
+    // Per host, when each host's workers are consecutive ranks (the stages' requirement).
+    let per_host = || -> Option<Vec<usize>> {
+        let mut next = 0;
+        for host in hosts {
+            if host.iter().enumerate().any(|(i, &r)| r != next + i) {
+                return None;
+            }
+            next += host.len();
+        }
+        Some(hosts.iter().map(Vec::len).collect())
+    };
+    Ok(match pipeline {
+        Pipeline::Tensor => vec![rank_count],
+        Pipeline::Even(0) => bail!("--pp 0: a pipeline needs at least one stage"),
+        Pipeline::Even(n) => split_units(rank_count, &vec![1.0; *n], 0)
+            .iter()
+            .map(|r| r.len())
+            .collect(),
+        Pipeline::Sizes(sizes) => sizes.clone(),
+        Pipeline::PerHost => per_host().ok_or_else(|| {
+            anyhow::anyhow!(
+                "one pipeline stage per host needs each host's workers listed together (hosts by rank: {hosts:?})"
+            )
+        })?,
+        Pipeline::Auto { threshold } => {
+            let slow = round_trips.iter().any(|rtt| rtt > threshold);
+            match per_host() {
+                Some(sizes) if slow && sizes.len() > 1 => sizes,
+                _ => vec![rank_count],
+            }
+        }
+    })
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parallelism {
+    /// Every worker in one tensor-parallel group (unless workers name their `stage`).
+    #[default]
+    Tensor,
+    /// One pipeline stage per host, tensor parallel inside each.
+    Pipeline,
+    /// Pipeline stages across hosts whose round trip from the coordinator exceeds 1 ms,
+    /// tensor parallel otherwise.
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -141,6 +245,11 @@ pub struct WorkerEntry {
     /// coordinator checks that the worker reports the same.
     #[serde(default)]
     pub numa_node: Option<u32>,
+    /// The pipeline stage (0, 1, ...) this worker belongs to: workers of a stage share its
+    /// layers tensor-parallel; stages follow one another. Given for one worker, it must be
+    /// given for all, in order.
+    #[serde(default)]
+    pub stage: Option<u32>,
 }
 
 fn one() -> f64 {
@@ -180,6 +289,29 @@ impl HostsFile {
                 );
             }
         }
+        // Stages: all or none, starting at 0, never going back, none skipped.
+        if hosts.workers.iter().any(|w| w.stage.is_some()) {
+            let mut previous: Option<u32> = None;
+            for (i, worker) in hosts.workers.iter().enumerate() {
+                let Some(stage) = worker.stage else {
+                    bail!(
+                        "{}: worker {i} ({}) has no stage, but others do: give every worker its stage",
+                        path.display(),
+                        worker.address
+                    );
+                };
+                let expected = previous.map_or(0..=0, |p| p..=p + 1);
+                if !expected.contains(&stage) {
+                    bail!(
+                        "{}: worker {i} ({}): stage {stage} after {}: list workers stage by stage, numbering stages 0, 1, 2 ... without gaps",
+                        path.display(),
+                        worker.address,
+                        previous.map_or_else(|| "the start".to_string(), |p| format!("stage {p}"))
+                    );
+                }
+                previous = Some(stage);
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for file in [
             &mut hosts.auth_token_file,
@@ -199,6 +331,8 @@ impl HostsFile {
 
 pub struct WorkerHandle {
     pub address: String,
+    /// The fastest of a few Hello round trips at connect.
+    pub round_trip: Duration,
     pub weight: f64,
     pub threads: usize,
     pub model_path: Option<String>,
@@ -209,7 +343,10 @@ pub struct WorkerHandle {
 pub struct Cluster {
     pub workers: Vec<WorkerHandle>,
     children: Vec<Child>,
-    segment: Option<ShmSegment>,
+    /// Shared-memory segments of the loaded model: one per stage of several ranks (shm).
+    segments: Vec<ShmSegment>,
+    /// How the workers form pipeline stages.
+    pub pipeline: Pipeline,
     next_step: u64,
     pub limits: ClusterLimits,
     /// The data plane asked for, and the one the loaded model uses.
@@ -218,12 +355,20 @@ pub struct Cluster {
     /// How mixture-of-experts layers are divided among the workers.
     pub moe_split: MoeSplit,
     active_transport: Option<TransportChoice>,
+    /// Whether the loaded model uses gRPC links (networked transport, or pipeline stages).
+    networked: bool,
     /// Connection rounds of the gRPC data plane; a failed step asks for a new round.
     generation: u64,
     reconnect: bool,
     streamed_bytes: Vec<u64>,
-    /// Per rank, the vocabulary rows of the loaded plan: step replies are checked against them.
+    /// Per rank, the vocabulary rows of the loaded plan, and whether the rank returns logits
+    /// (the last stage's ranks): step replies are checked against them.
     vocab_slices: Vec<Range<usize>>,
+    outputs: Vec<bool>,
+    /// Pipeline stages of the loaded plan.
+    stage_count: usize,
+    /// Steps launched and not landed.
+    outstanding: std::collections::BTreeSet<u64>,
     /// What the heartbeat and the steps know of the workers (`/health`).
     pub health: std::sync::Arc<Health>,
     heartbeat: tokio::task::AbortHandle,
@@ -386,10 +531,16 @@ pub struct ReplyShape {
 }
 
 impl ReplyShape {
-    pub fn of(request: &proto::StepRequest) -> ReplyShape {
+    /// The reply a rank owes `request`: rows only from a rank that `outputs` logits (the last
+    /// pipeline stage's).
+    pub fn of(request: &proto::StepRequest, outputs: bool) -> ReplyShape {
         ReplyShape {
             step: request.step,
-            rows: request.output_rows.len(),
+            rows: if outputs {
+                request.output_rows.len()
+            } else {
+                0
+            },
             top_k: request.top_k,
             full_logits: request.full_logits,
         }
@@ -451,6 +602,13 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.heartbeat.abort();
     }
+}
+
+/// A step in flight on the workers (`Cluster::launch`).
+pub struct Launched {
+    pub number: u64,
+    /// The replies in rank order, or the first failure.
+    pub replies: tokio::task::JoinHandle<anyhow::Result<Vec<proto::StepReply>>>,
 }
 
 /// What the cluster needs to load a model.
@@ -557,8 +715,21 @@ impl Cluster {
                         .map_or_else(|| "none".to_string(), |n| n.to_string())
                 );
             }
+            // The link's round trip: the fastest of a few Hellos (the first paid for setup).
+            let mut round_trip = Duration::MAX;
+            for _ in 0..5 {
+                let started = std::time::Instant::now();
+                let mut probe = client.clone();
+                if tokio::time::timeout(limits.connect_timeout, probe.hello(proto::HelloRequest {}))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    round_trip = round_trip.min(started.elapsed());
+                }
+            }
             workers.push(WorkerHandle {
                 address: entry.address.clone(),
+                round_trip,
                 weight: entry.weight,
                 threads: entry.threads,
                 model_path: entry.model_path.clone(),
@@ -605,17 +776,22 @@ impl Cluster {
         Ok(Cluster {
             workers,
             children: Vec::new(),
-            segment: None,
+            segments: Vec::new(),
+            pipeline: Pipeline::Tensor,
             next_step: 1,
             limits,
             transport: TransportChoice::Auto,
             sync_precision: SyncPrecision::Full,
             moe_split: MoeSplit::Tensor,
             active_transport: None,
+            networked: false,
             generation: 0,
             reconnect: false,
             streamed_bytes: Vec::new(),
             vocab_slices: Vec::new(),
+            outputs: Vec::new(),
+            stage_count: 1,
+            outstanding: Default::default(),
             health,
             heartbeat,
         })
@@ -713,6 +889,7 @@ impl Cluster {
                 model_path: None,
                 device: None,
                 numa_node: placements.get(rank).map(|p| p.node as u32),
+                stage: None,
             });
             children.push(child);
         }
@@ -723,6 +900,17 @@ impl Cluster {
 
     pub fn weights(&self) -> Vec<f64> {
         self.workers.iter().map(|w| w.weight).collect()
+    }
+
+    /// Workers per pipeline stage, in rank order (one stage: tensor parallel only).
+    pub fn stage_sizes(&self) -> anyhow::Result<Vec<usize>> {
+        let round_trips: Vec<Duration> = self.workers.iter().map(|w| w.round_trip).collect();
+        stage_sizes(
+            &self.pipeline,
+            self.workers.len(),
+            &self.hosts(),
+            &round_trips,
+        )
     }
 
     pub fn rank_count(&self) -> usize {
@@ -769,27 +957,39 @@ impl Cluster {
             chosen => chosen,
         };
         self.active_transport = None;
-        let shm_path = if rank_count > 1 && transport == TransportChoice::Shm {
-            let path = std::env::temp_dir().join(format!(
-                "tp-shm-{}-{}",
-                std::process::id(),
-                unique_suffix()
-            ));
-            let path = if Path::new("/dev/shm").is_dir() {
-                PathBuf::from("/dev/shm").join(path.file_name().expect("has a name"))
-            } else {
-                path
-            };
-            self.segment = None;
-            // Row-parallel partials are reduced in f64: 8 bytes per value.
-            let segment = ShmSegment::create(&path, rank_count, spec.max_batch * model_dim * 8)?;
-            let p = segment.path().display().to_string();
-            self.segment = Some(segment);
-            p
-        } else {
-            String::new()
-        };
-        let networked = transport.networked();
+        let stages = &spec.plan.stages;
+        let piped = stages.len() > 1;
+        // One segment per stage of several ranks; each stage's ranks sum among themselves.
+        self.segments.clear();
+        let mut stage_shm_paths = vec![String::new(); stages.len()];
+        if transport == TransportChoice::Shm {
+            for (stage, path) in stages.iter().zip(&mut stage_shm_paths) {
+                if stage.ranks.len() < 2 {
+                    continue;
+                }
+                let name = format!(
+                    "tp-shm-{}-{}-{}",
+                    std::process::id(),
+                    unique_suffix(),
+                    stage.index
+                );
+                let dir = if Path::new("/dev/shm").is_dir() {
+                    PathBuf::from("/dev/shm")
+                } else {
+                    std::env::temp_dir()
+                };
+                // Row-parallel partials are reduced in f64: 8 bytes per value.
+                let segment = ShmSegment::create(
+                    &dir.join(name),
+                    stage.ranks.len(),
+                    spec.max_batch * model_dim * 8,
+                )?;
+                *path = segment.path().display().to_string();
+                self.segments.push(segment);
+            }
+        }
+        // Stages always link their first ranks over gRPC.
+        let networked = transport.networked() || piped;
         let secret = if networked {
             cluster_secret()?
         } else {
@@ -809,7 +1009,15 @@ impl Cluster {
         } else {
             Vec::new()
         };
-        let leaders: Vec<u32> = hosts.iter().map(|h| h[0] as u32).collect();
+        let stage_starts: Vec<u32> = if piped {
+            stages
+                .iter()
+                .map(|s| s.ranks.start as u32)
+                .chain([rank_count as u32])
+                .collect()
+        } else {
+            Vec::new()
+        };
         let tag: String = secret.iter().take(6).map(|b| format!("{b:02x}")).collect();
         let header_hash = model_header_hash(spec.file);
         let model_path = std::fs::canonicalize(&spec.file.path)?
@@ -820,17 +1028,33 @@ impl Cluster {
         let mut tasks = tokio::task::JoinSet::new();
         for (rank, worker) in self.workers.iter().enumerate() {
             let shard: &RankShard = &spec.plan.ranks[rank];
-            let (host_ranks, shm_path) = if transport == TransportChoice::Hierarchical {
-                let host = hosts
+            let stage = &shard.stage;
+            // Hierarchical: the hosts of this rank's stage, each its ranks there.
+            let stage_hosts: Vec<Vec<u32>> = hosts
+                .iter()
+                .map(|h| {
+                    h.iter()
+                        .filter(|r| stage.ranks.contains(r))
+                        .map(|&r| r as u32)
+                        .collect::<Vec<u32>>()
+                })
+                .filter(|h| !h.is_empty())
+                .collect();
+            let (host_ranks, leader_ranks, shm_path) = if transport == TransportChoice::Hierarchical
+            {
+                let host = stage_hosts
                     .iter()
-                    .find(|h| h.contains(&rank))
+                    .find(|h| h.contains(&(rank as u32)))
                     .expect("every rank has a host");
+                let mut leaders: Vec<u32> = stage_hosts.iter().map(|h| h[0]).collect();
+                leaders.sort_unstable();
                 (
-                    host.iter().map(|&r| r as u32).collect(),
+                    host.clone(),
+                    leaders,
                     format!("/dev/shm/tp-{tag}-{}", host[0]),
                 )
             } else {
-                (Vec::new(), shm_path.clone())
+                (Vec::new(), Vec::new(), stage_shm_paths[stage.index].clone())
             };
             let request = proto::LoadShardRequest {
                 model_path: worker_paths[rank].clone(),
@@ -866,12 +1090,13 @@ impl Cluster {
                 peer_addresses: peer_addresses.clone(),
                 cluster_secret: secret.clone(),
                 sync_precision: self.sync_precision.name().into(),
-                leader_ranks: if transport == TransportChoice::Hierarchical {
-                    leaders.clone()
-                } else {
-                    Vec::new()
-                },
+                leader_ranks,
                 host_ranks,
+                stage_starts: stage_starts.clone(),
+                layer_start: stage.layers.start as u32,
+                layer_end: stage.layers.end as u32,
+                embed_start: shard.embed_rows.start as u32,
+                embed_end: shard.embed_rows.end as u32,
             };
             let mut client = worker.client.clone();
             let address = worker.address.clone();
@@ -893,6 +1118,7 @@ impl Cluster {
         let replies = collect_ranked(tasks, rank_count).await;
         progress.finish_and_clear();
         let replies = replies?;
+        self.networked = networked;
         if networked {
             self.connect_peers().await?;
         }
@@ -903,6 +1129,8 @@ impl Cluster {
             .iter()
             .map(|r| r.vocab_rows.clone())
             .collect();
+        self.outputs = spec.plan.ranks.iter().map(|r| r.stage.is_last()).collect();
+        self.stage_count = spec.plan.stages.len();
         self.health
             .formed(self.workers.iter().map(|w| w.hello.pid).collect());
         Ok(replies)
@@ -1058,46 +1286,38 @@ impl Cluster {
         &mut self,
         request: proto::StepRequest,
     ) -> anyhow::Result<Vec<proto::StepReply>> {
+        let step = self.launch(request).await?;
+        let number = step.number;
+        let result = step.replies.await.unwrap_or_else(|e| Err(e.into()));
+        self.landed(number, result.is_ok());
+        result
+    }
+
+    /// Starts a forward pass on every worker without waiting for it; several may be in flight
+    /// (pipeline micro-batches): each worker runs them in the order they were launched. Every
+    /// launched step must be reported back through `landed`.
+    pub async fn launch(&mut self, mut request: proto::StepRequest) -> anyhow::Result<Launched> {
         if self.reconnect {
             self.connect_peers()
                 .await
                 .context("the data plane is down since the last failed step")?;
             self.reconnect = false;
         }
-        let result = self.step_once(request).await;
-        if result.is_err() {
-            self.abort_step(self.next_step - 1);
-            // Links may be broken or hold frames of the failed step: start a new round.
-            self.reconnect = self
-                .active_transport
-                .is_some_and(TransportChoice::networked);
-        }
-        result
-    }
-
-    /// Tells every worker that this coordinator gave up on `step`, so that survivors waiting
-    /// in its collectives stop now rather than at their deadline (and can be re-formed at once).
-    /// Best effort and in the background: the worker that failed may not answer.
-    fn abort_step(&self, step: u64) {
-        for worker in &self.workers {
-            let mut client = worker.client.clone();
-            tokio::spawn(async move {
-                let abort = client.abort(proto::AbortRequest { step });
-                let _ = tokio::time::timeout(Duration::from_secs(1), abort).await;
-            });
-        }
-    }
-
-    async fn step_once(
-        &mut self,
-        mut request: proto::StepRequest,
-    ) -> anyhow::Result<Vec<proto::StepReply>> {
-        request.step = self.next_step;
-        self.next_step += 1;
         if self.vocab_slices.len() != self.workers.len() {
             bail!("no model is loaded on the cluster");
         }
-        let shape = ReplyShape::of(&request);
+        request.step = self.next_step;
+        // Behind a step still in flight, the workers must run this one after it. (A step
+        // that landed has finished everywhere; one a restarted worker never saw must not be
+        // waited for.)
+        let previous = self.next_step - 1;
+        request.after_step = if self.outstanding.contains(&previous) {
+            previous
+        } else {
+            0
+        };
+        self.outstanding.insert(request.step);
+        self.next_step += 1;
         let mut tasks = tokio::task::JoinSet::new();
         for (rank, worker) in self.workers.iter().enumerate() {
             let mut client = worker.client.clone();
@@ -1105,6 +1325,7 @@ impl Cluster {
             let address = worker.address.clone();
             let timeout = self.limits.step_timeout;
             let vocab = self.vocab_slices[rank].clone();
+            let shape = ReplyShape::of(&request, self.outputs[rank]);
             tasks.spawn(async move {
                 let reply = tokio::time::timeout(timeout, client.step(request))
                     .await
@@ -1121,7 +1342,40 @@ impl Cluster {
                 Ok::<_, anyhow::Error>((rank, reply))
             });
         }
-        collect_ranked(tasks, self.workers.len()).await
+        let count = self.workers.len();
+        Ok(Launched {
+            number: request.step,
+            replies: tokio::spawn(collect_ranked(tasks, count)),
+        })
+    }
+
+    /// A launched step came back: after a failure, the workers are told to give up on it and
+    /// the data plane reconnects before the next launch.
+    pub fn landed(&mut self, step: u64, ok: bool) {
+        self.outstanding.remove(&step);
+        if !ok {
+            self.abort_step(step);
+            // Links may be broken or hold frames of the failed step: start a new round.
+            self.reconnect = self.networked;
+        }
+    }
+
+    /// Pipeline stages of the loaded plan's workers (1 without pipelining).
+    pub fn in_flight_limit(&self) -> usize {
+        self.stage_count.max(1)
+    }
+
+    /// Tells every worker that this coordinator gave up on `step`, so that survivors waiting
+    /// in its collectives stop now rather than at their deadline (and can be re-formed at once).
+    /// Best effort and in the background: the worker that failed may not answer.
+    fn abort_step(&self, step: u64) {
+        for worker in &self.workers {
+            let mut client = worker.client.clone();
+            tokio::spawn(async move {
+                let abort = client.abort(proto::AbortRequest { step });
+                let _ = tokio::time::timeout(Duration::from_secs(1), abort).await;
+            });
+        }
     }
 
     /// Greets every worker again (a restarted one may have a new data-plane port), failing

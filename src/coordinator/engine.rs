@@ -6,7 +6,7 @@
 //! `chunk` while others generate, so long prompts do not stall their streams). Rows are
 //! independent in every kernel, so a sequence's tokens do not depend on its batch-mates.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -55,6 +55,8 @@ struct Active {
     /// The last sampled token, to run in the next pass.
     pending: Option<u32>,
     last_token_at: Option<Instant>,
+    /// A batch with this sequence's tokens is in flight: it waits for that batch.
+    busy: bool,
 }
 
 impl Active {
@@ -64,8 +66,20 @@ impl Active {
     }
 }
 
+/// A batch in flight: the slots of its output rows, in row order, and every slot it carries.
+struct Flight {
+    owners: Vec<usize>,
+    members: Vec<usize>,
+    started: Instant,
+}
+
 /// Runs jobs until every sender of `jobs` is gone and the last job has finished; returns the
 /// session.
+///
+/// With pipeline stages, up to one batch per stage is in flight, each from other sequences:
+/// while stage k works on one batch, stage k+1 works on the one before. Generating sequences
+/// are dealt into as many batches as there are stages; a lone sequence still works, its
+/// batches taking the stages in turn.
 pub async fn run(
     mut session: Session,
     mut jobs: mpsc::UnboundedReceiver<Job>,
@@ -81,12 +95,15 @@ pub async fn run(
         Some(t) if session.cluster.weights().len() > 1 => t.name(),
         _ => "none",
     };
+    let mut flights: HashMap<u64, Flight> = HashMap::new();
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut next_flight = 0u64;
     loop {
         // Take in what arrived; block only when there is nothing to run.
         while let Ok(job) = jobs.try_recv() {
             waiting.push_back(job);
         }
-        if active.is_empty() && waiting.is_empty() {
+        if active.is_empty() && waiting.is_empty() && in_flight.is_empty() {
             let job = if session.needs_recovery() {
                 // Re-form as soon as every worker answers, not at the next request: /health
                 // says 503 until then, so a load balancer would never send that request.
@@ -107,9 +124,9 @@ pub async fn run(
                 None => break,
             }
         }
-        // Leave: clients that went away.
+        // Leave: clients that went away (once no batch of theirs is in flight).
         active.retain(|a| {
-            let gone = a.job.events.is_closed();
+            let gone = !a.busy && a.job.events.is_closed();
             if gone {
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                 metrics
@@ -138,6 +155,7 @@ pub async fn run(
                     decoder,
                     pending: None,
                     last_token_at: None,
+                    busy: false,
                 }),
                 Err(e) => {
                     let _ = job.events.send(JobEvent::Failed(format!("{e:#}")));
@@ -145,92 +163,108 @@ pub async fn run(
             }
         }
         metrics.busy.store(active.len(), Ordering::Relaxed);
-        if active.is_empty() {
+
+        // Launch: a batch per free stage, from sequences not already in flight.
+        let limit = session.in_flight_limit();
+        let generating = active.iter().filter(|a| a.pending.is_some()).count();
+        let share = generating.div_ceil(limit).max(1);
+        let mut failed = None;
+        while in_flight.len() < limit {
+            let (batch, owners, members) =
+                build_batch(&mut active, session.max_batch, options.chunk, share);
+            if batch.is_empty() {
+                break;
+            }
+            for &i in &members {
+                active[i].busy = true;
+            }
+            let slot_of = |i: &usize| active[*i].sequence;
+            let flight = Flight {
+                owners: owners.iter().map(slot_of).collect(),
+                members: members.iter().map(slot_of).collect(),
+                started: Instant::now(),
+            };
+            match session.launch(batch).await {
+                Ok(launched) => {
+                    let id = next_flight;
+                    next_flight += 1;
+                    flights.insert(id, flight);
+                    in_flight.spawn(async move { (id, Session::replies(launched).await) });
+                }
+                Err(e) => {
+                    for slot in flight.members {
+                        if let Some(a) = active.iter_mut().find(|a| a.sequence == slot) {
+                            a.busy = false;
+                        }
+                    }
+                    failed = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        if failed.is_none() && in_flight.is_empty() {
             continue;
         }
 
-        let (batch, owners) = build_batch(&mut active, session.max_batch, options.chunk);
-        let started = Instant::now();
-        let output = session.step(&batch).await;
-        let output = match output {
-            Ok(output) => output,
-            Err(e) => {
-                // The step is lost for every sequence in it; the cluster reconnects before the
-                // next one if it can.
-                let message = format!("{e:#}");
-                tracing::warn!(error = %message, sequences = active.len(), "step failed");
-                metrics.busy.store(0, Ordering::Relaxed);
-                for a in active.drain(..) {
-                    let _ = a.job.events.send(JobEvent::Failed(message.clone()));
-                    free.push(a.sequence);
+        // Land: the next batch back.
+        let failure = match failed {
+            Some(message) => Some(message),
+            None => {
+                let (id, landed) = in_flight
+                    .join_next()
+                    .await
+                    .expect("a batch in flight")
+                    .expect("the waiting task does not panic");
+                let flight = flights.remove(&id).expect("launched");
+                let (batch, output) = session.land(landed);
+                match output {
+                    Ok(output) => {
+                        let worker_times: Vec<(f64, f64, u32)> = output
+                            .workers
+                            .iter()
+                            .map(|w| (w.compute_seconds, w.collective_seconds, w.collectives))
+                            .collect();
+                        metrics.observe_step(transport, &worker_times);
+                        tracing::trace!(
+                            tokens = batch.len(),
+                            rows = flight.owners.len(),
+                            ms = flight.started.elapsed().as_secs_f64() * 1e3,
+                            "step"
+                        );
+                        for slot in &flight.members {
+                            if let Some(a) = active.iter_mut().find(|a| a.sequence == *slot) {
+                                a.busy = false;
+                            }
+                        }
+                        deliver(
+                            &mut active,
+                            &mut free,
+                            &flight.owners,
+                            output.distributions,
+                            &session,
+                            &metrics,
+                        );
+                        None
+                    }
+                    Err(e) => Some(format!("{e:#}")),
                 }
-                continue;
             }
         };
-        let worker_times: Vec<(f64, f64, u32)> = output
-            .workers
-            .iter()
-            .map(|w| (w.compute_seconds, w.collective_seconds, w.collectives))
-            .collect();
-        metrics.observe_step(transport, &worker_times);
-        tracing::trace!(
-            tokens = batch.len(),
-            rows = owners.len(),
-            ms = started.elapsed().as_secs_f64() * 1e3,
-            "step"
-        );
-
-        let mut finished = Vec::new();
-        for (mut distribution, &owner) in output.distributions.into_iter().zip(&owners) {
-            let a = &mut active[owner];
-            if !a.decoder.needs_full_logits() {
-                // Another sequence asked for whole rows; this one samples from candidates.
-                distribution.full = None;
+        if let Some(message) = failure {
+            // The step is lost for every sequence; the others in flight fail with it (the
+            // workers abort them). Wait for them all, so that the cluster is re-formed with
+            // nothing running.
+            while let Some(Ok((id, landed))) = in_flight.join_next().await {
+                flights.remove(&id);
+                let _ = session.land(landed);
             }
-            let sampled = match a.decoder.next(&distribution, &session.model.tokenizer) {
-                Ok(s) => s,
-                Err(e) => {
-                    metrics.busy.fetch_sub(1, Ordering::Relaxed);
-                    let _ = a.job.events.send(JobEvent::Failed(format!("{e:#}")));
-                    finished.push(owner);
-                    continue;
-                }
-            };
-            let now = Instant::now();
-            match a.last_token_at {
-                None => metrics
-                    .time_to_first_token
-                    .lock()
-                    .unwrap()
-                    .observe((now - a.job.accepted).as_secs_f64()),
-                Some(last) => metrics
-                    .inter_token_latency
-                    .lock()
-                    .unwrap()
-                    .observe((now - last).as_secs_f64()),
+            tracing::warn!(error = %message, sequences = active.len(), "step failed");
+            metrics.busy.store(0, Ordering::Relaxed);
+            for a in active.drain(..) {
+                let _ = a.job.events.send(JobEvent::Failed(message.clone()));
+                free.push(a.sequence);
             }
-            a.last_token_at = Some(now);
-            let stop = sampled.stop;
-            a.pending = Some(sampled.token);
-            let _ = a.job.events.send(JobEvent::Token(sampled));
-            if let Some(stop) = stop {
-                metrics
-                    .completion_tokens
-                    .fetch_add(a.decoder.generated() as u64, Ordering::Relaxed);
-                // The slot is free before the client hears it is done, so that /metrics read
-                // after the answer never counts it busy.
-                metrics.busy.fetch_sub(1, Ordering::Relaxed);
-                let _ = a.job.events.send(JobEvent::Done {
-                    stop,
-                    prompt_tokens: a.job.prompt.len(),
-                    completion_tokens: a.decoder.generated(),
-                });
-                finished.push(owner);
-            }
-        }
-        finished.sort_unstable();
-        for &index in finished.iter().rev() {
-            free.push(active.remove(index).sequence);
+            continue;
         }
         metrics.busy.store(active.len(), Ordering::Relaxed);
     }
@@ -238,16 +272,95 @@ pub async fn run(
     session
 }
 
-/// The next forward pass: one token per generating sequence, then prompt chunks. Returns the
-/// batch and, per output row, the index of the sequence in `active` it belongs to.
-/// Prompt tokens put in the batch count as run (a failed pass ends every sequence anyway).
-fn build_batch(active: &mut [Active], max_batch: usize, chunk: usize) -> (Batch, Vec<usize>) {
+/// Samples each output row's token for its sequence (`owners`: slots, in row order) and
+/// tells its client; sequences that finished leave their slots.
+fn deliver(
+    active: &mut Vec<Active>,
+    free: &mut Vec<usize>,
+    owners: &[usize],
+    distributions: Vec<crate::coordinator::session::Distribution>,
+    session: &Session,
+    metrics: &Metrics,
+) {
+    let mut finished = Vec::new();
+    for (mut distribution, &slot) in distributions.into_iter().zip(owners) {
+        let Some(owner) = active.iter().position(|a| a.sequence == slot) else {
+            continue;
+        };
+        let a = &mut active[owner];
+        if !a.decoder.needs_full_logits() {
+            // Another sequence asked for whole rows; this one samples from candidates.
+            distribution.full = None;
+        }
+        let sampled = match a.decoder.next(&distribution, &session.model.tokenizer) {
+            Ok(s) => s,
+            Err(e) => {
+                metrics.busy.fetch_sub(1, Ordering::Relaxed);
+                let _ = a.job.events.send(JobEvent::Failed(format!("{e:#}")));
+                finished.push(owner);
+                continue;
+            }
+        };
+        let now = Instant::now();
+        match a.last_token_at {
+            None => metrics
+                .time_to_first_token
+                .lock()
+                .unwrap()
+                .observe((now - a.job.accepted).as_secs_f64()),
+            Some(last) => metrics
+                .inter_token_latency
+                .lock()
+                .unwrap()
+                .observe((now - last).as_secs_f64()),
+        }
+        a.last_token_at = Some(now);
+        let stop = sampled.stop;
+        a.pending = Some(sampled.token);
+        let _ = a.job.events.send(JobEvent::Token(sampled));
+        if let Some(stop) = stop {
+            metrics
+                .completion_tokens
+                .fetch_add(a.decoder.generated() as u64, Ordering::Relaxed);
+            // The slot is free before the client hears it is done, so that /metrics read
+            // after the answer never counts it busy.
+            metrics.busy.fetch_sub(1, Ordering::Relaxed);
+            let _ = a.job.events.send(JobEvent::Done {
+                stop,
+                prompt_tokens: a.job.prompt.len(),
+                completion_tokens: a.decoder.generated(),
+            });
+            finished.push(owner);
+        }
+    }
+    finished.sort_unstable();
+    finished.dedup();
+    for &index in finished.iter().rev() {
+        free.push(active.remove(index).sequence);
+    }
+}
+
+/// The next forward pass from sequences not in flight: one token per generating sequence (at
+/// most `share` of them), then prompt chunks. Returns the batch, per output row the index of
+/// its sequence in `active`, and the indices of every sequence with tokens in it. Prompt
+/// tokens put in the batch count as run (a failed pass ends every sequence anyway).
+fn build_batch(
+    active: &mut [Active],
+    max_batch: usize,
+    chunk: usize,
+    share: usize,
+) -> (Batch, Vec<usize>, Vec<usize>) {
     let mut batch = Batch::default();
     let mut owners = Vec::new();
+    let mut members = Vec::new();
     for (i, a) in active.iter().enumerate() {
-        if let Some(token) = a.pending {
+        if owners.len() == share || batch.len() == max_batch {
+            break;
+        }
+        if let (false, Some(token)) = (a.busy, a.pending) {
             batch.push(token, a.position(), a.sequence, true);
             owners.push(i);
+            members.push(i);
         }
     }
     let mut room = max_batch.saturating_sub(batch.len());
@@ -256,7 +369,7 @@ fn build_batch(active: &mut [Active], max_batch: usize, chunk: usize) -> (Batch,
     }
     for (i, a) in active.iter_mut().enumerate() {
         let prompt = &a.job.prompt;
-        if a.fed == prompt.len() || room == 0 {
+        if a.busy || a.fed == prompt.len() || room == 0 || members.contains(&i) {
             continue;
         }
         let n = (prompt.len() - a.fed).min(room);
@@ -271,6 +384,7 @@ fn build_batch(active: &mut [Active], max_batch: usize, chunk: usize) -> (Batch,
         if a.fed + n == prompt.len() {
             owners.push(i);
         }
+        members.push(i);
         a.fed += n;
         room -= n;
     }
@@ -281,7 +395,7 @@ fn build_batch(active: &mut [Active], max_batch: usize, chunk: usize) -> (Batch,
         .max()
         .unwrap_or(1);
     batch.full_logits = rows.iter().any(|a| a.decoder.needs_full_logits());
-    (batch, owners)
+    (batch, owners, members)
 }
 
 #[cfg(test)]
@@ -322,6 +436,7 @@ mod tests {
             decoder,
             pending,
             last_token_at: None,
+            busy: false,
         }
     }
 
@@ -336,7 +451,7 @@ mod tests {
             active(0, 300, 0, None),
             active(1, 9, 9, Some(12)),
         ];
-        let (batch, owners) = build_batch(&mut list, 512, 64);
+        let (batch, owners, _) = build_batch(&mut list, 512, 64, usize::MAX);
         // One token each for the generating ones, at their next positions, then 64 prompt
         // tokens; no output row for the prompt until its last chunk.
         assert_eq!(batch.len(), 2 + 64);
@@ -351,7 +466,7 @@ mod tests {
 
         // Alone, a prompt takes the whole batch; its last token is the output row.
         let mut alone = vec![active(2, 300, 0, None)];
-        let (batch, owners) = build_batch(&mut alone, 512, 64);
+        let (batch, owners, _) = build_batch(&mut alone, 512, 64, usize::MAX);
         assert_eq!(batch.len(), 300);
         assert_eq!(batch.rows, vec![299]);
         assert_eq!(owners, vec![0]);
@@ -359,7 +474,7 @@ mod tests {
 
         // The batch limit bounds prompt tokens even without generating sequences.
         let mut two = vec![active(0, 300, 0, None), active(1, 300, 0, None)];
-        let (batch, owners) = build_batch(&mut two, 512, 64);
+        let (batch, owners, _) = build_batch(&mut two, 512, 64, usize::MAX);
         assert_eq!(batch.len(), 512);
         assert_eq!((two[0].fed, two[1].fed), (300, 212));
         assert_eq!(owners, vec![0]);

@@ -11,3 +11,4 @@ pub mod sampler;
 pub mod sequence;
 pub mod server;
 pub mod session;
+pub mod simulate;

@@ -15,7 +15,7 @@ use crate::model::chat::ChatTemplate;
 use crate::model::gguf::GgufFile;
 use crate::model::tokenizer::Tokenizer;
 use crate::proto;
-use crate::shard::plan::{Plan, plan_with};
+use crate::shard::plan::{Plan, plan_stages};
 
 /// Candidates each worker sends per position unless sampling needs more.
 pub const DEFAULT_CANDIDATES: usize = 40;
@@ -75,9 +75,11 @@ pub fn merge_rows(
     vocab_size: usize,
     full: bool,
 ) -> Distribution {
+    // Ranks outside the last pipeline stage return no rows.
+    let replies: Vec<&proto::StepReply> = replies.iter().filter(|r| !r.rows.is_empty()).collect();
     let mut candidates: Vec<(u32, f32)> = Vec::new();
     let mut max = f32::NEG_INFINITY;
-    for r in replies {
+    for r in &replies {
         let out = &r.rows[row];
         candidates.extend(out.ids.iter().copied().zip(out.logits.iter().copied()));
         max = max.max(out.log_sum_exp);
@@ -91,7 +93,7 @@ pub fn merge_rows(
     let full = if full {
         let mut full = vec![f32::NEG_INFINITY; vocab_size];
         let mut covered = 0;
-        for r in replies {
+        for r in &replies {
             let slice = &r.rows[row].full;
             let start = r.vocab_start as usize;
             if start + slice.len() <= vocab_size {
@@ -210,6 +212,19 @@ impl Batch {
     }
 }
 
+/// A batch launched on the cluster.
+pub struct InFlight {
+    pub batch: Batch,
+    launched: crate::coordinator::cluster::Launched,
+}
+
+/// A launched batch's replies, to hand to `Session::land`.
+pub struct Landed {
+    batch: Batch,
+    number: u64,
+    result: anyhow::Result<Vec<proto::StepReply>>,
+}
+
 /// What one batched step returned.
 pub struct BatchOutput {
     /// One per row of the batch, in its order.
@@ -246,7 +261,12 @@ impl Session {
         sequences: usize,
     ) -> anyhow::Result<Session> {
         let max_context = max_context.min(model.config.context_length);
-        let plan = plan_with(&model.config, &cluster.weights(), cluster.moe_split)?;
+        let plan = plan_stages(
+            &model.config,
+            &cluster.weights(),
+            cluster.moe_split,
+            &cluster.stage_sizes()?,
+        )?;
         let mut session = Session {
             model: Arc::new(model),
             cluster,
@@ -314,7 +334,13 @@ impl Session {
             self.recover().await?;
         }
         let result = self.cluster.step(request).await;
-        match &result {
+        self.account(&result);
+        result
+    }
+
+    /// Statistics of a step that came back, or the cluster's health after one that failed.
+    fn account(&mut self, result: &anyhow::Result<Vec<proto::StepReply>>) {
+        match result {
             Ok(replies) => {
                 self.collective_bytes.resize(replies.len(), 0);
                 for (total, reply) in self.collective_bytes.iter_mut().zip(replies) {
@@ -332,11 +358,15 @@ impl Session {
                     .set_broken(format!("a step failed: {e:#}"));
             }
         }
-        result
     }
 
-    /// Runs one batch mixing any sequences' tokens (continuous batching).
-    pub async fn step(&mut self, batch: &Batch) -> anyhow::Result<BatchOutput> {
+    /// Pipeline stages: how many batches may be in flight at once, each in another stage.
+    pub fn in_flight_limit(&self) -> usize {
+        self.cluster.in_flight_limit()
+    }
+
+    /// The request of one batch, checked against the session's limits.
+    fn batch_request(&self, batch: &Batch) -> anyhow::Result<proto::StepRequest> {
         if batch.is_empty() || batch.len() > self.max_batch {
             bail!(
                 "a batch of {} tokens is empty or over the maximum of {}",
@@ -353,21 +383,24 @@ impl Session {
                 );
             }
         }
-        let replies = self
-            .cluster_step(proto::StepRequest {
-                step: 0,
-                tokens: batch.tokens.clone(),
-                positions: batch.positions.clone(),
-                sequences: batch.sequences.clone(),
-                output_rows: batch.rows.clone(),
-                top_k: batch.top as u32,
-                full_logits: batch.full_logits,
-                targets: Vec::new(),
-            })
-            .await?;
+        Ok(proto::StepRequest {
+            step: 0,
+            tokens: batch.tokens.clone(),
+            positions: batch.positions.clone(),
+            sequences: batch.sequences.clone(),
+            output_rows: batch.rows.clone(),
+            top_k: batch.top as u32,
+            full_logits: batch.full_logits,
+            targets: Vec::new(),
+            after_step: 0,
+        })
+    }
+
+    /// The batch's distributions from its replies.
+    fn batch_output(&self, batch: &Batch, replies: &[proto::StepReply]) -> BatchOutput {
         let vocab_size = self.model.config.vocab_size;
         let distributions = (0..batch.rows.len())
-            .map(|i| merge_rows(&replies, i, batch.top, vocab_size, batch.full_logits))
+            .map(|i| merge_rows(replies, i, batch.top, vocab_size, batch.full_logits))
             .collect();
         let workers = replies
             .iter()
@@ -378,10 +411,53 @@ impl Session {
                 collective_bytes: r.collective_bytes,
             })
             .collect();
-        Ok(BatchOutput {
+        BatchOutput {
             distributions,
             workers,
-        })
+        }
+    }
+
+    /// Runs one batch mixing any sequences' tokens (continuous batching).
+    pub async fn step(&mut self, batch: &Batch) -> anyhow::Result<BatchOutput> {
+        let request = self.batch_request(batch)?;
+        let replies = self.cluster_step(request).await?;
+        Ok(self.batch_output(batch, &replies))
+    }
+
+    /// Starts one batch without waiting for it (pipelining: up to `in_flight_limit` at once).
+    /// Re-forms a broken cluster first, which only happens with nothing in flight: the caller
+    /// waits for every launched batch (`land`) before launching after a failure.
+    pub async fn launch(&mut self, batch: Batch) -> anyhow::Result<InFlight> {
+        let request = self.batch_request(&batch)?;
+        if self.needs_recovery() {
+            self.recover().await?;
+        }
+        let launched = self.cluster.launch(request).await?;
+        Ok(InFlight { batch, launched })
+    }
+
+    /// Waits for a launched batch's replies. Not `&mut self`: several are awaited together.
+    pub async fn replies(flight: InFlight) -> Landed {
+        let result = flight
+            .launched
+            .replies
+            .await
+            .unwrap_or_else(|e| Err(e.into()));
+        Landed {
+            batch: flight.batch,
+            number: flight.launched.number,
+            result,
+        }
+    }
+
+    /// The outcome of a batch that came back.
+    pub fn land(&mut self, landed: Landed) -> (Batch, anyhow::Result<BatchOutput>) {
+        self.cluster.landed(landed.number, landed.result.is_ok());
+        self.account(&landed.result);
+        let output = landed
+            .result
+            .map(|replies| self.batch_output(&landed.batch, &replies));
+        (landed.batch, output)
     }
 
     /// Runs `tokens` at positions `start..` of sequence 0 and returns the distributions at `rows`
@@ -425,12 +501,15 @@ impl Session {
                     .filter_map(|&r| targets.get(rows.iter().position(|&x| x == r)?))
                     .copied()
                     .collect(),
+                after_step: 0,
             };
             let replies = self.cluster_step(request).await?;
             for (i, _) in wanted.iter().enumerate() {
                 let distribution =
                     merge_rows(&replies, i, top, self.model.config.vocab_size, full_logits);
-                let target = replies.iter().find_map(|r| r.rows[i].target_logit);
+                let target = replies
+                    .iter()
+                    .find_map(|r| r.rows.get(i).and_then(|row| row.target_logit));
                 results.push((distribution, target));
             }
         }

@@ -85,19 +85,69 @@ impl MoeSplit {
     }
 }
 
+/// A pipeline stage: a tensor-parallel group of consecutive ranks running consecutive layers.
+/// The first stage embeds the tokens, the last one holds the output head; each hands its
+/// residual stream to the next (DESIGN section 5).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Stage {
+    pub index: usize,
+    pub count: usize,
+    /// Global ranks of the stage's group.
+    pub ranks: Range<usize>,
+    pub layers: Range<usize>,
+}
+
+impl Stage {
+    /// The one stage of a plan without pipelining.
+    pub fn whole(rank_count: usize, layer_count: usize) -> Stage {
+        Stage {
+            index: 0,
+            count: 1,
+            ranks: 0..rank_count,
+            layers: 0..layer_count,
+        }
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.index + 1 == self.count
+    }
+}
+
 /// One rank's share of the model: what it loads and computes.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RankShard {
     pub rank_index: usize,
     pub rank_count: usize,
+    /// Rows of the output head (the last stage's ranks; empty elsewhere).
     pub vocab_rows: Range<usize>,
+    /// Rows of the embedding (the first stage's ranks; empty elsewhere).
+    pub embed_rows: Range<usize>,
+    /// Every layer of the model; those outside the rank's stage are empty.
     pub layers: Vec<LayerShard>,
+    pub stage: Stage,
+}
+
+impl RankShard {
+    /// This rank's place in its stage's tensor-parallel group, and the group's size.
+    pub fn group_index(&self) -> usize {
+        self.rank_index - self.stage.ranks.start
+    }
+
+    pub fn group_size(&self) -> usize {
+        self.stage.ranks.len()
+    }
 }
 
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub ranks: Vec<RankShard>,
-    /// Attention splits by KV group, or by query head when ranks outnumber KV heads.
+    pub stages: Vec<Stage>,
+    /// Attention splits by KV group, or by query head when a stage's ranks outnumber the KV
+    /// heads (QueryHead if any stage does).
     pub attention_unit: AttentionUnit,
 }
 
@@ -145,132 +195,256 @@ pub fn plan(config: &ModelConfig, weights: &[f64]) -> Result<Plan, PlanError> {
 
 /// The plan, with mixture-of-experts layers divided as `moe` says (dense models ignore it).
 pub fn plan_with(config: &ModelConfig, weights: &[f64], moe: MoeSplit) -> Result<Plan, PlanError> {
+    plan_stages(config, weights, moe, &[weights.len()])
+}
+
+/// The plan of a pipeline: `stage_sizes` ranks per stage, in rank order (one stage: tensor
+/// parallel only). Layers go to stages by the sum of their ranks' weights; inside a stage they
+/// are split as without stages, among its ranks by their weights.
+pub fn plan_stages(
+    config: &ModelConfig,
+    weights: &[f64],
+    moe: MoeSplit,
+    stage_sizes: &[usize],
+) -> Result<Plan, PlanError> {
+    plan_stages_up_to(config, weights, moe, stage_sizes, MAX_RANKS)
+}
+
+/// `plan_stages` for up to `max_ranks` ranks: a running cluster has at most `MAX_RANKS`; a
+/// simulated one (`plan --simulate`) may have more.
+pub fn plan_stages_up_to(
+    config: &ModelConfig,
+    weights: &[f64],
+    moe: MoeSplit,
+    stage_sizes: &[usize],
+    max_ranks: usize,
+) -> Result<Plan, PlanError> {
     let rank_count = weights.len();
-    if rank_count == 0 || rank_count > MAX_RANKS {
+    if rank_count == 0 || rank_count > max_ranks {
         return Err(PlanError::RankCount(rank_count));
     }
     if let Some(&w) = weights.iter().find(|w| !(w.is_finite() && **w > 0.0)) {
         return Err(PlanError::Weight(w));
     }
-    let group = config.group_size();
-    let attention_unit = if rank_count <= config.kv_head_count {
-        AttentionUnit::KvGroup
-    } else {
-        AttentionUnit::QueryHead
+    let stage_count = stage_sizes.len();
+    if stage_count == 0 || stage_count > rank_count {
+        return Err(PlanError::Invalid(format!(
+            "{stage_count} pipeline stages need between 1 and {rank_count} (the workers)"
+        )));
+    }
+    if let Some(empty) = stage_sizes.iter().position(|&n| n == 0) {
+        return Err(PlanError::Invalid(format!(
+            "pipeline stage {empty} has no workers"
+        )));
+    }
+    if stage_sizes.iter().sum::<usize>() != rank_count {
+        return Err(PlanError::Invalid(format!(
+            "pipeline stages of {stage_sizes:?} workers do not add up to the {rank_count} workers"
+        )));
+    }
+    if stage_count > config.layer_count {
+        return Err(PlanError::Invalid(format!(
+            "{stage_count} pipeline stages for a model of {} layers: every stage needs a layer",
+            config.layer_count
+        )));
+    }
+    let mut first = 0;
+    let rank_ranges: Vec<Range<usize>> = stage_sizes
+        .iter()
+        .map(|&n| {
+            first += n;
+            first - n..first
+        })
+        .collect();
+    let stage_weights: Vec<f64> = rank_ranges
+        .iter()
+        .map(|r| weights[r.clone()].iter().sum())
+        .collect();
+    let layer_ranges = split_units(config.layer_count, &stage_weights, 0);
+    if let Some(i) = layer_ranges.iter().position(|l| l.is_empty()) {
+        return Err(PlanError::Invalid(format!(
+            "pipeline stage {i} (weight {:.3} of {:.3}) gets no layer of the {}: give it more \
+             weight or use fewer stages",
+            stage_weights[i],
+            stage_weights.iter().sum::<f64>(),
+            config.layer_count
+        )));
+    }
+    let stages: Vec<Stage> = rank_ranges
+        .into_iter()
+        .zip(layer_ranges)
+        .enumerate()
+        .map(|(index, (ranks, layers))| Stage {
+            index,
+            count: stage_count,
+            ranks,
+            layers,
+        })
+        .collect();
+    let empty = LayerShard {
+        q_heads: 0..0,
+        kv_heads: 0..0,
+        ffn_columns: 0..0,
+        experts: 0..0,
+        shared_columns: 0..0,
     };
     let mut ranks: Vec<RankShard> = (0..rank_count)
         .map(|rank_index| RankShard {
             rank_index,
             rank_count,
             vocab_rows: 0..0,
-            layers: Vec::new(),
+            embed_rows: 0..0,
+            layers: vec![empty.clone(); config.layer_count],
+            stage: stages
+                .iter()
+                .find(|s| s.ranks.contains(&rank_index))
+                .expect("the stages cover the ranks")
+                .clone(),
         })
         .collect();
-    for layer in 0..config.layer_count {
-        let heads: Vec<(Range<usize>, Range<usize>)> = match attention_unit {
-            AttentionUnit::KvGroup => split_units(config.kv_head_count, weights, layer)
-                .into_iter()
-                .map(|kv| (kv.start * group..kv.end * group, kv))
-                .collect(),
-            AttentionUnit::QueryHead => split_units(config.head_count, weights, layer)
-                .into_iter()
-                .map(|q| {
-                    let kv = if q.is_empty() {
-                        0..0
-                    } else {
-                        q.start / group..q.end.div_ceil(group)
-                    };
-                    (q, kv)
-                })
-                .collect(),
+    let mut attention_unit = AttentionUnit::KvGroup;
+    for stage in &stages {
+        let stage_weights = &weights[stage.ranks.clone()];
+        let unit = if stage.ranks.len() <= config.kv_head_count {
+            AttentionUnit::KvGroup
+        } else {
+            AttentionUnit::QueryHead
         };
-        let block = config.ffn_down_block[layer];
-        if !config.ffn_dim.is_multiple_of(block) {
-            return Err(PlanError::Invalid(format!(
-                "layer {layer}: FFN size {} is not a multiple of its down projection's block of {block}",
-                config.ffn_dim
-            )));
+        if unit == AttentionUnit::QueryHead {
+            attention_unit = unit;
         }
-        let rank_count = weights.len();
-        let columns_in_blocks = |units: Vec<Range<usize>>| -> Vec<Range<usize>> {
-            units
-                .into_iter()
-                .map(|u| u.start * block..u.end * block)
-                .collect()
-        };
-        // Per rank: FFN (or expert) columns, routed experts, shared-expert columns.
-        type Extents = Vec<Range<usize>>;
-        let (ffn, experts, shared): (Extents, Extents, Extents) = match &config.moe {
-            None => (
-                columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
-                vec![0..0; rank_count],
-                vec![0..0; rank_count],
-            ),
-            Some(m) => {
-                let shared = match m.shared_ffn_dim {
-                    None => vec![0..0; rank_count],
-                    Some(width) => {
-                        let b = m.shared_down_block[layer];
-                        if width % b != 0 {
-                            return Err(PlanError::Invalid(format!(
-                                "layer {layer}: shared expert width {width} is not a multiple of its down projection's block of {b}"
-                            )));
-                        }
-                        split_units(width / b, weights, layer)
-                            .into_iter()
-                            .map(|u| u.start * b..u.end * b)
-                            .collect()
-                    }
+        for layer in stage.layers.clone() {
+            let shards = split_layer(config, layer, stage_weights, unit, moe)?;
+            for (rank, shard) in stage.ranks.clone().zip(shards) {
+                ranks[rank].layers[layer] = shard;
+            }
+        }
+    }
+    let first = &stages[0];
+    let last = &stages[stage_count - 1];
+    for (rank, rows) in first.ranks.clone().zip(split_units(
+        config.vocab_size,
+        &weights[first.ranks.clone()],
+        config.layer_count,
+    )) {
+        ranks[rank].embed_rows = rows;
+    }
+    for (rank, rows) in last.ranks.clone().zip(split_units(
+        config.vocab_size,
+        &weights[last.ranks.clone()],
+        config.layer_count,
+    )) {
+        ranks[rank].vocab_rows = rows;
+    }
+    let plan = Plan {
+        ranks,
+        stages,
+        attention_unit,
+    };
+    check_plan(config, &plan).map_err(PlanError::Invalid)?;
+    Ok(plan)
+}
+
+/// One layer's shards for the ranks of one stage, with their weights.
+fn split_layer(
+    config: &ModelConfig,
+    layer: usize,
+    weights: &[f64],
+    attention_unit: AttentionUnit,
+    moe: MoeSplit,
+) -> Result<Vec<LayerShard>, PlanError> {
+    let group = config.group_size();
+    let rank_count = weights.len();
+    let heads: Vec<(Range<usize>, Range<usize>)> = match attention_unit {
+        AttentionUnit::KvGroup => split_units(config.kv_head_count, weights, layer)
+            .into_iter()
+            .map(|kv| (kv.start * group..kv.end * group, kv))
+            .collect(),
+        AttentionUnit::QueryHead => split_units(config.head_count, weights, layer)
+            .into_iter()
+            .map(|q| {
+                let kv = if q.is_empty() {
+                    0..0
+                } else {
+                    q.start / group..q.end.div_ceil(group)
                 };
-                match moe {
-                    MoeSplit::Tensor => (
-                        columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
-                        vec![0..m.expert_count; rank_count],
-                        shared,
-                    ),
-                    MoeSplit::Expert => {
-                        let owned = split_units(m.expert_count, weights, layer);
-                        let columns = owned
-                            .iter()
-                            .map(|e| {
-                                if e.is_empty() {
-                                    0..0
-                                } else {
-                                    0..config.ffn_dim
-                                }
-                            })
-                            .collect();
-                        (columns, owned, shared)
+                (q, kv)
+            })
+            .collect(),
+    };
+    let block = config.ffn_down_block[layer];
+    if !config.ffn_dim.is_multiple_of(block) {
+        return Err(PlanError::Invalid(format!(
+            "layer {layer}: FFN size {} is not a multiple of its down projection's block of {block}",
+            config.ffn_dim
+        )));
+    }
+    let columns_in_blocks = |units: Vec<Range<usize>>| -> Vec<Range<usize>> {
+        units
+            .into_iter()
+            .map(|u| u.start * block..u.end * block)
+            .collect()
+    };
+    // Per rank: FFN (or expert) columns, routed experts, shared-expert columns.
+    type Extents = Vec<Range<usize>>;
+    let (ffn, experts, shared): (Extents, Extents, Extents) = match &config.moe {
+        None => (
+            columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
+            vec![0..0; rank_count],
+            vec![0..0; rank_count],
+        ),
+        Some(m) => {
+            let shared = match m.shared_ffn_dim {
+                None => vec![0..0; rank_count],
+                Some(width) => {
+                    let b = m.shared_down_block[layer];
+                    if width % b != 0 {
+                        return Err(PlanError::Invalid(format!(
+                            "layer {layer}: shared expert width {width} is not a multiple of its down projection's block of {b}"
+                        )));
                     }
+                    split_units(width / b, weights, layer)
+                        .into_iter()
+                        .map(|u| u.start * b..u.end * b)
+                        .collect()
+                }
+            };
+            match moe {
+                MoeSplit::Tensor => (
+                    columns_in_blocks(split_units(config.ffn_dim / block, weights, layer)),
+                    vec![0..m.expert_count; rank_count],
+                    shared,
+                ),
+                MoeSplit::Expert => {
+                    let owned = split_units(m.expert_count, weights, layer);
+                    let columns = owned
+                        .iter()
+                        .map(|e| {
+                            if e.is_empty() {
+                                0..0
+                            } else {
+                                0..config.ffn_dim
+                            }
+                        })
+                        .collect();
+                    (columns, owned, shared)
                 }
             }
-        };
-        for (rank, ((q_heads, kv_heads), ((ffn_columns, experts), shared_columns))) in heads
-            .into_iter()
-            .zip(ffn.into_iter().zip(experts).zip(shared))
-            .enumerate()
-        {
-            ranks[rank].layers.push(LayerShard {
+        }
+    };
+    Ok(heads
+        .into_iter()
+        .zip(ffn.into_iter().zip(experts).zip(shared))
+        .map(
+            |((q_heads, kv_heads), ((ffn_columns, experts), shared_columns))| LayerShard {
                 q_heads,
                 kv_heads,
                 ffn_columns,
                 experts,
                 shared_columns,
-            });
-        }
-    }
-    for (rank, rows) in split_units(config.vocab_size, weights, config.layer_count)
-        .into_iter()
-        .enumerate()
-    {
-        ranks[rank].vocab_rows = rows;
-    }
-    let plan = Plan {
-        ranks,
-        attention_unit,
-    };
-    check_plan(config, &plan).map_err(PlanError::Invalid)?;
-    Ok(plan)
+            },
+        )
+        .collect())
 }
 
 fn check_cover(
@@ -296,41 +470,87 @@ fn check_cover(
 
 /// The invariants of DESIGN section 2, asserted by the planner and again by each worker.
 pub fn check_plan(config: &ModelConfig, plan: &Plan) -> Result<(), String> {
+    // Stages: consecutive ranks and layers, together all of both.
     check_cover(
-        plan.ranks.iter().map(|r| r.vocab_rows.clone()),
+        plan.stages.iter().map(|s| s.ranks.clone()),
+        plan.ranks.len(),
+        1,
+    )
+    .map_err(|e| format!("stage ranks: {e}"))?;
+    check_cover(
+        plan.stages.iter().map(|s| s.layers.clone()),
+        config.layer_count,
+        1,
+    )
+    .map_err(|e| format!("stage layers: {e}"))?;
+    let (first, last) = (&plan.stages[0], &plan.stages[plan.stages.len() - 1]);
+    check_cover(
+        plan.ranks[first.ranks.clone()]
+            .iter()
+            .map(|r| r.embed_rows.clone()),
         config.vocab_size,
         1,
-    )?;
-    for layer in 0..config.layer_count {
-        let shards: Vec<&LayerShard> = plan.ranks.iter().map(|r| &r.layers[layer]).collect();
-        check_cover(
-            shards.iter().map(|s| s.q_heads.clone()),
-            config.head_count,
-            1,
-        )
-        .map_err(|e| format!("layer {layer} query heads: {e}"))?;
-        match &config.moe {
-            None => check_cover(
-                shards.iter().map(|s| s.ffn_columns.clone()),
-                config.ffn_dim,
-                config.ffn_down_block[layer],
-            )
-            .map_err(|e| format!("layer {layer} FFN columns: {e}"))?,
-            Some(m) => {
-                check_expert_cover(&shards, m.expert_count, config.ffn_dim)
-                    .map_err(|e| format!("layer {layer} experts: {e}"))?;
-                if let Some(width) = m.shared_ffn_dim {
-                    check_cover(
-                        shards.iter().map(|s| s.shared_columns.clone()),
-                        width,
-                        m.shared_down_block[layer],
-                    )
-                    .map_err(|e| format!("layer {layer} shared expert columns: {e}"))?;
-                }
-            }
+    )
+    .map_err(|e| format!("embedding rows: {e}"))?;
+    check_cover(
+        plan.ranks[last.ranks.clone()]
+            .iter()
+            .map(|r| r.vocab_rows.clone()),
+        config.vocab_size,
+        1,
+    )
+    .map_err(|e| format!("output rows: {e}"))?;
+    for stage in &plan.stages {
+        for layer in stage.layers.clone() {
+            let shards: Vec<&LayerShard> = plan.ranks[stage.ranks.clone()]
+                .iter()
+                .map(|r| &r.layers[layer])
+                .collect();
+            check_layer_cover(config, layer, &shards)?;
         }
-        for shard in &shards {
-            check_layer_shard(config, layer, shard)?;
+    }
+    for rank in &plan.ranks {
+        if plan.stages.get(rank.stage.index) != Some(&rank.stage) {
+            return Err(format!(
+                "rank {} names a stage of another plan",
+                rank.rank_index
+            ));
+        }
+        check_rank_shard_up_to(config, rank, plan.ranks.len().max(MAX_RANKS))?;
+    }
+    Ok(())
+}
+
+/// The shards of one layer, over the ranks of the stage that runs it, cover the layer.
+fn check_layer_cover(
+    config: &ModelConfig,
+    layer: usize,
+    shards: &[&LayerShard],
+) -> Result<(), String> {
+    check_cover(
+        shards.iter().map(|s| s.q_heads.clone()),
+        config.head_count,
+        1,
+    )
+    .map_err(|e| format!("layer {layer} query heads: {e}"))?;
+    match &config.moe {
+        None => check_cover(
+            shards.iter().map(|s| s.ffn_columns.clone()),
+            config.ffn_dim,
+            config.ffn_down_block[layer],
+        )
+        .map_err(|e| format!("layer {layer} FFN columns: {e}"))?,
+        Some(m) => {
+            check_expert_cover(shards, m.expert_count, config.ffn_dim)
+                .map_err(|e| format!("layer {layer} experts: {e}"))?;
+            if let Some(width) = m.shared_ffn_dim {
+                check_cover(
+                    shards.iter().map(|s| s.shared_columns.clone()),
+                    width,
+                    m.shared_down_block[layer],
+                )
+                .map_err(|e| format!("layer {layer} shared expert columns: {e}"))?;
+            }
         }
     }
     Ok(())
@@ -370,18 +590,47 @@ fn check_expert_cover(
 
 /// What a single worker can check of its own shard on receipt (the paired assertion).
 pub fn check_rank_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), String> {
-    if shard.rank_count == 0 || shard.rank_index >= shard.rank_count || shard.rank_count > MAX_RANKS
+    check_rank_shard_up_to(config, shard, MAX_RANKS)
+}
+
+fn check_rank_shard_up_to(
+    config: &ModelConfig,
+    shard: &RankShard,
+    max_ranks: usize,
+) -> Result<(), String> {
+    if shard.rank_count == 0 || shard.rank_index >= shard.rank_count || shard.rank_count > max_ranks
     {
         return Err(format!(
             "rank {} of {} is not a valid rank",
             shard.rank_index, shard.rank_count
         ));
     }
-    if shard.vocab_rows.start > shard.vocab_rows.end || shard.vocab_rows.end > config.vocab_size {
+    let stage = &shard.stage;
+    if stage.count == 0
+        || stage.index >= stage.count
+        || stage.count > shard.rank_count
+        || !stage.ranks.contains(&shard.rank_index)
+        || stage.ranks.end > shard.rank_count
+        || stage.layers.is_empty()
+        || stage.layers.end > config.layer_count
+        || (stage.is_first() && stage.layers.start != 0)
+        || (stage.is_last() && stage.layers.end != config.layer_count)
+    {
         return Err(format!(
-            "vocab rows {:?} exceed the vocabulary of {}",
-            shard.vocab_rows, config.vocab_size
+            "rank {}: stage {stage:?} does not fit {} ranks and {} layers",
+            shard.rank_index, shard.rank_count, config.layer_count
         ));
+    }
+    for (rows, wanted, what) in [
+        (&shard.vocab_rows, stage.is_last(), "output"),
+        (&shard.embed_rows, stage.is_first(), "embedding"),
+    ] {
+        if rows.start > rows.end || rows.end > config.vocab_size || (!wanted && !rows.is_empty()) {
+            return Err(format!(
+                "{what} rows {rows:?} do not fit the vocabulary of {} in stage {} of {}",
+                config.vocab_size, stage.index, stage.count
+            ));
+        }
     }
     if shard.layers.len() != config.layer_count {
         return Err(format!(
@@ -391,7 +640,19 @@ pub fn check_rank_shard(config: &ModelConfig, shard: &RankShard) -> Result<(), S
         ));
     }
     for (layer, s) in shard.layers.iter().enumerate() {
-        check_layer_shard(config, layer, s)?;
+        if stage.layers.contains(&layer) {
+            check_layer_shard(config, layer, s)?;
+        } else if !(s.q_heads.is_empty()
+            && s.kv_heads.is_empty()
+            && s.ffn_columns.is_empty()
+            && s.experts.is_empty()
+            && s.shared_columns.is_empty())
+        {
+            return Err(format!(
+                "layer {layer} lies outside stage {} (layers {:?}) but has a shard",
+                stage.index, stage.layers
+            ));
+        }
     }
     Ok(())
 }
@@ -525,6 +786,13 @@ pub enum OpKind {
     },
     /// This rank's slice of the output logits, returned to the coordinator for sampling.
     EmitLogits,
+    /// A later pipeline stage's start: the residual stream of the previous stage, received by
+    /// the stage's first rank (the others start from zeros; the AllReduce that follows hands
+    /// it to every rank of the stage, exactly).
+    Receive,
+    /// The end of a stage before the last: its first rank sends the residual stream (whole on
+    /// every rank of the stage) to the next stage's first rank.
+    Send,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -539,7 +807,8 @@ pub struct Op {
 /// states are the same for every rank; only the extents differ, and with one rank every state
 /// is whole, so no collective is emitted.
 pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
-    let distributed = shard.rank_count > 1;
+    let distributed = shard.group_size() > 1;
+    let stage = &shard.stage;
     let mut ops = Vec::new();
     let mut collectives = 0;
     let split = |axis: Axis| {
@@ -576,14 +845,18 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
     let push = |ops: &mut Vec<Op>, kind: OpKind, output_state: SplitState| {
         ops.push(Op { kind, output_state })
     };
-    push(
-        &mut ops,
+    // Both starts leave each rank a part of the residual stream (its vocabulary rows' embeddings,
+    // or the previous stage's residual on the first rank and zeros elsewhere): one AllReduce
+    // makes it whole.
+    let start = if stage.is_first() {
         OpKind::Embed {
             tensor: config.embedding.clone(),
             scale: config.embedding_scale,
-        },
-        partial.clone(),
-    );
+        }
+    } else {
+        OpKind::Receive
+    };
+    push(&mut ops, start, partial.clone());
     reduce(&mut ops, Buffer::Residual);
     // A row-parallel sum joins the residual stream: its AllReduce (with several ranks), then
     // the add, normed first where the layer has a post-norm.
@@ -600,6 +873,9 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
             });
         };
     for (layer, spec) in config.layers.iter().enumerate() {
+        if !stage.layers.contains(&layer) {
+            continue;
+        }
         let a = &spec.attention;
         push(
             &mut ops,
@@ -727,6 +1003,10 @@ pub fn shard_program(config: &ModelConfig, shard: &RankShard) -> Vec<Op> {
         let routed_bias = matches!(&spec.ffn, FfnSpec::Moe(m) if m.down_bias.is_some());
         add_to_residual(&mut ops, &spec.ffn_post_norm, &None, routed_bias);
     }
+    if !stage.is_last() {
+        push(&mut ops, OpKind::Send, SplitState::Mirrored);
+        return ops;
+    }
     push(
         &mut ops,
         OpKind::RmsNorm {
@@ -840,7 +1120,25 @@ mod tests {
                 "seed {seed:#x} case {case}: {heads}h/{kv}kv ffn {ffn}/{block} x{ranks} {weights:?} moe {:?} {split:?}",
                 cfg.moe
             );
-            let p = plan_with(&cfg, &weights, split).unwrap_or_else(|e| panic!("{context}: {e}"));
+            // A third of the cases are pipelines: consecutive ranks cut into stages.
+            let stage_count = if rng.below(3) == 0 {
+                1 + rng.below(ranks.min(layers))
+            } else {
+                1
+            };
+            let mut cuts: Vec<usize> = (1..ranks).collect();
+            while cuts.len() > stage_count - 1 {
+                cuts.remove(rng.below(cuts.len()));
+            }
+            let bounds: Vec<usize> = std::iter::once(0).chain(cuts).chain([ranks]).collect();
+            let stages: Vec<usize> = bounds.windows(2).map(|w| w[1] - w[0]).collect();
+            let context = format!("{context} stages {stages:?}");
+            let p = match plan_stages(&cfg, &weights, split, &stages) {
+                Ok(p) => p,
+                // Weights may leave a stage no layer: the only refusal allowed.
+                Err(PlanError::Invalid(e)) if e.contains("gets no layer") => continue,
+                Err(e) => panic!("{context}: {e}"),
+            };
             check_plan(&cfg, &p).unwrap_or_else(|e| panic!("{context}: {e}"));
             for shard in &p.ranks {
                 check_rank_shard(&cfg, shard).unwrap_or_else(|e| panic!("{context}: {e}"));
@@ -861,8 +1159,19 @@ mod tests {
                         );
                     }
                 }
-                let expected = if ranks == 1 { 0 } else { 1 + 2 * layers };
+                let expected = if shard.group_size() == 1 {
+                    0
+                } else {
+                    1 + 2 * shard.stage.layers.len()
+                };
                 assert_eq!(collective_count(&program), expected, "{context}");
+                let sends = program.iter().filter(|op| op.kind == OpKind::Send).count();
+                let receives = program
+                    .iter()
+                    .filter(|op| op.kind == OpKind::Receive)
+                    .count();
+                assert_eq!(sends, usize::from(!shard.stage.is_last()), "{context}");
+                assert_eq!(receives, usize::from(!shard.stage.is_first()), "{context}");
             }
         }
     }
@@ -890,6 +1199,44 @@ mod tests {
         let p = plan(&cfg, &[1.0, 1.0, 1.0]).unwrap();
         assert_eq!(p.attention_unit, AttentionUnit::QueryHead);
         assert_eq!(p.ranks[1].layers[0].kv_heads, 0..2);
+    }
+
+    #[test]
+    fn stages_take_layers_by_weight_and_split_inside() {
+        let cfg = config(9, 3, 1536, 32, 49152, 30);
+        // PP 2 x TP 2: 15 layers each; inside a stage, layer l splits as two ranks do.
+        let p = plan_stages(&cfg, &[1.0; 4], MoeSplit::Tensor, &[2, 2]).unwrap();
+        assert_eq!(p.stages[0].layers, 0..15);
+        assert_eq!(p.stages[1].layers, 15..30);
+        let two = plan(&cfg, &[1.0, 1.0]).unwrap();
+        for layer in 0..30 {
+            let (a, b) = if layer < 15 { (0, 1) } else { (2, 3) };
+            assert_eq!(p.ranks[a].layers[layer], two.ranks[0].layers[layer]);
+            assert_eq!(p.ranks[b].layers[layer], two.ranks[1].layers[layer]);
+        }
+        // The first stage embeds, the last holds the output head.
+        assert_eq!(p.ranks[0].embed_rows, two.ranks[0].vocab_rows);
+        assert!(p.ranks[2].embed_rows.is_empty() && p.ranks[0].vocab_rows.is_empty());
+        assert_eq!(p.ranks[3].vocab_rows, two.ranks[1].vocab_rows);
+        // Stage weights: 3 : 1 gives 23 and 7 layers (22.5 rounds up for the first).
+        let p = plan_stages(&cfg, &[2.0, 1.0, 1.0], MoeSplit::Tensor, &[2, 1]).unwrap();
+        assert_eq!(p.stages[0].layers.len() + p.stages[1].layers.len(), 30);
+        assert!(p.stages[0].layers.len() >= 22);
+    }
+
+    #[test]
+    fn bad_stages_are_errors() {
+        let cfg = config(9, 3, 1536, 32, 49152, 2);
+        let err = |weights: &[f64], stages: &[usize]| {
+            plan_stages(&cfg, weights, MoeSplit::Tensor, stages)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&[1.0; 2], &[1, 1, 0]).contains("need between 1 and 2"));
+        assert!(err(&[1.0; 3], &[1, 1, 1]).contains("every stage needs a layer"));
+        assert!(err(&[1.0; 3], &[2, 0, 1]).contains("stage 1 has no workers"));
+        assert!(err(&[1.0; 3], &[1, 1]).contains("do not add up"));
+        assert!(err(&[100.0, 1.0], &[1, 1]).contains("gets no layer"));
     }
 
     #[test]

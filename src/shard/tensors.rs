@@ -60,7 +60,7 @@ pub fn shard_tensors(config: &ModelConfig, shard: &RankShard) -> Vec<TensorSlice
         match &op.kind {
             OpKind::Embed { tensor, .. } => out.push(TensorSlice::matrix(
                 tensor,
-                Some(vec![shard.vocab_rows.clone()]),
+                Some(vec![shard.embed_rows.clone()]),
                 None,
             )),
             OpKind::RmsNorm { tensor, .. }

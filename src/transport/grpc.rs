@@ -438,8 +438,16 @@ pub fn spawn_data_plane_server(
 
 /// Who takes part in a gRPC collective and how to reach them.
 pub struct GrpcSpec {
-    /// Global ranks of the members, ascending; this worker is one of them.
+    /// Global ranks of the members, ascending; this worker is one of them. A link joins this
+    /// worker to each.
     pub members: Vec<u32>,
+    /// The members that sum together in an AllReduce (ascending, this worker among them; the
+    /// others are pipeline neighbours only).
+    pub group: Vec<u32>,
+    /// Pipeline neighbours: the previous stage's first rank, which sends this worker its
+    /// residual stream, and the next stage's, which this worker sends it to.
+    pub previous: Option<u32>,
+    pub next: Option<u32>,
     /// Data-plane address of every global rank (only members' are used).
     pub addresses: Vec<String>,
     pub rank: u32,
@@ -467,7 +475,14 @@ pub struct GrpcCollective {
     me: usize,
     net: Links,
     members: Vec<u32>,
+    /// Positions (among the members) of the AllReduce group, ascending; `me` is one.
+    group: Vec<usize>,
+    /// Positions of the pipeline neighbours.
+    previous: Option<usize>,
+    next: Option<usize>,
     epoch: u64,
+    /// The epoch base of the current step (the handoff's epoch is derived from it).
+    step_epoch: u64,
     precision: SyncPrecision,
     limits: CollectiveLimits,
     /// A current-thread runtime of this collective alone: it holds the data-plane server and
@@ -480,6 +495,8 @@ pub struct GrpcCollective {
     /// Set when a link failed; every later collective fails at once until reconnected.
     broken: Option<String>,
     abort: super::AbortSignal,
+    /// AllReduces wait with the stage deadline (`Collective::set_patient`).
+    patient: bool,
 }
 
 impl Drop for GrpcCollective {
@@ -507,11 +524,26 @@ impl GrpcCollective {
         listener: &std::net::TcpListener,
         bytes_sent: BytesSent,
     ) -> Result<GrpcCollective, TransportError> {
-        let me = spec
-            .members
+        let position = |rank: u32| {
+            spec.members
+                .iter()
+                .position(|&r| r == rank)
+                .ok_or_else(|| TransportError::Link(format!("rank {rank} is no member")))
+        };
+        let me = position(spec.rank)?;
+        let group = spec
+            .group
             .iter()
-            .position(|&r| r == spec.rank)
-            .ok_or_else(|| TransportError::Link(format!("rank {} is no member", spec.rank)))?;
+            .map(|&r| position(r))
+            .collect::<Result<Vec<usize>, _>>()?;
+        if !group.contains(&me) || !group.windows(2).all(|w| w[0] < w[1]) {
+            return Err(TransportError::Link(format!(
+                "rank {} is not in its AllReduce group {:?} (ascending)",
+                spec.rank, spec.group
+            )));
+        }
+        let previous = spec.previous.map(position).transpose()?;
+        let next = spec.next.map(position).transpose()?;
         let io = |e: std::io::Error| TransportError::Link(format!("data-plane socket: {e}"));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -587,13 +619,18 @@ impl GrpcCollective {
                 links,
             },
             members: spec.members,
+            group,
+            previous,
+            next,
             epoch: 0,
+            step_epoch: 0,
             precision: spec.precision,
             limits: spec.limits,
             runtime: std::mem::ManuallyDrop::new(runtime),
             bytes_sent,
             broken: None,
             abort: super::AbortSignal::default(),
+            patient: false,
         })
     }
 
@@ -628,13 +665,31 @@ impl GrpcCollective {
         }
         self.epoch += 1;
         let epoch = self.epoch;
-        let deadline = tokio::time::Instant::now() + self.limits.timeout;
+        // A group of one sums nothing (and must not round through the wire encoding).
+        if self.group.len() == 1 {
+            return Ok(());
+        }
+        let timeout = if self.patient {
+            self.limits.stage_timeout
+        } else {
+            self.limits.timeout
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
         let len = buffer.len();
         let members = self.members.len();
         let me = self.me;
-        // This rank's contribution exactly as its peers will decode it.
-        let mut contributions: Vec<Vec<T>> =
-            (0..members).map(|_| vec![T::default(); len]).collect();
+        let group = &self.group;
+        // This rank's contribution exactly as its peers will decode it (one per member; only
+        // the group's are filled and summed).
+        let mut contributions: Vec<Vec<T>> = (0..members)
+            .map(|i| {
+                if group.contains(&i) {
+                    vec![T::default(); len]
+                } else {
+                    Vec::new()
+                }
+            })
+            .collect();
         let mut frames: Vec<Frame> = Vec::with_capacity(len.div_ceil(FRAME_VALUES));
         for start in (0..len).step_by(FRAME_VALUES) {
             let end = (start + FRAME_VALUES).min(len);
@@ -656,8 +711,8 @@ impl GrpcCollective {
         let abort = (&self.abort, epoch / STEP_EPOCHS);
         let exchanged: Result<(), Failure> = self.runtime.block_on(async {
             // Every peer but the last gets copies; the last one takes the frames themselves.
-            let last_peer = (0..members).rev().find(|&i| i != me);
-            for i in (0..members).filter(|&i| i != me) {
+            let last_peer = group.iter().rev().copied().find(|&i| i != me);
+            for i in group.iter().copied().filter(|&i| i != me) {
                 let link = net.links[i].as_ref().expect("a peer");
                 let outgoing = if Some(i) == last_peer {
                     std::mem::take(&mut frames)
@@ -685,7 +740,7 @@ impl GrpcCollective {
             // out before waiting (a peer's frames may already be here, and this collective
             // could return before its own were sent).
             flush(net).await;
-            for i in (0..members).filter(|&i| i != me) {
+            for i in group.iter().copied().filter(|&i| i != me) {
                 let peer = peers[i];
                 let mut received = 0;
                 while received < len {
@@ -716,13 +771,128 @@ impl GrpcCollective {
             return Err(self.fail(failure, epoch));
         }
         // Rank order, like the shared-memory transport.
-        buffer.copy_from_slice(&contributions[0]);
-        for c in &contributions[1..] {
-            for (b, v) in buffer.iter_mut().zip(c) {
+        buffer.copy_from_slice(&contributions[self.group[0]]);
+        for &i in &self.group[1..] {
+            for (b, v) in buffer.iter_mut().zip(&contributions[i]) {
                 *b += *v;
             }
         }
         Ok(())
+    }
+
+    /// The epoch of this step's pipeline handoff: the last of the step's epochs, which its
+    /// AllReduces never reach.
+    fn handoff_epoch(&self) -> u64 {
+        self.step_epoch + STEP_EPOCHS - 1
+    }
+
+    /// Sends `buffer` (f32, exact) to the next stage's first rank and waits for its receipt:
+    /// this collective's connections run only while it is driven, so returning before the
+    /// peer has the frames could leave them in this worker's buffers.
+    fn send_stage_values(&mut self, buffer: &[f32]) -> Result<(), TransportError> {
+        let next = self
+            .next
+            .ok_or_else(|| TransportError::Protocol("no next pipeline stage".into()))?;
+        if let Some(why) = &self.broken {
+            return Err(TransportError::Link(format!(
+                "data plane down since an earlier failure ({why}); waiting for reconnection"
+            )));
+        }
+        let epoch = self.handoff_epoch();
+        let deadline = tokio::time::Instant::now() + self.limits.stage_timeout;
+        let peer = self.members[next];
+        let frames: Vec<Frame> = (0..buffer.len())
+            .step_by(FRAME_VALUES)
+            .map(|start| {
+                let end = (start + FRAME_VALUES).min(buffer.len());
+                let (encoding, payload) = encode(&buffer[start..end], SyncPrecision::Full);
+                Frame {
+                    epoch,
+                    offset: start as u32,
+                    count: (end - start) as u32,
+                    encoding: encoding as i32,
+                    payload,
+                    ..Frame::default()
+                }
+            })
+            .collect();
+        let net = &mut self.net;
+        let bytes_sent = &self.bytes_sent;
+        let abort = (&self.abort, epoch / STEP_EPOCHS);
+        let sent: Result<(), Failure> = self.runtime.block_on(async {
+            let link = net.links[next].as_ref().expect("a peer");
+            for frame in frames {
+                let payload_bytes = frame.payload.len() as u64;
+                match tokio::time::timeout_at(deadline, link.to.send(frame)).await {
+                    Ok(Ok(())) => {
+                        bytes_sent[peer as usize].fetch_add(payload_bytes + 32, Ordering::Relaxed);
+                    }
+                    Ok(Err(_)) => {
+                        return Err(Failure::Broken(format!("link to rank {peer} closed")));
+                    }
+                    Err(_) => return Err(Failure::Timeout(peer)),
+                }
+            }
+            flush(net).await;
+            // The receipt: an empty frame of the same epoch.
+            next_frame(net, next, peer, epoch, deadline, abort).await?;
+            Ok(())
+        });
+        sent.map_err(|failure| self.fail(failure, epoch))
+    }
+
+    /// Receives the previous stage's residual stream into `buffer` and acknowledges it.
+    fn receive_stage_values(&mut self, buffer: &mut [f32]) -> Result<(), TransportError> {
+        let previous = self
+            .previous
+            .ok_or_else(|| TransportError::Protocol("no previous pipeline stage".into()))?;
+        if let Some(why) = &self.broken {
+            return Err(TransportError::Link(format!(
+                "data plane down since an earlier failure ({why}); waiting for reconnection"
+            )));
+        }
+        let epoch = self.handoff_epoch();
+        let deadline = tokio::time::Instant::now() + self.limits.stage_timeout;
+        let peer = self.members[previous];
+        let len = buffer.len();
+        let net = &mut self.net;
+        let abort = (&self.abort, epoch / STEP_EPOCHS);
+        let received: Result<(), Failure> = self.runtime.block_on(async {
+            let mut received = 0;
+            while received < len {
+                let frame = next_frame(net, previous, peer, epoch, deadline, abort).await?;
+                let (offset, count) = (frame.offset as usize, frame.count as usize);
+                let encoding = Encoding::try_from(frame.encoding)
+                    .ok()
+                    .filter(|_| offset == received && count > 0 && offset + count <= len);
+                let Some(encoding) = encoding else {
+                    return Err(Failure::Broken(format!(
+                        "rank {peer} sent a malformed stage frame (values {offset}..{} of {len})",
+                        offset + count
+                    )));
+                };
+                decode(
+                    encoding,
+                    &frame.payload,
+                    &mut buffer[offset..offset + count],
+                )
+                .map_err(|why| Failure::Broken(format!("rank {peer}: {why}")))?;
+                received += count;
+            }
+            let link = net.links[previous].as_ref().expect("a peer");
+            let receipt = Frame {
+                epoch,
+                ..Frame::default()
+            };
+            match tokio::time::timeout_at(deadline, link.to.send(receipt)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Failure::Broken(format!("link to rank {peer} closed"))),
+                Err(_) => return Err(Failure::Timeout(peer)),
+            }
+            flush(net).await;
+            Ok(())
+        });
+        received.map_err(|failure| self.fail(failure, epoch))
     }
 }
 
@@ -788,15 +958,32 @@ const ABORT_POLL: Duration = Duration::from_millis(20);
 
 impl Collective for GrpcCollective {
     fn rank_index(&self) -> usize {
-        self.me
+        self.group
+            .iter()
+            .position(|&i| i == self.me)
+            .expect("checked at connect")
     }
 
     fn rank_count(&self) -> usize {
-        self.members.len()
+        self.group.len()
     }
 
     fn begin_step(&mut self, step: u64) {
         self.epoch = step * STEP_EPOCHS;
+        self.step_epoch = self.epoch;
+        self.patient = false;
+    }
+
+    fn set_patient(&mut self, patient: bool) {
+        self.patient = patient;
+    }
+
+    fn receive_stage(&mut self, buffer: &mut [f32]) -> Result<(), TransportError> {
+        self.receive_stage_values(buffer)
+    }
+
+    fn send_stage(&mut self, buffer: &[f32]) -> Result<(), TransportError> {
+        self.send_stage_values(buffer)
     }
 
     fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), TransportError> {
@@ -847,6 +1034,9 @@ mod tests {
     fn spec(rank: u32, ranks: u32, addresses: &[String], precision: SyncPrecision) -> GrpcSpec {
         GrpcSpec {
             members: (0..ranks).collect(),
+            group: (0..ranks).collect(),
+            previous: None,
+            next: None,
             addresses: addresses.to_vec(),
             rank,
             secret: vec![7; SECRET_BYTES],

@@ -103,6 +103,24 @@ pub trait Collective: Send {
     /// Tags the collectives of the next step, so that flags left by an aborted step cannot be
     /// mistaken for this step's.
     fn begin_step(&mut self, step: u64);
+    /// While set, collectives wait as long as a pipeline stage computes (`stage_timeout`):
+    /// the AllReduce that hands a later stage's input to its ranks waits for its first rank,
+    /// which waits for the previous stage.
+    fn set_patient(&mut self, _patient: bool) {}
+    /// Pipeline stages: the previous stage's residual stream, into `buffer` (on a stage's
+    /// first rank). Waits as long as the previous stage computes (the step's deadline), not
+    /// just the collective's.
+    fn receive_stage(&mut self, _buffer: &mut [f32]) -> Result<(), TransportError> {
+        Err(TransportError::Protocol(
+            "this rank has no link to a previous pipeline stage".into(),
+        ))
+    }
+    /// Sends this stage's residual stream to the next stage's first rank.
+    fn send_stage(&mut self, _buffer: &[f32]) -> Result<(), TransportError> {
+        Err(TransportError::Protocol(
+            "this rank has no link to a next pipeline stage".into(),
+        ))
+    }
 }
 
 /// The collective of a one-rank cluster.
@@ -136,6 +154,10 @@ pub struct CollectiveLimits {
     /// The smallest sum (elements) that goes through shared staging (`stage_f64`); smaller
     /// ones use the one-shot sum, which has one barrier instead of two.
     pub staged_min_elements: usize,
+    /// A pipeline stage waiting for the previous one's residual stream: that stage computes
+    /// meanwhile, so this is the step's deadline, not the collective's (an abort still ends
+    /// the wait at once).
+    pub stage_timeout: Duration,
 }
 
 impl Default for CollectiveLimits {
@@ -147,6 +169,7 @@ impl Default for CollectiveLimits {
             // peer sharing it run (each yield-free spin phase there costs its full length).
             spin_count: 200,
             staged_min_elements: STAGED_MIN_ELEMENTS,
+            stage_timeout: crate::limits::STEP_TIMEOUT,
         }
     }
 }

@@ -111,6 +111,8 @@ pub struct ShmCollective {
     /// (length, element bytes) of a staged sum handed out by `stage` and not yet reduced.
     staged: Option<(usize, usize)>,
     abort: super::AbortSignal,
+    /// Waits use the stage deadline (`Collective::set_patient`).
+    patient: bool,
 }
 
 impl ShmCollective {
@@ -169,6 +171,7 @@ impl ShmCollective {
             limits,
             staged: None,
             abort: super::AbortSignal::default(),
+            patient: false,
         })
     }
 
@@ -389,6 +392,11 @@ impl ShmCollective {
         flag: fn(&Self, usize) -> &AtomicU64,
     ) -> Result<(), TransportError> {
         let started = Instant::now();
+        let timeout = if self.patient {
+            self.limits.stage_timeout
+        } else {
+            self.limits.timeout
+        };
         let mut spins = 0u32;
         loop {
             if (0..self.rank_count).all(|r| flag(self, r).load(Ordering::Acquire) >= epoch) {
@@ -406,14 +414,14 @@ impl ShmCollective {
                     step: self.epoch / STEP_EPOCHS,
                 });
             }
-            if spins % 64 == 0 && started.elapsed() > self.limits.timeout {
+            if spins % 64 == 0 && started.elapsed() > timeout {
                 let missing = (0..self.rank_count)
                     .filter(|&r| flag(self, r).load(Ordering::Acquire) < epoch)
                     .collect();
                 return Err(TransportError::Timeout {
                     epoch,
                     missing,
-                    timeout_ms: self.limits.timeout.as_millis() as u64,
+                    timeout_ms: timeout.as_millis() as u64,
                 });
             }
         }
@@ -433,6 +441,11 @@ impl Collective for ShmCollective {
         self.epoch = step * STEP_EPOCHS;
         // A staged sum left open by an aborted step was never published; drop it.
         self.staged = None;
+        self.patient = false;
+    }
+
+    fn set_patient(&mut self, patient: bool) {
+        self.patient = patient;
     }
 
     fn all_reduce_sum(&mut self, buffer: &mut [f32]) -> Result<(), TransportError> {

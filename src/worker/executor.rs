@@ -93,11 +93,25 @@ enum Exec {
         buffer: Buffer,
         keep: bool,
     },
+    /// The AllReduce that hands a later stage's input to its ranks: it waits as long as the
+    /// previous stage computes.
+    PatientAllReduce {
+        buffer: Buffer,
+    },
     /// The vocab-parallel output head, applied only to the rows whose logits are wanted.
     OutputHead {
         weight: Arc<Weight>,
     },
     EmitLogits,
+    /// A later stage's start: the previous stage's residual stream (on the stage's first rank;
+    /// zeros on the others, the AllReduce that follows completes it).
+    Receive {
+        first: bool,
+    },
+    /// A stage's end before the last: the first rank sends the residual stream on.
+    Send {
+        first: bool,
+    },
 }
 
 #[derive(Clone, Copy)]
@@ -141,8 +155,11 @@ pub struct RowResult {
 /// The CPU backend: the shard program resolved into ops over CPU kernels.
 pub struct CpuBackend {
     config: ModelConfig,
+    /// The output head's vocabulary rows (last stage).
     vocab_start: usize,
-    vocab_rows: usize,
+    /// The embedding's rows (first stage).
+    embed_start: usize,
+    embed_rows: usize,
     program: Vec<Exec>,
     buffers: Vec<Vec<f32>>,
     prepared: PreparedActivations,
@@ -419,6 +436,12 @@ impl CpuBackend {
                     keep: false,
                 },
                 OpKind::EmitLogits => Exec::EmitLogits,
+                OpKind::Receive => Exec::Receive {
+                    first: shard.group_index() == 0,
+                },
+                OpKind::Send => Exec::Send {
+                    first: shard.group_index() == 0,
+                },
             });
         }
         // A GLU's width is the FFN slice of the linear before it; an AllReduce before a normed
@@ -433,6 +456,11 @@ impl CpuBackend {
                 };
             }
             if let Exec::AllReduce { buffer, .. } = program[i]
+                && matches!(program[i - 1], Exec::Receive { .. })
+            {
+                program[i] = Exec::PatientAllReduce { buffer };
+            }
+            if let Exec::AllReduce { buffer, .. } = program[i]
                 && let Some(Exec::AddResidual {
                     norm,
                     bias,
@@ -445,7 +473,10 @@ impl CpuBackend {
         }
         let mut ropes = Vec::with_capacity(config.ropes.len());
         for (index, spec) in config.ropes.iter().enumerate() {
-            let used = config.layers.iter().any(|l| l.attention.rope == index);
+            // Only this stage's layers count.
+            let used = config.layers[shard.stage.layers.clone()]
+                .iter()
+                .any(|l| l.attention.rope == index);
             let factors = match &spec.freq_factors {
                 // A table no layer uses has no Rope op, so its factors were not loaded.
                 _ if !used => None,
@@ -483,7 +514,8 @@ impl CpuBackend {
         Ok(CpuBackend {
             config: config.clone(),
             vocab_start: shard.vocab_rows.start,
-            vocab_rows: shard.vocab_rows.len(),
+            embed_start: shard.embed_rows.start,
+            embed_rows: shard.embed_rows.len(),
             program,
             buffers,
             prepared: PreparedActivations::new(),
@@ -579,7 +611,8 @@ impl Backend for CpuBackend {
             self.collective_bytes = 0;
             for op in &program {
                 let reduce_started =
-                    matches!(op, Exec::AllReduce { .. }).then(std::time::Instant::now);
+                    matches!(op, Exec::AllReduce { .. } | Exec::PatientAllReduce { .. })
+                        .then(std::time::Instant::now);
                 if !matches!(op, Exec::Linear { .. }) {
                     // Any other op may rewrite the buffer the activations were prepared from.
                     self.prepared_key = None;
@@ -730,8 +763,29 @@ impl Backend for CpuBackend {
                     Exec::AllReduce { buffer, .. } => {
                         collective.all_reduce_sum(&mut self.buffers[slot(*buffer)][..d * batch])?;
                     }
+                    Exec::PatientAllReduce { buffer } => {
+                        collective.set_patient(true);
+                        let result = collective
+                            .all_reduce_sum(&mut self.buffers[slot(*buffer)][..d * batch]);
+                        collective.set_patient(false);
+                        result?;
+                    }
                     Exec::OutputHead { weight } => results = self.output_head(weight, output),
                     Exec::EmitLogits => {}
+                    &Exec::Receive { first } => {
+                        let residual = &mut self.buffers[slot(Buffer::Residual)][..d * batch];
+                        if first {
+                            collective.receive_stage(residual)?;
+                        } else {
+                            residual.fill(0.0);
+                        }
+                    }
+                    &Exec::Send { first } => {
+                        if first {
+                            collective
+                                .send_stage(&self.buffers[slot(Buffer::Residual)][..d * batch])?;
+                        }
+                    }
                 }
                 if let Some(started) = reduce_started {
                     self.collective_time += started.elapsed();
@@ -780,8 +834,8 @@ impl CpuBackend {
             None => &mut self.buffers[slot(Buffer::Residual)][..n],
         };
         for (target, &token) in out.chunks_exact_mut(d).zip(tokens) {
-            let local = (token as usize).wrapping_sub(self.vocab_start);
-            if local < self.vocab_rows {
+            let local = (token as usize).wrapping_sub(self.embed_start);
+            if local < self.embed_rows {
                 crate::kernels::cpu::dequantize_row(weight.ty, weight.row(local), target);
                 if let Some(scale) = scale {
                     target.iter_mut().for_each(|v| *v *= scale);

@@ -21,7 +21,7 @@ use crate::model::arch::ModelConfig;
 use crate::model::gguf::{GgufFile, MAX_SPLIT_COUNT};
 use crate::proto;
 use crate::shard::host::{boot_id, hostname, model_header_hash, network_namespace};
-use crate::shard::plan::{LayerShard, RankShard, check_rank_shard};
+use crate::shard::plan::{LayerShard, RankShard, Stage, check_rank_shard};
 use crate::transport::grpc::{
     BytesSent, GrpcCollective, GrpcSpec, Registry, SECRET_BYTES, SyncPrecision, Unconnected,
 };
@@ -60,8 +60,13 @@ const MAX_RANGES: usize = 4 << 20;
 
 /// How this worker's collective reaches its peers over the network, kept for reconnecting.
 struct NetworkPlane {
-    /// Ranks that exchange over gRPC: all (flat) or each host's leader (hierarchical).
+    /// Ranks this worker links to over gRPC: its AllReduce group and its pipeline neighbours.
     members: Vec<u32>,
+    /// Ranks that sum over gRPC: the stage's ranks (flat), each host's leader of the stage
+    /// (hierarchical), or this worker alone (links to neighbouring stages only).
+    group: Vec<u32>,
+    previous: Option<u32>,
+    next: Option<u32>,
     addresses: Vec<String>,
     secret: Vec<u8>,
     precision: SyncPrecision,
@@ -72,12 +77,15 @@ struct NetworkPlane {
 enum Plane {
     /// One rank, or shared memory between every rank: built at load.
     Fixed(Box<dyn Collective>),
-    /// gRPC between ranks, flat or between host leaders with shared memory inside each host;
-    /// the gRPC part is (re)built by ConnectPeers.
+    /// gRPC between ranks, flat or between host leaders with shared memory inside each host
+    /// (or shared memory and links to the neighbouring pipeline stages); the gRPC part is
+    /// (re)built by ConnectPeers.
     Network {
         /// None on a hierarchical rank that is not its host's leader.
         net: Option<NetworkPlane>,
         local: Option<ShmCollective>,
+        /// Whether sums go on between hosts after the host's own (hierarchical).
+        cross_host: bool,
         /// The host's segment, owned (and removed on drop) by its leader.
         _segment: Option<ShmSegment>,
         grpc: Option<GrpcCollective>,
@@ -94,7 +102,11 @@ impl Plane {
         match self {
             Plane::Fixed(collective) => f(collective.as_mut()),
             Plane::Network {
-                net, local, grpc, ..
+                net,
+                local,
+                grpc,
+                cross_host,
+                ..
             } => {
                 if net.is_some() && grpc.is_none() {
                     return f(&mut Unconnected(
@@ -105,6 +117,7 @@ impl Plane {
                     Some(local) => f(&mut Hierarchical {
                         local,
                         leaders: grpc.as_mut(),
+                        cross_host: *cross_host,
                         rank_index,
                         rank_count,
                     }),
@@ -120,6 +133,9 @@ struct Loaded {
     plane: Plane,
     rank_index: u32,
     rank_count: u32,
+    /// Place and size of this worker's tensor-parallel group (its pipeline stage).
+    group_index: usize,
+    group_size: usize,
     pool: ThreadPool,
     weight_bytes: u64,
     steps: u64,
@@ -201,6 +217,9 @@ pub struct WorkerService {
     panic_at_step: Option<u64>,
     /// Steps the coordinator aborted (`Abort`); the collectives stop waiting on them.
     abort: AbortSignal,
+    /// The latest step that finished here (well or not): a pipelined step waits for the one
+    /// it names in `after_step`.
+    finished: tokio::sync::watch::Sender<u64>,
     /// The data-plane socket; each gRPC collective serves it from its own runtime.
     data_listener: Arc<std::net::TcpListener>,
     cache_dir: PathBuf,
@@ -278,10 +297,13 @@ fn load(
         ));
     }
     let config = ModelConfig::from_gguf(&file).map_err(|e| e.to_string())?;
+    let stage = stage_of(&request, config.layer_count)?;
     let shard = RankShard {
         rank_index: request.rank_index as usize,
         rank_count: request.rank_count as usize,
         vocab_rows: request.vocab_start as usize..request.vocab_end as usize,
+        embed_rows: request.embed_start as usize..request.embed_end as usize,
+        stage,
         layers: request
             .layers
             .iter()
@@ -333,6 +355,7 @@ fn load(
     .map_err(|e| e.to_string())?;
     let executor: Box<dyn Backend> = Box::new(executor);
     let plane = data_plane(&request, &config, max_batch, abort)?;
+    let (group_index, group_size) = (shard.group_index(), shard.group_size());
     let reply = proto::LoadShardReply {
         weight_bytes,
         kv_cache_bytes: executor.kv_cache_bytes(),
@@ -346,6 +369,8 @@ fn load(
             plane,
             rank_index: request.rank_index,
             rank_count: request.rank_count,
+            group_index,
+            group_size,
             pool,
             weight_bytes,
             steps: 0,
@@ -358,79 +383,149 @@ fn load(
     ))
 }
 
+/// This worker's pipeline stage, from a LoadShard request (one stage of every rank when it
+/// names none).
+fn stage_of(request: &proto::LoadShardRequest, layer_count: usize) -> Result<Stage, String> {
+    let (rank, ranks) = (request.rank_index, request.rank_count);
+    if request.stage_starts.is_empty() {
+        return Ok(Stage::whole(ranks as usize, layer_count));
+    }
+    let starts = &request.stage_starts;
+    if starts.len() < 2
+        || starts[0] != 0
+        || starts[starts.len() - 1] != ranks
+        || !starts.windows(2).all(|w| w[0] < w[1])
+    {
+        return Err(format!(
+            "pipeline stages starting at ranks {starts:?} do not divide {ranks} ranks"
+        ));
+    }
+    let index = starts
+        .windows(2)
+        .position(|w| (w[0]..w[1]).contains(&rank))
+        .ok_or_else(|| format!("rank {rank} lies in no pipeline stage {starts:?}"))?;
+    Ok(Stage {
+        index,
+        count: starts.len() - 1,
+        ranks: starts[index] as usize..starts[index + 1] as usize,
+        layers: request.layer_start as usize..request.layer_end as usize,
+    })
+}
+
 /// The data plane a LoadShard asks for: built at every load, and alone when a worker keeps its
-/// shard while the cluster re-forms around a restarted peer.
+/// shard while the cluster re-forms around a restarted peer. With pipeline stages it serves
+/// this worker's stage (its tensor-parallel group), plus, on a stage's first rank, the links
+/// to the neighbouring stages' first ranks (always gRPC).
 fn data_plane(
     request: &proto::LoadShardRequest,
     config: &ModelConfig,
     max_batch: usize,
     abort: &AbortSignal,
 ) -> Result<Plane, String> {
-    let (rank_index, rank_count) = (request.rank_index as usize, request.rank_count as usize);
+    let stage = stage_of(request, config.layer_count)?;
+    let rank = request.rank_index;
+    let (group_index, group_size) = (rank as usize - stage.ranks.start, stage.ranks.len());
+    let first_rank = group_index == 0;
+    let previous = (first_rank && !stage.is_first()).then(|| request.stage_starts[stage.index - 1]);
+    let next = (first_rank && !stage.is_last()).then(|| request.stage_starts[stage.index + 1]);
+    let piped = previous.is_some() || next.is_some();
     let limits = CollectiveLimits {
         timeout: Duration::from_millis(request.collective_timeout_ms.max(1) as u64),
         ..CollectiveLimits::default()
     };
+    let stage_ranks: Vec<u32> = (stage.ranks.start as u32..stage.ranks.end as u32).collect();
+    let network = |group: Vec<u32>| -> Result<NetworkPlane, String> {
+        if request.peer_addresses.len() != request.rank_count as usize {
+            return Err(format!(
+                "{} peer addresses for {} ranks",
+                request.peer_addresses.len(),
+                request.rank_count
+            ));
+        }
+        if request.cluster_secret.len() != SECRET_BYTES {
+            return Err(format!("a cluster secret must be {SECRET_BYTES} bytes"));
+        }
+        let mut members: Vec<u32> = group.iter().copied().chain(previous).chain(next).collect();
+        members.sort_unstable();
+        members.dedup();
+        Ok(NetworkPlane {
+            members,
+            group,
+            previous,
+            next,
+            addresses: request.peer_addresses.clone(),
+            secret: request.cluster_secret.clone(),
+            precision: request.sync_precision.parse()?,
+            limits,
+        })
+    };
+    let shm = |index: usize, count: usize| -> Result<ShmCollective, String> {
+        Ok(
+            ShmCollective::open(&PathBuf::from(&request.shm_path), index, count, limits)
+                .map_err(|e| e.to_string())?
+                .with_abort(abort.clone()),
+        )
+    };
     let plane = match request.transport.as_str() {
-        _ if rank_count == 1 => Plane::Fixed(Box::new(Solo)),
-        "" | "shm" => Plane::Fixed(Box::new(
-            ShmCollective::open(
-                &PathBuf::from(&request.shm_path),
-                rank_index,
-                rank_count,
-                limits,
-            )
-            .map_err(|e| e.to_string())?
-            .with_abort(abort.clone()),
-        )),
-        transport @ ("grpc" | "hierarchical") => {
-            if request.peer_addresses.len() != rank_count {
+        _ if group_size == 1 && !piped => Plane::Fixed(Box::new(Solo)),
+        "" | "shm" if !piped => Plane::Fixed(Box::new(shm(group_index, group_size)?)),
+        // A stage's first rank on one host: shared memory inside the stage, gRPC links to the
+        // neighbouring stages.
+        "" | "shm" => Plane::Network {
+            net: Some(network(vec![rank])?),
+            local: if group_size > 1 {
+                Some(shm(group_index, group_size)?)
+            } else {
+                None
+            },
+            cross_host: false,
+            _segment: None,
+            grpc: None,
+        },
+        "grpc" => Plane::Network {
+            net: Some(network(stage_ranks)?),
+            local: None,
+            cross_host: false,
+            _segment: None,
+            grpc: None,
+        },
+        "hierarchical" => {
+            let ascending = |v: &[u32]| v.windows(2).all(|w| w[0] < w[1]);
+            let (hosts, leaders) = (&request.host_ranks, &request.leader_ranks);
+            if !hosts.contains(&rank)
+                || !ascending(hosts)
+                || !ascending(leaders)
+                || !leaders.contains(&hosts[0])
+                || leaders
+                    .iter()
+                    .chain(hosts)
+                    .any(|&r| !stage.ranks.contains(&(r as usize)))
+            {
                 return Err(format!(
-                    "{} peer addresses for {rank_count} ranks",
-                    request.peer_addresses.len(),
+                    "bad hierarchical layout for rank {rank}: host ranks {hosts:?}, leaders {leaders:?} (stage ranks {:?})",
+                    stage.ranks
                 ));
             }
-            if request.cluster_secret.len() != SECRET_BYTES {
-                return Err(format!("a cluster secret must be {SECRET_BYTES} bytes"));
+            let leader = hosts[0] == rank;
+            if first_rank && !leader {
+                return Err(format!(
+                    "rank {rank} is its stage's first rank but not its host's leader"
+                ));
             }
-            let rank = request.rank_index;
-            let (members, host_ranks) = if transport == "grpc" {
-                ((0..request.rank_count).collect(), vec![rank])
+            let net = if leader {
+                Some(network(leaders.clone())?)
             } else {
-                let ascending = |v: &[u32]| v.windows(2).all(|w| w[0] < w[1]);
-                let (hosts, leaders) = (&request.host_ranks, &request.leader_ranks);
-                if !hosts.contains(&rank)
-                    || !ascending(hosts)
-                    || !ascending(leaders)
-                    || !leaders.contains(&hosts[0])
-                    || leaders
-                        .iter()
-                        .chain(hosts)
-                        .any(|&r| r >= request.rank_count)
-                {
-                    return Err(format!(
-                        "bad hierarchical layout for rank {rank}: host ranks {hosts:?}, leaders {leaders:?}"
-                    ));
-                }
-                (leaders.clone(), hosts.clone())
+                None
             };
-            let leader = host_ranks[0] == rank;
-            let precision = request.sync_precision.parse()?;
-            let net = leader.then(|| NetworkPlane {
-                members,
-                addresses: request.peer_addresses.clone(),
-                secret: request.cluster_secret.clone(),
-                precision,
-                limits,
-            });
-            let (local, segment) = if host_ranks.len() > 1 {
-                host_segment(request, &host_ranks, config, max_batch, limits, abort)?
+            let (local, segment) = if hosts.len() > 1 {
+                host_segment(request, hosts, config, max_batch, limits, abort)?
             } else {
                 (None, None)
             };
             Plane::Network {
                 net,
                 local,
+                cross_host: leaders.len() > 1,
                 _segment: segment,
                 grpc: None,
             }
@@ -671,7 +766,22 @@ impl proto::worker_server::Worker for WorkerService {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inject_panic = self.panic_at_step == Some(number);
         let abort = self.abort.clone();
-        tokio::task::spawn_blocking(move || {
+        // Micro-batches of a pipeline arrive together; each runs after the one before it.
+        if request.after_step != 0 && request.after_step < request.step {
+            let mut finished = self.finished.subscribe();
+            while *finished.borrow_and_update() < request.after_step {
+                if abort.aborted(request.step) {
+                    return Err(Status::aborted(format!(
+                        "step {} was aborted by the coordinator before it ran",
+                        request.step
+                    )));
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(20), finished.changed()).await;
+            }
+        }
+        let step_number = request.step;
+        let finished = self.finished.clone();
+        let result = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut guard = lock_shard(&state);
             if abort.aborted(request.step) {
@@ -704,14 +814,14 @@ impl proto::worker_server::Worker for WorkerService {
                 pool,
                 steps,
                 compute_seconds,
-                rank_index,
-                rank_count,
+                group_index,
+                group_size,
                 ..
             } = loaded;
             // A panic in a step leaves the shard in an unknown state: it is dropped and the
             // coordinator told (the tp-worker binary exits instead, for its supervisor).
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                plane.with_collective(*rank_index as usize, *rank_count as usize, |collective| {
+                plane.with_collective(*group_index, *group_size, |collective| {
                     collective.begin_step(request.step);
                     if inject_panic {
                         panic!("injected by TP_TEST_PANIC_AT_STEP at step {number}");
@@ -765,7 +875,9 @@ impl proto::worker_server::Worker for WorkerService {
             }))
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::internal(e.to_string()))?;
+        finished.send_modify(|last| *last = (*last).max(step_number));
+        result
     }
 
     async fn connect_peers(
@@ -807,6 +919,9 @@ impl proto::worker_server::Worker for WorkerService {
             };
             let spec = GrpcSpec {
                 members: network.members.clone(),
+                group: network.group.clone(),
+                previous: network.previous,
+                next: network.next,
                 addresses: network.addresses.clone(),
                 rank: loaded.rank_index,
                 secret: network.secret.clone(),
@@ -921,6 +1036,7 @@ pub async fn run(
         steps_started: Arc::default(),
         panic_at_step,
         abort: AbortSignal::default(),
+        finished: tokio::sync::watch::channel(0).0,
         data_listener: Arc::new(data_listener),
         cache_dir: options
             .cache_dir

@@ -85,6 +85,7 @@ pub fn worker_entries(addresses: &[String]) -> Vec<tp::coordinator::cluster::Wor
             model_path: None,
             device: None,
             numa_node: None,
+            stage: None,
         })
         .collect()
 }
@@ -117,6 +118,31 @@ pub async fn session_with(
     .await
     .unwrap();
     cluster.moe_split = split;
+    Session::start(model, cluster, context, batch)
+        .await
+        .unwrap()
+}
+
+/// A session on local workers formed into pipeline stages of `stages` workers each.
+pub async fn session_with_stages(
+    path: &Path,
+    weights: &[f64],
+    stages: &[usize],
+    context: usize,
+    batch: usize,
+    split: MoeSplit,
+) -> Session {
+    let model = Model::open(path).unwrap();
+    let mut cluster = Cluster::spawn_local(
+        &worker_binary(),
+        weights,
+        threads_for(weights.len()),
+        ClusterLimits::default(),
+    )
+    .await
+    .unwrap();
+    cluster.moe_split = split;
+    cluster.pipeline = tp::coordinator::cluster::Pipeline::Sizes(stages.to_vec());
     Session::start(model, cluster, context, batch)
         .await
         .unwrap()
