@@ -167,6 +167,19 @@ fn pipelined_server_streams_match_one_worker() {
         "256",
     ]);
     assert_eq!(completions(&piped), expected);
+    // Both stages had a batch at once.
+    let (_, metrics) = http(&piped, "GET", "/metrics", "");
+    let launches: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tp_pipelined_launches_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tp_pipelined_launches_total in {metrics}"));
+    assert!(launches > 0, "no batch was launched behind another");
+    assert!(metrics.contains("tp_pipeline_stages 2"), "{metrics}");
+    assert!(
+        metrics.contains("tp_worker_step_seconds_count{rank=\"3\",stage=\"1\"}"),
+        "{metrics}"
+    );
     // And one stream alone: the stages take turns.
     let (status, body) = post(
         &piped,
@@ -237,5 +250,95 @@ fn bad_stage_layouts_are_clear_errors() {
     );
     let stderr = run(&["plan", "-m", model, "--workers", partial.to_str().unwrap()]);
     assert!(stderr.contains("has no stage, but others do"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A worker of a pipeline dies in a step (the second stage's first rank, which holds the
+/// handoff link): the step fails naming it, every other worker stops waiting, and once it is
+/// back the cluster re-forms (the others keep their shards) and generates what it did before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_stage_worker_fails_the_step_and_the_pipeline_re_forms() {
+    use tp::coordinator::cluster::{Cluster, ClusterLimits, Pipeline};
+    use tp::coordinator::sampler::SamplingParams;
+    use tp::coordinator::session::{GenerateRequest, Model, Session};
+    let Some(path) = model(SMOLLM2) else { return };
+    let dir = std::env::temp_dir().join(format!("tp-pipeline-fault-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "pipeline-fault-token-0123456789\n").unwrap();
+    let logs: Vec<_> = (0..3).map(|i| dir.join(format!("w{i}.log"))).collect();
+    let first = start_worker("127.0.0.1:0", &token, &logs[0]);
+    // 16 tokens are 16 steps; the victim panics in the 20th, inside the second generation.
+    let mut victim = start_worker_env(
+        "127.0.0.1:0",
+        &token,
+        &logs[1],
+        &[("TP_TEST_PANIC_AT_STEP", "20")],
+    );
+    let third = start_worker("127.0.0.1:0", &token, &logs[2]);
+    let addresses = vec![
+        first.address.clone(),
+        victim.address.clone(),
+        third.address.clone(),
+    ];
+    let limits = ClusterLimits {
+        auth_token: Some(tp::auth::Token::read(&token).unwrap()),
+        ..ClusterLimits::default()
+    };
+    let mut cluster = Cluster::connect(&worker_entries(&addresses), limits)
+        .await
+        .unwrap();
+    cluster.pipeline = Pipeline::Sizes(vec![1, 2]);
+    let mut session = Session::start(Model::open(&path).unwrap(), cluster, 256, 64)
+        .await
+        .unwrap();
+    let greedy = |session: &mut Session| {
+        let prompt_tokens = session
+            .model
+            .tokenizer
+            .encode("Once upon a time", true)
+            .unwrap();
+        let request = GenerateRequest {
+            prompt_tokens,
+            max_tokens: 16,
+            params: SamplingParams::greedy(),
+            stop_strings: Vec::new(),
+            logprobs: 0,
+            on_text: None,
+            cancelled: None,
+        };
+        async move { session.generate(request).await.map(|g| g.tokens) }
+    };
+    let reference = greedy(&mut session).await.unwrap();
+    let started = std::time::Instant::now();
+    let error = greedy(&mut session)
+        .await
+        .expect_err("a generation across a dying worker fails");
+    let detection = started.elapsed();
+    println!("pipeline worker died: generation failed after {detection:?}: {error:#}");
+    assert!(format!("{error:#}").contains("worker 1"), "{error:#}");
+    assert!(
+        detection < std::time::Duration::from_secs(3),
+        "{detection:?}"
+    );
+    let _ = victim.child.wait();
+    let _restarted = start_worker(&addresses[1], &token, &logs[1]);
+    let started = std::time::Instant::now();
+    while let Err(e) = session.recover().await {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{e:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let stats = session.cluster.stats().await.unwrap();
+    assert_eq!(
+        (stats[0].shard_kept, stats[2].shard_kept),
+        (1, 1),
+        "the other stages' workers keep their shards"
+    );
+    assert_eq!(greedy(&mut session).await.unwrap(), reference);
+    session.cluster.shutdown().await;
     std::fs::remove_dir_all(&dir).ok();
 }

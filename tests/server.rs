@@ -235,8 +235,14 @@ fn completions_chat_streaming_and_errors() {
     // Every pass was timed on both workers, and each of their AllReduces on shared memory.
     let steps = value("tp_steps_total");
     assert!(steps >= 4.0 * 12.0);
-    assert_eq!(value("tp_worker_step_seconds_count{rank=\"0\"}"), steps);
-    assert_eq!(value("tp_worker_step_seconds_count{rank=\"1\"}"), steps);
+    assert_eq!(
+        value("tp_worker_step_seconds_count{rank=\"0\",stage=\"0\"}"),
+        steps
+    );
+    assert_eq!(
+        value("tp_worker_step_seconds_count{rank=\"1\",stage=\"0\"}"),
+        steps
+    );
     assert!(value("tp_allreduce_seconds_count{transport=\"shm\"}") >= 2.0 * steps);
     assert!(value("tp_completion_tokens_total") >= 4.0 * 12.0);
     assert_eq!(value("tp_time_to_first_token_seconds_count"), 7.0);

@@ -92,6 +92,8 @@ pub struct BenchResult {
     pub model_filename: String,
     pub model_size: u64,
     pub tp: u32,
+    /// Pipeline stages the workers formed (1: tensor parallel only).
+    pub pp: usize,
     pub n_threads: usize,
     pub n_prompt: usize,
     pub n_gen: usize,
@@ -315,6 +317,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             model_filename: model_filename.clone(),
                             model_size,
                             tp,
+                            pp: session.plan.stages.len(),
                             n_threads: threads,
                             n_prompt: if let Test::Prompt(n) = test { n } else { 0 },
                             n_gen: if let Test::Generate(n) = test { n } else { 0 },
@@ -342,11 +345,14 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             let name = args.model.file_name().map_or(model_filename.clone(), |n| {
                                 n.to_string_lossy().into_owned()
                             });
-                            let split = if is_moe {
+                            let mut split = if is_moe {
                                 format!(" ({} split)", moe_split.name())
                             } else {
                                 String::new()
                             };
+                            if result.pp > 1 {
+                                split.push_str(&format!(" ({} stages)", result.pp));
+                            }
                             let read = result
                                 .effective_read_gbps
                                 .map_or("—".to_string(), |g| format!("{g:.1}"));

@@ -95,6 +95,11 @@ pub async fn run(
         Some(t) if session.cluster.weights().len() > 1 => t.name(),
         _ => "none",
     };
+    metrics
+        .stages
+        .store(session.in_flight_limit(), Ordering::Relaxed);
+    *metrics.rank_stage.lock().unwrap() =
+        session.plan.ranks.iter().map(|r| r.stage.index).collect();
     let mut flights: HashMap<u64, Flight> = HashMap::new();
     let mut in_flight = tokio::task::JoinSet::new();
     let mut next_flight = 0u64;
@@ -186,6 +191,9 @@ pub async fn run(
             };
             match session.launch(batch).await {
                 Ok(launched) => {
+                    if !in_flight.is_empty() {
+                        metrics.pipelined_launches.fetch_add(1, Ordering::Relaxed);
+                    }
                     let id = next_flight;
                     next_flight += 1;
                     flights.insert(id, flight);
@@ -202,6 +210,7 @@ pub async fn run(
                 }
             }
         }
+        metrics.in_flight.store(in_flight.len(), Ordering::Relaxed);
         if failed.is_none() && in_flight.is_empty() {
             continue;
         }
@@ -215,6 +224,7 @@ pub async fn run(
                     .await
                     .expect("a batch in flight")
                     .expect("the waiting task does not panic");
+                metrics.in_flight.store(in_flight.len(), Ordering::Relaxed);
                 let flight = flights.remove(&id).expect("launched");
                 let (batch, output) = session.land(landed);
                 match output {

@@ -92,6 +92,12 @@ pub struct Metrics {
     pub worker_step: Mutex<Vec<Histogram>>,
     /// Per transport name: mean AllReduce latency of each step.
     pub collective: Mutex<Vec<(&'static str, Histogram)>>,
+    /// Pipeline stages, each worker's stage, batches in flight now, and launches made while
+    /// another batch was in flight (pipelining at work).
+    pub stages: AtomicUsize,
+    pub rank_stage: Mutex<Vec<usize>>,
+    pub in_flight: AtomicUsize,
+    pub pipelined_launches: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -110,6 +116,10 @@ impl Default for Metrics {
             inter_token_latency: Mutex::new(Histogram::new(LATENCY_BUCKETS)),
             worker_step: Mutex::new(Vec::new()),
             collective: Mutex::new(Vec::new()),
+            stages: AtomicUsize::new(1),
+            rank_stage: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            pipelined_launches: AtomicU64::new(0),
         }
     }
 }
@@ -237,13 +247,52 @@ impl Metrics {
             o,
         );
         header(
-            "tp_worker_step_seconds",
-            "histogram",
-            "Time each worker spent on a forward pass, by rank.",
+            "tp_pipeline_stages",
+            "gauge",
+            "Pipeline stages of the loaded model (1: tensor parallel only).",
             o,
         );
+        let _ = writeln!(
+            o,
+            "tp_pipeline_stages {}",
+            self.stages.load(Ordering::Relaxed)
+        );
+        header(
+            "tp_batches_in_flight",
+            "gauge",
+            "Batches on the workers now (up to one per pipeline stage).",
+            o,
+        );
+        let _ = writeln!(
+            o,
+            "tp_batches_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        header(
+            "tp_pipelined_launches_total",
+            "counter",
+            "Batches launched while another was still on the workers.",
+            o,
+        );
+        let _ = writeln!(
+            o,
+            "tp_pipelined_launches_total {}",
+            load(&self.pipelined_launches)
+        );
+        header(
+            "tp_worker_step_seconds",
+            "histogram",
+            "Time each worker spent on a forward pass, by rank and pipeline stage.",
+            o,
+        );
+        let rank_stage = self.rank_stage.lock().unwrap().clone();
         for (rank, h) in self.worker_step.lock().unwrap().iter().enumerate() {
-            h.render_series("tp_worker_step_seconds", &format!("rank=\"{rank}\""), o);
+            let stage = rank_stage.get(rank).copied().unwrap_or(0);
+            h.render_series(
+                "tp_worker_step_seconds",
+                &format!("rank=\"{rank}\",stage=\"{stage}\""),
+                o,
+            );
         }
         header(
             "tp_allreduce_seconds",

@@ -163,6 +163,13 @@ fn shard_identity(request: &proto::LoadShardRequest) -> Vec<u8> {
     weights_only.encode_to_vec()
 }
 
+/// The last step finished on a worker, counted within one LoadShard.
+#[derive(Clone, Copy, Debug, Default)]
+struct Finished {
+    load: u64,
+    step: u64,
+}
+
 /// Locks the shard. A panic while it was held (a bug in a step) leaves the shard in an unknown
 /// state: it is dropped, so that the next LoadShard starts clean instead of every later call
 /// failing on a poisoned lock. (The tp-worker binary exits on any panic; this is for workers
@@ -217,9 +224,10 @@ pub struct WorkerService {
     panic_at_step: Option<u64>,
     /// Steps the coordinator aborted (`Abort`); the collectives stop waiting on them.
     abort: AbortSignal,
-    /// The latest step that finished here (well or not): a pipelined step waits for the one
-    /// it names in `after_step`.
-    finished: tokio::sync::watch::Sender<u64>,
+    /// The latest step that finished here (well or not), with the LoadShard it belongs to (a
+    /// new cluster numbers its steps anew): a pipelined step waits for the one it names in
+    /// `after_step`.
+    finished: tokio::sync::watch::Sender<Finished>,
     /// The data-plane socket; each gRPC collective serves it from its own runtime.
     data_listener: Arc<std::net::TcpListener>,
     cache_dir: PathBuf,
@@ -705,8 +713,13 @@ impl proto::worker_server::Worker for WorkerService {
         let pin = self.pin.clone();
         let (loads, kept) = (self.shard_loads.clone(), self.shard_kept.clone());
         let abort = self.abort.clone();
-        // A new cluster: streams of the old one are refused from now on.
+        // A new cluster: streams of the old one are refused from now on, and its coordinator
+        // numbers its steps anew (a pipelined step waits for the one before it by number).
         self.registry.clear();
+        self.finished.send_modify(|f| {
+            f.load += 1;
+            f.step = 0;
+        });
         tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let mut guard = lock_shard(&state);
@@ -767,9 +780,13 @@ impl proto::worker_server::Worker for WorkerService {
         let inject_panic = self.panic_at_step == Some(number);
         let abort = self.abort.clone();
         // Micro-batches of a pipeline arrive together; each runs after the one before it.
+        let load = self.finished.borrow().load;
         if request.after_step != 0 && request.after_step < request.step {
             let mut finished = self.finished.subscribe();
-            while *finished.borrow_and_update() < request.after_step {
+            while {
+                let f = *finished.borrow_and_update();
+                f.load == load && f.step < request.after_step
+            } {
                 if abort.aborted(request.step) {
                     return Err(Status::aborted(format!(
                         "step {} was aborted by the coordinator before it ran",
@@ -876,7 +893,11 @@ impl proto::worker_server::Worker for WorkerService {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
-        finished.send_modify(|last| *last = (*last).max(step_number));
+        finished.send_modify(|f| {
+            if f.load == load {
+                f.step = f.step.max(step_number);
+            }
+        });
         result
     }
 
@@ -1036,7 +1057,7 @@ pub async fn run(
         steps_started: Arc::default(),
         panic_at_step,
         abort: AbortSignal::default(),
-        finished: tokio::sync::watch::channel(0).0,
+        finished: tokio::sync::watch::channel(Finished::default()).0,
         data_listener: Arc::new(data_listener),
         cache_dir: options
             .cache_dir
