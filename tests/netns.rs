@@ -651,9 +651,9 @@ async fn pipeline_stages_across_namespaces_match_one_worker() {
 #[ignore = "benchmark (minutes): run by hand with --ignored --nocapture"]
 async fn pipeline_speed_across_namespaces() {
     let mut table = Vec::new();
-    for name in [SMOLLM2, QWEN05] {
+    for (index, name) in [SMOLLM2, QWEN05].into_iter().enumerate() {
         let Some(path) = model(name) else { return };
-        let Some(mut net) = Net::new(21, 2) else {
+        let Some(mut net) = Net::new(21 + index as u8, 2) else {
             return;
         };
         let data_ports = [WORKER_PORT + 200, WORKER_PORT + 201];
@@ -701,7 +701,7 @@ async fn pipeline_speed_across_namespaces() {
                 let (one, eight, outputs) = tokio::task::spawn_blocking(move || {
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
                     let server = common::server::start_with(&args);
-                    load_speed(&server)
+                    common::server::load_speed(&server)
                 })
                 .await
                 .unwrap();
@@ -719,38 +719,4 @@ async fn pipeline_speed_across_namespaces() {
     for (name, delay, parallelism, one, eight) in table {
         println!("| {name} | {delay} | {parallelism} | {one:.1} | {eight:.1} |");
     }
-}
-
-/// Generated tokens per second of one greedy stream of 64 tokens (the best of two) and of
-/// eight at once (aggregate), and the eight texts.
-fn load_speed(server: &common::server::Server) -> (f64, f64, Vec<String>) {
-    let request = |i: usize| {
-        let body = serde_json::json!({
-            "prompt": format!("Chapter {i}. Once upon a time, in a small village by the sea,"),
-            "max_tokens": 64,
-            "temperature": 0,
-        });
-        let (status, text) =
-            common::server::http(server, "POST", "/v1/completions", &body.to_string());
-        assert_eq!(status, 200, "{text}");
-        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
-        (
-            body["choices"][0]["text"].as_str().unwrap().to_string(),
-            body["usage"]["completion_tokens"].as_u64().unwrap() as f64,
-        )
-    };
-    request(0);
-    let mut one: f64 = 0.0;
-    for _ in 0..2 {
-        let started = Instant::now();
-        let (_, tokens) = request(1);
-        one = one.max(tokens / started.elapsed().as_secs_f64());
-    }
-    let started = Instant::now();
-    let results: Vec<(String, f64)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..8).map(|i| scope.spawn(move || request(i))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let eight = results.iter().map(|(_, t)| t).sum::<f64>() / started.elapsed().as_secs_f64();
-    (one, eight, results.into_iter().map(|(t, _)| t).collect())
 }

@@ -259,8 +259,7 @@ fn bad_stage_layouts_are_clear_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_stage_worker_fails_the_step_and_the_pipeline_re_forms() {
     use tp::coordinator::cluster::{Cluster, ClusterLimits, Pipeline};
-    use tp::coordinator::sampler::SamplingParams;
-    use tp::coordinator::session::{GenerateRequest, Model, Session};
+    use tp::coordinator::session::{Model, Session};
     let Some(path) = model(SMOLLM2) else { return };
     let dir = std::env::temp_dir().join(format!("tp-pipeline-fault-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -293,26 +292,9 @@ async fn a_dead_stage_worker_fails_the_step_and_the_pipeline_re_forms() {
     let mut session = Session::start(Model::open(&path).unwrap(), cluster, 256, 64)
         .await
         .unwrap();
-    let greedy = |session: &mut Session| {
-        let prompt_tokens = session
-            .model
-            .tokenizer
-            .encode("Once upon a time", true)
-            .unwrap();
-        let request = GenerateRequest {
-            prompt_tokens,
-            max_tokens: 16,
-            params: SamplingParams::greedy(),
-            stop_strings: Vec::new(),
-            logprobs: 0,
-            on_text: None,
-            cancelled: None,
-        };
-        async move { session.generate(request).await.map(|g| g.tokens) }
-    };
-    let reference = greedy(&mut session).await.unwrap();
+    let reference = greedy16(&mut session).await.unwrap();
     let started = std::time::Instant::now();
-    let error = greedy(&mut session)
+    let error = greedy16(&mut session)
         .await
         .expect_err("a generation across a dying worker fails");
     let detection = started.elapsed();
@@ -338,7 +320,63 @@ async fn a_dead_stage_worker_fails_the_step_and_the_pipeline_re_forms() {
         (1, 1),
         "the other stages' workers keep their shards"
     );
-    assert_eq!(greedy(&mut session).await.unwrap(), reference);
+    assert_eq!(greedy16(&mut session).await.unwrap(), reference);
     session.cluster.shutdown().await;
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Pipeline stages on one host (no slow link), through the server: two workers of one thread
+/// as TP = 2 and as PP = 2; one stream and eight at once. A
+/// benchmark; by hand: `cargo test --test pipeline pipeline_speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark (minutes): run by hand with --ignored --nocapture"]
+fn pipeline_speed_on_one_host() {
+    let mut table = Vec::new();
+    for name in [SMOLLM2, QWEN05] {
+        let Some(path) = model(name) else { return };
+        let model_path = path.display().to_string();
+        for (workers, pp) in [("2", None), ("2", Some("2"))] {
+            let mut args = vec![
+                "--model",
+                model_path.as_str(),
+                "--local",
+                workers,
+                "--threads",
+                "1",
+                "--parallel",
+                "8",
+                "-c",
+                "512",
+            ];
+            if let Some(pp) = pp {
+                args.extend(["--pp", pp]);
+            }
+            let server = start_with(&args);
+            let (one, eight, _) = load_speed(&server);
+            table.push((name, workers, pp.unwrap_or("1"), one, eight));
+        }
+    }
+    println!("| model | workers | stages | 1 stream t/s | 8 streams t/s (aggregate) |");
+    println!("|---|--:|--:|--:|--:|");
+    for (name, workers, pp, one, eight) in table {
+        println!("| {name} | {workers} | {pp} | {one:.1} | {eight:.1} |");
+    }
+}
+
+async fn greedy16(session: &mut tp::coordinator::session::Session) -> anyhow::Result<Vec<u32>> {
+    let prompt_tokens = session
+        .model
+        .tokenizer
+        .encode("Once upon a time", true)
+        .unwrap();
+    let request = tp::coordinator::session::GenerateRequest {
+        prompt_tokens,
+        max_tokens: 16,
+        params: tp::coordinator::sampler::SamplingParams::greedy(),
+        stop_strings: Vec::new(),
+        logprobs: 0,
+        on_text: None,
+        cancelled: None,
+    };
+    Ok(session.generate(request).await?.tokens)
 }

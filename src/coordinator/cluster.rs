@@ -1345,7 +1345,7 @@ impl Cluster {
         let count = self.workers.len();
         Ok(Launched {
             number: request.step,
-            replies: tokio::spawn(collect_ranked(tasks, count)),
+            replies: tokio::spawn(collect_step(tasks, count)),
         })
     }
 
@@ -1464,6 +1464,48 @@ async fn collect_ranked<T: 'static>(
         .collect())
 }
 
+/// How long a failed step waits for the other ranks' answers, to name the worker that was lost
+/// rather than a survivor that saw its link to it break.
+const FAILURE_GRACE: Duration = Duration::from_millis(300);
+
+/// `collect_ranked` for a step: after the first failure, the others get `FAILURE_GRACE` to
+/// answer, and a lost worker's error wins over its peers' (their data plane to it broke).
+async fn collect_step(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<(usize, proto::StepReply)>>,
+    count: usize,
+) -> anyhow::Result<Vec<proto::StepReply>> {
+    let mut results: Vec<Option<proto::StepReply>> = (0..count).map(|_| None).collect();
+    let mut first_error: Option<anyhow::Error> = None;
+    let mut grace_until: Option<tokio::time::Instant> = None;
+    loop {
+        let next = match grace_until {
+            None => tasks.join_next().await,
+            Some(until) => match tokio::time::timeout_at(until, tasks.join_next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+        };
+        let Some(joined) = next else { break };
+        match joined.map_err(anyhow::Error::from).and_then(|r| r) {
+            Ok((rank, reply)) => results[rank] = Some(reply),
+            Err(e) if e.downcast_ref::<LostWorker>().is_some() => return Err(e),
+            Err(e) => {
+                if first_error.is_none() {
+                    first_error = Some(e);
+                    grace_until = Some(tokio::time::Instant::now() + FAILURE_GRACE);
+                }
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every rank answered"))
+        .collect())
+}
+
 /// Bytes of one streamed chunk of model data.
 const MODEL_CHUNK_BYTES: u64 = 1 << 20;
 
@@ -1535,17 +1577,30 @@ fn stream_ranges(
 }
 
 /// A failed call's error, saying plainly when the connection itself was lost.
+/// A worker the coordinator cannot reach any more: the root cause when others report a peer
+/// that went silent.
+#[derive(Debug)]
+struct LostWorker(String);
+
+impl std::fmt::Display for LostWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LostWorker {}
+
 fn worker_failed(rank: usize, address: &str, status: &tonic::Status) -> anyhow::Error {
     let lost = matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
     ) && !status.message().contains("AllReduce");
     if lost {
-        anyhow::anyhow!(
+        anyhow::Error::new(LostWorker(format!(
             "lost contact with worker {rank} ({address}): {} (it stopped answering the control \
              plane's pings, or its connection broke)",
             status.message()
-        )
+        )))
     } else {
         anyhow::anyhow!("worker {rank} ({address}): {}", status.message())
     }

@@ -200,3 +200,36 @@ fn dechunk(mut body: &str) -> String {
         body = &rest[size + 2..];
     }
 }
+
+/// Generated tokens per second of one greedy stream of 64 tokens (the best of two) and of
+/// eight at once (aggregate), and the eight texts.
+pub fn load_speed(server: &Server) -> (f64, f64, Vec<String>) {
+    let request = |i: usize| {
+        let body = serde_json::json!({
+            "prompt": format!("Chapter {i}. Once upon a time, in a small village by the sea,"),
+            "max_tokens": 64,
+            "temperature": 0,
+        });
+        let (status, text) = http(server, "POST", "/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{text}");
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (
+            body["choices"][0]["text"].as_str().unwrap().to_string(),
+            body["usage"]["completion_tokens"].as_u64().unwrap() as f64,
+        )
+    };
+    request(0);
+    let mut one: f64 = 0.0;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let (_, tokens) = request(1);
+        one = one.max(tokens / started.elapsed().as_secs_f64());
+    }
+    let started = std::time::Instant::now();
+    let results: Vec<(String, f64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8).map(|i| scope.spawn(move || request(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let eight = results.iter().map(|(_, t)| t).sum::<f64>() / started.elapsed().as_secs_f64();
+    (one, eight, results.into_iter().map(|(t, _)| t).collect())
+}
