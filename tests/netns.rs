@@ -680,6 +680,17 @@ async fn pipeline_speed_across_namespaces() {
         let dir = std::env::temp_dir().join(format!("tp-pp-speed-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for (delay, addresses) in [("none", &direct), ("1 ms each way", &proxied)] {
+            // The links' round trip as the coordinator measures it (the simulator's input).
+            let probe = Cluster::connect(&worker_entries(addresses), ClusterLimits::default())
+                .await
+                .unwrap();
+            let trips: Vec<f64> = probe
+                .workers
+                .iter()
+                .map(|w| w.round_trip.as_secs_f64() * 1e3)
+                .collect();
+            println!("{name}, link delay {delay}: Hello round trips {trips:.2?} ms");
+            drop(probe);
             let mut texts: Option<Vec<String>> = None;
             for parallelism in ["tensor", "pipeline"] {
                 let mut toml = format!("parallelism = \"{parallelism}\"\n");
@@ -709,6 +720,7 @@ async fn pipeline_speed_across_namespaces() {
                     None => texts = Some(outputs),
                     Some(expected) => assert_eq!(&outputs, expected, "{name} {delay}"),
                 }
+                println!("{name} | {delay} | {parallelism} | {one:.1} | {eight:.1}");
                 table.push((name, delay, parallelism, one, eight));
             }
         }

@@ -742,7 +742,11 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     let moe_split = args.moe_split.unwrap_or(hosts_moe_split);
     let pipeline = args.pp.map_or(pipeline, |n| Pipeline::Even(n as usize));
     // Hosts told apart by address here (a running cluster uses what workers report).
+    let local = args.local.is_some();
     let host_of = |rank: usize| {
+        if local {
+            return "this host".to_string();
+        }
         let address = &addresses[rank];
         address
             .rsplit_once(':')

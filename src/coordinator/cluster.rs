@@ -727,6 +727,11 @@ impl Cluster {
                     round_trip = round_trip.min(started.elapsed());
                 }
             }
+            tracing::info!(
+                address = %entry.address,
+                round_trip_ms = round_trip.as_secs_f64() * 1e3,
+                "worker connected"
+            );
             workers.push(WorkerHandle {
                 address: entry.address.clone(),
                 round_trip,
@@ -1673,6 +1678,49 @@ fn unique_suffix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stages_follow_the_pipeline_asked_for() {
+        let ms = Duration::from_millis;
+        let hosts = vec![vec![0, 1], vec![2, 3], vec![4]];
+        let sizes = |p: &Pipeline, trips: &[Duration]| stage_sizes(p, 5, &hosts, trips).unwrap();
+        assert_eq!(sizes(&Pipeline::Tensor, &[]), vec![5]);
+        assert_eq!(sizes(&Pipeline::Even(2), &[]), vec![3, 2]);
+        assert_eq!(sizes(&Pipeline::Sizes(vec![1, 4]), &[]), vec![1, 4]);
+        assert_eq!(sizes(&Pipeline::PerHost, &[]), vec![2, 2, 1]);
+        // auto: stages per host only when some host is slower than the threshold.
+        let auto = Pipeline::Auto {
+            threshold: PIPELINE_ROUND_TRIP,
+        };
+        assert_eq!(sizes(&auto, &[ms(0); 5]), vec![5]);
+        assert_eq!(
+            sizes(&auto, &[ms(0), ms(0), ms(3), ms(3), ms(3)]),
+            vec![2, 2, 1]
+        );
+        // A host whose workers are not listed together cannot be a stage.
+        let scattered = vec![vec![0, 2], vec![1]];
+        let err = stage_sizes(&Pipeline::PerHost, 3, &scattered, &[]).unwrap_err();
+        assert!(err.to_string().contains("listed together"), "{err}");
+        assert_eq!(
+            stage_sizes(&auto, 3, &scattered, &[ms(5); 3]).unwrap(),
+            vec![3]
+        );
+        assert!(stage_sizes(&Pipeline::Even(0), 3, &scattered, &[]).is_err());
+    }
+
+    #[test]
+    fn hosts_files_name_stages_in_order() {
+        let parse = |text: &str| HostsFile::parse(text, Path::new("hosts.toml"));
+        let hosts = parse(
+            "[[worker]]\naddress = \"a:1\"\nstage = 0\n[[worker]]\naddress = \"b:1\"\nstage = 1\n[[worker]]\naddress = \"c:1\"\nstage = 1\n",
+        )
+        .unwrap();
+        assert_eq!(hosts.pipeline(), Pipeline::Sizes(vec![1, 2]));
+        let hosts = parse("parallelism = \"auto\"\n[[worker]]\naddress = \"a:1\"\n").unwrap();
+        assert!(matches!(hosts.pipeline(), Pipeline::Auto { .. }));
+        let err = parse("parallelism = \"layers\"\n[[worker]]\naddress = \"a:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("parallelism"), "{err}");
+    }
 
     #[test]
     fn the_example_hosts_file_parses() {

@@ -68,14 +68,21 @@ impl Layout {
         if ranks.len() < 2 {
             return 0.0;
         }
-        let mut t = costs.shm_allreduce;
-        if self.spans_hosts(ranks) {
-            // Hierarchical: the host's sum, the leaders' exchange (f64 partial sums), the
-            // host's sum again.
-            let bytes = (self.model_dim * 8 * batch) as f64;
-            t += costs.link_latency + bytes / costs.link_bandwidth + costs.shm_allreduce;
+        if !self.spans_hosts(ranks) {
+            return costs.shm_allreduce;
         }
-        t
+        // Hierarchical: the host's sum (where a host has several of the ranks), the leaders'
+        // exchange (f64 partial sums), the host's sum again.
+        let shared_host = ranks
+            .clone()
+            .any(|r| r > ranks.start && self.host_of[r] == self.host_of[r - 1]);
+        let bytes = (self.model_dim * 8 * batch) as f64;
+        let local = if shared_host {
+            2.0 * costs.shm_allreduce
+        } else {
+            0.0
+        };
+        local + costs.link_latency + bytes / costs.link_bandwidth
     }
 
     /// A stage's work on one batch: its layers' (and the head's) compute split among its
