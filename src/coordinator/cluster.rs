@@ -1039,7 +1039,7 @@ impl Cluster {
                 .iter()
                 .map(|h| {
                     h.iter()
-                        .filter(|r| stage.ranks.contains(r))
+                        .filter(|&&r| stage.ranks.contains(&r))
                         .map(|&r| r as u32)
                         .collect::<Vec<u32>>()
                 })
