@@ -358,3 +358,60 @@ fn harmony_chat_shows_the_final_channel_and_reasoning_apart() {
         assert_eq!(body["error"]["param"], json!(param), "{extra}: {body}");
     }
 }
+
+/// The prefix cache: a chat's next turn (resending its history) and a request sharing a system
+/// prompt reuse what a slot's KV cache holds, and every reply equals the reply of a server that
+/// computes every prompt in full (`--no-prefix-cache`); `/metrics` counts the reused tokens.
+#[test]
+fn the_prefix_cache_reuses_prompts_and_changes_no_reply() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let system = "You are a concise assistant who answers in one sentence about geography.";
+    let conversation = |server: &Server| -> (Vec<String>, f64) {
+        let chat = |messages: Value| {
+            let (status, body) = post(
+                server,
+                "/v1/chat/completions",
+                json!({"messages": messages, "max_tokens": 24, "temperature": 0}),
+            );
+            assert_eq!(status, 200, "{body}");
+            body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        let first = chat(json!([
+            {"role": "system", "content": system},
+            {"role": "user", "content": "What is the capital of France?"},
+        ]));
+        let second = chat(json!([
+            {"role": "system", "content": system},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And of Italy?"},
+        ]));
+        let other = chat(json!([
+            {"role": "system", "content": system},
+            {"role": "user", "content": "Name a river in Spain."},
+        ]));
+        let (_, metrics) = http(server, "GET", "/metrics", "");
+        let cached = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tp_prompt_tokens_cached_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no tp_prompt_tokens_cached_total in {metrics}"));
+        (vec![first, second, other], cached)
+    };
+    let full = start(
+        &path,
+        &["-c", "512", "--parallel", "2", "--no-prefix-cache"],
+    );
+    let (expected, none) = conversation(&full);
+    drop(full);
+    assert_eq!(none, 0.0);
+    let cached = start(&path, &["-c", "512", "--parallel", "2"]);
+    let (replies, reused) = conversation(&cached);
+    assert_eq!(replies, expected, "the prefix cache changed a reply");
+    // The second turn reuses at least the first turn's prompt; the third the system prompt.
+    assert!(reused > 40.0, "only {reused} prompt tokens reused");
+    println!("prefix cache: {reused} prompt tokens reused; replies {replies:?}");
+}

@@ -87,6 +87,12 @@ pub struct ServeArgs {
     /// Requests that may wait for a slot; beyond that the server answers 503.
     #[arg(long, default_value_t = crate::limits::QUEUE)]
     pub queue: usize,
+    /// Compute every prompt in full. By default a request whose prompt starts with what a
+    /// free slot's KV cache holds (the previous turns of a chat, a shared system prompt) takes
+    /// that slot and computes only the rest; a request matching none takes the least
+    /// recently used slot.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     /// The model id clients name (default: the model file's name without .gguf).
     #[arg(long)]
     pub model_id: Option<String>,
@@ -294,6 +300,14 @@ pub struct PlanArgs {
     pub pp: Option<u32>,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+    /// Connect to the workers of --workers and measure each link's round trip (a Hello
+    /// from here): shown per worker, and used to settle `parallelism = "auto"`. The workers
+    /// are held for this coordinator meanwhile, as by any command that connects.
+    #[arg(long, requires = "workers")]
+    pub probe: bool,
+    /// The workers' token for --probe (else hosts.toml's auth_token_file).
+    #[arg(long, value_name = "FILE", requires = "probe")]
+    pub auth_token_file: Option<PathBuf>,
     /// A cluster to imagine instead of --local or --workers: this many hosts of
     /// --workers-per-host workers each (with --simulate; up to 64 workers).
     #[arg(long, value_name = "N", requires = "simulate", conflicts_with_all = ["local", "workers"])]
@@ -333,6 +347,12 @@ pub struct PlanArgs {
     /// Streams generating together, for the throughput prediction.
     #[arg(long, default_value_t = 8)]
     pub streams: usize,
+    /// Predict whole requests instead of steady decode: each stream first reads a prompt of
+    /// this many tokens (all streams' prompts in one batch), then generates --gen-tokens.
+    #[arg(long, default_value_t = 0)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub gen_tokens: usize,
 }
 
 fn worker_binary() -> anyhow::Result<PathBuf> {
@@ -453,6 +473,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 model_id,
                 queue: args.queue,
                 chunk: args.prompt_chunk.max(1),
+                prefix_cache: !args.no_prefix_cache,
                 api_key,
                 tls,
             };
@@ -763,7 +784,31 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             None => host_groups.push(vec![rank]),
         }
     }
-    let sizes = stage_sizes(&pipeline, weights.len(), &host_groups, &[])?;
+    // Measured round trips, and hosts as the workers report them, with --probe.
+    let mut round_trips: Vec<std::time::Duration> = Vec::new();
+    if args.probe
+        && let Some(path) = &args.workers
+    {
+        let hosts = HostsFile::read(path)?;
+        let token_file = args
+            .auth_token_file
+            .as_ref()
+            .or(hosts.auth_token_file.as_ref());
+        let limits = ClusterLimits {
+            auth_token: token_file.map(|f| Token::read(f)).transpose()?,
+            tls: crate::tls::TlsFiles::from_paths(
+                hosts.tls_cert.as_ref(),
+                hosts.tls_key.as_ref(),
+                hosts.tls_ca.as_ref(),
+            )?,
+            ..ClusterLimits::default()
+        };
+        let cluster = Cluster::connect(&hosts.workers, limits).await?;
+        round_trips = cluster.workers.iter().map(|w| w.round_trip).collect();
+        host_groups = cluster.hosts();
+        cluster.shutdown().await;
+    }
+    let sizes = stage_sizes(&pipeline, weights.len(), &host_groups, &round_trips)?;
     let p = crate::shard::plan::plan_stages_up_to(&config, &weights, moe_split, &sizes, 64)?;
     if args.simulate {
         return simulate(&args, &file, &config, &p, &host_groups).await;
@@ -781,6 +826,9 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         rank: usize,
         worker: String,
         stage: usize,
+        /// The measured Hello round trip to the worker, ms (`--probe`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        round_trip_ms: Option<f64>,
         weight: f64,
         q_heads: usize,
         kv_heads: usize,
@@ -830,6 +878,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                 rank: r.rank_index,
                 worker: addresses[r.rank_index].clone(),
                 stage: r.stage.index,
+                round_trip_ms: round_trips.get(r.rank_index).map(|t| t.as_secs_f64() * 1e3),
                 weight: weights[r.rank_index],
                 q_heads: r.layers.iter().map(|l| l.q_heads.len()).sum(),
                 kv_heads,
@@ -1041,6 +1090,17 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             println!("  rank {}: {}", r.rank, parts.join(", "));
         }
     }
+    if !round_trips.is_empty() {
+        println!("\nmeasured round trips (a Hello from this host):");
+        for r in &rows {
+            println!(
+                "  rank {} ({}): {:.2} ms",
+                r.rank,
+                r.worker,
+                r.round_trip_ms.unwrap_or(0.0)
+            );
+        }
+    }
     if links.is_empty() {
         println!("\nlinks: none (one rank: no collectives)");
     } else {
@@ -1118,7 +1178,12 @@ async fn simulate(
         ("tensor parallel only", &tensor_only, args.streams),
     ]
     .into_iter()
-    .map(|(name, layout, streams)| (name, layout.predict(&costs, streams)))
+    .map(|(name, layout, streams)| {
+        (
+            name,
+            layout.predict_requests(&costs, streams, args.prompt_tokens, args.gen_tokens),
+        )
+    })
     .collect();
     if args.format == Format::Json {
         let json = serde_json::json!({
@@ -1154,6 +1219,12 @@ async fn simulate(
         args.local_handoff_us,
         args.coordinator_latency_ms
     );
+    if args.prompt_tokens > 0 {
+        println!(
+            "requests: a prompt of {} tokens each (read together), then {} generated; tokens/s over the whole request",
+            args.prompt_tokens, args.gen_tokens
+        );
+    }
     println!(
         "\n{:<22} {:>8} {:>14} {:>16} {:>10}",
         "layout", "streams", "ms per step", "tokens/s (all)", "in flight"

@@ -43,6 +43,43 @@ const RECOVERY_POLL: std::time::Duration = std::time::Duration::from_millis(200)
 pub struct EngineOptions {
     /// Prompt tokens per forward pass while other sequences are generating.
     pub chunk: usize,
+    /// Reuse what a free slot's KV cache holds when a prompt starts with it (`--no-prefix-cache`
+    /// turns it off).
+    pub prefix_cache: bool,
+}
+
+/// What a slot's KV cache holds (positions `0..tokens.len()`), and when it was last used: a
+/// request whose prompt starts with those tokens takes that slot and skips them; a request
+/// matching no slot takes the least recently used one.
+#[derive(Default)]
+struct SlotMemory {
+    tokens: Vec<u32>,
+    used: u64,
+}
+
+/// The free slot for `prompt`: the longest reusable prefix, then the least recently used.
+/// Returns the slot and how many prompt tokens its KV cache already holds (at most all but the
+/// last: the last one is run again for its logits).
+fn take_slot(
+    free: &mut Vec<usize>,
+    memory: &[SlotMemory],
+    prompt: &[u32],
+    prefix_cache: bool,
+) -> Option<(usize, usize)> {
+    let reusable = |slot: usize| {
+        if !prefix_cache {
+            return 0;
+        }
+        let held = &memory[slot].tokens;
+        let common = held.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        common.min(prompt.len().saturating_sub(1))
+    };
+    let index = (0..free.len()).max_by_key(|&i| {
+        let slot = free[i];
+        (reusable(slot), std::cmp::Reverse(memory[slot].used))
+    })?;
+    let slot = free.swap_remove(index);
+    Some((slot, reusable(slot)))
 }
 
 /// A job holding a sequence slot.
@@ -57,6 +94,8 @@ struct Active {
     last_token_at: Option<Instant>,
     /// A batch with this sequence's tokens is in flight: it waits for that batch.
     busy: bool,
+    /// Every token run for this sequence so far, by position: what its slot's KV cache holds.
+    history: Vec<u32>,
 }
 
 impl Active {
@@ -89,6 +128,8 @@ pub async fn run(
     let slots = session.sequences;
     metrics.slots.store(slots, Ordering::Relaxed);
     let mut free: Vec<usize> = (0..slots).rev().collect();
+    let mut memory: Vec<SlotMemory> = (0..slots).map(|_| SlotMemory::default()).collect();
+    let mut tick = 0u64;
     let mut active: Vec<Active> = Vec::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let transport = match session.cluster.active_transport() {
@@ -104,6 +145,10 @@ pub async fn run(
     let mut in_flight = tokio::task::JoinSet::new();
     let mut next_flight = 0u64;
     loop {
+        // A worker restarted (or a step failed): the KV caches hold nothing reusable.
+        if session.needs_recovery() {
+            memory.iter_mut().for_each(|m| m.tokens.clear());
+        }
         // Take in what arrived; block only when there is nothing to run.
         while let Ok(job) = jobs.try_recv() {
             waiting.push_back(job);
@@ -130,13 +175,18 @@ pub async fn run(
             }
         }
         // Leave: clients that went away (once no batch of theirs is in flight).
-        active.retain(|a| {
+        active.retain_mut(|a| {
             let gone = !a.busy && a.job.events.is_closed();
             if gone {
                 metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                 metrics
                     .completion_tokens
                     .fetch_add(a.decoder.generated() as u64, Ordering::Relaxed);
+                tick += 1;
+                memory[a.sequence] = SlotMemory {
+                    tokens: std::mem::take(&mut a.history),
+                    used: tick,
+                };
                 free.push(a.sequence);
             }
             !gone
@@ -153,15 +203,26 @@ pub async fn run(
             && let Some(job) = waiting.pop_front()
         {
             match Decoder::new(job.spec.clone(), &job.prompt) {
-                Ok(decoder) => active.push(Active {
-                    sequence: free.pop().expect("a free slot"),
-                    job,
-                    fed: 0,
-                    decoder,
-                    pending: None,
-                    last_token_at: None,
-                    busy: false,
-                }),
+                Ok(decoder) => {
+                    let (sequence, reused) =
+                        take_slot(&mut free, &memory, &job.prompt, options.prefix_cache)
+                            .expect("a free slot");
+                    metrics
+                        .prompt_tokens_cached
+                        .fetch_add(reused as u64, Ordering::Relaxed);
+                    let mut held = std::mem::take(&mut memory[sequence].tokens);
+                    held.truncate(reused);
+                    active.push(Active {
+                        sequence,
+                        job,
+                        fed: reused,
+                        decoder,
+                        pending: None,
+                        last_token_at: None,
+                        busy: false,
+                        history: held,
+                    })
+                }
                 Err(e) => {
                     let _ = job.events.send(JobEvent::Failed(format!("{e:#}")));
                 }
@@ -169,6 +230,34 @@ pub async fn run(
         }
         metrics.busy.store(active.len(), Ordering::Relaxed);
 
+        // A worker restarted while the engine waited: re-form before running anything. Its KV
+        // cache is gone (the others' too, for all the engine knows): prompts start again,
+        // sequences that had generated fail.
+        if in_flight.is_empty() && session.needs_recovery() {
+            memory.iter_mut().for_each(|m| m.tokens.clear());
+            let recovered = session.recover().await;
+            for a in std::mem::take(&mut active) {
+                let restart = recovered.is_ok() && a.decoder.generated() == 0;
+                if restart {
+                    active.push(Active {
+                        fed: 0,
+                        history: Vec::new(),
+                        ..a
+                    });
+                    continue;
+                }
+                let why = match &recovered {
+                    Ok(()) => "the cluster re-formed (a worker restarted) and this sequence's cache is gone".to_string(),
+                    Err(e) => format!("{e:#}"),
+                };
+                let _ = a.job.events.send(JobEvent::Failed(why));
+                free.push(a.sequence);
+            }
+            metrics.busy.store(active.len(), Ordering::Relaxed);
+            if recovered.is_err() {
+                continue;
+            }
+        }
         // Launch: a batch per free stage, from sequences not already in flight.
         let limit = session.in_flight_limit();
         let generating = active.iter().filter(|a| a.pending.is_some()).count();
@@ -246,14 +335,20 @@ pub async fn run(
                                 a.busy = false;
                             }
                         }
-                        deliver(
+                        for slot in deliver(
                             &mut active,
                             &mut free,
                             &flight.owners,
                             output.distributions,
                             &session,
                             &metrics,
-                        );
+                        ) {
+                            tick += 1;
+                            memory[slot.0] = SlotMemory {
+                                tokens: slot.1,
+                                used: tick,
+                            };
+                        }
                         None
                     }
                     Err(e) => Some(format!("{e:#}")),
@@ -270,6 +365,7 @@ pub async fn run(
             }
             tracing::warn!(error = %message, sequences = active.len(), "step failed");
             metrics.busy.store(0, Ordering::Relaxed);
+            memory.iter_mut().for_each(|m| m.tokens.clear());
             for a in active.drain(..) {
                 let _ = a.job.events.send(JobEvent::Failed(message.clone()));
                 free.push(a.sequence);
@@ -283,7 +379,8 @@ pub async fn run(
 }
 
 /// Samples each output row's token for its sequence (`owners`: slots, in row order) and
-/// tells its client; sequences that finished leave their slots.
+/// tells its client; sequences that finished leave their slots, returned with what their KV
+/// caches hold.
 fn deliver(
     active: &mut Vec<Active>,
     free: &mut Vec<usize>,
@@ -291,7 +388,7 @@ fn deliver(
     distributions: Vec<crate::coordinator::session::Distribution>,
     session: &Session,
     metrics: &Metrics,
-) {
+) -> Vec<(usize, Vec<u32>)> {
     let mut finished = Vec::new();
     for (mut distribution, &slot) in distributions.into_iter().zip(owners) {
         let Some(owner) = active.iter().position(|a| a.sequence == slot) else {
@@ -345,9 +442,13 @@ fn deliver(
     }
     finished.sort_unstable();
     finished.dedup();
+    let mut left = Vec::with_capacity(finished.len());
     for &index in finished.iter().rev() {
-        free.push(active.remove(index).sequence);
+        let a = active.remove(index);
+        free.push(a.sequence);
+        left.push((a.sequence, a.history));
     }
+    left
 }
 
 /// The next forward pass from sequences not in flight: one token per generating sequence (at
@@ -363,12 +464,14 @@ fn build_batch(
     let mut batch = Batch::default();
     let mut owners = Vec::new();
     let mut members = Vec::new();
-    for (i, a) in active.iter().enumerate() {
+    for (i, a) in active.iter_mut().enumerate() {
         if owners.len() == share || batch.len() == max_batch {
             break;
         }
         if let (false, Some(token)) = (a.busy, a.pending) {
             batch.push(token, a.position(), a.sequence, true);
+            a.history.truncate(a.position());
+            a.history.push(token);
             owners.push(i);
             members.push(i);
         }
@@ -391,6 +494,8 @@ fn build_batch(
                 position == prompt.len() - 1,
             );
         }
+        a.history.truncate(a.fed);
+        a.history.extend_from_slice(&prompt[a.fed..a.fed + n]);
         if a.fed + n == prompt.len() {
             owners.push(i);
         }
@@ -447,6 +552,7 @@ mod tests {
             pending,
             last_token_at: None,
             busy: false,
+            history: Vec::new(),
         }
     }
 

@@ -79,6 +79,8 @@ pub struct Metrics {
     pub chat_completions: AtomicU64,
     pub cancelled: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens a slot's KV cache already held (the prefix cache), not computed again.
+    pub prompt_tokens_cached: AtomicU64,
     pub completion_tokens: AtomicU64,
     /// Requests accepted and not finished: waiting for a slot or holding one.
     pub pending: AtomicUsize,
@@ -107,6 +109,7 @@ impl Default for Metrics {
             chat_completions: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
+            prompt_tokens_cached: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
@@ -189,8 +192,13 @@ impl Metrics {
             ),
             (
                 "tp_prompt_tokens_total",
-                "Prompt tokens processed.",
+                "Prompt tokens of accepted requests (computed or reused).",
                 &self.prompt_tokens,
+            ),
+            (
+                "tp_prompt_tokens_cached_total",
+                "Prompt tokens found in a slot's KV cache (prefix cache) and not computed again.",
+                &self.prompt_tokens_cached,
             ),
             (
                 "tp_completion_tokens_total",

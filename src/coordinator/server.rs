@@ -48,6 +48,8 @@ pub struct ServerOptions {
     pub queue: usize,
     /// Prompt tokens per forward pass while other sequences generate.
     pub chunk: usize,
+    /// Reuse a slot's KV cache for a prompt that starts with what it holds.
+    pub prefix_cache: bool,
     /// The key every request but `/health` must carry (`Authorization: Bearer KEY`).
     pub api_key: Option<crate::auth::Token>,
     /// HTTPS instead of HTTP.
@@ -209,6 +211,7 @@ pub async fn serve(
         metrics,
         EngineOptions {
             chunk: options.chunk,
+            prefix_cache: options.prefix_cache,
         },
     ));
     shutdown_signal.await;

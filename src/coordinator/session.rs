@@ -425,12 +425,14 @@ impl Session {
     }
 
     /// Starts one batch without waiting for it (pipelining: up to `in_flight_limit` at once).
-    /// Re-forms a broken cluster first, which only happens with nothing in flight: the caller
-    /// waits for every launched batch (`land`) before launching after a failure.
+    /// A cluster that must re-form refuses: the caller re-forms it (`recover`) with nothing in
+    /// flight, knowing that the workers' KV caches are then gone.
     pub async fn launch(&mut self, batch: Batch) -> anyhow::Result<InFlight> {
         let request = self.batch_request(&batch)?;
         if self.needs_recovery() {
-            self.recover().await?;
+            bail!(
+                "the cluster must re-form before the next step (a worker restarted or a step failed)"
+            );
         }
         let launched = self.cluster.launch(request).await?;
         Ok(InFlight { batch, launched })

@@ -120,6 +120,19 @@ impl Layout {
 
     /// Decode speed with `streams` sequences generating together.
     pub fn predict(&self, costs: &Costs, streams: usize) -> Prediction {
+        self.predict_requests(costs, streams, 0, 1)
+    }
+
+    /// The generated tokens per second of `streams` requests arriving together, each with a
+    /// prompt of `prompt` tokens (read in one batch of all of them, as the server's engine
+    /// does when they fit) and `generated` tokens to generate; `prompt` 0 is steady decode.
+    pub fn predict_requests(
+        &self,
+        costs: &Costs,
+        streams: usize,
+        prompt: usize,
+        generated: usize,
+    ) -> Prediction {
         let streams = streams.max(1);
         let in_flight = self.stages.len().min(streams);
         let batch = streams.div_ceil(in_flight);
@@ -128,10 +141,16 @@ impl Layout {
             .map(|s| self.stage(costs, s, batch))
             .fold(0.0, f64::max);
         let cycle = trip.max(in_flight as f64 * busiest);
+        let prefill = if prompt > 0 {
+            self.trip(costs, streams * prompt)
+        } else {
+            0.0
+        };
+        let generated = generated.max(1) as f64;
         Prediction {
             streams,
             step_seconds: trip,
-            tokens_per_second: streams as f64 / cycle,
+            tokens_per_second: streams as f64 * generated / (prefill + generated * cycle),
             in_flight,
         }
     }
