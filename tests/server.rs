@@ -50,6 +50,21 @@ fn completions_chat_streaming_and_errors() {
     );
     let text = first["choices"][0]["text"].as_str().unwrap().to_string();
     assert!(text.contains("Paris"), "{text}");
+    // The same prompt as token ids (flat, and as an array of one) gives the same text.
+    let ids = tp::model::tokenizer::Tokenizer::from_gguf_path(&path)
+        .unwrap()
+        .encode_prompt("The capital of France is", true)
+        .unwrap();
+    for prompt in [json!(ids), json!([ids])] {
+        let (status, by_ids) = post(
+            &server,
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{by_ids}");
+        assert_eq!(by_ids["choices"][0]["text"], json!(text));
+        assert_eq!(by_ids["usage"]["prompt_tokens"], usage["prompt_tokens"]);
+    }
 
     // A stop string ends the text before it.
     let (_, stopped) = post(
@@ -131,6 +146,11 @@ fn completions_chat_streaming_and_errors() {
         ("/v1/completions", r#"{"max_tokens": 4}"#, 400),
         ("/v1/completions", r#"{"prompt": ""}"#, 400),
         ("/v1/completions", r#"{"prompt": 42}"#, 400),
+        ("/v1/completions", r#"{"prompt": [1, -2]}"#, 400),
+        ("/v1/completions", r#"{"prompt": [1, 2.5]}"#, 400),
+        ("/v1/completions", r#"{"prompt": [999999999]}"#, 400),
+        ("/v1/completions", r#"{"prompt": [[1], [2]]}"#, 400),
+        ("/v1/completions", r#"{"prompt": []}"#, 400),
         (
             "/v1/completions",
             r#"{"prompt": "x", "max_tokens": 0}"#,
@@ -218,9 +238,10 @@ fn completions_chat_streaming_and_errors() {
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
     };
-    // 5 completions (2 plain, stop, stream, again) and 2 chats succeeded; malformed ones
-    // were refused before counting, except the model and context checks after tokenizing.
-    assert_eq!(value("tp_requests_total{endpoint=\"completions\"}"), 5.0);
+    // 7 completions (2 plain, 2 by token ids, stop, stream, again) and 2 chats succeeded;
+    // malformed ones were refused before counting, except the model and context checks after
+    // tokenizing.
+    assert_eq!(value("tp_requests_total{endpoint=\"completions\"}"), 7.0);
     assert_eq!(
         value("tp_requests_total{endpoint=\"chat_completions\"}"),
         2.0
@@ -245,7 +266,7 @@ fn completions_chat_streaming_and_errors() {
     );
     assert!(value("tp_allreduce_seconds_count{transport=\"shm\"}") >= 2.0 * steps);
     assert!(value("tp_completion_tokens_total") >= 4.0 * 12.0);
-    assert_eq!(value("tp_time_to_first_token_seconds_count"), 7.0);
+    assert_eq!(value("tp_time_to_first_token_seconds_count"), 9.0);
     assert!(value("tp_inter_token_latency_seconds_count") >= 4.0 * 11.0);
 }
 

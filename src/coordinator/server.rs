@@ -543,19 +543,57 @@ enum Kind {
     Chat,
 }
 
+/// A completion's prompt: text to tokenize, or the token ids themselves.
+enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// Token ids of a prompt given as numbers (checked against the vocabulary later).
+fn token_ids(items: &[Value]) -> Result<Vec<u32>, ApiError> {
+    items
+        .iter()
+        .map(|v| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("prompt token {v} is not a token id (a non-negative integer)"),
+                        Some("prompt"),
+                    )
+                })
+        })
+        .collect()
+}
+
 async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let body = match parse_body(&body) {
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
     let prompt = match body.get("prompt") {
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) => Prompt::Text(s.clone()),
         Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
-            items[0].as_str().unwrap_or_default().to_string()
+            Prompt::Text(items[0].as_str().unwrap_or_default().to_string())
+        }
+        // Token ids, as OpenAI's API takes them (one prompt: a flat array, or an array of one).
+        Some(Value::Array(items)) if items.first().is_some_and(Value::is_number) => {
+            match token_ids(items) {
+                Ok(ids) => Prompt::Tokens(ids),
+                Err(e) => return e.into_response(),
+            }
+        }
+        Some(Value::Array(items))
+            if items.len() == 1 && items[0].as_array().is_some_and(|a| !a.is_empty()) =>
+        {
+            match token_ids(items[0].as_array().expect("checked")) {
+                Ok(ids) => Prompt::Tokens(ids),
+                Err(e) => return e.into_response(),
+            }
         }
         Some(Value::Array(_)) => {
             return ApiError::invalid(
-                "only one prompt string per request is supported",
+                "only one prompt per request is supported (a string, or an array of token ids)",
                 Some("prompt"),
             )
             .into_response();
@@ -564,7 +602,11 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
             return ApiError::invalid("'prompt' is required", Some("prompt")).into_response();
         }
         Some(_) => {
-            return ApiError::invalid("'prompt' must be a string", Some("prompt")).into_response();
+            return ApiError::invalid(
+                "'prompt' must be a string or an array of token ids",
+                Some("prompt"),
+            )
+            .into_response();
         }
     };
     run(state, body, Kind::Completion, prompt, false).await
@@ -679,7 +721,7 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
     };
     let reasoning = split_reasoning && template.is_harmony();
     match template.render_with(&messages, true, &kwargs) {
-        Ok(prompt) => run(state, body, Kind::Chat, prompt, reasoning).await,
+        Ok(prompt) => run(state, body, Kind::Chat, Prompt::Text(prompt), reasoning).await,
         Err(e) => ApiError::invalid(
             format!("cannot apply the chat template: {e}"),
             Some("messages"),
@@ -790,10 +832,12 @@ async fn run(
     state: Arc<AppState>,
     body: Value,
     kind: Kind,
-    prompt: String,
+    prompt: Prompt,
     reasoning: bool,
 ) -> Response {
-    if prompt.is_empty() {
+    if matches!(&prompt, Prompt::Text(t) if t.is_empty())
+        || matches!(&prompt, Prompt::Tokens(t) if t.is_empty())
+    {
         return ApiError::invalid("the prompt is empty", Some("prompt")).into_response();
     }
     let (model, max_context, slots, unready) = match state.ready.read().unwrap().as_ref() {
@@ -829,11 +873,27 @@ async fn run(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let prompt_tokens = match model.tokenizer.encode_prompt(&prompt, true) {
-        Ok(t) => t,
-        Err(e) => {
-            return ApiError::invalid(format!("cannot tokenize the prompt: {e}"), Some("prompt"))
+    let prompt_tokens = match prompt {
+        Prompt::Text(text) => match model.tokenizer.encode_prompt(&text, true) {
+            Ok(t) => t,
+            Err(e) => {
+                return ApiError::invalid(
+                    format!("cannot tokenize the prompt: {e}"),
+                    Some("prompt"),
+                )
                 .into_response();
+            }
+        },
+        Prompt::Tokens(ids) => {
+            let vocab = model.tokenizer.vocab_size();
+            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return ApiError::invalid(
+                    format!("prompt token {bad} is outside the vocabulary of {vocab}"),
+                    Some("prompt"),
+                )
+                .into_response();
+            }
+            ids
         }
     };
     if prompt_tokens.len() + common.max_tokens > max_context {
