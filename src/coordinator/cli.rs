@@ -1141,15 +1141,11 @@ async fn simulate(
         link_bandwidth: args.link_gbps * 1e9 / 8.0,
         coordinator_latency: args.coordinator_latency_ms / 1e3,
     };
-    // Shares of a token's compute by weight bytes: each layer's, and the output head's.
-    let layer_bytes: u64 = file
-        .tensors
-        .iter()
-        .filter(|t| t.name.starts_with("blk."))
-        .map(|t| t.size_bytes)
-        .sum();
-    let head_bytes = file.tensor(&config.output).map_or(0, |t| t.size_bytes);
-    let total = (layer_bytes + head_bytes).max(1) as f64;
+    // Shares of a token's compute by the weight bytes it reads: the layers' and the head's.
+    let head_bytes = config.head_bytes(file);
+    let total_bytes = config.weight_bytes_per_token(file).max(1);
+    let layer_bytes = total_bytes - head_bytes.min(total_bytes);
+    let total = total_bytes as f64;
     let mut host_of = vec![0; plan.ranks.len()];
     for (h, ranks) in hosts.iter().enumerate() {
         for &r in ranks {

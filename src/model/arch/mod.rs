@@ -500,19 +500,32 @@ impl ModelConfig {
     /// (used / count) of the routed experts, and the output head; not the embedding rows a
     /// token looks up.
     pub fn weight_bytes_per_token(&self, file: &GgufFile) -> u64 {
+        self.head_bytes(file)
+            + (0..self.layers.len())
+                .map(|layer| self.layer_bytes_per_token(file, layer))
+                .sum::<u64>()
+    }
+
+    /// The output head's bytes in `file`.
+    pub fn head_bytes(&self, file: &GgufFile) -> u64 {
+        file.tensor(&self.output).map_or(0, |t| t.size_bytes)
+    }
+
+    /// What `weight_bytes_per_token` counts of one layer.
+    pub fn layer_bytes_per_token(&self, file: &GgufFile, layer: usize) -> u64 {
         let bytes = |name: &str| file.tensor(name).map_or(0, |t| t.size_bytes);
         let share = self
             .moe
             .as_ref()
             .map_or(1.0, |m| m.expert_used as f64 / m.expert_count.max(1) as f64);
-        let mut total = bytes(&self.output);
-        for layer in &self.layers {
-            let a = &layer.attention;
-            total += [&a.q, &a.k, &a.v, &a.output]
-                .iter()
-                .map(|l| bytes(&l.weight))
-                .sum::<u64>();
-            total += match &layer.ffn {
+        let layer = &self.layers[layer];
+        let a = &layer.attention;
+        let attention = [&a.q, &a.k, &a.v, &a.output]
+            .iter()
+            .map(|l| bytes(&l.weight))
+            .sum::<u64>();
+        attention
+            + match &layer.ffn {
                 FfnSpec::Gated { gate, up, down, .. } => bytes(gate) + bytes(up) + bytes(down),
                 FfnSpec::Moe(m) => {
                     let experts = bytes(&m.gate) + bytes(&m.up) + bytes(&m.down);
@@ -521,9 +534,7 @@ impl ModelConfig {
                     });
                     bytes(&m.router) + (experts as f64 * share) as u64 + shared
                 }
-            };
-        }
-        total
+            }
     }
 
     pub fn from_gguf(file: &GgufFile) -> Result<ModelConfig, ArchError> {
