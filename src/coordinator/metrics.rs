@@ -206,6 +206,11 @@ impl Metrics {
                 &self.completion_tokens,
             ),
             ("tp_steps_total", "Forward passes run.", &self.steps),
+            (
+                "tp_pipelined_launches_total",
+                "Batches launched while another was still on the workers.",
+                &self.pipelined_launches,
+            ),
         ];
         for (name, help, value) in counters {
             header(name, "counter", help, o);
@@ -226,6 +231,16 @@ impl Metrics {
                 "tp_slots_total",
                 "Sequence slots (--parallel).",
                 self.slots.load(Ordering::Relaxed),
+            ),
+            (
+                "tp_pipeline_stages",
+                "Pipeline stages of the loaded model (1: tensor parallel only).",
+                self.stages.load(Ordering::Relaxed),
+            ),
+            (
+                "tp_batches_in_flight",
+                "Batches on the workers now (up to one per pipeline stage).",
+                self.in_flight.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, value) in gauges {
@@ -253,39 +268,6 @@ impl Metrics {
             "tp_inter_token_latency_seconds",
             "",
             o,
-        );
-        header(
-            "tp_pipeline_stages",
-            "gauge",
-            "Pipeline stages of the loaded model (1: tensor parallel only).",
-            o,
-        );
-        let _ = writeln!(
-            o,
-            "tp_pipeline_stages {}",
-            self.stages.load(Ordering::Relaxed)
-        );
-        header(
-            "tp_batches_in_flight",
-            "gauge",
-            "Batches on the workers now (up to one per pipeline stage).",
-            o,
-        );
-        let _ = writeln!(
-            o,
-            "tp_batches_in_flight {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-        header(
-            "tp_pipelined_launches_total",
-            "counter",
-            "Batches launched while another was still on the workers.",
-            o,
-        );
-        let _ = writeln!(
-            o,
-            "tp_pipelined_launches_total {}",
-            load(&self.pipelined_launches)
         );
         header(
             "tp_worker_step_seconds",

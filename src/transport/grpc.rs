@@ -657,12 +657,18 @@ impl GrpcCollective {
         }
     }
 
-    fn all_reduce<T: WireValue>(&mut self, buffer: &mut [T]) -> Result<(), TransportError> {
-        if let Some(why) = &self.broken {
-            return Err(TransportError::Link(format!(
+    /// Fails at once while a link is broken (until the next connection round).
+    fn check_links(&self) -> Result<(), TransportError> {
+        match &self.broken {
+            None => Ok(()),
+            Some(why) => Err(TransportError::Link(format!(
                 "data plane down since an earlier failure ({why}); waiting for reconnection"
-            )));
+            ))),
         }
+    }
+
+    fn all_reduce<T: WireValue>(&mut self, buffer: &mut [T]) -> Result<(), TransportError> {
+        self.check_links()?;
         self.epoch += 1;
         let epoch = self.epoch;
         // A group of one sums nothing (and must not round through the wire encoding).
@@ -793,11 +799,7 @@ impl GrpcCollective {
         let next = self
             .next
             .ok_or_else(|| TransportError::Protocol("no next pipeline stage".into()))?;
-        if let Some(why) = &self.broken {
-            return Err(TransportError::Link(format!(
-                "data plane down since an earlier failure ({why}); waiting for reconnection"
-            )));
-        }
+        self.check_links()?;
         let epoch = self.handoff_epoch();
         let deadline = tokio::time::Instant::now() + self.limits.stage_timeout;
         let peer = self.members[next];
@@ -846,11 +848,7 @@ impl GrpcCollective {
         let previous = self
             .previous
             .ok_or_else(|| TransportError::Protocol("no previous pipeline stage".into()))?;
-        if let Some(why) = &self.broken {
-            return Err(TransportError::Link(format!(
-                "data plane down since an earlier failure ({why}); waiting for reconnection"
-            )));
-        }
+        self.check_links()?;
         let epoch = self.handoff_epoch();
         let deadline = tokio::time::Instant::now() + self.limits.stage_timeout;
         let peer = self.members[previous];
