@@ -30,23 +30,7 @@ fn scratch(name: &str) -> std::path::PathBuf {
 }
 
 async fn greedy(session: &mut Session, n: usize) -> anyhow::Result<Vec<u32>> {
-    let prompt_tokens = session
-        .model
-        .tokenizer
-        .encode("Once upon a time", true)
-        .unwrap();
-    Ok(session
-        .generate(GenerateRequest {
-            prompt_tokens,
-            max_tokens: n,
-            params: SamplingParams::greedy(),
-            stop_strings: Vec::new(),
-            logprobs: 0,
-            on_text: None,
-            cancelled: None,
-        })
-        .await?
-        .tokens)
+    greedy_tokens(session, "Once upon a time", n).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

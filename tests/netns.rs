@@ -258,6 +258,32 @@ async fn two_workers_here_and_one_there_run_hierarchically() {
     assert!(sent[0].data_plane_bytes_sent[2] > 0 && sent[2].data_plane_bytes_sent[0] > 0);
 }
 
+/// Addresses that reach the workers at `direct` (data planes on `data_ports`) through delay
+/// proxies on the bridge. The coordinator reaches worker h through a proxy on the bridge's
+/// address, and so do the peers' data planes: a worker's data-plane address is its control
+/// address's host with its data port, so each data port gets a proxy on that port as well.
+async fn delayed_addresses(
+    net: &Net,
+    direct: &[String],
+    data_ports: &[u16],
+    delay: Duration,
+) -> Vec<String> {
+    let mut proxied = Vec::new();
+    for (h, target) in direct.iter().enumerate() {
+        let listener = tokio::net::TcpListener::bind(format!("{}.1:0", net.subnet))
+            .await
+            .unwrap();
+        proxied.push(listener.local_addr().unwrap().to_string());
+        tokio::spawn(delay_proxy(listener, target.clone(), delay));
+        let data = tokio::net::TcpListener::bind(format!("{}.1:{}", net.subnet, data_ports[h]))
+            .await
+            .unwrap();
+        let data_target = format!("{}:{}", net.host_ip(h), data_ports[h]);
+        tokio::spawn(delay_proxy(data, data_target, delay));
+    }
+    proxied
+}
+
 /// Forwards every connection to `listener` on to `target`, holding each chunk for `delay`
 /// in both directions: a one-way delay on the path, for kernels without netem.
 async fn delay_proxy(listener: tokio::net::TcpListener, target: String, delay: Duration) {
@@ -345,24 +371,7 @@ async fn generation_completes_with_1ms_link_delay() {
     let addresses: Vec<String> = if netem {
         direct.clone()
     } else {
-        // The coordinator reaches worker h through a proxy on the bridge's address, and so
-        // do the peers' data planes: a worker's data-plane address is its control address's
-        // host with its data port, so each data port gets a proxy on that port as well.
-        let mut proxied = Vec::new();
-        for (h, target) in direct.iter().enumerate() {
-            let delay = Duration::from_millis(1);
-            let listener = tokio::net::TcpListener::bind(format!("{}.1:0", net.subnet))
-                .await
-                .unwrap();
-            proxied.push(listener.local_addr().unwrap().to_string());
-            tokio::spawn(delay_proxy(listener, target.clone(), delay));
-            let data = tokio::net::TcpListener::bind(format!("{}.1:{}", net.subnet, data_ports[h]))
-                .await
-                .unwrap();
-            let data_target = format!("{}:{}", net.host_ip(h), data_ports[h]);
-            tokio::spawn(delay_proxy(data, data_target, delay));
-        }
-        proxied
+        delayed_addresses(&net, &direct, &data_ports, Duration::from_millis(1)).await
     };
     let method = if netem {
         "netem delay 1ms"
@@ -663,20 +672,7 @@ async fn pipeline_speed_across_namespaces() {
                 net.start_worker_with(h, WORKER_PORT, &["--data-port", &port])
             })
             .collect();
-        let mut proxied = Vec::new();
-        for (h, target) in direct.iter().enumerate() {
-            let delay = Duration::from_millis(1);
-            let listener = tokio::net::TcpListener::bind(format!("{}.1:0", net.subnet))
-                .await
-                .unwrap();
-            proxied.push(listener.local_addr().unwrap().to_string());
-            tokio::spawn(delay_proxy(listener, target.clone(), delay));
-            let data = tokio::net::TcpListener::bind(format!("{}.1:{}", net.subnet, data_ports[h]))
-                .await
-                .unwrap();
-            let data_target = format!("{}:{}", net.host_ip(h), data_ports[h]);
-            tokio::spawn(delay_proxy(data, data_target, delay));
-        }
+        let proxied = delayed_addresses(&net, &direct, &data_ports, Duration::from_millis(1)).await;
         let dir = std::env::temp_dir().join(format!("tp-pp-speed-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         for (delay, addresses) in [("none", &direct), ("1 ms each way", &proxied)] {

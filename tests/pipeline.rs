@@ -292,9 +292,11 @@ async fn a_dead_stage_worker_fails_the_step_and_the_pipeline_re_forms() {
     let mut session = Session::start(Model::open(&path).unwrap(), cluster, 256, 64)
         .await
         .unwrap();
-    let reference = greedy16(&mut session).await.unwrap();
+    let reference = greedy_tokens(&mut session, "Once upon a time", 16)
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
-    let error = greedy16(&mut session)
+    let error = greedy_tokens(&mut session, "Once upon a time", 16)
         .await
         .expect_err("a generation across a dying worker fails");
     let detection = started.elapsed();
@@ -320,7 +322,12 @@ async fn a_dead_stage_worker_fails_the_step_and_the_pipeline_re_forms() {
         (1, 1),
         "the other stages' workers keep their shards"
     );
-    assert_eq!(greedy16(&mut session).await.unwrap(), reference);
+    assert_eq!(
+        greedy_tokens(&mut session, "Once upon a time", 16)
+            .await
+            .unwrap(),
+        reference
+    );
     session.cluster.shutdown().await;
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -361,76 +368,4 @@ fn pipeline_speed_on_one_host() {
     for (name, workers, pp, one, eight) in table {
         println!("| {name} | {workers} | {pp} | {one:.1} | {eight:.1} |");
     }
-}
-
-async fn greedy16(session: &mut tp::coordinator::session::Session) -> anyhow::Result<Vec<u32>> {
-    let prompt_tokens = session
-        .model
-        .tokenizer
-        .encode("Once upon a time", true)
-        .unwrap();
-    let request = tp::coordinator::session::GenerateRequest {
-        prompt_tokens,
-        max_tokens: 16,
-        params: tp::coordinator::sampler::SamplingParams::greedy(),
-        stop_strings: Vec::new(),
-        logprobs: 0,
-        on_text: None,
-        cancelled: None,
-    };
-    Ok(session.generate(request).await?.tokens)
-}
-
-/// `plan --probe` measures each worker's round trip and settles `parallelism = "auto"` with
-/// it (loopback: well under the threshold, so one stage); `plan` shows stages and handoffs.
-#[test]
-fn plan_probes_round_trips_and_shows_stages() {
-    let Some(path) = model(SMOLLM2) else { return };
-    let dir = std::env::temp_dir().join(format!("tp-pipeline-plan-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let token = dir.join("token");
-    std::fs::write(&token, "pipeline-plan-token-0123456789\n").unwrap();
-    let workers: Vec<_> = (0..2)
-        .map(|i| start_worker("127.0.0.1:0", &token, &dir.join(format!("w{i}.log"))))
-        .collect();
-    let mut toml = "parallelism = \"auto\"\n".to_string();
-    for w in &workers {
-        toml.push_str(&format!("\n[[worker]]\naddress = \"{}\"\n", w.address));
-    }
-    let hosts = dir.join("hosts.toml");
-    std::fs::write(&hosts, toml).unwrap();
-    let run = |extra: &[&str]| {
-        let output = std::process::Command::new(coordinator_binary())
-            .args(["plan", "-m", path.to_str().unwrap(), "--workers"])
-            .arg(&hosts)
-            .args(extra)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).to_string();
-        assert!(
-            output.status.success(),
-            "{extra:?}: {text}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        text
-    };
-    let probed = run(&["--probe", "--auth-token-file", token.to_str().unwrap()]);
-    assert!(probed.contains("measured round trips"), "{probed}");
-    assert!(probed.contains("rank 1 ("), "{probed}");
-    assert!(
-        !probed.contains("pipeline: "),
-        "loopback is fast: one stage\n{probed}"
-    );
-    let staged = run(&["--pp", "2"]);
-    assert!(staged.contains("pipeline: 2 stages"), "{staged}");
-    assert!(
-        staged.contains("layers 0..15 (15 of 30), embeds the tokens"),
-        "{staged}"
-    );
-    assert!(
-        staged.contains("pipeline handoff, stage 0 -> 1"),
-        "{staged}"
-    );
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -518,12 +518,17 @@ mod tests {
             let ours = ours.replacen(&date, "Current date: DATE\n", 1);
             assert_eq!(ours, chat["prompt"].as_str().unwrap(), "{}", chat["name"]);
         }
-        let err = template.render_with(
-            &[ChatMessage::new("user", "x")],
-            true,
-            &serde_json::from_str(r#"{"messages": []}"#).unwrap(),
-        );
-        assert!(err.is_ok(), "kwargs cannot replace messages");
+        // kwargs cannot replace the fixed variables.
+        let messages = [ChatMessage::new("user", "x")];
+        let spoofed = template
+            .render_with(
+                &messages,
+                true,
+                &serde_json::from_str(r#"{"messages": [], "add_generation_prompt": false}"#)
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(spoofed, template.render(&messages, true).unwrap());
     }
 
     #[test]

@@ -108,19 +108,7 @@ pub async fn session_with(
     batch: usize,
     split: MoeSplit,
 ) -> Session {
-    let model = Model::open(path).unwrap();
-    let mut cluster = Cluster::spawn_local(
-        &worker_binary(),
-        weights,
-        threads_for(weights.len()),
-        ClusterLimits::default(),
-    )
-    .await
-    .unwrap();
-    cluster.moe_split = split;
-    Session::start(model, cluster, context, batch)
-        .await
-        .unwrap()
+    session_with_stages(path, weights, &[weights.len()], context, batch, split).await
 }
 
 /// A session on local workers formed into pipeline stages of `stages` workers each.
@@ -146,6 +134,25 @@ pub async fn session_with_stages(
     Session::start(model, cluster, context, batch)
         .await
         .unwrap()
+}
+
+/// The greedy tokens `session` generates for `prompt` (sequence 0 from the start).
+pub async fn greedy_tokens(
+    session: &mut Session,
+    prompt: &str,
+    n: usize,
+) -> anyhow::Result<Vec<u32>> {
+    let prompt_tokens = session.model.tokenizer.encode(prompt, true).unwrap();
+    let request = tp::coordinator::session::GenerateRequest {
+        prompt_tokens,
+        max_tokens: n,
+        params: tp::coordinator::sampler::SamplingParams::greedy(),
+        stop_strings: Vec::new(),
+        logprobs: 0,
+        on_text: None,
+        cancelled: None,
+    };
+    Ok(session.generate(request).await?.tokens)
 }
 
 /// Normalized mean squared error of `other` against `reference`.
