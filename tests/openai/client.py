@@ -3,6 +3,8 @@
 
     client.py test --base-url http://127.0.0.1:8080/v1   # the checks tests/openai_client.rs runs
     client.py load --base-url http://127.0.0.1:8080/v1   # the load table (docs/PERFORMANCE.md)
+    client.py chat-turns --base-url ...   # time to first token per turn of a chat that resends
+                                          # its history (the prefix cache's table)
 
 `test` exits non-zero on the first failed check and says which; `load` prints a markdown table.
 """
@@ -282,6 +284,48 @@ def load(args):
     print(load_rows(client, model, levels, args.requests, args.tokens))
 
 
+CHAT_TURNS = [
+    "Tell me about the sea.",
+    "And about mountains?",
+    "What about rivers?",
+    "And deserts?",
+    "Summarize all of it.",
+]
+
+
+def chat_turns(args):
+    """One chat, each turn resending the conversation: ms to the first content token per
+    turn, and the prompt tokens the server reused (tp_prompt_tokens_cached_total)."""
+    client = openai.OpenAI(base_url=args.base_url, api_key="unused", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    before = metrics(args.base_url)
+    messages = [{"role": "system", "content": "You are a helpful assistant. " * 20}]
+    ttfts = []
+    for question in CHAT_TURNS:
+        messages.append({"role": "user", "content": question})
+        started = time.perf_counter()
+        stream = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=args.tokens, temperature=0, stream=True,
+        )
+        first, text = None, ""
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if first is None:
+                    first = time.perf_counter() - started
+                text += chunk.choices[0].delta.content
+        check(first is not None, "a turn with no text")
+        ttfts.append(first * 1e3)
+        messages.append({"role": "assistant", "content": text})
+    after = metrics(args.base_url)
+    name = "tp_prompt_tokens_cached_total"
+    total = "tp_prompt_tokens_total"
+    print("TTFT ms per turn: " + " / ".join(f"{t:.0f}" for t in ttfts))
+    print(
+        f"prompt tokens reused: {after.get(name, 0) - before.get(name, 0):.0f} of "
+        f"{after.get(total, 0) - before.get(total, 0):.0f}"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,9 +337,12 @@ def main():
     l.add_argument("--streams", default="1,4,8,16")
     l.add_argument("--requests", type=int, default=64)
     l.add_argument("--tokens", type=int, default=64)
+    c = sub.add_parser("chat-turns")
+    c.add_argument("--base-url", required=True)
+    c.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
     try:
-        {"test": test, "load": load}[args.command](args)
+        {"test": test, "load": load, "chat-turns": chat_turns}[args.command](args)
     except AssertionError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         sys.exit(1)
