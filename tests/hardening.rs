@@ -18,8 +18,7 @@ use common::*;
 use tonic::{Request, Response, Status};
 use tp::auth::Token;
 use tp::coordinator::cluster::{Cluster, ClusterLimits};
-use tp::coordinator::sampler::SamplingParams;
-use tp::coordinator::session::{GenerateRequest, Model, Session};
+use tp::coordinator::session::{Model, Session};
 use tp::proto;
 
 fn scratch(name: &str) -> std::path::PathBuf {
