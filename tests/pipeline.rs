@@ -369,3 +369,57 @@ fn pipeline_speed_on_one_host() {
         println!("| {name} | {workers} | {pp} | {one:.1} | {eight:.1} |");
     }
 }
+
+/// `plan --probe` measures each worker's round trip and settles `parallelism = "auto"` with
+/// it (loopback: well under the threshold, so one stage); `plan` shows stages and handoffs.
+#[test]
+fn plan_probes_round_trips_and_shows_stages() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let dir = std::env::temp_dir().join(format!("tp-pipeline-plan-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "pipeline-plan-token-0123456789\n").unwrap();
+    let workers: Vec<_> = (0..2)
+        .map(|i| start_worker("127.0.0.1:0", &token, &dir.join(format!("w{i}.log"))))
+        .collect();
+    let mut toml = "parallelism = \"auto\"\n".to_string();
+    for w in &workers {
+        toml.push_str(&format!("\n[[worker]]\naddress = \"{}\"\n", w.address));
+    }
+    let hosts = dir.join("hosts.toml");
+    std::fs::write(&hosts, toml).unwrap();
+    let run = |extra: &[&str]| {
+        let output = std::process::Command::new(coordinator_binary())
+            .args(["plan", "-m", path.to_str().unwrap(), "--workers"])
+            .arg(&hosts)
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "{extra:?}: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        text
+    };
+    let probed = run(&["--probe", "--auth-token-file", token.to_str().unwrap()]);
+    assert!(probed.contains("measured round trips"), "{probed}");
+    assert!(probed.contains("rank 1 ("), "{probed}");
+    assert!(
+        !probed.contains("pipeline: "),
+        "loopback is fast: one stage\n{probed}"
+    );
+    let staged = run(&["--pp", "2"]);
+    assert!(staged.contains("pipeline: 2 stages"), "{staged}");
+    assert!(
+        staged.contains("layers 0..15 (15 of 30), embeds the tokens"),
+        "{staged}"
+    );
+    assert!(
+        staged.contains("pipeline handoff, stage 0 -> 1"),
+        "{staged}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
