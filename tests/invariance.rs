@@ -40,18 +40,22 @@ async fn check_runs(model_name: &str, runs: &[(&[f64], MoeSplit)], bound: Bound)
     let Some(path) = model(model_name) else {
         return;
     };
-    check_runs_at(&path, model_name, runs, bound).await;
+    check_runs_at(&path, model_name, runs, bound, CacheTypes::default()).await;
 }
 
+/// Runs every split and compares its final logits with the first run's (one rank); returns
+/// one rank's logits per prompt.
 async fn check_runs_at(
     path: &std::path::Path,
     model_name: &str,
     runs: &[(&[f64], MoeSplit)],
     bound: Bound,
-) {
+    cache_types: CacheTypes,
+) -> Vec<Vec<f32>> {
     let mut reference: Vec<Vec<f32>> = Vec::new();
     for &(weights, split) in runs {
-        let mut session = session_with(path, weights, 128, 64, split).await;
+        let mut session =
+            session_with_cache(path, weights, &[weights.len()], 128, 64, split, cache_types).await;
         for (i, prompt) in PROMPTS.iter().enumerate() {
             let tokens = session.model.tokenizer.encode(prompt, true).unwrap();
             let logits = session
@@ -65,8 +69,10 @@ async fn check_runs_at(
             } else {
                 let e = nmse(&reference[i], &logits);
                 println!(
-                    "{model_name} weights {weights:?} ({} split) prompt {i}: NMSE {e:.3e}",
-                    split.name()
+                    "{model_name} weights {weights:?} ({} split, KV {}/{}) prompt {i}: NMSE {e:.3e}",
+                    split.name(),
+                    cache_types.k,
+                    cache_types.v
                 );
                 if bound == Bound::Bitwise {
                     let differing = reference[i]
@@ -97,6 +103,7 @@ async fn check_runs_at(
         }
         session.cluster.shutdown().await;
     }
+    reference
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +265,14 @@ async fn new_quant_types_are_bit_identical_across_splits() {
         } else {
             &DENSE_RUNS[..4]
         };
-        check_runs_at(&path, &format!("qwen3 {ty}"), runs, Bound::Bitwise).await;
+        check_runs_at(
+            &path,
+            &format!("qwen3 {ty}"),
+            runs,
+            Bound::Bitwise,
+            CacheTypes::default(),
+        )
+        .await;
     }
     let path = dir.join("mixtral-mxfp4-experts.gguf");
     common::split::requantize(&moe, &path, |name, _, _| {
@@ -274,6 +288,7 @@ async fn new_quant_types_are_bit_identical_across_splits() {
             (&[1.0, 1.0], MoeSplit::Expert),
         ],
         Bound::Bitwise,
+        CacheTypes::default(),
     )
     .await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -310,4 +325,51 @@ fn the_same_command_twice_gives_the_same_tokens() {
     let first = run();
     assert_eq!(first.as_array().unwrap().len(), 24);
     assert_eq!(first, run());
+}
+
+/// Every KV cache type gives one rank's logits bit for bit at 2, 3 and 2:1 ranks (a head's
+/// rows are quantized alike whichever worker holds them), and each type changes the logits a
+/// little from f16's: the option reaches the workers, and its rounding stays small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kv_cache_type_is_bit_identical_across_splits() {
+    let Some(path) = model(QWEN3_SYNTH) else {
+        return;
+    };
+    let runs: [(&[f64], MoeSplit); 4] = [
+        (&[1.0], MoeSplit::Tensor),
+        (&[1.0, 1.0], MoeSplit::Tensor),
+        (&[1.0, 1.0, 1.0], MoeSplit::Tensor),
+        (&[2.0, 1.0], MoeSplit::Tensor),
+    ];
+    let f16 = check_runs_at(
+        &path,
+        QWEN3_SYNTH,
+        &runs[..1],
+        Bound::Bitwise,
+        CacheTypes::default(),
+    )
+    .await;
+    for (k, v) in [
+        (CacheType::Bf16, CacheType::Bf16),
+        (CacheType::Q8_0, CacheType::Q8_0),
+        (CacheType::Q4_0, CacheType::Q4_0),
+        (CacheType::Q8_0, CacheType::F16),
+    ] {
+        let types = CacheTypes { k, v };
+        let ours = check_runs_at(&path, QWEN3_SYNTH, &runs, Bound::Bitwise, types).await;
+        for (i, (a, b)) in f16.iter().zip(&ours).enumerate() {
+            let differing = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            let e = nmse(a, b);
+            println!("KV {k}/{v} vs f16, prompt {i}: {differing} logits differ, NMSE {e:.3e}");
+            assert!(
+                differing > 0,
+                "KV {k}/{v} gave f16's logits: the type was not used"
+            );
+            assert!(e < 1e-2, "KV {k}/{v} prompt {i}: NMSE {e:.3e} against f16");
+        }
+    }
 }

@@ -10,6 +10,7 @@
 //! token reads, times tokens/s) next to the machine's measured sequential read bandwidth with
 //! as many threads (`kernels::membw`), so the distance to the physical limit is visible.
 
+use crate::shard::cache::CacheType;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -84,6 +85,12 @@ pub struct BenchArgs {
     /// Wire precision of the gRPC data plane (full, f32, bf16, f16, q8_0).
     #[arg(long, default_value = "full", value_parser = |s: &str| s.parse::<crate::transport::grpc::SyncPrecision>())]
     pub sync_precision: crate::transport::grpc::SyncPrecision,
+    /// KV cache key type (f16, bf16, q8_0, q4_0), as llama-bench's -ctk.
+    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = |s: &str| s.parse::<CacheType>())]
+    pub cache_type_k: CacheType,
+    /// KV cache value type, as llama-bench's -ctv.
+    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = |s: &str| s.parse::<CacheType>())]
+    pub cache_type_v: CacheType,
 }
 
 /// One row of results, with llama-bench's field names where it has them.
@@ -101,6 +108,9 @@ pub struct BenchResult {
     pub n_batch: usize,
     /// Mixture-of-experts models only: "tensor" or "expert".
     pub moe_split: Option<String>,
+    /// KV cache types, llama-bench's names.
+    pub type_k: &'static str,
+    pub type_v: &'static str,
     pub test: String,
     pub avg_ns: f64,
     pub stddev_ns: f64,
@@ -260,6 +270,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 tls_ca: None,
                 moe_split: Some(moe_split),
                 pp: args.pp,
+                cache_type_k: args.cache_type_k,
+                cache_type_v: args.cache_type_v,
             };
             // Measured before the workers start, so that nothing else competes for memory.
             let memory = memory_gbps(&mut bandwidth, tp as usize * threads);
@@ -324,6 +336,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                             n_depth: depth,
                             n_batch: args.batch,
                             moe_split: is_moe.then(|| moe_split.name().to_string()),
+                            type_k: args.cache_type_k.name(),
+                            type_v: args.cache_type_v.name(),
                             test: test.name(depth),
                             avg_ns,
                             stddev_ns,

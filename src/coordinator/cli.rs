@@ -15,6 +15,7 @@ use crate::coordinator::cluster::{
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
 use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::shard::cache::{CacheType, CacheTypes};
 use crate::shard::plan::{AttentionUnit, MoeSplit};
 use crate::shard::tensors::{shard_byte_ranges, shard_expert_bytes, shard_weight_bytes};
 use crate::transport::grpc::SyncPrecision;
@@ -177,6 +178,26 @@ pub struct ClusterArgs {
     /// `stage` and `parallelism`.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=crate::limits::MAX_RANKS as i64))]
     pub pp: Option<u32>,
+    /// Storage type of the KV cache's keys: f16, bf16, q8_0 (about half of f16's bytes) or
+    /// q4_0 (about a quarter), as llama.cpp's --cache-type-k. Attention reads them directly.
+    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
+    pub cache_type_k: CacheType,
+    /// Storage type of the KV cache's values (as --cache-type-k).
+    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = parse_cache_type)]
+    pub cache_type_v: CacheType,
+}
+
+impl ClusterArgs {
+    pub fn cache_types(&self) -> CacheTypes {
+        CacheTypes {
+            k: self.cache_type_k,
+            v: self.cache_type_v,
+        }
+    }
+}
+
+fn parse_cache_type(s: &str) -> Result<CacheType, String> {
+    s.parse()
 }
 
 fn parse_precision(s: &str) -> Result<SyncPrecision, String> {
@@ -298,6 +319,12 @@ pub struct PlanArgs {
     /// otherwise (`auto` is decided when the workers' round trips are measured, at start).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub pp: Option<u32>,
+    /// KV cache key type to size the cache for (see `serve --help`).
+    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
+    pub cache_type_k: CacheType,
+    /// KV cache value type to size the cache for.
+    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = parse_cache_type)]
+    pub cache_type_v: CacheType,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Connect to the workers of --workers and measure each link's round trip (a Hello
@@ -387,6 +414,7 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
             cluster.transport = args.transport.unwrap_or_default();
             cluster.sync_precision = args.sync_precision;
             cluster.moe_split = args.moe_split.unwrap_or_default();
+            cluster.cache_types = args.cache_types();
             cluster.pipeline = args
                 .pp
                 .map_or(Pipeline::Tensor, |n| Pipeline::Even(n as usize));
@@ -412,6 +440,7 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
             cluster.transport = args.transport.unwrap_or(hosts.transport);
             cluster.sync_precision = args.sync_precision;
             cluster.moe_split = args.moe_split.unwrap_or(hosts.moe_split);
+            cluster.cache_types = args.cache_types();
             cluster.pipeline = match args.pp {
                 Some(n) => Pipeline::Even(n as usize),
                 None => hosts.pipeline(),
@@ -821,6 +850,13 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         );
     }
     let context = args.ctx_size.min(config.context_length);
+    let cache_types = CacheTypes {
+        k: args.cache_type_k,
+        v: args.cache_type_v,
+    };
+    cache_types
+        .check_head_dim(config.head_dim)
+        .map_err(anyhow::Error::msg)?;
     #[derive(serde::Serialize)]
     struct RankRow {
         rank: usize,
@@ -840,6 +876,8 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         weight_bytes: u64,
         expert_bytes: u64,
         kv_cache_bytes: u64,
+        /// KV cache bytes of one position (token) of one sequence on this rank.
+        kv_bytes_per_token: u64,
         layers: Vec<crate::shard::plan::LayerShard>,
         /// Split models: the parts whose tensor data this rank reads (headers aside).
         #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -858,6 +896,8 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         .iter()
         .map(|r| {
             let kv_heads: usize = r.layers.iter().map(|l| l.kv_heads.len()).sum();
+            let kv_heads_per_layer: Vec<usize> =
+                r.layers.iter().map(|l| l.kv_heads.len()).collect();
             let mut parts_read = Vec::new();
             if split {
                 let ranges = shard_byte_ranges(&file, &config, r)?;
@@ -888,15 +928,14 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                 embed_rows: r.embed_rows.clone(),
                 weight_bytes: shard_weight_bytes(&file, &config, r),
                 expert_bytes: shard_expert_bytes(&file, &config, r),
-                kv_cache_bytes: crate::worker::kv::KvCache::bytes_for(
-                    &r.layers
-                        .iter()
-                        .map(|l| l.kv_heads.len())
-                        .collect::<Vec<_>>(),
+                kv_cache_bytes: cache_types.bytes_for(
+                    &kv_heads_per_layer,
                     config.head_dim,
                     args.parallel as usize,
                     context,
                 ),
+                kv_bytes_per_token: cache_types
+                    .bytes_per_position(&kv_heads_per_layer, config.head_dim),
                 layers: r.layers.clone(),
                 parts_read,
             })
@@ -1033,7 +1072,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         String::new()
     };
     println!(
-        "{:>4}  {:<22} {:>5} {:>6} {:>14} {:>14} {:>16} {:>18} {:>11} {:>10}{moe_header}",
+        "{:>4}  {:<22} {:>5} {:>6} {:>14} {:>14} {:>16} {:>18} {:>11} {:>10} {:>12}{moe_header}",
         "rank",
         "worker",
         "stage",
@@ -1043,7 +1082,8 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         "FFN cols (all)",
         "vocab rows",
         "weights",
-        "KV cache"
+        "KV cache",
+        "KV per token"
     );
     for r in &rows {
         let moe_columns = if config.moe.is_some() {
@@ -1056,7 +1096,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             String::new()
         };
         println!(
-            "{:>4}  {:<22} {:>5} {:>6.2} {:>14} {:>14} {:>16} {:>18} {:>8.1} MiB {:>6.1} MiB{moe_columns}",
+            "{:>4}  {:<22} {:>5} {:>6.2} {:>14} {:>14} {:>16} {:>18} {:>8.1} MiB {:>6.1} MiB {:>8.1} KiB{moe_columns}",
             r.rank,
             r.worker,
             r.stage,
@@ -1066,9 +1106,17 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             r.ffn_columns,
             format!("{}..{}", r.vocab_rows.start, r.vocab_rows.end),
             r.weight_bytes as f64 / (1 << 20) as f64,
-            r.kv_cache_bytes as f64 / (1 << 20) as f64
+            r.kv_cache_bytes as f64 / (1 << 20) as f64,
+            r.kv_bytes_per_token as f64 / 1024.0
         );
     }
+    println!(
+        "\nKV cache: keys {}, values {}; {} slot(s) of {context} positions; {:.1} KiB per token over all workers",
+        cache_types.k,
+        cache_types.v,
+        args.parallel,
+        rows.iter().map(|r| r.kv_bytes_per_token).sum::<u64>() as f64 / 1024.0
+    );
     if split {
         println!(
             "\nmodel files read (split model of {} parts, {}):",

@@ -18,6 +18,7 @@ use crate::limits::MAX_MESSAGE_BYTES;
 use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
+use crate::shard::cache::CacheTypes;
 use crate::shard::host::model_header_hash;
 use crate::shard::plan::{MoeSplit, Plan, RankShard, split_units};
 use crate::shard::tensors::shard_byte_ranges;
@@ -354,6 +355,8 @@ pub struct Cluster {
     pub sync_precision: SyncPrecision,
     /// How mixture-of-experts layers are divided among the workers.
     pub moe_split: MoeSplit,
+    /// Storage types of the workers' KV caches.
+    pub cache_types: CacheTypes,
     active_transport: Option<TransportChoice>,
     /// Whether the loaded model uses gRPC links (networked transport, or pipeline stages).
     networked: bool,
@@ -788,6 +791,7 @@ impl Cluster {
             transport: TransportChoice::Auto,
             sync_precision: SyncPrecision::Full,
             moe_split: MoeSplit::Tensor,
+            cache_types: CacheTypes::default(),
             active_transport: None,
             networked: false,
             generation: 0,
@@ -1102,6 +1106,8 @@ impl Cluster {
                 layer_end: stage.layers.end as u32,
                 embed_start: shard.embed_rows.start as u32,
                 embed_end: shard.embed_rows.end as u32,
+                cache_type_k: self.cache_types.k.name().into(),
+                cache_type_v: self.cache_types.v.name().into(),
             };
             let mut client = worker.client.clone();
             let address = worker.address.clone();

@@ -261,6 +261,10 @@ impl Session {
         sequences: usize,
     ) -> anyhow::Result<Session> {
         let max_context = max_context.min(model.config.context_length);
+        cluster
+            .cache_types
+            .check_head_dim(model.config.head_dim)
+            .map_err(anyhow::Error::msg)?;
         let plan = plan_stages(
             &model.config,
             &cluster.weights(),

@@ -10,9 +10,13 @@ use std::cell::RefCell;
 
 use half::f16;
 
-use crate::kernels::cpu::{PreparedActivations, QuantType, attend, matmul, matmul_f64, sum_exp};
+use crate::kernels::cpu::{
+    AttendScratch, PreparedActivations, QuantType, attend, attend_typed, matmul, matmul_f64,
+    sum_exp,
+};
 use crate::kernels::pool;
 use crate::model::arch::{Activation, FfnSpec, ModelConfig, RopeSpec, RopeStyle};
+use crate::shard::cache::CacheTypes;
 use crate::shard::plan::{Buffer, OpKind, RankShard, shard_program};
 use crate::transport::{Collective, TransportError};
 use crate::worker::backend::Backend;
@@ -21,8 +25,10 @@ use crate::worker::moe::{MoeLayer, MoeScratch, SharedExpert};
 use crate::worker::shard::{LoadedShard, Weight};
 
 thread_local! {
-    /// Per-thread attention scratch: the query in f16 and the scores.
-    static SCRATCH: RefCell<(Vec<f16>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-thread attention scratch: the query in f16 and the scores (f16 cache), and the
+    /// scratch of the other cache types.
+    static SCRATCH: RefCell<(Vec<f16>, Vec<f32>, AttendScratch)> =
+        RefCell::new((Vec::new(), Vec::new(), AttendScratch::default()));
 }
 
 /// The output of a parallel op; tasks write disjoint parts of it.
@@ -203,8 +209,10 @@ impl CpuBackend {
         max_batch: usize,
         max_sequences: usize,
         max_context: usize,
+        cache_types: CacheTypes,
     ) -> Result<CpuBackend, StepError> {
         let hd = config.head_dim;
+        cache_types.check_head_dim(hd).map_err(StepError::Invalid)?;
         let missing = |name: &str| StepError::Invalid(format!("shard lacks tensor '{name}'"));
         let mut weights: std::collections::HashMap<String, Arc<Weight>> = loaded
             .weights
@@ -510,7 +518,7 @@ impl CpuBackend {
             .map(|&w| vec![0f32; w * max_batch])
             .collect();
         let kv_heads: Vec<usize> = shard.layers.iter().map(|l| l.kv_heads.len()).collect();
-        let kv = KvCache::new(&kv_heads, hd, max_sequences, max_context);
+        let kv = KvCache::new(&kv_heads, hd, max_sequences, max_context, cache_types);
         Ok(CpuBackend {
             config: config.clone(),
             vocab_start: shard.vocab_rows.start,
@@ -1087,31 +1095,49 @@ impl CpuBackend {
             let (b, h) = (index / q_heads, index % q_heads);
             let kv_head = (q_start + h) / group - kv_start;
             let (sequence, position) = (sequences[b] as usize, positions[b] as usize);
-            SCRATCH.with_borrow_mut(|(query, scores)| {
-                query.clear();
-                query.extend(
-                    q[index * hd..(index + 1) * hd]
-                        .iter()
-                        .map(|&x| f16::from_f32(x)),
-                );
-                let (keys, values, stride) = kv.head_rows(layer, sequence, kv_head, position + 1);
-                // A sliding window sees the last `window` positions, this one included.
-                let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
-                let (keys, values) = (&keys[first * stride..], &values[first * stride..]);
-                // SAFETY: task `index` alone writes out[index * hd..(index + 1) * hd], which is
-                // within batch * q_heads * hd <= out.len().
-                let dst = unsafe { std::slice::from_raw_parts_mut(target.at(index * hd), hd) };
-                attend(
-                    query,
-                    keys,
-                    values,
-                    stride,
-                    position + 1 - first,
-                    scale,
-                    sinks.map_or(f32::NEG_INFINITY, |s| s[h]),
-                    scores,
-                    dst,
-                );
+            // A sliding window sees the last `window` positions, this one included.
+            let first = window.map_or(0, |w| (position + 1).saturating_sub(w));
+            let sink = sinks.map_or(f32::NEG_INFINITY, |s| s[h]);
+            let query = &q[index * hd..(index + 1) * hd];
+            // SAFETY: task `index` alone writes out[index * hd..(index + 1) * hd], which is
+            // within batch * q_heads * hd <= out.len().
+            let dst = unsafe { std::slice::from_raw_parts_mut(target.at(index * hd), hd) };
+            SCRATCH.with_borrow_mut(|(query16, scores, typed)| {
+                if let Some((keys, values, stride)) =
+                    kv.head_rows_f16(layer, sequence, kv_head, position + 1)
+                {
+                    query16.clear();
+                    query16.extend(query.iter().map(|&x| f16::from_f32(x)));
+                    let (keys, values) = (&keys[first * stride..], &values[first * stride..]);
+                    attend(
+                        query16,
+                        keys,
+                        values,
+                        stride,
+                        position + 1 - first,
+                        scale,
+                        sink,
+                        scores,
+                        dst,
+                    );
+                } else {
+                    let rows = kv.head_rows(layer, sequence, kv_head, position + 1);
+                    let types = kv.types();
+                    attend_typed(
+                        types.k.quant_type(),
+                        types.v.quant_type(),
+                        query,
+                        &rows.keys[first * rows.key_stride..],
+                        &rows.values[first * rows.value_stride..],
+                        rows.key_stride,
+                        rows.value_stride,
+                        position + 1 - first,
+                        scale,
+                        sink,
+                        typed,
+                        dst,
+                    );
+                }
             });
         });
         self.buffers[slot(Buffer::Attention)] = out;

@@ -1,15 +1,43 @@
-//! The KV cache of a worker's own KV heads: F16, one slot per sequence, allocated at load.
+//! The KV cache of a worker's own KV heads: one slot per sequence, allocated at load. Keys and
+//! values are stored in the types the coordinator asked for (`CacheTypes`, f16 by default), one
+//! row of `head_dim` values per (position, head).
 
+use crate::kernels::cpu::quantize_row;
+use crate::shard::cache::{CacheType, CacheTypes};
 use half::f16;
 
 pub struct KvCache {
-    /// Per layer: keys then values, `[sequence][position][head][head_dim]`.
-    keys: Vec<Vec<f16>>,
-    values: Vec<Vec<f16>>,
+    /// Per layer: `[sequence][position][head]` rows, as bytes in a buffer of u16 so that f16
+    /// and bf16 rows are aligned.
+    keys: Vec<Vec<u16>>,
+    values: Vec<Vec<u16>>,
+    types: CacheTypes,
+    /// Bytes of one head's row of keys and of values.
+    key_row: usize,
+    value_row: usize,
     heads: Vec<usize>,
     head_dim: usize,
     max_sequences: usize,
     max_context: usize,
+}
+
+/// Rows of one KV head at positions `0..n`: each position's row `stride` bytes after the
+/// previous one.
+pub struct HeadRows<'a> {
+    pub keys: &'a [u8],
+    pub values: &'a [u8],
+    pub key_stride: usize,
+    pub value_stride: usize,
+}
+
+fn as_bytes(v: &[u16]) -> &[u8] {
+    // SAFETY: u16 has no padding; any byte view of it is valid.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len() * 2) }
+}
+
+fn as_bytes_mut(v: &mut [u16]) -> &mut [u8] {
+    // SAFETY: as above, and every byte pattern is a valid u16.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len() * 2) }
 }
 
 impl KvCache {
@@ -18,16 +46,29 @@ impl KvCache {
         head_dim: usize,
         max_sequences: usize,
         max_context: usize,
+        types: CacheTypes,
     ) -> KvCache {
-        let size = |h: usize| max_sequences * max_context * h * head_dim;
+        let (key_row, value_row) = (types.k.row_bytes(head_dim), types.v.row_bytes(head_dim));
+        // Every row type has an even size (2 bytes per value, 34 or 18 per block).
+        let words = |h: usize, row: usize| max_sequences * max_context * h * row / 2;
         KvCache {
-            keys: heads.iter().map(|&h| vec![f16::ZERO; size(h)]).collect(),
-            values: heads.iter().map(|&h| vec![f16::ZERO; size(h)]).collect(),
+            keys: heads.iter().map(|&h| vec![0; words(h, key_row)]).collect(),
+            values: heads
+                .iter()
+                .map(|&h| vec![0; words(h, value_row)])
+                .collect(),
+            types,
+            key_row,
+            value_row,
             heads: heads.to_vec(),
             head_dim,
             max_sequences,
             max_context,
         }
+    }
+
+    pub fn types(&self) -> CacheTypes {
+        self.types
     }
 
     pub fn bytes(&self) -> u64 {
@@ -36,18 +77,6 @@ impl KvCache {
             .chain(&self.values)
             .map(|v| v.len() as u64 * 2)
             .sum()
-    }
-
-    /// What `new` with these sizes allocates: keys and values of every slot, F16. `plan`
-    /// reports this, so its figure is the workers' own.
-    pub fn bytes_for(
-        heads: &[usize],
-        head_dim: usize,
-        max_sequences: usize,
-        max_context: usize,
-    ) -> u64 {
-        let per_position: u64 = heads.iter().map(|&h| (h * head_dim) as u64).sum();
-        2 * 2 * per_position * max_sequences as u64 * max_context as u64
     }
 
     pub fn check(&self, sequence: usize, position: usize) -> Result<(), String> {
@@ -70,10 +99,13 @@ impl KvCache {
     /// restarted at position 0 overwrites what it reads.
     pub fn clear(&mut self, _sequence: usize) {}
 
-    fn offset(&self, layer: usize, sequence: usize, position: usize, head: usize) -> usize {
-        ((sequence * self.max_context + position) * self.heads[layer] + head) * self.head_dim
+    /// Byte offset of a (sequence, position, head) row in a layer with rows of `row` bytes.
+    fn offset(&self, layer: usize, sequence: usize, position: usize, row: usize) -> usize {
+        (sequence * self.max_context + position) * self.heads[layer] * row
     }
 
+    /// Stores the keys and values of one position, every head of the layer, converting each
+    /// head's row to the cache's types.
     pub fn write(
         &mut self,
         layer: usize,
@@ -82,45 +114,128 @@ impl KvCache {
         keys: &[f32],
         values: &[f32],
     ) {
-        let start = self.offset(layer, sequence, position, 0);
-        let len = self.heads[layer] * self.head_dim;
-        for (t, s) in self.keys[layer][start..start + len].iter_mut().zip(keys) {
-            *t = f16::from_f32(*s);
-        }
-        for (t, s) in self.values[layer][start..start + len]
-            .iter_mut()
-            .zip(values)
-        {
-            *t = f16::from_f32(*s);
+        let hd = self.head_dim;
+        let heads = self.heads[layer];
+        let (key_row, value_row) = (self.key_row, self.value_row);
+        let k_at = self.offset(layer, sequence, position, key_row);
+        let v_at = self.offset(layer, sequence, position, value_row);
+        let (kt, vt) = (self.types.k, self.types.v);
+        let k_dst = &mut as_bytes_mut(&mut self.keys[layer])[k_at..k_at + heads * key_row];
+        store_rows(kt, &keys[..heads * hd], k_dst, hd);
+        let v_dst = &mut as_bytes_mut(&mut self.values[layer])[v_at..v_at + heads * value_row];
+        store_rows(vt, &values[..heads * hd], v_dst, hd);
+    }
+
+    /// Rows of `head` at positions `0..n` of a sequence.
+    pub fn head_rows(&self, layer: usize, sequence: usize, head: usize, n: usize) -> HeadRows<'_> {
+        let heads = self.heads[layer];
+        let span = |row: usize| {
+            let start = self.offset(layer, sequence, 0, row) + head * row;
+            start..start + n.saturating_sub(1) * heads * row + row
+        };
+        HeadRows {
+            keys: &as_bytes(&self.keys[layer])[span(self.key_row)],
+            values: &as_bytes(&self.values[layer])[span(self.value_row)],
+            key_stride: heads * self.key_row,
+            value_stride: heads * self.value_row,
         }
     }
 
-    /// Keys and values of `head` at positions `0..n` of a sequence, each position `stride`
-    /// elements after the previous one: `(keys, values, stride)`.
-    pub fn head_rows(
+    /// The same rows as f16 values when both caches are f16 (the vector kernels' own form):
+    /// `(keys, values, stride)` with the stride in values.
+    pub fn head_rows_f16(
         &self,
         layer: usize,
         sequence: usize,
         head: usize,
         n: usize,
-    ) -> (&[f16], &[f16], usize) {
-        let start = self.offset(layer, sequence, 0, head);
-        let stride = self.heads[layer] * self.head_dim;
-        let end = start + n.saturating_sub(1) * stride + self.head_dim;
+    ) -> Option<(&[f16], &[f16], usize)> {
+        if self.types.k != CacheType::F16 || self.types.v != CacheType::F16 {
+            return None;
+        }
+        let rows = self.head_rows(layer, sequence, head, n);
+        let view = |b: &[u8]| {
+            // SAFETY: the bytes lie in a u16 buffer at an even offset (rows of 2·head_dim
+            // bytes), so they are aligned for f16, whose every bit pattern is valid.
+            unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<f16>(), b.len() / 2) }
+        };
+        Some((view(rows.keys), view(rows.values), rows.key_stride / 2))
+    }
+
+    /// Bytes of positions `0..n` of a sequence in one layer, keys then values: the unit in
+    /// which a sequence's cache is saved and restored.
+    pub fn sequence_bytes(&self, layer: usize, sequence: usize, n: usize) -> (&[u8], &[u8]) {
+        let heads = self.heads[layer];
+        let span = |row: usize| {
+            let start = self.offset(layer, sequence, 0, row);
+            start..start + n * heads * row
+        };
         (
-            &self.keys[layer][start..end],
-            &self.values[layer][start..end],
-            stride,
+            &as_bytes(&self.keys[layer])[span(self.key_row)],
+            &as_bytes(&self.values[layer])[span(self.value_row)],
         )
     }
 
-    pub fn key(&self, layer: usize, sequence: usize, position: usize, head: usize) -> &[f16] {
-        let start = self.offset(layer, sequence, position, head);
-        &self.keys[layer][start..start + self.head_dim]
+    pub fn sequence_bytes_mut(
+        &mut self,
+        layer: usize,
+        sequence: usize,
+        n: usize,
+    ) -> (&mut [u8], &mut [u8]) {
+        let heads = self.heads[layer];
+        let k_start = self.offset(layer, sequence, 0, self.key_row);
+        let v_start = self.offset(layer, sequence, 0, self.value_row);
+        let (k_len, v_len) = (n * heads * self.key_row, n * heads * self.value_row);
+        (
+            &mut as_bytes_mut(&mut self.keys[layer])[k_start..k_start + k_len],
+            &mut as_bytes_mut(&mut self.values[layer])[v_start..v_start + v_len],
+        )
     }
 
-    pub fn value(&self, layer: usize, sequence: usize, position: usize, head: usize) -> &[f16] {
-        let start = self.offset(layer, sequence, position, head);
-        &self.values[layer][start..start + self.head_dim]
+    /// Copies positions `0..n` of one sequence's cache to another's slot.
+    pub fn copy_sequence(&mut self, from: usize, to: usize, n: usize) {
+        if from == to {
+            return;
+        }
+        for layer in 0..self.heads.len() {
+            for (buffer, row) in [
+                (&mut self.keys[layer], self.key_row),
+                (&mut self.values[layer], self.value_row),
+            ] {
+                let per_sequence = self.max_context * self.heads[layer] * row;
+                let len = n * self.heads[layer] * row;
+                let bytes = as_bytes_mut(buffer);
+                bytes.copy_within(
+                    from * per_sequence..from * per_sequence + len,
+                    to * per_sequence,
+                );
+            }
+        }
+    }
+
+    pub fn layers(&self) -> usize {
+        self.heads.len()
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn max_sequences(&self) -> usize {
+        self.max_sequences
+    }
+}
+
+/// Converts `src` (rows of `hd` values) into rows of type `ty` in `dst`.
+fn store_rows(ty: CacheType, src: &[f32], dst: &mut [u8], hd: usize) {
+    let row = ty.row_bytes(hd);
+    if ty == CacheType::F16 {
+        for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+            d.copy_from_slice(&f16::from_f32(*s).to_bits().to_le_bytes());
+        }
+        return;
+    }
+    for (d, s) in dst.chunks_exact_mut(row).zip(src.chunks_exact(hd)) {
+        quantize_row(ty.quant_type(), s, d);
     }
 }

@@ -20,6 +20,7 @@ use crate::kernels::pool::ThreadPool;
 use crate::model::arch::ModelConfig;
 use crate::model::gguf::{GgufFile, MAX_SPLIT_COUNT};
 use crate::proto;
+use crate::shard::cache::{CacheType, CacheTypes};
 use crate::shard::host::{boot_id, hostname, model_header_hash, network_namespace};
 use crate::shard::plan::{LayerShard, RankShard, Stage, check_rank_shard};
 use crate::transport::grpc::{
@@ -339,6 +340,11 @@ fn load(
         config.context_length as u32,
         "max context",
     )?;
+    let cache_types = CacheTypes {
+        k: CacheType::from_wire(&request.cache_type_k)?,
+        v: CacheType::from_wire(&request.cache_type_v)?,
+    };
+    cache_types.check_head_dim(config.head_dim)?;
     let threads = if request.threads > 0 {
         request.threads as usize
     } else {
@@ -359,6 +365,7 @@ fn load(
         max_batch,
         max_sequences,
         max_context,
+        cache_types,
     )
     .map_err(|e| e.to_string())?;
     let executor: Box<dyn Backend> = Box::new(executor);

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use tp::coordinator::cluster::{Cluster, ClusterLimits};
 use tp::coordinator::session::{Model, Session};
+#[allow(unused_imports)]
+pub use tp::shard::cache::{CacheType, CacheTypes};
 pub use tp::shard::plan::MoeSplit;
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -120,6 +122,28 @@ pub async fn session_with_stages(
     batch: usize,
     split: MoeSplit,
 ) -> Session {
+    session_with_cache(
+        path,
+        weights,
+        stages,
+        context,
+        batch,
+        split,
+        CacheTypes::default(),
+    )
+    .await
+}
+
+/// As `session_with_stages`, with the KV cache stored in `cache_types`.
+pub async fn session_with_cache(
+    path: &Path,
+    weights: &[f64],
+    stages: &[usize],
+    context: usize,
+    batch: usize,
+    split: MoeSplit,
+    cache_types: CacheTypes,
+) -> Session {
     let model = Model::open(path).unwrap();
     let mut cluster = Cluster::spawn_local(
         &worker_binary(),
@@ -130,6 +154,7 @@ pub async fn session_with_stages(
     .await
     .unwrap();
     cluster.moe_split = split;
+    cluster.cache_types = cache_types;
     cluster.pipeline = tp::coordinator::cluster::Pipeline::Sizes(stages.to_vec());
     Session::start(model, cluster, context, batch)
         .await

@@ -816,6 +816,147 @@ fn attend_with(
     }
 }
 
+/// Scratch of [`attend_typed`]: the query in the form the key type's dot products take, the
+/// scores, and one value row in f32.
+#[derive(Default)]
+pub struct AttendScratch {
+    query_f16: Vec<f16>,
+    query_bf16: Vec<bf16>,
+    query_q8: Vec<BlockQ8_0>,
+    scores: Vec<f32>,
+    value: Vec<f32>,
+}
+
+/// Attention of one query row over positions `0..n` of one KV head whose key and value rows
+/// are stored in `key_type` and `value_type` (f16, bf16, q8_0 or q4_0, the KV cache types):
+/// as llama.cpp's flash attention does, the query takes the form of the key type's dot
+/// products (f16, bf16, or q8_0 for the quantized types), each score is that dot product, and
+/// each value row is converted to f32 and accumulated. Row `t` of the keys starts at byte
+/// `t * key_stride`, of the values at `t * value_stride`. A finite `sink` joins the softmax as
+/// a logit without a value.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_typed(
+    key_type: QuantType,
+    value_type: QuantType,
+    query: &[f32],
+    keys: &[u8],
+    values: &[u8],
+    key_stride: usize,
+    value_stride: usize,
+    n: usize,
+    scale: f32,
+    sink: f32,
+    scratch: &mut AttendScratch,
+    out: &mut [f32],
+) {
+    attend_typed_with(
+        kernels(),
+        key_type,
+        value_type,
+        query,
+        keys,
+        values,
+        key_stride,
+        value_stride,
+        n,
+        scale,
+        sink,
+        scratch,
+        out,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_typed_with(
+    k: &'static Kernels,
+    key_type: QuantType,
+    value_type: QuantType,
+    query: &[f32],
+    keys: &[u8],
+    values: &[u8],
+    key_stride: usize,
+    value_stride: usize,
+    n: usize,
+    scale: f32,
+    sink: f32,
+    scratch: &mut AttendScratch,
+    out: &mut [f32],
+) {
+    let hd = query.len();
+    let row = |ty: QuantType| {
+        assert!(
+            matches!(
+                ty,
+                QuantType::F16 | QuantType::BF16 | QuantType::Q8_0 | QuantType::Q4_0
+            ),
+            "attend_typed: {ty} is not a KV cache type"
+        );
+        ty.row_bytes(hd)
+            .expect("attend_typed: head size not in whole blocks")
+    };
+    let (key_row, value_row) = (row(key_type), row(value_type));
+    assert!(
+        n >= 1 && out.len() == hd && key_stride >= key_row && value_stride >= value_row,
+        "attend_typed: bad shape"
+    );
+    assert!(
+        keys.len() >= (n - 1) * key_stride + key_row
+            && values.len() >= (n - 1) * value_stride + value_row,
+        "attend_typed: cache rows out of bounds"
+    );
+    let AttendScratch {
+        query_f16,
+        query_bf16,
+        query_q8,
+        scores,
+        value,
+    } = scratch;
+    match key_type.act_kind() {
+        ActKind::F16 => {
+            query_f16.clear();
+            query_f16.extend(query.iter().map(|&x| f16::from_f32(x)));
+        }
+        ActKind::BF16 => {
+            query_bf16.clear();
+            query_bf16.extend(query.iter().map(|&x| bf16::from_f32(x)));
+        }
+        _ => {
+            query_q8.resize(hd / QK, BlockQ8_0::default());
+            // SAFETY: whole blocks; the table matches this CPU.
+            unsafe { (k.quantize_q8_0)(query, query_q8) };
+        }
+    }
+    scores.resize(n, 0.0);
+    let mut max = sink;
+    for (t, score) in scores.iter_mut().enumerate() {
+        let key = &keys[t * key_stride..t * key_stride + key_row];
+        // SAFETY: every operand holds `hd` values (checked above); the table matches this CPU.
+        let dot = unsafe {
+            match key_type {
+                QuantType::F16 => (k.dot_f16)(key, query_f16),
+                QuantType::BF16 => (k.dot_bf16)(key, query_bf16),
+                QuantType::Q8_0 => (k.dot_q8_0)(as_blocks(key), query_q8),
+                _ => (k.dot_q4_0)(as_blocks(key), query_q8),
+            }
+        };
+        *score = dot * scale;
+        max = max.max(*score);
+    }
+    let sum = reference::softmax_weights(scores, max) + (sink - max).exp();
+    value.resize(hd, 0.0);
+    out.fill(0.0);
+    for (t, &p) in scores.iter().enumerate() {
+        let row = &values[t * value_stride..t * value_stride + value_row];
+        dequantize_row(value_type, row, value);
+        for (o, &x) in out.iter_mut().zip(value.iter()) {
+            *o += p * x;
+        }
+    }
+    for o in out.iter_mut() {
+        *o /= sum;
+    }
+}
+
 pub fn f32_dot(a: &[f32], b: &[f32]) -> f32 {
     f32_dot_with(kernels(), a, b)
 }

@@ -1784,3 +1784,106 @@ fn tiled_products_of_long_rows_and_many_vectors_are_exact() {
         }
     });
 }
+
+/// Attention over a cache stored in each KV cache type (every pair of key and value types),
+/// with the scalar table and every SIMD set, against f64 arithmetic on the same stored rows:
+/// the keys and values dequantized, the query in the key type's dot-product form (f16, bf16,
+/// or q8_0 for the quantized key types), as llama.cpp's flash attention forms it.
+#[test]
+fn attend_typed_matches_f64_over_the_stored_rows() {
+    let types = [
+        QuantType::F16,
+        QuantType::BF16,
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+    ];
+    let mut tables: Vec<&'static Kernels> = vec![&SCALAR];
+    tables.extend(simd_tables());
+    for k in tables {
+        let mut rng = Rng::new(47);
+        for (kt, vt) in types
+            .iter()
+            .flat_map(|&a| types.iter().map(move |&b| (a, b)))
+        {
+            for hd in [32usize, 64, 128, 256] {
+                for (n, sink) in [
+                    (1usize, f32::NEG_INFINITY),
+                    (9, 0.5),
+                    (70, f32::NEG_INFINITY),
+                ] {
+                    let heads = 2; // rows of another head lie between a head's positions
+                    let stored = |rng: &mut Rng, ty: QuantType| -> (Vec<u8>, usize) {
+                        let row = ty.row_bytes(hd).unwrap();
+                        let mut bytes = vec![0u8; n * heads * row];
+                        for r in bytes.chunks_exact_mut(row) {
+                            quantize_row(ty, &random_acts(rng, hd), r);
+                        }
+                        (bytes, heads * row)
+                    };
+                    let (keys, key_stride) = stored(&mut rng, kt);
+                    let (values, value_stride) = stored(&mut rng, vt);
+                    let query: Vec<f32> =
+                        random_acts(&mut rng, hd).iter().map(|x| 2.0 * x).collect();
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    let mut out = vec![f32::NAN; hd];
+                    attend_typed_with(
+                        k,
+                        kt,
+                        vt,
+                        &query,
+                        &keys,
+                        &values,
+                        key_stride,
+                        value_stride,
+                        n,
+                        scale,
+                        sink,
+                        &mut AttendScratch::default(),
+                        &mut out,
+                    );
+                    // The query as the key type's dot products see it.
+                    let q_form = kt.act_kind();
+                    let mut q = vec![0f32; hd];
+                    let act_type = match q_form {
+                        ActKind::F16 => QuantType::F16,
+                        ActKind::BF16 => QuantType::BF16,
+                        _ => QuantType::Q8_0,
+                    };
+                    let mut q_bytes = vec![0u8; act_type.row_bytes(hd).unwrap()];
+                    quantize_row(act_type, &query, &mut q_bytes);
+                    dequantize_row(act_type, &q_bytes, &mut q);
+                    let row = |bytes: &[u8], ty: QuantType, stride: usize, t: usize| {
+                        let mut v = vec![0f32; hd];
+                        let len = ty.row_bytes(hd).unwrap();
+                        dequantize_row(ty, &bytes[t * stride..t * stride + len], &mut v);
+                        v
+                    };
+                    let logits: Vec<f64> = (0..n)
+                        .map(|t| {
+                            let key = row(&keys, kt, key_stride, t);
+                            let dot: f64 =
+                                q.iter().zip(&key).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            dot * scale as f64
+                        })
+                        .collect();
+                    let max = logits.iter().copied().fold(sink as f64, f64::max);
+                    let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                    let sum: f64 = weights.iter().sum::<f64>() + (sink as f64 - max).exp();
+                    let mut want = vec![0f64; hd];
+                    for (t, w) in weights.iter().enumerate() {
+                        for (o, v) in want.iter_mut().zip(row(&values, vt, value_stride, t)) {
+                            *o += w * v as f64 / sum;
+                        }
+                    }
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*a as f64 - b).abs() <= 1e-4 * b.abs().max(0.1),
+                            "{} {kt}/{vt} hd {hd} n {n} [{i}]: {a} vs {b}",
+                            k.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
