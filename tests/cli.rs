@@ -169,6 +169,48 @@ fn plan_shows_the_split_without_loading() {
     assert!(ok && out.contains("rank 0 <-> rank 1: shm"), "{out}");
 }
 
+/// `plan` sizes the KV cache for its types, written as llama.cpp writes them (-ctk, -ctv):
+/// SmolLM2's 30 layers of 3 KV heads of 64 take 3 × 30 × (2 × 128) bytes per token in f16,
+/// and 3 × 30 × (68 + 36) with q8_0 keys (34 bytes per 32) and q4_0 values (18 per 32).
+#[test]
+fn plan_sizes_the_kv_cache_for_its_types() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let per_token = |types: &[&str]| -> (u64, u64) {
+        let mut args = vec!["plan", "--model", path.to_str().unwrap(), "--local", "3"];
+        args.extend(["-c", "1000", "--parallel", "2", "--format", "json"]);
+        args.extend(types);
+        let (ok, out, err) = coordinator(&args);
+        assert!(ok, "{err}");
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let ranks = json["ranks"].as_array().unwrap();
+        let sum = |key: &str| ranks.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
+        (sum("kv_bytes_per_token"), sum("kv_cache_bytes"))
+    };
+    assert_eq!(per_token(&[]), (3 * 30 * 256, 3 * 30 * 256 * 2000));
+    assert_eq!(
+        per_token(&["-ctk", "q8_0", "-ctv", "q4_0"]),
+        (3 * 30 * 104, 3 * 30 * 104 * 2000)
+    );
+    let (ok, out, _) = coordinator(&[
+        "plan",
+        "--model",
+        path.to_str().unwrap(),
+        "--local",
+        "2",
+        "--cache-type-k",
+        "bf16",
+    ]);
+    assert!(
+        ok && out.contains("KV cache: keys bf16, values f16"),
+        "{out}"
+    );
+    let (ok, _, err) = coordinator(&["plan", "--model", path.to_str().unwrap(), "-ctk", "q5_1"]);
+    assert!(
+        !ok && err.contains("unknown KV cache type 'q5_1'") && err.contains("q4_0"),
+        "{err}"
+    );
+}
+
 /// A mixture-of-experts plan: every expert column lands on exactly one worker either way, so
 /// the experts' bytes add up to the file's expert tensors (3 per layer of 557,056 bytes); whole
 /// experts split 6/5/5 per layer, the extra one rotating across layers.

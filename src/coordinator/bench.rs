@@ -85,11 +85,11 @@ pub struct BenchArgs {
     /// Wire precision of the gRPC data plane (full, f32, bf16, f16, q8_0).
     #[arg(long, default_value = "full", value_parser = |s: &str| s.parse::<crate::transport::grpc::SyncPrecision>())]
     pub sync_precision: crate::transport::grpc::SyncPrecision,
-    /// KV cache key type (f16, bf16, q8_0, q4_0), as llama-bench's -ctk.
-    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = |s: &str| s.parse::<CacheType>())]
+    /// KV cache key type (f16, bf16, q8_0, q4_0), as llama-bench's -ctk (which works too).
+    #[arg(long = "cache-type-k", default_value = "f16", value_parser = |s: &str| s.parse::<CacheType>())]
     pub cache_type_k: CacheType,
-    /// KV cache value type, as llama-bench's -ctv.
-    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = |s: &str| s.parse::<CacheType>())]
+    /// KV cache value type, as llama-bench's -ctv (which works too).
+    #[arg(long = "cache-type-v", default_value = "f16", value_parser = |s: &str| s.parse::<CacheType>())]
     pub cache_type_v: CacheType,
 }
 

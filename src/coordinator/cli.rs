@@ -179,11 +179,12 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=crate::limits::MAX_RANKS as i64))]
     pub pp: Option<u32>,
     /// Storage type of the KV cache's keys: f16, bf16, q8_0 (about half of f16's bytes) or
-    /// q4_0 (about a quarter), as llama.cpp's --cache-type-k. Attention reads them directly.
-    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
+    /// q4_0 (about a quarter), as llama.cpp's --cache-type-k (-ctk works too). Attention
+    /// reads them directly.
+    #[arg(long = "cache-type-k", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type_k: CacheType,
-    /// Storage type of the KV cache's values (as --cache-type-k).
-    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = parse_cache_type)]
+    /// Storage type of the KV cache's values (as --cache-type-k; -ctv works too).
+    #[arg(long = "cache-type-v", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type_v: CacheType,
 }
 
@@ -320,10 +321,10 @@ pub struct PlanArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub pp: Option<u32>,
     /// KV cache key type to size the cache for (see `serve --help`).
-    #[arg(long = "cache-type-k", visible_alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
+    #[arg(long = "cache-type-k", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type_k: CacheType,
     /// KV cache value type to size the cache for.
-    #[arg(long = "cache-type-v", visible_alias = "ctv", default_value = "f16", value_parser = parse_cache_type)]
+    #[arg(long = "cache-type-v", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type_v: CacheType,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
@@ -456,7 +457,15 @@ pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
 pub fn default_to_serve(
     args: impl IntoIterator<Item = std::ffi::OsString>,
 ) -> Vec<std::ffi::OsString> {
-    let mut args: Vec<_> = args.into_iter().collect();
+    // llama.cpp's two-letter short options, which clap cannot declare.
+    let mut args: Vec<std::ffi::OsString> = args
+        .into_iter()
+        .map(|a| match a.to_str() {
+            Some("-ctk") => "--cache-type-k".into(),
+            Some("-ctv") => "--cache-type-v".into(),
+            _ => a,
+        })
+        .collect();
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     let asks_for_help = ["-h", "--help", "-V", "--version"].contains(&first);
     if first.starts_with('-') && !asks_for_help {

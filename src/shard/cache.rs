@@ -111,6 +111,28 @@ impl CacheTypes {
             .map_err(|e| format!("--cache-type-v: {e}"))
     }
 
+    /// The Walsh-Hadamard rotation the keys (and queries) take before a quantized key cache,
+    /// as llama.cpp's: in chunks of the largest power of two from 64 up that divides the head
+    /// size. An orthonormal rotation leaves every query-key dot product as it is but spreads
+    /// outliers over the block, so 4 and 8 bits lose less. None for f16/bf16, or heads that
+    /// are not a multiple of 64.
+    pub fn key_rotation(self, head_dim: usize) -> Option<usize> {
+        if !matches!(self.k, CacheType::Q8_0 | CacheType::Q4_0) || head_dim % 64 != 0 {
+            return None;
+        }
+        let mut n = 64;
+        while head_dim % (2 * n) == 0 {
+            n *= 2;
+        }
+        Some(n)
+    }
+
+    /// The rotation values take before a quantized value cache (chunks of 64, as llama.cpp's);
+    /// attention's output is rotated back with it.
+    pub fn value_rotation(self, head_dim: usize) -> Option<usize> {
+        (matches!(self.v, CacheType::Q8_0 | CacheType::Q4_0) && head_dim % 64 == 0).then_some(64)
+    }
+
     /// Bytes of one position's keys and values over the given KV heads per layer.
     pub fn bytes_per_position(self, heads: &[usize], head_dim: usize) -> u64 {
         let heads: usize = heads.iter().sum();
@@ -153,5 +175,17 @@ mod tests {
         // Two layers of 3 and 1 heads of 64: 4 heads × (68 + 36) bytes.
         assert_eq!(types.bytes_per_position(&[3, 1], 64), 4 * (68 + 36));
         assert_eq!(types.bytes_for(&[3, 1], 64, 2, 10), 4 * (68 + 36) * 20);
+        for (hd, k) in [
+            (64, Some(64)),
+            (128, Some(128)),
+            (192, Some(64)),
+            (256, Some(256)),
+        ] {
+            assert_eq!(types.key_rotation(hd), k, "head {hd}");
+            assert_eq!(types.value_rotation(hd), Some(64));
+        }
+        assert_eq!(types.key_rotation(96), None);
+        assert_eq!(CacheTypes::default().key_rotation(128), None);
+        assert_eq!(CacheTypes::default().value_rotation(128), None);
     }
 }

@@ -11,8 +11,8 @@ use std::cell::RefCell;
 use half::f16;
 
 use crate::kernels::cpu::{
-    AttendScratch, PreparedActivations, QuantType, attend, attend_typed, matmul, matmul_f64,
-    sum_exp,
+    AttendScratch, PreparedActivations, QuantType, attend, attend_typed, hadamard_rotate, matmul,
+    matmul_f64, sum_exp,
 };
 use crate::kernels::pool;
 use crate::model::arch::{Activation, FfnSpec, ModelConfig, RopeSpec, RopeStyle};
@@ -27,8 +27,8 @@ use crate::worker::shard::{LoadedShard, Weight};
 thread_local! {
     /// Per-thread attention scratch: the query in f16 and the scores (f16 cache), and the
     /// scratch of the other cache types.
-    static SCRATCH: RefCell<(Vec<f16>, Vec<f32>, AttendScratch)> =
-        RefCell::new((Vec::new(), Vec::new(), AttendScratch::default()));
+    static SCRATCH: RefCell<(Vec<f16>, Vec<f32>, TypedScratch)> =
+        RefCell::new((Vec::new(), Vec::new(), TypedScratch::default()));
 }
 
 /// The output of a parallel op; tasks write disjoint parts of it.
@@ -195,6 +195,14 @@ pub struct CpuBackend {
     norm_row: Vec<f32>,
     /// Attention sink logits of this rank's query heads, per layer that has them.
     sinks: Vec<Vec<f32>>,
+}
+
+/// Per-thread scratch of attention over a cache stored in other types than f16.
+#[derive(Default)]
+struct TypedScratch {
+    scratch: AttendScratch,
+    /// The query, rotated for a quantized key cache.
+    rotated_query: Vec<f32>,
 }
 
 fn slot(buffer: Buffer) -> usize {
@@ -1072,7 +1080,15 @@ impl CpuBackend {
         if q_heads == 0 {
             return;
         }
+        let types = self.kv.types();
+        let (key_rotation, value_rotation) = (types.key_rotation(hd), types.value_rotation(hd));
         {
+            // A quantized cache stores keys and values rotated (see `CacheTypes::key_rotation`).
+            for (buffer, rotation) in [(Buffer::K, key_rotation), (Buffer::V, value_rotation)] {
+                if let Some(n) = rotation {
+                    hadamard_rotate(&mut self.buffers[slot(buffer)][..batch * kv_heads * hd], n);
+                }
+            }
             let k = &self.buffers[slot(Buffer::K)];
             let v = &self.buffers[slot(Buffer::V)];
             for b in 0..batch {
@@ -1122,7 +1138,16 @@ impl CpuBackend {
                     );
                 } else {
                     let rows = kv.head_rows(layer, sequence, kv_head, position + 1);
-                    let types = kv.types();
+                    let mut rotated = std::mem::take(&mut typed.rotated_query);
+                    let query = match key_rotation {
+                        Some(n) => {
+                            rotated.clear();
+                            rotated.extend_from_slice(query);
+                            hadamard_rotate(&mut rotated, n);
+                            &rotated[..]
+                        }
+                        None => query,
+                    };
                     attend_typed(
                         types.k.quant_type(),
                         types.v.quant_type(),
@@ -1134,9 +1159,14 @@ impl CpuBackend {
                         position + 1 - first,
                         scale,
                         sink,
-                        typed,
+                        &mut typed.scratch,
                         dst,
                     );
+                    typed.rotated_query = rotated;
+                    // The values were rotated: so is their weighted sum, until rotated back.
+                    if let Some(n) = value_rotation {
+                        hadamard_rotate(dst, n);
+                    }
                 }
             });
         });

@@ -816,6 +816,34 @@ fn attend_with(
     }
 }
 
+/// Rotates each chunk of `n` values of `x` (n a power of two) by the orthonormal Walsh-Hadamard
+/// matrix of size n in Sylvester's order (`H_2n = [[H, H], [H, -H]] / sqrt 2`), the matrix
+/// llama.cpp multiplies queries, keys and values by before a quantized KV cache. The matrix is
+/// symmetric and its own inverse.
+pub fn hadamard_rotate(x: &mut [f32], n: usize) {
+    assert!(
+        n.is_power_of_two() && x.len() % n == 0,
+        "hadamard_rotate: bad size"
+    );
+    let scale = 1.0 / (n as f32).sqrt();
+    for chunk in x.chunks_exact_mut(n) {
+        let mut h = 1;
+        while h < n {
+            for start in (0..n).step_by(2 * h) {
+                for i in start..start + h {
+                    let (a, b) = (chunk[i], chunk[i + h]);
+                    chunk[i] = a + b;
+                    chunk[i + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        for v in chunk.iter_mut() {
+            *v *= scale;
+        }
+    }
+}
+
 /// Scratch of [`attend_typed`]: the query in the form the key type's dot products take, the
 /// scores, and one value row in f32.
 #[derive(Default)]

@@ -1887,3 +1887,39 @@ fn attend_typed_matches_f64_over_the_stored_rows() {
         }
     }
 }
+
+/// The fast rotation equals the product with the matrix built as ggml_gen_hadamard builds it,
+/// and applied twice gives the input back.
+#[test]
+fn hadamard_rotation_is_ggml_s_matrix_and_its_own_inverse() {
+    let mut rng = Rng::new(5);
+    for n in [64usize, 128, 256] {
+        let mut h = vec![0f64; n * n];
+        h[0] = 1.0 / (n as f64).sqrt();
+        let mut s = 1;
+        while s < n {
+            for i in 0..s {
+                for j in 0..s {
+                    let v = h[i * n + j];
+                    h[(i + s) * n + j] = v;
+                    h[i * n + j + s] = v;
+                    h[(i + s) * n + j + s] = -v;
+                }
+            }
+            s *= 2;
+        }
+        let x = random_acts(&mut rng, 2 * n);
+        let mut y = x.clone();
+        hadamard_rotate(&mut y, n);
+        for c in 0..2 {
+            for i in 0..n {
+                let want: f64 = (0..n).map(|j| h[i * n + j] * x[c * n + j] as f64).sum();
+                assert!((y[c * n + i] as f64 - want).abs() < 1e-5, "n {n} [{i}]");
+            }
+        }
+        hadamard_rotate(&mut y, n);
+        for (a, b) in y.iter().zip(&x) {
+            assert!((a - b).abs() < 1e-5);
+        }
+    }
+}
