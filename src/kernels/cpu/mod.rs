@@ -844,15 +844,15 @@ pub fn hadamard_rotate(x: &mut [f32], n: usize) {
     }
 }
 
-/// Scratch of [`attend_typed`]: the query in the form the key type's dot products take, the
-/// scores, and one value row in f32.
+/// Scratch of [`attend_typed`]: the query in the form the key type's dot products take, and
+/// the scores.
 #[derive(Default)]
 pub struct AttendScratch {
     query_f16: Vec<f16>,
-    query_bf16: Vec<bf16>,
+    /// The query rounded to bf16, held as f32.
+    query_bf16: Vec<f32>,
     query_q8: Vec<BlockQ8_0>,
     scores: Vec<f32>,
-    value: Vec<f32>,
 }
 
 /// Attention of one query row over positions `0..n` of one KV head whose key and value rows
@@ -932,57 +932,159 @@ fn attend_typed_with(
             && values.len() >= (n - 1) * value_stride + value_row,
         "attend_typed: cache rows out of bounds"
     );
-    let AttendScratch {
-        query_f16,
-        query_bf16,
-        query_q8,
-        scores,
-        value,
-    } = scratch;
-    match key_type.act_kind() {
-        ActKind::F16 => {
-            query_f16.clear();
-            query_f16.extend(query.iter().map(|&x| f16::from_f32(x)));
-        }
-        ActKind::BF16 => {
-            query_bf16.clear();
-            query_bf16.extend(query.iter().map(|&x| bf16::from_f32(x)));
-        }
-        _ => {
-            query_q8.resize(hd / QK, BlockQ8_0::default());
-            // SAFETY: whole blocks; the table matches this CPU.
-            unsafe { (k.quantize_q8_0)(query, query_q8) };
-        }
+    let t = TypedAttention {
+        k,
+        key_type,
+        value_type,
+        query,
+        keys,
+        values,
+        key_stride,
+        value_stride,
+        key_row,
+        value_row,
+        n,
+        scale,
+        sink,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if k.name != "scalar" {
+        // SAFETY: the AVX2 and AVX-512 tables are chosen only where AVX2, FMA and F16C run.
+        unsafe { t.run_avx2(scratch, out) };
+        return;
     }
-    scores.resize(n, 0.0);
-    let mut max = sink;
-    for (t, score) in scores.iter_mut().enumerate() {
-        let key = &keys[t * key_stride..t * key_stride + key_row];
-        // SAFETY: every operand holds `hd` values (checked above); the table matches this CPU.
-        let dot = unsafe {
-            match key_type {
-                QuantType::F16 => (k.dot_f16)(key, query_f16),
-                QuantType::BF16 => (k.dot_bf16)(key, query_bf16),
-                QuantType::Q8_0 => (k.dot_q8_0)(as_blocks(key), query_q8),
-                _ => (k.dot_q4_0)(as_blocks(key), query_q8),
+    t.run(scratch, out);
+}
+
+/// One call of [`attend_typed`], bounds checked. Its loops are plain Rust, written so that
+/// the compiler vectorizes them; on x86 they are compiled a second time for AVX2 and FMA.
+struct TypedAttention<'a> {
+    k: &'static Kernels,
+    key_type: QuantType,
+    value_type: QuantType,
+    query: &'a [f32],
+    keys: &'a [u8],
+    values: &'a [u8],
+    key_stride: usize,
+    value_stride: usize,
+    key_row: usize,
+    value_row: usize,
+    n: usize,
+    scale: f32,
+    sink: f32,
+}
+
+impl TypedAttention<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_avx2(&self, scratch: &mut AttendScratch, out: &mut [f32]) {
+        self.run(scratch, out)
+    }
+
+    #[inline(always)]
+    fn run(&self, scratch: &mut AttendScratch, out: &mut [f32]) {
+        let hd = self.query.len();
+        let AttendScratch {
+            query_f16,
+            query_bf16,
+            query_q8,
+            scores,
+        } = scratch;
+        // The query in the key type's dot-product form.
+        match self.key_type.act_kind() {
+            ActKind::F16 => {
+                query_f16.clear();
+                query_f16.extend(self.query.iter().map(|&x| f16::from_f32(x)));
             }
-        };
-        *score = dot * scale;
-        max = max.max(*score);
-    }
-    let sum = reference::softmax_weights(scores, max) + (sink - max).exp();
-    value.resize(hd, 0.0);
-    out.fill(0.0);
-    for (t, &p) in scores.iter().enumerate() {
-        let row = &values[t * value_stride..t * value_stride + value_row];
-        dequantize_row(value_type, row, value);
-        for (o, &x) in out.iter_mut().zip(value.iter()) {
-            *o += p * x;
+            ActKind::BF16 => {
+                query_bf16.clear();
+                query_bf16.extend(self.query.iter().map(|&x| bf16::from_f32(x).to_f32()));
+            }
+            _ => {
+                query_q8.resize(hd / QK, BlockQ8_0::default());
+                // SAFETY: whole blocks; the table matches this CPU.
+                unsafe { (self.k.quantize_q8_0)(self.query, query_q8) };
+            }
+        }
+        scores.resize(self.n, 0.0);
+        let mut max = self.sink;
+        for (t, score) in scores.iter_mut().enumerate() {
+            let key = &self.keys[t * self.key_stride..t * self.key_stride + self.key_row];
+            let dot = match self.key_type {
+                // SAFETY: `hd` values each; the table matches this CPU.
+                QuantType::Q8_0 => unsafe { (self.k.dot_q8_0)(as_blocks(key), query_q8) },
+                QuantType::Q4_0 => unsafe { (self.k.dot_q4_0)(as_blocks(key), query_q8) },
+                QuantType::BF16 => dot_bf16_row(key, query_bf16),
+                // SAFETY: `hd` values each; the table matches this CPU.
+                _ => unsafe { (self.k.dot_f16)(key, query_f16) },
+            };
+            *score = dot * self.scale;
+            max = max.max(*score);
+        }
+        let sum = reference::softmax_weights(scores, max) + (self.sink - max).exp();
+        out.fill(0.0);
+        for (t, &p) in scores.iter().enumerate() {
+            let row = &self.values[t * self.value_stride..t * self.value_stride + self.value_row];
+            match self.value_type {
+                // Fixed-size blocks, levels converted first: the form the compiler vectorizes.
+                QuantType::Q8_0 => {
+                    for (o, b) in out.chunks_exact_mut(QK).zip(as_blocks::<BlockQ8_0>(row)) {
+                        let levels: [f32; QK] = std::array::from_fn(|j| b.qs[j] as f32);
+                        axpy_block(o, p * b.d.to_f32(), &levels);
+                    }
+                }
+                QuantType::Q4_0 => {
+                    for (o, b) in out.chunks_exact_mut(QK).zip(as_blocks::<BlockQ4_0>(row)) {
+                        let levels: [f32; QK] = std::array::from_fn(|j| {
+                            let q = b.qs[j % (QK / 2)];
+                            let level = if j < QK / 2 { q & 0xF } else { q >> 4 };
+                            level as f32 - 8.0
+                        });
+                        axpy_block(o, p * b.d.to_f32(), &levels);
+                    }
+                }
+                QuantType::BF16 => {
+                    for (o, v) in out.iter_mut().zip(row.chunks_exact(2)) {
+                        *o += p * f32::from_bits((u16::from_le_bytes([v[0], v[1]]) as u32) << 16);
+                    }
+                }
+                _ => {
+                    for (o, v) in out.iter_mut().zip(row.chunks_exact(2)) {
+                        *o += p * f16::from_le_bytes([v[0], v[1]]).to_f32();
+                    }
+                }
+            }
+        }
+        for o in out.iter_mut() {
+            *o /= sum;
         }
     }
-    for o in out.iter_mut() {
-        *o /= sum;
+}
+
+/// `out[j] += w * levels[j]` over one block.
+#[inline(always)]
+fn axpy_block(out: &mut [f32], w: f32, levels: &[f32; QK]) {
+    let out: &mut [f32; QK] = out.try_into().expect("a whole block");
+    for j in 0..QK {
+        out[j] += w * levels[j];
     }
+}
+
+/// A bf16 row with a query already rounded to bf16 (held as f32).
+#[inline(always)]
+fn dot_bf16_row(k: &[u8], q: &[f32]) -> f32 {
+    let value = |k: &[u8], i: usize| {
+        f32::from_bits((u16::from_le_bytes([k[2 * i], k[2 * i + 1]]) as u32) << 16)
+    };
+    let mut acc = [0f32; 8];
+    let whole = q.len() / 8 * 8;
+    for (kc, qc) in k.chunks_exact(16).zip(q[..whole].chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += value(kc, i) * qc[i];
+        }
+    }
+    let tail: f32 = (whole..q.len()).map(|i| value(k, i) * q[i]).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 pub fn f32_dot(a: &[f32], b: &[f32]) -> f32 {

@@ -1805,7 +1805,10 @@ fn attend_typed_matches_f64_over_the_stored_rows() {
             .iter()
             .flat_map(|&a| types.iter().map(move |&b| (a, b)))
         {
-            for hd in [32usize, 64, 128, 256] {
+            // 36: an f16/bf16 head whose size is not a multiple of 8 (nor of a block).
+            let sizes = [36usize, 32, 64, 128, 256];
+            let fits = |hd: usize| kt.row_bytes(hd).is_some() && vt.row_bytes(hd).is_some();
+            for hd in sizes.into_iter().filter(|&hd| fits(hd)) {
                 for (n, sink) in [
                     (1usize, f32::NEG_INFINITY),
                     (9, 0.5),
