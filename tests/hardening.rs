@@ -235,6 +235,20 @@ impl proto::worker_server::Worker for Liar {
         Ok(Response::new(proto::Empty {}))
     }
 
+    async fn save_sequence(
+        &self,
+        _: Request<proto::SaveSequenceRequest>,
+    ) -> Result<Response<proto::SaveSequenceReply>, Status> {
+        Err(Status::unimplemented("a liar saves nothing"))
+    }
+
+    async fn restore_sequence(
+        &self,
+        _: Request<proto::RestoreSequenceRequest>,
+    ) -> Result<Response<proto::RestoreSequenceReply>, Status> {
+        Err(Status::unimplemented("a liar restores nothing"))
+    }
+
     async fn stats(&self, _: Request<proto::Empty>) -> Result<Response<proto::StatsReply>, Status> {
         Ok(Response::new(proto::StatsReply::default()))
     }

@@ -436,3 +436,176 @@ fn the_prefix_cache_reuses_prompts_and_changes_no_reply() {
     assert!(reused > 40.0, "only {reused} prompt tokens reused");
     println!("prefix cache: {reused} prompt tokens reused; replies {replies:?}");
 }
+
+/// A conversation saved (`POST /slots/0?action=save`), the server and its workers stopped, a
+/// new cluster started and the slot restored: the next turn reuses the restored tokens and
+/// gives exactly the reply it gave without the restart. Restoring into another split, a file
+/// that is missing, and names that leave the save directory are refused clearly.
+#[test]
+fn a_saved_conversation_survives_a_restart() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let dir = std::env::temp_dir().join(format!("tp-slot-save-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let save = dir.to_str().unwrap();
+    let args = [
+        "-c",
+        "512",
+        "--parallel",
+        "1",
+        "-ctk",
+        "q8_0",
+        "--slot-save-path",
+        save,
+    ];
+    let first_turn = json!([
+        {"role": "user", "content": "Tell me about the river Danube in two sentences."},
+    ]);
+    let chat = |server: &Server, messages: &Value| -> String {
+        let (status, body) = post(
+            server,
+            "/v1/chat/completions",
+            json!({"messages": messages, "max_tokens": 24, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{body}");
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let cached = |server: &Server| -> f64 {
+        let (_, metrics) = http(server, "GET", "/metrics", "");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tp_prompt_tokens_cached_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let second_turn = |first: &str| {
+        json!([
+            {"role": "user", "content": "Tell me about the river Danube in two sentences."},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "Which countries does it cross?"},
+        ])
+    };
+    let server = start(&path, &args);
+    let first = chat(&server, &first_turn);
+    let started = std::time::Instant::now();
+    let (status, saved) = post(
+        &server,
+        "/slots/0?action=save",
+        json!({"filename": "danube"}),
+    );
+    assert_eq!(status, 200, "{saved}");
+    let save_ms = started.elapsed().as_secs_f64() * 1e3;
+    let n_saved = saved["n_saved"].as_u64().unwrap();
+    assert!(n_saved > 20, "{saved}");
+    for rank in 0..2 {
+        assert!(
+            dir.join(format!("danube.rank{rank}")).is_file(),
+            "rank {rank}'s file"
+        );
+    }
+    let expected = chat(&server, &second_turn(&first));
+    drop(server);
+
+    let server = start(&path, &args);
+    let started = std::time::Instant::now();
+    let (status, restored) = post(
+        &server,
+        "/slots/0?action=restore",
+        json!({"filename": "danube"}),
+    );
+    assert_eq!(status, 200, "{restored}");
+    let restore_ms = started.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(restored["n_restored"].as_u64(), Some(n_saved), "{restored}");
+    assert_eq!(restored["n_read"], saved["n_written"]);
+    let before = cached(&server);
+    assert_eq!(
+        chat(&server, &second_turn(&first)),
+        expected,
+        "the restored conversation went elsewhere"
+    );
+    let reused = cached(&server) - before;
+    assert!(
+        reused >= n_saved as f64 - 1.0,
+        "only {reused} of {n_saved} restored tokens reused"
+    );
+    println!(
+        "saved {n_saved} tokens ({} bytes over 2 workers) in {save_ms:.1} ms, restored in {restore_ms:.1} ms; the next turn reused {reused}",
+        saved["n_written"]
+    );
+    let (status, body) = post(&server, "/slots/0?action=erase", json!({}));
+    assert!(
+        status == 200 && body["n_erased"].as_u64().unwrap() > 0,
+        "{body}"
+    );
+    // Bad requests: no file of that name (a failed restore leaves the slot empty), names that
+    // leave the directory, an unknown action.
+    let (status, body) = post(
+        &server,
+        "/slots/0?action=restore",
+        json!({"filename": "nile"}),
+    );
+    assert!(
+        status == 400 && body.to_string().contains("nile.rank"),
+        "{body}"
+    );
+    for name in ["../danube", "/etc/passwd", ".danube", ""] {
+        let (status, body) = post(&server, "/slots/0?action=save", json!({"filename": name}));
+        assert!(
+            status == 400 && body.to_string().contains("bad file name"),
+            "{name}: {body}"
+        );
+    }
+    let (status, body) = post(&server, "/slots/0?action=copy", json!({}));
+    assert!(
+        status == 400 && body.to_string().contains("unknown slot action"),
+        "{body}"
+    );
+    let (status, body) = post(&server, "/slots/7?action=erase", json!({}));
+    assert!(
+        status == 400 && body.to_string().contains("no slot 7"),
+        "{body}"
+    );
+    drop(server);
+
+    // Another split: one worker is not the first of two.
+    let server = start_with(&[
+        "--model",
+        path.to_str().unwrap(),
+        "--local",
+        "1",
+        "-c",
+        "512",
+        "-ctk",
+        "q8_0",
+        "--slot-save-path",
+        save,
+    ]);
+    let (status, body) = post(
+        &server,
+        "/slots/0?action=restore",
+        json!({"filename": "danube"}),
+    );
+    assert!(
+        status == 400 && body.to_string().contains("rank 0 of 2"),
+        "{body}"
+    );
+    drop(server);
+    // Another cache type.
+    let server = start(
+        &path,
+        &["-c", "512", "--parallel", "1", "--slot-save-path", save],
+    );
+    let (status, body) = post(
+        &server,
+        "/slots/0?action=restore",
+        json!({"filename": "danube"}),
+    );
+    assert!(
+        status == 400 && body.to_string().contains("q8_0/f16"),
+        "{body}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -63,6 +63,11 @@ struct Args {
     /// network where everyone may drive this worker).
     #[arg(long, conflicts_with = "auth_token_file")]
     no_auth: bool,
+    /// Directory where the coordinator may save sequence slots' KV cache (`serve
+    /// --slot-save-path`): this worker writes its own shard there as NAME.rankR. Without it,
+    /// saving and restoring are refused.
+    #[arg(long, value_name = "DIR")]
+    slot_save_path: Option<std::path::PathBuf>,
     /// Log level filter (error, warn, info, debug, trace).
     #[arg(long, default_value = "info")]
     log: String,
@@ -213,6 +218,7 @@ async fn serve(
         auth_token,
         tls,
         numa_node: args.numa_node,
+        slot_save_path: args.slot_save_path,
     };
     let on_bound = |address: SocketAddr| {
         let mut stdout = std::io::stdout();

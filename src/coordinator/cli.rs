@@ -94,6 +94,11 @@ pub struct ServeArgs {
     /// recently used slot.
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Directory where `POST /slots/{id}?action=save` writes a slot's KV cache and
+    /// `?action=restore` reads it back (as llama-server's): each --local worker writes its own
+    /// shard there as NAME.rankR. Workers of --workers save to their own --slot-save-path.
+    #[arg(long, value_name = "DIR")]
+    pub slot_save_path: Option<PathBuf>,
     /// The model id clients name (default: the model file's name without .gguf).
     #[arg(long)]
     pub model_id: Option<String>,
@@ -402,8 +407,17 @@ fn default_threads(workers: usize) -> usize {
 
 /// Starts or connects to the workers that `args` names.
 pub async fn start_cluster_with(args: &ClusterArgs) -> anyhow::Result<Cluster> {
+    start_cluster_saving(args, None).await
+}
+
+/// `start_cluster_with`, local workers saving sequence slots in `slot_save_path`.
+async fn start_cluster_saving(
+    args: &ClusterArgs,
+    slot_save_path: Option<PathBuf>,
+) -> anyhow::Result<Cluster> {
     let limits = ClusterLimits {
         collective_timeout: std::time::Duration::from_secs_f64(args.collective_timeout),
+        slot_save_path,
         ..ClusterLimits::default()
     };
     match (&args.local, &args.workers) {
@@ -516,7 +530,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 tls,
             };
             let load = async {
-                let cluster = start_cluster_with(&args.cluster).await?;
+                if args.slot_save_path.is_some() && args.cluster.workers.is_some() {
+                    eprintln!(
+                        "note: --slot-save-path applies to --local workers; listed workers save where their own --slot-save-path says"
+                    );
+                }
+                let cluster =
+                    start_cluster_saving(&args.cluster, args.slot_save_path.clone()).await?;
                 Session::start_with_sequences(model, cluster, context, batch, args.parallel).await
             };
             let session = crate::coordinator::server::serve(options, load).await?;

@@ -43,6 +43,8 @@ pub struct ClusterLimits {
     pub auth_token: Option<Token>,
     /// Mutual TLS to the workers (`--tls-cert`, `--tls-key`, `--tls-ca`).
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Where workers started here (`--local`) save sequence slots (`--slot-save-path`).
+    pub slot_save_path: Option<PathBuf>,
 }
 
 impl Default for ClusterLimits {
@@ -59,6 +61,7 @@ impl Default for ClusterLimits {
             heartbeat_interval: limits::HEARTBEAT_INTERVAL,
             auth_token: None,
             tls: None,
+            slot_save_path: None,
         }
     }
 }
@@ -838,6 +841,11 @@ impl Cluster {
                 ])
                 .arg("--auth-token-file")
                 .arg(&token_file)
+                .args(
+                    limits.slot_save_path.iter().flat_map(|dir| {
+                        [std::ffi::OsStr::new("--slot-save-path"), dir.as_os_str()]
+                    }),
+                )
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -1424,6 +1432,65 @@ impl Cluster {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Every worker writes its shard of a sequence slot's KV cache (positions
+    /// `0..tokens.len()`) to its save directory as `file_name`; replies in rank order.
+    pub async fn save_sequence(
+        &mut self,
+        sequence: u32,
+        tokens: &[u32],
+        file_name: &str,
+    ) -> anyhow::Result<Vec<proto::SaveSequenceReply>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (rank, worker) in self.workers.iter().enumerate() {
+            let request = proto::SaveSequenceRequest {
+                sequence,
+                tokens: tokens.to_vec(),
+                file_name: file_name.to_string(),
+            };
+            let (mut client, address) = (worker.client.clone(), worker.address.clone());
+            let timeout = self.limits.load_timeout;
+            tasks.spawn(async move {
+                let reply = tokio::time::timeout(timeout, client.save_sequence(request))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!("worker {rank} ({address}) did not save within {timeout:?}")
+                    })?
+                    .map_err(|s| anyhow::anyhow!("worker {rank} ({address}): {}", s.message()))?;
+                Ok::<_, anyhow::Error>((rank, reply.into_inner()))
+            });
+        }
+        collect_ranked(tasks, self.workers.len()).await
+    }
+
+    /// Every worker reads its shard of a saved sequence into a slot; replies in rank order.
+    pub async fn restore_sequence(
+        &mut self,
+        sequence: u32,
+        file_name: &str,
+    ) -> anyhow::Result<Vec<proto::RestoreSequenceReply>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (rank, worker) in self.workers.iter().enumerate() {
+            let request = proto::RestoreSequenceRequest {
+                sequence,
+                file_name: file_name.to_string(),
+            };
+            let (mut client, address) = (worker.client.clone(), worker.address.clone());
+            let timeout = self.limits.load_timeout;
+            tasks.spawn(async move {
+                let reply = tokio::time::timeout(timeout, client.restore_sequence(request))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "worker {rank} ({address}) did not restore within {timeout:?}"
+                        )
+                    })?
+                    .map_err(|s| anyhow::anyhow!("worker {rank} ({address}): {}", s.message()))?;
+                Ok::<_, anyhow::Error>((rank, reply.into_inner()))
+            });
+        }
+        collect_ranked(tasks, self.workers.len()).await
     }
 
     pub async fn stats(&mut self) -> anyhow::Result<Vec<proto::StatsReply>> {

@@ -27,6 +27,37 @@ pub struct Job {
     pub accepted: Instant,
 }
 
+/// What the engine is asked to do: generate, or act on a sequence slot's KV cache.
+pub enum Work {
+    Generate(Job),
+    Slot(SlotJob),
+}
+
+/// `POST /slots/{id}?action=...`: run between steps, on a slot no request holds.
+pub struct SlotJob {
+    pub slot: usize,
+    pub action: SlotAction,
+    pub reply: tokio::sync::oneshot::Sender<Result<SlotOutcome, String>>,
+}
+
+pub enum SlotAction {
+    /// Save what the slot's KV cache holds under a file name, on every worker.
+    Save(String),
+    /// Read a saved sequence into the slot: the next prompt starting with its tokens reuses
+    /// them (the prefix cache).
+    Restore(String),
+    /// Forget what the slot holds.
+    Erase,
+}
+
+pub struct SlotOutcome {
+    /// Tokens saved, restored or erased.
+    pub tokens: usize,
+    /// Bytes written or read, summed over the workers.
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
 pub enum JobEvent {
     Token(Sampled),
     Done {
@@ -121,7 +152,7 @@ struct Flight {
 /// batches taking the stages in turn.
 pub async fn run(
     mut session: Session,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut jobs: mpsc::UnboundedReceiver<Work>,
     metrics: Arc<Metrics>,
     options: EngineOptions,
 ) -> Session {
@@ -132,6 +163,7 @@ pub async fn run(
     let mut tick = 0u64;
     let mut active: Vec<Active> = Vec::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut slot_jobs: VecDeque<SlotJob> = VecDeque::new();
     let transport = match session.cluster.active_transport() {
         Some(t) if session.cluster.weights().len() > 1 => t.name(),
         _ => "none",
@@ -150,10 +182,13 @@ pub async fn run(
             memory.iter_mut().for_each(|m| m.tokens.clear());
         }
         // Take in what arrived; block only when there is nothing to run.
-        while let Ok(job) = jobs.try_recv() {
-            waiting.push_back(job);
+        while let Ok(work) = jobs.try_recv() {
+            match work {
+                Work::Generate(job) => waiting.push_back(job),
+                Work::Slot(job) => slot_jobs.push_back(job),
+            }
         }
-        if active.is_empty() && waiting.is_empty() && in_flight.is_empty() {
+        if active.is_empty() && waiting.is_empty() && in_flight.is_empty() && slot_jobs.is_empty() {
             let job = if session.needs_recovery() {
                 // Re-form as soon as every worker answers, not at the next request: /health
                 // says 503 until then, so a load balancer would never send that request.
@@ -170,7 +205,8 @@ pub async fn run(
                 jobs.recv().await
             };
             match job {
-                Some(job) => waiting.push_back(job),
+                Some(Work::Generate(job)) => waiting.push_back(job),
+                Some(Work::Slot(job)) => slot_jobs.push_back(job),
                 None => break,
             }
         }
@@ -198,6 +234,17 @@ pub async fn run(
             }
             !gone
         });
+        // Slot actions, between steps (a restore lands before the requests waiting now).
+        if in_flight.is_empty() {
+            for job in std::mem::take(&mut slot_jobs) {
+                let outcome = slot_action(&mut session, &active, &mut memory, &job).await;
+                if matches!(job.action, SlotAction::Restore(_)) && outcome.is_ok() {
+                    tick += 1;
+                    memory[job.slot].used = tick;
+                }
+                let _ = job.reply.send(outcome);
+            }
+        }
         // Join: waiting jobs take free slots in arrival order.
         while !free.is_empty()
             && let Some(job) = waiting.pop_front()
@@ -376,6 +423,66 @@ pub async fn run(
     }
     metrics.busy.store(0, Ordering::Relaxed);
     session
+}
+
+/// Runs one slot action on a slot no request holds.
+async fn slot_action(
+    session: &mut Session,
+    active: &[Active],
+    memory: &mut [SlotMemory],
+    job: &SlotJob,
+) -> Result<SlotOutcome, String> {
+    let slot = job.slot;
+    if slot >= memory.len() {
+        return Err(format!("no slot {slot}: this server has {}", memory.len()));
+    }
+    if active.iter().any(|a| a.sequence == slot) {
+        return Err(format!("slot {slot} is busy with a request"));
+    }
+    if session.needs_recovery() {
+        return Err("the cluster is re-forming (a worker restarted); try again".into());
+    }
+    match &job.action {
+        SlotAction::Save(name) => {
+            let tokens = &memory[slot].tokens;
+            if tokens.is_empty() {
+                return Err(format!("slot {slot} holds nothing to save"));
+            }
+            let (bytes, seconds) = session
+                .save_sequence(slot, tokens, name)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(SlotOutcome {
+                tokens: tokens.len(),
+                bytes,
+                seconds,
+            })
+        }
+        SlotAction::Restore(name) => {
+            // Whatever the slot held is being overwritten: forget it first, so that a failed
+            // restore leaves nothing the prefix cache would trust.
+            memory[slot].tokens.clear();
+            let (tokens, bytes, seconds) = session
+                .restore_sequence(slot, name)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let count = tokens.len();
+            memory[slot].tokens = tokens;
+            Ok(SlotOutcome {
+                tokens: count,
+                bytes,
+                seconds,
+            })
+        }
+        SlotAction::Erase => {
+            let count = std::mem::take(&mut memory[slot].tokens).len();
+            Ok(SlotOutcome {
+                tokens: count,
+                bytes: 0,
+                seconds: 0.0,
+            })
+        }
+    }
 }
 
 /// Samples each output row's token for its sequence (`owners`: slots, in row order) and

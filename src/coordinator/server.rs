@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::coordinator::engine::{self, EngineOptions, Job, JobEvent};
+use crate::coordinator::engine::{self, EngineOptions, Job, JobEvent, SlotAction, SlotJob, Work};
 use crate::coordinator::metrics::{ERRORS_4XX, ERRORS_5XX, Metrics};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::sequence::{Sampled, SequenceSpec, Stop};
@@ -61,7 +61,7 @@ struct Ready {
     model: Arc<Model>,
     max_context: usize,
     slots: usize,
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: mpsc::UnboundedSender<Work>,
     /// Which workers answer, and whether the cluster must re-form (`/health`).
     health: Arc<crate::coordinator::cluster::Health>,
 }
@@ -247,6 +247,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/slots/{id}", post(slot_action))
         .fallback(|| async {
             ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -739,6 +740,90 @@ fn ready_model(state: &AppState) -> Option<Arc<Model>> {
         .map(|r| r.model.clone())
 }
 
+/// `POST /slots/{id}?action=save|restore|erase` with `{"filename": NAME}` (llama-server's
+/// slot persistence): every worker saves or reads its own shard of the slot's KV cache in its
+/// save directory (`--slot-save-path`). A restored slot is reused by the next prompt that
+/// starts with its tokens.
+async fn slot_action(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    body: Bytes,
+) -> Response {
+    let Ok(slot) = id.parse::<usize>() else {
+        return ApiError::invalid(format!("'{id}' is not a slot number"), None).into_response();
+    };
+    let action = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("action="))
+        .unwrap_or("");
+    let file_name = || -> Result<String, ApiError> {
+        let body = parse_body(&body)?;
+        match body.get("filename") {
+            Some(Value::String(name)) => {
+                crate::shard::cache::check_save_name(name)
+                    .map_err(|e| ApiError::invalid(e, Some("filename")))?;
+                Ok(name.clone())
+            }
+            _ => Err(ApiError::invalid(
+                "give the file name as {\"filename\": \"NAME\"}",
+                Some("filename"),
+            )),
+        }
+    };
+    let action = match action {
+        "save" => file_name().map(SlotAction::Save),
+        "restore" => file_name().map(SlotAction::Restore),
+        "erase" => Ok(SlotAction::Erase),
+        other => Err(ApiError::invalid(
+            format!("unknown slot action '{other}': use ?action=save, restore or erase"),
+            None,
+        )),
+    };
+    let action = match action {
+        Ok(action) => action,
+        Err(e) => return e.into_response(),
+    };
+    let kind = match &action {
+        SlotAction::Save(name) => ("save", Some(name.clone())),
+        SlotAction::Restore(name) => ("restore", Some(name.clone())),
+        SlotAction::Erase => ("erase", None),
+    };
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let job = SlotJob {
+        slot,
+        action,
+        reply,
+    };
+    let sent = match state.ready.read().unwrap().as_ref() {
+        Some(r) => r.jobs.send(Work::Slot(job)).is_ok(),
+        None => false,
+    };
+    if !sent {
+        return not_ready().into_response();
+    }
+    let outcome = match outcome.await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(message)) => return ApiError::invalid(message, None).into_response(),
+        Err(_) => return not_ready().into_response(),
+    };
+    let ms = outcome.seconds * 1e3;
+    let body = match kind {
+        ("save", name) => json!({
+            "id_slot": slot, "filename": name, "n_saved": outcome.tokens,
+            "n_written": outcome.bytes, "timings": {"save_ms": ms},
+        }),
+        ("restore", name) => json!({
+            "id_slot": slot, "filename": name, "n_restored": outcome.tokens,
+            "n_read": outcome.bytes, "timings": {"restore_ms": ms},
+        }),
+        _ => json!({"id_slot": slot, "n_erased": outcome.tokens}),
+    };
+    axum::Json(body).into_response()
+}
+
 fn not_ready() -> ApiError {
     ApiError::unavailable(
         "the model is still loading (or the server is stopping); see /health",
@@ -944,7 +1029,7 @@ async fn run(
         accepted: Instant::now(),
     };
     let sent = match state.ready.read().unwrap().as_ref() {
-        Some(r) => r.jobs.send(job).is_ok(),
+        Some(r) => r.jobs.send(Work::Generate(job)).is_ok(),
         None => false,
     };
     if !sent {

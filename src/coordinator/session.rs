@@ -305,6 +305,68 @@ impl Session {
         self.cluster.load(&spec).await
     }
 
+    /// Saves positions `0..tokens.len()` of a sequence slot on every worker (each its own
+    /// shard) under `file_name`; returns the bytes written, summed over the workers, and the
+    /// slowest worker's seconds.
+    pub async fn save_sequence(
+        &mut self,
+        sequence: usize,
+        tokens: &[u32],
+        file_name: &str,
+    ) -> anyhow::Result<(u64, f64)> {
+        crate::shard::cache::check_save_name(file_name).map_err(anyhow::Error::msg)?;
+        if tokens.is_empty() || tokens.len() > self.max_context || sequence >= self.sequences {
+            bail!(
+                "cannot save {} positions of slot {sequence} ({} slots of {} positions)",
+                tokens.len(),
+                self.sequences,
+                self.max_context
+            );
+        }
+        let replies = self
+            .cluster
+            .save_sequence(sequence as u32, tokens, file_name)
+            .await?;
+        Ok((
+            replies.iter().map(|r| r.bytes).sum(),
+            replies.iter().map(|r| r.seconds).fold(0.0, f64::max),
+        ))
+    }
+
+    /// Reads a saved sequence into a slot on every worker; returns the tokens its positions
+    /// hold, the bytes read (summed) and the slowest worker's seconds. The workers check their
+    /// files against their shards; here the files are checked against each other and the
+    /// vocabulary.
+    pub async fn restore_sequence(
+        &mut self,
+        sequence: usize,
+        file_name: &str,
+    ) -> anyhow::Result<(Vec<u32>, u64, f64)> {
+        crate::shard::cache::check_save_name(file_name).map_err(anyhow::Error::msg)?;
+        if sequence >= self.sequences {
+            bail!("no slot {sequence} ({} slots)", self.sequences);
+        }
+        let replies = self
+            .cluster
+            .restore_sequence(sequence as u32, file_name)
+            .await?;
+        let tokens = replies[0].tokens.clone();
+        if let Some(rank) = replies.iter().position(|r| r.tokens != tokens) {
+            bail!(
+                "the workers' files named '{file_name}' hold different sequences (worker 0's and worker {rank}'s): saved at different times?"
+            );
+        }
+        let vocab = self.model.config.vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            bail!("'{file_name}' holds token {bad}, outside this model's vocabulary of {vocab}");
+        }
+        Ok((
+            tokens,
+            replies.iter().map(|r| r.bytes).sum(),
+            replies.iter().map(|r| r.seconds).fold(0.0, f64::max),
+        ))
+    }
+
     /// Whether the cluster must be re-formed before the next step: a step failed, or the
     /// heartbeat found a worker restarted (it holds no shard).
     pub fn needs_recovery(&self) -> bool {

@@ -151,6 +151,25 @@ impl CacheTypes {
     }
 }
 
+/// Checks a name for a saved sequence (`POST /slots/{id}?action=save`): it becomes a file name
+/// in the save directory of every worker, so it may not leave that directory or hide in it.
+pub fn check_save_name(name: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("bad file name '{name}': {why}"));
+    if name.is_empty() || name.len() > 200 {
+        return bad("give 1 to 200 bytes");
+    }
+    if name.starts_with('.') {
+        return bad("it may not start with '.'");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return bad("use letters, digits, '-', '_' and '.' only");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +206,21 @@ mod tests {
         assert_eq!(types.key_rotation(96), None);
         assert_eq!(CacheTypes::default().key_rotation(128), None);
         assert_eq!(CacheTypes::default().value_rotation(128), None);
+        for good in ["chat-1.bin", "a", "slot_0.kv"] {
+            assert!(check_save_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            ".hidden",
+            "..",
+            "a\\b",
+            "x y",
+            "é",
+            &"a".repeat(201),
+        ] {
+            assert!(check_save_name(bad).is_err(), "{bad}");
+        }
     }
 }

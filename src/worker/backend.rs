@@ -3,8 +3,11 @@
 //! graphs), and the KV cache that lives with it. `CpuBackend` (the executor) is today's one
 //! implementation; a GPU backend is another, chosen once when the shard is loaded.
 
+use std::path::Path;
+
 use crate::transport::Collective;
 use crate::worker::executor::{OutputRequest, RowResult, StepError};
+use crate::worker::slots::SavedShard;
 
 pub trait Backend: Send {
     /// Runs the shard program over `tokens` at `positions` of `sequences`, exchanging partial
@@ -22,6 +25,24 @@ pub trait Backend: Send {
     fn clear_sequence(&mut self, sequence: usize);
 
     fn kv_cache_bytes(&self) -> u64;
+
+    /// Writes positions `0..tokens.len()` of a sequence's KV cache to `path` (see
+    /// `worker::slots`); returns the bytes written.
+    fn save_sequence(
+        &self,
+        path: &Path,
+        shard: &SavedShard,
+        sequence: usize,
+        tokens: &[u32],
+    ) -> Result<u64, String>;
+
+    /// Reads a saved sequence into a slot; returns its tokens and the bytes read.
+    fn restore_sequence(
+        &mut self,
+        path: &Path,
+        shard: &SavedShard,
+        sequence: usize,
+    ) -> Result<(Vec<u32>, u64), String>;
 
     /// Seconds inside AllReduce during the last step, how many AllReduces it ran, and the
     /// bytes this rank contributed to them.

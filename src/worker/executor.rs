@@ -23,6 +23,7 @@ use crate::worker::backend::Backend;
 use crate::worker::kv::KvCache;
 use crate::worker::moe::{MoeLayer, MoeScratch, SharedExpert};
 use crate::worker::shard::{LoadedShard, Weight};
+use crate::worker::slots::{self, SavedShard};
 
 thread_local! {
     /// Per-thread attention scratch: the query in f16 and the scores (f16 cache), and the
@@ -556,6 +557,25 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     fn kv_cache_bytes(&self) -> u64 {
         self.kv.bytes()
+    }
+
+    fn save_sequence(
+        &self,
+        path: &std::path::Path,
+        shard: &SavedShard,
+        sequence: usize,
+        tokens: &[u32],
+    ) -> Result<u64, String> {
+        slots::save(path, shard, &self.kv, sequence, tokens)
+    }
+
+    fn restore_sequence(
+        &mut self,
+        path: &std::path::Path,
+        shard: &SavedShard,
+        sequence: usize,
+    ) -> Result<(Vec<u32>, u64), String> {
+        slots::restore(path, shard, &mut self.kv, sequence)
     }
 
     fn clear_sequence(&mut self, sequence: usize) {

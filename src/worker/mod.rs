@@ -7,6 +7,7 @@ pub mod kv;
 pub mod model_cache;
 pub mod moe;
 pub mod shard;
+pub mod slots;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use crate::kernels::pool::ThreadPool;
 use crate::model::arch::ModelConfig;
 use crate::model::gguf::{GgufFile, MAX_SPLIT_COUNT};
 use crate::proto;
-use crate::shard::cache::{CacheType, CacheTypes};
+use crate::shard::cache::{CacheType, CacheTypes, check_save_name};
 use crate::shard::host::{boot_id, hostname, model_header_hash, network_namespace};
 use crate::shard::plan::{LayerShard, RankShard, Stage, check_rank_shard};
 use crate::transport::grpc::{
@@ -29,6 +30,7 @@ use crate::transport::grpc::{
 use crate::transport::hierarchical::Hierarchical;
 use crate::transport::shm::{ShmCollective, ShmSegment};
 use crate::transport::{AbortSignal, Collective, CollectiveLimits, Solo};
+use crate::worker::slots::SavedShard;
 use backend::Backend;
 use executor::{CpuBackend, OutputRequest};
 use model_cache::CacheFile;
@@ -54,6 +56,8 @@ pub struct WorkerOptions {
     pub tls: Option<crate::tls::TlsFiles>,
     /// The NUMA node this worker is bound to, reported to the coordinator.
     pub numa_node: Option<usize>,
+    /// Where sequence slots are saved and restored from (`--slot-save-path`); None refuses.
+    pub slot_save_path: Option<PathBuf>,
 }
 
 /// Most byte ranges one PrepareModel may list.
@@ -146,6 +150,8 @@ struct Loaded {
     identity: Vec<u8>,
     config: ModelConfig,
     max_batch: usize,
+    /// What a saved sequence must agree with to be restored into this shard.
+    saved_shard: SavedShard,
 }
 
 /// What identifies a loaded shard: its LoadShard request without the data-plane fields, which
@@ -232,6 +238,8 @@ pub struct WorkerService {
     /// The data-plane socket; each gRPC collective serves it from its own runtime.
     data_listener: Arc<std::net::TcpListener>,
     cache_dir: PathBuf,
+    /// `--slot-save-path`: where sequences are saved.
+    slot_save_path: Option<PathBuf>,
     /// The cache file PrepareModel opened, which PushModel fills.
     receiving: Arc<Mutex<Option<CacheFile>>>,
     registry: Arc<Registry>,
@@ -391,6 +399,19 @@ fn load(
             steps: 0,
             compute_seconds: 0.0,
             identity: shard_identity(&request),
+            saved_shard: SavedShard {
+                model_header_hash: request.model_header_hash,
+                rank_index: request.rank_index,
+                rank_count: request.rank_count,
+                kv_heads: shard
+                    .layers
+                    .iter()
+                    .map(|l| (l.kv_heads.start as u32, l.kv_heads.end as u32))
+                    .collect(),
+                head_dim: config.head_dim as u32,
+                cache_type_k: cache_types.k.name().into(),
+                cache_type_v: cache_types.v.name().into(),
+            },
             config,
             max_batch,
         },
@@ -548,6 +569,21 @@ fn data_plane(
         other => return Err(format!("unknown transport '{other}'")),
     };
     Ok(plane)
+}
+
+impl WorkerService {
+    /// The directory saved sequences go to, or why there is none.
+    fn save_dir(&self) -> Result<PathBuf, Status> {
+        let dir = self.slot_save_path.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this worker was started without --slot-save-path: it does not save sequences",
+            )
+        })?;
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            Status::failed_precondition(format!("cannot use {}: {e}", dir.display()))
+        })?;
+        Ok(dir)
+    }
 }
 
 #[tonic::async_trait]
@@ -980,6 +1016,70 @@ impl proto::worker_server::Worker for WorkerService {
         Ok(Response::new(proto::Empty {}))
     }
 
+    async fn save_sequence(
+        &self,
+        request: Request<proto::SaveSequenceRequest>,
+    ) -> Result<Response<proto::SaveSequenceReply>, Status> {
+        let request = request.into_inner();
+        let dir = self.save_dir()?;
+        check_save_name(&request.file_name).map_err(Status::invalid_argument)?;
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let guard = lock_shard(&state);
+            let loaded = guard
+                .as_ref()
+                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
+            let path = slots::file_path(&dir, &request.file_name, loaded.rank_index);
+            let bytes = loaded
+                .executor
+                .save_sequence(
+                    &path,
+                    &loaded.saved_shard,
+                    request.sequence as usize,
+                    &request.tokens,
+                )
+                .map_err(Status::invalid_argument)?;
+            tracing::info!(path = %path.display(), bytes, "sequence saved");
+            Ok(Response::new(proto::SaveSequenceReply {
+                bytes,
+                seconds: started.elapsed().as_secs_f64(),
+            }))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
+    async fn restore_sequence(
+        &self,
+        request: Request<proto::RestoreSequenceRequest>,
+    ) -> Result<Response<proto::RestoreSequenceReply>, Status> {
+        let request = request.into_inner();
+        let dir = self.save_dir()?;
+        check_save_name(&request.file_name).map_err(Status::invalid_argument)?;
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut guard = lock_shard(&state);
+            let loaded = guard
+                .as_mut()
+                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
+            let path = slots::file_path(&dir, &request.file_name, loaded.rank_index);
+            let (tokens, bytes) = loaded
+                .executor
+                .restore_sequence(&path, &loaded.saved_shard, request.sequence as usize)
+                .map_err(Status::invalid_argument)?;
+            tracing::info!(path = %path.display(), bytes, "sequence restored");
+            Ok(Response::new(proto::RestoreSequenceReply {
+                tokens,
+                bytes,
+                seconds: started.elapsed().as_secs_f64(),
+            }))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
     async fn stats(&self, _: Request<proto::Empty>) -> Result<Response<proto::StatsReply>, Status> {
         let guard = lock_shard(&self.state);
         let loaded = guard.as_ref();
@@ -1070,6 +1170,7 @@ pub async fn run(
             .cache_dir
             .clone()
             .unwrap_or_else(model_cache::default_cache_dir),
+        slot_save_path: options.slot_save_path.clone(),
         receiving: Arc::new(Mutex::new(None)),
         registry: registry.clone(),
         bytes_sent: Arc::new(Mutex::new(Arc::new(Vec::new()))),
