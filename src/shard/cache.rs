@@ -53,7 +53,7 @@ impl CacheType {
     /// Whether rows of `head_dim` values can be stored in this type; why not otherwise.
     pub fn check_head_dim(self, head_dim: usize) -> Result<(), String> {
         match self {
-            CacheType::Q8_0 | CacheType::Q4_0 if head_dim % QK != 0 => Err(format!(
+            CacheType::Q8_0 | CacheType::Q4_0 if !head_dim.is_multiple_of(QK) => Err(format!(
                 "a {} KV cache stores rows in blocks of {QK}, and this model's heads have {head_dim} values: use f16 or bf16",
                 self.name()
             )),
@@ -117,11 +117,11 @@ impl CacheTypes {
     /// outliers over the block, so 4 and 8 bits lose less. None for f16/bf16, or heads that
     /// are not a multiple of 64.
     pub fn key_rotation(self, head_dim: usize) -> Option<usize> {
-        if !matches!(self.k, CacheType::Q8_0 | CacheType::Q4_0) || head_dim % 64 != 0 {
+        if !matches!(self.k, CacheType::Q8_0 | CacheType::Q4_0) || !head_dim.is_multiple_of(64) {
             return None;
         }
         let mut n = 64;
-        while head_dim % (2 * n) == 0 {
+        while head_dim.is_multiple_of(2 * n) {
             n *= 2;
         }
         Some(n)
@@ -130,7 +130,8 @@ impl CacheTypes {
     /// The rotation values take before a quantized value cache (chunks of 64, as llama.cpp's);
     /// attention's output is rotated back with it.
     pub fn value_rotation(self, head_dim: usize) -> Option<usize> {
-        (matches!(self.v, CacheType::Q8_0 | CacheType::Q4_0) && head_dim % 64 == 0).then_some(64)
+        (matches!(self.v, CacheType::Q8_0 | CacheType::Q4_0) && head_dim.is_multiple_of(64))
+            .then_some(64)
     }
 
     /// Bytes of one position's keys and values over the given KV heads per layer.

@@ -822,7 +822,7 @@ fn attend_with(
 /// symmetric and its own inverse.
 pub fn hadamard_rotate(x: &mut [f32], n: usize) {
     assert!(
-        n.is_power_of_two() && x.len() % n == 0,
+        n.is_power_of_two() && x.len().is_multiple_of(n),
         "hadamard_rotate: bad size"
     );
     let scale = 1.0 / (n as f32).sqrt();
