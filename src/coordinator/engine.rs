@@ -310,7 +310,8 @@ pub async fn run(
         let generating = active.iter().filter(|a| a.pending.is_some()).count();
         let share = generating.div_ceil(limit).max(1);
         let mut failed = None;
-        while in_flight.len() < limit {
+        // A slot action waits for the batches in flight to land: none is launched meanwhile.
+        while in_flight.len() < limit && slot_jobs.is_empty() {
             let (batch, owners, members) =
                 build_batch(&mut active, session.max_batch, options.chunk, share);
             if batch.is_empty() {

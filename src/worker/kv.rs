@@ -192,27 +192,6 @@ impl KvCache {
         )
     }
 
-    /// Copies positions `0..n` of one sequence's cache to another's slot.
-    pub fn copy_sequence(&mut self, from: usize, to: usize, n: usize) {
-        if from == to {
-            return;
-        }
-        for layer in 0..self.heads.len() {
-            for (buffer, row) in [
-                (&mut self.keys[layer], self.key_row),
-                (&mut self.values[layer], self.value_row),
-            ] {
-                let per_sequence = self.max_context * self.heads[layer] * row;
-                let len = n * self.heads[layer] * row;
-                let bytes = as_bytes_mut(buffer);
-                bytes.copy_within(
-                    from * per_sequence..from * per_sequence + len,
-                    to * per_sequence,
-                );
-            }
-        }
-    }
-
     pub fn layers(&self) -> usize {
         self.heads.len()
     }
