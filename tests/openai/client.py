@@ -326,6 +326,37 @@ def chat_turns(args):
     )
 
 
+def slot_save(args):
+    """Times saving and restoring a long conversation (POST /slots/0?action=save|restore):
+    reads a long prompt into slot 0 (the server runs with --parallel 1 and --slot-save-path),
+    saves it, erases the slot, restores it and sends the same prompt plus one word."""
+    root = args.base_url.rsplit("/v1", 1)[0]
+
+    def post(path, body):
+        request = urllib.request.Request(
+            root + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            out = json.load(reply)
+        return out, (time.perf_counter() - started) * 1e3
+
+    with open(args.text_file) as f:
+        text = f.read()[: args.chars]
+    out, ms = post("/v1/completions", {"prompt": text, "max_tokens": 1, "temperature": 0})
+    print(f"prompt of {out['usage']['prompt_tokens']} tokens computed in {ms:.0f} ms")
+    out, ms = post("/slots/0?action=save", {"filename": args.name})
+    print(
+        f"save: {out['n_saved']} tokens, {out['n_written'] / 2**20:.1f} MiB over the workers; "
+        f"workers {out['timings']['save_ms']:.1f} ms, request {ms:.1f} ms"
+    )
+    post("/slots/0?action=erase", {})
+    out, ms = post("/slots/0?action=restore", {"filename": args.name})
+    print(f"restore: {out['n_restored']} tokens; workers {out['timings']['restore_ms']:.1f} ms, request {ms:.1f} ms")
+    out, ms = post("/v1/completions", {"prompt": text + " And", "max_tokens": 1, "temperature": 0})
+    print(f"the same prompt plus one word after the restore: {ms:.0f} ms")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -340,9 +371,14 @@ def main():
     c = sub.add_parser("chat-turns")
     c.add_argument("--base-url", required=True)
     c.add_argument("--tokens", type=int, default=32)
+    s = sub.add_parser("slot-save")
+    s.add_argument("--base-url", required=True)
+    s.add_argument("--text-file", default="tests/data/golden/ppl_text.txt")
+    s.add_argument("--chars", type=int, default=9000)
+    s.add_argument("--name", default="long-conversation")
     args = parser.parse_args()
     try:
-        {"test": test, "load": load, "chat-turns": chat_turns}[args.command](args)
+        {"test": test, "load": load, "chat-turns": chat_turns, "slot-save": slot_save}[args.command](args)
     except AssertionError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         sys.exit(1)
