@@ -14,6 +14,30 @@ fn post(server: &Server, path: &str, body: Value) -> (u16, Value) {
 }
 
 /// The data lines of a server-sent event stream.
+/// The content of a greedy chat reply of at most 24 tokens.
+fn greedy_reply(server: &Server, messages: &Value) -> String {
+    let (status, body) = post(
+        server,
+        "/v1/chat/completions",
+        json!({"messages": messages, "max_tokens": 24, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The server's count of prompt tokens reused from its KV cache (`/metrics`).
+fn prompt_tokens_cached(server: &Server) -> f64 {
+    let (_, metrics) = http(server, "GET", "/metrics", "");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tp_prompt_tokens_cached_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tp_prompt_tokens_cached_total in {metrics}"))
+}
+
 fn events(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -388,18 +412,7 @@ fn the_prefix_cache_reuses_prompts_and_changes_no_reply() {
     let Some(path) = model(SMOLLM2) else { return };
     let system = "You are a concise assistant who answers in one sentence about geography.";
     let conversation = |server: &Server| -> (Vec<String>, f64) {
-        let chat = |messages: Value| {
-            let (status, body) = post(
-                server,
-                "/v1/chat/completions",
-                json!({"messages": messages, "max_tokens": 24, "temperature": 0}),
-            );
-            assert_eq!(status, 200, "{body}");
-            body["choices"][0]["message"]["content"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        };
+        let chat = |messages: Value| greedy_reply(server, &messages);
         let first = chat(json!([
             {"role": "system", "content": system},
             {"role": "user", "content": "What is the capital of France?"},
@@ -414,13 +427,7 @@ fn the_prefix_cache_reuses_prompts_and_changes_no_reply() {
             {"role": "system", "content": system},
             {"role": "user", "content": "Name a river in Spain."},
         ]));
-        let (_, metrics) = http(server, "GET", "/metrics", "");
-        let cached = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("tp_prompt_tokens_cached_total "))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no tp_prompt_tokens_cached_total in {metrics}"));
-        (vec![first, second, other], cached)
+        (vec![first, second, other], prompt_tokens_cached(server))
     };
     let full = start(
         &path,
@@ -460,26 +467,6 @@ fn a_saved_conversation_survives_a_restart() {
     let first_turn = json!([
         {"role": "user", "content": "Tell me about the river Danube in two sentences."},
     ]);
-    let chat = |server: &Server, messages: &Value| -> String {
-        let (status, body) = post(
-            server,
-            "/v1/chat/completions",
-            json!({"messages": messages, "max_tokens": 24, "temperature": 0}),
-        );
-        assert_eq!(status, 200, "{body}");
-        body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let cached = |server: &Server| -> f64 {
-        let (_, metrics) = http(server, "GET", "/metrics", "");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("tp_prompt_tokens_cached_total "))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
     let second_turn = |first: &str| {
         json!([
             {"role": "user", "content": "Tell me about the river Danube in two sentences."},
@@ -488,7 +475,7 @@ fn a_saved_conversation_survives_a_restart() {
         ])
     };
     let server = start(&path, &args);
-    let first = chat(&server, &first_turn);
+    let first = greedy_reply(&server, &first_turn);
     let started = std::time::Instant::now();
     let (status, saved) = post(
         &server,
@@ -505,7 +492,7 @@ fn a_saved_conversation_survives_a_restart() {
             "rank {rank}'s file"
         );
     }
-    let expected = chat(&server, &second_turn(&first));
+    let expected = greedy_reply(&server, &second_turn(&first));
     drop(server);
 
     let server = start(&path, &args);
@@ -519,13 +506,13 @@ fn a_saved_conversation_survives_a_restart() {
     let restore_ms = started.elapsed().as_secs_f64() * 1e3;
     assert_eq!(restored["n_restored"].as_u64(), Some(n_saved), "{restored}");
     assert_eq!(restored["n_read"], saved["n_written"]);
-    let before = cached(&server);
+    let before = prompt_tokens_cached(&server);
     assert_eq!(
-        chat(&server, &second_turn(&first)),
+        greedy_reply(&server, &second_turn(&first)),
         expected,
         "the restored conversation went elsewhere"
     );
-    let reused = cached(&server) - before;
+    let reused = prompt_tokens_cached(&server) - before;
     assert!(
         reused >= n_saved as f64 - 1.0,
         "only {reused} of {n_saved} restored tokens reused"

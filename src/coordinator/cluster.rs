@@ -1442,26 +1442,16 @@ impl Cluster {
         tokens: &[u32],
         file_name: &str,
     ) -> anyhow::Result<Vec<proto::SaveSequenceReply>> {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (rank, worker) in self.workers.iter().enumerate() {
-            let request = proto::SaveSequenceRequest {
-                sequence,
-                tokens: tokens.to_vec(),
-                file_name: file_name.to_string(),
-            };
-            let (mut client, address) = (worker.client.clone(), worker.address.clone());
-            let timeout = self.limits.load_timeout;
-            tasks.spawn(async move {
-                let reply = tokio::time::timeout(timeout, client.save_sequence(request))
-                    .await
-                    .map_err(|_| {
-                        anyhow::anyhow!("worker {rank} ({address}) did not save within {timeout:?}")
-                    })?
-                    .map_err(|s| anyhow::anyhow!("worker {rank} ({address}): {}", s.message()))?;
-                Ok::<_, anyhow::Error>((rank, reply.into_inner()))
-            });
-        }
-        collect_ranked(tasks, self.workers.len()).await
+        let request = proto::SaveSequenceRequest {
+            sequence,
+            tokens: tokens.to_vec(),
+            file_name: file_name.to_string(),
+        };
+        self.call_every_worker("save", move |mut client| {
+            let request = request.clone();
+            async move { client.save_sequence(request).await }
+        })
+        .await
     }
 
     /// Every worker reads its shard of a saved sequence into a slot; replies in rank order.
@@ -1470,20 +1460,42 @@ impl Cluster {
         sequence: u32,
         file_name: &str,
     ) -> anyhow::Result<Vec<proto::RestoreSequenceReply>> {
+        let request = proto::RestoreSequenceRequest {
+            sequence,
+            file_name: file_name.to_string(),
+        };
+        self.call_every_worker("restore", move |mut client| {
+            let request = request.clone();
+            async move { client.restore_sequence(request).await }
+        })
+        .await
+    }
+
+    /// Makes one call on every worker at once (within the load timeout; `what` names it in
+    /// errors); replies in rank order, or the first failure.
+    async fn call_every_worker<T, F, Fut>(
+        &self,
+        what: &'static str,
+        call: F,
+    ) -> anyhow::Result<Vec<T>>
+    where
+        T: Send + 'static,
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>
+            + Send
+            + 'static,
+    {
         let mut tasks = tokio::task::JoinSet::new();
+        let timeout = self.limits.load_timeout;
         for (rank, worker) in self.workers.iter().enumerate() {
-            let request = proto::RestoreSequenceRequest {
-                sequence,
-                file_name: file_name.to_string(),
-            };
-            let (mut client, address) = (worker.client.clone(), worker.address.clone());
-            let timeout = self.limits.load_timeout;
+            let reply = call(worker.client.clone());
+            let address = worker.address.clone();
             tasks.spawn(async move {
-                let reply = tokio::time::timeout(timeout, client.restore_sequence(request))
+                let reply = tokio::time::timeout(timeout, reply)
                     .await
                     .map_err(|_| {
                         anyhow::anyhow!(
-                            "worker {rank} ({address}) did not restore within {timeout:?}"
+                            "worker {rank} ({address}) did not {what} within {timeout:?}"
                         )
                     })?
                     .map_err(|s| anyhow::anyhow!("worker {rank} ({address}): {}", s.message()))?;

@@ -314,7 +314,6 @@ impl Session {
         tokens: &[u32],
         file_name: &str,
     ) -> anyhow::Result<(u64, f64)> {
-        crate::shard::cache::check_save_name(file_name).map_err(anyhow::Error::msg)?;
         if tokens.is_empty() || tokens.len() > self.max_context || sequence >= self.sequences {
             bail!(
                 "cannot save {} positions of slot {sequence} ({} slots of {} positions)",
@@ -342,7 +341,6 @@ impl Session {
         sequence: usize,
         file_name: &str,
     ) -> anyhow::Result<(Vec<u32>, u64, f64)> {
-        crate::shard::cache::check_save_name(file_name).map_err(anyhow::Error::msg)?;
         if sequence >= self.sequences {
             bail!("no slot {sequence} ({} slots)", self.sequences);
         }

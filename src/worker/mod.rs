@@ -10,7 +10,7 @@ pub mod shard;
 pub mod slots;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -572,6 +572,32 @@ fn data_plane(
 }
 
 impl WorkerService {
+    /// Runs `work` on the loaded shard with this rank's file of a saved sequence named
+    /// `file_name` (checked: a plain name in `--slot-save-path`), off the async threads; returns
+    /// its result and the seconds it took. Its errors are the request's fault.
+    async fn with_save_file<T: Send + 'static>(
+        &self,
+        file_name: &str,
+        work: impl FnOnce(&mut Loaded, &Path) -> Result<T, String> + Send + 'static,
+    ) -> Result<(T, f64), Status> {
+        let dir = self.save_dir()?;
+        check_save_name(file_name).map_err(Status::invalid_argument)?;
+        let file_name = file_name.to_string();
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let mut guard = lock_shard(&state);
+            let loaded = guard
+                .as_mut()
+                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
+            let path = slots::file_path(&dir, &file_name, loaded.rank_index);
+            let result = work(loaded, &path).map_err(Status::invalid_argument)?;
+            Ok((result, started.elapsed().as_secs_f64()))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+    }
+
     /// The directory saved sequences go to, or why there is none.
     fn save_dir(&self) -> Result<PathBuf, Status> {
         let dir = self.slot_save_path.clone().ok_or_else(|| {
@@ -1021,33 +1047,25 @@ impl proto::worker_server::Worker for WorkerService {
         request: Request<proto::SaveSequenceRequest>,
     ) -> Result<Response<proto::SaveSequenceReply>, Status> {
         let request = request.into_inner();
-        let dir = self.save_dir()?;
-        check_save_name(&request.file_name).map_err(Status::invalid_argument)?;
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let guard = lock_shard(&state);
-            let loaded = guard
-                .as_ref()
-                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
-            let path = slots::file_path(&dir, &request.file_name, loaded.rank_index);
-            let bytes = loaded
-                .executor
-                .save_sequence(
-                    &path,
-                    &loaded.saved_shard,
-                    request.sequence as usize,
-                    &request.tokens,
-                )
-                .map_err(Status::invalid_argument)?;
+        self.with_save_file(&request.file_name, move |loaded, path| {
+            let sequence = request.sequence as usize;
+            let bytes = loaded.executor.save_sequence(
+                path,
+                &loaded.saved_shard,
+                sequence,
+                &request.tokens,
+            )?;
             tracing::info!(path = %path.display(), bytes, "sequence saved");
-            Ok(Response::new(proto::SaveSequenceReply {
+            Ok(proto::SaveSequenceReply {
                 bytes,
-                seconds: started.elapsed().as_secs_f64(),
-            }))
+                seconds: 0.0,
+            })
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map(|(mut reply, seconds)| {
+            reply.seconds = seconds;
+            Response::new(reply)
+        })
     }
 
     async fn restore_sequence(
@@ -1055,29 +1073,24 @@ impl proto::worker_server::Worker for WorkerService {
         request: Request<proto::RestoreSequenceRequest>,
     ) -> Result<Response<proto::RestoreSequenceReply>, Status> {
         let request = request.into_inner();
-        let dir = self.save_dir()?;
-        check_save_name(&request.file_name).map_err(Status::invalid_argument)?;
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let mut guard = lock_shard(&state);
-            let loaded = guard
-                .as_mut()
-                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
-            let path = slots::file_path(&dir, &request.file_name, loaded.rank_index);
-            let (tokens, bytes) = loaded
-                .executor
-                .restore_sequence(&path, &loaded.saved_shard, request.sequence as usize)
-                .map_err(Status::invalid_argument)?;
+        self.with_save_file(&request.file_name, move |loaded, path| {
+            let sequence = request.sequence as usize;
+            let (tokens, bytes) =
+                loaded
+                    .executor
+                    .restore_sequence(path, &loaded.saved_shard, sequence)?;
             tracing::info!(path = %path.display(), bytes, "sequence restored");
-            Ok(Response::new(proto::RestoreSequenceReply {
+            Ok(proto::RestoreSequenceReply {
                 tokens,
                 bytes,
-                seconds: started.elapsed().as_secs_f64(),
-            }))
+                seconds: 0.0,
+            })
         })
         .await
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map(|(mut reply, seconds)| {
+            reply.seconds = seconds;
+            Response::new(reply)
+        })
     }
 
     async fn stats(&self, _: Request<proto::Empty>) -> Result<Response<proto::StatsReply>, Status> {
