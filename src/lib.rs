@@ -34,7 +34,7 @@ pub mod worker;
 
 /// The protocol coordinator and workers speak (`proto/tp.proto` and the data plane's frames).
 /// Raised whenever a message changes meaning; a coordinator refuses a worker that differs.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 #[allow(clippy::all)]
 pub mod proto {

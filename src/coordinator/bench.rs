@@ -272,6 +272,8 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 pp: args.pp,
                 cache_type_k: args.cache_type_k,
                 cache_type_v: args.cache_type_v,
+                kv_budget: None,
+                kv_block_size: crate::shard::cache::DEFAULT_KV_BLOCK_SIZE,
             };
             // Measured before the workers start, so that nothing else competes for memory.
             let memory = memory_gbps(&mut bandwidth, tp as usize * threads);

@@ -15,7 +15,7 @@ use crate::coordinator::cluster::{
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::session::{GenerateRequest, Model, Session};
 use crate::model::chat::{ChatMessage, ChatTemplate};
-use crate::shard::cache::{CacheType, CacheTypes};
+use crate::shard::cache::{CacheType, CacheTypes, DEFAULT_KV_BLOCK_SIZE, KvBudget, KvOptions};
 use crate::shard::plan::{AttentionUnit, MoeSplit};
 use crate::shard::tensors::{shard_byte_ranges, shard_expert_bytes, shard_weight_bytes};
 use crate::transport::grpc::SyncPrecision;
@@ -191,6 +191,16 @@ pub struct ClusterArgs {
     /// Storage type of the KV cache's values (as --cache-type-k; -ctv works too).
     #[arg(long = "cache-type-v", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type_v: CacheType,
+    /// Memory for each worker's KV cache: bytes ("6G", "512MiB") or a share of the memory its
+    /// host has available beyond its weights ("0.5", "50%"; workers on one machine split it).
+    /// The cache is a pool of blocks that all requests share: -c stays the limit of one
+    /// request, and many short requests fit where few long ones would. Without it, the pool
+    /// holds --parallel whole contexts. Requests wait when the pool is full.
+    #[arg(long, value_name = "BYTES|SHARE")]
+    pub kv_budget: Option<KvBudget>,
+    /// Positions per KV block (a power of two): the unit of allocation and of prefix sharing.
+    #[arg(long, default_value_t = DEFAULT_KV_BLOCK_SIZE, value_parser = parse_block_size)]
+    pub kv_block_size: usize,
 }
 
 impl ClusterArgs {
@@ -199,6 +209,20 @@ impl ClusterArgs {
             k: self.cache_type_k,
             v: self.cache_type_v,
         }
+    }
+
+    pub fn kv_options(&self) -> KvOptions {
+        KvOptions {
+            block_size: self.kv_block_size,
+            budget: self.kv_budget,
+        }
+    }
+}
+
+fn parse_block_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n.is_power_of_two() && n <= 1 << 16 => Ok(n),
+        _ => Err(format!("'{s}' is not a power of two in 1..=65536")),
     }
 }
 
@@ -430,6 +454,7 @@ async fn start_cluster_saving(
             cluster.sync_precision = args.sync_precision;
             cluster.moe_split = args.moe_split.unwrap_or_default();
             cluster.cache_types = args.cache_types();
+            cluster.kv = args.kv_options();
             cluster.pipeline = args
                 .pp
                 .map_or(Pipeline::Tensor, |n| Pipeline::Even(n as usize));
@@ -456,6 +481,7 @@ async fn start_cluster_saving(
             cluster.sync_precision = args.sync_precision;
             cluster.moe_split = args.moe_split.unwrap_or(hosts.moe_split);
             cluster.cache_types = args.cache_types();
+            cluster.kv = args.kv_options();
             cluster.pipeline = match args.pp {
                 Some(n) => Pipeline::Even(n as usize),
                 None => hosts.pipeline(),

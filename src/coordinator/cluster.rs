@@ -18,7 +18,7 @@ use crate::limits::MAX_MESSAGE_BYTES;
 use crate::model::gguf::GgufFile;
 use crate::proto;
 use crate::proto::worker_client::WorkerClient;
-use crate::shard::cache::CacheTypes;
+use crate::shard::cache::{CacheTypes, KvOptions};
 use crate::shard::host::model_header_hash;
 use crate::shard::plan::{MoeSplit, Plan, RankShard, split_units};
 use crate::shard::tensors::shard_byte_ranges;
@@ -360,6 +360,8 @@ pub struct Cluster {
     pub moe_split: MoeSplit,
     /// Storage types of the workers' KV caches.
     pub cache_types: CacheTypes,
+    /// The paged KV cache: positions per block and how much memory the pool may take.
+    pub kv: KvOptions,
     active_transport: Option<TransportChoice>,
     /// Whether the loaded model uses gRPC links (networked transport, or pipeline stages).
     networked: bool,
@@ -624,6 +626,8 @@ pub struct LoadSpec<'a> {
     pub max_sequences: usize,
     pub max_context: usize,
     pub max_batch: usize,
+    pub kv_block_size: usize,
+    pub kv_blocks: usize,
 }
 
 /// A worker's control-plane client; every request carries the coordinator's credentials.
@@ -795,6 +799,7 @@ impl Cluster {
             sync_precision: SyncPrecision::Full,
             moe_split: MoeSplit::Tensor,
             cache_types: CacheTypes::default(),
+            kv: KvOptions::default(),
             active_transport: None,
             networked: false,
             generation: 0,
@@ -939,6 +944,21 @@ impl Cluster {
     pub fn single_host(&self) -> bool {
         let me = host_identity_here();
         self.workers.iter().all(|w| host_identity(&w.hello) == me)
+    }
+
+    /// Per rank: the memory its host reported available when the worker joined, and how many
+    /// workers share that machine (the same boot id), which share that memory.
+    pub fn host_shares(&self) -> Vec<(u64, usize)> {
+        self.workers
+            .iter()
+            .map(|w| {
+                let same = |o: &&WorkerHandle| o.hello.boot_id == w.hello.boot_id;
+                (
+                    w.hello.available_memory,
+                    self.workers.iter().filter(same).count(),
+                )
+            })
+            .collect()
     }
 
     /// Ranks grouped by host (boot id, hostname, network namespace), each group ascending,
@@ -1101,6 +1121,8 @@ impl Cluster {
                 max_sequences: spec.max_sequences as u32,
                 max_context: spec.max_context as u32,
                 max_batch: spec.max_batch as u32,
+                kv_block_size: spec.kv_block_size as u32,
+                kv_blocks: spec.kv_blocks as u32,
                 threads: worker.threads as u32,
                 collective_timeout_ms: self.limits.collective_timeout.as_millis() as u32,
                 transport: transport.name().into(),
@@ -1435,17 +1457,20 @@ impl Cluster {
     }
 
     /// Every worker writes its shard of a sequence slot's KV cache (positions
-    /// `0..tokens.len()`) to its save directory as `file_name`; replies in rank order.
+    /// `0..tokens.len()`, in `blocks`) to its save directory as `file_name`; replies in rank
+    /// order.
     pub async fn save_sequence(
         &mut self,
         sequence: u32,
         tokens: &[u32],
+        blocks: &[u32],
         file_name: &str,
     ) -> anyhow::Result<Vec<proto::SaveSequenceReply>> {
         let request = proto::SaveSequenceRequest {
             sequence,
             tokens: tokens.to_vec(),
             file_name: file_name.to_string(),
+            blocks: blocks.to_vec(),
         };
         self.call_every_worker("save", move |mut client| {
             let request = request.clone();
@@ -1454,15 +1479,20 @@ impl Cluster {
         .await
     }
 
-    /// Every worker reads its shard of a saved sequence into a slot; replies in rank order.
+    /// Every worker reads its shard of a saved sequence into a slot's `blocks` (or, with
+    /// `header_only`, only checks the file and says its tokens); replies in rank order.
     pub async fn restore_sequence(
         &mut self,
         sequence: u32,
         file_name: &str,
+        blocks: &[u32],
+        header_only: bool,
     ) -> anyhow::Result<Vec<proto::RestoreSequenceReply>> {
         let request = proto::RestoreSequenceRequest {
             sequence,
             file_name: file_name.to_string(),
+            header_only,
+            blocks: blocks.to_vec(),
         };
         self.call_every_worker("restore", move |mut client| {
             let request = request.clone();

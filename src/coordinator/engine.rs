@@ -5,6 +5,13 @@
 //! prompt tokens of sequences still reading their prompt as the batch has room for (at most
 //! `chunk` while others generate, so long prompts do not stall their streams). Rows are
 //! independent in every kernel, so a sequence's tokens do not depend on its batch-mates.
+//!
+//! KV memory is a pool of blocks (`coordinator::blocks`): a request starts only when the pool
+//! can hold its prompt (beyond the blocks it shares with cached prefixes), and waits in arrival
+//! order otherwise. A generating sequence takes a block each time it crosses one; when none is
+//! left and nothing is in flight, the most recently started sequence gives its blocks back and
+//! waits, to be recomputed from its tokens when blocks free up (vLLM's preemption by
+//! recomputation): no request fails for want of KV memory.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -79,38 +86,11 @@ pub struct EngineOptions {
     pub prefix_cache: bool,
 }
 
-/// What a slot's KV cache holds (positions `0..tokens.len()`), and when it was last used: a
-/// request whose prompt starts with those tokens takes that slot and skips them; a request
-/// matching no slot takes the least recently used one.
+/// What a slot's last conversation left in the KV cache: its tokens, whose blocks stay cached
+/// (shared with any prompt that starts the same way) until the pool needs them.
 #[derive(Default)]
 struct SlotMemory {
     tokens: Vec<u32>,
-    used: u64,
-}
-
-/// The free slot for `prompt`: the longest reusable prefix, then the least recently used.
-/// Returns the slot and how many prompt tokens its KV cache already holds (at most all but the
-/// last: the last one is run again for its logits).
-fn take_slot(
-    free: &mut Vec<usize>,
-    memory: &[SlotMemory],
-    prompt: &[u32],
-    prefix_cache: bool,
-) -> Option<(usize, usize)> {
-    let reusable = |slot: usize| {
-        if !prefix_cache {
-            return 0;
-        }
-        let held = &memory[slot].tokens;
-        let common = held.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-        common.min(prompt.len().saturating_sub(1))
-    };
-    let index = (0..free.len()).max_by_key(|&i| {
-        let slot = free[i];
-        (reusable(slot), std::cmp::Reverse(memory[slot].used))
-    })?;
-    let slot = free.swap_remove(index);
-    Some((slot, reusable(slot)))
 }
 
 /// A job holding a sequence slot.
@@ -125,14 +105,80 @@ struct Active {
     last_token_at: Option<Instant>,
     /// A batch with this sequence's tokens is in flight: it waits for that batch.
     busy: bool,
-    /// Every token run for this sequence so far, by position: what its slot's KV cache holds.
+    /// Every token run for this sequence so far, by position: what its KV blocks hold.
     history: Vec<u32>,
+    /// Order of starting (the most recent gives its blocks back first).
+    started: u64,
+    /// Gave its KV blocks back (or lost them to a re-formed cluster): waits for blocks, then
+    /// runs its tokens again.
+    parked: bool,
+    /// After parking with tokens generated: the tokens to run again before `pending` (the
+    /// prompt and what was generated), without output rows.
+    replay: Vec<u32>,
+    /// No KV block for the next token this round.
+    stalled: bool,
 }
 
 impl Active {
     /// Position of `pending` in the sequence.
     fn position(&self) -> usize {
         self.job.prompt.len() + self.decoder.generated() - 1
+    }
+
+    /// The tokens read before generating: the prompt, or after parking, everything to replay.
+    fn source(&self) -> &[u32] {
+        if self.replay.is_empty() {
+            &self.job.prompt
+        } else {
+            &self.replay
+        }
+    }
+
+    /// Generating now: every token before `pending` has been run.
+    fn generating(&self) -> bool {
+        self.pending.is_some() && self.replay.is_empty()
+    }
+
+    /// Gives the sequence's blocks back (keeping them cached under its tokens) and parks it.
+    fn park(&mut self, session: &mut Session) {
+        session.kv.release(self.sequence, &self.history);
+        if self.pending.is_some() && self.replay.is_empty() {
+            self.replay = std::mem::take(&mut self.history);
+        }
+        self.history.clear();
+        self.fed = 0;
+        self.parked = true;
+        self.stalled = false;
+    }
+
+    /// Takes blocks for a parked sequence's tokens (sharing what is cached), leaving at least
+    /// `headroom` available; false, holding nothing, when the pool has too few.
+    fn unpark(&mut self, session: &mut Session, headroom: usize) -> bool {
+        let source = self.source().to_vec();
+        // A prompt's last token runs again for its logits; replayed tokens need none.
+        let limit = if self.replay.is_empty() {
+            source.len() - 1
+        } else {
+            source.len()
+        };
+        let reused = session.kv.attach(self.sequence, &source, limit);
+        if !session.kv.reserve(self.sequence, source.len()) || session.kv.available() < headroom {
+            session.kv.release(self.sequence, &source[..reused]);
+            return false;
+        }
+        self.fed = reused;
+        self.history = source[..reused].to_vec();
+        self.parked = false;
+        self.end_replay();
+        true
+    }
+
+    /// A replay that has run every token is over: the sequence generates again.
+    fn end_replay(&mut self) {
+        if !self.replay.is_empty() && self.fed == self.replay.len() {
+            self.replay.clear();
+            self.fed = self.job.prompt.len();
+        }
     }
 }
 
@@ -160,7 +206,13 @@ pub async fn run(
     metrics.slots.store(slots, Ordering::Relaxed);
     let mut free: Vec<usize> = (0..slots).rev().collect();
     let mut memory: Vec<SlotMemory> = (0..slots).map(|_| SlotMemory::default()).collect();
-    let mut tick = 0u64;
+    session.kv.set_sharing(options.prefix_cache);
+    metrics
+        .kv_blocks
+        .store(session.kv.blocks(), Ordering::Relaxed);
+    let mut started = 0u64;
+    // The request at the head of the queue was counted as waiting for KV blocks.
+    let mut head_waits = false;
     let mut active: Vec<Active> = Vec::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut slot_jobs: VecDeque<SlotJob> = VecDeque::new();
@@ -181,6 +233,9 @@ pub async fn run(
         if session.needs_recovery() {
             memory.iter_mut().for_each(|m| m.tokens.clear());
         }
+        metrics
+            .kv_blocks_free
+            .store(session.kv.available(), Ordering::Relaxed);
         // Take in what arrived; block only when there is nothing to run.
         while let Ok(work) = jobs.try_recv() {
             match work {
@@ -218,10 +273,9 @@ pub async fn run(
                 metrics
                     .completion_tokens
                     .fetch_add(a.decoder.generated() as u64, Ordering::Relaxed);
-                tick += 1;
+                session.kv.release(a.sequence, &a.history);
                 memory[a.sequence] = SlotMemory {
                     tokens: std::mem::take(&mut a.history),
-                    used: tick,
                 };
                 free.push(a.sequence);
             }
@@ -238,43 +292,75 @@ pub async fn run(
         if in_flight.is_empty() {
             for job in std::mem::take(&mut slot_jobs) {
                 let outcome = slot_action(&mut session, &active, &mut memory, &job).await;
-                if matches!(job.action, SlotAction::Restore(_)) && outcome.is_ok() {
-                    tick += 1;
-                    memory[job.slot].used = tick;
-                }
                 let _ = job.reply.send(outcome);
             }
         }
-        // Join: waiting jobs take free slots in arrival order.
-        while !free.is_empty()
-            && let Some(job) = waiting.pop_front()
-        {
-            match Decoder::new(job.spec.clone(), &job.prompt) {
-                Ok(decoder) => {
-                    let (sequence, reused) =
-                        take_slot(&mut free, &memory, &job.prompt, options.prefix_cache)
-                            .expect("a free slot");
-                    metrics
-                        .prompt_tokens_cached
-                        .fetch_add(reused as u64, Ordering::Relaxed);
-                    let mut held = std::mem::take(&mut memory[sequence].tokens);
-                    held.truncate(reused);
-                    active.push(Active {
-                        sequence,
-                        job,
-                        fed: reused,
-                        decoder,
-                        pending: None,
-                        last_token_at: None,
-                        busy: false,
-                        history: held,
-                    })
-                }
-                Err(e) => {
-                    let _ = job.events.send(JobEvent::Failed(format!("{e:#}")));
+        // Parked sequences take blocks again first, oldest first.
+        // Not while a sequence waits for its next block (it would take them back at once);
+        // each leaves a block per generating sequence free, so that they do not park again.
+        let mut parked: Vec<usize> = (0..active.len()).filter(|&i| active[i].parked).collect();
+        parked.sort_by_key(|&i| active[i].started);
+        if !active.iter().any(|a| a.stalled) {
+            for i in parked {
+                let headroom = active.iter().filter(|a| a.generating()).count();
+                if !active[i].unpark(&mut session, headroom) {
+                    break;
                 }
             }
         }
+        // Join: waiting jobs take free slots in arrival order, once the pool holds their
+        // prompts (beyond what they share with cached prefixes).
+        while !free.is_empty()
+            && !active.iter().any(|a| a.parked)
+            && let Some(job) = waiting.pop_front()
+        {
+            let decoder = match Decoder::new(job.spec.clone(), &job.prompt) {
+                Ok(decoder) => decoder,
+                Err(e) => {
+                    let _ = job.events.send(JobEvent::Failed(format!("{e:#}")));
+                    continue;
+                }
+            };
+            let sequence = *free.last().expect("a free slot");
+            let reused = session
+                .kv
+                .attach(sequence, &job.prompt, job.prompt.len() - 1);
+            let headroom = active.iter().filter(|a| a.generating()).count();
+            if !session.kv.reserve(sequence, job.prompt.len()) || session.kv.available() < headroom
+            {
+                session.kv.release(sequence, &job.prompt[..reused]);
+                if !head_waits {
+                    metrics.waited_for_kv.fetch_add(1, Ordering::Relaxed);
+                    head_waits = true;
+                }
+                waiting.push_front(job);
+                break;
+            }
+            head_waits = false;
+            free.pop();
+            metrics
+                .prompt_tokens_cached
+                .fetch_add(reused as u64, Ordering::Relaxed);
+            started += 1;
+            active.push(Active {
+                sequence,
+                history: job.prompt[..reused].to_vec(),
+                job,
+                fed: reused,
+                decoder,
+                pending: None,
+                last_token_at: None,
+                busy: false,
+                started,
+                parked: false,
+                replay: Vec::new(),
+                stalled: false,
+            });
+        }
+        metrics.kv_waiting.store(
+            active.iter().filter(|a| a.parked).count() + usize::from(head_waits),
+            Ordering::Relaxed,
+        );
         metrics.busy.store(active.len(), Ordering::Relaxed);
 
         // A worker restarted while the engine waited: re-form before running anything. Its KV
@@ -283,12 +369,15 @@ pub async fn run(
         if in_flight.is_empty() && session.needs_recovery() {
             memory.iter_mut().for_each(|m| m.tokens.clear());
             let recovered = session.recover().await;
+            // The pool was forgotten with the workers' caches: nothing to release.
+            session.kv.forget_all();
             for a in std::mem::take(&mut active) {
                 let restart = recovered.is_ok() && a.decoder.generated() == 0;
                 if restart {
                     active.push(Active {
                         fed: 0,
                         history: Vec::new(),
+                        parked: true,
                         ..a
                     });
                     continue;
@@ -305,9 +394,13 @@ pub async fn run(
                 continue;
             }
         }
+        // A block for the next token of each generating sequence.
+        for a in active.iter_mut().filter(|a| !a.busy && !a.parked) {
+            a.stalled = a.generating() && !session.kv.reserve(a.sequence, a.position() + 1);
+        }
         // Launch: a batch per free stage, from sequences not already in flight.
         let limit = session.in_flight_limit();
-        let generating = active.iter().filter(|a| a.pending.is_some()).count();
+        let generating = active.iter().filter(|a| a.generating()).count();
         let share = generating.div_ceil(limit).max(1);
         let mut failed = None;
         // A slot action waits for the batches in flight to land: none is launched meanwhile.
@@ -319,6 +412,10 @@ pub async fn run(
             }
             for &i in &members {
                 active[i].busy = true;
+                // Blocks these tokens fill are shared from now on: later steps run after.
+                session
+                    .kv
+                    .register_full(active[i].sequence, &active[i].history);
             }
             let slot_of = |i: &usize| active[*i].sequence;
             let flight = Flight {
@@ -349,6 +446,18 @@ pub async fn run(
         }
         metrics.in_flight.store(in_flight.len(), Ordering::Relaxed);
         if failed.is_none() && in_flight.is_empty() {
+            // Nothing could run for want of KV blocks: the most recently started sequence
+            // gives its blocks back (the oldest alone always fits: the pool holds a context).
+            if slot_jobs.is_empty()
+                && active.iter().any(|a| a.stalled)
+                && let Some(victim) = active
+                    .iter_mut()
+                    .filter(|a| !a.parked)
+                    .max_by_key(|a| a.started)
+            {
+                victim.park(&mut session);
+                metrics.preempted.fetch_add(1, Ordering::Relaxed);
+            }
             continue;
         }
 
@@ -383,7 +492,7 @@ pub async fn run(
                                 a.busy = false;
                             }
                         }
-                        for slot in deliver(
+                        for (slot, history) in deliver(
                             &mut active,
                             &mut free,
                             &flight.owners,
@@ -391,11 +500,8 @@ pub async fn run(
                             &session,
                             &metrics,
                         ) {
-                            tick += 1;
-                            memory[slot.0] = SlotMemory {
-                                tokens: slot.1,
-                                used: tick,
-                            };
+                            session.kv.release(slot, &history);
+                            memory[slot] = SlotMemory { tokens: history };
                         }
                         None
                     }
@@ -414,6 +520,7 @@ pub async fn run(
             tracing::warn!(error = %message, sequences = active.len(), "step failed");
             metrics.busy.store(0, Ordering::Relaxed);
             memory.iter_mut().for_each(|m| m.tokens.clear());
+            session.kv.forget_all();
             for a in active.drain(..) {
                 let _ = a.job.events.send(JobEvent::Failed(message.clone()));
                 free.push(a.sequence);
@@ -449,12 +556,12 @@ async fn slot_action(
             if tokens.is_empty() {
                 return Err(format!("slot {slot} holds nothing to save"));
             }
-            let (bytes, seconds) = session
+            let (saved, bytes, seconds) = session
                 .save_sequence(slot, tokens, name)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
             Ok(SlotOutcome {
-                tokens: tokens.len(),
+                tokens: saved,
                 bytes,
                 seconds,
             })
@@ -559,10 +666,11 @@ fn deliver(
     left
 }
 
-/// The next forward pass from sequences not in flight: one token per generating sequence (at
-/// most `share` of them), then prompt chunks. Returns the batch, per output row the index of
-/// its sequence in `active`, and the indices of every sequence with tokens in it. Prompt
-/// tokens put in the batch count as run (a failed pass ends every sequence anyway).
+/// The next forward pass from sequences not in flight (nor parked, nor waiting for a block):
+/// one token per generating sequence (at most `share` of them), then prompt chunks (or tokens
+/// replayed after parking). Returns the batch, per output row the index of its sequence in
+/// `active`, and the indices of every sequence with tokens in it. Prompt tokens put in the
+/// batch count as run (a failed pass ends every sequence anyway).
 fn build_batch(
     active: &mut [Active],
     max_batch: usize,
@@ -576,40 +684,44 @@ fn build_batch(
         if owners.len() == share || batch.len() == max_batch {
             break;
         }
-        if let (false, Some(token)) = (a.busy, a.pending) {
-            batch.push(token, a.position(), a.sequence, true);
-            a.history.truncate(a.position());
-            a.history.push(token);
-            owners.push(i);
-            members.push(i);
+        if a.busy || a.parked || a.stalled || !a.generating() {
+            continue;
         }
+        let token = a.pending.expect("generating");
+        batch.push(token, a.position(), a.sequence, true);
+        a.history.truncate(a.position());
+        a.history.push(token);
+        owners.push(i);
+        members.push(i);
     }
     let mut room = max_batch.saturating_sub(batch.len());
     if !batch.is_empty() {
         room = room.min(chunk.max(1));
     }
     for (i, a) in active.iter_mut().enumerate() {
-        let prompt = &a.job.prompt;
-        if a.busy || a.fed == prompt.len() || room == 0 || members.contains(&i) {
+        let reading = a.pending.is_none() || !a.replay.is_empty();
+        if a.busy || a.parked || !reading || room == 0 || members.contains(&i) {
             continue;
         }
-        let n = (prompt.len() - a.fed).min(room);
+        let replaying = !a.replay.is_empty();
+        let source = if replaying { &a.replay } else { &a.job.prompt };
+        if a.fed >= source.len() {
+            continue;
+        }
+        let n = (source.len() - a.fed).min(room);
         for position in a.fed..a.fed + n {
-            batch.push(
-                prompt[position],
-                position,
-                a.sequence,
-                position == prompt.len() - 1,
-            );
+            let row = !replaying && position == source.len() - 1;
+            batch.push(source[position], position, a.sequence, row);
         }
         a.history.truncate(a.fed);
-        a.history.extend_from_slice(&prompt[a.fed..a.fed + n]);
-        if a.fed + n == prompt.len() {
+        a.history.extend_from_slice(&source[a.fed..a.fed + n]);
+        if !replaying && a.fed + n == source.len() {
             owners.push(i);
         }
         members.push(i);
         a.fed += n;
         room -= n;
+        a.end_replay();
     }
     let rows: Vec<&Active> = owners.iter().map(|&i| &active[i]).collect();
     batch.top = rows
@@ -661,6 +773,10 @@ mod tests {
             last_token_at: None,
             busy: false,
             history: Vec::new(),
+            started: sequence as u64,
+            parked: false,
+            replay: Vec::new(),
+            stalled: false,
         }
     }
 

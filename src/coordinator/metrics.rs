@@ -79,8 +79,17 @@ pub struct Metrics {
     pub chat_completions: AtomicU64,
     pub cancelled: AtomicU64,
     pub prompt_tokens: AtomicU64,
-    /// Prompt tokens a slot's KV cache already held (the prefix cache), not computed again.
+    /// Prompt tokens the KV cache already held (the prefix cache), not computed again.
     pub prompt_tokens_cached: AtomicU64,
+    /// Sequences that gave their KV blocks back when the pool ran dry, to be recomputed.
+    pub preempted: AtomicU64,
+    /// Requests that waited for KV blocks before starting.
+    pub waited_for_kv: AtomicU64,
+    /// KV blocks in the pool, and those no sequence holds (free or cached for reuse).
+    pub kv_blocks: AtomicUsize,
+    pub kv_blocks_free: AtomicUsize,
+    /// Sequences waiting for KV blocks (preempted, or admitted only when blocks free up).
+    pub kv_waiting: AtomicUsize,
     pub completion_tokens: AtomicU64,
     /// Requests accepted and not finished: waiting for a slot or holding one.
     pub pending: AtomicUsize,
@@ -110,6 +119,11 @@ impl Default for Metrics {
             cancelled: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             prompt_tokens_cached: AtomicU64::new(0),
+            preempted: AtomicU64::new(0),
+            waited_for_kv: AtomicU64::new(0),
+            kv_blocks: AtomicUsize::new(0),
+            kv_blocks_free: AtomicUsize::new(0),
+            kv_waiting: AtomicUsize::new(0),
             completion_tokens: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
@@ -197,8 +211,18 @@ impl Metrics {
             ),
             (
                 "tp_prompt_tokens_cached_total",
-                "Prompt tokens found in a slot's KV cache (prefix cache) and not computed again.",
+                "Prompt tokens found in the KV cache (prefix cache) and not computed again.",
                 &self.prompt_tokens_cached,
+            ),
+            (
+                "tp_kv_preemptions_total",
+                "Sequences that gave their KV blocks back when the pool ran dry (recomputed later).",
+                &self.preempted,
+            ),
+            (
+                "tp_kv_admission_waits_total",
+                "Requests that waited for free KV blocks before starting.",
+                &self.waited_for_kv,
             ),
             (
                 "tp_completion_tokens_total",
@@ -231,6 +255,21 @@ impl Metrics {
                 "tp_slots_total",
                 "Sequence slots (--parallel).",
                 self.slots.load(Ordering::Relaxed),
+            ),
+            (
+                "tp_kv_blocks_total",
+                "Blocks of the paged KV cache on every worker (--kv-budget, --kv-block-size).",
+                self.kv_blocks.load(Ordering::Relaxed),
+            ),
+            (
+                "tp_kv_blocks_free",
+                "KV blocks no sequence holds (unused, or cached for a later prompt).",
+                self.kv_blocks_free.load(Ordering::Relaxed),
+            ),
+            (
+                "tp_kv_waiting",
+                "Sequences waiting for KV blocks (preempted, or held back until blocks free up).",
+                self.kv_waiting.load(Ordering::Relaxed),
             ),
             (
                 "tp_pipeline_stages",

@@ -3,6 +3,7 @@
 
 pub mod api_access;
 pub mod bench;
+pub mod blocks;
 pub mod cli;
 pub mod cluster;
 pub mod engine;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
+use crate::coordinator::blocks::BlockPool;
 use crate::coordinator::cluster::{Cluster, LoadSpec};
 use crate::coordinator::sampler::SamplingParams;
 use crate::coordinator::sequence::{Decoder, SequenceSpec, Stop};
@@ -16,6 +17,7 @@ use crate::model::gguf::GgufFile;
 use crate::model::tokenizer::Tokenizer;
 use crate::proto;
 use crate::shard::plan::{Plan, plan_stages};
+use crate::shard::tensors::shard_weight_bytes;
 
 /// Candidates each worker sends per position unless sampling needs more.
 pub const DEFAULT_CANDIDATES: usize = 40;
@@ -166,6 +168,8 @@ pub struct Session {
     pub max_context: usize,
     /// KV-cache slots on every worker.
     pub sequences: usize,
+    /// The paged KV cache's blocks: which sequence holds which (the same on every worker).
+    pub kv: BlockPool,
     /// Per worker: bytes contributed to AllReduces since the session started.
     pub collective_bytes: Vec<u64>,
     /// Summed over steps: the busiest worker's work (compute outside AllReduce) and the
@@ -271,13 +275,16 @@ impl Session {
             cluster.moe_split,
             &cluster.stage_sizes()?,
         )?;
+        let sequences = sequences.max(1);
+        let kv = pool_for(&model, &cluster, &plan, sequences, max_context)?;
         let mut session = Session {
             model: Arc::new(model),
             cluster,
             plan,
             max_batch,
             max_context,
-            sequences: sequences.max(1),
+            sequences,
+            kv,
             collective_bytes: Vec::new(),
             work_seconds: WorkSeconds::default(),
         };
@@ -301,19 +308,25 @@ impl Session {
             max_sequences: self.sequences,
             max_context: self.max_context,
             max_batch: self.max_batch,
+            kv_block_size: self.kv.page(),
+            kv_blocks: self.kv.blocks(),
         };
+        // Whatever the workers held is gone or unknown.
+        self.kv.forget_all();
         self.cluster.load(&spec).await
     }
 
-    /// Saves positions `0..tokens.len()` of a sequence slot on every worker (each its own
-    /// shard) under `file_name`; returns the bytes written, summed over the workers, and the
-    /// slowest worker's seconds.
+    /// Saves the KV of `tokens` (a slot's last conversation, its blocks found by prefix) on
+    /// every worker, each its own shard, under `file_name`; returns the tokens saved (those
+    /// still cached: the least recently used blocks may have been evicted), the bytes written,
+    /// summed over the workers, and the slowest worker's seconds. Runs between steps, with
+    /// `sequence` holding no blocks.
     pub async fn save_sequence(
         &mut self,
         sequence: usize,
         tokens: &[u32],
         file_name: &str,
-    ) -> anyhow::Result<(u64, f64)> {
+    ) -> anyhow::Result<(usize, u64, f64)> {
         if tokens.is_empty() || tokens.len() > self.max_context || sequence >= self.sequences {
             bail!(
                 "cannot save {} positions of slot {sequence} ({} slots of {} positions)",
@@ -322,20 +335,31 @@ impl Session {
                 self.max_context
             );
         }
+        let held = self.kv.attach(sequence, tokens, tokens.len());
+        if held == 0 {
+            self.kv.release(sequence, &[]);
+            bail!("slot {sequence}'s cache was evicted (other requests needed its blocks)");
+        }
+        let blocks = self.kv.table(sequence).to_vec();
         let replies = self
             .cluster
-            .save_sequence(sequence as u32, tokens, file_name)
-            .await?;
+            .save_sequence(sequence as u32, &tokens[..held], &blocks, file_name)
+            .await;
+        self.kv.mark_sent(sequence, replies.is_ok());
+        self.kv.release(sequence, &tokens[..held]);
+        let replies = replies?;
         Ok((
+            held,
             replies.iter().map(|r| r.bytes).sum(),
             replies.iter().map(|r| r.seconds).fold(0.0, f64::max),
         ))
     }
 
-    /// Reads a saved sequence into a slot on every worker; returns the tokens its positions
-    /// hold, the bytes read (summed) and the slowest worker's seconds. The workers check their
-    /// files against their shards; here the files are checked against each other and the
-    /// vocabulary.
+    /// Reads a saved sequence into free KV blocks on every worker and registers them for the
+    /// prefix cache; returns the tokens its positions hold, the bytes read (summed) and the
+    /// slowest worker's seconds. The workers check their files against their shards; here the
+    /// files are checked against each other and the vocabulary. Runs between steps, with
+    /// `sequence` holding no blocks.
     pub async fn restore_sequence(
         &mut self,
         sequence: usize,
@@ -344,12 +368,12 @@ impl Session {
         if sequence >= self.sequences {
             bail!("no slot {sequence} ({} slots)", self.sequences);
         }
-        let replies = self
+        let headers = self
             .cluster
-            .restore_sequence(sequence as u32, file_name)
+            .restore_sequence(sequence as u32, file_name, &[], true)
             .await?;
-        let tokens = replies[0].tokens.clone();
-        if let Some(rank) = replies.iter().position(|r| r.tokens != tokens) {
+        let tokens = headers[0].tokens.clone();
+        if let Some(rank) = headers.iter().position(|r| r.tokens != tokens) {
             bail!(
                 "the workers' files named '{file_name}' hold different sequences (worker 0's and worker {rank}'s): saved at different times?"
             );
@@ -358,6 +382,40 @@ impl Session {
         if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
             bail!("'{file_name}' holds token {bad}, outside this model's vocabulary of {vocab}");
         }
+        if tokens.is_empty() || tokens.len() > self.max_context {
+            bail!(
+                "'{file_name}' holds {} positions; this cluster's context is {}",
+                tokens.len(),
+                self.max_context
+            );
+        }
+        if !self.kv.reserve(sequence, tokens.len()) {
+            bail!(
+                "the KV cache has {} free blocks of {} positions; '{file_name}' needs {}",
+                self.kv.available(),
+                self.kv.page(),
+                tokens.len().div_ceil(self.kv.page())
+            );
+        }
+        let blocks = self.kv.table(sequence).to_vec();
+        let replies = self
+            .cluster
+            .restore_sequence(sequence as u32, file_name, &blocks, false)
+            .await;
+        self.kv.mark_sent(sequence, replies.is_ok());
+        let checked =
+            replies.and_then(
+                |replies| match replies.iter().position(|r| r.tokens != tokens) {
+                    Some(rank) => bail!(
+                        "worker {rank}'s file named '{file_name}' changed while it was restored"
+                    ),
+                    None => Ok(replies),
+                },
+            );
+        // Registered only once every worker holds them.
+        self.kv
+            .release(sequence, if checked.is_ok() { &tokens } else { &[] });
+        let replies = checked?;
         Ok((
             tokens,
             replies.iter().map(|r| r.bytes).sum(),
@@ -420,6 +478,8 @@ impl Session {
                 self.cluster
                     .health
                     .set_broken(format!("a step failed: {e:#}"));
+                // The workers may or may not have applied the step's block tables.
+                self.kv.forget_all();
             }
         }
     }
@@ -429,8 +489,10 @@ impl Session {
         self.cluster.in_flight_limit()
     }
 
-    /// The request of one batch, checked against the session's limits.
-    fn batch_request(&self, batch: &Batch) -> anyhow::Result<proto::StepRequest> {
+    /// The request of one batch, checked against the session's limits; gives its sequences the
+    /// KV blocks its positions need (the engine checks there are enough before it builds a
+    /// batch) and carries their tables' changes.
+    fn batch_request(&mut self, batch: &Batch) -> anyhow::Result<proto::StepRequest> {
         if batch.is_empty() || batch.len() > self.max_batch {
             bail!(
                 "a batch of {} tokens is empty or over the maximum of {}",
@@ -447,6 +509,7 @@ impl Session {
                 );
             }
         }
+        let tables = self.reserve(&batch.sequences, &batch.positions)?;
         Ok(proto::StepRequest {
             step: 0,
             tokens: batch.tokens.clone(),
@@ -457,7 +520,26 @@ impl Session {
             full_logits: batch.full_logits,
             targets: Vec::new(),
             after_step: 0,
+            tables,
         })
+    }
+
+    /// Gives each (sequence, position) a KV block; returns the tables' changes to send.
+    fn reserve(
+        &mut self,
+        sequences: &[u32],
+        positions: &[u32],
+    ) -> anyhow::Result<Vec<proto::BlockTable>> {
+        for (&s, &p) in sequences.iter().zip(positions) {
+            if !self.kv.reserve(s as usize, p as usize + 1) {
+                bail!(
+                    "the KV cache is full: position {p} of sequence {s} finds none of its {} \
+                     blocks free",
+                    self.kv.blocks()
+                );
+            }
+        }
+        Ok(self.kv.updates(sequences))
     }
 
     /// The batch's distributions from its replies.
@@ -483,6 +565,9 @@ impl Session {
 
     /// Runs one batch mixing any sequences' tokens (continuous batching).
     pub async fn step(&mut self, batch: &Batch) -> anyhow::Result<BatchOutput> {
+        if self.needs_recovery() {
+            self.recover().await?;
+        }
         let request = self.batch_request(batch)?;
         let replies = self.cluster_step(request).await?;
         Ok(self.batch_output(batch, &replies))
@@ -552,13 +637,20 @@ impl Session {
                 .copied()
                 .filter(|&r| r >= offset && r < offset + chunk.len())
                 .collect();
+            let positions: Vec<u32> = (0..chunk.len())
+                .map(|i| (start + offset + i) as u32)
+                .collect();
+            let sequences = vec![0; chunk.len()];
+            if self.needs_recovery() {
+                self.recover().await?;
+            }
+            let tables = self.reserve(&sequences, &positions)?;
             let request = proto::StepRequest {
                 step: 0,
                 tokens: chunk.to_vec(),
-                positions: (0..chunk.len())
-                    .map(|i| (start + offset + i) as u32)
-                    .collect(),
-                sequences: vec![0; chunk.len()],
+                positions,
+                sequences,
+                tables,
                 output_rows: wanted.iter().map(|&r| (r - offset) as u32).collect(),
                 top_k: top as u32,
                 full_logits,
@@ -584,6 +676,8 @@ impl Session {
 
     /// Empties the KV cache of sequence 0.
     pub async fn clear(&mut self) -> anyhow::Result<()> {
+        self.kv.release(0, &[]);
+        self.kv.mark_sent(0, false);
         self.cluster.clear_sequence(0).await
     }
 
@@ -605,7 +699,7 @@ impl Session {
         rows: &[usize],
         top: usize,
     ) -> anyhow::Result<Vec<Distribution>> {
-        self.cluster.clear_sequence(0).await?;
+        self.clear().await?;
         Ok(self
             .forward(tokens, 0, rows, top, false, &[])
             .await?
@@ -619,7 +713,7 @@ impl Session {
         if tokens.is_empty() {
             bail!("no tokens");
         }
-        self.cluster.clear_sequence(0).await?;
+        self.clear().await?;
         let mut results = self
             .forward(tokens, 0, &[tokens.len() - 1], 1, true, &[])
             .await?;
@@ -657,7 +751,7 @@ impl Session {
         let (candidates, full) = (decoder.candidates(), decoder.needs_full_logits());
         let mut tokens = Vec::new();
         let mut top_logprobs = Vec::new();
-        self.cluster.clear_sequence(0).await?;
+        self.clear().await?;
 
         let prompt_started = Instant::now();
         let mut next = self
@@ -750,7 +844,7 @@ impl Session {
                 window[0] = bos;
             }
             let window = &window[..];
-            self.cluster.clear_sequence(0).await?;
+            self.clear().await?;
             let rows: Vec<usize> = (first..context - 1).collect();
             let targets: Vec<u32> = rows.iter().map(|&j| window[j + 1]).collect();
             let results = self.forward(window, 0, &rows, 0, false, &targets).await?;
@@ -779,4 +873,48 @@ impl Session {
             seconds: started.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// The KV block pool of a session: `--kv-block-size` positions per block, as many blocks as
+/// `--kv-budget` buys on the rank whose positions take the most bytes (a share of available
+/// memory counts, per worker, its host's available memory split among the workers on it, less
+/// the shard's weights), or room for every sequence's whole context without a budget.
+fn pool_for(
+    model: &Model,
+    cluster: &Cluster,
+    plan: &Plan,
+    sequences: usize,
+    context: usize,
+) -> anyhow::Result<BlockPool> {
+    let config = &model.config;
+    let heads = |r: &crate::shard::plan::RankShard| -> Vec<usize> {
+        r.layers.iter().map(|l| l.kv_heads.len()).collect()
+    };
+    let per_position: Vec<u64> = plan
+        .ranks
+        .iter()
+        .map(|r| {
+            cluster
+                .cache_types
+                .bytes_per_position(&heads(r), config.head_dim)
+        })
+        .collect();
+    let shares = cluster.host_shares();
+    let available: Vec<u64> = plan
+        .ranks
+        .iter()
+        .map(|r| {
+            let (memory, sharing) = shares[r.rank_index];
+            (memory / sharing.max(1) as u64).saturating_sub(shard_weight_bytes(
+                &model.file,
+                config,
+                r,
+            ))
+        })
+        .collect();
+    let blocks = cluster
+        .kv
+        .pool_blocks(&per_position, &available, sequences, context)
+        .map_err(anyhow::Error::msg)?;
+    Ok(BlockPool::new(blocks, cluster.kv.block_size, sequences))
 }

@@ -152,6 +152,127 @@ impl CacheTypes {
     }
 }
 
+/// Positions per KV block unless `--kv-block-size` says otherwise (vLLM's default).
+pub const DEFAULT_KV_BLOCK_SIZE: usize = 16;
+
+/// How the paged KV cache is sized (`--kv-block-size`, `--kv-budget`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvOptions {
+    /// Positions per block, a power of two.
+    pub block_size: usize,
+    /// Memory for the pool on each worker; none: room for every sequence's whole context.
+    pub budget: Option<KvBudget>,
+}
+
+impl Default for KvOptions {
+    fn default() -> KvOptions {
+        KvOptions {
+            block_size: DEFAULT_KV_BLOCK_SIZE,
+            budget: None,
+        }
+    }
+}
+
+/// `--kv-budget`: bytes per worker ("6G", "512MiB", "1000000"), or a share of the memory a
+/// worker's host has available beyond its shard's weights ("0.5", "50%").
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvBudget {
+    Bytes(u64),
+    Fraction(f64),
+}
+
+impl std::str::FromStr for KvBudget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<KvBudget, String> {
+        let t = text.trim();
+        let bad = || {
+            format!(
+                "--kv-budget '{text}' is neither bytes (6G, 512MiB, 1000000) nor a share of \
+                 available memory (0.5, 50%)"
+            )
+        };
+        let fraction = |f: f64| {
+            if f > 0.0 && f <= 1.0 {
+                Ok(KvBudget::Fraction(f))
+            } else {
+                Err(format!(
+                    "--kv-budget '{text}': a share of available memory is in (0, 1]"
+                ))
+            }
+        };
+        if let Some(percent) = t.strip_suffix('%') {
+            return fraction(percent.trim().parse::<f64>().map_err(|_| bad())? / 100.0);
+        }
+        let lower = t.to_ascii_lowercase();
+        let digits = lower.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let unit = &lower[digits.len()..];
+        let number: f64 = digits.trim().parse().map_err(|_| bad())?;
+        if unit.is_empty() && number <= 1.0 {
+            return fraction(number);
+        }
+        let scale: u64 = match unit.trim_end_matches("ib").trim_end_matches('b') {
+            "" => 1,
+            "k" => 1 << 10,
+            "m" => 1 << 20,
+            "g" => 1 << 30,
+            "t" => 1 << 40,
+            _ => return Err(bad()),
+        };
+        let bytes = number * scale as f64;
+        if !bytes.is_finite() || bytes < 1.0 {
+            return Err(bad());
+        }
+        Ok(KvBudget::Bytes(bytes as u64))
+    }
+}
+
+impl KvOptions {
+    /// Blocks in the pool: room for every sequence's whole context without a budget, else what
+    /// the budget buys on the rank whose positions take the most bytes. Per rank:
+    /// `bytes_per_position` and, for a share, the memory its host has available beyond its
+    /// weights. Refused when one request's context (`context` positions) would not fit.
+    pub fn pool_blocks(
+        &self,
+        bytes_per_position: &[u64],
+        available: &[u64],
+        sequences: usize,
+        context: usize,
+    ) -> Result<usize, String> {
+        let page = self.block_size;
+        let per_context = context.div_ceil(page);
+        let Some(budget) = self.budget else {
+            return Ok(sequences * per_context);
+        };
+        let (blocks, rank) = bytes_per_position
+            .iter()
+            .enumerate()
+            .map(|(rank, &per_position)| {
+                let bytes = match budget {
+                    KvBudget::Bytes(b) => b,
+                    KvBudget::Fraction(f) => (available[rank] as f64 * f) as u64,
+                };
+                let blocks = bytes / (page as u64 * per_position.max(1));
+                (blocks as usize, rank)
+            })
+            .min()
+            .unwrap_or((0, 0));
+        if blocks < per_context {
+            return Err(format!(
+                "--kv-budget {} buys worker {rank} {} positions of KV cache ({} bytes each), \
+                 fewer than one request's context of {context} (-c): raise the budget or lower -c",
+                match budget {
+                    KvBudget::Bytes(b) => format!("{b} bytes"),
+                    KvBudget::Fraction(f) => format!("{:.0}% of available memory", f * 100.0),
+                },
+                blocks * page,
+                bytes_per_position[rank]
+            ));
+        }
+        Ok(blocks)
+    }
+}
+
 /// Checks a name for a saved sequence (`POST /slots/{id}?action=save`): it becomes a file name
 /// in the save directory of every worker, so it may not leave that directory or hide in it.
 pub fn check_save_name(name: &str) -> Result<(), String> {

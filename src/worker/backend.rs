@@ -24,6 +24,14 @@ pub trait Backend: Send {
     /// Forgets a sequence slot's KV cache.
     fn clear_sequence(&mut self, sequence: usize);
 
+    /// Replaces a sequence's block table from entry `first` on (see `worker::kv`).
+    fn set_block_table(
+        &mut self,
+        sequence: usize,
+        first: usize,
+        blocks: &[u32],
+    ) -> Result<(), String>;
+
     fn kv_cache_bytes(&self) -> u64;
 
     /// Writes positions `0..tokens.len()` of a sequence's KV cache to `path` (see

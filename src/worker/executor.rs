@@ -16,11 +16,10 @@ use crate::kernels::cpu::{
 };
 use crate::kernels::pool;
 use crate::model::arch::{Activation, FfnSpec, ModelConfig, RopeSpec, RopeStyle};
-use crate::shard::cache::CacheTypes;
 use crate::shard::plan::{Buffer, OpKind, RankShard, shard_program};
 use crate::transport::{Collective, TransportError};
 use crate::worker::backend::Backend;
-use crate::worker::kv::KvCache;
+use crate::worker::kv::{KvCache, KvLayout};
 use crate::worker::moe::{MoeLayer, MoeScratch, SharedExpert};
 use crate::worker::shard::{LoadedShard, Weight};
 use crate::worker::slots::{self, SavedShard};
@@ -216,12 +215,13 @@ impl CpuBackend {
         shard: &RankShard,
         mut loaded: LoadedShard,
         max_batch: usize,
-        max_sequences: usize,
-        max_context: usize,
-        cache_types: CacheTypes,
+        kv_layout: KvLayout,
     ) -> Result<CpuBackend, StepError> {
         let hd = config.head_dim;
-        cache_types.check_head_dim(hd).map_err(StepError::Invalid)?;
+        kv_layout
+            .types
+            .check_head_dim(hd)
+            .map_err(StepError::Invalid)?;
         let missing = |name: &str| StepError::Invalid(format!("shard lacks tensor '{name}'"));
         let mut weights: std::collections::HashMap<String, Arc<Weight>> = loaded
             .weights
@@ -527,7 +527,7 @@ impl CpuBackend {
             .map(|&w| vec![0f32; w * max_batch])
             .collect();
         let kv_heads: Vec<usize> = shard.layers.iter().map(|l| l.kv_heads.len()).collect();
-        let kv = KvCache::new(&kv_heads, hd, max_sequences, max_context, cache_types);
+        let kv = KvCache::new(&kv_heads, hd, kv_layout);
         Ok(CpuBackend {
             config: config.clone(),
             vocab_start: shard.vocab_rows.start,
@@ -580,6 +580,15 @@ impl Backend for CpuBackend {
 
     fn clear_sequence(&mut self, sequence: usize) {
         self.kv.clear(sequence);
+    }
+
+    fn set_block_table(
+        &mut self,
+        sequence: usize,
+        first: usize,
+        blocks: &[u32],
+    ) -> Result<(), String> {
+        self.kv.set_table(sequence, first, blocks)
     }
 
     fn collective_stats(&self) -> (f64, u32, u64) {
@@ -1139,17 +1148,16 @@ impl CpuBackend {
             // within batch * q_heads * hd <= out.len().
             let dst = unsafe { std::slice::from_raw_parts_mut(target.at(index * hd), hd) };
             SCRATCH.with_borrow_mut(|(query16, scores, typed)| {
-                if let Some((keys, values, stride)) =
-                    kv.head_rows_f16(layer, sequence, kv_head, position + 1)
+                if let Some((keys, values, rows)) =
+                    kv.head_rows_f16(layer, sequence, kv_head, first)
                 {
                     query16.clear();
                     query16.extend(query.iter().map(|&x| f16::from_f32(x)));
-                    let (keys, values) = (&keys[first * stride..], &values[first * stride..]);
                     attend(
                         query16,
                         keys,
                         values,
-                        stride,
+                        &rows,
                         position + 1 - first,
                         scale,
                         sink,
@@ -1157,7 +1165,7 @@ impl CpuBackend {
                         dst,
                     );
                 } else {
-                    let rows = kv.head_rows(layer, sequence, kv_head, position + 1);
+                    let rows = kv.head_rows(layer, sequence, kv_head, first);
                     let mut rotated = std::mem::take(&mut typed.rotated_query);
                     let query = match key_rotation {
                         Some(n) => {
@@ -1172,10 +1180,10 @@ impl CpuBackend {
                         types.k.quant_type(),
                         types.v.quant_type(),
                         query,
-                        &rows.keys[first * rows.key_stride..],
-                        &rows.values[first * rows.value_stride..],
-                        rows.key_stride,
-                        rows.value_stride,
+                        rows.keys,
+                        rows.values,
+                        &rows.key_rows,
+                        &rows.value_rows,
                         position + 1 - first,
                         scale,
                         sink,

@@ -30,6 +30,7 @@ use crate::transport::grpc::{
 use crate::transport::hierarchical::Hierarchical;
 use crate::transport::shm::{ShmCollective, ShmSegment};
 use crate::transport::{AbortSignal, Collective, CollectiveLimits, Solo};
+use crate::worker::kv::KvLayout;
 use crate::worker::slots::SavedShard;
 use backend::Backend;
 use executor::{CpuBackend, OutputRequest};
@@ -38,6 +39,8 @@ use model_cache::CacheFile;
 /// Limits a worker enforces on what a coordinator may ask.
 pub const MAX_BATCH_LIMIT: u32 = 4096;
 pub const MAX_SEQUENCES_LIMIT: u32 = 256;
+/// Largest KV block (positions) a worker accepts.
+pub const MAX_KV_BLOCK_SIZE: usize = 1 << 20;
 pub use crate::limits::{MAX_MESSAGE_BYTES, MAX_TOP_K};
 
 pub struct WorkerOptions {
@@ -210,6 +213,16 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// A `VmHWM`/`VmRSS` style line of /proc/self/status, in bytes.
+/// The host's available memory (`MemAvailable`), where the kernel reports it.
+pub fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
 fn proc_status_bytes(key: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -353,6 +366,35 @@ fn load(
         v: CacheType::from_wire(&request.cache_type_v)?,
     };
     cache_types.check_head_dim(config.head_dim)?;
+    let block_size = request.kv_block_size as usize;
+    if !block_size.is_power_of_two() || block_size > MAX_KV_BLOCK_SIZE {
+        return Err(format!(
+            "KV block size {block_size} is not a power of two in 1..={MAX_KV_BLOCK_SIZE}"
+        ));
+    }
+    let kv_layout = KvLayout {
+        sequences: max_sequences,
+        context: max_context,
+        block_size,
+        blocks: request.kv_blocks as usize,
+        types: cache_types,
+    };
+    let kv_heads: Vec<usize> = shard.layers.iter().map(|l| l.kv_heads.len()).collect();
+    let kv_bytes = kv_layout.bytes(&kv_heads, config.head_dim);
+    if kv_layout.blocks == 0 {
+        return Err("a KV pool of 0 blocks".into());
+    }
+    if let Some(available) = available_memory_bytes()
+        && kv_bytes > available
+    {
+        return Err(format!(
+            "the KV pool of {} blocks needs {:.2} GiB, more than this host's {:.2} GiB of \
+             available memory: lower --kv-budget, --parallel or -c",
+            kv_layout.blocks,
+            kv_bytes as f64 / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64
+        ));
+    }
     let threads = if request.threads > 0 {
         request.threads as usize
     } else {
@@ -366,16 +408,8 @@ fn load(
     let weight_bytes = loaded.weight_bytes;
     let notes = loaded.notes.clone();
     drop(file);
-    let executor = CpuBackend::new(
-        &config,
-        &shard,
-        loaded,
-        max_batch,
-        max_sequences,
-        max_context,
-        cache_types,
-    )
-    .map_err(|e| e.to_string())?;
+    let executor = CpuBackend::new(&config, &shard, loaded, max_batch, kv_layout)
+        .map_err(|e| e.to_string())?;
     let executor: Box<dyn Backend> = Box::new(executor);
     let plane = data_plane(&request, &config, max_batch, abort)?;
     let (group_index, group_size) = (shard.group_index(), shard.group_size());
@@ -632,6 +666,7 @@ impl proto::worker_server::Worker for WorkerService {
             numa_node: self.numa_node.map(|n| n as u32),
             device: "cpu".into(),
             protocol: crate::PROTOCOL_VERSION,
+            available_memory: available_memory_bytes().unwrap_or(0),
         }))
     }
 
@@ -904,6 +939,11 @@ impl proto::worker_server::Worker for WorkerService {
                 group_size,
                 ..
             } = loaded;
+            for t in &request.tables {
+                executor
+                    .set_block_table(t.sequence as usize, t.first as usize, &t.blocks)
+                    .map_err(Status::invalid_argument)?;
+            }
             // A panic in a step leaves the shard in an unknown state: it is dropped and the
             // coordinator told (the tp-worker binary exits instead, for its supervisor).
             let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -1049,6 +1089,9 @@ impl proto::worker_server::Worker for WorkerService {
         let request = request.into_inner();
         self.with_save_file(&request.file_name, move |loaded, path| {
             let sequence = request.sequence as usize;
+            loaded
+                .executor
+                .set_block_table(sequence, 0, &request.blocks)?;
             let bytes = loaded.executor.save_sequence(
                 path,
                 &loaded.saved_shard,
@@ -1075,6 +1118,17 @@ impl proto::worker_server::Worker for WorkerService {
         let request = request.into_inner();
         self.with_save_file(&request.file_name, move |loaded, path| {
             let sequence = request.sequence as usize;
+            if request.header_only {
+                let tokens = slots::peek(path, &loaded.saved_shard)?;
+                return Ok(proto::RestoreSequenceReply {
+                    tokens,
+                    bytes: 0,
+                    seconds: 0.0,
+                });
+            }
+            loaded
+                .executor
+                .set_block_table(sequence, 0, &request.blocks)?;
             let (tokens, bytes) =
                 loaded
                     .executor

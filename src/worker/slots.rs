@@ -57,6 +57,7 @@ pub fn save(
             kv.max_context()
         ));
     }
+    let runs = layer_runs(kv, sequence, n)?;
     let header = serde_json::to_vec(&Header {
         shard: shard.clone(),
         tokens: tokens.to_vec(),
@@ -71,11 +72,16 @@ pub fn save(
         out.write_all(&(header.len() as u32).to_le_bytes())?;
         out.write_all(&header)?;
         let mut written = (MAGIC.len() + 4 + header.len()) as u64;
-        for layer in 0..kv.layers() {
-            let (keys, values) = kv.sequence_bytes(layer, sequence, n);
-            out.write_all(keys)?;
-            out.write_all(values)?;
-            written += (keys.len() + values.len()) as u64;
+        for (layer, runs) in runs.iter().enumerate() {
+            let (keys, values) = kv.layer_bytes(layer);
+            for (k, _) in runs {
+                out.write_all(&keys[k.clone()])?;
+                written += k.len() as u64;
+            }
+            for (_, v) in runs {
+                out.write_all(&values[v.clone()])?;
+                written += v.len() as u64;
+            }
         }
         out.into_inner()?.sync_all()?;
         Ok(written)
@@ -94,14 +100,12 @@ pub fn save(
     Ok(written)
 }
 
-/// Reads a file `save` wrote into `sequence`'s slot, after checking it against this shard.
-/// Returns the tokens its positions hold and the bytes read.
-pub fn restore(
+/// Opens a saved file and checks its header against this shard; returns the file positioned
+/// after the header, the header, the file's length and the header's.
+fn open(
     path: &Path,
     shard: &SavedShard,
-    kv: &mut KvCache,
-    sequence: usize,
-) -> Result<(Vec<u32>, u64), String> {
+) -> Result<(std::io::BufReader<std::fs::File>, Header, u64, u32), String> {
     let name = path.display();
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open {name}: {e}"))?;
     let length = file.metadata().map_err(|e| e.to_string())?.len();
@@ -126,6 +130,25 @@ pub fn restore(
     let header: Header =
         serde_json::from_slice(&header).map_err(|e| format!("{name}: bad header: {e}"))?;
     check_shard(&header.shard, shard).map_err(|e| format!("{name} {e}"))?;
+    Ok((input, header, length, header_len))
+}
+
+/// The tokens a saved file holds, after checking its header against this shard (nothing is
+/// read into a cache): the coordinator finds blocks for them before the restore.
+pub fn peek(path: &Path, shard: &SavedShard) -> Result<Vec<u32>, String> {
+    Ok(open(path, shard)?.1.tokens)
+}
+
+/// Reads a file `save` wrote into `sequence`'s blocks, after checking it against this shard.
+/// Returns the tokens its positions hold and the bytes read.
+pub fn restore(
+    path: &Path,
+    shard: &SavedShard,
+    kv: &mut KvCache,
+    sequence: usize,
+) -> Result<(Vec<u32>, u64), String> {
+    let (mut input, header, length, header_len) = open(path, shard)?;
+    let name = path.display();
     let n = header.tokens.len();
     if n == 0 || n > kv.max_context() {
         return Err(format!(
@@ -139,11 +162,11 @@ pub fn restore(
             kv.max_sequences()
         ));
     }
-    let payload: u64 = (0..kv.layers())
-        .map(|layer| {
-            let (k, v) = kv.sequence_bytes(layer, sequence, n);
-            (k.len() + v.len()) as u64
-        })
+    let runs = layer_runs(kv, sequence, n)?;
+    let payload: u64 = runs
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.len() + v.len()) as u64)
         .sum();
     let expected = (MAGIC.len() + 4) as u64 + header_len as u64 + payload;
     if length != expected {
@@ -151,14 +174,30 @@ pub fn restore(
             "{name} has {length} bytes where its header promises {expected}: cut off or corrupt"
         ));
     }
-    for layer in 0..kv.layers() {
-        let (keys, values) = kv.sequence_bytes_mut(layer, sequence, n);
-        input
-            .read_exact(keys)
-            .and_then(|_| input.read_exact(values))
+    for (layer, runs) in runs.iter().enumerate() {
+        let (keys, values) = kv.layer_bytes_mut(layer);
+        runs.iter()
+            .try_for_each(|(k, _)| input.read_exact(&mut keys[k.clone()]))
+            .and_then(|_| {
+                runs.iter()
+                    .try_for_each(|(_, v)| input.read_exact(&mut values[v.clone()]))
+            })
             .map_err(|e| format!("cannot read {name}: {e}"))?;
     }
     Ok((header.tokens, length))
+}
+
+type Runs = Vec<(std::ops::Range<usize>, std::ops::Range<usize>)>;
+
+/// Per layer, where positions `0..n` of a sequence lie (see `KvCache::sequence_runs`).
+fn layer_runs(kv: &KvCache, sequence: usize, n: usize) -> Result<Vec<Runs>, String> {
+    (0..kv.layers())
+        .map(|layer| {
+            kv.sequence_runs(layer, sequence, n).ok_or_else(|| {
+                format!("the block table of slot {sequence} does not cover {n} positions")
+            })
+        })
+        .collect()
 }
 
 /// Why a file saved by `saved` cannot be restored into `here`, naming the first difference.
@@ -222,7 +261,17 @@ mod tests {
             k: CacheType::Q8_0,
             v: CacheType::F16,
         };
-        KvCache::new(&[1, 1], 32, 2, 16, types)
+        let layout = crate::worker::kv::KvLayout {
+            sequences: 2,
+            context: 16,
+            block_size: 4,
+            blocks: 8,
+            types,
+        };
+        let mut kv = KvCache::new(&[1, 1], 32, layout);
+        // Sequence 0's pages in shuffled blocks.
+        kv.set_table(0, 0, &[5, 2, 7, 0]).unwrap();
+        kv
     }
 
     #[test]
@@ -230,6 +279,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tp-slots-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut kv = cache();
+        kv.set_table(1, 0, &[1, 3]).unwrap();
         for position in 0..5 {
             for layer in 0..2 {
                 let row: Vec<f32> = (0..32)
@@ -245,12 +295,22 @@ mod tests {
         let mut other = cache();
         let (back, read) = restore(&path, &shard(0), &mut other, 0).unwrap();
         assert_eq!((back, read), (tokens.to_vec(), written));
+        // The positions' bytes, in order, whichever blocks hold them.
+        let bytes = |kv: &KvCache, layer: usize, sequence: usize| -> Vec<u8> {
+            let (keys, values) = kv.layer_bytes(layer);
+            let runs = kv.sequence_runs(layer, sequence, 5).unwrap();
+            let keys = runs.iter().flat_map(|(k, _)| keys[k.clone()].to_vec());
+            keys.chain(runs.iter().flat_map(|(_, v)| values[v.clone()].to_vec()))
+                .collect()
+        };
         for layer in 0..2 {
-            assert_eq!(
-                kv.sequence_bytes(layer, 1, 5),
-                other.sequence_bytes(layer, 0, 5)
-            );
+            assert_eq!(bytes(&kv, layer, 1), bytes(&other, layer, 0));
         }
+        // A table that does not cover the file is refused.
+        let mut short = cache();
+        short.set_table(0, 0, &[5]).unwrap();
+        let e = restore(&path, &shard(0), &mut short, 0).unwrap_err();
+        assert!(e.contains("does not cover 5 positions"), "{e}");
         let refused = |here: SavedShard| restore(&path, &here, &mut cache(), 0).unwrap_err();
         assert!(
             refused(shard(1)).contains("rank 0 of 2"),

@@ -62,7 +62,7 @@ struct Kernels {
     sum_exp: unsafe fn(&[f32], f32) -> f64,
     #[allow(clippy::type_complexity)]
     attend:
-        unsafe fn(&[f16], *const f16, *const f16, usize, usize, f32, f32, &mut [f32], &mut [f32]),
+        unsafe fn(&[f16], *const f16, *const f16, &Rows, usize, f32, f32, &mut [f32], &mut [f32]),
     dot_f32: unsafe fn(&[u8], &[f32]) -> f32,
     dot_f16: unsafe fn(&[u8], &[f16]) -> f32,
     dot_bf16: unsafe fn(&[u8], &[bf16]) -> f32,
@@ -743,17 +743,79 @@ fn sum_exp_with(k: &'static Kernels, row: &[f32], max: f32) -> f64 {
     unsafe { (k.sum_exp)(row, max) }
 }
 
-/// Attention of one query row over positions `0..n` of one KV head of the F16 cache:
-/// softmax(q·k_t * scale) weighted sum of v_t, into `out`. `keys`/`values` start at position
-/// 0 and hold a row every `stride` elements; `scores` is scratch that grows to `n`. The query is
-/// f16 because llama.cpp rounds it so before dotting it with the cache. A finite `sink` joins
-/// the softmax as a logit without a value (gpt-oss); `f32::NEG_INFINITY` is none.
+/// Where the rows of one KV head lie in a paged KV cache: the positions are cut into pages of
+/// `1 << shift` positions, page `i` held by block `table[i]`; the row of position `p` starts
+/// `table[p >> shift] * block + (p % page) * stride` units into the buffer (elements of an f16
+/// cache, bytes of a typed one). Attention reads positions `first..first + n`. A contiguous
+/// cache is one page of every position ([`Rows::contiguous`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a> {
+    pub table: &'a [u32],
+    pub shift: u32,
+    pub block: usize,
+    pub stride: usize,
+    pub first: usize,
+}
+
+impl Rows<'_> {
+    /// Rows `stride` apart from the start of the buffer.
+    pub fn contiguous(stride: usize) -> Rows<'static> {
+        Rows {
+            table: &[0],
+            shift: usize::BITS - 1,
+            block: 0,
+            stride,
+            first: 0,
+        }
+    }
+
+    /// Offset of the row of position `first + t`.
+    ///
+    /// # Safety
+    /// `(first + t) >> shift` is within the table (see [`Rows::fits`]).
+    #[inline(always)]
+    pub unsafe fn at(&self, t: usize) -> usize {
+        let p = self.first + t;
+        let mask = (1usize << self.shift) - 1;
+        // SAFETY: the caller keeps the page within the table.
+        let block = unsafe { *self.table.get_unchecked(p >> self.shift) } as usize;
+        block * self.block + (p & mask) * self.stride
+    }
+
+    /// Whether rows of `row` units at positions `first..first + n` lie within `len` units.
+    pub fn fits(&self, n: usize, row: usize, len: usize) -> bool {
+        if n == 0 || self.stride < row {
+            return false;
+        }
+        let mask = (1usize << self.shift) - 1;
+        let last = self.first + n - 1;
+        let (first_page, last_page) = (self.first >> self.shift, last >> self.shift);
+        if last_page >= self.table.len() {
+            return false;
+        }
+        (first_page..=last_page).all(|i| {
+            let hi = if i == last_page { last & mask } else { mask };
+            (self.table[i] as usize)
+                .checked_mul(self.block)
+                .and_then(|start| start.checked_add(hi.checked_mul(self.stride)?))
+                .and_then(|start| start.checked_add(row))
+                .is_some_and(|end| end <= len)
+        })
+    }
+}
+
+/// Attention of one query row over `n` positions of one KV head of the F16 cache (their rows
+/// in `keys`/`values` where `rows` says): softmax(q·k_t * scale) weighted sum of v_t, into
+/// `out`; `scores` is scratch that grows to `n`. The query is f16 because llama.cpp rounds it
+/// so before dotting it with the cache. A finite `sink` joins the softmax as a logit without a
+/// value (gpt-oss); `f32::NEG_INFINITY` is none. Pages change where rows are read, never the
+/// order of the arithmetic: any paging gives the same bits as a contiguous cache.
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     query: &[f16],
     keys: &[f16],
     values: &[f16],
-    stride: usize,
+    rows: &Rows,
     n: usize,
     scale: f32,
     sink: f32,
@@ -765,7 +827,7 @@ pub fn attend(
         query,
         keys,
         values,
-        stride,
+        rows,
         n,
         scale,
         sink,
@@ -780,7 +842,7 @@ fn attend_with(
     query: &[f16],
     keys: &[f16],
     values: &[f16],
-    stride: usize,
+    rows: &Rows,
     n: usize,
     scale: f32,
     sink: f32,
@@ -788,13 +850,9 @@ fn attend_with(
     out: &mut [f32],
 ) {
     let hd = query.len();
+    assert!(n >= 1 && out.len() == hd, "attend: bad shape");
     assert!(
-        n >= 1 && out.len() == hd && stride >= hd,
-        "attend: bad shape"
-    );
-    let need = (n - 1) * stride + hd;
-    assert!(
-        keys.len() >= need && values.len() >= need,
+        rows.fits(n, hd, keys.len()) && rows.fits(n, hd, values.len()),
         "attend: cache rows out of bounds"
     );
     if scores.len() < n {
@@ -806,7 +864,7 @@ fn attend_with(
             query,
             keys.as_ptr(),
             values.as_ptr(),
-            stride,
+            rows,
             n,
             scale,
             sink,
@@ -860,7 +918,7 @@ pub struct AttendScratch {
 /// as llama.cpp's flash attention does, the query takes the form of the key type's dot
 /// products (f16, bf16, or q8_0 for the quantized types), each score is that dot product, and
 /// each value row is converted to f32 and accumulated. Row `t` of the keys starts at byte
-/// `t * key_stride`, of the values at `t * value_stride`. A finite `sink` joins the softmax as
+/// where `key_rows` says, of the values where `value_rows` says (bytes). A finite `sink` joins the softmax as
 /// a logit without a value.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_typed(
@@ -869,8 +927,8 @@ pub fn attend_typed(
     query: &[f32],
     keys: &[u8],
     values: &[u8],
-    key_stride: usize,
-    value_stride: usize,
+    key_rows: &Rows,
+    value_rows: &Rows,
     n: usize,
     scale: f32,
     sink: f32,
@@ -884,8 +942,8 @@ pub fn attend_typed(
         query,
         keys,
         values,
-        key_stride,
-        value_stride,
+        key_rows,
+        value_rows,
         n,
         scale,
         sink,
@@ -902,8 +960,8 @@ fn attend_typed_with(
     query: &[f32],
     keys: &[u8],
     values: &[u8],
-    key_stride: usize,
-    value_stride: usize,
+    key_rows: &Rows,
+    value_rows: &Rows,
     n: usize,
     scale: f32,
     sink: f32,
@@ -923,13 +981,9 @@ fn attend_typed_with(
             .expect("attend_typed: head size not in whole blocks")
     };
     let (key_row, value_row) = (row(key_type), row(value_type));
+    assert!(n >= 1 && out.len() == hd, "attend_typed: bad shape");
     assert!(
-        n >= 1 && out.len() == hd && key_stride >= key_row && value_stride >= value_row,
-        "attend_typed: bad shape"
-    );
-    assert!(
-        keys.len() >= (n - 1) * key_stride + key_row
-            && values.len() >= (n - 1) * value_stride + value_row,
+        key_rows.fits(n, key_row, keys.len()) && value_rows.fits(n, value_row, values.len()),
         "attend_typed: cache rows out of bounds"
     );
     let t = TypedAttention {
@@ -939,8 +993,8 @@ fn attend_typed_with(
         query,
         keys,
         values,
-        key_stride,
-        value_stride,
+        key_rows: *key_rows,
+        value_rows: *value_rows,
         key_row,
         value_row,
         n,
@@ -965,8 +1019,8 @@ struct TypedAttention<'a> {
     query: &'a [f32],
     keys: &'a [u8],
     values: &'a [u8],
-    key_stride: usize,
-    value_stride: usize,
+    key_rows: Rows<'a>,
+    value_rows: Rows<'a>,
     key_row: usize,
     value_row: usize,
     n: usize,
@@ -1009,7 +1063,9 @@ impl TypedAttention<'_> {
         scores.resize(self.n, 0.0);
         let mut max = self.sink;
         for (t, score) in scores.iter_mut().enumerate() {
-            let key = &self.keys[t * self.key_stride..t * self.key_stride + self.key_row];
+            // SAFETY: `fits` checked every page of the n positions.
+            let at = unsafe { self.key_rows.at(t) };
+            let key = &self.keys[at..at + self.key_row];
             let dot = match self.key_type {
                 // SAFETY: `hd` values each; the table matches this CPU.
                 QuantType::Q8_0 => unsafe { (self.k.dot_q8_0)(as_blocks(key), query_q8) },
@@ -1024,7 +1080,9 @@ impl TypedAttention<'_> {
         let sum = reference::softmax_weights(scores, max) + (self.sink - max).exp();
         out.fill(0.0);
         for (t, &p) in scores.iter().enumerate() {
-            let row = &self.values[t * self.value_stride..t * self.value_stride + self.value_row];
+            // SAFETY: as above.
+            let at = unsafe { self.value_rows.at(t) };
+            let row = &self.values[at..at + self.value_row];
             match self.value_type {
                 // Fixed-size blocks, levels converted first: the form the compiler vectorizes.
                 QuantType::Q8_0 => {

@@ -1244,18 +1244,20 @@ pub fn softmax_weights(scores: &mut [f32], max: f32) -> f32 {
     sum
 }
 
-/// One query row's attention over positions `0..n` of one KV head: `scores[t] = q·k_t *
+/// One query row's attention over `n` positions of one KV head: `scores[t] = q·k_t *
 /// scale`, a softmax over them, `out = Σ_t p_t v_t`. Row `t` of the keys and values starts at
-/// `t * stride`; `scores` holds at least `n` values of scratch. A finite `sink` is a logit with
+/// `rows.at(t)`; `scores` holds at least `n` values of scratch. A finite `sink` is a logit with
 /// no value that joins the softmax (gpt-oss's attention sinks); `-inf` is none.
 ///
 /// # Safety
-/// `k` and `v` are valid for `(n - 1) * stride + q.len()` elements, `out.len() == q.len()`.
+/// `k` and `v` hold every row `rows` places (`rows.fits(n, q.len(), ..)`), `out.len() ==
+/// q.len()`.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn attend(
     q: &[f16],
     k: *const f16,
     v: *const f16,
-    stride: usize,
+    rows: &super::Rows,
     n: usize,
     scale: f32,
     sink: f32,
@@ -1266,7 +1268,7 @@ pub unsafe fn attend(
     let mut max = f32::NEG_INFINITY;
     for (t, score) in scores[..n].iter_mut().enumerate() {
         // SAFETY: within the bounds the caller guarantees.
-        let key = unsafe { std::slice::from_raw_parts(k.add(t * stride), hd) };
+        let key = unsafe { std::slice::from_raw_parts(k.add(rows.at(t)), hd) };
         let mut dot = 0f32;
         for (a, b) in q.iter().zip(key) {
             dot = a.to_f32().mul_add(b.to_f32(), dot);
@@ -1279,7 +1281,7 @@ pub unsafe fn attend(
     out.fill(0.0);
     for (t, &p) in scores[..n].iter().enumerate() {
         // SAFETY: as above.
-        let value = unsafe { std::slice::from_raw_parts(v.add(t * stride), hd) };
+        let value = unsafe { std::slice::from_raw_parts(v.add(rows.at(t)), hd) };
         axpy_f16(out, p, value);
     }
     for o in out.iter_mut() {

@@ -68,7 +68,18 @@ fn attend(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    attend_with(current(), q, k, v, stride, n, scale, sink, scores, out)
+    attend_with(
+        current(),
+        q,
+        k,
+        v,
+        &Rows::contiguous(stride),
+        n,
+        scale,
+        sink,
+        scores,
+        out,
+    )
 }
 
 /// [`super::sum_exp`] with the kernel set under test (shadows the glob import).
@@ -1522,7 +1533,7 @@ fn attend_matches_reference() {
                         &query,
                         keys.as_ptr(),
                         values.as_ptr(),
-                        stride,
+                        &Rows::contiguous(stride),
                         n,
                         scale,
                         sink,
@@ -1538,7 +1549,7 @@ fn attend_matches_reference() {
                             &query,
                             keys.as_ptr(),
                             values.as_ptr(),
-                            stride,
+                            &Rows::contiguous(stride),
                             n,
                             scale,
                             f32::NEG_INFINITY,
@@ -1836,8 +1847,8 @@ fn attend_typed_matches_f64_over_the_stored_rows() {
                         &query,
                         &keys,
                         &values,
-                        key_stride,
-                        value_stride,
+                        &Rows::contiguous(key_stride),
+                        &Rows::contiguous(value_stride),
                         n,
                         scale,
                         sink,
@@ -1925,4 +1936,178 @@ fn hadamard_rotation_is_ggml_s_matrix_and_its_own_inverse() {
             assert!((a - b).abs() < 1e-5);
         }
     }
+}
+
+/// A paged cache gives the same bits as a contiguous one: pages change where rows are read,
+/// not the order of the arithmetic. Rows of each position are scattered over shuffled blocks of
+/// 1, 4 and 16 positions (another head's rows between them, spare blocks around them), read
+/// from position 0 and from a sliding window's later first position, by every kernel set, for
+/// the f16 kernel (register and scalar head sizes) and the typed one (q8_0 keys, q4_0 values).
+#[test]
+fn paged_rows_give_the_contiguous_bits() {
+    let mut tables: Vec<&'static Kernels> = vec![&SCALAR];
+    tables.extend(simd_tables());
+    let mut rng = Rng::new(53);
+    for k in tables {
+        for hd in [64usize, 128, 96] {
+            for page_shift in [0u32, 2, 4] {
+                let page = 1usize << page_shift;
+                for (first, n) in [(0usize, 1usize), (0, 37), (5, 20)] {
+                    let total = first + n;
+                    let heads = 2;
+                    let pages = total.div_ceil(page);
+                    // Block ids: a shuffle of a pool with spare blocks.
+                    let mut ids: Vec<u32> = (0..(pages + 3) as u32).collect();
+                    for i in (1..ids.len()).rev() {
+                        ids.swap(i, rng.next_u64() as usize % (i + 1));
+                    }
+                    let table = &ids[..pages];
+                    let blocks = ids.len();
+                    let query_f32: Vec<f32> = random_acts(&mut rng, hd);
+                    let query: Vec<f16> = query_f32.iter().map(|&x| f16::from_f32(x)).collect();
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    for ty in [None, Some((QuantType::Q8_0, QuantType::Q4_0))] {
+                        let (kt, vt) = ty.unwrap_or((QuantType::F16, QuantType::F16));
+                        let (key_row, value_row) =
+                            (kt.row_bytes(hd).unwrap(), vt.row_bytes(hd).unwrap());
+                        // Contiguous rows of head 1, and the same rows placed in the pages.
+                        let fill = |rng: &mut Rng, row: usize, ty: QuantType| {
+                            let stride = heads * row;
+                            let mut flat = vec![0u8; total * stride];
+                            let mut paged = vec![0u8; blocks * page * stride];
+                            for p in 0..total {
+                                let mut bytes = vec![0u8; row];
+                                quantize_row(ty, &random_acts(rng, hd), &mut bytes);
+                                let at = p * stride + row;
+                                flat[at..at + row].copy_from_slice(&bytes);
+                                let at = table[p / page] as usize * page * stride
+                                    + (p % page) * stride
+                                    + row;
+                                paged[at..at + row].copy_from_slice(&bytes);
+                            }
+                            (flat, paged, stride)
+                        };
+                        let (flat_k, paged_k, key_stride) = fill(&mut rng, key_row, kt);
+                        let (flat_v, paged_v, value_stride) = fill(&mut rng, value_row, vt);
+                        let contiguous = |stride: usize| Rows {
+                            first,
+                            ..Rows::contiguous(stride)
+                        };
+                        let paged = |stride: usize| Rows {
+                            table,
+                            shift: page_shift,
+                            block: page * stride,
+                            stride,
+                            first,
+                        };
+                        let mut want = vec![0f32; hd];
+                        let mut got = vec![0f32; hd];
+                        if ty.is_none() {
+                            let halves = |b: &[u8]| -> Vec<f16> {
+                                b.chunks_exact(2)
+                                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                                    .collect()
+                            };
+                            let (fk, fv) = (halves(&flat_k), halves(&flat_v));
+                            let (pk, pv) = (halves(&paged_k), halves(&paged_v));
+                            let s = key_stride / 2;
+                            let mut scores = Vec::new();
+                            // Head 1's rows start one row into the buffer.
+                            attend_with(
+                                k,
+                                &query,
+                                &fk[hd..],
+                                &fv[hd..],
+                                &contiguous(s),
+                                n,
+                                scale,
+                                0.3,
+                                &mut scores,
+                                &mut want,
+                            );
+                            attend_with(
+                                k,
+                                &query,
+                                &pk[hd..],
+                                &pv[hd..],
+                                &paged(s),
+                                n,
+                                scale,
+                                0.3,
+                                &mut scores,
+                                &mut got,
+                            );
+                        } else {
+                            let mut scratch = AttendScratch::default();
+                            attend_typed_with(
+                                k,
+                                kt,
+                                vt,
+                                &query_f32,
+                                &flat_k[key_row..],
+                                &flat_v[value_row..],
+                                &contiguous(key_stride),
+                                &contiguous(value_stride),
+                                n,
+                                scale,
+                                f32::NEG_INFINITY,
+                                &mut scratch,
+                                &mut want,
+                            );
+                            attend_typed_with(
+                                k,
+                                kt,
+                                vt,
+                                &query_f32,
+                                &paged_k[key_row..],
+                                &paged_v[value_row..],
+                                &paged(key_stride),
+                                &paged(value_stride),
+                                n,
+                                scale,
+                                f32::NEG_INFINITY,
+                                &mut scratch,
+                                &mut got,
+                            );
+                        }
+                        assert!(
+                            want.iter().all(|x| x.is_finite()),
+                            "{} hd {hd}: no output",
+                            k.name
+                        );
+                        let same = want
+                            .iter()
+                            .zip(&got)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{} hd {hd} page {page} first {first} n {n} {kt}/{vt}: paged differs",
+                            k.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows that a table places outside the buffer are refused before anything is read.
+#[test]
+fn rows_outside_the_buffer_do_not_fit() {
+    let table = [0u32, 3];
+    let rows = Rows {
+        table: &table,
+        shift: 2,
+        block: 4 * 64,
+        stride: 64,
+        first: 0,
+    };
+    // Block 3 ends at 4 blocks of 256 units.
+    assert!(rows.fits(8, 64, 4 * 256));
+    assert!(!rows.fits(8, 64, 4 * 256 - 1));
+    // Position 8 would need a third page.
+    assert!(!rows.fits(9, 64, 1 << 20));
+    assert!(!rows.fits(0, 64, 1 << 20));
+    assert!(Rows::contiguous(64).fits(3, 64, 3 * 64));
+    assert!(!Rows::contiguous(64).fits(3, 64, 3 * 64 - 1));
 }

@@ -323,7 +323,7 @@ unsafe fn attend_body<const C: usize>(
     q: &[f16],
     k: *const f16,
     v: *const f16,
-    stride: usize,
+    rows: &crate::kernels::cpu::Rows,
     n: usize,
     scale: f32,
     sink: f32,
@@ -338,7 +338,7 @@ unsafe fn attend_body<const C: usize>(
         }
         let mut max = f32::NEG_INFINITY;
         for t in 0..n {
-            let kp = k.add(t * stride);
+            let kp = k.add(rows.at(t));
             let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut c = 0;
             while c + 2 <= C {
@@ -360,7 +360,7 @@ unsafe fn attend_body<const C: usize>(
         let mut acc = [_mm256_setzero_ps(); C];
         for t in 0..n {
             let p = _mm256_set1_ps(*scores.get_unchecked(t));
-            let vp = v.add(t * stride);
+            let vp = v.add(rows.at(t));
             for (c, a) in acc.iter_mut().enumerate() {
                 *a = _mm256_fmadd_ps(p, load(vp.add(8 * c)), *a);
             }
@@ -383,7 +383,7 @@ kernel_fn! {
         q: &[f16],
         k: *const f16,
         v: *const f16,
-        stride: usize,
+        rows: &crate::kernels::cpu::Rows,
         n: usize,
         scale: f32,
         sink: f32,
@@ -392,16 +392,16 @@ kernel_fn! {
     ) {
         unsafe {
             match q.len() {
-                32 => attend_body::<4>(q, k, v, stride, n, scale, sink, scores, out),
-                64 => attend_body::<8>(q, k, v, stride, n, scale, sink, scores, out),
-                80 => attend_body::<10>(q, k, v, stride, n, scale, sink, scores, out),
-                96 => attend_body::<12>(q, k, v, stride, n, scale, sink, scores, out),
-                128 => attend_body::<16>(q, k, v, stride, n, scale, sink, scores, out),
+                32 => attend_body::<4>(q, k, v, rows, n, scale, sink, scores, out),
+                64 => attend_body::<8>(q, k, v, rows, n, scale, sink, scores, out),
+                80 => attend_body::<10>(q, k, v, rows, n, scale, sink, scores, out),
+                96 => attend_body::<12>(q, k, v, rows, n, scale, sink, scores, out),
+                128 => attend_body::<16>(q, k, v, rows, n, scale, sink, scores, out),
                 // Wider than the register file: the query and accumulators spill to L1, still
                 // far ahead of the scalar loop (Gemma 3's heads are 256).
-                192 => attend_body::<24>(q, k, v, stride, n, scale, sink, scores, out),
-                256 => attend_body::<32>(q, k, v, stride, n, scale, sink, scores, out),
-                _ => crate::kernels::cpu::reference::attend(q, k, v, stride, n, scale, sink, scores, out),
+                192 => attend_body::<24>(q, k, v, rows, n, scale, sink, scores, out),
+                256 => attend_body::<32>(q, k, v, rows, n, scale, sink, scores, out),
+                _ => crate::kernels::cpu::reference::attend(q, k, v, rows, n, scale, sink, scores, out),
             }
         }
     }
