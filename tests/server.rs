@@ -596,3 +596,101 @@ fn a_saved_conversation_survives_a_restart() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A KV budget smaller than the load: eight concurrent requests whose KV would take about three
+/// times the pool (`--kv-budget` buying one context of 1024 positions per worker), first with
+/// long prompts (requests wait for blocks before starting), then with long replies (running
+/// sequences give their blocks back and are recomputed later). Every request completes with
+/// exactly the reply of a server whose pool holds them all; `/metrics` shows the waits, the
+/// preemptions and the pool's size, and the workers' resident memory grows by no more than the
+/// budget (plus their activation buffers), where the unbounded server's grows by the whole load.
+#[test]
+fn a_full_kv_pool_makes_requests_wait_and_every_one_completes() {
+    let Some(path) = model(SMOLLM2) else { return };
+    // Long prompts of a story, then short prompts that count on for long replies.
+    let story = |i: usize| {
+        let sentence = "The river ran past the old mill and the children counted the boats. ";
+        format!("Story {i}. {}", sentence.repeat(24))
+    };
+    let count = |i: usize| {
+        let numbers: Vec<String> = (0..12).map(|k| (1000 * (i + 1) + k).to_string()).collect();
+        format!("{},", numbers.join(", "))
+    };
+    let workloads: [(&(dyn Fn(usize) -> String + Sync), usize); 2] = [(&story, 32), (&count, 200)];
+    let run = |server: &Server| -> (Vec<String>, u64) {
+        let idle: u64 = worker_memory(server).iter().map(|m| m.0).max().unwrap();
+        let mut replies = Vec::new();
+        for (prompt, max_tokens) in workloads {
+            replies.extend(std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..8)
+                    .map(|i| {
+                        scope.spawn(move || {
+                            let prompt = prompt(i);
+                            let (status, body) = post(
+                                server,
+                                "/v1/completions",
+                                json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+                            );
+                            assert_eq!(status, 200, "request {i}: {body}");
+                            body["choices"][0]["text"].as_str().unwrap().to_string()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let peak: u64 = worker_memory(server).iter().map(|m| m.1).max().unwrap();
+        (replies, peak.saturating_sub(idle))
+    };
+    let metric = |server: &Server, name: &str| -> f64 {
+        let (_, text) = http(server, "GET", "/metrics", "");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    // SmolLM2 at two workers: 11,520 bytes per position on each (f16).
+    let per_position = 11_520u64;
+    let budget = 1024 * per_position;
+    let roomy = start(&path, &["-c", "1024", "--parallel", "8"]);
+    let (expected, roomy_growth) = run(&roomy);
+    drop(roomy);
+    let tight = start(
+        &path,
+        &[
+            "-c",
+            "1024",
+            "--parallel",
+            "8",
+            "--kv-budget",
+            &budget.to_string(),
+        ],
+    );
+    assert_eq!(metric(&tight, "tp_kv_blocks_total"), 64.0);
+    let (replies, growth) = run(&tight);
+    let waits = metric(&tight, "tp_kv_admission_waits_total");
+    let preempted = metric(&tight, "tp_kv_preemptions_total");
+    println!(
+        "KV pool of 1024 positions: {waits} requests waited, {preempted} sequences preempted; \
+         worker RSS grew {:.1} MiB (unbounded pool: {:.1} MiB)",
+        growth as f64 / (1 << 20) as f64,
+        roomy_growth as f64 / (1 << 20) as f64
+    );
+    assert_eq!(replies, expected, "waiting or recomputing changed a reply");
+    assert!(waits > 0.0, "no request waited for blocks");
+    assert!(preempted > 0.0, "no sequence gave its blocks back");
+    assert_eq!(metric(&tight, "tp_kv_blocks_free"), 64.0);
+    // Activations of a batch of up to 512 tokens take about 12 MiB more at most.
+    let slack = 16u64 << 20;
+    assert!(
+        growth <= budget + slack,
+        "worker RSS grew {growth} bytes with a budget of {budget}"
+    );
+    assert!(
+        roomy_growth > growth + (8 << 20),
+        "the unbounded pool grew {roomy_growth} bytes, the bounded {growth}: the load did not need the budget"
+    );
+}

@@ -233,3 +233,28 @@ pub fn load_speed(server: &Server) -> (f64, f64, Vec<String>) {
     let eight = results.iter().map(|(_, t)| t).sum::<f64>() / started.elapsed().as_secs_f64();
     (one, eight, results.into_iter().map(|(t, _)| t).collect())
 }
+
+/// Per worker process the server started (its children): current and peak resident bytes
+/// (`VmRSS`, `VmHWM`).
+pub fn worker_memory(server: &Server) -> Vec<(u64, u64)> {
+    let parent = server.child.id().to_string();
+    let field = |status: &str, key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"));
+        if ppid.map(str::trim) == Some(parent.as_str()) {
+            out.push((field(&status, "VmRSS:"), field(&status, "VmHWM:")));
+        }
+    }
+    out
+}
