@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use tp::coordinator::cluster::{Cluster, ClusterLimits};
 use tp::coordinator::session::{Model, Session};
 #[allow(unused_imports)]
-pub use tp::shard::cache::{CacheType, CacheTypes};
+pub use tp::shard::cache::{CacheType, CacheTypes, KvOptions};
 pub use tp::shard::plan::MoeSplit;
 
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -144,6 +144,31 @@ pub async fn session_with_cache(
     split: MoeSplit,
     cache_types: CacheTypes,
 ) -> Session {
+    session_with_kv(
+        path,
+        weights,
+        stages,
+        context,
+        batch,
+        split,
+        cache_types,
+        KvOptions::default(),
+    )
+    .await
+}
+
+/// As `session_with_cache`, with the paged KV cache's blocks and budget set by `kv`.
+#[allow(clippy::too_many_arguments)]
+pub async fn session_with_kv(
+    path: &Path,
+    weights: &[f64],
+    stages: &[usize],
+    context: usize,
+    batch: usize,
+    split: MoeSplit,
+    cache_types: CacheTypes,
+    kv: KvOptions,
+) -> Session {
     let model = Model::open(path).unwrap();
     let mut cluster = Cluster::spawn_local(
         &worker_binary(),
@@ -155,6 +180,7 @@ pub async fn session_with_cache(
     .unwrap();
     cluster.moe_split = split;
     cluster.cache_types = cache_types;
+    cluster.kv = kv;
     cluster.pipeline = tp::coordinator::cluster::Pipeline::Sizes(stages.to_vec());
     Session::start(model, cluster, context, batch)
         .await
