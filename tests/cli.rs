@@ -175,21 +175,44 @@ fn plan_shows_the_split_without_loading() {
 #[test]
 fn plan_sizes_the_kv_cache_for_its_types() {
     let Some(path) = model(SMOLLM2) else { return };
-    let per_token = |types: &[&str]| -> (u64, u64) {
+    let plan = |extra: &[&str]| -> serde_json::Value {
         let mut args = vec!["plan", "--model", path.to_str().unwrap(), "--local", "3"];
         args.extend(["-c", "1000", "--parallel", "2", "--format", "json"]);
-        args.extend(types);
+        args.extend(extra);
         let (ok, out, err) = coordinator(&args);
         assert!(ok, "{err}");
-        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        serde_json::from_str(&out).unwrap()
+    };
+    let per_token = |types: &[&str]| -> (u64, u64) {
+        let json = plan(types);
         let ranks = json["ranks"].as_array().unwrap();
         let sum = |key: &str| ranks.iter().map(|r| r[key].as_u64().unwrap()).sum::<u64>();
         (sum("kv_bytes_per_token"), sum("kv_cache_bytes"))
     };
-    assert_eq!(per_token(&[]), (3 * 30 * 256, 3 * 30 * 256 * 2000));
+    // Without a budget the pool holds both slots' contexts, in blocks of 16: 2 x 63 x 16.
+    assert_eq!(per_token(&[]), (3 * 30 * 256, 3 * 30 * 256 * 2016));
     assert_eq!(
         per_token(&["-ctk", "q8_0", "-ctv", "q4_0"]),
-        (3 * 30 * 104, 3 * 30 * 104 * 2000)
+        (3 * 30 * 104, 3 * 30 * 104 * 2016)
+    );
+    // 10 MiB per worker at 3,120 bytes per position: 210 blocks of 16.
+    let budgeted = plan(&["-ctk", "q8_0", "-ctv", "q4_0", "--kv-budget", "10MiB"]);
+    assert_eq!(budgeted["kv_pool"]["blocks"], 210);
+    assert_eq!(budgeted["kv_pool"]["positions"], 3360);
+    let (ok, _, err) = coordinator(&[
+        "plan",
+        "--model",
+        path.to_str().unwrap(),
+        "--local",
+        "3",
+        "-c",
+        "1000",
+        "--kv-budget",
+        "1M",
+    ]);
+    assert!(
+        !ok && err.contains("fewer than one request's context of 1000"),
+        "{err}"
     );
     let (ok, out, _) = coordinator(&[
         "plan",

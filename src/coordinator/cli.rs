@@ -355,6 +355,12 @@ pub struct PlanArgs {
     /// KV cache value type to size the cache for.
     #[arg(long = "cache-type-v", default_value = "f16", value_parser = parse_cache_type)]
     pub cache_type_v: CacheType,
+    /// KV cache memory per worker (see `serve --help`): the pool's blocks are sized from it.
+    #[arg(long, value_name = "BYTES|SHARE")]
+    pub kv_budget: Option<KvBudget>,
+    /// Positions per KV block.
+    #[arg(long, default_value_t = DEFAULT_KV_BLOCK_SIZE, value_parser = parse_block_size)]
+    pub kv_block_size: usize,
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
     /// Connect to the workers of --workers and measure each link's round trip (a Hello
@@ -912,6 +918,30 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     cache_types
         .check_head_dim(config.head_dim)
         .map_err(anyhow::Error::msg)?;
+    // The KV pool: a share of available memory is judged by this host's for local workers;
+    // listed workers report theirs when they join, so `serve` may size it otherwise.
+    let kv = KvOptions {
+        block_size: args.kv_block_size,
+        budget: args.kv_budget,
+    };
+    let per_position: Vec<u64> = p
+        .ranks
+        .iter()
+        .map(|r| {
+            let heads: Vec<usize> = r.layers.iter().map(|l| l.kv_heads.len()).collect();
+            cache_types.bytes_per_position(&heads, config.head_dim)
+        })
+        .collect();
+    let here = crate::worker::available_memory_bytes().unwrap_or(0) / p.ranks.len().max(1) as u64;
+    let available: Vec<u64> = p
+        .ranks
+        .iter()
+        .map(|r| here.saturating_sub(shard_weight_bytes(&file, &config, r)))
+        .collect();
+    let pool_blocks = kv
+        .pool_blocks(&per_position, &available, args.parallel as usize, context)
+        .map_err(anyhow::Error::msg)?;
+    let pool_positions = pool_blocks * kv.block_size;
     #[derive(serde::Serialize)]
     struct RankRow {
         rank: usize,
@@ -983,12 +1013,9 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
                 embed_rows: r.embed_rows.clone(),
                 weight_bytes: shard_weight_bytes(&file, &config, r),
                 expert_bytes: shard_expert_bytes(&file, &config, r),
-                kv_cache_bytes: cache_types.bytes_for(
-                    &kv_heads_per_layer,
-                    config.head_dim,
-                    args.parallel as usize,
-                    context,
-                ),
+                kv_cache_bytes: cache_types
+                    .bytes_per_position(&kv_heads_per_layer, config.head_dim)
+                    * pool_positions as u64,
                 kv_bytes_per_token: cache_types
                     .bytes_per_position(&kv_heads_per_layer, config.head_dim),
                 layers: r.layers.clone(),
@@ -1050,6 +1077,7 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
             "attention_unit": match p.attention_unit { AttentionUnit::KvGroup => "kv_group", AttentionUnit::QueryHead => "query_head" },
             "stages": p.stages,
             "ranks": rows,
+            "kv_pool": serde_json::json!({"blocks": pool_blocks, "block_size": kv.block_size, "positions": pool_positions}),
             "links": links.iter().map(|(a, b, t)| serde_json::json!({"a": a, "b": b, "transport": t})).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
@@ -1067,13 +1095,14 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
     );
     println!("{}", config.summary());
     println!(
-        "attention split by {}; FFN in blocks of {}; KV cache sized for {} slot(s) of {context} tokens (F16)\n",
+        "attention split by {}; FFN in blocks of {}; KV cache: a pool of {pool_positions} positions ({}/{})\n",
         match p.attention_unit {
             AttentionUnit::KvGroup => "KV group",
             AttentionUnit::QueryHead => "query head (KV heads replicated where shared)",
         },
         config.ffn_down_block.first().copied().unwrap_or(1),
-        args.parallel
+        cache_types.k,
+        cache_types.v
     );
     if let Some(moe) = &config.moe {
         println!(
@@ -1166,11 +1195,18 @@ async fn plan_command(args: PlanArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\nKV cache: keys {}, values {}; {} slot(s) of {context} positions; {:.1} KiB per token over all workers",
+        "\nKV cache: keys {}, values {}; {:.1} KiB per token over all workers; a pool of {pool_blocks} blocks of {} positions ({pool_positions} positions{}) shared by {} slot(s) of up to {context}",
         cache_types.k,
         cache_types.v,
-        args.parallel,
-        rows.iter().map(|r| r.kv_bytes_per_token).sum::<u64>() as f64 / 1024.0
+        rows.iter().map(|r| r.kv_bytes_per_token).sum::<u64>() as f64 / 1024.0,
+        kv.block_size,
+        match kv.budget {
+            Some(KvBudget::Fraction(_)) if args.workers.is_some() =>
+                ", judged by this host's memory; serve sizes it by each worker's",
+            Some(_) => ", from --kv-budget",
+            None => "",
+        },
+        args.parallel
     );
     if split {
         println!(
