@@ -5,6 +5,7 @@
     client.py load --base-url http://127.0.0.1:8080/v1   # the load table (docs/PERFORMANCE.md)
     client.py chat-turns --base-url ...   # time to first token per turn of a chat that resends
                                           # its history (the prefix cache's table)
+    client.py shared-prefix --base-url ...  # concurrent chats that share a long system prompt
 
 `test` exits non-zero on the first failed check and says which; `load` prints a markdown table.
 """
@@ -326,6 +327,47 @@ def chat_turns(args):
     )
 
 
+def shared_prefix(args):
+    """Chats that share a long system prompt, `streams` at a time: one first alone (it fills
+    the cache), then `requests` more with other questions. Prints the TTFT percentiles of the
+    later ones and the prompt tokens the server reused (blocks shared across requests)."""
+    client = openai.OpenAI(base_url=args.base_url, api_key="unused", max_retries=0, timeout=600)
+    model = client.models.list().data[0].id
+    with open(args.text_file) as f:
+        system = "Answer from this text only.\n\n" + f.read()[: args.chars]
+
+    def ask(i):
+        started = time.perf_counter()
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} (question {i})"},
+            ],
+            max_tokens=args.tokens, temperature=0, stream=True,
+        )
+        first = None
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - started
+        check(first is not None, "a reply with no text")
+        return first
+
+    before = metrics(args.base_url)
+    cold = ask(0)
+    with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
+        ttft = sorted(pool.map(ask, range(1, args.requests + 1)))
+    after = metrics(args.base_url)
+    pct = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] * 1e3
+    reused = after.get("tp_prompt_tokens_cached_total", 0) - before.get("tp_prompt_tokens_cached_total", 0)
+    total = after.get("tp_prompt_tokens_total", 0) - before.get("tp_prompt_tokens_total", 0)
+    print(
+        f"first request alone: TTFT {cold * 1e3:.0f} ms; then {args.requests} at {args.streams} "
+        f"streams: TTFT p50 {pct(0.5):.0f} / p99 {pct(0.99):.0f} ms; prompt tokens reused "
+        f"{reused:.0f} of {total:.0f}"
+    )
+
+
 def slot_save(args):
     """Times saving and restoring a long conversation (POST /slots/0?action=save|restore):
     reads a long prompt into slot 0 (the server runs with --parallel 1 and --slot-save-path),
@@ -371,6 +413,13 @@ def main():
     c = sub.add_parser("chat-turns")
     c.add_argument("--base-url", required=True)
     c.add_argument("--tokens", type=int, default=32)
+    p = sub.add_parser("shared-prefix")
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--text-file", default="tests/data/golden/ppl_text.txt")
+    p.add_argument("--chars", type=int, default=3000)
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=16)
     s = sub.add_parser("slot-save")
     s.add_argument("--base-url", required=True)
     s.add_argument("--text-file", default="tests/data/golden/ppl_text.txt")
@@ -378,7 +427,9 @@ def main():
     s.add_argument("--name", default="long-conversation")
     args = parser.parse_args()
     try:
-        {"test": test, "load": load, "chat-turns": chat_turns, "slot-save": slot_save}[args.command](args)
+        {"test": test, "load": load, "chat-turns": chat_turns, "shared-prefix": shared_prefix, "slot-save": slot_save}[
+            args.command
+        ](args)
     except AssertionError as e:
         print(f"FAILED: {e}", file=sys.stderr)
         sys.exit(1)
