@@ -57,3 +57,5 @@ pub const QUEUE: usize = 16;
 /// Stop strings per request, and log-probability alternatives per token.
 pub const MAX_STOP_STRINGS: usize = 4;
 pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Choices per request (`n`).
+pub const MAX_CHOICES: usize = 16;

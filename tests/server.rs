@@ -201,7 +201,10 @@ fn completions_chat_streaming_and_errors() {
             400,
         ),
         ("/v1/completions", r#"{"prompt": "x", "top_p": 2}"#, 400),
-        ("/v1/completions", r#"{"prompt": "x", "n": 2}"#, 400),
+        ("/v1/completions", r#"{"prompt": "x", "n": 17}"#, 400),
+        ("/v1/completions", r#"{"prompt": "x", "n": 0}"#, 400),
+        // More choices than the server runs and queues at once (2 + 4).
+        ("/v1/completions", r#"{"prompt": "x", "n": 7}"#, 400),
         (
             "/v1/completions",
             r#"{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}"#,
@@ -693,4 +696,72 @@ fn a_full_kv_pool_makes_requests_wait_and_every_one_completes() {
         roomy_growth > growth + (8 << 20),
         "the unbounded pool grew {roomy_growth} bytes, the bounded {growth}: the load did not need the budget"
     );
+}
+
+/// `n` choices of one prompt: greedy ones equal the single reply, sampled ones take seeds
+/// `seed`, `seed + 1`, ... (so choice 1 equals a single request with the next seed), streamed
+/// ones arrive interleaved by index; the later choices share the first's prompt blocks
+/// (`tp_prompt_tokens_cached_total` grows by their full blocks) and usage counts the prompt once.
+#[test]
+fn several_choices_share_the_prompt() {
+    let Some(path) = model(SMOLLM2) else { return };
+    let server = start(&path, &["-c", "512", "--parallel", "4"]);
+    let prompt = "The lighthouse keeper wrote in his log every night. ".repeat(6);
+    let complete = |extra: Value| -> Value {
+        let mut body = json!({"prompt": prompt, "max_tokens": 12});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, body) = post(&server, "/v1/completions", body);
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let before = prompt_tokens_cached(&server);
+    let three = complete(json!({"n": 3, "temperature": 0}));
+    let shared = prompt_tokens_cached(&server) - before;
+    let prompt_tokens = three["usage"]["prompt_tokens"].as_u64().unwrap();
+    // Each later choice shares the first's whole blocks of 16 (the last token runs again).
+    let blocks = (prompt_tokens - 1) / 16 * 16;
+    assert!(
+        shared >= 2.0 * blocks as f64,
+        "the later choices reused {shared} prompt tokens, fewer than 2 x {blocks}"
+    );
+    let single = complete(json!({"temperature": 0}));
+    let text = |body: &Value, i: usize| body["choices"][i]["text"].as_str().unwrap().to_string();
+    let choices = three["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(text(&three, i), text(&single, 0), "greedy choice {i}");
+    }
+    assert_eq!(
+        three["usage"]["prompt_tokens"],
+        single["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        three["usage"]["completion_tokens"].as_u64().unwrap(),
+        3 * single["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    // Sampled: choice i samples with seed + i.
+    let sampled = complete(json!({"n": 2, "temperature": 1.0, "seed": 5}));
+    let next_seed = complete(json!({"temperature": 1.0, "seed": 6}));
+    assert_eq!(text(&sampled, 1), text(&next_seed, 0));
+    assert_ne!(text(&sampled, 0), text(&sampled, 1), "two choices alike");
+    // Streamed: both indexes, each choice's pieces adding up to its text, one [DONE].
+    let body = json!({"prompt": prompt, "max_tokens": 12, "n": 2, "temperature": 1.0, "seed": 5, "stream": true});
+    let (status, stream) = http(&server, "POST", "/v1/completions", &body.to_string());
+    assert_eq!(status, 200);
+    let data = events(&stream);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let mut texts = [String::new(), String::new()];
+    let mut finished = [false, false];
+    for d in &data[..data.len() - 1] {
+        let chunk: Value = serde_json::from_str(d).unwrap();
+        let choice = &chunk["choices"][0];
+        let i = choice["index"].as_u64().unwrap() as usize;
+        texts[i].push_str(choice["text"].as_str().unwrap());
+        finished[i] |= !choice["finish_reason"].is_null();
+    }
+    assert_eq!(finished, [true, true]);
+    assert_eq!(texts, [text(&sampled, 0), text(&sampled, 1)]);
 }

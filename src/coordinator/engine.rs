@@ -32,6 +32,9 @@ pub struct Job {
     pub events: mpsc::UnboundedSender<JobEvent>,
     /// When the server accepted it, for the time to first token.
     pub accepted: Instant,
+    /// Another choice of the request before it (`n > 1`), with the same prompt: it starts once
+    /// that one's prompt is in a batch, so that it shares the prompt's KV blocks.
+    pub follows: bool,
 }
 
 /// What the engine is asked to do: generate, or act on a sequence slot's KV cache.
@@ -314,6 +317,14 @@ pub async fn run(
             && !active.iter().any(|a| a.parked)
             && let Some(job) = waiting.pop_front()
         {
+            let sibling_reading = job.follows
+                && active
+                    .iter()
+                    .any(|a| a.job.prompt == job.prompt && a.fed < a.job.prompt.len());
+            if sibling_reading {
+                waiting.push_front(job);
+                break;
+            }
             let decoder = match Decoder::new(job.spec.clone(), &job.prompt) {
                 Ok(decoder) => decoder,
                 Err(e) => {
@@ -765,6 +776,7 @@ mod tests {
                 spec,
                 events,
                 accepted: Instant::now(),
+                follows: false,
             },
             sequence,
             fed,

@@ -26,8 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{StreamExt, StreamMap};
 
 use crate::coordinator::engine::{self, EngineOptions, Job, JobEvent, SlotAction, SlotJob, Work};
 use crate::coordinator::metrics::{ERRORS_4XX, ERRORS_5XX, Metrics};
@@ -38,7 +38,7 @@ use crate::model::chat::ChatMessage;
 use crate::model::harmony::{ChannelSplit, Split};
 
 /// What a request may ask for at most.
-pub use crate::limits::{MAX_STOP_STRINGS, MAX_TOP_LOGPROBS};
+pub use crate::limits::{MAX_CHOICES, MAX_STOP_STRINGS, MAX_TOP_LOGPROBS};
 
 pub struct ServerOptions {
     pub listen: SocketAddr,
@@ -356,6 +356,8 @@ fn request_id(prefix: &str) -> String {
 
 /// The fields both endpoints share, validated.
 struct Common {
+    /// Choices to generate for the prompt (`n`).
+    n: usize,
     max_tokens: usize,
     params: SamplingParams,
     stop: Vec<String>,
@@ -429,10 +431,12 @@ fn common(
         }
         Some(_) => return Err(ApiError::invalid("'model' must be a string", Some("model"))),
     }
-    if let Some(n) = integer(body, "n")?
-        && n != 1
-    {
-        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
+    let n = integer(body, "n")?.unwrap_or(1);
+    if !(1..=MAX_CHOICES as u64).contains(&n) {
+        return Err(ApiError::invalid(
+            format!("'n' must be within 1..={MAX_CHOICES}"),
+            Some("n"),
+        ));
     }
     let top_logprobs = match kind {
         // The completions API: `logprobs` is the number of alternatives (0 = the chosen token's).
@@ -525,6 +529,7 @@ fn common(
         }
     };
     Ok(Common {
+        n: n as usize,
         max_tokens,
         params,
         stop,
@@ -996,8 +1001,20 @@ async fn run(
         .into_response();
     }
     let metrics = state.metrics.clone();
-    if metrics.pending.fetch_add(1, Ordering::SeqCst) >= slots + state.queue {
-        metrics.pending.fetch_sub(1, Ordering::SeqCst);
+    let n = common.n;
+    if n > slots + state.queue {
+        return ApiError::invalid(
+            format!(
+                "'n' = {n} exceeds what this server runs and queues at once ({slots} + {})",
+                state.queue
+            ),
+            Some("n"),
+        )
+        .into_response();
+    }
+    // Each choice is a sequence and holds a place in the queue.
+    if metrics.pending.fetch_add(n, Ordering::SeqCst) + n > slots + state.queue {
+        metrics.pending.fetch_sub(n, Ordering::SeqCst);
         return ApiError::unavailable(
             format!(
                 "the server is busy: {slots} requests are running and {} waiting",
@@ -1007,7 +1024,8 @@ async fn run(
         )
         .into_response();
     }
-    let place = Place(metrics.clone());
+    let places: Vec<Place> = (0..n).map(|_| Place(metrics.clone())).collect();
+    let prompt_count = prompt_tokens.len();
     match kind {
         Kind::Completion => &metrics.completions,
         Kind::Chat => &metrics.chat_completions,
@@ -1016,20 +1034,32 @@ async fn run(
     metrics
         .prompt_tokens
         .fetch_add(prompt_tokens.len() as u64, Ordering::Relaxed);
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let job = Job {
-        prompt: prompt_tokens,
-        spec: SequenceSpec {
-            max_tokens: common.max_tokens,
-            params: common.params,
-            stop_strings: common.stop,
-            top_logprobs: common.top_logprobs.unwrap_or(0),
-        },
-        events: events_tx,
-        accepted: Instant::now(),
-    };
+    // One job per choice, each sampling with its own seed; the later ones share the first's
+    // prompt blocks. Their events merge into one stream, keyed by choice.
+    let mut events = StreamMap::new();
+    let mut jobs = Vec::with_capacity(n);
+    for index in 0..n {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        events.insert(index, UnboundedReceiverStream::new(events_rx));
+        let mut params = common.params.clone();
+        params.seed = params.seed.wrapping_add(index as u64);
+        jobs.push(Job {
+            prompt: prompt_tokens.clone(),
+            spec: SequenceSpec {
+                max_tokens: common.max_tokens,
+                params,
+                stop_strings: common.stop.clone(),
+                top_logprobs: common.top_logprobs.unwrap_or(0),
+            },
+            events: events_tx,
+            accepted: Instant::now(),
+            follows: index > 0,
+        });
+    }
     let sent = match state.ready.read().unwrap().as_ref() {
-        Some(r) => r.jobs.send(Work::Generate(job)).is_ok(),
+        Some(r) => jobs
+            .into_iter()
+            .all(|job| r.jobs.send(Work::Generate(job)).is_ok()),
         None => false,
     };
     if !sent {
@@ -1048,7 +1078,7 @@ async fn run(
     let created = now();
     let model_id = state.model_id.clone();
     let want_logprobs = common.top_logprobs.is_some();
-    let mut logprobs = Logprobs::new(chat);
+    let mut logprobs: Vec<Logprobs> = (0..n).map(|_| Logprobs::new(chat)).collect();
     let usage = |prompt_tokens: usize, completion_tokens: usize| {
         json!({
             "prompt_tokens": prompt_tokens,
@@ -1058,64 +1088,71 @@ async fn run(
     };
 
     if !common.stream {
-        let _place = place;
-        let mut text = String::new();
-        loop {
-            match events.recv().await {
-                Some(JobEvent::Token(sampled)) => {
+        let _places = places;
+        let mut texts = vec![String::new(); n];
+        let mut choices: Vec<Value> = vec![Value::Null; n];
+        let (mut completion_count, mut done) = (0, 0);
+        while done < n {
+            let Some((index, event)) = events.next().await else {
+                return server_error("generation ended without a result".into());
+            };
+            let text = &mut texts[index];
+            match event {
+                JobEvent::Token(sampled) => {
                     if want_logprobs && sampled.stop != Some(Stop::Eos) {
-                        logprobs.push(&model, &sampled, text.len());
+                        logprobs[index].push(&model, &sampled, text.len());
                     }
                     text.push_str(&sampled.text);
                 }
-                Some(JobEvent::Done {
+                JobEvent::Done {
                     stop,
-                    prompt_tokens,
                     completion_tokens,
-                }) => {
+                    ..
+                } => {
                     let logprobs = if want_logprobs {
-                        logprobs.take()
+                        logprobs[index].take()
                     } else {
                         Value::Null
                     };
-                    let choice = if chat {
+                    choices[index] = if chat {
                         let mut message = json!({"role": "assistant", "content": text});
                         if reasoning {
-                            let split = ChannelSplit::split(&text);
+                            let split = ChannelSplit::split(text);
                             message["content"] = json!(split.content);
                             if !split.reasoning.is_empty() {
                                 message["reasoning_content"] = json!(split.reasoning);
                             }
                         }
                         json!({
-                            "index": 0,
+                            "index": index,
                             "message": message,
                             "logprobs": logprobs,
                             "finish_reason": stop.finish_reason(),
                         })
                     } else {
                         json!({
-                            "index": 0, "text": text, "logprobs": logprobs,
+                            "index": index, "text": text, "logprobs": logprobs,
                             "finish_reason": stop.finish_reason(),
                         })
                     };
-                    return axum::Json(json!({
-                        "id": id, "object": object, "created": created, "model": model_id,
-                        "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
-                    }))
-                    .into_response();
+                    completion_count += completion_tokens;
+                    done += 1;
                 }
-                Some(JobEvent::Failed(message)) => {
+                JobEvent::Failed(message) => {
                     return server_error(format!("generation failed: {message}"));
                 }
-                None => return server_error("generation ended without a result".into()),
             }
         }
+        return axum::Json(json!({
+            "id": id, "object": object, "created": created, "model": model_id,
+            "choices": choices, "usage": usage(prompt_count, completion_count),
+        }))
+        .into_response();
     }
 
-    // Server-sent events: a role delta (chat), the pieces, the finish reason, the usage when
-    // asked for, then [DONE]. A client that goes away closes `sse`, which drops `events` and
-    // so cancels the job.
+    // Server-sent events: per choice a role delta (chat), its pieces and its finish reason,
+    // then the usage when asked for, then [DONE]. A client that goes away closes `sse`, which
+    // drops `events` and so cancels the jobs.
     let include_usage = common.include_usage;
     let (sse, sse_rx) = mpsc::unbounded_channel::<String>();
     let event = move |choice: Value, usage: Option<Value>| {
@@ -1129,79 +1166,90 @@ async fn run(
         event.to_string()
     };
     if chat {
-        let _ = sse.send(event(
-            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
-            None,
-        ));
+        for index in 0..n {
+            let _ = sse.send(event(
+                json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+                None,
+            ));
+        }
     }
     tokio::spawn(async move {
-        let _place = place;
-        let mut offset = 0;
-        let mut channels = reasoning.then(ChannelSplit::new);
+        let _places = places;
+        let mut offsets = vec![0; n];
+        let mut channels: Vec<Option<ChannelSplit>> =
+            (0..n).map(|_| reasoning.then(ChannelSplit::new)).collect();
+        let (mut completion_count, mut done) = (0, 0);
         loop {
             let next = tokio::select! {
-                next = events.recv() => next,
+                next = events.next() => next,
                 _ = sse.closed() => return,
             };
             let data = match next {
-                Some(JobEvent::Token(sampled)) => {
+                Some((index, JobEvent::Token(sampled))) => {
                     let with_logprobs = want_logprobs && sampled.stop != Some(Stop::Eos);
                     if with_logprobs {
-                        logprobs.push(&model, &sampled, offset);
+                        logprobs[index].push(&model, &sampled, offsets[index]);
                     }
-                    offset += sampled.text.len();
+                    offsets[index] += sampled.text.len();
                     if sampled.text.is_empty() && !with_logprobs {
                         continue;
                     }
                     let lp = if with_logprobs {
-                        logprobs.take()
+                        logprobs[index].take()
                     } else {
                         Value::Null
                     };
-                    let choice = if let Some(channels) = &mut channels {
+                    let choice = if let Some(channels) = &mut channels[index] {
                         let split = channels.push(&sampled.text);
                         if split.is_empty() && !with_logprobs {
                             continue;
                         }
-                        json!({"index": 0, "delta": split_delta(split), "logprobs": lp, "finish_reason": null})
+                        json!({"index": index, "delta": split_delta(split), "logprobs": lp, "finish_reason": null})
                     } else if chat {
-                        json!({"index": 0, "delta": {"content": sampled.text}, "logprobs": lp, "finish_reason": null})
+                        json!({"index": index, "delta": {"content": sampled.text}, "logprobs": lp, "finish_reason": null})
                     } else {
-                        json!({"index": 0, "text": sampled.text, "logprobs": lp, "finish_reason": null})
+                        json!({"index": index, "text": sampled.text, "logprobs": lp, "finish_reason": null})
                     };
                     vec![event(choice, None)]
                 }
-                Some(JobEvent::Done {
-                    stop,
-                    prompt_tokens,
-                    completion_tokens,
-                }) => {
+                Some((
+                    index,
+                    JobEvent::Done {
+                        stop,
+                        completion_tokens,
+                        ..
+                    },
+                )) => {
                     let choice = if chat {
-                        json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": stop.finish_reason()})
+                        json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": stop.finish_reason()})
                     } else {
-                        json!({"index": 0, "text": "", "logprobs": null, "finish_reason": stop.finish_reason()})
+                        json!({"index": index, "text": "", "logprobs": null, "finish_reason": stop.finish_reason()})
                     };
                     let mut tail = Vec::new();
                     // What a harmony reply held back (a marker's possible start).
-                    if let Some(rest) = channels.as_mut().map(ChannelSplit::finish)
+                    if let Some(rest) = channels[index].as_mut().map(ChannelSplit::finish)
                         && !rest.is_empty()
                     {
                         tail.push(event(
-                            json!({"index": 0, "delta": split_delta(rest), "logprobs": null, "finish_reason": null}),
+                            json!({"index": index, "delta": split_delta(rest), "logprobs": null, "finish_reason": null}),
                             None,
                         ));
                     }
                     tail.push(event(choice, None));
-                    if include_usage {
-                        tail.push(event(
-                            Value::Null,
-                            Some(usage(prompt_tokens, completion_tokens)),
-                        ));
+                    completion_count += completion_tokens;
+                    done += 1;
+                    if done == n {
+                        if include_usage {
+                            tail.push(event(
+                                Value::Null,
+                                Some(usage(prompt_count, completion_count)),
+                            ));
+                        }
+                        tail.push("[DONE]".into());
                     }
-                    tail.push("[DONE]".into());
                     tail
                 }
-                Some(JobEvent::Failed(message)) => vec![
+                Some((_, JobEvent::Failed(message))) => vec![
                     json!({"error": {"message": format!("generation failed: {message}"), "type": "server_error"}}).to_string(),
                     "[DONE]".into(),
                 ],
