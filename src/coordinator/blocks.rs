@@ -48,7 +48,8 @@ pub struct BlockPool {
     /// Per sequence: the table the workers hold, as far as the coordinator knows.
     sent: Vec<Vec<u32>>,
     tick: u64,
-    /// Register and share blocks (off: `--no-prefix-cache`).
+    /// Share registered blocks with new prompts (off: `--no-prefix-cache`; blocks are still
+    /// registered, so that a slot's last conversation can be saved).
     sharing: bool,
 }
 
@@ -69,7 +70,7 @@ impl BlockPool {
         }
     }
 
-    /// Turns prefix sharing on or off (it starts on).
+    /// Turns prefix sharing with new prompts on or off (it starts on).
     pub fn set_sharing(&mut self, on: bool) {
         self.sharing = on;
     }
@@ -157,14 +158,20 @@ impl BlockPool {
     /// sequence uses it. Returns how many tokens the sequence's blocks already hold: at most
     /// `limit`.
     pub fn attach(&mut self, sequence: usize, tokens: &[u32], limit: usize) -> usize {
+        if !self.sharing {
+            return 0;
+        }
+        self.find(sequence, tokens, limit)
+    }
+
+    /// As [`BlockPool::attach`] whether or not sharing is on: finds a sequence's blocks to save
+    /// them.
+    pub fn find(&mut self, sequence: usize, tokens: &[u32], limit: usize) -> usize {
         assert!(
             self.tables[sequence].is_empty(),
             "sequence {sequence} holds blocks"
         );
         let limit = limit.min(tokens.len());
-        if !self.sharing {
-            return 0;
-        }
         let page = self.page;
         let mut position = 0;
         while position < limit {
@@ -219,9 +226,6 @@ impl BlockPool {
     /// Registers the sequence's blocks whose positions `tokens` fill completely (the tokens of
     /// positions `0..tokens.len()`, all written or being written by steps already sent).
     pub fn register_full(&mut self, sequence: usize, tokens: &[u32]) {
-        if !self.sharing {
-            return;
-        }
         let page = self.page;
         while self.registered[sequence] < self.tables[sequence].len()
             && (self.registered[sequence] + 1) * page <= tokens.len()
@@ -257,12 +261,10 @@ impl BlockPool {
     /// Ends a sequence whose positions `0..tokens.len()` hold `tokens`: registers its blocks
     /// (the last, partly written one too) and drops its references.
     pub fn release(&mut self, sequence: usize, tokens: &[u32]) {
-        if self.sharing {
-            self.register_full(sequence, tokens);
-            let (i, page) = (tokens.len() / self.page, self.page);
-            if !tokens.len().is_multiple_of(page) && i < self.tables[sequence].len() {
-                self.register(sequence, i, &tokens[i * page..]);
-            }
+        self.register_full(sequence, tokens);
+        let (i, page) = (tokens.len() / self.page, self.page);
+        if !tokens.len().is_multiple_of(page) && i < self.tables[sequence].len() {
+            self.register(sequence, i, &tokens[i * page..]);
         }
         for b in std::mem::take(&mut self.tables[sequence]) {
             self.drop_ref(b);
@@ -420,9 +422,12 @@ mod tests {
         assert_eq!((grown[0].first, grown[0].blocks.len()), (2, 1));
         pool.mark_sent(0, false);
         assert_eq!(pool.updates(&[0])[0].blocks.len(), 3);
-        // Without sharing nothing is registered: released blocks are unused at once.
+        // Without sharing a new prompt shares nothing, but the blocks can still be found (to
+        // save a slot's conversation).
         pool.release(0, &[1, 2, 3, 4, 5]);
         assert_eq!(pool.attach(0, &[1, 2, 3, 4, 5], 4), 0);
+        assert_eq!(pool.find(1, &[1, 2, 3, 4, 5], 5), 5);
+        pool.release(1, &[1, 2, 3, 4, 5]);
         pool.check();
     }
 }

@@ -335,7 +335,7 @@ impl Session {
                 self.max_context
             );
         }
-        let held = self.kv.attach(sequence, tokens, tokens.len());
+        let held = self.kv.find(sequence, tokens, tokens.len());
         if held == 0 {
             self.kv.release(sequence, &[]);
             bail!("slot {sequence}'s cache was evicted (other requests needed its blocks)");
