@@ -291,6 +291,9 @@ pub async fn run(
             }
             !gone
         });
+        if waiting.is_empty() {
+            head_waits = false;
+        }
         // Slot actions, between steps (a restore lands before the requests waiting now).
         if in_flight.is_empty() {
             for job in std::mem::take(&mut slot_jobs) {
@@ -324,6 +327,12 @@ pub async fn run(
             if sibling_reading {
                 waiting.push_front(job);
                 break;
+            }
+            if job.prompt.is_empty() {
+                let _ = job
+                    .events
+                    .send(JobEvent::Failed("the prompt has no tokens".into()));
+                continue;
             }
             let decoder = match Decoder::new(job.spec.clone(), &job.prompt) {
                 Ok(decoder) => decoder,

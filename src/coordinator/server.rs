@@ -986,6 +986,9 @@ async fn run(
             ids
         }
     };
+    if prompt_tokens.is_empty() {
+        return ApiError::invalid("the prompt has no tokens", Some("prompt")).into_response();
+    }
     if prompt_tokens.len() + common.max_tokens > max_context {
         return ApiError {
             status: StatusCode::BAD_REQUEST,
