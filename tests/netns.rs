@@ -66,7 +66,7 @@ async fn bytes_per_token(session: &mut Session) -> f64 {
 
 async fn greedy(session: &mut Session, n: usize) -> anyhow::Result<(Vec<u32>, f64)> {
     let prompt_tokens = session.model.tokenizer.encode(PROMPT, true).unwrap();
-    session.cluster.clear_sequence(0).await?;
+    session.clear().await?;
     let generation = session
         .generate(GenerateRequest {
             prompt_tokens,

@@ -305,10 +305,13 @@ impl BlockPool {
 
     /// The changes of the tables of `sequences` since they were last sent, to send with a step.
     pub fn updates(&mut self, sequences: &[u32]) -> Vec<proto::BlockTable> {
+        let mut distinct = sequences.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
         let mut out: Vec<proto::BlockTable> = Vec::new();
-        for &s in sequences {
+        for s in distinct {
             let s = s as usize;
-            if out.iter().any(|t| t.sequence as usize == s) || self.sent[s] == self.tables[s] {
+            if self.sent[s] == self.tables[s] {
                 continue;
             }
             let (sent, table) = (&self.sent[s], &self.tables[s]);

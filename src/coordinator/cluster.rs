@@ -1446,16 +1446,6 @@ impl Cluster {
         Ok(())
     }
 
-    pub async fn clear_sequence(&mut self, sequence: u32) -> anyhow::Result<()> {
-        for worker in &mut self.workers {
-            worker
-                .client
-                .clear_sequence(proto::ClearSequenceRequest { sequence })
-                .await?;
-        }
-        Ok(())
-    }
-
     /// Every worker writes its shard of a sequence slot's KV cache (positions
     /// `0..tokens.len()`, in `blocks`) to its save directory as `file_name`; replies in rank
     /// order.

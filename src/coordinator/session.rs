@@ -674,11 +674,12 @@ impl Session {
         Ok(results)
     }
 
-    /// Empties the KV cache of sequence 0.
+    /// Empties the KV cache of sequence 0: its blocks go back to the pool, and the next step
+    /// sends its table whole, which replaces what the workers hold (no call of its own).
     pub async fn clear(&mut self) -> anyhow::Result<()> {
         self.kv.release(0, &[]);
         self.kv.mark_sent(0, false);
-        self.cluster.clear_sequence(0).await
+        Ok(())
     }
 
     /// Runs `tokens` at positions `start..` of sequence 0, asking only for the last row's top

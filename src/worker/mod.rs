@@ -213,24 +213,26 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// A `VmHWM`/`VmRSS` style line of /proc/self/status, in bytes.
-/// The host's available memory (`MemAvailable`), where the kernel reports it.
-pub fn available_memory_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
+/// Bytes of a `KEY: N kB` line of a /proc file's text (`/proc/meminfo`, `/proc/PID/status`).
+pub fn proc_kb_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|rest| rest.trim().strip_suffix("kB"))
         .and_then(|kb| kb.trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
 }
 
+/// The host's available memory (`MemAvailable`), where the kernel reports it.
+pub fn available_memory_bytes() -> Option<u64> {
+    proc_kb_field(
+        &std::fs::read_to_string("/proc/meminfo").ok()?,
+        "MemAvailable:",
+    )
+}
+
 fn proc_status_bytes(key: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|rest| rest.trim().strip_suffix("kB"))
-        .and_then(|kb| kb.trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    proc_kb_field(&status, key).unwrap_or(0)
 }
 
 pub struct WorkerService {

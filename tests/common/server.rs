@@ -238,14 +238,7 @@ pub fn load_speed(server: &Server) -> (f64, f64, Vec<String>) {
 /// (`VmRSS`, `VmHWM`).
 pub fn worker_memory(server: &Server) -> Vec<(u64, u64)> {
     let parent = server.child.id().to_string();
-    let field = |status: &str, key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .and_then(|kb| kb.trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
+    let field = |status: &str, key: &str| tp::worker::proc_kb_field(status, key).unwrap_or(0);
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
