@@ -1422,6 +1422,12 @@ fn bench_matmul_decode() {
                 pool1.install(|| time(iters, &mut || matmul(ty, &w, rows, cols, &act, &mut y)));
             let t2 =
                 pool2.install(|| time(iters, &mut || matmul(ty, &w, rows, cols, &act, &mut y)));
+            let mut y64 = vec![0f64; rows];
+            let t64 = pool1.install(|| {
+                time(iters, &mut || {
+                    matmul_f64(ty, &w, rows, cols, &act, &mut y64)
+                })
+            });
             let mut act4 = PreparedActivations::new();
             let x4 = random_acts(&mut rng, cols * 4);
             act4.prepare(ty, &x4, cols, 4);
@@ -1432,10 +1438,11 @@ fn bench_matmul_decode() {
                 })
             });
             println!(
-                "{ty:>5} {rows:>5}x{cols:<5} ({}): count=1 1 thread {:6.2} ns/blk ({:7.1} us), 2 threads {:7.1} us; count=4 {:6.2} ns/blk/vec",
+                "{ty:>5} {rows:>5}x{cols:<5} ({}): count=1 1 thread {:6.2} ns/blk ({:7.1} us; f64 {:6.2} ns/blk), 2 threads {:7.1} us; count=4 {:6.2} ns/blk/vec",
                 current().name,
                 t1 * 1e9 / blocks,
                 t1 * 1e6,
+                t64 * 1e9 / blocks,
                 t2 * 1e6,
                 t4 * 1e9 / blocks / 4.0
             );
@@ -1719,14 +1726,22 @@ fn avx512_products_equal_avx2_bitwise() {
 }
 
 /// Prompt-batch products: multiply-adds per second of `matmul` and `matmul_f64` on one thread
-/// for every SIMD kernel set, a 1536 x 1536 matrix of each type against 128 activations.
+/// for every SIMD kernel set, a 1536 x 1536 matrix of each type against 128 activations (a
+/// prompt chunk) and 16 (a decode step of 16 sequences).
 /// `cargo test --release --lib bench_matmul_batched -- --ignored --nocapture`
 #[test]
 #[ignore]
 fn bench_matmul_batched() {
     let mut rng = Rng::new(23);
-    let (rows, cols, count) = (1536, 1536, 128);
-    for ty in QuantType::ALL.into_iter().filter(|t| t.is_quantized()) {
+    let (rows, cols) = (1536, 1536);
+    // e.g. TP_BENCH_TYPES=Q8_0,Q4_1 to time only some types
+    let only = std::env::var("TP_BENCH_TYPES").unwrap_or_default();
+    for (ty, count) in QuantType::ALL
+        .into_iter()
+        .filter(|t| t.is_quantized())
+        .filter(|t| only.is_empty() || only.split(',').any(|o| o == t.name()))
+        .flat_map(|t| [(t, 16), (t, 128)])
+    {
         let w = make_weights(ty, rows, cols, &mut rng, false);
         let x = random_acts(&mut rng, cols * count);
         let mut act = PreparedActivations::new();
@@ -1759,20 +1774,37 @@ fn bench_matmul_batched() {
 }
 
 /// The tiled GEMM's loops at sizes the other tests do not reach: rows longer than its chunk of
-/// 8 super-blocks, several groups of 16 activations with a padded last group, a partial last
+/// 2,048 elements, several groups of 16 activations with a padded last group, a partial last
 /// tile of rows; bitwise equal to the reference in every kernel set. Two batches prepared one
 /// after the other into the same buffer, each multiplied twice, check that the interleaved
 /// activations are made again for a new batch and reused for the same one.
 #[test]
+#[cfg(target_arch = "x86_64")]
 fn tiled_products_of_long_rows_and_many_vectors_are_exact() {
     for_each_simd_table(|| {
         let mut rng = Rng::new(29);
         let mut act = PreparedActivations::new();
+        let k = current().wide.tiled;
         for ty in QuantType::ALL
             .into_iter()
-            .filter(|t| t.act_kind() == ActKind::Q8K)
+            .filter(|&t| tiled::supports(t, Tiled::Vnni))
         {
-            let (rows, cols, count) = (21, 19 * QK_K, 37);
+            // Every type the VNNI form takes; the AVX2 form takes all but IQ4_XS and Q8_0.
+            let avx2 = !matches!(ty, QuantType::IQ4_XS | QuantType::Q8_0);
+            assert_eq!(
+                tiled::supports(ty, k),
+                k == Tiled::Vnni || avx2,
+                "{ty} {k:?}"
+            );
+            // The 32-element types: 155 blocks, not a whole number of super-blocks, two chunks
+            // of 64 and a partial one.
+            let cols = 19 * QK_K
+                + if ty.act_kind() == ActKind::Q8K {
+                    0
+                } else {
+                    3 * QK
+                };
+            let (rows, count) = (21, 37);
             let w = make_weights(ty, rows, cols, &mut rng, true);
             for _batch in 0..2 {
                 let x = random_acts(&mut rng, cols * count);

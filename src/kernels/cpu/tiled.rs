@@ -1,23 +1,31 @@
-//! Prompt-batch products of the Q8_K-activated types (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS) as
-//! a tiled integer GEMM (x86_64): with AVX-512 VNNI in the `avx512` kernel set, with AVX2's
-//! `vpmaddubsw` (all but IQ4_XS) in the `avx2` set.
+//! Batch products (prompt chunks, decode steps of many sequences) as a tiled integer GEMM
+//! (x86_64): with AVX-512 VNNI in the `avx512` kernel set, with AVX2's `vpmaddubsw` in the
+//! `avx2` set. Two families of types go through it: the Q8_K-activated K-quants (Q2_K, Q3_K,
+//! Q4_K, Q5_K, Q6_K, IQ4_XS; super-blocks of 256) and the 32-element types (Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0; blocks of 32 with Q8_0 or Q8_1 activations). A `Format` says how each
+//! family unpacks, interleaves and multiplies a block; `Product::run` drives both.
 //!
 //! A tile of 8 weight rows is unpacked once per product into unsigned 8-bit levels, one byte
-//! per element, with its sub-block scales and one correction vector (below). Activations are
-//! interleaved once per product: for each group of 16 activation vectors and each super-block,
-//! 64 vectors of 16 x 4 bytes, the four consecutive quants of one group of four elements for
-//! each of the 16 activations. The micro-kernel then broadcasts four weight levels of one row
-//! and multiplies them into all 16 activations at once (`vpdpbusd`: 64 multiply-adds per
-//! instruction), for 8 rows, sub-block by sub-block, and scales each sub-block's exact i32
-//! sums by the row's integer sub-block scale. What the levels leave out comes back through
-//! the activations' 16-element sums (`bsums`, `vpdpwssd`): the level offset (Q6_K 32, Q3_K 4,
-//! IQ4_XS 128) as `- offset * scale * bsum` inside the integer sum, the K-quant mins as the
-//! separate `Σ min * bsum`.
+//! per element, with its scales (K-quants: its sub-block scales and one correction vector,
+//! below). Activations are interleaved once per product: for each group of 16 activation
+//! vectors and each block, vectors of 16 x 4 bytes, the four consecutive quants of one group
+//! of four elements for each of the 16 activations. The micro-kernel then broadcasts four
+//! weight levels of one row and multiplies them into all 16 activations at once (`vpdpbusd`:
+//! 64 multiply-adds per instruction), for 8 rows.
 //!
-//! The AVX2 form (`block_avx2`) computes the same integers 8 activations per register with
-//! `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd` (exact while levels stay below 64).
+//! K-quants: sub-block by sub-block, each sub-block's exact i32 sums are scaled by the row's
+//! integer sub-block scale. What the levels leave out comes back through the activations'
+//! 16-element sums (`bsums`, `vpdpwssd`): the level offset (Q6_K 32, Q3_K 4, IQ4_XS 128) as
+//! `- offset * scale * bsum` inside the integer sum, the K-quant mins as the separate
+//! `Σ min * bsum`. The 32-element types: the level offset (Q4_0 8, Q5_0 16, Q8_0 128) times
+//! the activation block's quant sum, made once when interleaving, is subtracted from the
+//! block's integer sum; Q4_1 and Q5_1 add `m_w * s_a`.
 //!
-//! Every (row, activation) super-block thus gets the exact integers of `reference`'s
+//! The AVX2 forms compute the same integers 8 activations per register with `vpmaddubsw` +
+//! `vpmaddwd` in place of `vpdpbusd` (exact while levels stay below 64: not IQ4_XS's offset
+//! levels, up to 241, nor Q8_0's, up to 255).
+//!
+//! Every (row, activation) block thus gets the exact integers of `reference`'s
 //! `for_each_contribution`, and the same f64 expression turns them into its contribution,
 //! added to lane `i % 4` and combined as `reference::dot64` does: the results are bitwise
 //! those of `matmul_f64_reference` (and, rounded, of `matmul_reference`).
@@ -36,15 +44,17 @@ const ROWS: usize = 8;
 /// Activation vectors per micro-kernel call (one 512-bit vector of i32).
 const COLS: usize = 16;
 
-/// Whether [`matmul`] handles weight type `ty` with instruction set `isa`. The AVX2 form
-/// multiplies with `vpmaddubsw`, whose i16 pair sums hold levels up to 63 only: not IQ4_XS's
-/// offset levels (up to 241).
+/// Whether [`matmul`] handles weight type `ty` with instruction set `isa`. The AVX2 forms
+/// multiply with `vpmaddubsw`, whose i16 pair sums hold levels up to 63 only.
 pub(super) fn supports(ty: QuantType, isa: Tiled) -> bool {
     match ty {
         QuantType::Q2_K | QuantType::Q3_K | QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K => {
             isa != Tiled::No
         }
         QuantType::IQ4_XS => isa == Tiled::Vnni,
+        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1 => isa != Tiled::No,
+        // Q8_0's levels reach 255: `vpmaddubsw`'s i16 pair sums would saturate.
+        QuantType::Q8_0 => isa == Tiled::Vnni,
         _ => false,
     }
 }
@@ -301,51 +311,6 @@ impl Default for Codes {
     }
 }
 
-/// Interleaves `count` activation vectors of `nb` super-blocks each into groups of 16 (the last
-/// group padded with zero activations): `codes[g * nb + i]`. Groups are spread over the pool.
-fn interleave(act: &[BlockQ8K], nb: usize, count: usize, codes: &mut Vec<Codes>, parallel: bool) {
-    let groups = count.div_ceil(COLS);
-    if codes.len() < groups * nb {
-        codes.resize(groups * nb, Codes::default());
-    }
-    let out = OutPtr(codes.as_mut_ptr());
-    let fill = |g: usize| {
-        // SAFETY: group g owns codes[g * nb..(g + 1) * nb], within the length ensured above.
-        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(g * nb), nb) };
-        let valid = COLS.min(count - g * COLS);
-        for (i, dst) in dst.iter_mut().enumerate() {
-            for c in 0..COLS {
-                if c >= valid {
-                    for kg in 0..QK_K / 4 {
-                        dst.q[kg][c] = 0;
-                    }
-                    for p in 0..8 {
-                        dst.bsums[p][c] = 0;
-                    }
-                    dst.d[c] = 0.0;
-                    continue;
-                }
-                let a = &act[(g * COLS + c) * nb + i];
-                for kg in 0..QK_K / 4 {
-                    let q = &a.qs[4 * kg..4 * kg + 4];
-                    dst.q[kg][c] =
-                        u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
-                }
-                for p in 0..8 {
-                    dst.bsums[p][c] =
-                        (a.bsums[2 * p] as u16 as u32) | ((a.bsums[2 * p + 1] as u16 as u32) << 16);
-                }
-                dst.d[c] = a.d;
-            }
-        }
-    };
-    if parallel && groups > 1 && pool::threads() > 1 {
-        pool::for_each(groups, fill);
-    } else {
-        (0..groups).for_each(fill);
-    }
-}
-
 /// The integer sums of 8 unpacked rows with 16 interleaved activations: per row, 16 lanes of
 /// Σ scale·level·q8 − [offset types] Σ corr·bsum, and Σ corr·bsum (the mins sum; zero for the
 /// offset types).
@@ -519,14 +484,480 @@ unsafe fn block_avx2<const SUB: usize>(
     }
 }
 
-/// Super-blocks per pass over all groups of activations (see `matmul`).
-const SB_CHUNK: usize = 8;
-
 /// Per-group f64 lanes of one tile: `[group][row][lane][activation]`.
 type TileLanes = [[[f64; COLS]; 4]; ROWS];
 
+/// What the driver (`run`) needs from a family of block types: a tile's rows unpacked block by
+/// block, a group of 16 activations interleaved block by block, and one block of 8 rows x 16
+/// activations added to the f64 lanes (lane = block index % 4, as `reference::dot64`).
+trait Format {
+    /// An activation block.
+    type Act: Sync;
+    /// One row's block, unpacked.
+    type Unpacked: Copy + Default;
+    /// One block of a group of 16 activations, interleaved.
+    type Codes: Copy + Default + Send + Sync;
+    /// Blocks per pass over all groups of activations (see `run`): 2,048 elements.
+    const CHUNK: usize;
+    /// Unpacks weight block `b` (its raw bytes) into `u`.
+    fn unpack(&self, b: &[u8], u: &mut Self::Unpacked);
+    /// Writes activation block `a` as column `c` of `dst` (zeros for `None`, a padding column).
+    fn code(&self, a: Option<&Self::Act>, c: usize, dst: &mut Self::Codes);
+    /// Adds the contributions of one block of 8 rows x 16 activations to lane `lane` of `acc`.
+    ///
+    /// # Safety
+    /// The CPU has the features of `isa`, which `supports` accepted for this format's type.
+    unsafe fn block(
+        &self,
+        isa: Tiled,
+        rows: &[Self::Unpacked; ROWS],
+        codes: &Self::Codes,
+        acc: &mut TileLanes,
+        lane: usize,
+    );
+    /// Runs `f` on this thread's buffer of unpacked tiles.
+    fn with_rows<R>(f: impl FnOnce(&mut Vec<[Self::Unpacked; ROWS]>) -> R) -> R;
+    /// This format's interleaved activations in the batch's cache.
+    fn codes(i: &Interleaved) -> &Vec<Self::Codes>;
+    fn codes_mut(i: &mut Interleaved) -> &mut Vec<Self::Codes>;
+}
+
+/// The Q8_K-activated types: super-blocks of 256 elements.
+struct KQuant {
+    ty: QuantType,
+    sub: usize,
+    kind: Correction,
+    avx2_unpack: bool,
+}
+
+impl KQuant {
+    fn new(ty: QuantType) -> Self {
+        let (sub, kind) = layout(ty);
+        let avx2_unpack = matches!(ty, QuantType::Q2_K | QuantType::Q3_K);
+        KQuant {
+            ty,
+            sub,
+            kind,
+            avx2_unpack,
+        }
+    }
+}
+
+impl Format for KQuant {
+    type Act = BlockQ8K;
+    type Unpacked = Unpacked;
+    type Codes = Codes;
+    const CHUNK: usize = 8;
+
+    fn unpack(&self, b: &[u8], u: &mut Unpacked) {
+        if self.avx2_unpack {
+            // SAFETY: only the AVX2 and AVX-512 kernel sets call this module.
+            unsafe { unpack_avx2(self.ty, b, u) }
+        } else {
+            unpack(self.ty, b, u)
+        }
+    }
+
+    fn code(&self, a: Option<&BlockQ8K>, c: usize, dst: &mut Codes) {
+        let Some(a) = a else {
+            for kg in 0..QK_K / 4 {
+                dst.q[kg][c] = 0;
+            }
+            for p in 0..8 {
+                dst.bsums[p][c] = 0;
+            }
+            dst.d[c] = 0.0;
+            return;
+        };
+        for kg in 0..QK_K / 4 {
+            let q = &a.qs[4 * kg..4 * kg + 4];
+            dst.q[kg][c] = u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
+        }
+        for p in 0..8 {
+            dst.bsums[p][c] =
+                (a.bsums[2 * p] as u16 as u32) | ((a.bsums[2 * p + 1] as u16 as u32) << 16);
+        }
+        dst.d[c] = a.d;
+    }
+
+    unsafe fn block(
+        &self,
+        isa: Tiled,
+        u: &[Unpacked; ROWS],
+        c: &Codes,
+        acc: &mut TileLanes,
+        lane: usize,
+    ) {
+        let kind = self.kind;
+        // SAFETY: the caller checked the CPU features of `isa`.
+        unsafe {
+            if isa == Tiled::Avx2 {
+                if self.sub == 16 {
+                    block_avx2::<16>(u, c, kind, acc, lane)
+                } else {
+                    block_avx2::<32>(u, c, kind, acc, lane)
+                }
+                return;
+            }
+            let (isum, mins) = if self.sub == 16 {
+                micro::<16>(u, c, kind)
+            } else {
+                micro::<32>(u, c, kind)
+            };
+            accumulate(u, c, &isum, &mins, kind, acc, lane);
+        }
+    }
+
+    fn with_rows<R>(f: impl FnOnce(&mut Vec<[Unpacked; ROWS]>) -> R) -> R {
+        thread_local! {
+            static BUF: RefCell<Vec<[Unpacked; ROWS]>> = const { RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(f)
+    }
+
+    fn codes(i: &Interleaved) -> &Vec<Codes> {
+        &i.codes
+    }
+    fn codes_mut(i: &mut Interleaved) -> &mut Vec<Codes> {
+        &mut i.codes
+    }
+}
+
+// ---- The 32-element types: Q4_0, Q4_1, Q5_0, Q5_1 (levels 0..=31) and Q8_0 (levels 0..=255)
+
+/// One row's 32-element block, unpacked: unsigned levels (the quant plus the type's offset:
+/// Q4_0 8, Q5_0 16, Q8_0 128, none for the types with a min), the scale and the min as f64.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(16))]
+struct Unpacked32 {
+    levels: [u8; 32],
+    d: f64,
+    m: f64,
+}
+
+/// One 32-element block of 16 activations, interleaved.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Codes32 {
+    /// `q[kg][c]`: quants 4kg..4kg+4 of activation c, as one little-endian u32.
+    q: [[u32; COLS]; 8],
+    /// The weight type's level offset times the block's quant sum, per activation: what the
+    /// offset levels add to the integer sum.
+    corr: [i32; COLS],
+    d: [f64; COLS],
+    /// Q8_1's `s` (= d * Σ quants, as stored): the min's coefficient.
+    s: [f64; COLS],
+}
+
+/// An activation block of 32 quants.
+trait Q8Block: Sync {
+    fn d(&self) -> F16Bytes;
+    fn s(&self) -> F16Bytes;
+    fn qs(&self) -> &[i8; QK];
+}
+
+impl Q8Block for BlockQ8_0 {
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    fn s(&self) -> F16Bytes {
+        F16Bytes::default()
+    }
+    fn qs(&self) -> &[i8; QK] {
+        &self.qs
+    }
+}
+
+impl Q8Block for BlockQ8_1 {
+    fn d(&self) -> F16Bytes {
+        self.d
+    }
+    fn s(&self) -> F16Bytes {
+        self.s
+    }
+    fn qs(&self) -> &[i8; QK] {
+        &self.qs
+    }
+}
+
+/// A 32-element type with activations of block type `A` (Q8_0, or Q8_1 for the min types).
+struct Legacy<A> {
+    ty: QuantType,
+    /// What the levels add to each quant.
+    offset: i32,
+    _act: std::marker::PhantomData<A>,
+}
+
+impl<A> Legacy<A> {
+    fn new(ty: QuantType) -> Self {
+        let offset = match ty {
+            QuantType::Q4_0 => 8,
+            QuantType::Q5_0 => 16,
+            QuantType::Q8_0 => 128,
+            QuantType::Q4_1 | QuantType::Q5_1 => 0,
+            _ => unreachable!("tiled: unsupported type {ty}"),
+        };
+        Legacy {
+            ty,
+            offset,
+            _act: std::marker::PhantomData,
+        }
+    }
+
+    fn has_min(&self) -> bool {
+        matches!(self.ty, QuantType::Q4_1 | QuantType::Q5_1)
+    }
+}
+
+/// 32 bits -> 32 bytes, 0x10 where the bit is set (Q5's fifth bit of each level).
+#[target_feature(enable = "avx2")]
+fn fifth_bits(bits: u32) -> __m256i {
+    let shuf = _mm256_setr_epi64x(
+        0,
+        0x0101010101010101,
+        0x0202020202020202,
+        0x0303030303030303,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf);
+    let mask = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, mask), mask);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// The levels of a nibble block (low nibbles are elements 0..16, high nibbles 16..32), with
+/// Q5's fifth bits from `qh`.
+#[target_feature(enable = "avx2")]
+unsafe fn nibble_levels(qs: &[u8; QK / 2], qh: Option<u32>, levels: &mut [u8; QK]) {
+    unsafe {
+        let raw = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(raw), raw);
+        let mut lv = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+        if let Some(bits) = qh {
+            lv = _mm256_or_si256(lv, fifth_bits(bits));
+        }
+        _mm256_storeu_si256(levels.as_mut_ptr() as *mut __m256i, lv);
+    }
+}
+
+/// Q8_0's levels: each quant plus 128, as a byte (its sign bit flipped).
+#[target_feature(enable = "avx2")]
+unsafe fn q8_levels(qs: &[i8; QK], levels: &mut [u8; QK]) {
+    unsafe {
+        let q = _mm256_loadu_si256(qs.as_ptr() as *const __m256i);
+        let lv = _mm256_xor_si256(q, _mm256_set1_epi8(0x80u8 as i8));
+        _mm256_storeu_si256(levels.as_mut_ptr() as *mut __m256i, lv);
+    }
+}
+
+/// One block of 8 rows x 16 activations with AVX-512 VNNI: per row, 16 lanes of the exact
+/// Σ level·q8 − offset·Σ q8 (`vpdpbusd`), then `reference`'s contribution `(d_w * d_a) *
+/// isum` (the min types: `+ m_w * s_a`), unfused, added to lane `lane`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn legacy_vnni(
+    rows: &[Unpacked32; ROWS],
+    codes: &Codes32,
+    min: bool,
+    acc: &mut TileLanes,
+    lane: usize,
+) {
+    unsafe {
+        let mut isum = [_mm512_setzero_si512(); ROWS];
+        for kg in 0..QK / 4 {
+            let q = _mm512_load_si512(codes.q[kg].as_ptr() as *const __m512i);
+            for t in 0..ROWS {
+                let w = (rows[t].levels.as_ptr().add(4 * kg) as *const u32).read_unaligned();
+                isum[t] = _mm512_dpbusd_epi32(isum[t], _mm512_set1_epi32(w as i32), q);
+            }
+        }
+        let corr = _mm512_load_si512(codes.corr.as_ptr() as *const __m512i);
+        let da = [
+            _mm512_load_pd(codes.d.as_ptr()),
+            _mm512_load_pd(codes.d.as_ptr().add(8)),
+        ];
+        let sa = [
+            _mm512_load_pd(codes.s.as_ptr()),
+            _mm512_load_pd(codes.s.as_ptr().add(8)),
+        ];
+        for t in 0..ROWS {
+            let is = _mm512_sub_epi32(isum[t], corr);
+            let is = [
+                _mm512_cvtepi32_pd(_mm512_castsi512_si256(is)),
+                _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(is)),
+            ];
+            let dw = _mm512_set1_pd(rows[t].d);
+            let mw = _mm512_set1_pd(rows[t].m);
+            for h in 0..2 {
+                let mut c = _mm512_mul_pd(_mm512_mul_pd(dw, da[h]), is[h]);
+                if min {
+                    c = _mm512_add_pd(c, _mm512_mul_pd(mw, sa[h]));
+                }
+                let p = acc[t][lane].as_mut_ptr().add(8 * h);
+                _mm512_storeu_pd(p, _mm512_add_pd(_mm512_loadu_pd(p), c));
+            }
+        }
+    }
+}
+
+/// `legacy_vnni` with AVX2 only, 8 activations at a time: `vpmaddubsw` pairs (at most
+/// 2 · 31 · 127 for levels up to 31, four of them summed in i16 before `vpmaddwd`: exact),
+/// then the same f64 expressions.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn legacy_avx2(
+    rows: &[Unpacked32; ROWS],
+    codes: &Codes32,
+    min: bool,
+    acc: &mut TileLanes,
+    lane: usize,
+) {
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        for half in 0..2 {
+            let q: [__m256i; QK / 4] = std::array::from_fn(|kg| {
+                _mm256_load_si256(codes.q[kg].as_ptr().add(8 * half) as *const __m256i)
+            });
+            let corr = _mm256_load_si256(codes.corr.as_ptr().add(8 * half) as *const __m256i);
+            let at = |v: &[f64; COLS], h: usize| _mm256_load_pd(v.as_ptr().add(8 * half + 4 * h));
+            let (da, sa) = (
+                [at(&codes.d, 0), at(&codes.d, 1)],
+                [at(&codes.s, 0), at(&codes.s, 1)],
+            );
+            for t in 0..ROWS {
+                let lv = rows[t].levels.as_ptr() as *const u32;
+                let mut pairs = [_mm256_setzero_si256(); 2];
+                for kg in 0..QK / 4 {
+                    let w = _mm256_set1_epi32(lv.add(kg).read_unaligned() as i32);
+                    pairs[kg / 4] = _mm256_add_epi16(pairs[kg / 4], _mm256_maddubs_epi16(w, q[kg]));
+                }
+                let isum = _mm256_add_epi32(
+                    _mm256_madd_epi16(pairs[0], ones),
+                    _mm256_madd_epi16(pairs[1], ones),
+                );
+                let is = _mm256_sub_epi32(isum, corr);
+                let is = [
+                    _mm256_cvtepi32_pd(_mm256_castsi256_si128(is)),
+                    _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(is)),
+                ];
+                let dw = _mm256_set1_pd(rows[t].d);
+                let mw = _mm256_set1_pd(rows[t].m);
+                for h in 0..2 {
+                    let mut c = _mm256_mul_pd(_mm256_mul_pd(dw, da[h]), is[h]);
+                    if min {
+                        c = _mm256_add_pd(c, _mm256_mul_pd(mw, sa[h]));
+                    }
+                    let p = acc[t][lane].as_mut_ptr().add(8 * half + 4 * h);
+                    _mm256_storeu_pd(p, _mm256_add_pd(_mm256_loadu_pd(p), c));
+                }
+            }
+        }
+    }
+}
+
+/// Unpacks 32-element block `b` of type `ty` (its raw bytes) into `u`.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn unpack32(ty: QuantType, b: &[u8], u: &mut Unpacked32) {
+    debug_assert_eq!(b.len(), ty.block_bytes());
+    unsafe {
+        let (d, m) = match ty {
+            QuantType::Q4_0 => {
+                let x = &*(b.as_ptr() as *const BlockQ4_0);
+                nibble_levels(&x.qs, None, &mut u.levels);
+                (x.d, F16Bytes::default())
+            }
+            QuantType::Q4_1 => {
+                let x = &*(b.as_ptr() as *const BlockQ4_1);
+                nibble_levels(&x.qs, None, &mut u.levels);
+                (x.d, x.m)
+            }
+            QuantType::Q5_0 => {
+                let x = &*(b.as_ptr() as *const BlockQ5_0);
+                nibble_levels(&x.qs, Some(u32::from_le_bytes(x.qh)), &mut u.levels);
+                (x.d, F16Bytes::default())
+            }
+            QuantType::Q5_1 => {
+                let x = &*(b.as_ptr() as *const BlockQ5_1);
+                nibble_levels(&x.qs, Some(u32::from_le_bytes(x.qh)), &mut u.levels);
+                (x.d, x.m)
+            }
+            QuantType::Q8_0 => {
+                let x = &*(b.as_ptr() as *const BlockQ8_0);
+                q8_levels(&x.qs, &mut u.levels);
+                (x.d, F16Bytes::default())
+            }
+            _ => unreachable!(),
+        };
+        // Both halves in one conversion (exact).
+        let bits = d.bits() as i32 | ((m.bits() as i32) << 16);
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+        u.d = _mm_cvtss_f32(dm) as f64;
+        u.m = _mm_cvtss_f32(_mm_movehdup_ps(dm)) as f64;
+    }
+}
+
+impl<A: Q8Block> Format for Legacy<A> {
+    type Act = A;
+    type Unpacked = Unpacked32;
+    type Codes = Codes32;
+    const CHUNK: usize = 64;
+
+    fn unpack(&self, b: &[u8], u: &mut Unpacked32) {
+        // SAFETY: only the AVX2 and AVX-512 kernel sets, which have F16C, call this module.
+        unsafe { unpack32(self.ty, b, u) }
+    }
+
+    fn code(&self, a: Option<&A>, c: usize, dst: &mut Codes32) {
+        let Some(a) = a else {
+            for kg in 0..QK / 4 {
+                dst.q[kg][c] = 0;
+            }
+            dst.corr[c] = 0;
+            dst.d[c] = 0.0;
+            dst.s[c] = 0.0;
+            return;
+        };
+        let qs = a.qs();
+        for kg in 0..QK / 4 {
+            let q = &qs[4 * kg..4 * kg + 4];
+            dst.q[kg][c] = u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
+        }
+        dst.corr[c] = self.offset * qs.iter().map(|&q| q as i32).sum::<i32>();
+        dst.d[c] = a.d().to_f32() as f64;
+        dst.s[c] = a.s().to_f32() as f64;
+    }
+
+    unsafe fn block(
+        &self,
+        isa: Tiled,
+        rows: &[Unpacked32; ROWS],
+        codes: &Codes32,
+        acc: &mut TileLanes,
+        lane: usize,
+    ) {
+        // SAFETY: the caller checked the CPU features of `isa`.
+        unsafe {
+            if isa == Tiled::Avx2 {
+                legacy_avx2(rows, codes, self.has_min(), acc, lane)
+            } else {
+                legacy_vnni(rows, codes, self.has_min(), acc, lane)
+            }
+        }
+    }
+
+    fn with_rows<R>(f: impl FnOnce(&mut Vec<[Unpacked32; ROWS]>) -> R) -> R {
+        thread_local! {
+            static BUF: RefCell<Vec<[Unpacked32; ROWS]>> = const { RefCell::new(Vec::new()) };
+        }
+        BUF.with_borrow_mut(f)
+    }
+
+    fn codes(i: &Interleaved) -> &Vec<Codes32> {
+        &i.codes32
+    }
+    fn codes_mut(i: &mut Interleaved) -> &mut Vec<Codes32> {
+        &mut i.codes32
+    }
+}
+
 thread_local! {
-    static ROWS_BUF: RefCell<Vec<[Unpacked; ROWS]>> = const { RefCell::new(Vec::new()) };
     static ACC_BUF: RefCell<Vec<TileLanes>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -535,16 +966,57 @@ thread_local! {
 /// gate and up projections, share one).
 #[derive(Default)]
 pub(super) struct Interleaved {
-    /// Whether `codes` holds the current batch.
+    /// Whether the vector of the batch's format holds the current batch.
     pub(super) valid: bool,
     codes: Vec<Codes>,
+    codes32: Vec<Codes32>,
+}
+
+/// Interleaves `count` activation vectors of `nb` blocks each into groups of 16 (the last
+/// group padded with zero activations): `codes[g * nb + i]`. Groups are spread over the pool.
+fn interleave<F: Format + Sync>(
+    f: &F,
+    act: &[F::Act],
+    nb: usize,
+    count: usize,
+    codes: &mut Vec<F::Codes>,
+    parallel: bool,
+) {
+    let groups = count.div_ceil(COLS);
+    if codes.len() < groups * nb {
+        codes.resize(groups * nb, F::Codes::default());
+    }
+    let out = OutPtr(codes.as_mut_ptr());
+    let fill = |g: usize| {
+        // SAFETY: group g owns codes[g * nb..(g + 1) * nb], within the length ensured above.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(g * nb), nb) };
+        let valid = COLS.min(count - g * COLS);
+        for (i, dst) in dst.iter_mut().enumerate() {
+            for c in 0..COLS {
+                let a = (c < valid).then(|| &act[(g * COLS + c) * nb + i]);
+                f.code(a, c, dst);
+            }
+        }
+    };
+    if parallel && groups > 1 && pool::threads() > 1 {
+        pool::for_each(groups, fill);
+    } else {
+        (0..groups).for_each(fill);
+    }
+}
+
+/// A batch's activations in the form its weight type's product takes.
+pub(super) enum Acts<'a> {
+    Q8K(&'a [BlockQ8K]),
+    Q8_0(&'a [BlockQ8_0]),
+    Q8_1(&'a [BlockQ8_1]),
 }
 
 /// `y[b * rows + r] = dot64(weight row r, activation b)` (as T) for weight type `ty` (see
-/// [`supports`]), `act` holding `count` Q8_K vectors of `cols / 256` blocks each, `interleaved`
-/// their interleaved form (made here when not valid). Splits the
-/// rows over the calling thread's pool when `parallel`. The caller has checked the shapes and
-/// that this CPU has the features of `isa` (AVX2, or AVX-512 F/BW/VL/VNNI).
+/// [`supports`]), `act` holding `count` vectors of `cols` elements in the activation blocks of
+/// `ty`, `interleaved` their interleaved form (made here when not valid). Splits the rows over
+/// the calling thread's pool when `parallel`. The caller has checked the shapes and that this
+/// CPU has the features of `isa` (AVX2, or AVX-512 F/BW/VL/VNNI).
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul<T: FromF64>(
     isa: Tiled,
@@ -553,17 +1025,66 @@ pub(super) unsafe fn matmul<T: FromF64>(
     rb: usize,
     rows: usize,
     cols: usize,
-    act: &[BlockQ8K],
+    act: Acts<'_>,
     count: usize,
     interleaved: &RwLock<Interleaved>,
     y: &mut [T],
     parallel: bool,
 ) {
-    let nb = cols / QK_K;
-    let block = ty.block_bytes();
-    let (sub, kind) = layout(ty);
-    let avx2_unpack = matches!(ty, QuantType::Q2_K | QuantType::Q3_K);
-    {
+    let p = Product {
+        isa,
+        weight,
+        rb,
+        rows,
+        block: ty.block_bytes(),
+        nb: cols / ty.block_elements(),
+        count,
+        parallel,
+    };
+    // SAFETY: passed on from the caller.
+    unsafe {
+        match act {
+            Acts::Q8K(a) => p.run(&KQuant::new(ty), a, interleaved, y),
+            Acts::Q8_0(a) => p.run(&Legacy::<BlockQ8_0>::new(ty), a, interleaved, y),
+            Acts::Q8_1(a) => p.run(&Legacy::<BlockQ8_1>::new(ty), a, interleaved, y),
+        }
+    }
+}
+
+/// One product's shape.
+struct Product<'w> {
+    isa: Tiled,
+    weight: &'w [u8],
+    /// Bytes per weight row, per block.
+    rb: usize,
+    block: usize,
+    rows: usize,
+    /// Blocks per row.
+    nb: usize,
+    count: usize,
+    parallel: bool,
+}
+
+impl Product<'_> {
+    /// # Safety
+    /// As [`matmul`].
+    unsafe fn run<F: Format + Sync, T: FromF64>(
+        &self,
+        f: &F,
+        act: &[F::Act],
+        interleaved: &RwLock<Interleaved>,
+        y: &mut [T],
+    ) {
+        let Product {
+            isa,
+            weight,
+            rb,
+            block,
+            rows,
+            nb,
+            count,
+            parallel,
+        } = *self;
         // Made under the write lock by the first product; read by any number at once.
         if !interleaved
             .read()
@@ -572,72 +1093,57 @@ pub(super) unsafe fn matmul<T: FromF64>(
         {
             let mut w = interleaved.write().unwrap_or_else(PoisonError::into_inner);
             if !w.valid {
-                interleave(act, nb, count, &mut w.codes, parallel);
+                interleave(
+                    f,
+                    &act[..count * nb],
+                    nb,
+                    count,
+                    F::codes_mut(&mut w),
+                    parallel,
+                );
                 w.valid = true;
             }
         }
         let guard = interleaved.read().unwrap_or_else(PoisonError::into_inner);
-        let codes = &guard.codes[..];
+        let codes = &F::codes(&guard)[..];
         let groups = count.div_ceil(COLS);
         let out = OutPtr(y.as_mut_ptr());
         let tiles = rows.div_ceil(ROWS);
         let run = |tile: usize| {
-            ROWS_BUF.with_borrow_mut(|buf| {
+            F::with_rows(|buf| {
                 // Every field a product reads is rewritten by `unpack` (rows < n) or zeroed here
                 // (the padding rows of a last, partial tile), so the buffer is reused as is.
                 if buf.len() < nb {
-                    buf.resize(nb, [Unpacked::default(); ROWS]);
+                    buf.resize(nb, [F::Unpacked::default(); ROWS]);
                 }
                 let buf = &mut buf[..nb];
                 let r0 = tile * ROWS;
                 let n = ROWS.min(rows - r0);
                 for u in buf.iter_mut() {
                     for pad in &mut u[n..] {
-                        *pad = Unpacked::default();
+                        *pad = F::Unpacked::default();
                     }
                 }
                 for t in 0..n {
                     let row = &weight[(r0 + t) * rb..(r0 + t + 1) * rb];
                     for (i, u) in buf.iter_mut().enumerate() {
-                        let b = &row[i * block..(i + 1) * block];
-                        if avx2_unpack {
-                            // SAFETY: the caller checked the CPU features (AVX-512 implies AVX2).
-                            unsafe { unpack_avx2(ty, b, &mut u[t]) }
-                        } else {
-                            unpack(ty, b, &mut u[t])
-                        }
+                        f.unpack(&row[i * block..(i + 1) * block], &mut u[t]);
                     }
                 }
-                // The super-blocks go in chunks, each chunk through every group of
-                // activations, so that the chunk's interleaved activations (all groups) stay
-                // in L2 while the tile's rows use them; each (row, activation) still adds its
-                // super-blocks in order, into the f64 lanes kept per group.
+                // The blocks go in chunks, each chunk through every group of activations, so
+                // that the chunk's interleaved activations (all groups) stay in L2 while the
+                // tile's rows use them; each (row, activation) still adds its blocks in order,
+                // into the f64 lanes kept per group.
                 ACC_BUF.with_borrow_mut(|acc| {
                     acc.clear();
                     acc.resize(groups, [[[0f64; COLS]; 4]; ROWS]);
                     let mut i0 = 0;
                     while i0 < nb {
-                        let i1 = (i0 + SB_CHUNK).min(nb);
+                        let i1 = (i0 + F::CHUNK).min(nb);
                         for (g, acc) in acc.iter_mut().enumerate() {
                             for i in i0..i1 {
-                                let (u, c) = (&buf[i], &codes[g * nb + i]);
                                 // SAFETY: the caller checked the CPU features of `isa`.
-                                unsafe {
-                                    if isa == Tiled::Avx2 {
-                                        if sub == 16 {
-                                            block_avx2::<16>(u, c, kind, acc, i % 4)
-                                        } else {
-                                            block_avx2::<32>(u, c, kind, acc, i % 4)
-                                        }
-                                        continue;
-                                    }
-                                    let (isum, mins) = if sub == 16 {
-                                        micro::<16>(u, c, kind)
-                                    } else {
-                                        micro::<32>(u, c, kind)
-                                    };
-                                    accumulate(u, c, &isum, &mins, kind, acc, i % 4);
-                                }
+                                unsafe { f.block(isa, &buf[i], &codes[g * nb + i], acc, i % 4) };
                             }
                         }
                         i0 = i1;
