@@ -84,11 +84,22 @@ impl QuantType {
         }
     }
 
-    /// Whether the f32 product is the f64-accumulated one rounded once (one kernel per type
-    /// serves both `matmul` and `matmul_f64`, and batch products can take the tiled GEMM):
-    /// every quantized type. The float types keep their own f32 accumulation.
+    /// Whether the f32 product is the f64-accumulated one rounded once (the types added after
+    /// v0.1: one kernel per type serves both `matmul` and `matmul_f64`). The others reproduce
+    /// ggml's own f32 accumulation order.
     pub fn f32_via_f64(self) -> bool {
-        self.is_quantized()
+        matches!(
+            self,
+            QuantType::Q5_1
+                | QuantType::Q4_K
+                | QuantType::Q5_K
+                | QuantType::Q6_K
+                | QuantType::Q2_K
+                | QuantType::Q3_K
+                | QuantType::IQ4_NL
+                | QuantType::IQ4_XS
+                | QuantType::MXFP4
+        )
     }
 
     /// Maps a ggml_type id (as stored in GGUF) to a supported type.

@@ -66,12 +66,21 @@ struct Kernels {
     dot_f32: unsafe fn(&[u8], &[f32]) -> f32,
     dot_f16: unsafe fn(&[u8], &[f16]) -> f32,
     dot_bf16: unsafe fn(&[u8], &[bf16]) -> f32,
-    /// Quantized KV cache keys (`attend_typed`).
     dot_q4_0: unsafe fn(&[BlockQ4_0], &[BlockQ8_0]) -> f32,
+    dot_q4_1: unsafe fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32,
+    dot_q5_0: unsafe fn(&[BlockQ5_0], &[BlockQ8_0]) -> f32,
     dot_q8_0: unsafe fn(&[BlockQ8_0], &[BlockQ8_0]) -> f32,
     dot4_f32: unsafe fn(&[u8], *const f32, usize, &mut [f32; 4]),
     dot4_f16: unsafe fn(&[u8], *const f16, usize, &mut [f32; 4]),
     dot4_bf16: unsafe fn(&[u8], *const bf16, usize, &mut [f32; 4]),
+    dot4_q4_0: unsafe fn(&[BlockQ4_0], *const BlockQ8_0, usize, &mut [f32; 4]),
+    dot4_q4_1: unsafe fn(&[BlockQ4_1], *const BlockQ8_1, usize, &mut [f32; 4]),
+    dot4_q5_0: unsafe fn(&[BlockQ5_0], *const BlockQ8_0, usize, &mut [f32; 4]),
+    dot4_q8_0: unsafe fn(&[BlockQ8_0], *const BlockQ8_0, usize, &mut [f32; 4]),
+    rows4_q4_0: Option<Rows4<BlockQ8_0, f32>>,
+    rows4_q4_1: Option<Rows4<BlockQ8_1, f32>>,
+    rows4_q5_0: Option<Rows4<BlockQ8_0, f32>>,
+    rows4_q8_0: Option<Rows4<BlockQ8_0, f32>>,
     /// Activation quantizers, bitwise equal to the `reference` ones.
     quantize_q8_0: unsafe fn(&[f32], &mut [BlockQ8_0]),
     quantize_q8_1: unsafe fn(&[f32], &mut [BlockQ8_1]),
@@ -177,6 +186,34 @@ macro_rules! scalar4 {
 scalar4!(scalar4_f32, reference::vec_dot_f32, u8, f32, 4);
 scalar4!(scalar4_f16, reference::vec_dot_f16, u8, f16, 2);
 scalar4!(scalar4_bf16, reference::vec_dot_bf16, u8, bf16, 2);
+scalar4!(
+    scalar4_q4_0,
+    reference::vec_dot_q4_0_q8_0,
+    BlockQ4_0,
+    BlockQ8_0,
+    1
+);
+scalar4!(
+    scalar4_q4_1,
+    reference::vec_dot_q4_1_q8_1,
+    BlockQ4_1,
+    BlockQ8_1,
+    1
+);
+scalar4!(
+    scalar4_q5_0,
+    reference::vec_dot_q5_0_q8_0,
+    BlockQ5_0,
+    BlockQ8_0,
+    1
+);
+scalar4!(
+    scalar4_q8_0,
+    reference::vec_dot_q8_0_q8_0,
+    BlockQ8_0,
+    BlockQ8_0,
+    1
+);
 
 /// Scalar f64 kernels: typed wrappers of `reference::dot64`.
 macro_rules! scalar64 {
@@ -421,10 +458,20 @@ static SCALAR: Kernels = Kernels {
     dot_f16: reference::vec_dot_f16,
     dot_bf16: reference::vec_dot_bf16,
     dot_q4_0: reference::vec_dot_q4_0_q8_0,
+    dot_q4_1: reference::vec_dot_q4_1_q8_1,
+    dot_q5_0: reference::vec_dot_q5_0_q8_0,
     dot_q8_0: reference::vec_dot_q8_0_q8_0,
     dot4_f32: scalar4_f32,
     dot4_f16: scalar4_f16,
     dot4_bf16: scalar4_bf16,
+    dot4_q4_0: scalar4_q4_0,
+    dot4_q4_1: scalar4_q4_1,
+    dot4_q5_0: scalar4_q5_0,
+    dot4_q8_0: scalar4_q8_0,
+    rows4_q4_0: None,
+    rows4_q4_1: None,
+    rows4_q5_0: None,
+    rows4_q8_0: None,
     quantize_q8_0: quantize_row_q8_0,
     quantize_q8_1: quantize_row_q8_1,
     quantize_q8_k: quantize_row_q8_k,
@@ -441,10 +488,20 @@ static AVX2: Kernels = Kernels {
     dot_f16: avx2::dot_f16,
     dot_bf16: avx2::dot_bf16,
     dot_q4_0: avx2::dot_q4_0_q8_0,
+    dot_q4_1: avx2::dot_q4_1_q8_1,
+    dot_q5_0: avx2::dot_q5_0_q8_0,
     dot_q8_0: avx2::dot_q8_0_q8_0,
     dot4_f32: avx2::dot4_f32,
     dot4_f16: avx2::dot4_f16,
     dot4_bf16: avx2::dot4_bf16,
+    dot4_q4_0: avx2::dot4_q4_0_q8_0,
+    dot4_q4_1: avx2::dot4_q4_1_q8_1,
+    dot4_q5_0: avx2::dot4_q5_0_q8_0,
+    dot4_q8_0: avx2::dot4_q8_0_q8_0,
+    rows4_q4_0: Some(avx2::rows4_q4_0_q8_0),
+    rows4_q4_1: Some(avx2::rows4_q4_1_q8_1),
+    rows4_q5_0: Some(avx2::rows4_q5_0_q8_0),
+    rows4_q8_0: Some(avx2::rows4_q8_0_q8_0),
     quantize_q8_0: avx2::quantize_row_q8_0,
     quantize_q8_1: avx2::quantize_row_q8_1,
     quantize_q8_k: avx2::quantize_row_q8_k,
@@ -505,10 +562,20 @@ static AVX512: Kernels = Kernels {
     dot_f16: avx512::dot_f16,
     dot_bf16: avx512::dot_bf16,
     dot_q4_0: avx512::dot_q4_0_q8_0,
+    dot_q4_1: avx512::dot_q4_1_q8_1,
+    dot_q5_0: avx512::dot_q5_0_q8_0,
     dot_q8_0: avx512::dot_q8_0_q8_0,
     dot4_f32: avx512::dot4_f32,
     dot4_f16: avx512::dot4_f16,
     dot4_bf16: avx512::dot4_bf16,
+    dot4_q4_0: avx512::dot4_q4_0_q8_0,
+    dot4_q4_1: avx512::dot4_q4_1_q8_1,
+    dot4_q5_0: avx512::dot4_q5_0_q8_0,
+    dot4_q8_0: avx512::dot4_q8_0_q8_0,
+    rows4_q4_0: Some(avx512::rows4_q4_0_q8_0),
+    rows4_q4_1: Some(avx512::rows4_q4_1_q8_1),
+    rows4_q5_0: Some(avx512::rows4_q5_0_q8_0),
+    rows4_q8_0: Some(avx512::rows4_q8_0_q8_0),
     quantize_q8_0: avx512::quantize_row_q8_0,
     quantize_q8_1: avx512::quantize_row_q8_1,
     quantize_q8_k: avx512::quantize_row_q8_k,
@@ -538,7 +605,13 @@ static NEON_64: Kernels64 = Kernels64 {
 static NEON: Kernels = Kernels {
     name: "neon",
     dot_q4_0: neon::dot_q4_0_q8_0,
+    dot_q4_1: neon::dot_q4_1_q8_1,
+    dot_q5_0: neon::dot_q5_0_q8_0,
     dot_q8_0: neon::dot_q8_0_q8_0,
+    dot4_q4_0: neon::dot4_q4_0_q8_0,
+    dot4_q4_1: neon::dot4_q4_1_q8_1,
+    dot4_q5_0: neon::dot4_q5_0_q8_0,
+    dot4_q8_0: neon::dot4_q8_0_q8_0,
     wide: &NEON_64,
     ..SCALAR
 };
@@ -1520,15 +1593,19 @@ macro_rules! dispatch {
 
 /// Output element of a product: f32 (`matmul`) or f64 (`matmul_f64`).
 trait FromF64: Copy + Default + Send {
+    /// Whether this is the f64 result itself (`matmul_f64`), not a rounding of it.
+    const WIDE: bool;
     fn from_f64(v: f64) -> Self;
 }
 impl FromF64 for f32 {
+    const WIDE: bool = false;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
     }
 }
 impl FromF64 for f64 {
+    const WIDE: bool = true;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
@@ -1654,13 +1731,14 @@ macro_rules! dispatch_type {
             QuantType::BF16 => dispatch!(
                 k, dot_bf16, dot4_bf16, none, act.bf16s, n, bytes, w, rb, rows, count, y, par
             ),
-            QuantType::Q4_0 => dispatch_wide!(
+            QuantType::Q4_0 => dispatch!(
                 k,
                 dot_q4_0,
                 dot4_q4_0,
                 (rows4_q4_0),
                 act.q8_0,
                 n / QK,
+                blocks,
                 w,
                 rb,
                 rows,
@@ -1668,13 +1746,14 @@ macro_rules! dispatch_type {
                 y,
                 par
             ),
-            QuantType::Q4_1 => dispatch_wide!(
+            QuantType::Q4_1 => dispatch!(
                 k,
                 dot_q4_1,
                 dot4_q4_1,
                 (rows4_q4_1),
                 act.q8_1,
                 n / QK,
+                blocks,
                 w,
                 rb,
                 rows,
@@ -1682,13 +1761,14 @@ macro_rules! dispatch_type {
                 y,
                 par
             ),
-            QuantType::Q5_0 => dispatch_wide!(
+            QuantType::Q5_0 => dispatch!(
                 k,
                 dot_q5_0,
                 dot4_q5_0,
                 (rows4_q5_0),
                 act.q8_0,
                 n / QK,
+                blocks,
                 w,
                 rb,
                 rows,
@@ -1696,13 +1776,14 @@ macro_rules! dispatch_type {
                 y,
                 par
             ),
-            QuantType::Q8_0 => dispatch_wide!(
+            QuantType::Q8_0 => dispatch!(
                 k,
                 dot_q8_0,
                 dot4_q8_0,
                 (rows4_q8_0),
                 act.q8_0,
                 n / QK,
+                blocks,
                 w,
                 rb,
                 rows,
@@ -1868,8 +1949,8 @@ fn matmul_with(
     dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, work)
 }
 
-/// Runs a batch product through `tiled` when `k` has it and it handles `ty`; false when the
-/// caller must use the row kernels.
+/// Runs a batch product through `tiled` when `k` has it and it handles `ty` (Q4_0, Q4_1, Q5_0
+/// and Q8_0: for `matmul_f64` only); false when the caller must use the row kernels.
 #[allow(clippy::too_many_arguments)]
 fn tiled_matmul<T: FromF64>(
     k: &'static Kernels64,
@@ -1883,9 +1964,11 @@ fn tiled_matmul<T: FromF64>(
     work: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    // The 32-element types' f32 products come from their own row kernels, whose f32 sums the
-    // tiled GEMM does not reproduce; a batch's f32 results must equal one vector's.
-    if act.count >= TILED_MIN_COUNT && tiled::supports(ty, k.tiled) {
+    // Q4_0, Q4_1, Q5_0 and Q8_0 keep f32 row kernels in llama.cpp's accumulation order, which
+    // the tiled GEMM (f64 sums, rounded) does not reproduce, and a batch's f32 results must
+    // equal one vector's: their f32 products stay on the row kernels.
+    let family = T::WIDE || ty.f32_via_f64();
+    if family && act.count >= TILED_MIN_COUNT && tiled::supports(ty, k.tiled) {
         let blocks = act.count * (cols / ty.block_elements());
         let acts = match ty.act_kind() {
             ActKind::Q8K => tiled::Acts::Q8K(&act.q8_k[..blocks]),

@@ -220,6 +220,24 @@ pub unsafe fn dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
     sumf
 }
 
+pub unsafe fn dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let s = unsafe { isum_q4_1(bx, by) };
+        sumf += (bx.d.to_f32() * by.d.to_f32()) * s as f32 + bx.m.to_f32() * by.s.to_f32();
+    }
+    sumf
+}
+
+pub unsafe fn dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let s = unsafe { isum_q5_0(bx, by) };
+        sumf += (bx.d.to_f32() * by.d.to_f32()) * s as f32;
+    }
+    sumf
+}
+
 pub unsafe fn dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     let mut sumf = 0.0f32;
     for (bx, by) in x.iter().zip(y) {
@@ -340,6 +358,10 @@ macro_rules! four {
     };
 }
 
+four!(dot4_q4_0_q8_0, dot_q4_0_q8_0, BlockQ4_0, BlockQ8_0, f32);
+four!(dot4_q4_1_q8_1, dot_q4_1_q8_1, BlockQ4_1, BlockQ8_1, f32);
+four!(dot4_q5_0_q8_0, dot_q5_0_q8_0, BlockQ5_0, BlockQ8_0, f32);
+four!(dot4_q8_0_q8_0, dot_q8_0_q8_0, BlockQ8_0, BlockQ8_0, f32);
 four!(
     dot64x4_q4_0_q8_0,
     dot64_q4_0_q8_0,

@@ -1167,6 +1167,37 @@ pub fn vec_dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
     sumf
 }
 
+pub fn vec_dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sumf = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let (mut s0, mut s1) = (0i32, 0i32);
+        for j in 0..QK / 2 {
+            s0 += (bx.qs[j] & 0xF) as i32 * by.qs[j] as i32;
+            s1 += (bx.qs[j] >> 4) as i32 * by.qs[j + QK / 2] as i32;
+        }
+        sumf += (bx.d.to_f32() * by.d.to_f32()) * (s0 + s1) as f32 + bx.m.to_f32() * by.s.to_f32();
+    }
+    sumf
+}
+
+pub fn vec_dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+    assert_eq!(x.len(), y.len());
+    let mut sumf = 0.0f32;
+    for (bx, by) in x.iter().zip(y) {
+        let qh = u32::from_le_bytes(bx.qh);
+        let (mut s0, mut s1) = (0i32, 0i32);
+        for j in 0..QK / 2 {
+            let h0 = (((qh >> j) & 1) << 4) as i32;
+            let h1 = (((qh >> (j + 16)) & 1) << 4) as i32;
+            s0 += (((bx.qs[j] & 0xF) as i32 | h0) - 16) * by.qs[j] as i32;
+            s1 += (((bx.qs[j] >> 4) as i32 | h1) - 16) * by.qs[j + QK / 2] as i32;
+        }
+        sumf += (bx.d.to_f32() * by.d.to_f32()) * (s0 + s1) as f32;
+    }
+    sumf
+}
+
 pub fn vec_dot_q8_0_q8_0(x: &[BlockQ8_0], y: &[BlockQ8_0]) -> f32 {
     assert_eq!(x.len(), y.len());
     let mut sumf = 0.0f32;

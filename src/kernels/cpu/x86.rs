@@ -434,14 +434,21 @@ float_kernels!(dot_f32, dot4_f32, LF32, LF32, f32);
 float_kernels!(dot_f16, dot4_f16, LF16, LF16, f16);
 float_kernels!(dot_bf16, dot4_bf16, LBF16, LBF16, bf16);
 
-// ---- legacy 32-element blocks, f32: the dots of the quantized KV cache's keys
+// ---- legacy 32-element blocks
 
-/// Per-type parts of the f32 dots of 32-element blocks (Q4_0 and Q8_0 keys in attention;
-/// weight products of these types are f64: `legacy64_*`). Their order, and the i32 lanes, are
-/// those of llama.cpp's AVX2 `ggml_vec_dot_{q4_0_q8_0,q8_0_q8_0}` (one accumulator,
-/// `acc = fma(d_w * d_a, float(lanes), acc)`, then `hsum(acc)`).
+/// Per-type parts of the f32 kernels for 32-element blocks. A kernel handles R weight rows
+/// and N activation vectors at once (R x N in {1 x 1, 4 x 1, 1 x 4}); activation-side work
+/// (`act`) is shared by the R rows and weight-side work (`weight`) by the N activations.
+/// Every (row, activation) pair runs the same float operations in the same order in every
+/// variant, so the variants are bitwise equal to one another. That order, and the i32 lanes,
+/// are those of llama.cpp's AVX2 `ggml_vec_dot_{q4_0_q8_0,q4_1_q8_1,q5_0_q8_0,q8_0_q8_0}`
+/// (one accumulator, `acc = fma(d_w * d_a, float(lanes), acc)`, Q4_1 `summs += m_w * s_a`,
+/// `hsum(acc) + summs`): with the same activations the results should equal llama.cpp's bit
+/// for bit (by construction; not tested against llama.cpp itself).
 trait LegacyF32 {
     type A;
+    /// Q4_1: scale vectors hold (d, m) / (d, s) pairs, and `m_w * s_a` is added per block.
+    const MIN: bool;
     /// Activation block: scale vector, quants, auxiliary value for `isum`.
     unsafe fn act(a: *const Self::A) -> (__m256, __m256i, __m256i);
     /// Weight block at `p`: scale vector, quants.
@@ -459,8 +466,8 @@ unsafe fn q8_act_offset(qs: *const i8, k: i8) -> (__m256i, __m256i) {
     }
 }
 
-/// Σ (q - k) * y for unsigned q (0..=15) given `ky` from `q8_act_offset`: 8 i32 lanes.
-/// The i16 pair sums stay within ±2 * 15 * 128, and their difference within ±2 * 8 * 128.
+/// Σ (q - k) * y for unsigned q (0..=31) given `ky` from `q8_act_offset`: 8 i32 lanes.
+/// The i16 pair sums stay within ±2 * 31 * 128, and their difference within ±2 * 16 * 128.
 #[inline(always)]
 unsafe fn offset_isum(q: __m256i, y: __m256i, ky: __m256i) -> __m256i {
     unsafe {
@@ -469,8 +476,18 @@ unsafe fn offset_isum(q: __m256i, y: __m256i, ky: __m256i) -> __m256i {
     }
 }
 
+/// Broadcast of the (d, m) or (d, s) f16 pair at `p`: lanes [d, m, d, m, ...] as f32.
+#[inline(always)]
+unsafe fn f16_pair_splat(p: *const u8) -> __m256 {
+    unsafe {
+        let v = u32::from_le_bytes((p as *const [u8; 4]).read());
+        _mm256_cvtph_ps(_mm_set1_epi32(v as i32))
+    }
+}
+
 impl LegacyF32 for BlockQ4_0 {
     type A = BlockQ8_0;
+    const MIN: bool = false;
     #[inline(always)]
     unsafe fn act(a: *const BlockQ8_0) -> (__m256, __m256i, __m256i) {
         unsafe {
@@ -491,8 +508,63 @@ impl LegacyF32 for BlockQ4_0 {
     }
 }
 
+impl LegacyF32 for BlockQ4_1 {
+    type A = BlockQ8_1;
+    const MIN: bool = true;
+    #[inline(always)]
+    unsafe fn act(a: *const BlockQ8_1) -> (__m256, __m256i, __m256i) {
+        unsafe {
+            let y = _mm256_loadu_si256((*a).qs.as_ptr() as *const __m256i);
+            (f16_pair_splat(a as *const u8), y, y)
+        }
+    }
+    #[inline(always)]
+    unsafe fn weight(p: *const u8) -> (__m256, __m256i) {
+        unsafe {
+            let b = &*(p as *const BlockQ4_1);
+            (f16_pair_splat(p), nibbles_32(b.qs.as_ptr()))
+        }
+    }
+    #[inline(always)]
+    unsafe fn isum(wq: __m256i, aq: __m256i, _aux: __m256i) -> __m256i {
+        unsafe { mul_sum_us8_pairs(wq, aq) }
+    }
+}
+
+impl LegacyF32 for BlockQ5_0 {
+    type A = BlockQ8_0;
+    const MIN: bool = false;
+    #[inline(always)]
+    unsafe fn act(a: *const BlockQ8_0) -> (__m256, __m256i, __m256i) {
+        unsafe {
+            let (y, ky) = q8_act_offset((*a).qs.as_ptr(), 16);
+            (f16_splat((*a).d), y, ky)
+        }
+    }
+    #[inline(always)]
+    unsafe fn weight(p: *const u8) -> (__m256, __m256i) {
+        unsafe {
+            let b = &*(p as *const BlockQ5_0);
+            // nibble | bit << 4, unsigned 0..=31
+            let hi = _mm256_and_si256(
+                bytes_from_bits_32(u32::from_le_bytes(b.qh)),
+                _mm256_set1_epi8(0x10),
+            );
+            (
+                f16_splat(b.d),
+                _mm256_or_si256(nibbles_32(b.qs.as_ptr()), hi),
+            )
+        }
+    }
+    #[inline(always)]
+    unsafe fn isum(wq: __m256i, aq: __m256i, aux: __m256i) -> __m256i {
+        unsafe { offset_isum(wq, aq, aux) }
+    }
+}
+
 impl LegacyF32 for BlockQ8_0 {
     type A = BlockQ8_0;
+    const MIN: bool = false;
     #[inline(always)]
     unsafe fn act(a: *const BlockQ8_0) -> (__m256, __m256i, __m256i) {
         unsafe {
@@ -516,34 +588,135 @@ impl LegacyF32 for BlockQ8_0 {
     }
 }
 
-/// The dot of `nb` weight blocks at `x` with activation blocks `y`.
+/// Dots of weight rows `x + r * rb` (bytes, r < R, `nb` blocks each) with activation vectors
+/// `y + v * ystride` (blocks, v < N): `out[r][v]`. One accumulator per pair: per block
+/// `acc = fma(d_w * d_a, float(isum), acc)` (Q4_1 also `accm += m_w * s_a` in odd lanes),
+/// then `hsum(acc) (+ accm lane 1)`.
 #[inline(always)]
-unsafe fn legacy_kernel<W: LegacyF32>(x: *const u8, nb: usize, y: *const W::A) -> f32 {
+unsafe fn legacy_kernel<W: LegacyF32, const R: usize, const N: usize>(
+    x: *const u8,
+    rb: usize,
+    nb: usize,
+    y: *const W::A,
+    ystride: usize,
+) -> [[f32; N]; R] {
     unsafe {
         let bsize = size_of::<W>();
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..nb {
-            let (asc, aq, aux) = W::act(y.add(i));
-            let (ws, wq) = W::weight(x.add(i * bsize));
-            let p = _mm256_cvtepi32_ps(W::isum(wq, aq, aux));
-            acc = _mm256_fmadd_ps(_mm256_mul_ps(ws, asc), p, acc);
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        let mut accm = [[_mm256_setzero_ps(); N]; R];
+        let mut xp = x;
+        let mut yp = y;
+        // R > 1: the rows are read as R interleaved streams, which the hardware prefetchers
+        // follow poorly; prefetch the next R rows (contiguous, R * rb bytes) instead, R blocks'
+        // worth per block step: points 64 bytes apart over 192 bytes >= R * size cover every line.
+        let mut pf = x.wrapping_add(R * rb);
+        for _ in 0..nb {
+            if R > 1 {
+                _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(128) as *const i8);
+                pf = pf.wrapping_add(R * bsize);
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(xp.wrapping_add(PREFETCH_BYTES) as *const i8);
+            }
+            // (a loop rather than `array::from_fn`, whose closure call is not inlined in
+            // unoptimized builds)
+            let mut a = [(
+                _mm256_setzero_ps(),
+                _mm256_setzero_si256(),
+                _mm256_setzero_si256(),
+            ); N];
+            for v in 0..N {
+                a[v] = W::act(yp.add(v * ystride));
+            }
+            for r in 0..R {
+                let (ws, wq) = W::weight(xp.add(r * rb));
+                for v in 0..N {
+                    let (asc, aq, aux) = a[v];
+                    let p = _mm256_cvtepi32_ps(W::isum(wq, aq, aux));
+                    let s = _mm256_mul_ps(ws, asc);
+                    if W::MIN {
+                        acc[r][v] = _mm256_fmadd_ps(_mm256_moveldup_ps(s), p, acc[r][v]);
+                        accm[r][v] = _mm256_add_ps(accm[r][v], s);
+                    } else {
+                        acc[r][v] = _mm256_fmadd_ps(s, p, acc[r][v]);
+                    }
+                }
+            }
+            xp = xp.add(bsize);
+            yp = yp.add(1);
         }
-        hsum_ps(acc)
+        let mut out = [[0f32; N]; R];
+        for r in 0..R {
+            for v in 0..N {
+                let mut s = hsum_ps(acc[r][v]);
+                if W::MIN {
+                    s += _mm_cvtss_f32(_mm_movehdup_ps(_mm256_castps256_ps128(accm[r][v])));
+                }
+                out[r][v] = s;
+            }
+        }
+        out
     }
 }
 
 macro_rules! legacy_kernels {
-    ($one:ident, $wb:ty, $ab:ty) => {
+    ($one:ident, $four:ident, $rows4:ident, $wb:ty, $ab:ty) => {
         kernel_fn! {
             pub unsafe fn $one(x: &[$wb], y: &[$ab]) -> f32 {
                 debug_assert_eq!(x.len(), y.len());
-                unsafe { legacy_kernel::<$wb>(x.as_ptr() as *const u8, x.len(), y.as_ptr()) }
+                unsafe {
+                    legacy_kernel::<$wb, 1, 1>(x.as_ptr() as *const u8, 0, x.len(), y.as_ptr(), 0)[0][0]
+                }
+            }
+        }
+        kernel_fn! {
+            /// Four activation vectors at `y`, `y + stride`, ... (blocks).
+            pub unsafe fn $four(x: &[$wb], y: *const $ab, stride: usize, out: &mut [f32; 4]) {
+                unsafe {
+                    *out = legacy_kernel::<$wb, 1, 4>(x.as_ptr() as *const u8, 0, x.len(), y, stride)[0]
+                }
+            }
+        }
+        kernel_fn! {
+            /// Four weight rows at `w`, `w + rb`, ... (bytes) with one activation vector.
+            pub unsafe fn $rows4(w: *const u8, rb: usize, y: &[$ab], out: &mut [f32; 4]) {
+                unsafe {
+                    let r = legacy_kernel::<$wb, 4, 1>(w, rb, y.len(), y.as_ptr(), 0);
+                    *out = [r[0][0], r[1][0], r[2][0], r[3][0]];
+                }
             }
         }
     };
 }
-legacy_kernels!(dot_q4_0_q8_0, BlockQ4_0, BlockQ8_0);
-legacy_kernels!(dot_q8_0_q8_0, BlockQ8_0, BlockQ8_0);
+legacy_kernels!(
+    dot_q4_0_q8_0,
+    dot4_q4_0_q8_0,
+    rows4_q4_0_q8_0,
+    BlockQ4_0,
+    BlockQ8_0
+);
+legacy_kernels!(
+    dot_q4_1_q8_1,
+    dot4_q4_1_q8_1,
+    rows4_q4_1_q8_1,
+    BlockQ4_1,
+    BlockQ8_1
+);
+legacy_kernels!(
+    dot_q5_0_q8_0,
+    dot4_q5_0_q8_0,
+    rows4_q5_0_q8_0,
+    BlockQ5_0,
+    BlockQ8_0
+);
+legacy_kernels!(
+    dot_q8_0_q8_0,
+    dot4_q8_0_q8_0,
+    rows4_q8_0_q8_0,
+    BlockQ8_0,
+    BlockQ8_0
+);
 
 // ---- K-quants
 
