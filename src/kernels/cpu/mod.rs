@@ -1596,6 +1596,8 @@ trait FromF64: Copy + Default + Send {
     /// Whether this is the f64 result itself (`matmul_f64`), not a rounding of it.
     const WIDE: bool;
     fn from_f64(v: f64) -> Self;
+    /// `y` itself when this is f32.
+    fn f32s(y: &mut [Self]) -> Option<&mut [f32]>;
 }
 impl FromF64 for f32 {
     const WIDE: bool = false;
@@ -1603,12 +1605,18 @@ impl FromF64 for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
+    fn f32s(y: &mut [f32]) -> Option<&mut [f32]> {
+        Some(y)
+    }
 }
 impl FromF64 for f64 {
     const WIDE: bool = true;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
+    }
+    fn f32s(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
     }
 }
 
@@ -1950,7 +1958,8 @@ fn matmul_with(
 }
 
 /// Runs a batch product through `tiled` when `k` has it and it handles `ty` (Q4_0, Q4_1, Q5_0
-/// and Q8_0: for `matmul_f64` only); false when the caller must use the row kernels.
+/// and Q8_0: f32 products in their row kernels' order, with AVX-512 VNNI only); false when the
+/// caller must use the row kernels.
 #[allow(clippy::too_many_arguments)]
 fn tiled_matmul<T: FromF64>(
     k: &'static Kernels64,
@@ -1964,36 +1973,63 @@ fn tiled_matmul<T: FromF64>(
     work: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    // Q4_0, Q4_1, Q5_0 and Q8_0 keep f32 row kernels in llama.cpp's accumulation order, which
-    // the tiled GEMM (f64 sums, rounded) does not reproduce, and a batch's f32 results must
-    // equal one vector's: their f32 products stay on the row kernels.
-    let family = T::WIDE || ty.f32_via_f64();
-    if family && act.count >= TILED_MIN_COUNT && tiled::supports(ty, k.tiled) {
+    if act.count >= TILED_MIN_COUNT {
         let blocks = act.count * (cols / ty.block_elements());
         let acts = match ty.act_kind() {
             ActKind::Q8K => tiled::Acts::Q8K(&act.q8_k[..blocks]),
             ActKind::Q8_0 => tiled::Acts::Q8_0(&act.q8_0[..blocks]),
             ActKind::Q8_1 => tiled::Acts::Q8_1(&act.q8_1[..blocks]),
-            _ => unreachable!("tiled: {ty} is not a quantized type"),
+            _ => return false,
         };
-        // SAFETY: shapes checked by `check_matmul`; `k.tiled` names the features of its table,
-        // which is chosen only after detecting them.
-        unsafe {
-            tiled::matmul(
-                k.tiled,
-                ty,
-                weight,
-                rb,
-                rows,
-                cols,
-                acts,
-                act.count,
-                &act.interleaved,
-                y,
-                work >= PARALLEL_MATMUL_MIN,
-            )
-        };
-        return true;
+        let parallel = work >= PARALLEL_MATMUL_MIN;
+        // Q4_0, Q4_1, Q5_0 and Q8_0 keep f32 products in llama.cpp's accumulation order (their
+        // row kernels'), which `tiled::matmul` (f64 sums, rounded) does not reproduce and a
+        // batch's f32 results must equal one vector's: their f32 batches take the tiled form of
+        // that order where there is one.
+        if !T::WIDE && !ty.f32_via_f64() {
+            return match T::f32s(y) {
+                Some(y) if tiled::supports_f32_order(ty, k.tiled) => {
+                    // SAFETY: as below.
+                    unsafe {
+                        tiled::matmul_f32_order(
+                            k.tiled,
+                            ty,
+                            weight,
+                            rb,
+                            rows,
+                            cols,
+                            acts,
+                            act.count,
+                            &act.interleaved,
+                            y,
+                            parallel,
+                        )
+                    };
+                    true
+                }
+                _ => false,
+            };
+        }
+        if tiled::supports(ty, k.tiled) {
+            // SAFETY: shapes checked by `check_matmul`; `k.tiled` names the features of its
+            // table, which is chosen only after detecting them.
+            unsafe {
+                tiled::matmul(
+                    k.tiled,
+                    ty,
+                    weight,
+                    rb,
+                    rows,
+                    cols,
+                    acts,
+                    act.count,
+                    &act.interleaved,
+                    y,
+                    parallel,
+                )
+            };
+            return true;
+        }
     }
     let _ = (k, ty, weight, rb, rows, cols, act, y, work);
     false

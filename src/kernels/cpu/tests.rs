@@ -1775,7 +1775,8 @@ fn bench_matmul_batched() {
 
 /// The tiled GEMM's loops at sizes the other tests do not reach: rows longer than its chunk of
 /// 2,048 elements, several groups of 16 activations with a padded last group, a partial last
-/// tile of rows; bitwise equal to the reference in every kernel set. Two batches prepared one
+/// tile of rows; bitwise equal to the reference in every kernel set (f64), and to each vector's
+/// product alone (f32: the tiled form of the legacy types' llama.cpp order). Two batches prepared one
 /// after the other into the same buffer, each multiplied twice, check that the interleaved
 /// activations are made again for a new batch and reused for the same one.
 #[test]
@@ -1811,6 +1812,20 @@ fn tiled_products_of_long_rows_and_many_vectors_are_exact() {
                 act.prepare(ty, &x, cols, count);
                 let mut yr = vec![0f64; rows * count];
                 matmul_f64_reference(ty, &w, rows, cols, &act, &mut yr);
+                // f32: each vector's products equal a lone vector's (the row kernels', in
+                // llama.cpp's order for the types that keep it, else the f64 ones rounded).
+                let mut y32 = vec![0f32; rows * count];
+                matmul(ty, &w, rows, cols, &act, &mut y32);
+                let mut one = PreparedActivations::new();
+                for b in [0, 15, 16, count - 1] {
+                    one.prepare(ty, &x[b * cols..(b + 1) * cols], cols, 1);
+                    let mut y1 = vec![0f32; rows];
+                    matmul(ty, &w, rows, cols, &one, &mut y1);
+                    for r in 0..rows {
+                        let (a, c) = (y32[b * rows + r], y1[r]);
+                        assert_eq!(a.to_bits(), c.to_bits(), "{ty} f32 b={b} r={r}: {a} vs {c}");
+                    }
+                }
                 for _product in 0..2 {
                     let mut y = vec![0f64; rows * count];
                     matmul_f64(ty, &w, rows, cols, &act, &mut y);

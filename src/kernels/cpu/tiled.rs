@@ -648,6 +648,12 @@ struct Codes32 {
     d: [f64; COLS],
     /// Q8_1's `s` (= d * Σ quants, as stored): the min's coefficient.
     s: [f64; COLS],
+    /// For the f32 products (`llama_pair`): minus the offset times the sum of quants
+    /// 4kg..4kg+4, per activation (the correction of llama.cpp's i32 lane kg), and `d`, `s`
+    /// as f32.
+    lanes: [[i32; COLS]; 8],
+    df: [f32; COLS],
+    sf: [f32; COLS],
 }
 
 /// An activation block of 32 quants.
@@ -853,6 +859,59 @@ unsafe fn legacy_avx2(
     }
 }
 
+/// The f32 products of rows `t0` and `t0 + 1` of an unpacked tile (`rows[i]`: block i) with
+/// one group of 16 activations (`codes[i]`: block i), in the order of the row kernels'
+/// `legacy_kernel` (llama.cpp's AVX2 `ggml_vec_dot_*`): per block, its eight i32 lanes (lane
+/// kg sums elements 4kg..4kg+4, which is what one `vpdpbusd` of levels kg gives, started from
+/// minus the offset's share of that lane), each converted to f32 and `fma`'d with
+/// `d_w * d_a` (f32) into its own accumulator; the min types add `m_w * s_a` (f32) into a
+/// separate sum. At the end the eight lanes are summed as `hsum_ps` does: lanes l and l + 4,
+/// then (0 + 2) + (1 + 3), then the mins' sum. Every (row, activation) gets the same f32
+/// operations in the same order as a lone vector through the row kernel, hence the same bits.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn llama_pair(
+    rows: &[[Unpacked32; ROWS]],
+    t0: usize,
+    codes: &[Codes32],
+    min: bool,
+) -> [[f32; COLS]; 2] {
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); QK / 4]; 2];
+        let mut mins = [_mm512_setzero_ps(); 2];
+        for (tile, c) in rows.iter().zip(codes) {
+            let da = _mm512_load_ps(c.df.as_ptr());
+            let sa = _mm512_load_ps(c.sf.as_ptr());
+            for r in 0..2 {
+                let u = &tile[t0 + r];
+                let dd = _mm512_mul_ps(_mm512_set1_ps(u.d as f32), da);
+                let levels = u.levels.as_ptr() as *const u32;
+                for kg in 0..QK / 4 {
+                    let w = _mm512_set1_epi32(levels.add(kg).read_unaligned() as i32);
+                    let start = _mm512_load_si512(c.lanes[kg].as_ptr() as *const __m512i);
+                    let q = _mm512_load_si512(c.q[kg].as_ptr() as *const __m512i);
+                    let lane = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, w, q));
+                    acc[r][kg] = _mm512_fmadd_ps(dd, lane, acc[r][kg]);
+                }
+                if min {
+                    let ms = _mm512_mul_ps(_mm512_set1_ps(u.m as f32), sa);
+                    mins[r] = _mm512_add_ps(mins[r], ms);
+                }
+            }
+        }
+        let mut out = [[0f32; COLS]; 2];
+        for r in 0..2 {
+            let a = &acc[r];
+            let t: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(a[l], a[l + 4]));
+            let mut v = _mm512_add_ps(_mm512_add_ps(t[0], t[2]), _mm512_add_ps(t[1], t[3]));
+            if min {
+                v = _mm512_add_ps(v, mins[r]);
+            }
+            _mm512_storeu_ps(out[r].as_mut_ptr(), v);
+        }
+        out
+    }
+}
+
 /// Unpacks 32-element block `b` of type `ty` (its raw bytes) into `u`.
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn unpack32(ty: QuantType, b: &[u8], u: &mut Unpacked32) {
@@ -909,20 +968,26 @@ impl<A: Q8Block> Format for Legacy<A> {
         let Some(a) = a else {
             for kg in 0..QK / 4 {
                 dst.q[kg][c] = 0;
+                dst.lanes[kg][c] = 0;
             }
             dst.corr[c] = 0;
             dst.d[c] = 0.0;
             dst.s[c] = 0.0;
+            dst.df[c] = 0.0;
+            dst.sf[c] = 0.0;
             return;
         };
         let qs = a.qs();
         for kg in 0..QK / 4 {
             let q = &qs[4 * kg..4 * kg + 4];
             dst.q[kg][c] = u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
+            dst.lanes[kg][c] = -self.offset * q.iter().map(|&q| q as i32).sum::<i32>();
         }
         dst.corr[c] = self.offset * qs.iter().map(|&q| q as i32).sum::<i32>();
-        dst.d[c] = a.d().to_f32() as f64;
-        dst.s[c] = a.s().to_f32() as f64;
+        dst.df[c] = a.d().to_f32();
+        dst.sf[c] = a.s().to_f32();
+        dst.d[c] = dst.df[c] as f64;
+        dst.s[c] = dst.sf[c] as f64;
     }
 
     unsafe fn block(
@@ -1052,6 +1117,55 @@ pub(super) unsafe fn matmul<T: FromF64>(
     }
 }
 
+/// Whether [`matmul_f32_order`] handles weight type `ty` with instruction set `isa`: the
+/// 32-element types whose f32 products keep llama.cpp's order, with AVX-512 VNNI.
+pub(super) fn supports_f32_order(ty: QuantType, isa: Tiled) -> bool {
+    isa == Tiled::Vnni
+        && matches!(
+            ty,
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0
+        )
+}
+
+/// The f32 products `y[b * rows + r]` of a type [`supports_f32_order`] accepts, bitwise equal
+/// to its row kernels' (llama.cpp's order), tiled as [`matmul`]; the same arguments.
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn matmul_f32_order(
+    isa: Tiled,
+    ty: QuantType,
+    weight: &[u8],
+    rb: usize,
+    rows: usize,
+    cols: usize,
+    act: Acts<'_>,
+    count: usize,
+    interleaved: &RwLock<Interleaved>,
+    y: &mut [f32],
+    parallel: bool,
+) {
+    let p = Product {
+        isa,
+        weight,
+        rb,
+        rows,
+        block: ty.block_bytes(),
+        nb: cols / ty.block_elements(),
+        count,
+        parallel,
+    };
+    // SAFETY: passed on from the caller.
+    unsafe {
+        match act {
+            Acts::Q8_0(a) => p.run_f32_order(&Legacy::<BlockQ8_0>::new(ty), a, interleaved, y),
+            Acts::Q8_1(a) => p.run_f32_order(&Legacy::<BlockQ8_1>::new(ty), a, interleaved, y),
+            Acts::Q8K(_) => unreachable!("tiled: {ty} has no f32-order form"),
+        }
+    }
+}
+
 /// One product's shape.
 struct Product<'w> {
     isa: Tiled,
@@ -1067,8 +1181,107 @@ struct Product<'w> {
 }
 
 impl Product<'_> {
+    /// The batch's interleaved activations, made under the write lock by the first product
+    /// that needs them; read by any number at once.
+    fn interleaved<'i, F: Format + Sync>(
+        &self,
+        f: &F,
+        act: &[F::Act],
+        interleaved: &'i RwLock<Interleaved>,
+    ) -> std::sync::RwLockReadGuard<'i, Interleaved> {
+        let (nb, count) = (self.nb, self.count);
+        if !interleaved
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .valid
+        {
+            let mut w = interleaved.write().unwrap_or_else(PoisonError::into_inner);
+            if !w.valid {
+                let codes = F::codes_mut(&mut w);
+                interleave(f, &act[..count * nb], nb, count, codes, self.parallel);
+                w.valid = true;
+            }
+        }
+        interleaved.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Unpacks tile `tile` (rows 8·tile.., `buf[i]`: block i) and zeroes the padding rows of a
+    /// last, partial tile (every field a product reads is rewritten, so a buffer is reused as
+    /// is); returns its first row and its number of rows.
+    fn unpack_tile<F: Format>(
+        &self,
+        f: &F,
+        tile: usize,
+        buf: &mut [[F::Unpacked; ROWS]],
+    ) -> (usize, usize) {
+        let (rb, block) = (self.rb, self.block);
+        let r0 = tile * ROWS;
+        let n = ROWS.min(self.rows - r0);
+        for u in buf.iter_mut() {
+            for pad in &mut u[n..] {
+                *pad = F::Unpacked::default();
+            }
+        }
+        for t in 0..n {
+            let row = &self.weight[(r0 + t) * rb..(r0 + t + 1) * rb];
+            for (i, u) in buf.iter_mut().enumerate() {
+                f.unpack(&row[i * block..(i + 1) * block], &mut u[t]);
+            }
+        }
+        (r0, n)
+    }
+
+    /// f32 products of a 32-element type in the row kernels' order (`llama_pair`).
+    ///
+    /// # Safety
+    /// As [`matmul_f32_order`].
+    unsafe fn run_f32_order<A: Q8Block>(
+        &self,
+        f: &Legacy<A>,
+        act: &[A],
+        interleaved: &RwLock<Interleaved>,
+        y: &mut [f32],
+    ) {
+        let (nb, count, rows) = (self.nb, self.count, self.rows);
+        let guard = self.interleaved(f, act, interleaved);
+        let codes = &guard.codes32[..];
+        let groups = count.div_ceil(COLS);
+        let out = OutPtr(y.as_mut_ptr());
+        let min = f.has_min();
+        let run = |tile: usize| {
+            Legacy::<A>::with_rows(|buf| {
+                if buf.len() < nb {
+                    buf.resize(nb, [Unpacked32::default(); ROWS]);
+                }
+                let buf = &mut buf[..nb];
+                let (r0, n) = self.unpack_tile(f, tile, buf);
+                for g in 0..groups {
+                    let group = &codes[g * nb..(g + 1) * nb];
+                    for t0 in (0..n).step_by(2) {
+                        // SAFETY: the caller checked the CPU features (AVX-512 VNNI).
+                        let pair = unsafe { llama_pair(buf, t0, group, min) };
+                        for (r, sums) in pair.iter().enumerate().take(n - t0) {
+                            for (c, &v) in sums.iter().enumerate().take(count - g * COLS) {
+                                let b = g * COLS + c;
+                                // SAFETY: b < count, r0 + t0 + r < rows; tiles own their rows.
+                                unsafe { *out.get().add(b * rows + r0 + t0 + r) = v };
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let tiles = rows.div_ceil(ROWS);
+        if self.parallel && pool::threads() > 1 && tiles > 1 {
+            pool::for_each(tiles, run);
+        } else {
+            (0..tiles).for_each(run);
+        }
+    }
+
     /// # Safety
     /// As [`matmul`].
+
     unsafe fn run<F: Format + Sync, T: FromF64>(
         &self,
         f: &F,
@@ -1078,34 +1291,13 @@ impl Product<'_> {
     ) {
         let Product {
             isa,
-            weight,
-            rb,
-            block,
             rows,
             nb,
             count,
             parallel,
+            ..
         } = *self;
-        // Made under the write lock by the first product; read by any number at once.
-        if !interleaved
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .valid
-        {
-            let mut w = interleaved.write().unwrap_or_else(PoisonError::into_inner);
-            if !w.valid {
-                interleave(
-                    f,
-                    &act[..count * nb],
-                    nb,
-                    count,
-                    F::codes_mut(&mut w),
-                    parallel,
-                );
-                w.valid = true;
-            }
-        }
-        let guard = interleaved.read().unwrap_or_else(PoisonError::into_inner);
+        let guard = self.interleaved(f, act, interleaved);
         let codes = &F::codes(&guard)[..];
         let groups = count.div_ceil(COLS);
         let out = OutPtr(y.as_mut_ptr());
@@ -1118,19 +1310,7 @@ impl Product<'_> {
                     buf.resize(nb, [F::Unpacked::default(); ROWS]);
                 }
                 let buf = &mut buf[..nb];
-                let r0 = tile * ROWS;
-                let n = ROWS.min(rows - r0);
-                for u in buf.iter_mut() {
-                    for pad in &mut u[n..] {
-                        *pad = F::Unpacked::default();
-                    }
-                }
-                for t in 0..n {
-                    let row = &weight[(r0 + t) * rb..(r0 + t + 1) * rb];
-                    for (i, u) in buf.iter_mut().enumerate() {
-                        f.unpack(&row[i * block..(i + 1) * block], &mut u[t]);
-                    }
-                }
+                let (r0, n) = self.unpack_tile(f, tile, buf);
                 // The blocks go in chunks, each chunk through every group of activations, so
                 // that the chunk's interleaved activations (all groups) stay in L2 while the
                 // tile's rows use them; each (row, activation) still adds its blocks in order,
