@@ -1594,9 +1594,11 @@ macro_rules! dispatch {
 /// Output element of a product: f32 (`matmul`) or f64 (`matmul_f64`).
 trait FromF64: Copy + Default + Send {
     /// Whether this is the f64 result itself (`matmul_f64`), not a rounding of it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const WIDE: bool;
     fn from_f64(v: f64) -> Self;
     /// `y` itself when this is f32.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     fn f32s(y: &mut [Self]) -> Option<&mut [f32]>;
 }
 impl FromF64 for f32 {

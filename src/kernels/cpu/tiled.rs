@@ -29,7 +29,8 @@
 //! `for_each_contribution`, and the same f64 expression turns them into its contribution,
 //! added to lane `i % 4` and combined as `reference::dot64` does: the results are bitwise
 //! those of `matmul_f64_reference` (and, rounded, of `matmul_reference` for the types whose f32
-//! product is the f64 one rounded; Q4_0, Q4_1, Q5_0 and Q8_0 come here for f64 products only).
+//! product is the f64 one rounded). The f32 products of Q4_0, Q4_1, Q5_0 and Q8_0 keep
+//! llama.cpp's order instead: `matmul_f32_order` (`llama_pair`) reproduces their row kernels.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
