@@ -1959,9 +1959,9 @@ fn matmul_with(
     dispatch_type!(k, ty, &weight[..need], rb, rows, cols, act, y, work)
 }
 
-/// Runs a batch product through `tiled` when `k` has it and it handles `ty` (Q4_0, Q4_1, Q5_0
-/// and Q8_0: f32 products in their row kernels' order, with AVX-512 VNNI only); false when the
-/// caller must use the row kernels.
+/// Runs a batch product through `tiled` when `k` has it and it handles `ty` for `T` (Q4_0,
+/// Q4_1, Q5_0 and Q8_0: f32 products in their row kernels' order, with AVX-512 VNNI only);
+/// false when the caller must use the row kernels.
 #[allow(clippy::too_many_arguments)]
 fn tiled_matmul<T: FromF64>(
     k: &'static Kernels64,
@@ -1975,63 +1975,32 @@ fn tiled_matmul<T: FromF64>(
     work: usize,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if act.count >= TILED_MIN_COUNT {
+    if act.count >= TILED_MIN_COUNT && tiled::handles::<T>(ty, k.tiled) {
         let blocks = act.count * (cols / ty.block_elements());
         let acts = match ty.act_kind() {
             ActKind::Q8K => tiled::Acts::Q8K(&act.q8_k[..blocks]),
             ActKind::Q8_0 => tiled::Acts::Q8_0(&act.q8_0[..blocks]),
             ActKind::Q8_1 => tiled::Acts::Q8_1(&act.q8_1[..blocks]),
-            _ => return false,
+            _ => unreachable!("tiled: {ty} is not a quantized type"),
         };
-        let parallel = work >= PARALLEL_MATMUL_MIN;
-        // Q4_0, Q4_1, Q5_0 and Q8_0 keep f32 products in llama.cpp's accumulation order (their
-        // row kernels'), which `tiled::matmul` (f64 sums, rounded) does not reproduce and a
-        // batch's f32 results must equal one vector's: their f32 batches take the tiled form of
-        // that order where there is one.
-        if !T::WIDE && !ty.f32_via_f64() {
-            return match T::f32s(y) {
-                Some(y) if tiled::supports_f32_order(ty, k.tiled) => {
-                    // SAFETY: as below.
-                    unsafe {
-                        tiled::matmul_f32_order(
-                            k.tiled,
-                            ty,
-                            weight,
-                            rb,
-                            rows,
-                            cols,
-                            acts,
-                            act.count,
-                            &act.interleaved,
-                            y,
-                            parallel,
-                        )
-                    };
-                    true
-                }
-                _ => false,
-            };
-        }
-        if tiled::supports(ty, k.tiled) {
-            // SAFETY: shapes checked by `check_matmul`; `k.tiled` names the features of its
-            // table, which is chosen only after detecting them.
-            unsafe {
-                tiled::matmul(
-                    k.tiled,
-                    ty,
-                    weight,
-                    rb,
-                    rows,
-                    cols,
-                    acts,
-                    act.count,
-                    &act.interleaved,
-                    y,
-                    parallel,
-                )
-            };
-            return true;
-        }
+        // SAFETY: shapes checked by `check_matmul`; `k.tiled` names the features of its table,
+        // which is chosen only after detecting them.
+        unsafe {
+            tiled::matmul(
+                k.tiled,
+                ty,
+                weight,
+                rb,
+                rows,
+                cols,
+                acts,
+                act.count,
+                &act.interleaved,
+                y,
+                work >= PARALLEL_MATMUL_MIN,
+            )
+        };
+        return true;
     }
     let _ = (k, ty, weight, rb, rows, cols, act, y, work);
     false

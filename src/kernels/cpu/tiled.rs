@@ -30,7 +30,8 @@
 //! added to lane `i % 4` and combined as `reference::dot64` does: the results are bitwise
 //! those of `matmul_f64_reference` (and, rounded, of `matmul_reference` for the types whose f32
 //! product is the f64 one rounded). The f32 products of Q4_0, Q4_1, Q5_0 and Q8_0 keep
-//! llama.cpp's order instead: `matmul_f32_order` (`llama_pair`) reproduces their row kernels.
+//! llama.cpp's order instead: `Product::run_f32_order` (`llama_pair`) reproduces their row
+//! kernels.
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -1079,11 +1080,32 @@ pub(super) enum Acts<'a> {
     Q8_1(&'a [BlockQ8_1]),
 }
 
-/// `y[b * rows + r] = dot64(weight row r, activation b)` (as T) for weight type `ty` (see
-/// [`supports`]), `act` holding `count` vectors of `cols` elements in the activation blocks of
-/// `ty`, `interleaved` their interleaved form (made here when not valid). Splits the rows over
-/// the calling thread's pool when `parallel`. The caller has checked the shapes and that this
-/// CPU has the features of `isa` (AVX2, or AVX-512 F/BW/VL/VNNI).
+/// Whether [`matmul`] handles weight type `ty` with instruction set `isa` for outputs of type
+/// `T`. The f32 products of Q4_0, Q4_1, Q5_0 and Q8_0 keep llama.cpp's order (`llama_pair`),
+/// whose tiled form needs AVX-512 VNNI.
+pub(super) fn handles<T: FromF64>(ty: QuantType, isa: Tiled) -> bool {
+    if f32_order::<T>(ty) {
+        isa == Tiled::Vnni
+    } else {
+        supports(ty, isa)
+    }
+}
+
+/// Whether a product of `ty` into `T` keeps the legacy types' f32 order.
+fn f32_order<T: FromF64>(ty: QuantType) -> bool {
+    !T::WIDE
+        && matches!(
+            ty,
+            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0
+        )
+}
+
+/// `y[b * rows + r] = dot(weight row r, activation b)` for weight type `ty` (see [`handles`]):
+/// `dot64` (as T), or for the f32 products of Q4_0/Q4_1/Q5_0/Q8_0 their row kernels' f32 dot.
+/// `act` holds `count` vectors of `cols` elements in the activation blocks of `ty`,
+/// `interleaved` their interleaved form (made here when not valid). Splits the rows over the
+/// calling thread's pool when `parallel`. The caller has checked the shapes and that this CPU
+/// has the features of `isa` (AVX2, or AVX-512 F/BW/VL/VNNI).
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul<T: FromF64>(
     isa: Tiled,
@@ -1108,61 +1130,23 @@ pub(super) unsafe fn matmul<T: FromF64>(
         count,
         parallel,
     };
-    // SAFETY: passed on from the caller.
+    // SAFETY (both): passed on from the caller.
+    let order = f32_order::<T>(ty);
+    if let Some(y) = T::f32s(y).filter(|_| order) {
+        unsafe {
+            match act {
+                Acts::Q8_0(a) => p.run_f32_order(&Legacy::<BlockQ8_0>::new(ty), a, interleaved, y),
+                Acts::Q8_1(a) => p.run_f32_order(&Legacy::<BlockQ8_1>::new(ty), a, interleaved, y),
+                Acts::Q8K(_) => unreachable!("tiled: {ty} is not a Q8_K-activated type"),
+            }
+        }
+        return;
+    }
     unsafe {
         match act {
             Acts::Q8K(a) => p.run(&KQuant::new(ty), a, interleaved, y),
             Acts::Q8_0(a) => p.run(&Legacy::<BlockQ8_0>::new(ty), a, interleaved, y),
             Acts::Q8_1(a) => p.run(&Legacy::<BlockQ8_1>::new(ty), a, interleaved, y),
-        }
-    }
-}
-
-/// Whether [`matmul_f32_order`] handles weight type `ty` with instruction set `isa`: the
-/// 32-element types whose f32 products keep llama.cpp's order, with AVX-512 VNNI.
-pub(super) fn supports_f32_order(ty: QuantType, isa: Tiled) -> bool {
-    isa == Tiled::Vnni
-        && matches!(
-            ty,
-            QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0
-        )
-}
-
-/// The f32 products `y[b * rows + r]` of a type [`supports_f32_order`] accepts, bitwise equal
-/// to its row kernels' (llama.cpp's order), tiled as [`matmul`]; the same arguments.
-///
-/// # Safety
-/// As [`matmul`].
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn matmul_f32_order(
-    isa: Tiled,
-    ty: QuantType,
-    weight: &[u8],
-    rb: usize,
-    rows: usize,
-    cols: usize,
-    act: Acts<'_>,
-    count: usize,
-    interleaved: &RwLock<Interleaved>,
-    y: &mut [f32],
-    parallel: bool,
-) {
-    let p = Product {
-        isa,
-        weight,
-        rb,
-        rows,
-        block: ty.block_bytes(),
-        nb: cols / ty.block_elements(),
-        count,
-        parallel,
-    };
-    // SAFETY: passed on from the caller.
-    unsafe {
-        match act {
-            Acts::Q8_0(a) => p.run_f32_order(&Legacy::<BlockQ8_0>::new(ty), a, interleaved, y),
-            Acts::Q8_1(a) => p.run_f32_order(&Legacy::<BlockQ8_1>::new(ty), a, interleaved, y),
-            Acts::Q8K(_) => unreachable!("tiled: {ty} has no f32-order form"),
         }
     }
 }
@@ -1235,7 +1219,7 @@ impl Product<'_> {
     /// f32 products of a 32-element type in the row kernels' order (`llama_pair`).
     ///
     /// # Safety
-    /// As [`matmul_f32_order`].
+    /// As [`matmul`].
     unsafe fn run_f32_order<A: Q8Block>(
         &self,
         f: &Legacy<A>,
