@@ -173,7 +173,9 @@ fn completions_chat_streaming_and_errors() {
         ("/v1/completions", r#"{"prompt": [1, -2]}"#, 400),
         ("/v1/completions", r#"{"prompt": [1, 2.5]}"#, 400),
         ("/v1/completions", r#"{"prompt": [999999999]}"#, 400),
-        ("/v1/completions", r#"{"prompt": [[1], [2]]}"#, 400),
+        ("/v1/completions", r#"{"prompt": [[1], 2]}"#, 400),
+        ("/v1/completions", r#"{"prompt": [[]]}"#, 400),
+        ("/v1/completions", r#"{"prompt": ["a", {}]}"#, 400),
         ("/v1/completions", r#"{"prompt": []}"#, 400),
         (
             "/v1/completions",
@@ -764,4 +766,26 @@ fn several_choices_share_the_prompt() {
     }
     assert_eq!(finished, [true, true]);
     assert_eq!(texts, [text(&sampled, 0), text(&sampled, 1)]);
+    // Several prompts (as text and as token ids), n = 2 each: the choices go prompt by prompt,
+    // each equal to its prompt run alone; usage counts each prompt once.
+    let other = json!("Once upon a time, in a quiet village by the sea,");
+    let ids = json!([504, 3575, 282, 4649, 314]); // "The capital of France is"
+    for second in [other, ids] {
+        let alone = complete(json!({"prompt": second, "temperature": 0}));
+        let batch = complete(json!({"prompt": [prompt, second], "n": 2, "temperature": 0}));
+        let choices = batch["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 4, "{batch}");
+        let want = [&single, &single, &alone, &alone];
+        for (i, choice) in choices.iter().enumerate() {
+            assert_eq!(choice["index"], i);
+            assert_eq!(
+                text(&batch, i),
+                text(want[i], 0),
+                "prompt {} choice {i}",
+                i / 2
+            );
+        }
+        let prompts = |b: &Value| b["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert_eq!(prompts(&batch), prompts(&single) + prompts(&alone));
+    }
 }

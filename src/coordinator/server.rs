@@ -577,45 +577,49 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    let prompt = match body.get("prompt") {
-        Some(Value::String(s)) => Prompt::Text(s.clone()),
-        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
-            Prompt::Text(items[0].as_str().unwrap_or_default().to_string())
-        }
-        // Token ids, as OpenAI's API takes them (one prompt: a flat array, or an array of one).
+    let prompts = match body.get("prompt") {
+        Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
+        // Token ids, as OpenAI's API takes them: one prompt as a flat array.
         Some(Value::Array(items)) if items.first().is_some_and(Value::is_number) => {
             match token_ids(items) {
-                Ok(ids) => Prompt::Tokens(ids),
+                Ok(ids) => vec![Prompt::Tokens(ids)],
                 Err(e) => return e.into_response(),
             }
         }
-        Some(Value::Array(items))
-            if items.len() == 1 && items[0].as_array().is_some_and(|a| !a.is_empty()) =>
-        {
-            match token_ids(items[0].as_array().expect("checked")) {
-                Ok(ids) => Prompt::Tokens(ids),
-                Err(e) => return e.into_response(),
+        // Several prompts: an array of strings, or of arrays of token ids (each prompt gets `n`
+        // choices, indexed prompt by prompt).
+        Some(Value::Array(items)) if !items.is_empty() => {
+            let mut prompts = Vec::with_capacity(items.len());
+            for item in items {
+                prompts.push(match item {
+                    Value::String(s) => Prompt::Text(s.clone()),
+                    Value::Array(ids) if !ids.is_empty() => match token_ids(ids) {
+                        Ok(ids) => Prompt::Tokens(ids),
+                        Err(e) => return e.into_response(),
+                    },
+                    _ => {
+                        return ApiError::invalid(
+                            "each prompt of an array must be a string or a non-empty array of token ids",
+                            Some("prompt"),
+                        )
+                        .into_response();
+                    }
+                });
             }
-        }
-        Some(Value::Array(_)) => {
-            return ApiError::invalid(
-                "only one prompt per request is supported (a string, or an array of token ids)",
-                Some("prompt"),
-            )
-            .into_response();
+            prompts
         }
         None | Some(Value::Null) => {
             return ApiError::invalid("'prompt' is required", Some("prompt")).into_response();
         }
         Some(_) => {
             return ApiError::invalid(
-                "'prompt' must be a string or an array of token ids",
+                "'prompt' must be a string, an array of token ids, or an array of those",
                 Some("prompt"),
             )
             .into_response();
         }
     };
-    run(state, body, Kind::Completion, prompt, false).await
+    run(state, body, Kind::Completion, prompts, false).await
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -727,7 +731,16 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
     };
     let reasoning = split_reasoning && template.is_harmony();
     match template.render_with(&messages, true, &kwargs) {
-        Ok(prompt) => run(state, body, Kind::Chat, Prompt::Text(prompt), reasoning).await,
+        Ok(prompt) => {
+            run(
+                state,
+                body,
+                Kind::Chat,
+                vec![Prompt::Text(prompt)],
+                reasoning,
+            )
+            .await
+        }
         Err(e) => ApiError::invalid(
             format!("cannot apply the chat template: {e}"),
             Some("messages"),
@@ -922,12 +935,13 @@ async fn run(
     state: Arc<AppState>,
     body: Value,
     kind: Kind,
-    prompt: Prompt,
+    prompts: Vec<Prompt>,
     reasoning: bool,
 ) -> Response {
-    if matches!(&prompt, Prompt::Text(t) if t.is_empty())
-        || matches!(&prompt, Prompt::Tokens(t) if t.is_empty())
-    {
+    if prompts.iter().any(|p| match p {
+        Prompt::Text(t) => t.is_empty(),
+        Prompt::Tokens(t) => t.is_empty(),
+    }) {
         return ApiError::invalid("the prompt is empty", Some("prompt")).into_response();
     }
     let (model, max_context, slots, unready) = match state.ready.read().unwrap().as_ref() {
@@ -963,55 +977,70 @@ async fn run(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    let prompt_tokens = match prompt {
-        Prompt::Text(text) => match model.tokenizer.encode_prompt(&text, true) {
-            Ok(t) => t,
-            Err(e) => {
-                return ApiError::invalid(
-                    format!("cannot tokenize the prompt: {e}"),
-                    Some("prompt"),
-                )
-                .into_response();
+    let mut prompt_tokens = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let tokens = match prompt {
+            Prompt::Text(text) => match model.tokenizer.encode_prompt(&text, true) {
+                Ok(t) => t,
+                Err(e) => {
+                    return ApiError::invalid(
+                        format!("cannot tokenize the prompt: {e}"),
+                        Some("prompt"),
+                    )
+                    .into_response();
+                }
+            },
+            Prompt::Tokens(ids) => {
+                let vocab = model.tokenizer.vocab_size();
+                if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return ApiError::invalid(
+                        format!("prompt token {bad} is outside the vocabulary of {vocab}"),
+                        Some("prompt"),
+                    )
+                    .into_response();
+                }
+                ids
             }
-        },
-        Prompt::Tokens(ids) => {
-            let vocab = model.tokenizer.vocab_size();
-            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-                return ApiError::invalid(
-                    format!("prompt token {bad} is outside the vocabulary of {vocab}"),
-                    Some("prompt"),
-                )
-                .into_response();
+        };
+        if tokens.is_empty() {
+            return ApiError::invalid("the prompt has no tokens", Some("prompt")).into_response();
+        }
+        if tokens.len() + common.max_tokens > max_context {
+            return ApiError {
+                status: StatusCode::BAD_REQUEST,
+                message: format!(
+                    "This model's context is {max_context} tokens; the prompt has {} and max_tokens asks for {}",
+                    tokens.len(),
+                    common.max_tokens
+                ),
+                kind: "invalid_request_error",
+                param: Some("max_tokens"),
+                code: Some("context_length_exceeded"),
             }
-            ids
+            .into_response();
         }
-    };
-    if prompt_tokens.is_empty() {
-        return ApiError::invalid("the prompt has no tokens", Some("prompt")).into_response();
-    }
-    if prompt_tokens.len() + common.max_tokens > max_context {
-        return ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: format!(
-                "This model's context is {max_context} tokens; the prompt has {} and max_tokens asks for {}",
-                prompt_tokens.len(),
-                common.max_tokens
-            ),
-            kind: "invalid_request_error",
-            param: Some("max_tokens"),
-            code: Some("context_length_exceeded"),
-        }
-        .into_response();
+        prompt_tokens.push(tokens);
     }
     let metrics = state.metrics.clone();
-    let n = common.n;
+    // Choices: `n` per prompt, prompt by prompt (OpenAI's order).
+    let per_prompt = common.n;
+    let n = per_prompt * prompt_tokens.len();
     if n > slots + state.queue {
+        let asked = if prompt_tokens.len() > 1 {
+            format!("{} prompts x 'n' = {per_prompt}", prompt_tokens.len())
+        } else {
+            format!("'n' = {n}")
+        };
         return ApiError::invalid(
             format!(
-                "'n' = {n} exceeds what this server runs and queues at once ({slots} + {})",
+                "{asked} exceeds what this server runs and queues at once ({slots} + {})",
                 state.queue
             ),
-            Some("n"),
+            Some(if prompt_tokens.len() > 1 {
+                "prompt"
+            } else {
+                "n"
+            }),
         )
         .into_response();
     }
@@ -1028,7 +1057,7 @@ async fn run(
         .into_response();
     }
     let places: Vec<Place> = (0..n).map(|_| Place(metrics.clone())).collect();
-    let prompt_count = prompt_tokens.len();
+    let prompt_count: usize = prompt_tokens.iter().map(Vec::len).sum();
     match kind {
         Kind::Completion => &metrics.completions,
         Kind::Chat => &metrics.chat_completions,
@@ -1036,18 +1065,19 @@ async fn run(
     .fetch_add(1, Ordering::Relaxed);
     metrics
         .prompt_tokens
-        .fetch_add(prompt_tokens.len() as u64, Ordering::Relaxed);
-    // One job per choice, each sampling with its own seed; the later ones share the first's
-    // prompt blocks. Their events merge into one stream, keyed by choice.
+        .fetch_add(prompt_count as u64, Ordering::Relaxed);
+    // One job per choice, each sampling with its own seed (seed + i for a prompt's i-th); a
+    // prompt's later choices share its first's prompt blocks. Their events merge into one
+    // stream, keyed by choice.
     let mut events = StreamMap::new();
     let mut jobs = Vec::with_capacity(n);
     for index in 0..n {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         events.insert(index, UnboundedReceiverStream::new(events_rx));
         let mut params = common.params.clone();
-        params.seed = params.seed.wrapping_add(index as u64);
+        params.seed = params.seed.wrapping_add((index % per_prompt) as u64);
         jobs.push(Job {
-            prompt: prompt_tokens.clone(),
+            prompt: prompt_tokens[index / per_prompt].clone(),
             spec: SequenceSpec {
                 max_tokens: common.max_tokens,
                 params,
@@ -1056,7 +1086,7 @@ async fn run(
             },
             events: events_tx,
             accepted: Instant::now(),
-            follows: index > 0,
+            follows: index % per_prompt > 0,
         });
     }
     let sent = match state.ready.read().unwrap().as_ref() {
