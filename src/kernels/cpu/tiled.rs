@@ -871,6 +871,7 @@ unsafe fn legacy_avx2(
 /// then (0 + 2) + (1 + 3), then the mins' sum. Every (row, activation) gets the same f32
 /// operations in the same order as a lone vector through the row kernel, hence the same bits.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // kg indexes four arrays alike
 unsafe fn llama_pair(
     rows: &[[Unpacked32; ROWS]],
     t0: usize,
@@ -1266,7 +1267,6 @@ impl Product<'_> {
 
     /// # Safety
     /// As [`matmul`].
-
     unsafe fn run<F: Format + Sync, T: FromF64>(
         &self,
         f: &F,
