@@ -986,7 +986,8 @@ impl<A: Q8Block> Format for Legacy<A> {
             dst.q[kg][c] = u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]);
             dst.lanes[kg][c] = -self.offset * q.iter().map(|&q| q as i32).sum::<i32>();
         }
-        dst.corr[c] = self.offset * qs.iter().map(|&q| q as i32).sum::<i32>();
+        // The whole block's correction is its lanes' (negated).
+        dst.corr[c] = -(0..QK / 4).map(|kg| dst.lanes[kg][c]).sum::<i32>();
         dst.df[c] = a.d().to_f32();
         dst.sf[c] = a.s().to_f32();
         dst.d[c] = dst.df[c] as f64;
